@@ -1,0 +1,150 @@
+"""Daemon plumbing shared by `tether agent`, `tether coordinator` and `tether serve`.
+
+Signal handlers only set an Event (the main task does the work). The
+shutdown trigger is injectable, so tests never signal the test runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tether.agent.errors import TetherError
+
+log = logging.getLogger("tether.daemon")
+
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+MAX_MESSAGE = 4 * 1024 * 1024
+
+
+class ListenError(TetherError):
+    def __init__(self, address: str, why: str) -> None:
+        super().__init__(f"cannot listen on {address}: {why}")
+        self.address = address
+        self.why = why
+
+
+class Shutdown:
+    """Set once to start the ordered shutdown; a second SIGINT escalates."""
+
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+        self.escalated = asyncio.Event()
+        self.cause = ""
+
+    def request(self, cause: str) -> None:
+        if self.requested.is_set():
+            if cause == "SIGINT":
+                log.warning("second SIGINT: escalating, remaining groups get SIGKILL now")
+                self.escalated.set()
+            return
+        self.cause = cause
+        log.info("shutdown requested (%s)", cause)
+        self.requested.set()
+
+
+@contextlib.contextmanager
+def capture_signals(shutdown: Shutdown):  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    for sig in SHUTDOWN_SIGNALS:
+        loop.add_signal_handler(sig, shutdown.request, sig.name)
+    try:
+        yield shutdown
+    finally:
+        for sig in SHUTDOWN_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+def is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class TLSFiles:
+    cert: str = ""
+    key: str = ""
+    # Clients must present a certificate signed by this CA (mTLS).
+    client_ca: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert and self.key)
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        def read(path: str) -> bytes:
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError as exc:
+                raise ListenError("tls", f"cannot read {path}: {exc.strerror}") from exc
+
+        ca = read(self.client_ca) if self.client_ca else None
+        return grpc.ssl_server_credentials([(read(self.key), read(self.cert))],
+                                           root_certificates=ca,
+                                           require_client_auth=ca is not None)
+
+
+def check_listen(address: str, tls: TLSFiles, insecure: bool) -> None:
+    if ":" not in address:
+        raise ListenError(address, "give HOST:PORT, e.g. 127.0.0.1:7400")
+    if not is_loopback(address) and not tls.enabled and not insecure:
+        raise ListenError(
+            address,
+            "refusing a non-loopback address without TLS; pass --tls-cert/--tls-key, "
+            "or --insecure if the network is trusted",
+        )
+    if not is_loopback(address) and not tls.enabled:
+        log.warning("listening on %s WITHOUT TLS (--insecure): anyone who can reach it can "
+                    "start and stop processes", address)
+
+
+async def start_server(address: str, register: list[Callable[[grpc.aio.Server], None]],
+                       service_names: list[str], tls: TLSFiles | None = None,
+                       insecure: bool = False,
+                       interceptors: list[grpc.aio.ServerInterceptor] | None = None,
+                       ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """A grpc.aio server with health checking and reflection on. Returns (server, port, health)."""
+    tls = tls or TLSFiles()
+    check_listen(address, tls, insecure)
+    server = grpc.aio.server(
+        interceptors=interceptors or [],
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+                 ("grpc.so_reuseport", 0)],
+    )
+    for fn in register:
+        fn(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in service_names:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*service_names, reflection.SERVICE_NAME,
+                                         health.SERVICE_NAME], server)
+    try:
+        if tls.enabled:
+            port = server.add_secure_port(address, tls.server_credentials())
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise ListenError(address, f"{exc}; is another process using the port? "
+                          "Pick another --listen port or stop it") from exc
+    if port == 0:
+        raise ListenError(address, "the port is in use or the address is not on this host; "
+                          "pick another --listen port or stop what holds it")
+    await server.start()
+    return server, port, health_servicer

@@ -1,0 +1,100 @@
+"""One exception root for tether; adapters translate foreign errors into these.
+
+Errors carry their data as fields. Servicers map them to gRPC status codes in
+one place (``tether.agent.grpc_errors``); the CLI maps them to exit statuses.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tether.agent.model import FailureClass
+
+
+class TetherError(Exception):
+    """Root of every error tether raises on purpose."""
+
+
+class InvalidSpec(TetherError):
+    """A request that can never succeed as written (empty argv, unknown signal, bad probe)."""
+
+    def __init__(self, message: str, *, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class GroupNotFound(TetherError):
+    def __init__(self, group_id: str) -> None:
+        super().__init__(
+            f"no group {group_id!r} on this agent; list the known ones with `tether show SESSION`"
+        )
+        self.group_id = group_id
+
+
+class AdoptRefused(TetherError):
+    """The process asked to be adopted is not ours to take."""
+
+    def __init__(self, pid: int, why: str) -> None:
+        super().__init__(f"cannot adopt pid {pid}: {why}")
+        self.pid = pid
+        self.why = why
+
+
+class StartFailed(TetherError):
+    """A start that failed for a classified reason; the group is recorded as failed."""
+
+    def __init__(self, failure: FailureClass, message: str) -> None:
+        super().__init__(message)
+        self.failure = failure
+        self.message = message
+
+
+class SignallerNotFound(TetherError):
+    def __init__(self, kind: str, known: list[str]) -> None:
+        super().__init__(
+            f"no signaller {kind!r} is installed; known signallers: {', '.join(sorted(known))}. "
+            "Use a target like local, docker:CONTAINER or ssh:[USER@]HOST[:PORT]."
+        )
+        self.kind = kind
+        self.known = known
+
+
+class TargetUnreachable(TetherError):
+    """The container or host a group lives on cannot be reached right now."""
+
+    def __init__(self, target: str, why: str) -> None:
+        super().__init__(f"target {target!r} is unreachable: {why}")
+        self.target = target
+        self.why = why
+
+
+class SessionNotFound(TetherError):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"no session {session_id!r}; list sessions with `tether sessions`"
+        )
+        self.session_id = session_id
+
+
+class AgentNotFound(TetherError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        hint = ", ".join(sorted(known)) if known else "none registered yet"
+        super().__init__(f"no agent named {name!r}; known agents: {hint}. See `tether agents`.")
+        self.name = name
+        self.known = known
+
+
+class AgentUnreachable(TetherError):
+    def __init__(self, name: str, address: str, why: str) -> None:
+        super().__init__(
+            f"agent {name!r} at {address} is unreachable ({why}); "
+            "check that `tether agent` runs there and the network path is open"
+        )
+        self.name = name
+        self.address = address
+        self.why = why
+
+
+class Conflict(TetherError):
+    """The request does not fit the current state (e.g. spawn into a stopping session)."""

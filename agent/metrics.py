@@ -1,0 +1,132 @@
+"""Prometheus metrics of the agent. Registry injected; state read at scrape time.
+
+Names are a contract (README, deploy/prometheus/rules.yml):
+
+* ``tether_groups{state,containment}`` gauge, read from the registry at scrape time
+* ``tether_cleanups_total{result}``: success | forced | failed | timeout
+* ``tether_cleanup_duration_seconds`` histogram
+* ``tether_orphans`` gauge, ``tether_orphans_detected_total``, ``tether_orphans_reaped_total``
+* ``tether_signals_total{signaller,signal,result}``
+* ``tether_start_failures_total{reason}``
+"""
+
+from __future__ import annotations
+
+from collections import Counter as TallyCounter
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tether.agent.authority import Authority, GroupView, Hooks
+from tether.agent.model import Containment, FailureClass, GroupState
+
+CLEANUP_RESULTS = ("success", "forced", "failed", "timeout")
+
+
+class GroupsCollector(Collector):
+    """Reads group states from the authority when Prometheus scrapes."""
+
+    def __init__(self, authority: Authority, orphans_now: Callable[[], int]) -> None:
+        self._authority = authority
+        self._orphans_now = orphans_now
+
+    def collect(self) -> Iterable[Metric]:
+        tally: TallyCounter[tuple[str, str]] = TallyCounter(
+            (g.state.value, g.containment.value) for g in self._authority.groups()
+        )
+        family = GaugeMetricFamily("tether_groups", "Groups known to this agent, by state and "
+                                   "containment.", labels=["state", "containment"])
+        for state in GroupState:
+            for containment in Containment:
+                family.add_metric([state.value, containment.value],
+                                  tally.get((state.value, containment.value), 0))
+        yield family
+        yield GaugeMetricFamily("tether_orphans", "Orphans detected now: processes with the "
+                                "tether marker or in a tether cgroup that belong to no live group.",
+                                value=self._orphans_now())
+
+
+class AgentMetrics(Hooks):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.cleanups = Counter("tether_cleanups", "Group stops by result: success (ended within "
+                                "grace), forced (needed SIGKILL), failed (survivors remained), "
+                                "timeout.", ["result"], registry=registry)
+        for r in CLEANUP_RESULTS:
+            self.cleanups.labels(r)
+        self.cleanup_duration = Histogram(
+            "tether_cleanup_duration_seconds", "Stop request to empty containment.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry)
+        self.signals = Counter("tether_signals", "Signals sent to groups.",
+                               ["signaller", "signal", "result"], registry=registry)
+        self.start_failures = Counter("tether_start_failures", "Failed starts by class.",
+                                      ["reason"], registry=registry)
+        for f in FailureClass:
+            self.start_failures.labels(f.value)
+        self.orphans_detected = Counter("tether_orphans_detected",
+                                        "Orphans found (each process counted once).",
+                                        registry=registry)
+        self.orphans_reaped = Counter("tether_orphans_reaped", "Orphans killed by the agent.",
+                                      registry=registry)
+        self._orphans_now = 0
+
+    def attach(self, authority: Authority) -> None:
+        self.registry.register(GroupsCollector(authority, lambda: self._orphans_now))
+
+    def set_orphans_now(self, n: int) -> None:
+        self._orphans_now = n
+
+    # Hooks
+    def cleanup(self, result: str, seconds: float) -> None:
+        self.cleanups.labels(result).inc()
+        self.cleanup_duration.observe(seconds)
+
+    def signal_sent(self, signaller: str, sig: str, result: str) -> None:
+        self.signals.labels(signaller, sig, result).inc()
+
+    def start_failure(self, failure: str) -> None:
+        self.start_failures.labels(failure).inc()
+
+    def group_changed(self, view: GroupView) -> None:
+        pass
+
+
+class HookChain(Hooks):
+    """Several hooks as one (metrics + persistence)."""
+
+    def __init__(self, *hooks: Hooks) -> None:
+        self.hooks = hooks
+
+    def cleanup(self, result: str, seconds: float) -> None:
+        for h in self.hooks:
+            h.cleanup(result, seconds)
+
+    def signal_sent(self, signaller: str, sig: str, result: str) -> None:
+        for h in self.hooks:
+            h.signal_sent(signaller, sig, result)
+
+    def start_failure(self, failure: str) -> None:
+        for h in self.hooks:
+            h.start_failure(failure)
+
+    def group_changed(self, view: GroupView) -> None:
+        for h in self.hooks:
+            h.group_changed(view)
+
+
+def serve_metrics(registry: CollectorRegistry, address: str) -> tuple[object, int]:
+    """Start the /metrics HTTP server on HOST:PORT in a daemon thread. Returns (server, port)."""
+    from prometheus_client import start_http_server
+
+    from tether.agent.daemon import ListenError
+
+    host, _, port_text = address.rpartition(":")
+    try:
+        server, _thread = start_http_server(int(port_text), addr=host.strip("[]") or "127.0.0.1",
+                                            registry=registry)
+    except (OSError, ValueError) as exc:
+        raise ListenError(address, f"metrics: {exc}; pick another --metrics-listen") from exc
+    return server, int(server.server_port)

@@ -1,0 +1,228 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GroupState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GROUP_STATE_UNSPECIFIED: _ClassVar[GroupState]
+    GROUP_STATE_STARTING: _ClassVar[GroupState]
+    GROUP_STATE_RUNNING: _ClassVar[GroupState]
+    GROUP_STATE_STOPPING: _ClassVar[GroupState]
+    GROUP_STATE_STOPPED: _ClassVar[GroupState]
+    GROUP_STATE_EXITED: _ClassVar[GroupState]
+    GROUP_STATE_FAILED: _ClassVar[GroupState]
+    GROUP_STATE_UNREACHABLE: _ClassVar[GroupState]
+    GROUP_STATE_LOST: _ClassVar[GroupState]
+
+class ExitReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXIT_REASON_UNSPECIFIED: _ClassVar[ExitReason]
+    EXIT_REASON_NATURAL: _ClassVar[ExitReason]
+    EXIT_REASON_REQUESTED: _ClassVar[ExitReason]
+    EXIT_REASON_FORCED_KILL: _ClassVar[ExitReason]
+    EXIT_REASON_EXTERNAL_SIGNAL: _ClassVar[ExitReason]
+    EXIT_REASON_START_FAILED: _ClassVar[ExitReason]
+    EXIT_REASON_LOST: _ClassVar[ExitReason]
+
+class FailureClass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FAILURE_CLASS_UNSPECIFIED: _ClassVar[FailureClass]
+    FAILURE_CLASS_COMMAND_NOT_FOUND: _ClassVar[FailureClass]
+    FAILURE_CLASS_PERMISSION_DENIED: _ClassVar[FailureClass]
+    FAILURE_CLASS_CWD_MISSING: _ClassVar[FailureClass]
+    FAILURE_CLASS_PORT_IN_USE: _ClassVar[FailureClass]
+    FAILURE_CLASS_IMMEDIATE_CRASH: _ClassVar[FailureClass]
+    FAILURE_CLASS_READINESS_TIMEOUT: _ClassVar[FailureClass]
+    FAILURE_CLASS_READINESS_FAILED: _ClassVar[FailureClass]
+    FAILURE_CLASS_INVALID_SPEC: _ClassVar[FailureClass]
+    FAILURE_CLASS_TARGET_UNREACHABLE: _ClassVar[FailureClass]
+
+class Containment(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONTAINMENT_UNSPECIFIED: _ClassVar[Containment]
+    CONTAINMENT_CGROUP: _ClassVar[Containment]
+    CONTAINMENT_SUBREAPER: _ClassVar[Containment]
+    CONTAINMENT_PGID: _ClassVar[Containment]
+
+class OrphanPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ORPHAN_POLICY_KILL: _ClassVar[OrphanPolicy]
+    ORPHAN_POLICY_KEEP: _ClassVar[OrphanPolicy]
+GROUP_STATE_UNSPECIFIED: GroupState
+GROUP_STATE_STARTING: GroupState
+GROUP_STATE_RUNNING: GroupState
+GROUP_STATE_STOPPING: GroupState
+GROUP_STATE_STOPPED: GroupState
+GROUP_STATE_EXITED: GroupState
+GROUP_STATE_FAILED: GroupState
+GROUP_STATE_UNREACHABLE: GroupState
+GROUP_STATE_LOST: GroupState
+EXIT_REASON_UNSPECIFIED: ExitReason
+EXIT_REASON_NATURAL: ExitReason
+EXIT_REASON_REQUESTED: ExitReason
+EXIT_REASON_FORCED_KILL: ExitReason
+EXIT_REASON_EXTERNAL_SIGNAL: ExitReason
+EXIT_REASON_START_FAILED: ExitReason
+EXIT_REASON_LOST: ExitReason
+FAILURE_CLASS_UNSPECIFIED: FailureClass
+FAILURE_CLASS_COMMAND_NOT_FOUND: FailureClass
+FAILURE_CLASS_PERMISSION_DENIED: FailureClass
+FAILURE_CLASS_CWD_MISSING: FailureClass
+FAILURE_CLASS_PORT_IN_USE: FailureClass
+FAILURE_CLASS_IMMEDIATE_CRASH: FailureClass
+FAILURE_CLASS_READINESS_TIMEOUT: FailureClass
+FAILURE_CLASS_READINESS_FAILED: FailureClass
+FAILURE_CLASS_INVALID_SPEC: FailureClass
+FAILURE_CLASS_TARGET_UNREACHABLE: FailureClass
+CONTAINMENT_UNSPECIFIED: Containment
+CONTAINMENT_CGROUP: Containment
+CONTAINMENT_SUBREAPER: Containment
+CONTAINMENT_PGID: Containment
+ORPHAN_POLICY_KILL: OrphanPolicy
+ORPHAN_POLICY_KEEP: OrphanPolicy
+
+class StopPolicy(_message.Message):
+    __slots__ = ("signal", "grace_seconds")
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    signal: str
+    grace_seconds: float
+    def __init__(self, signal: _Optional[str] = ..., grace_seconds: _Optional[float] = ...) -> None: ...
+
+class GroupSpec(_message.Message):
+    __slots__ = ("argv", "cwd", "env", "inherit_env", "log_path", "ready", "start_timeout_seconds", "stop", "orphan_policy", "label", "labels", "session_id", "stop_order", "target", "window", "owns_target", "probe_timeout_seconds")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ARGV_FIELD_NUMBER: _ClassVar[int]
+    CWD_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    INHERIT_ENV_FIELD_NUMBER: _ClassVar[int]
+    LOG_PATH_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    START_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    ORPHAN_POLICY_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STOP_ORDER_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    OWNS_TARGET_FIELD_NUMBER: _ClassVar[int]
+    PROBE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    argv: _containers.RepeatedScalarFieldContainer[str]
+    cwd: str
+    env: _containers.ScalarMap[str, str]
+    inherit_env: bool
+    log_path: str
+    ready: str
+    start_timeout_seconds: float
+    stop: StopPolicy
+    orphan_policy: OrphanPolicy
+    label: str
+    labels: _containers.ScalarMap[str, str]
+    session_id: str
+    stop_order: int
+    target: str
+    window: str
+    owns_target: bool
+    probe_timeout_seconds: float
+    def __init__(self, argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., inherit_env: _Optional[bool] = ..., log_path: _Optional[str] = ..., ready: _Optional[str] = ..., start_timeout_seconds: _Optional[float] = ..., stop: _Optional[_Union[StopPolicy, _Mapping]] = ..., orphan_policy: _Optional[_Union[OrphanPolicy, str]] = ..., label: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., session_id: _Optional[str] = ..., stop_order: _Optional[int] = ..., target: _Optional[str] = ..., window: _Optional[str] = ..., owns_target: _Optional[bool] = ..., probe_timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class ExitRecord(_message.Message):
+    __slots__ = ("reason", "exit_code", "signal", "survivors", "failure", "message", "stop_duration_seconds", "ended_at", "detail")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STOP_DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    reason: ExitReason
+    exit_code: int
+    signal: int
+    survivors: int
+    failure: FailureClass
+    message: str
+    stop_duration_seconds: float
+    ended_at: _timestamp_pb2.Timestamp
+    detail: str
+    def __init__(self, reason: _Optional[_Union[ExitReason, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., survivors: _Optional[int] = ..., failure: _Optional[_Union[FailureClass, str]] = ..., message: _Optional[str] = ..., stop_duration_seconds: _Optional[float] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class Group(_message.Message):
+    __slots__ = ("group_id", "spec", "state", "containment", "leader_pid", "pgid", "detached", "exit", "started_at", "member_count", "agent")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CONTAINMENT_FIELD_NUMBER: _ClassVar[int]
+    LEADER_PID_FIELD_NUMBER: _ClassVar[int]
+    PGID_FIELD_NUMBER: _ClassVar[int]
+    DETACHED_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    spec: GroupSpec
+    state: GroupState
+    containment: Containment
+    leader_pid: int
+    pgid: int
+    detached: bool
+    exit: ExitRecord
+    started_at: _timestamp_pb2.Timestamp
+    member_count: int
+    agent: str
+    def __init__(self, group_id: _Optional[str] = ..., spec: _Optional[_Union[GroupSpec, _Mapping]] = ..., state: _Optional[_Union[GroupState, str]] = ..., containment: _Optional[_Union[Containment, str]] = ..., leader_pid: _Optional[int] = ..., pgid: _Optional[int] = ..., detached: _Optional[bool] = ..., exit: _Optional[_Union[ExitRecord, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., member_count: _Optional[int] = ..., agent: _Optional[str] = ...) -> None: ...
+
+class GroupEvent(_message.Message):
+    __slots__ = ("seq", "group", "kind", "at")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    group: Group
+    kind: str
+    at: _timestamp_pb2.Timestamp
+    def __init__(self, seq: _Optional[int] = ..., group: _Optional[_Union[Group, _Mapping]] = ..., kind: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Orphan(_message.Message):
+    __slots__ = ("pid", "command", "former_group", "age_seconds", "found_by", "agent", "reaped")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    FORMER_GROUP_FIELD_NUMBER: _ClassVar[int]
+    AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FOUND_BY_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    REAPED_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    command: str
+    former_group: str
+    age_seconds: float
+    found_by: str
+    agent: str
+    reaped: bool
+    def __init__(self, pid: _Optional[int] = ..., command: _Optional[str] = ..., former_group: _Optional[str] = ..., age_seconds: _Optional[float] = ..., found_by: _Optional[str] = ..., agent: _Optional[str] = ..., reaped: _Optional[bool] = ...) -> None: ...

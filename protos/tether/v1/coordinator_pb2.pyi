@@ -1,0 +1,273 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from tether.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class AgentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AGENT_STATE_UNSPECIFIED: _ClassVar[AgentState]
+    AGENT_STATE_UP: _ClassVar[AgentState]
+    AGENT_STATE_UNREACHABLE: _ClassVar[AgentState]
+
+class SessionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SESSION_STATE_UNSPECIFIED: _ClassVar[SessionState]
+    SESSION_STATE_ACTIVE: _ClassVar[SessionState]
+    SESSION_STATE_STOPPING: _ClassVar[SessionState]
+    SESSION_STATE_STOPPED: _ClassVar[SessionState]
+AGENT_STATE_UNSPECIFIED: AgentState
+AGENT_STATE_UP: AgentState
+AGENT_STATE_UNREACHABLE: AgentState
+SESSION_STATE_UNSPECIFIED: SessionState
+SESSION_STATE_ACTIVE: SessionState
+SESSION_STATE_STOPPING: SessionState
+SESSION_STATE_STOPPED: SessionState
+
+class Agent(_message.Message):
+    __slots__ = ("name", "address", "containment", "version", "state", "last_seen", "epoch")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CONTAINMENT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    containment: _common_pb2.Containment
+    version: str
+    state: AgentState
+    last_seen: _timestamp_pb2.Timestamp
+    epoch: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., containment: _Optional[_Union[_common_pb2.Containment, str]] = ..., version: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., epoch: _Optional[str] = ...) -> None: ...
+
+class RegisterAgentRequest(_message.Message):
+    __slots__ = ("name", "address", "containment", "version", "epoch")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CONTAINMENT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    containment: _common_pb2.Containment
+    version: str
+    epoch: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., containment: _Optional[_Union[_common_pb2.Containment, str]] = ..., version: _Optional[str] = ..., epoch: _Optional[str] = ...) -> None: ...
+
+class RegisterAgentResponse(_message.Message):
+    __slots__ = ("heartbeat_interval_seconds", "ttl_seconds")
+    HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    heartbeat_interval_seconds: float
+    ttl_seconds: float
+    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("name", "epoch")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    epoch: str
+    def __init__(self, name: _Optional[str] = ..., epoch: _Optional[str] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("known",)
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    def __init__(self, known: _Optional[bool] = ...) -> None: ...
+
+class ListAgentsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAgentsResponse(_message.Message):
+    __slots__ = ("agents",)
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    agents: _containers.RepeatedCompositeFieldContainer[Agent]
+    def __init__(self, agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ...) -> None: ...
+
+class Session(_message.Message):
+    __slots__ = ("session_id", "window", "labels", "state", "ttl_seconds", "lease_expires_at", "stop_cause", "groups", "created_at")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    STOP_CAUSE_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    window: str
+    labels: _containers.ScalarMap[str, str]
+    state: SessionState
+    ttl_seconds: float
+    lease_expires_at: _timestamp_pb2.Timestamp
+    stop_cause: str
+    groups: _containers.RepeatedCompositeFieldContainer[_common_pb2.Group]
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, session_id: _Optional[str] = ..., window: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[SessionState, str]] = ..., ttl_seconds: _Optional[float] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stop_cause: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[_common_pb2.Group, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CreateSessionRequest(_message.Message):
+    __slots__ = ("session_id", "window", "labels", "ttl_seconds")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    window: str
+    labels: _containers.ScalarMap[str, str]
+    ttl_seconds: float
+    def __init__(self, session_id: _Optional[str] = ..., window: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class GetSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ("include_stopped",)
+    INCLUDE_STOPPED_FIELD_NUMBER: _ClassVar[int]
+    include_stopped: bool
+    def __init__(self, include_stopped: _Optional[bool] = ...) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[Session]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[Session, _Mapping]]] = ...) -> None: ...
+
+class KeepAliveRequest(_message.Message):
+    __slots__ = ("session_id", "ttl_seconds")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    ttl_seconds: float
+    def __init__(self, session_id: _Optional[str] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class CoordinatorSpawnRequest(_message.Message):
+    __slots__ = ("agent", "spec", "idempotency_key")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    spec: _common_pb2.GroupSpec
+    idempotency_key: str
+    def __init__(self, agent: _Optional[str] = ..., spec: _Optional[_Union[_common_pb2.GroupSpec, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class CoordinatorAdoptRequest(_message.Message):
+    __slots__ = ("agent", "pid", "start_time", "spec")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    pid: int
+    start_time: float
+    spec: _common_pb2.GroupSpec
+    def __init__(self, agent: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[float] = ..., spec: _Optional[_Union[_common_pb2.GroupSpec, _Mapping]] = ...) -> None: ...
+
+class SignalSessionRequest(_message.Message):
+    __slots__ = ("session_id", "signal")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    signal: str
+    def __init__(self, session_id: _Optional[str] = ..., signal: _Optional[str] = ...) -> None: ...
+
+class StopSessionRequest(_message.Message):
+    __slots__ = ("session_id", "grace_seconds")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    grace_seconds: float
+    def __init__(self, session_id: _Optional[str] = ..., grace_seconds: _Optional[float] = ...) -> None: ...
+
+class GroupReport(_message.Message):
+    __slots__ = ("group_id", "label", "agent", "target", "state", "exit", "error", "members_signalled", "stop_order", "attempts")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_SIGNALLED_FIELD_NUMBER: _ClassVar[int]
+    STOP_ORDER_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    label: str
+    agent: str
+    target: str
+    state: _common_pb2.GroupState
+    exit: _common_pb2.ExitRecord
+    error: str
+    members_signalled: int
+    stop_order: int
+    attempts: int
+    def __init__(self, group_id: _Optional[str] = ..., label: _Optional[str] = ..., agent: _Optional[str] = ..., target: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.GroupState, str]] = ..., exit: _Optional[_Union[_common_pb2.ExitRecord, _Mapping]] = ..., error: _Optional[str] = ..., members_signalled: _Optional[int] = ..., stop_order: _Optional[int] = ..., attempts: _Optional[int] = ...) -> None: ...
+
+class SessionReport(_message.Message):
+    __slots__ = ("session_id", "groups", "complete", "stop_cause")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    STOP_CAUSE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    groups: _containers.RepeatedCompositeFieldContainer[GroupReport]
+    complete: bool
+    stop_cause: str
+    def __init__(self, session_id: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[GroupReport, _Mapping]]] = ..., complete: _Optional[bool] = ..., stop_cause: _Optional[str] = ...) -> None: ...
+
+class WatchSessionRequest(_message.Message):
+    __slots__ = ("session_id", "initial")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    initial: bool
+    def __init__(self, session_id: _Optional[str] = ..., initial: _Optional[bool] = ...) -> None: ...
+
+class CoordinatorListOrphansRequest(_message.Message):
+    __slots__ = ("sweep",)
+    SWEEP_FIELD_NUMBER: _ClassVar[int]
+    sweep: bool
+    def __init__(self, sweep: _Optional[bool] = ...) -> None: ...
+
+class CoordinatorListOrphansResponse(_message.Message):
+    __slots__ = ("orphans", "unreachable")
+    class UnreachableEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ORPHANS_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
+    orphans: _containers.RepeatedCompositeFieldContainer[_common_pb2.Orphan]
+    unreachable: _containers.ScalarMap[str, str]
+    def __init__(self, orphans: _Optional[_Iterable[_Union[_common_pb2.Orphan, _Mapping]]] = ..., unreachable: _Optional[_Mapping[str, str]] = ...) -> None: ...

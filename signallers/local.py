@@ -1,0 +1,645 @@
+"""The local signaller: process groups on this host, contained as strongly as it allows.
+
+Containment, best first:
+
+* ``cgroup``: a cgroup v2 directory per group, joined in the child before
+  exec. ``cgroup.procs`` lists every member however it escaped (setsid,
+  double fork), ``cgroup.kill`` kills them atomically, and ``cgroup.events``
+  reports ``populated 0`` (watched through epoll, EPOLLPRI) when the last one
+  exits.
+* ``subreaper``: the agent is a child subreaper, so orphaned descendants are
+  re-parented to it instead of init; every child carries the ``TETHER_GROUP``
+  marker in its environment, and members are found by process group, session,
+  ancestry and marker. Exits are seen through pidfds.
+* ``pgid``: the process group and session only; a child that calls
+  ``setsid`` *and* scrubs its environment is lost. Reported honestly.
+
+Waiting is event-driven: a pidfd per leader (readable at exit, before the
+reap), cgroup.events via epoll, pidfds on every known member in the weaker
+modes, SIGCHLD to reap re-parented orphans. Nothing sleeps in a loop.
+
+PID reuse: signals go through ``pidfd_send_signal`` on a pidfd opened after
+the member was identified and re-checked (cgroup membership, or start time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Final
+
+import psutil
+
+from tether.agent.errors import AdoptRefused, StartFailed
+from tether.agent.model import MARKER_ENV, Containment, FailureClass, LeaderStatus
+from tether.signallers.base import (
+    GroupHandle,
+    LaunchSpec,
+    Reachability,
+    SignallerContext,
+)
+
+log = logging.getLogger("tether.signallers.local")
+
+PR_SET_CHILD_SUBREAPER: Final = 36
+KILL_SWEEP_DEADLINE: Final = 10.0
+
+
+# ---------------------------------------------------------------- host facts
+
+
+def find_cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> Path | None:
+    """The cgroup v2 mount point, wherever the host put it (``/sys/fs/cgroup`` or ``.../unified``)."""
+    try:
+        text = Path(mountinfo).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        if right.split(" ", 1)[0] == "cgroup2":
+            return Path(left.split()[4])
+    return None
+
+
+def own_cgroup(pid: int | str = "self") -> str:
+    """This process's path in the unified hierarchy ("0::/path")."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return line[3:].strip()
+    return "/"
+
+
+def make_subreaper() -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+
+
+def proc_state(pid: int) -> str | None:
+    """The one-letter state of ``pid`` from /proc, or None if it does not exist."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3].decode()
+
+
+def alive(pid: int) -> bool:
+    """Exists and is not a zombie (zombies count as dead)."""
+    state = proc_state(pid)
+    return state is not None and state not in ("Z", "X")
+
+
+def create_time(pid: int) -> float | None:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
+
+
+def signal_pid_safely(pid: int, sig: signal.Signals, check: Callable[[int], bool]) -> bool:
+    """Signal ``pid`` only if, with a pidfd held, ``check(pid)`` still says it is ours."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        if not check(pid):
+            return False
+        signal.pidfd_send_signal(pidfd, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(pidfd)
+
+
+# ---------------------------------------------------------------- event sources
+
+
+class CgroupEventWatcher:
+    """One epoll over every group's cgroup.events; resolves waiters on ``populated 0``."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._fds: dict[int, tuple[Path, list[asyncio.Future[None]]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _ensure_reader(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+            loop.add_reader(self._epoll.fileno(), self._on_ready)
+
+    def populated(self, cgroup: Path) -> bool:
+        try:
+            text = (cgroup / "cgroup.events").read_text()
+        except FileNotFoundError:
+            return False
+        return "populated 1" in text
+
+    def wait_empty(self, cgroup: Path) -> asyncio.Future[None]:
+        self._ensure_reader()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        for fd, (path, waiters) in self._fds.items():
+            if path == cgroup:
+                waiters.append(fut)
+                break
+        else:
+            fd = os.open(cgroup / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
+            self._epoll.register(fd, select.EPOLLPRI | select.EPOLLERR)
+            self._fds[fd] = (cgroup, [fut])
+            os.pread(fd, 256, 0)
+        # Re-check after registering: the cgroup may have emptied in between.
+        if not self.populated(cgroup):
+            self._resolve(cgroup)
+        return fut
+
+    def _resolve(self, cgroup: Path) -> None:
+        for fd, (path, waiters) in list(self._fds.items()):
+            if path != cgroup:
+                continue
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+            self._unregister(fd)
+
+    def _unregister(self, fd: int) -> None:
+        with contextlib.suppress(KeyError, OSError):
+            self._epoll.unregister(fd)
+        os.close(fd)
+        del self._fds[fd]
+
+    def _on_ready(self) -> None:
+        for fd, _ in self._epoll.poll(0):
+            entry = self._fds.get(fd)
+            if entry is None:
+                continue
+            path, waiters = entry
+            try:
+                text = os.pread(fd, 256, 0).decode()
+            except OSError:
+                text = "populated 0"
+            self._fds[fd] = (path, [w for w in waiters if not w.done()])
+            if "populated 0" in text or not self._fds[fd][1]:
+                self._resolve(path)
+
+    def close(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._epoll.fileno())
+        for fd in list(self._fds):
+            for w in self._fds[fd][1]:
+                w.cancel()
+            self._unregister(fd)
+        self._epoll.close()
+
+
+async def wait_pidfds(pids: Iterable[int], timeout: float | None) -> bool:
+    """Wait until every pid in ``pids`` has exited (pidfd readable). False on timeout."""
+    loop = asyncio.get_running_loop()
+    fds: list[int] = []
+    futs: list[asyncio.Future[None]] = []
+    try:
+        for pid in pids:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                continue  # already gone
+            fds.append(fd)
+            fut: asyncio.Future[None] = loop.create_future()
+            futs.append(fut)
+
+            def ready(f: asyncio.Future[None] = fut, fd: int = fd) -> None:
+                loop.remove_reader(fd)
+                if not f.done():
+                    f.set_result(None)
+
+            loop.add_reader(fd, ready)
+        if not futs:
+            return True
+        _, pending = await asyncio.wait(futs, timeout=timeout)
+        return not pending
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)
+            os.close(fd)
+
+
+# ---------------------------------------------------------------- the handle
+
+
+class LocalGroup:
+    """A group on this host. ``repr`` shows what it is: ``<LocalGroup g-1 pid=4123 cgroup>``."""
+
+    def __init__(
+        self,
+        signaller: LocalSignaller,
+        group_id: str,
+        leader_pid: int,
+        containment: Containment,
+        cgroup: Path | None,
+        popen: subprocess.Popen[bytes] | None,
+        leader_start_time: float,
+    ) -> None:
+        self._signaller = signaller
+        self.group_id = group_id
+        self.leader_pid = leader_pid
+        self.pgid = leader_pid
+        self.sid = leader_pid
+        self.containment = containment
+        self.cgroup = cgroup
+        self.leader_start_time = leader_start_time
+        self._popen = popen
+        self._leader_status: LeaderStatus | None = None
+        loop = asyncio.get_running_loop()
+        self._leader_done: asyncio.Future[LeaderStatus] = loop.create_future()
+        self._pidfd: int | None = None
+        try:
+            self._pidfd = os.pidfd_open(leader_pid)
+        except ProcessLookupError:
+            self._leader_exited()
+        else:
+            loop.add_reader(self._pidfd, self._leader_exited)
+
+    def __repr__(self) -> str:
+        state = "exited" if self._leader_status else "alive"
+        return f"<LocalGroup {self.group_id} pid={self.leader_pid} leader {state} {self.containment.value}>"
+
+    # -- leader
+
+    def _leader_exited(self) -> None:
+        status = LeaderStatus()
+        if self._popen is not None:
+            try:
+                pid, raw = os.waitpid(self.leader_pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, raw = 0, 0
+            if pid:
+                status = LeaderStatus.from_wait_status(raw)
+                self._popen.returncode = os.waitstatus_to_exitcode(raw)
+            elif self._popen.returncode is None:
+                # Reaped elsewhere: the status is unknown, but the process is gone.
+                self._popen.returncode = -1
+        if self._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        self._signaller.forget_leader(self.leader_pid)
+        self._leader_status = status
+        if not self._leader_done.done():
+            self._leader_done.set_result(status)
+
+    @property
+    def leader_status(self) -> LeaderStatus | None:
+        return self._leader_status
+
+    async def wait_leader(self) -> LeaderStatus:
+        return await asyncio.shield(self._leader_done)
+
+    # -- membership
+
+    def _in_cgroup(self, pid: int) -> bool:
+        assert self.cgroup is not None
+        rel = "/" + str(self.cgroup.relative_to(self._signaller.cgroup_mount or "/"))
+        return own_cgroup(pid) == rel
+
+    def _scan(self) -> dict[int, float]:
+        """Weaker modes: members by pgid/session, ancestry and marker. pid -> create time."""
+        found: dict[int, float] = {}
+        procs: dict[int, tuple[int, float]] = {}
+        for p in psutil.process_iter(["ppid", "status", "create_time"]):
+            info = p.info
+            if info["status"] in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) or p.pid == os.getpid():
+                continue
+            procs[p.pid] = (info["ppid"] or 0, info["create_time"] or 0.0)
+            try:
+                if os.getpgid(p.pid) == self.pgid or os.getsid(p.pid) == self.sid:
+                    found[p.pid] = procs[p.pid][1]
+                    continue
+            except OSError:
+                continue
+            if self.containment is Containment.SUBREAPER:
+                with contextlib.suppress(psutil.Error):
+                    if p.environ().get(MARKER_ENV) == self.group_id:
+                        found[p.pid] = procs[p.pid][1]
+        # Descendants of members are members, wherever they moved their pgid.
+        changed = True
+        while changed:
+            changed = False
+            for pid, (ppid, ctime) in procs.items():
+                if pid not in found and ppid in found:
+                    found[pid] = ctime
+                    changed = True
+        if self.leader_pid in found and self._leader_status is not None:
+            found.pop(self.leader_pid, None)
+        return found
+
+    async def members(self) -> list[int]:
+        if self.cgroup is not None:
+            try:
+                text = (self.cgroup / "cgroup.procs").read_text()
+            except FileNotFoundError:
+                return []
+            return [pid for pid in map(int, text.split()) if alive(pid)]
+        return sorted(self._scan())
+
+    # -- signals
+
+    async def send_signal(self, sig: signal.Signals) -> int:
+        if self.cgroup is not None:
+            pids = await self.members()
+            return sum(signal_pid_safely(pid, sig, self._in_cgroup) for pid in pids)
+        found = self._scan()
+
+        def same(pid: int) -> bool:
+            return create_time(pid) == found.get(pid)
+
+        return sum(signal_pid_safely(pid, sig, same) for pid in found)
+
+    async def terminate(self) -> int:
+        return await self.send_signal(signal.SIGTERM)
+
+    async def kill(self) -> int:
+        """SIGKILL everything, sweeping newcomers, until empty or ``KILL_SWEEP_DEADLINE``."""
+        deadline = time.monotonic() + KILL_SWEEP_DEADLINE
+        total = 0
+        while time.monotonic() < deadline:
+            if self.cgroup is not None and (self.cgroup / "cgroup.kill").exists():
+                before = len(await self.members())
+                if before == 0:
+                    return total
+                with contextlib.suppress(FileNotFoundError):
+                    (self.cgroup / "cgroup.kill").write_text("1")
+                total += before
+            else:
+                n = await self.send_signal(signal.SIGKILL)
+                if n == 0 and not await self.members():
+                    return total
+                total += n
+            if await self.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
+                return total
+        return total
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        if self.cgroup is not None:
+            fut = self._signaller.events.wait_empty(self.cgroup)
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), timeout)
+            except TimeoutError:
+                return False
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            pids = self._scan()
+            if not pids:
+                return True
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            await wait_pidfds(pids, remaining)
+
+    async def close(self) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self.cgroup is not None:
+            with contextlib.suppress(FileNotFoundError):
+                try:
+                    self.cgroup.rmdir()
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        raise
+                    log.warning("cgroup %s still busy at close; left in place", self.cgroup)
+
+
+# ---------------------------------------------------------------- the signaller
+
+
+def _classify_exec_error(exc: OSError, spec: LaunchSpec) -> StartFailed:
+    """Map the error subprocess read from its exec error pipe to a failure class."""
+    cmd = spec.argv[0]
+    cwd_failed = spec.cwd and exc.filename == spec.cwd
+    if cwd_failed:
+        if isinstance(exc, PermissionError):
+            return StartFailed(FailureClass.PERMISSION_DENIED,
+                               f"cannot enter working directory {spec.cwd!r}: permission denied; "
+                               "fix its permissions or choose another --cwd")
+        return StartFailed(FailureClass.CWD_MISSING,
+                           f"working directory {spec.cwd!r} does not exist or is not a directory; "
+                           "create it or pass an existing --cwd")
+    if isinstance(exc, FileNotFoundError):
+        return StartFailed(FailureClass.COMMAND_NOT_FOUND,
+                           f"command {cmd!r} not found; check the spelling, give an absolute path, "
+                           "or add its directory to PATH (in --env, or with --inherit-env)")
+    if isinstance(exc, PermissionError):
+        return StartFailed(FailureClass.PERMISSION_DENIED,
+                           f"command {cmd!r} is not executable by this agent's user; "
+                           f"`chmod +x {cmd}` or run it through its interpreter")
+    if exc.errno == errno.ENOEXEC:
+        return StartFailed(FailureClass.PERMISSION_DENIED,
+                           f"command {cmd!r} is not a program this host can execute (exec format "
+                           "error); add a #! line or run it through its interpreter")
+    if exc.errno == errno.E2BIG:
+        return StartFailed(FailureClass.INVALID_SPEC,
+                           f"argv and environment of {cmd!r} exceed the kernel's limit; "
+                           "pass large values through a file")
+    return StartFailed(FailureClass.IMMEDIATE_CRASH, f"cannot start {cmd!r}: {exc}")
+
+
+class LocalSignaller:
+    """Signaller for this host. One per agent; owns the cgroup tree ``tether.<agent>``."""
+
+    kind = "local"
+
+    def __init__(self, context: SignallerContext | None = None) -> None:
+        self.context = context or SignallerContext()
+        opts = self.context.options
+        self.cgroup_mount = find_cgroup2_mount()
+        self.cgroup_base: Path | None = None
+        self.events = CgroupEventWatcher()
+        self._leaders: set[int] = set()
+        self._sigchld_loop: asyncio.AbstractEventLoop | None = None
+        self.subreaper = opts.get("subreaper", "1") != "0" and make_subreaper()
+        wanted = opts.get("containment", "auto")
+        self._containment = self._detect(wanted)
+        log.info("local signaller: containment %s (asked: %s)%s", self._containment.value, wanted,
+                 f", cgroups under {self.cgroup_base}" if self.cgroup_base else "")
+
+    def _detect(self, wanted: str) -> Containment:
+        if wanted not in ("auto", "cgroup", "subreaper", "pgid"):
+            raise ValueError(f"containment {wanted!r} is unknown; use auto, cgroup, subreaper or pgid")
+        if wanted in ("auto", "cgroup") and self.cgroup_mount is not None:
+            name = "tether." + "".join(c if c.isalnum() or c in "-_" else "_"
+                                       for c in self.context.agent_name)
+            base = self.cgroup_mount / own_cgroup().lstrip("/") / name
+            try:
+                base.mkdir(exist_ok=True)
+                probe = base / ".probe"
+                probe.mkdir(exist_ok=True)
+                probe.rmdir()
+            except OSError as exc:
+                log.info("cgroup v2 at %s is not writable here (%s)", self.cgroup_mount, exc)
+            else:
+                self.cgroup_base = base
+                return Containment.CGROUP
+        if wanted == "cgroup":
+            raise RuntimeError(
+                "containment 'cgroup' was asked for but no writable cgroup v2 hierarchy was found; "
+                "run as root, delegate a cgroup to this user, or use --containment auto"
+            )
+        if wanted in ("auto", "subreaper") and self.subreaper:
+            return Containment.SUBREAPER
+        return Containment.PGID
+
+    @property
+    def containment(self) -> Containment:
+        return self._containment
+
+    def cgroup_for(self, group_id: str) -> Path | None:
+        return None if self.cgroup_base is None else self.cgroup_base / group_id
+
+    # -- reaping of re-parented orphans (we are their subreaper)
+
+    def _install_sigchld(self) -> None:
+        if not self.subreaper or self._sigchld_loop is not None:
+            return
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ValueError, RuntimeError):  # not the main thread
+            loop.add_signal_handler(signal.SIGCHLD, self._reap_orphans)
+            self._sigchld_loop = loop
+
+    def _reap_orphans(self) -> None:
+        for pid in self._children():
+            if pid in self._leaders:
+                continue  # its pidfd watcher reaps it and keeps the status
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+
+    @staticmethod
+    def _children() -> list[int]:
+        pids: list[int] = []
+        for task in Path("/proc/self/task").iterdir():
+            with contextlib.suppress(OSError):
+                pids.extend(int(p) for p in (task / "children").read_text().split())
+        return pids
+
+    def forget_leader(self, pid: int) -> None:
+        self._leaders.discard(pid)
+
+    # -- Signaller
+
+    async def spawn(self, spec: LaunchSpec) -> GroupHandle:
+        self._install_sigchld()
+        cgroup = self.cgroup_for(spec.group_id) if self._containment is Containment.CGROUP else None
+        procs_fd: int | None = None
+        if cgroup is not None:
+            cgroup.mkdir(exist_ok=True)
+            procs_fd = os.open(cgroup / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+
+        def join_cgroup() -> None:  # runs in the child, between fork and exec
+            if procs_fd is not None:
+                os.write(procs_fd, b"0")
+
+        out: int | None = None
+        try:
+            if spec.log_path:
+                out = os.open(spec.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                              0o644)
+            popen = subprocess.Popen(
+                list(spec.argv),
+                cwd=spec.cwd or None,
+                env=dict(spec.env),
+                stdin=subprocess.DEVNULL,
+                stdout=out if out is not None else subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=join_cgroup if procs_fd is not None else None,
+                close_fds=True,
+            )
+        except OSError as exc:
+            if cgroup is not None:
+                with contextlib.suppress(OSError):
+                    cgroup.rmdir()
+            if out is None and spec.log_path and exc.filename == spec.log_path:
+                raise StartFailed(
+                    FailureClass.PERMISSION_DENIED if isinstance(exc, PermissionError)
+                    else FailureClass.CWD_MISSING,
+                    f"cannot open log file {spec.log_path!r}: {exc.strerror}; "
+                    "create its directory or choose another --log",
+                ) from exc
+            raise _classify_exec_error(exc, spec) from exc
+        finally:
+            if procs_fd is not None:
+                os.close(procs_fd)
+            if out is not None:
+                os.close(out)
+        self._leaders.add(popen.pid)
+        return LocalGroup(self, spec.group_id, popen.pid, self._containment, cgroup, popen,
+                          create_time(popen.pid) or time.time())
+
+    async def adopt(self, group_id: str, pid: int, start_time: float | None,
+                    where: str) -> GroupHandle:
+        self._install_sigchld()
+        try:
+            proc = psutil.Process(pid)
+            uids = proc.uids()
+            ctime = proc.create_time()
+            status = proc.status()
+        except psutil.NoSuchProcess:
+            raise AdoptRefused(pid, "no such process (it has exited or the pid is wrong)") from None
+        except psutil.AccessDenied:
+            raise AdoptRefused(pid, "access denied reading it; it belongs to another user") from None
+        if status == psutil.STATUS_ZOMBIE:
+            raise AdoptRefused(pid, "it has already exited (zombie)")
+        if os.geteuid() != 0 and uids.real != os.getuid():
+            raise AdoptRefused(pid, f"it runs as uid {uids.real}, this agent as uid {os.getuid()}")
+        if start_time is not None and abs(ctime - start_time) > 0.05:
+            raise AdoptRefused(
+                pid, f"its start time is {ctime:.2f}, not {start_time:.2f}: the pid was reused"
+            )
+        if pid in (os.getpid(), 1):
+            raise AdoptRefused(pid, "that is the agent itself or init")
+        cgroup = None
+        if self._containment is Containment.CGROUP:
+            cgroup = self.cgroup_for(group_id)
+            assert cgroup is not None
+            cgroup.mkdir(exist_ok=True)
+            # Move the whole tree: leader first, then every descendant.
+            try:
+                tree = [proc, *proc.children(recursive=True)]
+                for p in tree:
+                    with contextlib.suppress(ProcessLookupError):
+                        (cgroup / "cgroup.procs").write_text(str(p.pid))
+            except (OSError, psutil.Error) as exc:
+                raise AdoptRefused(pid, f"cannot move it into {cgroup}: {exc}") from exc
+        handle = LocalGroup(self, group_id, pid, self._containment, cgroup, None, ctime)
+        # Only claim the process group / session if the adopted process leads it: a
+        # child of an interactive shell shares the shell's, which is not ours to end.
+        with contextlib.suppress(OSError):
+            handle.pgid = pid if os.getpgid(pid) == pid else -1
+            handle.sid = pid if os.getsid(pid) == pid else -1
+        return handle
+
+    async def reachable(self, where: str) -> Reachability:
+        return Reachability(True)
+
+    async def aclose(self) -> None:
+        if self._sigchld_loop is not None and not self._sigchld_loop.is_closed():
+            self._sigchld_loop.remove_signal_handler(signal.SIGCHLD)
+        self._sigchld_loop = None
+        self.events.close()
+        self.events = CgroupEventWatcher()
