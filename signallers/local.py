@@ -643,3 +643,7 @@ class LocalSignaller:
         self._sigchld_loop = None
         self.events.close()
         self.events = CgroupEventWatcher()
+        if self.cgroup_base is not None:
+            # Empty unless `keep` groups still run (then the guardian/next agent needs it).
+            with contextlib.suppress(OSError):
+                self.cgroup_base.rmdir()
