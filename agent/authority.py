@@ -20,6 +20,7 @@ from typing import Any
 
 from tether.agent.errors import GroupNotFound, InvalidSpec, StartFailed, TetherError
 from tether.agent.model import (
+    AGENT_ENV,
     MARKER_ENV,
     Containment,
     ExitReason,
@@ -256,6 +257,7 @@ class Authority:
         env = dict(os.environ) if spec.inherit_env else {}
         env.update(spec.env)
         env[MARKER_ENV] = group_id
+        env[AGENT_ENV] = self.name
         return LaunchSpec(group_id=group_id, argv=spec.argv, env=env, cwd=spec.cwd,
                           log_path=spec.log_path, where=where, owns_target=spec.owns_target)
 
@@ -416,6 +418,39 @@ class Authority:
         self._transition(g, Transition.READY)
         self._own(self._watch(g), f"watch-{group_id}")
         return g.view()
+
+    # ------------------------------------------------------------ restart recovery
+
+    def restore_lost(self, group_id: str, spec: GroupSpec, containment: Containment,
+                     detail: str) -> GroupView:
+        """A group from the state file that vanished while no agent watched it."""
+        g = Group(group_id, spec, containment)
+        g.state = GroupState.RUNNING  # as it was recorded: loading, not a transition
+        g.handle_ready.set()
+        self._groups[group_id] = g
+        g.exit = ExitRecord(ExitReason.LOST, ended_at=time.time(), detail=detail)
+        self._transition(g, Transition.EXITED)
+        return g.view()
+
+    def restore_running(self, group_id: str, spec: GroupSpec, handle: GroupHandle) -> GroupView:
+        """Re-adopt a `keep` group that survived the agent (PID and start time checked)."""
+        g = Group(group_id, spec, handle.containment)
+        g.state = GroupState.RUNNING  # as it was recorded: loading, not a transition
+        g.handle = handle
+        g.handle_ready.set()
+        self._groups[group_id] = g
+        g.log.info("re-adopted after agent restart (leader pid %d)", handle.leader_pid)
+        self._emit(g, "state")
+        self._own(self._watch(g), f"watch-{group_id}")
+        return g.view()
+
+    async def escalate(self) -> None:
+        """Second SIGINT: SIGKILL every group that is being stopped or is `kill`-policy."""
+        for g in list(self._groups.values()):
+            if g.handle is not None and not g.state.ended \
+                    and g.spec.orphan_policy is OrphanPolicy.KILL:
+                with contextlib.suppress(TetherError):
+                    await g.handle.kill()
 
     # ------------------------------------------------------------ watching
 

@@ -18,6 +18,8 @@ from tether.agent.errors import InvalidSpec
 
 MARKER_ENV: Final = "TETHER_GROUP"
 """Every child carries this variable (its group id): how orphans are found."""
+AGENT_ENV: Final = "TETHER_AGENT"
+"""...and this one (the agent's name), so agents sharing a host never claim each other's."""
 
 DEFAULT_GRACE: Final = 5.0
 DEFAULT_START_TIMEOUT: Final = 30.0

@@ -5,19 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry
 
 import tether
-from tether.agent.authority import Authority, Hooks
+from tether.agent.authority import Authority, GroupView, Hooks
 from tether.agent.convert import CONTAINMENT_TO_PB
 from tether.agent.daemon import Shutdown, TLSFiles, start_server
 from tether.agent.metrics import AgentMetrics, HookChain, serve_metrics
+from tether.agent.orphans import Orphan, OrphanReaper
 from tether.agent.service import AgentServicer, add_to_server
+from tether.agent.state import AgentStore, spec_from_json
 from tether.signallers.base import SignallerContext
 from tether.signallers.local import LocalSignaller
 from tether.signallers.registry import Signallers
@@ -43,6 +49,17 @@ class AgentConfig:
     guardian: bool = True
 
 
+class _OrphanTrigger(Hooks):
+    """Whenever a group ends, look for orphans (coalesced)."""
+
+    def __init__(self) -> None:
+        self.reaper: OrphanReaper | None = None
+
+    def group_changed(self, view: GroupView) -> None:
+        if view.state.ended and self.reaper is not None:
+            self.reaper.request_scan()
+
+
 class AgentRuntime:
     """The agent's parts, owned in one place, started and stopped in order."""
 
@@ -57,10 +74,28 @@ class AgentRuntime:
         self.local = LocalSignaller(self.context)
         self.signallers.add(self.local)
         self.metrics = AgentMetrics(self.registry)
-        hooks: Hooks = self.metrics if extra_hooks is None else HookChain(self.metrics, extra_hooks)
-        self.authority = Authority(config.name, self.signallers, hooks, config.default_grace)
+        self.store: AgentStore | None = None
+        if config.state_dir:
+            self.store = AgentStore(Path(config.state_dir) / f"agent-{safe(config.name)}.sqlite3")
+        trigger = _OrphanTrigger()
+        chain: list[Hooks] = [self.metrics, trigger]
+        if self.store is not None:
+            chain.append(self.store)
+        if extra_hooks is not None:
+            chain.append(extra_hooks)
+        self.authority = Authority(config.name, self.signallers, HookChain(*chain),
+                                   config.default_grace)
         self.metrics.attach(self.authority)
-        self.servicer = AgentServicer(self.authority)
+        self.reaper = OrphanReaper(
+            config.name, self.local.cgroup_base,
+            lambda: {g.group_id for g in self.authority.groups() if not g.state.ended},
+            config.orphan_reaping, on_detect=self.metrics.orphans_detected.inc,
+            on_reap=self.metrics.orphans_reaped.inc, on_current=self.metrics.set_orphans_now)
+        trigger.reaper = self.reaper
+        self.servicer = AgentServicer(self.authority, self.list_orphans)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._guardian: subprocess.Popen[bytes] | None = None
+        self._closing = False
         self.port = 0
         self.metrics_port = 0
         self._metrics_server: Any = None
@@ -70,6 +105,70 @@ class AgentRuntime:
     def address(self) -> str:
         host = self.config.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
+
+    async def list_orphans(self, sweep: bool) -> list[Orphan]:
+        return await self.reaper.sweep(kill=sweep and self.reaper.policy == "kill")
+
+    def _own(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start_background(self) -> None:
+        """Recover from the state file, sweep orphans, start the guardian and the reaper."""
+        await self.recover()
+        await self.list_orphans(sweep=self.reaper.policy == "kill")
+        self._own(self.reaper.run(), "orphans")
+        if self.config.guardian and self.store is not None:
+            self._start_guardian()
+
+    async def recover(self) -> None:
+        """Re-adopt surviving `keep` groups, record `lost` for the vanished ones."""
+        if self.store is None:
+            return
+        records = [r for r in self.store.records() if not r.ended]
+        self.store.forget_ended()
+        for r in records:
+            spec = spec_from_json(r.spec)
+            kind = (r.target or "local").partition(":")[0]
+            signaller = self.signallers.get(kind)
+            reattach = getattr(signaller, "reattach", None)
+            handle = None
+            if r.orphan_policy == "keep" and reattach is not None:
+                handle = await reattach(r.group_id, r.leader_pid, r.leader_start_time,
+                                        (r.target or "").partition(":")[2])
+            if handle is not None:
+                self.authority.restore_running(r.group_id, spec, handle)
+                continue
+            why = ("it was gone when the agent restarted" if r.orphan_policy == "keep" else
+                   "the agent died while it ran; its guardian or the orphan sweep ended it")
+            if reattach is None:
+                why = f"{kind} groups are not re-adopted after an agent restart"
+            from tether.agent.model import Containment
+
+            self.authority.restore_lost(r.group_id, spec, Containment(r.containment), why)
+
+    def _start_guardian(self) -> None:
+        assert self.store is not None
+        args = [sys.executable, "-m", "tether.agent.guardian", "--agent-pid", str(os.getpid()),
+                "--agent-name", self.config.name, "--state", self.store.path]
+        if self.local.cgroup_base is not None:
+            args += ["--cgroup-base", str(self.local.cgroup_base)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+        self._guardian = subprocess.Popen(args, start_new_session=True, env=env,
+                                          stdin=subprocess.DEVNULL)
+        log.info("guardian started (pid %d)", self._guardian.pid)
+        self._own(self._watch_guardian(self._guardian), "guardian-watch")
+
+    async def _watch_guardian(self, proc: subprocess.Popen[bytes]) -> None:
+        from tether.signallers.local import wait_pidfds
+
+        await wait_pidfds([proc.pid], None)
+        with contextlib.suppress(ChildProcessError):
+            proc.wait(0)
+        if not self._closing:
+            log.error("guardian pid %d died (%s); starting a new one", proc.pid, proc.returncode)
+            self._start_guardian()
 
     def registrations(self) -> list[Any]:
         return [lambda server: add_to_server(server, self.servicer)]
@@ -122,7 +221,11 @@ class AgentRuntime:
             log.info("shutdown 1/5: no longer accepting RPCs")
             await server.stop(grace=1.0)
         log.info("shutdown 2/5: stopping every group whose orphan policy is kill")
+        self._closing = True
         await self.authority.shutdown()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         log.info("shutdown 3/5: stopping registration and watchers")
         if self._register_task is not None:
             self._register_task.cancel()
@@ -134,6 +237,13 @@ class AgentRuntime:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+        if self.store is not None:
+            self.store.close()
+        if self._guardian is not None:
+            # Everything `kill` is stopped; the guardian would find nothing. Let it go.
+            self._guardian.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._guardian.wait(5)
 
 
 async def run_agent(config: AgentConfig, shutdown: Shutdown,
@@ -148,9 +258,27 @@ async def run_agent(config: AgentConfig, shutdown: Shutdown,
         log.info("agent %r listening on %s (containment %s)", config.name, runtime.address,
                  runtime.local.containment.value)
         print(f"tether agent {config.name} listening on {runtime.address}", flush=True)
+        await runtime.start_background()
         runtime.start_registration()
         if started is not None:
             started.set_result(runtime)
         await shutdown.requested.wait()
     finally:
-        await runtime.shutdown(server)
+        await shutdown_with_escalation(runtime, server, shutdown)
+
+
+async def shutdown_with_escalation(runtime: AgentRuntime, server: Any,
+                                   shutdown: Shutdown) -> None:
+    """Ordered shutdown; a second SIGINT meanwhile SIGKILLs what is still stopping."""
+    task = asyncio.ensure_future(runtime.shutdown(server))
+    escalate = asyncio.ensure_future(shutdown.escalated.wait())
+    done, _ = await asyncio.wait({task, escalate}, return_when=asyncio.FIRST_COMPLETED)
+    if escalate in done:
+        await runtime.authority.escalate()
+    else:
+        escalate.cancel()
+    await task
+
+
+def safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)

@@ -106,6 +106,7 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
             name=agent_cfg.name, address=f"{host}:{port}", version=__import__("tether").__version__,
             containment=CONTAINMENT_TO_PB[runtime.local.containment], epoch=runtime.epoch),
             always_up=True)
+        await runtime.start_background()
         coordinator.start()
         print(f"tether serve listening on {host}:{port} (coordinator + agent {agent_cfg.name!r}, "
               f"containment {runtime.local.containment.value}, state in {cfg.state_dir})",
@@ -115,7 +116,9 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
         log.info("shutdown: no longer accepting RPCs")
         if server is not None:
             await server.stop(grace=1.0)
-        await runtime.shutdown(None)
+        from tether.agent.run import shutdown_with_escalation
+
+        await shutdown_with_escalation(runtime, None, shutdown)
         # The agent's groups ended in its shutdown; record their exits before closing.
         from tether.agent.convert import group_to_pb as to_pb
 

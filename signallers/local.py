@@ -252,6 +252,7 @@ class LocalGroup:
         cgroup: Path | None,
         popen: subprocess.Popen[bytes] | None,
         leader_start_time: float,
+        leader_alive: bool = True,
     ) -> None:
         self._signaller = signaller
         self.group_id = group_id
@@ -267,6 +268,8 @@ class LocalGroup:
         self._leader_done: asyncio.Future[LeaderStatus] = loop.create_future()
         self._pidfd: int | None = None
         try:
+            if not leader_alive:
+                raise ProcessLookupError(leader_pid)
             self._pidfd = os.pidfd_open(leader_pid)
         except ProcessLookupError:
             self._leader_exited()
@@ -632,6 +635,35 @@ class LocalSignaller:
         with contextlib.suppress(OSError):
             handle.pgid = pid if os.getpgid(pid) == pid else -1
             handle.sid = pid if os.getsid(pid) == pid else -1
+        return handle
+
+    async def reattach(self, group_id: str, leader_pid: int, leader_start_time: float,
+                       where: str) -> GroupHandle | None:
+        """After an agent restart: take back a group that survived, or None if it is gone.
+
+        The leader counts as alive only if its start time still matches (PID reuse).
+        """
+        self._install_sigchld()
+        ctime = create_time(leader_pid)
+        leader_alive = ctime is not None and abs(ctime - leader_start_time) < 0.05 \
+            and alive(leader_pid)
+        cgroup = self.cgroup_for(group_id) if self._containment is Containment.CGROUP else None
+        if cgroup is not None and not cgroup.is_dir():
+            cgroup = None if not leader_alive else cgroup
+            if cgroup is not None:
+                cgroup.mkdir()
+                with contextlib.suppress(OSError):
+                    (cgroup / "cgroup.procs").write_text(str(leader_pid))
+        containment = self._containment if cgroup is not None or \
+            self._containment is not Containment.CGROUP else Containment.SUBREAPER
+        handle = LocalGroup(self, group_id, leader_pid, containment, cgroup, None,
+                            leader_start_time, leader_alive=leader_alive)
+        if ctime is not None and not leader_alive:
+            # The pid now names an unrelated process: its pgid/sid are not ours.
+            handle.pgid = handle.sid = -1
+        if not await handle.members():
+            await handle.close()
+            return None
         return handle
 
     async def reachable(self, where: str) -> Reachability:

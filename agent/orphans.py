@@ -1,0 +1,162 @@
+"""Orphans: live processes of this agent's (marker or cgroup) that belong to no live group.
+
+Left by a crash, by an earlier run of the agent, or escaped in a way the
+containment did not hold. Found at start-up and whenever a group ends (scans
+are coalesced: a burst of group ends costs one scan), counted, and reaped per
+policy (``kill`` by default; ``report`` only lists them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import psutil
+
+from tether.agent.model import AGENT_ENV, MARKER_ENV
+from tether.signallers.local import create_time, signal_pid_safely, wait_pidfds
+
+log = logging.getLogger("tether.agent.orphans")
+
+
+@dataclass(frozen=True)
+class Orphan:
+    pid: int
+    command: str
+    former_group: str
+    age: float
+    found_by: str  # "marker" or "cgroup"
+    reaped: bool = False
+    create_time: float = 0.0
+
+
+def base_group(marker: str) -> str:
+    """Probe processes carry ``g-x.probe3``: they belong to ``g-x``."""
+    return marker.split(".", 1)[0]
+
+
+def find_orphans(agent_name: str, cgroup_base: Path | None, live: set[str]) -> list[Orphan]:
+    """Scan /proc (and our cgroup tree) for processes of ours outside every live group."""
+    now = time.time()
+    found: dict[int, Orphan] = {}
+    me = os.getpid()
+    for p in psutil.process_iter(["status", "create_time", "cmdline"]):
+        if p.pid == me or p.info["status"] in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            continue
+        try:
+            env = p.environ()
+        except psutil.Error:
+            continue
+        if env.get(AGENT_ENV) != agent_name or MARKER_ENV not in env:
+            continue
+        gid = env[MARKER_ENV]
+        if base_group(gid) in live:
+            continue
+        ctime = p.info["create_time"] or now
+        found[p.pid] = Orphan(p.pid, " ".join(p.info["cmdline"] or [])[:200], base_group(gid),
+                              now - ctime, "marker", create_time=ctime)
+    if cgroup_base is not None and cgroup_base.is_dir():
+        for d in cgroup_base.iterdir():
+            if not d.is_dir() or base_group(d.name) in live:
+                continue
+            try:
+                pids = [int(x) for x in (d / "cgroup.procs").read_text().split()]
+            except OSError:
+                continue
+            for pid in pids:
+                if pid in found:
+                    continue
+                try:
+                    proc = psutil.Process(pid)
+                    if proc.status() == psutil.STATUS_ZOMBIE:
+                        continue
+                    ctime = proc.create_time()
+                    cmd = " ".join(proc.cmdline())[:200]
+                except psutil.Error:
+                    continue
+                found[pid] = Orphan(pid, cmd, base_group(d.name), now - ctime, "cgroup",
+                                    create_time=ctime)
+    return sorted(found.values(), key=lambda o: o.pid)
+
+
+class OrphanReaper:
+    """Owns orphan scans for one agent; exposes counts for metrics."""
+
+    def __init__(self, agent_name: str, cgroup_base: Path | None, live: Callable[[], set[str]],
+                 policy: str = "kill",
+                 on_detect: Callable[[int], None] = lambda n: None,
+                 on_reap: Callable[[int], None] = lambda n: None,
+                 on_current: Callable[[int], None] = lambda n: None) -> None:
+        if policy not in ("kill", "report"):
+            raise ValueError(f"orphan reaping {policy!r} is unknown; use kill or report")
+        self.agent_name = agent_name
+        self.cgroup_base = cgroup_base
+        self.live = live
+        self.policy = policy
+        self.on_detect = on_detect
+        self.on_reap = on_reap
+        self.on_current = on_current
+        self.current: list[Orphan] = []
+        self._seen: set[tuple[int, float]] = set()
+        self._dirty = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    def request_scan(self) -> None:
+        """Coalesced: many group ends in a burst cause one scan."""
+        self._dirty.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self.sweep(self.policy == "kill")
+            except Exception:
+                log.exception("orphan scan failed")
+
+    async def sweep(self, kill: bool) -> list[Orphan]:
+        async with self._lock:
+            live = self.live()
+            found = await asyncio.to_thread(find_orphans, self.agent_name, self.cgroup_base, live)
+            new = [o for o in found if (o.pid, o.create_time) not in self._seen]
+            for o in new:
+                self._seen.add((o.pid, o.create_time))
+                log.warning("orphan pid %d (former group %s, found by %s): %s", o.pid,
+                            o.former_group, o.found_by, o.command)
+            if new:
+                self.on_detect(len(new))
+            if kill and found:
+                found = await self._reap(found, live)
+            self.current = [o for o in found if not o.reaped]
+            self.on_current(len(self.current))
+            return found
+
+    async def _reap(self, orphans: list[Orphan], live: set[str]) -> list[Orphan]:
+        times = {o.pid: o.create_time for o in orphans}
+        reaped: set[int] = set()
+        if self.cgroup_base is not None:
+            for group in {o.former_group for o in orphans if o.found_by == "cgroup"}:
+                d = self.cgroup_base / group
+                with contextlib.suppress(OSError):
+                    (d / "cgroup.kill").write_text("1")
+        for o in orphans:
+            if signal_pid_safely(o.pid, signal.SIGKILL, lambda pid: create_time(pid) == times[pid]):
+                reaped.add(o.pid)
+        await wait_pidfds([o.pid for o in orphans], 5.0)
+        reaped |= {o.pid for o in orphans if o.found_by == "cgroup"}
+        if self.cgroup_base is not None:
+            for o in orphans:
+                if o.former_group not in live:
+                    with contextlib.suppress(OSError):
+                        (self.cgroup_base / o.former_group).rmdir()
+        if reaped:
+            log.warning("reaped %d orphan(s)", len(reaped))
+            self.on_reap(len(reaped))
+        return [replace(o, reaped=o.pid in reaped) for o in orphans]

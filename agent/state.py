@@ -1,0 +1,132 @@
+"""The agent's local state file (SQLite): enough to re-adopt or clean up after a crash.
+
+One row per group: leader pid and start time (PID-reuse guard), cgroup
+directory, orphan policy, state, and the spec. Written on every state
+change; read by a restarted agent and by the guardian.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tether.agent.authority import GroupView, Hooks
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS groups (
+    group_id TEXT PRIMARY KEY, state TEXT NOT NULL, orphan_policy TEXT NOT NULL,
+    leader_pid INTEGER NOT NULL, leader_start_time REAL NOT NULL, pgid INTEGER NOT NULL,
+    cgroup TEXT NOT NULL, containment TEXT NOT NULL, target TEXT NOT NULL,
+    session_id TEXT NOT NULL, spec TEXT NOT NULL, exit TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    group_id: str
+    state: str
+    orphan_policy: str
+    leader_pid: int
+    leader_start_time: float
+    pgid: int
+    cgroup: str
+    containment: str
+    target: str
+    session_id: str
+    spec: dict[str, Any]
+    exit: dict[str, Any]
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ("stopped", "exited", "failed")
+
+
+def spec_json(view: GroupView) -> dict[str, Any]:
+    spec = view.spec
+    return {
+        "argv": list(spec.argv), "cwd": spec.cwd, "env": dict(spec.env),
+        "inherit_env": spec.inherit_env, "log_path": spec.log_path,
+        "ready": str(spec.ready) if spec.ready else "",
+        "start_timeout": spec.start_timeout,
+        "stop_signal": spec.stop.signal.name, "grace": spec.stop.grace,
+        "orphan_policy": spec.orphan_policy.value, "label": spec.label,
+        "labels": dict(spec.labels), "session_id": spec.session_id, "window": spec.window,
+        "stop_order": spec.stop_order, "target": spec.target, "owns_target": spec.owns_target,
+    }
+
+
+def record_of(view: GroupView) -> GroupRecord:
+    exit_ = {}
+    if view.exit is not None:
+        exit_ = {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(view.exit).items()}
+    return GroupRecord(
+        view.group_id, view.state.value, view.spec.orphan_policy.value, view.leader_pid,
+        view.leader_start_time, view.pgid, view.cgroup, view.containment.value,
+        view.spec.target, view.spec.session_id, spec_json(view), exit_)
+
+
+class AgentStore(Hooks):
+    """Persists every group change; a Hooks implementation for the Authority."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def group_changed(self, view: GroupView) -> None:
+        self.put(record_of(view))
+
+    def put(self, r: GroupRecord) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO groups VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (r.group_id, r.state, r.orphan_policy, r.leader_pid, r.leader_start_time, r.pgid,
+             r.cgroup, r.containment, r.target, r.session_id, json.dumps(r.spec),
+             json.dumps(r.exit)))
+
+    def records(self) -> list[GroupRecord]:
+        rows = self.db.execute("SELECT * FROM groups").fetchall()
+        return [GroupRecord(*r[:10], json.loads(r[10]), json.loads(r[11])) for r in rows]
+
+    def forget_ended(self) -> None:
+        self.db.execute("DELETE FROM groups WHERE state IN ('stopped', 'exited', 'failed')")
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def read_records(path: str) -> list[GroupRecord]:
+    """For the guardian: read without creating anything."""
+    if not Path(path).exists():
+        return []
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT * FROM groups").fetchall()
+    except sqlite3.Error:
+        return []
+    finally:
+        db.close()
+    return [GroupRecord(*r[:10], json.loads(r[10]), json.loads(r[11])) for r in rows]
+
+
+def spec_from_json(d: dict[str, Any]) -> Any:
+    """Rebuild the GroupSpec persisted by ``spec_json``."""
+    from types import MappingProxyType
+
+    from tether.agent.model import GroupSpec, OrphanPolicy, Probe, StopPolicy, parse_signal
+
+    return GroupSpec(
+        argv=tuple(d["argv"]), cwd=d["cwd"], env=MappingProxyType(d["env"]),
+        inherit_env=d["inherit_env"], log_path=d["log_path"],
+        ready=Probe.parse(d["ready"]) if d["ready"] else None,
+        start_timeout=d["start_timeout"],
+        stop=StopPolicy(parse_signal(d["stop_signal"]), d["grace"]),
+        orphan_policy=OrphanPolicy(d["orphan_policy"]), label=d["label"],
+        labels=MappingProxyType(d["labels"]), session_id=d["session_id"], window=d["window"],
+        stop_order=d["stop_order"], target=d["target"], owns_target=d["owns_target"])
