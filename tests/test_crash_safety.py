@@ -1,0 +1,193 @@
+"""The promise holds when tether itself dies: guardian, re-adoption, ordered shutdown, orphans."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.plugins.processes import (
+    Daemon,
+    marked_alive,
+    pid_alive,
+    start_daemon,
+    stop_daemon,
+    wait_until,
+)
+
+HOSTILE = [
+    # setsid escapees and a double-fork daemon whose leader exits at once
+    ["sh", "-c", "setsid sleep 300 & setsid sh -c 'trap \"\" TERM; sleep 300' & sleep 300"],
+    ["sh", "-c", "(setsid sh -c 'sleep 300; true' &); exit 0"],
+    ["sh", "-c", "trap '' TERM; sleep 300 & sleep 300 & wait"],
+]
+
+
+def serve_on(tmp_path: Path, port: str = "0", *extra: str) -> Daemon:
+    return start_daemon("serve", ["--listen", f"127.0.0.1:{port}", "--state-dir",
+                                  str(tmp_path / "state"), "--agent-name",
+                                  f"crash-{tmp_path.name[-10:]}", *extra], tmp_path)
+
+
+def spawn(d: Daemon, session: str, argv: list[str], *opts: str) -> str:
+    res = d.cli("spawn", "--session", session, "--grace", "1", *opts, "--", *argv, check=True)
+    return res.stdout.strip()
+
+
+@pytest.mark.slow
+def test_serve_sigkilled_leaves_nothing_and_keep_group_is_readopted(tmp_path: Path) -> None:
+    d = serve_on(tmp_path)
+    try:
+        killed = [spawn(d, "work", argv) for argv in HOSTILE]
+        kept = spawn(d, "work", ["sh", "-c", "sleep 300 & sleep 300"], "--orphan-policy", "keep",
+                     "--label", "kept")
+        wait_until(lambda: all(marked_alive(g) for g in killed), 10, "trees to start")
+        kept_pids = marked_alive(kept)
+        assert len(kept_pids) == 3
+
+        d.proc.kill()  # SIGKILL: no shutdown code runs in serve
+        d.proc.wait()
+
+        wait_until(lambda: not any(marked_alive(g) for g in killed), 10,
+                   "the guardian to end every kill-policy tree")
+        assert sorted(marked_alive(kept)) == sorted(kept_pids), "keep group must survive"
+
+        port = d.address.rsplit(":", 1)[1]
+        d2 = serve_on(tmp_path, port)
+        try:
+            show = d2.json("show", "work")
+            states = {g["group_id"]: g for g in show["groups"]}
+            assert states[kept]["state"] == "running", "keep group must be re-adopted"
+            for g in killed:
+                assert states[g]["state"] == "exited" and states[g]["reason"] == "lost"
+            res = d2.cli("stop", "work", "-o", "json")
+            assert res.returncode == 1  # lost groups make the session not clean
+            assert marked_alive(kept) == [], "the re-adopted group is stopped for real"
+        finally:
+            stop_daemon(d2)
+    finally:
+        stop_daemon(d)
+        for pid in marked_alive():
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT])
+def test_shutdown_signal_stops_every_kill_group_before_exit(tmp_path: Path, sig: int) -> None:
+    d = serve_on(tmp_path)
+    try:
+        groups = [spawn(d, "s", argv) for argv in HOSTILE]
+        kept = spawn(d, "s", ["sleep", "300"], "--orphan-policy", "keep")
+        wait_until(lambda: all(marked_alive(g) for g in groups), 10, "trees to start")
+        d.signal(sig)
+        assert d.wait(30) == 0
+        for g in groups:
+            assert marked_alive(g) == [], f"{g} outlived `tether serve` after {sig}"
+        assert marked_alive(kept), "keep groups are left for re-adoption"
+        assert "shutdown requested" in d.log()
+    finally:
+        stop_daemon(d)
+        for pid in marked_alive(kept):
+            os.kill(pid, signal.SIGKILL)
+
+
+def metric(address: str, name: str, labels: str = "") -> float:
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + (("{" + labels + "}") if labels else " ")):
+            return float(line.rsplit(" ", 1)[1])
+        if labels and line.startswith(name + "{") and all(
+                part in line for part in labels.split(",")):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{{{labels}}} not in metrics")
+
+
+def test_marked_process_without_group_is_counted_listed_and_reaped(tmp_path: Path) -> None:
+    from tests.plugins.processes import free_port
+
+    mport = free_port()
+    d = serve_on(tmp_path, "0", "--metrics-listen", f"127.0.0.1:{mport}")
+    agent = f"crash-{tmp_path.name[-10:]}"
+    stray = subprocess.Popen(["sleep", "300"], start_new_session=True,
+                             env={"TETHER_GROUP": "g-deadbeef", "TETHER_AGENT": agent,
+                                  "PATH": os.environ["PATH"]})
+    try:
+        listed = d.json("orphans")
+        (orphan,) = [o for o in listed["orphans"] if o["pid"] == stray.pid]
+        assert orphan["former_group"] == "g-deadbeef" and "sleep 300" in orphan["command"]
+        assert orphan["found_by"] == "marker" and orphan["agent"] == agent
+        m = f"127.0.0.1:{mport}"
+        assert metric(m, "tether_orphans") == 1
+        assert metric(m, "tether_orphans_detected_total") >= 1
+
+        swept = d.json("orphans", "--sweep")
+        assert [o["reaped"] for o in swept["orphans"] if o["pid"] == stray.pid] == [True]
+        assert stray.wait(5) == -signal.SIGKILL
+        assert metric(m, "tether_orphans") == 0
+        assert metric(m, "tether_orphans_reaped_total") >= 1
+    finally:
+        stop_daemon(d)
+        if stray.poll() is None:
+            stray.kill()
+            stray.wait()
+
+
+def test_orphan_left_by_an_earlier_agent_is_reaped_at_startup(tmp_path: Path) -> None:
+    agent = f"crash-{tmp_path.name[-10:]}"
+    stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
+                             start_new_session=True,
+                             env={"TETHER_GROUP": "g-0ld", "TETHER_AGENT": agent})
+    try:
+        d = serve_on(tmp_path)
+        try:
+            assert stray.wait(10) == -signal.SIGKILL
+            assert "orphan pid" in d.log()
+        finally:
+            stop_daemon(d)
+    finally:
+        if stray.poll() is None:
+            stray.kill()
+            stray.wait()
+
+
+def test_guardian_is_restarted_when_it_dies(tmp_path: Path) -> None:
+    import psutil
+
+    d = serve_on(tmp_path)
+    try:
+        def guardians() -> list[psutil.Process]:
+            return [c for c in psutil.Process(d.proc.pid).children()
+                    if "tether.agent.guardian" in " ".join(c.cmdline())]
+
+        wait_until(lambda: len(guardians()) == 1, 10, "a guardian")
+        first = guardians()[0]
+        first.kill()
+        wait_until(lambda: len(guardians()) == 1 and guardians()[0].pid != first.pid, 10,
+                   "a new guardian")
+        g = spawn(d, "s", ["sleep", "300"])
+        d.proc.kill()
+        d.proc.wait()
+        wait_until(lambda: marked_alive(g) == [], 10, "the new guardian to do its job")
+    finally:
+        stop_daemon(d)
+
+
+def test_double_sigint_escalates(tmp_path: Path) -> None:
+    d = serve_on(tmp_path)
+    try:
+        g = spawn(d, "s", ["sh", "-c", "trap '' TERM INT; sleep 300"], "--grace", "60")
+        wait_until(lambda: len(marked_alive(g)) == 2, 10, "the tree")
+        d.signal(signal.SIGINT)
+        wait_until(lambda: "stopping: SIGTERM" in d.log(), 10, "the stop to begin")
+        d.signal(signal.SIGINT)
+        # The grace is 60 s: exiting within 30 s means the second SIGINT escalated.
+        assert d.wait(30) == 0
+        assert marked_alive(g) == []
+        assert "escalating" in d.log()
+    finally:
+        stop_daemon(d)
+        assert not any(pid_alive(p) for p in marked_alive(g))
