@@ -30,6 +30,7 @@ from tether.agent.model import (
     GroupState,
     LeaderStatus,
     OrphanPolicy,
+    ProbeKind,
     StopPolicy,
     Transition,
     next_state,
@@ -39,6 +40,7 @@ from tether.signallers.base import GroupHandle, LaunchSpec
 from tether.signallers.registry import Signallers, split_target
 
 log = logging.getLogger("tether.agent")
+Signals = signal.Signals
 
 LEADER_STATUS_WAIT = 1.0
 
@@ -214,7 +216,7 @@ class Authority:
     def get(self, group_id: str) -> GroupView:
         return self._find(group_id).view()
 
-    def list(self, session_id: str = "", include_ended: bool = True) -> list[GroupView]:
+    def views(self, session_id: str = "", include_ended: bool = True) -> list[GroupView]:
         return [
             g.view() for g in self._groups.values()
             if (not session_id or g.spec.session_id == session_id)
@@ -271,6 +273,16 @@ class Authority:
             await g.handle_ready.wait()
             return g.view()
         signaller, where = self._signaller_for(spec.target)
+        if signaller.kind != "local":
+            if spec.inherit_env:
+                raise InvalidSpec(
+                    f"--inherit-env copies this agent's environment; it is refused for target "
+                    f"{spec.target!r}: pass what the remote command needs with --env",
+                    field="inherit_env")
+            if spec.ready is not None and spec.ready.kind is ProbeKind.LOG:
+                raise InvalidSpec(
+                    f"log: probes read the log on the agent's host, not inside {spec.target!r}; "
+                    "use an exec: probe (it runs on the target)", field="ready")
         group_id = "g-" + secrets.token_hex(4)
         g = Group(group_id, spec, signaller.containment)
         self._groups[group_id] = g
@@ -357,8 +369,11 @@ class Authority:
                 handle: GroupHandle = await signaller.spawn(launch)
             except StartFailed as exc:
                 return 127, f"exec probe could not start: {exc.message}"
+            except TetherError as exc:
+                return None, f"exec probe could not start: {exc}"
             try:
-                status = await asyncio.wait_for(handle.wait_leader(), timeout)
+                async with asyncio.timeout(timeout):
+                    status = await handle.wait_leader()
             except TimeoutError:
                 return None, f"exec probe {argv[0]!r} timed out after {timeout:g} s; its tree was killed"
             finally:
@@ -400,7 +415,8 @@ class Authority:
 
     async def _leader_status(self, handle: GroupHandle) -> LeaderStatus:
         try:
-            return await asyncio.wait_for(handle.wait_leader(), LEADER_STATUS_WAIT)
+            async with asyncio.timeout(LEADER_STATUS_WAIT):
+                return await handle.wait_leader()
         except TimeoutError:
             return LeaderStatus()
 
@@ -487,7 +503,7 @@ class Authority:
 
     # ------------------------------------------------------------ signal
 
-    async def signal(self, group_id: str, sig: signal.Signals) -> SignalOutcome:
+    async def signal(self, group_id: str, sig: Signals) -> SignalOutcome:
         g = self._find(group_id)
         await g.handle_ready.wait()
         if g.state.ended or g.handle is None:
@@ -496,7 +512,7 @@ class Authority:
         n = await self._send(g, sig)
         return SignalOutcome(n, n == 0, g.view())
 
-    async def _send(self, g: Group, sig: signal.Signals) -> int:
+    async def _send(self, g: Group, sig: Signals) -> int:
         assert g.handle is not None
         kind, _ = split_target(g.spec.target)
         try:

@@ -124,7 +124,11 @@ async def start_server(address: str, register: list[Callable[[grpc.aio.Server], 
     server = grpc.aio.server(
         interceptors=interceptors or [],
         options=[("grpc.max_receive_message_length", MAX_MESSAGE),
-                 ("grpc.so_reuseport", 0)],
+                 ("grpc.so_reuseport", 0),
+                 # Coordinators ping agents every 2 s to notice partitions quickly.
+                 ("grpc.keepalive_permit_without_calls", 1),
+                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+                 ("grpc.http2.max_ping_strikes", 0)],
     )
     for fn in register:
         fn(server)

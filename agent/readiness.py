@@ -44,7 +44,8 @@ async def port_in_use(probe: Probe) -> bool:
     if probe.kind not in (ProbeKind.TCP, ProbeKind.HTTP):
         return False
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(probe.host, probe.port), 1.0)
+        async with asyncio.timeout(1.0):
+            _, writer = await asyncio.open_connection(probe.host, probe.port)
     except (OSError, TimeoutError):
         return False
     writer.close()
@@ -55,8 +56,8 @@ async def port_in_use(probe: Probe) -> bool:
 
 async def _tcp(probe: Probe) -> ProbeAttempt:
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(probe.host, probe.port),
-                                           probe.timeout)
+        async with asyncio.timeout(probe.timeout):
+            _, writer = await asyncio.open_connection(probe.host, probe.port)
     except (OSError, TimeoutError) as exc:
         return ProbeAttempt(False, detail=f"tcp {probe.host}:{probe.port}: {exc or 'timeout'}")
     writer.close()
@@ -138,6 +139,10 @@ class Prober:
         delay = BACKOFF_START
         while True:
             self.last = await self.attempt()
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Python 3.11 can swallow a cancellation that races a finishing await.
+                raise asyncio.CancelledError
             if self.last.ok:
                 return
             await asyncio.sleep(delay)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -26,7 +25,7 @@ from tether.v1 import agent_pb2_grpc as agrpc
 from tether.v1 import common_pb2 as pb
 
 
-class AgentServicer(agrpc.AgentServiceServicer):  # type: ignore[misc]
+class AgentServicer(agrpc.AgentServiceServicer):
     def __init__(self, authority: Authority,
                  orphans: Callable[[bool], Any] | None = None) -> None:
         self.authority = authority
@@ -72,7 +71,7 @@ class AgentServicer(agrpc.AgentServiceServicer):  # type: ignore[misc]
 
     @unary
     async def List(self, request: apb.ListRequest, context: Any) -> apb.ListResponse:
-        views = self.authority.list(request.session_id, request.include_ended)
+        views = self.authority.views(request.session_id, request.include_ended)
         return apb.ListResponse(groups=[group_to_pb(v) for v in views])
 
     @stream
@@ -85,7 +84,7 @@ class AgentServicer(agrpc.AgentServiceServicer):  # type: ignore[misc]
             return ((not session or ev.group.spec.session_id == session)
                     and (not ids or ev.group.group_id in ids))
 
-        initial = [v for v in self.authority.list(session) if not ids or v.group_id in ids] \
+        initial = [v for v in self.authority.views(session) if not ids or v.group_id in ids] \
             if request.initial else []
         async for event in self.authority.watch(accept, initial):
             yield event_to_pb(event)

@@ -92,13 +92,18 @@ class AgentStore(Hooks):
 
     def records(self) -> list[GroupRecord]:
         rows = self.db.execute("SELECT * FROM groups").fetchall()
-        return [GroupRecord(*r[:10], json.loads(r[10]), json.loads(r[11])) for r in rows]
+        return [to_record(r) for r in rows]
 
     def forget_ended(self) -> None:
         self.db.execute("DELETE FROM groups WHERE state IN ('stopped', 'exited', 'failed')")
 
     def close(self) -> None:
         self.db.close()
+
+
+def to_record(r: Any) -> GroupRecord:
+    return GroupRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9],
+                       json.loads(r[10]), json.loads(r[11]))
 
 
 def read_records(path: str) -> list[GroupRecord]:
@@ -112,7 +117,7 @@ def read_records(path: str) -> list[GroupRecord]:
         return []
     finally:
         db.close()
-    return [GroupRecord(*r[:10], json.loads(r[10]), json.loads(r[11])) for r in rows]
+    return [to_record(r) for r in rows]
 
 
 def spec_from_json(d: dict[str, Any]) -> Any:

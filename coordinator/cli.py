@@ -172,31 +172,36 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
 
     sp = client("adopt", "Hand a running process tree to an agent.")
-    sp.add_argument("--session", required=True)
-    sp.add_argument("--agent", default="")
-    sp.add_argument("--pid", type=int, required=True)
-    sp.add_argument("--label", default="")
-    sp.add_argument("--grace", type=positive_float, default=None)
-    sp.add_argument("--orphan-policy", choices=["kill", "keep"], default="kill")
+    sp.add_argument("--session", required=True, help="session name (created on first use)")
+    sp.add_argument("--agent", default="", help="agent on the process's host (default: the only "
+                    "or local one)")
+    sp.add_argument("--pid", type=int, required=True,
+                    help="leader of the tree to adopt; its descendants come with it")
+    sp.add_argument("--label", default="", help="a short name for the group")
+    sp.add_argument("--grace", type=positive_float, default=None,
+                    help="seconds between the stop signal and SIGKILL (default 5)")
+    sp.add_argument("--orphan-policy", choices=["kill", "keep"], default="kill",
+                    help="if the agent dies: kill the group (default) or keep it for re-adoption")
 
     sp = client("signal", "Send a signal to every process of a session.")
-    sp.add_argument("session")
+    sp.add_argument("session", help="session name")
     sp.add_argument("signal", help="TERM, INT, HUP, USR1, ... or a number")
 
     sp = client("stop", "Stop a session; blocks until every group has an exit record.")
-    sp.add_argument("session")
+    sp.add_argument("session", help="session name")
     sp.add_argument("--grace", type=positive_float, default=None,
                     help="override every group's grace (seconds)")
 
     client("sessions", "List sessions.").add_argument(
         "--all", action="store_true", help="include stopped sessions")
-    client("show", "Show a session and its groups.").add_argument("session")
+    client("show", "Show a session and its groups.").add_argument("session", help="session name")
     client("agents", "List agents and whether they are up.")
     client("orphans", "List orphans (marked processes of no live group) on every agent.") \
         .add_argument("--sweep", action="store_true", help="reap them now (per agent policy)")
-    client("watch", "Stream a session's state changes and exit records.").add_argument("session")
+    client("watch", "Stream a session's state changes and exit records.").add_argument(
+        "session", help="session name")
     sp = client("keepalive", "Renew (or set) a session's lease.")
-    sp.add_argument("session")
+    sp.add_argument("session", help="session name")
     sp.add_argument("--ttl", type=positive_float, required=True,
                     help="the session stops if not renewed within this many seconds")
     return p

@@ -195,6 +195,9 @@ async def cmd_stop(stub: Any, args: argparse.Namespace) -> int:
             print("tether: some agents did not answer; the stop goes on in the coordinator "
                   f"(see `tether show {args.session}`)", file=sys.stderr)
             return EXIT_UNREACHABLE
+        print("tether: the stop did not finish within --timeout; it goes on in the coordinator "
+              f"(see `tether show {args.session}` or `tether watch {args.session}`)",
+              file=sys.stderr)
         return EXIT_UNCLEAN
     clean = all(r.exit.survivors == 0 and r.exit.reason != pb.EXIT_REASON_LOST
                 for r in rep.groups)

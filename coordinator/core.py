@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -36,6 +36,15 @@ log = logging.getLogger("tether.coordinator")
 
 ENDED = {pb.GROUP_STATE_STOPPED, pb.GROUP_STATE_EXITED, pb.GROUP_STATE_FAILED,
          pb.GROUP_STATE_LOST}
+# Agent answers that mean "not done, and never will be as asked": nothing was started.
+REFUSED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+           grpc.StatusCode.FAILED_PRECONDITION}
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 2000),
+    ("grpc.keepalive_timeout_ms", 2000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 
@@ -90,7 +99,9 @@ class AgentLink:
     @property
     def stub(self) -> agrpc.AgentServiceStub:
         if self.channel is None:
-            self.channel = grpc.aio.insecure_channel(self.row.address)
+            # Keepalive pings find a dead path (a partition, a pulled cable) in seconds, so
+            # retries reconnect instead of waiting on TCP retransmission timers.
+            self.channel = grpc.aio.insecure_channel(self.row.address, options=CHANNEL_OPTIONS)
         return agrpc.AgentServiceStub(self.channel)
 
 
@@ -214,7 +225,7 @@ class Coordinator:
         out = []
         for link in self.agents.values():
             a = cpb.Agent(name=link.row.name, address=link.row.address,
-                          containment=link.row.containment, version=link.row.version,
+                          containment=cast(Any, link.row.containment), version=link.row.version,
                           epoch=link.row.epoch,
                           state=cpb.AGENT_STATE_UP if self.agent_up(link)
                           else cpb.AGENT_STATE_UNREACHABLE)
@@ -348,7 +359,8 @@ class Coordinator:
             pending = [s.lease_expires_at - now for s in leased if s.lease_expires_at > now]
             timeout = min(pending) if pending else None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lease_changed.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._lease_changed.wait()
 
     def session_groups(self, session_id: str) -> list[TrackedGroup]:
         return [t for t in self.groups.values() if t.group.spec.session_id == session_id]
@@ -379,13 +391,15 @@ class Coordinator:
     async def spawn(self, agent: str, spec: pb.GroupSpec, key: str) -> pb.Group:
         if not spec.session_id:
             raise InvalidSpec("spawn needs a session (--session NAME)", field="session")
-        s = self.sessions.get(spec.session_id)
+        # Resolve the agent before touching any session: bad input changes nothing.
+        link = self.resolve_agent(agent)
+        previous = self.sessions.get(spec.session_id)
+        s = previous
         if s is None or s.state == "stopped":
             s = self.create_session(spec.session_id, spec.window)
         if s.state != "active":
             raise Conflict(f"session {spec.session_id!r} is {s.state}; wait for the stop to "
                            "finish, then spawn into it again")
-        link = self.resolve_agent(agent)
         if key:
             for t in self.groups.values():
                 if t.idempotency_key == key and t.agent == link.row.name:
@@ -394,6 +408,8 @@ class Coordinator:
             reply = await link.stub.Spawn(apb.SpawnRequest(spec=spec, idempotency_key=key),
                                           timeout=self._spawn_deadline(spec))
         except grpc.aio.AioRpcError as exc:
+            if s is not previous and exc.code() in REFUSED:
+                self._undo_new_session(s, previous)
             raise self._agent_error(link, exc) from exc
         tracked = TrackedGroup(link.row.name, reply.group, key)
         tracked.group.agent = link.row.name
@@ -404,6 +420,19 @@ class Coordinator:
         self.store.put_group(tracked.row())
         self._publish(tracked, "state")
         return self.group_view(tracked)
+
+    def _undo_new_session(self, s: SessionRow, previous: SessionRow | None) -> None:
+        """The agent refused the spawn outright: forget the session it would have created."""
+        if self.sessions.get(s.session_id) is not s or self.session_groups(s.session_id):
+            return  # a concurrent spawn put something in it meanwhile: keep it
+        if previous is None:
+            del self.sessions[s.session_id]
+            self.store.delete_session(s.session_id)
+        else:
+            self.sessions[s.session_id] = previous
+            self.store.put_session(previous)
+        if s.ttl:
+            self._lease_changed.set()
 
     @staticmethod
     def _spawn_deadline(spec: pb.GroupSpec) -> float:
@@ -506,7 +535,8 @@ class Coordinator:
             return self._session_report(session_id, complete=True)
         task = self._begin_stop(session_id, grace, "requested")
         try:
-            return await asyncio.wait_for(asyncio.shield(task), wait)
+            async with asyncio.timeout(wait):
+                return await asyncio.shield(task)
         except TimeoutError:
             return self._session_report(session_id, complete=False)
 

@@ -82,9 +82,9 @@ async def run_coordinator(cfg: CoordinatorDaemonConfig, shutdown: Shutdown) -> N
 
 async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shutdown) -> None:
     """Coordinator and a local agent on one gRPC server, in one process."""
+    from tether.agent.convert import CONTAINMENT_TO_PB
     from tether.agent.run import AgentRuntime
     from tether.v1 import coordinator_pb2 as cpb
-    from tether.agent.convert import CONTAINMENT_TO_PB
 
     registry = CollectorRegistry()
     agent_cfg.state_dir = agent_cfg.state_dir or os.path.join(cfg.state_dir, "agent")
@@ -122,7 +122,7 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
         # The agent's groups ended in its shutdown; record their exits before closing.
         from tether.agent.convert import group_to_pb as to_pb
 
-        for view in runtime.authority.list():
+        for view in runtime.authority.views():
             coordinator._absorb(agent_cfg.name, to_pb(view), "exit")
         await coordinator.close()
         coordinator.store.close()

@@ -19,7 +19,7 @@ from tether.v1 import coordinator_pb2_grpc as cgrpc
 STOP_ANSWER_WITHIN = 300.0
 
 
-class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):  # type: ignore[misc]
+class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self.c = coordinator
 

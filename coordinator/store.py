@@ -103,6 +103,9 @@ class Store:
                         (s.session_id, s.window, json.dumps(s.labels), s.state, s.ttl,
                          s.lease_expires_at, s.stop_cause, s.created_at))
 
+    def delete_session(self, session_id: str) -> None:
+        self.db.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
+
     def sessions(self) -> list[SessionRow]:
         rows = self.db.execute("SELECT * FROM sessions ORDER BY created_at")
         return [SessionRow(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]

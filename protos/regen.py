@@ -19,8 +19,8 @@ V1 = HERE / "tether" / "v1"
 
 
 def generate(out: Path) -> list[Path]:
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     protos = sorted(V1.glob("*.proto"))
@@ -39,7 +39,8 @@ def generate(out: Path) -> list[Path]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="fail if the committed generated code is stale")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,7 +57,8 @@ def main() -> int:
         extra = [p.name for p in V1.glob("*_pb2*.py*") if p.name not in names]
     if args.check:
         if stale or extra:
-            print(f"generated code is stale: {sorted(stale + extra)}; run: python protos/regen.py", file=sys.stderr)
+            print(f"generated code is stale: {sorted(stale + extra)}; run: python protos/regen.py",
+                  file=sys.stderr)
             return 1
         print("generated code is up to date")
     return 0

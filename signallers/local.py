@@ -107,6 +107,20 @@ def create_time(pid: int) -> float | None:
         return None
 
 
+def marker_of(p: psutil.Process) -> str | None:
+    """The TETHER_GROUP marker of a process. A process in the middle of execve shows an
+    empty environment for a moment; read again (briefly) rather than miss a member."""
+    for attempt in range(5):
+        try:
+            env = p.environ()
+        except psutil.Error:
+            return None
+        if env:
+            return env.get(MARKER_ENV)
+        time.sleep(0.001 * (attempt + 1))
+    return None
+
+
 def signal_pid_safely(pid: int, sig: signal.Signals, check: Callable[[int], bool]) -> bool:
     """Signal ``pid`` only if, with a pidfd held, ``check(pid)`` still says it is ours."""
     try:
@@ -152,7 +166,7 @@ class CgroupEventWatcher:
         self._ensure_reader()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        for fd, (path, waiters) in self._fds.items():
+        for path, waiters in self._fds.values():
             if path == cgroup:
                 waiters.append(fut)
                 break
@@ -333,10 +347,8 @@ class LocalGroup:
                     continue
             except OSError:
                 continue
-            if self.containment is Containment.SUBREAPER:
-                with contextlib.suppress(psutil.Error):
-                    if p.environ().get(MARKER_ENV) == self.group_id:
-                        found[p.pid] = procs[p.pid][1]
+            if self.containment is Containment.SUBREAPER and marker_of(p) == self.group_id:
+                found[p.pid] = procs[p.pid][1]
         # Descendants of members are members, wherever they moved their pgid.
         changed = True
         while changed:
@@ -349,6 +361,13 @@ class LocalGroup:
             found.pop(self.leader_pid, None)
         return found
 
+    def _scan_settled(self) -> dict[int, float]:
+        """A scan reads a snapshot of /proc; a member alive at the snapshot may fork and die
+        while the scan runs, its child missing from the snapshot. An empty result is only
+        believed when a second scan, started after the first ended, agrees."""
+        found = self._scan()
+        return found or self._scan()
+
     async def members(self) -> list[int]:
         if self.cgroup is not None:
             try:
@@ -356,7 +375,7 @@ class LocalGroup:
             except FileNotFoundError:
                 return []
             return [pid for pid in map(int, text.split()) if alive(pid)]
-        return sorted(self._scan())
+        return sorted(self._scan_settled())
 
     # -- signals
 
@@ -364,7 +383,7 @@ class LocalGroup:
         if self.cgroup is not None:
             pids = await self.members()
             return sum(signal_pid_safely(pid, sig, self._in_cgroup) for pid in pids)
-        found = self._scan()
+        found = self._scan_settled()
 
         def same(pid: int) -> bool:
             return create_time(pid) == found.get(pid)
@@ -399,13 +418,14 @@ class LocalGroup:
         if self.cgroup is not None:
             fut = self._signaller.events.wait_empty(self.cgroup)
             try:
-                await asyncio.wait_for(asyncio.shield(fut), timeout)
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(fut)
             except TimeoutError:
                 return False
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            pids = self._scan()
+            pids = self._scan_settled()
             if not pids:
                 return True
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -415,10 +435,8 @@ class LocalGroup:
 
     async def close(self) -> None:
         if self._pidfd is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = None
+            # Reap now if it has exited; otherwise the SIGCHLD reaper collects it later.
+            self._leader_exited()
         if self.cgroup is not None:
             with contextlib.suppress(FileNotFoundError):
                 try:
@@ -562,7 +580,9 @@ class LocalSignaller:
             if spec.log_path:
                 out = os.open(spec.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                               0o644)
-            popen = subprocess.Popen(
+            # A synchronous fork+exec (about a millisecond) on purpose: asyncio's subprocess
+            # support would add a child watcher; exits are watched through pidfds instead.
+            popen = subprocess.Popen(  # noqa: ASYNC220
                 list(spec.argv),
                 cwd=spec.cwd or None,
                 env=dict(spec.env),

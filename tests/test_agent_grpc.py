@@ -41,14 +41,16 @@ async def test_spawn_get_list_stop(stub: Any) -> None:
     s, _ = stub
     g = (await s.Spawn(apb.SpawnRequest(spec=spec("sh", "-c", "sleep 100 & sleep 100",
                                                   session_id="s1", label="web")))).group
-    assert g.state == pb.GROUP_STATE_RUNNING and g.leader_pid > 0
+    assert g.state == pb.GROUP_STATE_RUNNING
+    assert g.leader_pid > 0
     got = (await s.Get(apb.GetRequest(group_id=g.group_id))).group
     assert got.member_count == 3  # the shell and its two sleeps
     listed = (await s.List(apb.ListRequest(session_id="s1"))).groups
     assert [x.group_id for x in listed] == [g.group_id]
     stopped = (await s.Stop(apb.StopRequest(group_id=g.group_id))).group
     assert stopped.state == pb.GROUP_STATE_STOPPED
-    assert stopped.exit.reason == pb.EXIT_REASON_REQUESTED and stopped.exit.survivors == 0
+    assert stopped.exit.reason == pb.EXIT_REASON_REQUESTED
+    assert stopped.exit.survivors == 0
     assert marked_alive(g.group_id) == []
 
 

@@ -16,7 +16,13 @@ import psutil
 import pytest
 
 from tests.plugins.common import require_root
-from tests.plugins.processes import async_wait_until, free_port, marked_alive, pid_alive
+from tests.plugins.processes import (
+    async_wait_until,
+    catches,
+    free_port,
+    marked_alive,
+    pid_alive,
+)
 from tether.agent.authority import Authority
 from tether.agent.errors import AdoptRefused, GroupNotFound, InvalidSpec
 from tether.agent.model import (
@@ -35,7 +41,8 @@ GRACE = StopPolicy(grace=1.0)
 async def failed(authority: Authority, spec: GroupSpec) -> FailureClass:
     view = await authority.spawn(spec)
     assert view.state is GroupState.FAILED, view
-    assert view.exit is not None and view.exit.reason is ExitReason.START_FAILED
+    assert view.exit is not None
+    assert view.exit.reason is ExitReason.START_FAILED
     assert view.exit.failure is not None
     assert view.exit.message
     await async_wait_until(lambda: marked_alive(view.group_id) == [], 10,
@@ -48,8 +55,10 @@ async def failed(authority: Authority, spec: GroupSpec) -> FailureClass:
 
 async def test_command_not_found(authority: Authority) -> None:
     view = await authority.spawn(GroupSpec(argv=("no-such-command-xyz",)))
-    assert view.exit is not None and view.exit.failure is FailureClass.COMMAND_NOT_FOUND
-    assert "no-such-command-xyz" in view.exit.message and "PATH" in view.exit.message
+    assert view.exit is not None
+    assert view.exit.failure is FailureClass.COMMAND_NOT_FOUND
+    assert "no-such-command-xyz" in view.exit.message
+    assert "PATH" in view.exit.message
 
 
 async def test_permission_denied(authority: Authority, tmp_path: Path) -> None:
@@ -66,7 +75,8 @@ async def test_permission_denied(authority: Authority, tmp_path: Path) -> None:
 async def test_cwd_missing(authority: Authority, tmp_path: Path) -> None:
     missing = str(tmp_path / "gone")
     view = await authority.spawn(GroupSpec(argv=("sleep", "1"), cwd=missing))
-    assert view.exit is not None and view.exit.failure is FailureClass.CWD_MISSING
+    assert view.exit is not None
+    assert view.exit.failure is FailureClass.CWD_MISSING
     assert missing in view.exit.message
 
 
@@ -77,7 +87,8 @@ async def test_port_in_use(authority: Authority) -> None:
         port = s.getsockname()[1]
         spec = GroupSpec(argv=("sleep", "100"), ready=Probe.parse(f"tcp:{port}"))
         view = await authority.spawn(spec)
-    assert view.exit is not None and view.exit.failure is FailureClass.PORT_IN_USE
+    assert view.exit is not None
+    assert view.exit.failure is FailureClass.PORT_IN_USE
     assert str(port) in view.exit.message
     assert view.leader_pid == 0, "nothing may be started when the port is taken"
 
@@ -85,7 +96,8 @@ async def test_port_in_use(authority: Authority) -> None:
 async def test_immediate_crash(authority: Authority) -> None:
     spec = GroupSpec(argv=("sh", "-c", "exit 3"), ready=Probe.parse(f"tcp:{free_port()}"))
     view = await authority.spawn(spec)
-    assert view.exit is not None and view.exit.failure is FailureClass.IMMEDIATE_CRASH
+    assert view.exit is not None
+    assert view.exit.failure is FailureClass.IMMEDIATE_CRASH
     assert view.exit.exit_code == 3
 
 
@@ -128,7 +140,8 @@ async def test_exec_probe_tree_killed_at_its_timeout(authority: Authority) -> No
                      ready=Probe.parse("exec:sh -c 'sleep 100 & sleep 100'", timeout=0.3),
                      start_timeout=1.0)
     view = await authority.spawn(spec)
-    assert view.exit is not None and view.exit.failure is FailureClass.READINESS_TIMEOUT
+    assert view.exit is not None
+    assert view.exit.failure is FailureClass.READINESS_TIMEOUT
     assert marked_alive(prefix=view.group_id) == [], "probe trees must be killed"
 
 
@@ -165,24 +178,31 @@ async def test_stop_during_start_abandons_start_and_kills_probes(authority: Auth
     spec = GroupSpec(argv=("sleep", "100"), stop=GRACE,
                      ready=Probe.parse("exec:sh -c 'sleep 100'", timeout=30), start_timeout=30)
     spawn = asyncio.ensure_future(authority.spawn(spec))
-    await async_wait_until(lambda: any(".probe" in (psutil.Process(p).environ().get(
-        "TETHER_GROUP", "")) for p in marked_alive()), 10, "the probe to run")
-    (group,) = [g for g in authority.list() if g.state is GroupState.STARTING]
+    await async_wait_until(lambda: authority.views(), 10, "the group to be registered")
+    (group,) = authority.views()
+    await async_wait_until(lambda: marked_alive(prefix=group.group_id + ".probe"), 10,
+                           "the exec probe to run")
+    assert authority.get(group.group_id).state is GroupState.STARTING
     stopped = await authority.stop(group.group_id)
     view = await asyncio.wait_for(spawn, 10)
-    assert stopped.state is GroupState.STOPPED and view.state is GroupState.STOPPED
-    assert stopped.exit is not None and stopped.exit.survivors == 0
+    assert stopped.state is GroupState.STOPPED
+    assert view.state is GroupState.STOPPED
+    assert stopped.exit is not None
+    assert stopped.exit.survivors == 0
     assert marked_alive(prefix=group.group_id) == [], "group and probe trees must be gone"
 
 
 async def test_double_and_concurrent_stops_share_one_run(authority: Authority) -> None:
     view = await authority.spawn(GroupSpec(argv=("sh", "-c", "trap '' TERM; sleep 100"),
                                            stop=GRACE))
+    await async_wait_until(lambda: len(marked_alive(view.group_id)) == 2, 10,
+                           "the shell to trap TERM and start sleep")
     a, b = await asyncio.gather(authority.stop(view.group_id), authority.stop(view.group_id))
     assert a.exit is b.exit, "concurrent stops must share one run and one record"
     again = await authority.stop(view.group_id)
     assert again.exit is a.exit
-    assert a.exit is not None and a.exit.reason is ExitReason.FORCED_KILL
+    assert a.exit is not None
+    assert a.exit.reason is ExitReason.FORCED_KILL
 
 
 async def test_stop_racing_a_natural_exit(authority: Authority) -> None:
@@ -190,7 +210,8 @@ async def test_stop_racing_a_natural_exit(authority: Authority) -> None:
         view = await authority.spawn(GroupSpec(argv=("sleep", delay), stop=GRACE))
         stopped = await authority.stop(view.group_id)
         assert stopped.state.ended
-        assert stopped.exit is not None and stopped.exit.survivors == 0
+        assert stopped.exit is not None
+        assert stopped.exit.survivors == 0
         assert stopped.exit.reason in (ExitReason.NATURAL, ExitReason.REQUESTED)
 
 
@@ -201,14 +222,18 @@ async def test_signal_reaches_every_member_and_ended_group_is_already_gone(
     view = await authority.spawn(GroupSpec(
         argv=("sh", "-c", f"sh -c \"{script}\" & setsid sh -c \"{script}\" & {script}"),
         stop=GRACE))
-    await async_wait_until(lambda: len(marked_alive(view.group_id)) >= 4, 10, "members")
+    await async_wait_until(
+        lambda: sum(catches(p, signal.SIGUSR1) for p in marked_alive(view.group_id)) == 3, 10,
+        "three shells to install their USR1 trap")
     result = await authority.signal(view.group_id, signal.SIGUSR1)
-    assert result.members_signalled >= 3 and not result.already_gone
+    assert result.members_signalled >= 3
+    assert not result.already_gone
     await async_wait_until(lambda: out.exists() and len(out.read_text().split()) == 3, 10,
                            "three shells to trap USR1")
     await authority.stop(view.group_id)
     again = await authority.signal(view.group_id, signal.SIGUSR1)
-    assert again.already_gone and again.members_signalled == 0
+    assert again.already_gone
+    assert again.members_signalled == 0
 
 
 async def test_ended_groups_reused_pid_is_never_signalled(authority: Authority) -> None:
@@ -220,7 +245,7 @@ async def test_ended_groups_reused_pid_is_never_signalled(authority: Authority) 
     unrelated = None
     for _ in range(50):
         Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
-        p = subprocess.Popen(["sleep", "100"], start_new_session=True)
+        p = subprocess.Popen(["sleep", "100"], start_new_session=True)  # noqa: ASYNC220
         if p.pid == pid:
             unrelated = p
             break
@@ -231,7 +256,8 @@ async def test_ended_groups_reused_pid_is_never_signalled(authority: Authority) 
     try:
         res = await authority.signal(view.group_id, signal.SIGKILL)
         again = await authority.stop(view.group_id)
-        assert res.already_gone and again.state is GroupState.STOPPED
+        assert res.already_gone
+        assert again.state is GroupState.STOPPED
         assert pid_alive(unrelated.pid), "an unrelated process with a reused pid was signalled"
     finally:
         unrelated.kill()
@@ -242,7 +268,8 @@ async def test_ended_groups_reused_pid_is_never_signalled(authority: Authority) 
 
 
 async def test_adopt_checks_start_time_and_then_owns_the_tree(authority: Authority) -> None:
-    p = subprocess.Popen(["sh", "-c", "sleep 100 & sleep 100 & wait"], start_new_session=True)
+    p = subprocess.Popen(  # noqa: ASYNC220
+        ["sh", "-c", "sleep 100 & sleep 100 & wait"], start_new_session=True)
     try:
         await async_wait_until(lambda: len(psutil.Process(p.pid).children()) == 2, 10, "tree")
         ctime = psutil.Process(p.pid).create_time()
@@ -254,7 +281,8 @@ async def test_adopt_checks_start_time_and_then_owns_the_tree(authority: Authori
         view = await authority.adopt(p.pid, ctime, GroupSpec(argv=("adopted",), stop=GRACE))
         assert view.state is GroupState.RUNNING
         stopped = await authority.stop(view.group_id)
-        assert stopped.exit is not None and stopped.exit.survivors == 0
+        assert stopped.exit is not None
+        assert stopped.exit.survivors == 0
         assert not any(pid_alive(c) for c in [p.pid, *children])
     finally:
         p.kill()

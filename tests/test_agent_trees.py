@@ -176,7 +176,8 @@ async def test_leader_exit_with_live_descendants_leaves_group_running_detached(
     assert current.state is GroupState.RUNNING
     assert len(marked_alive(view.group_id)) == 1
     stopped = await authority.stop(view.group_id)
-    assert stopped.exit is not None and stopped.exit.reason is ExitReason.REQUESTED
+    assert stopped.exit is not None
+    assert stopped.exit.reason is ExitReason.REQUESTED
     assert marked_alive(view.group_id) == []
 
 

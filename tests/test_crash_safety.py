@@ -64,7 +64,8 @@ def test_serve_sigkilled_leaves_nothing_and_keep_group_is_readopted(tmp_path: Pa
             states = {g["group_id"]: g for g in show["groups"]}
             assert states[kept]["state"] == "running", "keep group must be re-adopted"
             for g in killed:
-                assert states[g]["state"] == "exited" and states[g]["reason"] == "lost"
+                assert states[g]["state"] == "exited"
+                assert states[g]["reason"] == "lost"
             res = d2.cli("stop", "work", "-o", "json")
             assert res.returncode == 1  # lost groups make the session not clean
             assert marked_alive(kept) == [], "the re-adopted group is stopped for real"
@@ -118,8 +119,10 @@ def test_marked_process_without_group_is_counted_listed_and_reaped(tmp_path: Pat
     try:
         listed = d.json("orphans")
         (orphan,) = [o for o in listed["orphans"] if o["pid"] == stray.pid]
-        assert orphan["former_group"] == "g-deadbeef" and "sleep 300" in orphan["command"]
-        assert orphan["found_by"] == "marker" and orphan["agent"] == agent
+        assert orphan["former_group"] == "g-deadbeef"
+        assert "sleep 300" in orphan["command"]
+        assert orphan["found_by"] == "marker"
+        assert orphan["agent"] == agent
         m = f"127.0.0.1:{mport}"
         assert metric(m, "tether_orphans") == 1
         assert metric(m, "tether_orphans_detected_total") >= 1

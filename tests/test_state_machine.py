@@ -28,7 +28,8 @@ class Lifecycle(RuleBasedStateMachine):
             new = next_state(self.state, event)
         except IllegalTransition as exc:
             assert not allowed
-            assert exc.state is self.state and exc.event is event
+            assert exc.state is self.state
+            assert exc.event is event
             return
         assert allowed
         assert new is TRANSITIONS[(self.state, event)]

@@ -190,3 +190,15 @@ async def async_wait_until(pred: Any, timeout: float = 10.0, what: str = "condit
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Has ``pid`` installed a handler for ``sig`` (SigCgt in /proc/PID/status)?"""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
+    return False
