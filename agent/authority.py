@@ -573,6 +573,8 @@ class Authority:
             g.log.error("%d member(s) survived the stop", survivors)
         status = await self._leader_status(h)
         duration = time.monotonic() - t0
+        # Remote signallers say what they could and could not verify (reconnects, ...).
+        detail = "; ".join(x for x in (detail, str(getattr(h, "detail", "") or "")) if x)
         g.exit = ExitRecord(reason, exit_code=status.exit_code, signal=status.signal,
                             survivors=survivors, stop_duration=duration, ended_at=time.time(),
                             detail=detail)

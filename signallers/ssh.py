@@ -16,7 +16,9 @@ Connections
     (``ssh_retries``, default 3): every operation except the start itself is
     idempotent (a signal may be delivered twice across a reconnect: at least
     once, never silently zero). A start whose connection drops after the
-    command was sent is cleaned up by marker and retried once.
+    command was sent is cleaned up by marker and retried once; the orphaned
+    wrapper writes to its dead channel before it forks, so it dies of SIGPIPE
+    instead of starting a second leader.
 
 Commands
     Every remote command is ``shlex.join`` of an argv (``sh -s -- ARGS...``);
@@ -34,9 +36,11 @@ Start
     with stdin from /dev/null and stdout/stderr appended to the log (or
     /dev/null): it outlives the SSH channel, leads its own session and process
     group (pgid == pid), and its environment is exactly the group's (with the
-    ``TETHER_GROUP`` marker). A leader that dies before the wrapper returns
-    (an exec failure after the checks, e.g. a missing ``#!`` interpreter) is
-    reaped by the wrapper and classified by its status too.
+    ``TETHER_GROUP`` marker). The wrapper returns once the exec is confirmed:
+    the marker appears in ``/proc/PID/environ`` only when ``env`` has exec'd
+    the command. A leader that dies first (an exec failure the checks could not
+    foresee, e.g. a missing ``#!`` interpreter) is the wrapper's child: it is
+    reaped and classified by its exit status (127/126) too.
 
 Containment
     ``cgroup`` where the remote user has a delegated cgroup v2 directory: the one
@@ -53,15 +57,40 @@ Containment
     ``ssh_containment=pgid|cgroup|auto`` forces or prefers a level.
     Zombies count as dead everywhere.
 
+Signals and kill
+    One remote script finds the members and signals them: ``kill -s NAME --
+    -PGID`` once for the process group, ``kill -s NAME PID`` for every other
+    member (session, cgroup, marker), each once per attempt. Signal *names* go over
+    the wire, never numbers (they differ between architectures). ``kill()``
+    sweeps remotely until the group is empty: ``cgroup.kill`` where held, then
+    SIGKILL to the process group and to every member by pid, with backoff from
+    10 ms, up to ``ssh_kill_deadline`` (default 10 s); what is still alive then
+    (another user's process, one stuck in the kernel) is logged and named in
+    ``detail``.
+
 Waiting
     ``wait()`` runs one remote command per call that exits when the group is
-    empty; it checks at the remote edge with exponential backoff from 10 ms to
-    200 ms (``cgroup.events`` and a marker scan, or a ``/proc`` scan) and
-    prints a heartbeat each round, so it dies of SIGPIPE as soon as we close
-    the channel. Long waits hold an SSH channel; to stay under OpenSSH's
-    ``MaxSessions`` (default 10) at most ``ssh_max_channels - 2`` (default 6)
-    run at once per host, and waits beyond that poll with short commands and a
-    local backoff from 50 ms to 1 s.
+    empty; it checks at the remote edge (the same membership scan) with
+    exponential backoff from 10 ms to 200 ms and prints a heartbeat each
+    round, so it dies of SIGPIPE as soon as we close the channel. This is
+    polling, at the remote edge and cheap (no fork per process), because a
+    remote host offers nothing to subscribe to over plain SSH. Long waits hold
+    an SSH channel; to stay under OpenSSH's ``MaxSessions`` (default 10) at most
+    ``ssh_max_channels - 2`` (default 6) run at once per host, and waits beyond
+    that poll with short commands and a local backoff from 50 ms to 1 s.
+    ``wait_leader()`` works the same way on the leader alone.
+
+Record
+    ``SSHGroup.detail`` says what holds the group and what happened on the
+    way (reconnections, retried commands, what could not be verified, kill
+    survivors): meant for the exit record's ``detail``.
+
+Options (``SignallerContext.options``)
+    ``known_hosts``, ``ssh_insecure_no_host_key_check``, ``ssh_key``,
+    ``ssh_config``, ``ssh_containment`` (auto|cgroup|pgid), ``ssh_cgroup_root``,
+    ``ssh_connect_timeout`` (15 s), ``ssh_command_timeout`` (30 s),
+    ``ssh_kill_deadline`` (10 s), ``ssh_keepalive`` (15 s), ``ssh_retries`` (3),
+    ``ssh_max_channels`` (8).
 
 Limits
     The leader's exit status is not known (it is not our child once the wrapper
@@ -69,7 +98,7 @@ Limits
     unless it died during the start. PID reuse: members are found and signalled
     in one remote script; process-group members must have started no earlier
     than the leader, and once the leader's session is seen empty it is never
-    used again.
+    used again. The marker scan sees only processes of the ssh user.
 """
 
 from __future__ import annotations
@@ -216,7 +245,10 @@ case $op in
         { echo 1 > "$cg/cgroup.kill"; } 2>/dev/null
       fi
       signal_all KILL > /dev/null
-      if [ "$left" -le 0 ]; then echo deadline; exit 1; fi
+      if [ "$left" -le 0 ]; then
+        scan | while read -r p t; do echo "left $p $t"; done
+        exit 1
+      fi
       backoff
       left=$((left - delay_ms))
     done ;;
@@ -258,8 +290,8 @@ esac
 """
 
 _SPAWN: Final = _COMMON + r"""
-mode=$1 cgroot=$2 cwd=$3 log=$4 haspath=$5 spath=$6 cgname=$7 nenv=$8
-shift 8
+mode=$1 cgroot=$2 cwd=$3 log=$4 haspath=$5 spath=$6 cgname=$7 mark=$8 nenv=$9
+shift 9
 echo "tether-spawn 1"
 fail() { echo "fail $*"; exit "$1"; }
 command -v setsid > /dev/null 2>&1 || fail 121 "setsid is not installed (PATH=$PATH)"
@@ -304,7 +336,7 @@ rc=$?
 
 out=/dev/null
 if [ -n "$log" ]; then
-  if ! { : >> "$log"; } 2>/dev/null; then
+  if ! ( : >> "$log" ) 2>/dev/null; then
     dir=${log%/*}
     [ -d "${dir:-/}" ] && fail 123 "log not writable"
     fail 122 "log directory missing"
@@ -342,31 +374,57 @@ if [ "$mode" != pgid ]; then
       cg=$c
     else
       { rmdir "$c"; } 2>/dev/null
-      echo "note cgroup $c could not be created or joined; using the process group"
+      echo "note cgroup $c could not be created or joined"
     fi
   else
     who=$(id -un 2>/dev/null)
-    echo "note no delegated cgroup v2 directory is writable by $who; using the process group"
+    echo "note no delegated cgroup v2 directory is writable by $who"
   fi
   [ "$mode" = cgroup ] && [ -z "$cg" ] && fail 120 "no cgroup"
 fi
 
+# The marker shows in /proc/PID/environ once env has exec'd the command: that is
+# the exec succeeding. A leader that dies first is our child: its status says why.
+if printf 'x\0' | grep -qzx x 2>/dev/null; then
+  has_marker() { grep -qzxF -e "$mark" "/proc/$1/environ" 2>/dev/null; }
+else
+  has_marker() { { tr '\0' '\n' < "/proc/$1/environ" | grep -qxF -e "$mark"; } 2>/dev/null; }
+fi
+# Still connected? A wrapper whose channel died (the client will sweep and retry) must
+# not start a second leader: writing to the dead channel kills it with SIGPIPE here.
+echo "forking" || exit 118
+myuid=$(id -u)
+other_uid() {
+  { while read -r k _ e _; do
+      if [ "$k" = Uid: ]; then [ "$e" != "$myuid" ]; return; fi
+    done < "/proc/$1/status"; } 2>/dev/null
+  return 1
+}
 setsid env -i -- "$@" < /dev/null >> "$out" 2>&1 &
 pid=$!
-n=0
+n=0 seen=0 gone=0 st_state=R st_start=0
 while :; do
-  if ! stat_of "$pid"; then fail 119 "leader $pid vanished before it was seen"; fi
-  case $st_state in Z|X) break ;; esac
-  [ "$st_pgid" = "$pid" ] && break
+  # Gone: reaped by this shell while it waited for grep; `wait` still has the status.
+  if ! stat_of "$pid"; then gone=1; break; fi
+  case $st_state in Z|X) gone=1; break ;; esac
+  if [ "$st_pgid" = "$pid" ]; then
+    if has_marker "$pid"; then seen=1; break; fi
+    other_uid "$pid" && break  # a setuid program: its environ is not ours to read
+  fi
   n=$((n + 1))
-  if [ $n -gt 100 ]; then sleep 0.01 2>/dev/null || sleep 1; fi
-  [ $n -gt 600 ] && fail 119 "leader $pid did not start its own session"
+  if [ $n -gt 20 ]; then sleep 0.01 2>/dev/null || sleep 1; fi
+  [ $n -gt 520 ] && break
 done
 btime=0
 while read -r k v; do [ "$k" = btime ] && btime=$v; done < /proc/stat
 echo "ok $pid $st_start $btime $(getconf CLK_TCK 2>/dev/null || echo 100)"
 [ -n "$cg" ] && echo "cgroup $cg"
-case $st_state in Z|X) wait "$pid"; echo "exited $?" ;; esac
+if [ $gone = 1 ]; then
+  wait "$pid"
+  echo "exited $?"
+elif [ $seen = 0 ]; then
+  echo "note the exec of the command was not confirmed (pid $pid shows no marker)"
+fi
 exit 0
 """
 
@@ -652,6 +710,7 @@ class _Pool:
         if self._links.get(target) is link:
             del self._links[target]
         link.conn.abort()
+        self._dropped = [c for c in self._dropped if not c.is_closed()]
         self._dropped.append(link.conn)
 
     async def aclose(self) -> None:
@@ -666,6 +725,12 @@ class _Pool:
 
 
 # ---------------------------------------------------------------- the handle
+
+
+def _note(notes: list[str], text: str, keep: int = 20) -> None:
+    """Remember what happened to a group (for its exit record), the latest ``keep`` only."""
+    notes.append(text)
+    del notes[:-keep]
 
 
 def _cgroup_name(group_id: str) -> str:
@@ -737,12 +802,13 @@ class SSHGroup:
             self._session_gone = True
 
     async def _ops(self, what: str, *argv: str, timeout: float | None = None,
-                   long: bool = False, unverified: str = "") -> _Done:
+                   long: bool = False, unverified: str = "",
+                   partial: list[str] | None = None) -> _Done:
         return await self._signaller._run(
             self.target, _OPS, list(argv), what=f"{what} of group {self.group_id}",
             timeout=self._signaller.opts.command_timeout if timeout is None and not long
             else timeout,
-            long=long, notes=self.notes, unverified=unverified,
+            long=long, notes=self.notes, unverified=unverified, partial=partial,
         )
 
     async def members(self) -> list[int]:
@@ -753,11 +819,12 @@ class SSHGroup:
 
     async def send_signal(self, sig: signal.Signals) -> int:
         name = sig.name.removeprefix("SIG")
+        partial: list[str] = []
         done = await self._ops(
             f"sending {sig.name}", *self._argv("signal", name),
-            unverified=f"{sig.name} may or may not have been delivered",
+            unverified=f"{sig.name} may or may not have been delivered", partial=partial,
         )
-        found = self._parse_members(done)
+        found = self._parse_members(_Done(0, "".join(partial) + done.out, ""))
         self._observe(found)
         if not found:
             log.debug("ssh %s: group %s is already gone; %s not sent", self.target,
@@ -769,27 +836,32 @@ class SSHGroup:
 
     async def kill(self) -> int:
         """SIGKILL (``cgroup.kill`` where held) every member, sweeping newcomers remotely."""
-        killed: set[int] = set()
         opts = self._signaller.opts
         deadline_ms = str(int(opts.kill_deadline * 1000))
+        partial: list[str] = []  # what attempts cut short by a dropped connection saw
         done = await self._ops(
             "killing the members", *self._argv("kill", deadline_ms),
             timeout=opts.kill_deadline + opts.command_timeout,
-            unverified="SIGKILL was sent but the group was not verified empty",
+            unverified="SIGKILL was sent but the group was not verified empty", partial=partial,
         )
+        killed = set(self._parse_members(_Done(0, "".join(partial), "")))
         found = self._parse_members(done)
         killed.update(found)
         if done.status != 0:
-            survivors = set(found)
-            log.warning("ssh %s: group %s still had members %s after %.0f s of SIGKILL sweeps",
-                        self.target, self.group_id, sorted(survivors), opts.kill_deadline)
-            self.notes.append(f"SIGKILL sweeps for {opts.kill_deadline:.0f} s left members "
-                              f"{sorted(survivors)} alive")
+            survivors = sorted({int(row[1]) for row in done.lines("left")
+                                if len(row) > 1 and row[1].isdigit()})
+            log.warning("ssh %s: group %s still had members %s after %g s of SIGKILL sweeps "
+                        "(another user's process, or stuck in the kernel?)",
+                        self.target, self.group_id, survivors, opts.kill_deadline)
+            _note(self.notes, f"SIGKILL sweeps for {opts.kill_deadline:g} s left members "
+                              f"{survivors} alive")
         else:
             self._session_gone = True
         return len(killed)
 
     async def wait(self, timeout: float | None = None) -> bool:
+        if timeout is not None and timeout <= 0:
+            return not await self.members()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         try:
@@ -865,7 +937,7 @@ _SPAWN_FAILURES: Final[Mapping[int, tuple[FailureClass, str]]] = {
           "coreutils (env) there"),
     120: (FailureClass.PERMISSION_DENIED,
           "ssh_containment=cgroup, but {target} offers the ssh user no writable cgroup v2 "
-          "directory; delegate one and name it with ssh_cgroup_root, or use "
+          "directory ({notes}); delegate one and name it with ssh_cgroup_root, or use "
           "ssh_containment=auto"),
     119: (FailureClass.IMMEDIATE_CRASH, "the leader on {target} did not start: {detail}"),
 }
@@ -894,11 +966,13 @@ class SSHSignaller:
 
     async def _run(self, target: SSHTarget, script: str, args: list[str], *, what: str,
                    timeout: float | None, long: bool = False, retry_after_send: bool = True,
-                   notes: list[str] | None = None, unverified: str = "") -> _Done:
+                   notes: list[str] | None = None, unverified: str = "",
+                   partial: list[str] | None = None) -> _Done:
         """Run ``sh -s -- ARGS`` (script on stdin) on ``target``, retrying on a new connection.
 
         ``timeout`` bounds one attempt (a hung connection is dropped and retried);
-        ``None`` for waits, whose caller bounds the whole. Raises ``TargetUnreachable``.
+        ``None`` for waits, whose caller bounds the whole. Output of attempts whose
+        connection dropped is appended to ``partial``. Raises ``TargetUnreachable``.
         """
         command = shlex.join(["sh", "-s", "--", *args])
         attempt = 0
@@ -923,6 +997,8 @@ class SSHSignaller:
                     finally:
                         proc.close()
                 if proc.exit_status is None and proc.exit_signal is None:
+                    if partial is not None and out:
+                        partial.append(out)
                     raise _ChannelDropped(what)
                 if proc.exit_signal is not None:
                     raise _HelperFailed(
@@ -930,7 +1006,7 @@ class SSHSignaller:
                         f"{what}; check whether something on {target.host} kills ssh sessions"
                     )
                 if attempt > 1 and notes is not None:
-                    notes.append(f"{what}: succeeded on attempt {attempt} after reconnecting")
+                    _note(notes, f"{what}: succeeded on attempt {attempt} after reconnecting")
                 return _Done(proc.exit_status if proc.exit_status is not None else -1,
                              out or "", err or "")
             except _FOREIGN as exc:
@@ -939,18 +1015,19 @@ class SSHSignaller:
                                          isinstance(exc, TimeoutError | _ChannelDropped)):
                     self._pool.drop(target, link)
                 if not transient or attempt > self.opts.retries or (sent and not retry_after_send):
-                    tried = f" (tried {attempt} time(s) with backoff)" if transient else ""
-                    verified = f"; {unverified}" if unverified else ""
+                    tried = f" (tried {attempt} times, with backoff)" if attempt > 1 else ""
+                    verified = (f" {unverified[0].upper()}{unverified[1:]}." if sent and unverified
+                                else "" if sent else " Nothing was run there.")
                     if notes is not None:
-                        notes.append(f"{what}: gave up: {why}{verified}")
-                    raise TargetUnreachable(str(target), f"{why}, while {what}{tried}{verified}"
+                        _note(notes, f"{what}: gave up: {why}.{verified}")
+                    raise TargetUnreachable(str(target), f"while {what}{tried}: {why}.{verified}"
                                             ) from exc
                 pause = min(2.0, 0.1 * 2 ** (attempt - 1))
                 log.warning("ssh %s: %s, while %s; retrying in %.1f s on a new connection "
                             "(attempt %d of %d)", target, why, what, pause, attempt + 1,
                             self.opts.retries + 1)
                 if notes is not None:
-                    notes.append(f"{what}: {why}; retried on a new connection")
+                    _note(notes, f"{what}: {why}; retried on a new connection")
                 await asyncio.sleep(pause)
 
     @staticmethod
@@ -974,7 +1051,7 @@ class SSHSignaller:
         path = env.get("PATH")
         args = [
             self.opts.containment, self.opts.cgroup_root, spec.cwd, spec.log_path,
-            "1" if path is not None else "0", path or "", _cgroup_name(spec.group_id),
+            "1" if path is not None else "0", path or "", _cgroup_name(spec.group_id), marker,
             str(len(env)), *(f"{k}={v}" for k, v in env.items()), *spec.argv,
         ]
         notes: list[str] = []
@@ -1032,7 +1109,7 @@ class SSHSignaller:
             raise StartFailed(failure, template.format(
                 cmd=spec.argv[0], target=target, path=path if path is not None
                 else "/bin:/usr/bin (none given)", cwd=spec.cwd, log=spec.log_path,
-                code=code, detail=detail))
+                code=code, detail=detail, notes="; ".join(notes) or "none found"))
         ok = next((row for row in rows if row[0] == "ok"), None)
         if ok is None or len(ok) != 5 or not all(x.isdigit() for x in ok[1:]):
             raise TargetUnreachable(str(target), f"the start wrapper gave no pid ({done.out!r})")

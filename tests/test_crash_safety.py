@@ -73,7 +73,7 @@ def test_serve_sigkilled_leaves_nothing_and_keep_group_is_readopted(tmp_path: Pa
             stop_daemon(d2)
     finally:
         stop_daemon(d)
-        for pid in marked_alive():
+        for pid in marked_alive(agent=f"crash-{tmp_path.name[-10:]}"):
             os.kill(pid, signal.SIGKILL)
 
 

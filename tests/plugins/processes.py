@@ -36,8 +36,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def marked_alive(group_id: str | None = None, prefix: str = "") -> list[int]:
-    """PIDs of live (non-zombie) processes carrying the marker (optionally one group's)."""
+def marked_alive(group_id: str | None = None, prefix: str = "", agent: str = "") -> list[int]:
+    """PIDs of live (non-zombie) processes carrying the marker (optionally one group's,
+    or one agent's)."""
     out = []
     for p in psutil.process_iter(["status"]):
         if p.info["status"] in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
@@ -52,6 +53,12 @@ def marked_alive(group_id: str | None = None, prefix: str = "") -> list[int]:
             continue
         if prefix and not value.startswith(prefix):
             continue
+        if agent:
+            try:
+                if p.environ().get("TETHER_AGENT") != agent:
+                    continue
+            except psutil.Error:
+                continue
         out.append(p.pid)
     return out
 

@@ -50,6 +50,8 @@ class SSHServer:
     known_hosts: Path
     cgroup_root: Path | None
     other_key: Path = field(default=Path())
+    # Group ids of this run start with it, so teardown ends only this run's groups.
+    group_prefix: str = "g-"
 
     @property
     def where(self) -> str:
@@ -62,13 +64,18 @@ class SSHServer:
     def session_pids(self) -> list[int]:
         """The sshd processes serving connections (children of the listener)."""
         try:
-            return [p.pid for p in psutil.Process(self.pid).children(recursive=True)
-                    if p.uids().real in (0, self.uid) and "sshd" in " ".join(p.cmdline())]
+            children = psutil.Process(self.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
+        found = []
+        for p in children:
+            with contextlib.suppress(psutil.Error):  # one may exit while we look
+                if p.name() in ("sshd", "sshd-session"):  # not the shells under them
+                    found.append(p.pid)
+        return found
 
     def user_pids(self) -> list[int]:
-        """Live (non-zombie) processes of the test user on this machine, independently of tether."""
+        """Live (non-zombie) processes of the test user here, seen independently of tether."""
         found = []
         for p in psutil.process_iter(["uids", "status"]):
             if p.info["uids"] is not None and p.info["uids"].real == self.uid \
@@ -204,6 +211,7 @@ def sshd() -> Iterator[SSHServer]:
 
     proc: subprocess.Popen[bytes] | None = None
     port = 0
+    prefix = f"g-{os.getpid()}-"
     log = (tmp / "sshd.log").open("ab")
     try:
         for _ in range(3):
@@ -248,7 +256,7 @@ def sshd() -> Iterator[SSHServer]:
         yield SSHServer(
             host="127.0.0.1", port=port, user=SSH_USER, uid=user.pw_uid, pid=proc.pid, tmp=tmp,
             client_key=client_key, known_hosts=known_hosts, cgroup_root=cg_root,
-            other_key=other_key,
+            other_key=other_key, group_prefix=prefix,
         )
     finally:
         if proc is not None:
@@ -259,11 +267,13 @@ def sshd() -> Iterator[SSHServer]:
                 proc.kill()
                 proc.wait()
         log.close()
-        # Whatever the tests left behind under the test user dies with the server.
+        # What this run's tests left behind dies with the server; other runs sharing the
+        # user (parallel CI jobs) are left alone.
         for p in psutil.process_iter(["uids"]):
             if p.info["uids"] is not None and p.info["uids"].real == user.pw_uid:
                 with contextlib.suppress(psutil.Error):
-                    p.kill()
+                    if p.environ().get("TETHER_GROUP", "").startswith(prefix):
+                        p.kill()
         if cg_root is not None:
             _kill_cgroup_tree(cg_root)
         shutil.rmtree(tmp, ignore_errors=True)
