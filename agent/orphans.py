@@ -47,7 +47,7 @@ def find_orphans(agent_name: str, cgroup_base: Path | None, live: set[str]) -> l
     now = time.time()
     found: dict[int, Orphan] = {}
     me = os.getpid()
-    for p in psutil.process_iter(["status", "create_time", "cmdline"]):
+    for p in psutil.process_iter(["status", "create_time"]):
         if p.pid == me or p.info["status"] in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
             continue
         try:
@@ -60,8 +60,12 @@ def find_orphans(agent_name: str, cgroup_base: Path | None, live: set[str]) -> l
         if base_group(gid) in live:
             continue
         ctime = p.info["create_time"] or now
-        found[p.pid] = Orphan(p.pid, " ".join(p.info["cmdline"] or [])[:200], base_group(gid),
-                              now - ctime, "marker", create_time=ctime)
+        try:
+            cmd = " ".join(p.cmdline())[:200]
+        except psutil.Error:
+            cmd = ""
+        found[p.pid] = Orphan(p.pid, cmd, base_group(gid), now - ctime, "marker",
+                              create_time=ctime)
     if cgroup_base is not None and cgroup_base.is_dir():
         for d in cgroup_base.iterdir():
             if not d.is_dir() or base_group(d.name) in live:
@@ -112,7 +116,9 @@ class OrphanReaper:
         """Coalesced: many group ends in a burst cause one scan."""
         self._dirty.set()
 
-    async def run(self) -> None:
+    async def run(self, min_interval: float = 1.0) -> None:
+        """Scan when asked; a burst of requests within ``min_interval`` costs one scan (a
+        scan reads every process on the host, so a 1000-group stop must not cause 1000)."""
         while True:
             await self._dirty.wait()
             self._dirty.clear()
@@ -120,11 +126,17 @@ class OrphanReaper:
                 await self.sweep(self.policy == "kill")
             except Exception:
                 log.exception("orphan scan failed")
+            await asyncio.sleep(min_interval)
 
     async def sweep(self, kill: bool) -> list[Orphan]:
         async with self._lock:
-            live = self.live()
-            found = await asyncio.to_thread(find_orphans, self.agent_name, self.cgroup_base, live)
+            before = self.live()
+            found = await asyncio.to_thread(find_orphans, self.agent_name, self.cgroup_base,
+                                            before)
+            # Groups spawned while the scan ran (in a thread) are live, not orphans. From
+            # here to the kill nothing awaits, so no group can start in between.
+            live = before | self.live()
+            found = [o for o in found if o.former_group not in live]
             new = [o for o in found if (o.pid, o.create_time) not in self._seen]
             for o in new:
                 self._seen.add((o.pid, o.create_time))
@@ -152,6 +164,7 @@ class OrphanReaper:
         await wait_pidfds([o.pid for o in orphans], 5.0)
         reaped |= {o.pid for o in orphans if o.found_by == "cgroup"}
         if self.cgroup_base is not None:
+            live = live | self.live()  # never remove the cgroup of a group we know
             for o in orphans:
                 if o.former_group not in live:
                     with contextlib.suppress(OSError):

@@ -22,6 +22,7 @@ from tether.agent.convert import CONTAINMENT_TO_PB
 from tether.agent.daemon import Shutdown, TLSFiles, start_server
 from tether.agent.metrics import AgentMetrics, HookChain, serve_metrics
 from tether.agent.orphans import Orphan, OrphanReaper
+from tether.agent.security import AuthInterceptor, ClientSecurity, ServerAuth
 from tether.agent.service import AgentServicer, add_to_server
 from tether.agent.state import AgentStore, spec_from_json
 from tether.signallers.base import SignallerContext
@@ -47,6 +48,10 @@ class AgentConfig:
     tls: TLSFiles = field(default_factory=TLSFiles)
     insecure: bool = False
     guardian: bool = True
+    # Who may call this agent (tokens, client-certificate identities); open when empty.
+    auth: ServerAuth = field(default_factory=ServerAuth)
+    # How this agent dials its coordinator (TLS roots, client certificate, token).
+    dial: ClientSecurity = field(default_factory=ClientSecurity)
 
 
 class _OrphanTrigger(Hooks):
@@ -194,7 +199,7 @@ class AgentRuntime:
             name=self.config.name, address=advertise, version=tether.__version__,
             containment=CONTAINMENT_TO_PB[self.local.containment], epoch=self.epoch)
         backoff = 0.2
-        async with grpc.aio.insecure_channel(self.config.coordinator) as channel:
+        async with self.config.dial.channel(self.config.coordinator) as channel:
             stub = cgrpc.CoordinatorServiceStub(channel)
             while True:
                 try:
@@ -253,12 +258,13 @@ async def run_agent(config: AgentConfig, shutdown: Shutdown,
     try:
         server, runtime.port, _ = await start_server(
             config.listen, runtime.registrations(), ["tether.v1.AgentService"], config.tls,
-            config.insecure)
+            config.insecure, [AuthInterceptor(config.auth, "this agent")])
         await runtime.start_metrics()
+        # Recover and sweep before announcing: a client must not race the first sweep.
+        await runtime.start_background()
         log.info("agent %r listening on %s (containment %s)", config.name, runtime.address,
                  runtime.local.containment.value)
         print(f"tether agent {config.name} listening on {runtime.address}", flush=True)
-        await runtime.start_background()
         runtime.start_registration()
         if started is not None:
             started.set_result(runtime)

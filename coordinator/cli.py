@@ -86,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output format (default: table)")
         sp.add_argument("--timeout", type=positive_float, default=None,
                         help="give up after this many seconds (default: per command)")
+        sp.add_argument("--tls-ca", default=os.environ.get("TETHER_TLS_CA", ""),
+                        help="dial the coordinator over TLS, trusting this CA "
+                        "(default: $TETHER_TLS_CA; none: plaintext)")
+        sp.add_argument("--tls-cert", default=os.environ.get("TETHER_TLS_CERT", ""),
+                        help="client certificate for mTLS (default: $TETHER_TLS_CERT)")
+        sp.add_argument("--tls-key", default=os.environ.get("TETHER_TLS_KEY", ""),
+                        help="client key for mTLS (default: $TETHER_TLS_KEY)")
+        sp.add_argument("--tls-server-name", default=os.environ.get("TETHER_TLS_SERVER_NAME", ""),
+                        help="name to verify in the coordinator's certificate, when it differs "
+                        "from the address")
+        sp.add_argument("--token-file", default=os.environ.get("TETHER_TOKEN_FILE", ""),
+                        help="send the bearer token in this file (default: $TETHER_TOKEN_FILE)")
         return sp
 
     def daemon(name: str, help_: str, default_listen: str) -> argparse.ArgumentParser:
@@ -103,8 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="require client certificates signed by this CA (mTLS)")
         sp.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback --listen without TLS (trusted networks only)")
-        sp.add_argument("--log-level", default=os.environ.get("TETHER_LOG_LEVEL", "INFO"),
-                        help="DEBUG, INFO, WARNING (default INFO)")
+        sp.add_argument("--token-file", default="",
+                        help="accept callers presenting a bearer token listed in this file "
+                        "(one per line); with --allow-identity, the only ways in")
+        sp.add_argument("--allow-identity", action="append", default=[], metavar="CN",
+                        help="accept callers whose client certificate has this common name "
+                        "(repeatable; needs --tls-client-ca)")
+        sp.add_argument("--tls-ca", default="",
+                        help="CA to verify the daemons this one dials (agents / coordinator)")
+        sp.add_argument("--tls-server-name", default="",
+                        help="name to verify in dialed daemons' certificates, if not the address")
+        sp.add_argument("--client-token-file", default="",
+                        help="bearer token this daemon presents when it dials another")
+        sp.add_argument("--config", default="",
+                        help=f"TOML config file; its [{name}] table sets defaults that "
+                        "environment variables (TETHER_<OPTION>) and flags override")
+        sp.add_argument("--log-level", default="INFO",
+                        help="DEBUG, INFO, WARNING (default INFO; env TETHER_LOG_LEVEL)")
         return sp
 
     def agent_opts(sp: argparse.ArgumentParser) -> None:
@@ -200,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
         .add_argument("--sweep", action="store_true", help="reap them now (per agent policy)")
     client("watch", "Stream a session's state changes and exit records.").add_argument(
         "session", help="session name")
+    sp = sub.add_parser("config", help="Validate a TOML config file.",
+                        description="Validate a TOML config file: tables [serve], [agent], "
+                        "[coordinator], each holding options named like the daemon's flags "
+                        "(tls_cert, state_dir, ...).")
+    sp.add_argument("action", choices=["check"], help="check: validate FILE")
+    sp.add_argument("file", help="the TOML file")
     sp = client("keepalive", "Renew (or set) a session's lease.")
     sp.add_argument("session", help="session name")
     sp.add_argument("--ttl", type=positive_float, required=True,
@@ -223,6 +256,154 @@ def _tls(args: argparse.Namespace) -> Any:
     return TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
 
 
+def _auth(args: argparse.Namespace) -> Any:
+    from tether.agent.security import ServerAuth, load_tokens
+
+    if args.allow_identity and not args.tls_client_ca:
+        raise CLIError("--allow-identity needs --tls-client-ca: identities come from verified "
+                       "client certificates", EXIT_USAGE)
+    return ServerAuth(load_tokens(args.token_file), frozenset(args.allow_identity))
+
+
+def _dial(args: argparse.Namespace) -> Any:
+    """How a daemon dials others: its own certificate doubles as its client identity."""
+    from tether.agent.security import ClientSecurity
+
+    return ClientSecurity(ca=args.tls_ca, cert=args.tls_cert if args.tls_ca else "",
+                          key=args.tls_key if args.tls_ca else "",
+                          token_file=args.client_token_file, server_name=args.tls_server_name)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def _given(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """Dests set explicitly on the command line."""
+    given = set()
+    for action in parser._actions:
+        for opt in action.option_strings:
+            if any(a == opt or a.startswith(opt + "=") for a in argv):
+                given.add(action.dest)
+    return given
+
+
+def _config_values(action: argparse.Action, raw: Any, source: str) -> Any:
+    """Convert a config-file or environment value the way the flag would be."""
+    if isinstance(action, argparse._StoreTrueAction):
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(raw).lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise CLIError(f"{source}: {raw!r} is not a boolean (true/false)", EXIT_USAGE)
+    if isinstance(action, argparse._AppendAction):
+        if isinstance(raw, dict):
+            return [f"{k}={v}" for k, v in raw.items()]
+        items = raw if isinstance(raw, list) else [x for x in str(raw).split(",") if x]
+        return [str(x) for x in items]
+    convert: Any = action.type
+    value = raw if convert is None else convert(str(raw))
+    if action.choices is not None and value not in action.choices:
+        raise CLIError(f"{source}: {raw!r} is not one of {', '.join(map(str, action.choices))}",
+                       EXIT_USAGE)
+    return value
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]  # type: ignore[no-any-return]
+    raise KeyError(name)
+
+
+CONFIGURABLE_SKIP = {"help", "config", "command"}
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise CLIError(f"cannot read config file {path!r}: {exc.strerror}", EXIT_USAGE) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise CLIError(f"config file {path!r} is not valid TOML: {exc}", EXIT_USAGE) from exc
+
+
+def check_table(parser: argparse.ArgumentParser, section: str, table: Any,
+                path: str) -> list[str]:
+    """Problems in one [section] of a config file (empty: fine)."""
+    problems = []
+    if not isinstance(table, dict):
+        return [f"{path}: [{section}] must be a table"]
+    actions = {a.dest: a for a in _subparser(parser, section)._actions
+               if a.dest not in CONFIGURABLE_SKIP}
+    for key, raw in table.items():
+        action = actions.get(key)
+        if action is None:
+            problems.append(f"{path}: [{section}] has no option {key!r}; known: "
+                            f"{', '.join(sorted(actions))}")
+            continue
+        try:
+            value = _config_values(action, raw, f"{path}: [{section}] {key}")
+        except (CLIError, argparse.ArgumentTypeError, ValueError) as exc:
+            problems.append(str(exc) if isinstance(exc, CLIError)
+                            else f"{path}: [{section}] {key}: {exc}")
+            continue
+        if ((key.startswith("tls_") and key not in ("tls_server_name",)) or key.endswith(
+                "token_file")) and value and not os.path.isfile(str(value)):
+            problems.append(f"{path}: [{section}] {key}: no such file {value!r}")
+        if key in ("listen", "metrics_listen", "coordinator", "advertise") and value \
+                and ":" not in str(value):
+            problems.append(f"{path}: [{section}] {key}: {value!r} is not HOST:PORT")
+    return problems
+
+
+def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 argv: Sequence[str]) -> None:
+    """Layer the daemon's options: flags > TETHER_<OPTION> environment > config file."""
+    sp = _subparser(parser, args.command)
+    given = _given(sp, argv)
+    table: dict[str, Any] = {}
+    if args.config:
+        data = load_config_file(args.config)
+        problems = check_table(parser, args.command, data.get(args.command, {}), args.config)
+        if problems:
+            raise CLIError("; ".join(problems), EXIT_USAGE)
+        table = data.get(args.command, {})
+    for action in sp._actions:
+        dest = action.dest
+        if dest in CONFIGURABLE_SKIP or dest in given:
+            continue
+        env = os.environ.get("TETHER_" + dest.upper())
+        if dest == "coordinator" and args.command != "agent":
+            env = None
+        if env is not None:
+            setattr(args, dest, _config_values(action, env, f"TETHER_{dest.upper()}"))
+        elif dest in table:
+            setattr(args, dest, _config_values(action, table[dest],
+                                               f"{args.config}: [{args.command}] {dest}"))
+
+
+def run_config_check(parser: argparse.ArgumentParser, path: str) -> int:
+    data = load_config_file(path)
+    problems = []
+    for section, table in data.items():
+        if section not in ("serve", "agent", "coordinator"):
+            problems.append(f"{path}: unknown table [{section}]; use [serve], [agent] or "
+                            "[coordinator]")
+            continue
+        problems += check_table(parser, section, table, path)
+    if problems:
+        for p in problems:
+            print(f"tether config: {p}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{path}: ok ({', '.join(f'[{s}]' for s in data) or 'empty'})")
+    return EXIT_OK
+
+
 def _agent_config(args: argparse.Namespace, name: str, listen: str, state_dir: str) -> Any:
     from tether.agent.run import AgentConfig
 
@@ -237,7 +418,8 @@ def _agent_config(args: argparse.Namespace, name: str, listen: str, state_dir: s
                        advertise=getattr(args, "advertise", ""),
                        metrics_listen=args.metrics_listen, containment=args.containment,
                        default_grace=args.default_grace, signaller_options=options,
-                       tls=_tls(args), insecure=args.insecure)
+                       tls=_tls(args), insecure=args.insecure, auth=_auth(args),
+                       dial=_dial(args))
 
 
 def run_daemon(args: argparse.Namespace) -> int:
@@ -248,6 +430,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     import socket
 
     from tether.agent.daemon import ListenError, Shutdown, capture_signals
+    from tether.agent.security import SecurityConfigError
     from tether.coordinator.run import (
         CoordinatorDaemonConfig,
         default_state_dir,
@@ -269,7 +452,8 @@ def run_daemon(args: argparse.Namespace) -> int:
                 return
             cfg = CoordinatorDaemonConfig(listen=args.listen, state_dir=state_dir,
                                           metrics_listen=args.metrics_listen, tls=_tls(args),
-                                          insecure=args.insecure)
+                                          insecure=args.insecure, auth=_auth(args),
+                                          dial=_dial(args))
             if args.command == "coordinator":
                 cfg.agent_ttl = args.agent_ttl
                 await run_coordinator(cfg, shutdown)
@@ -280,7 +464,7 @@ def run_daemon(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
-    except ListenError as exc:
+    except (ListenError, SecurityConfigError) as exc:
         print(f"tether {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (RuntimeError, ValueError) as exc:
@@ -297,10 +481,14 @@ def run_client(args: argparse.Namespace) -> int:
 
     import grpc
 
+    from tether.agent.security import SecurityConfigError
     from tether.coordinator import client_commands
 
     try:
         return asyncio.run(client_commands.dispatch(args))
+    except SecurityConfigError as exc:
+        print(f"tether: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except grpc.aio.AioRpcError as exc:
         code = exc.code()
         detail = exc.details() or code.name
@@ -309,6 +497,9 @@ def run_client(args: argparse.Namespace) -> int:
                   "with `tether serve` or point --coordinator / TETHER_COORDINATOR at it",
                   file=sys.stderr)
             return EXIT_UNREACHABLE
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            print(f"tether: refused by {args.coordinator}: {detail}", file=sys.stderr)
+            return EXIT_USAGE
         if code == grpc.StatusCode.NOT_FOUND:
             print(f"tether: {detail}", file=sys.stderr)
             return EXIT_NOT_FOUND
@@ -321,6 +512,7 @@ def run_client(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.version:
         from tether import __version__
@@ -331,7 +523,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        if args.command == "config":
+            return run_config_check(parser, args.file)
         if args.command in ("serve", "coordinator", "agent"):
+            apply_config(parser, args, argv)
             return run_daemon(args)
         if args.command == "spawn":
             argv_ = list(args.argv)

@@ -136,7 +136,11 @@ def report_table(rep: cpb.SessionReport) -> str:
 
 
 async def dispatch(args: argparse.Namespace) -> int:
-    async with grpc.aio.insecure_channel(args.coordinator) as channel:
+    from tether.agent.security import ClientSecurity
+
+    dial = ClientSecurity(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
+                          token_file=args.token_file, server_name=args.tls_server_name)
+    async with dial.channel(args.coordinator) as channel:
         stub = cgrpc.CoordinatorServiceStub(channel)
         handler = globals()["cmd_" + args.command]
         status: int = await handler(stub, args)

@@ -26,6 +26,7 @@ from tether.agent.errors import (
     TetherError,
 )
 from tether.agent.model import check_name, parse_signal
+from tether.agent.security import ClientSecurity
 from tether.coordinator.store import AgentRow, GroupRow, SessionRow, StopIntent, Store
 from tether.v1 import agent_pb2 as apb
 from tether.v1 import agent_pb2_grpc as agrpc
@@ -59,6 +60,8 @@ class CoordinatorConfig:
     retry_backoff_max: float = 2.0
     # Name of the agent that runs in-process under `tether serve` (the default route).
     local_agent: str = ""
+    # How the coordinator dials agents (TLS roots, its client certificate, a token).
+    dial: ClientSecurity = field(default_factory=ClientSecurity)
 
 
 @dataclass
@@ -95,13 +98,17 @@ class AgentLink:
     channel: grpc.aio.Channel | None = None
     watch_task: asyncio.Task[None] | None = None
     always_up: bool = False
+    dial: ClientSecurity = field(default_factory=ClientSecurity)
 
     @property
     def stub(self) -> agrpc.AgentServiceStub:
         if self.channel is None:
             # Keepalive pings find a dead path (a partition, a pulled cable) in seconds, so
             # retries reconnect instead of waiting on TCP retransmission timers.
-            self.channel = grpc.aio.insecure_channel(self.row.address, options=CHANNEL_OPTIONS)
+            dial = ClientSecurity(self.dial.ca, self.dial.cert, self.dial.key,
+                                  self.dial.token_file, self.dial.server_name, CHANNEL_OPTIONS,
+                                  self.dial.token)
+            self.channel = dial.channel(self.row.address)
         return agrpc.AgentServiceStub(self.channel)
 
 
@@ -131,7 +138,7 @@ class Coordinator:
 
     def _load(self) -> None:
         for a in self.store.agents():
-            self.agents[a.name] = AgentLink(a)
+            self.agents[a.name] = AgentLink(a, dial=self.config.dial)
         for s in self.store.sessions():
             self.sessions[s.session_id] = s
         for r in self.store.groups():
@@ -195,7 +202,7 @@ class Coordinator:
         else:
             if old is not None:
                 self._close_link(old)
-            link = AgentLink(row)
+            link = AgentLink(row, dial=self.config.dial)
             self.agents[req.name] = link
         link.always_up = always_up
         log.info("agent %r registered at %s%s", req.name, req.address,

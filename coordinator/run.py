@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from tether.agent.daemon import Shutdown, TLSFiles, start_server
 from tether.agent.metrics import serve_metrics
+from tether.agent.security import AuthInterceptor, ClientSecurity, ServerAuth
 from tether.coordinator.core import Coordinator, CoordinatorConfig
 from tether.coordinator.metrics import CoordinatorMetrics
 from tether.coordinator.service import CoordinatorServicer, add_to_server
@@ -36,6 +37,8 @@ class CoordinatorDaemonConfig:
     agent_ttl: float = 5.0
     tls: TLSFiles = field(default_factory=TLSFiles)
     insecure: bool = False
+    auth: ServerAuth = field(default_factory=ServerAuth)
+    dial: ClientSecurity = field(default_factory=ClientSecurity)
 
 
 def build_coordinator(cfg: CoordinatorDaemonConfig, registry: CollectorRegistry,
@@ -45,7 +48,8 @@ def build_coordinator(cfg: CoordinatorDaemonConfig, registry: CollectorRegistry,
     metrics = CoordinatorMetrics(registry)
     coordinator = Coordinator(
         CoordinatorConfig(state_dir=cfg.state_dir, heartbeat_interval=cfg.heartbeat_interval,
-                          agent_ttl=cfg.agent_ttl, local_agent=local_agent), store, metrics)
+                          agent_ttl=cfg.agent_ttl, local_agent=local_agent, dial=cfg.dial),
+        store, metrics)
     metrics.attach(coordinator)
     return coordinator
 
@@ -59,7 +63,7 @@ async def run_coordinator(cfg: CoordinatorDaemonConfig, shutdown: Shutdown) -> N
         servicer = CoordinatorServicer(coordinator)
         server, port, _ = await start_server(
             cfg.listen, [lambda s: add_to_server(s, servicer)], ["tether.v1.CoordinatorService"],
-            cfg.tls, cfg.insecure)
+            cfg.tls, cfg.insecure, [AuthInterceptor(cfg.auth, "this coordinator")])
         if cfg.metrics_listen:
             metrics_server, _ = serve_metrics(registry, cfg.metrics_listen)
         coordinator.start()
@@ -87,6 +91,18 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
     from tether.v1 import coordinator_pb2 as cpb
 
     registry = CollectorRegistry()
+    if cfg.auth.enforced or cfg.tls.enabled:
+        # The coordinator half dials the agent half over the same port: give it a
+        # private token, and trust the server's own certificate (or --tls-ca).
+        import secrets
+        from dataclasses import replace
+
+        internal = secrets.token_urlsafe(32)
+        cfg.auth = replace(cfg.auth, tokens=cfg.auth.tokens | {internal})
+        cfg.dial = replace(cfg.dial, token=internal,
+                           ca=cfg.dial.ca or (cfg.tls.cert if cfg.tls.enabled else ""),
+                           cert=cfg.dial.cert or (cfg.tls.cert if cfg.tls.client_ca else ""),
+                           key=cfg.dial.key or (cfg.tls.key if cfg.tls.client_ca else ""))
     agent_cfg.state_dir = agent_cfg.state_dir or os.path.join(cfg.state_dir, "agent")
     Path(agent_cfg.state_dir).mkdir(parents=True, exist_ok=True)
     runtime = AgentRuntime(agent_cfg, registry)
@@ -97,7 +113,8 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
         servicer = CoordinatorServicer(coordinator)
         server, port, _ = await start_server(
             cfg.listen, [lambda s: add_to_server(s, servicer), *runtime.registrations()],
-            ["tether.v1.CoordinatorService", "tether.v1.AgentService"], cfg.tls, cfg.insecure)
+            ["tether.v1.CoordinatorService", "tether.v1.AgentService"], cfg.tls, cfg.insecure,
+            [AuthInterceptor(cfg.auth, "tether serve")])
         runtime.port = port
         if cfg.metrics_listen:
             metrics_server, _ = serve_metrics(registry, cfg.metrics_listen)

@@ -147,6 +147,7 @@ class CgroupEventWatcher:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._fds: dict[int, tuple[Path, list[asyncio.Future[None]]]] = {}
+        self._by_path: dict[Path, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _ensure_reader(self) -> None:
@@ -166,48 +167,53 @@ class CgroupEventWatcher:
         self._ensure_reader()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        for path, waiters in self._fds.values():
-            if path == cgroup:
-                waiters.append(fut)
-                break
+        fd = self._by_path.get(cgroup)
+        if fd is not None:
+            self._fds[fd][1].append(fut)
         else:
-            fd = os.open(cgroup / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fd = os.open(cgroup / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fut.set_result(None)  # the cgroup is gone: nothing can live in it
+                return fut
             self._epoll.register(fd, select.EPOLLPRI | select.EPOLLERR)
             self._fds[fd] = (cgroup, [fut])
+            self._by_path[cgroup] = fd
             os.pread(fd, 256, 0)
         # Re-check after registering: the cgroup may have emptied in between.
         if not self.populated(cgroup):
-            self._resolve(cgroup)
+            self._resolve(fd)
         return fut
 
-    def _resolve(self, cgroup: Path) -> None:
-        for fd, (path, waiters) in list(self._fds.items()):
-            if path != cgroup:
-                continue
-            for w in waiters:
-                if not w.done():
-                    w.set_result(None)
-            self._unregister(fd)
+    def _resolve(self, fd: int) -> None:
+        entry = self._fds.get(fd)
+        if entry is None:
+            return
+        for w in entry[1]:
+            if not w.done():
+                w.set_result(None)
+        self._unregister(fd)
 
     def _unregister(self, fd: int) -> None:
         with contextlib.suppress(KeyError, OSError):
             self._epoll.unregister(fd)
         os.close(fd)
-        del self._fds[fd]
+        path, _ = self._fds.pop(fd)
+        self._by_path.pop(path, None)
 
     def _on_ready(self) -> None:
         for fd, _ in self._epoll.poll(0):
             entry = self._fds.get(fd)
             if entry is None:
                 continue
-            path, waiters = entry
+            _, waiters = entry
             try:
                 text = os.pread(fd, 256, 0).decode()
             except OSError:
                 text = "populated 0"
-            self._fds[fd] = (path, [w for w in waiters if not w.done()])
-            if "populated 0" in text or not self._fds[fd][1]:
-                self._resolve(path)
+            waiters[:] = [w for w in waiters if not w.done()]
+            if "populated 0" in text or not waiters:
+                self._resolve(fd)
 
     def close(self) -> None:
         if self._loop is not None and not self._loop.is_closed():

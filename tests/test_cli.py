@@ -445,7 +445,8 @@ def test_missing_cwd_is_a_start_failure_naming_the_directory(srv: Daemon, tmp_pa
 
 
 HELP_MENTIONS = {
-    "serve": ["--listen", "--state-dir", "--metrics-listen", "--agent-name", "--insecure"],
+    "serve": ["--listen", "--state-dir", "--metrics-listen", "--agent-name", "--insecure",
+              "--tls-cert", "--token-file", "--config"],
     "coordinator": ["--listen", "--state-dir", "--metrics-listen", "--agent-ttl"],
     "agent": ["--listen", "--coordinator", "--name", "--state-dir", "--metrics-listen"],
     "spawn": ["--session", "--window", "--label", "--env", "--inherit-env", "--cwd", "--log",
@@ -460,6 +461,7 @@ HELP_MENTIONS = {
     "orphans": ["--sweep"],
     "watch": ["session"],
     "keepalive": ["session", "--ttl"],
+    "config": ["check", "file"],
 }
 CLIENT = {"spawn", "adopt", "signal", "stop", "sessions", "show", "agents", "orphans", "watch",
           "keepalive"}

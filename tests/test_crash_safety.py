@@ -194,3 +194,43 @@ def test_double_sigint_escalates(tmp_path: Path) -> None:
     finally:
         stop_daemon(d)
         assert not any(pid_alive(p) for p in marked_alive(g))
+
+
+async def test_orphan_sweeps_never_kill_groups_spawned_while_they_scan(tmp_path: Path) -> None:
+    """Regression: a sweep that snapshotted the live groups before a spawn killed the
+    new group (and removed its cgroup), leaving it `running` forever."""
+    import asyncio
+
+    from tests.plugins.processes import make_authority
+    from tether.agent.model import GroupSpec
+    from tether.agent.orphans import OrphanReaper
+
+    name = f"race-{tmp_path.name[-8:]}"
+    authority, signallers = await make_authority(name)
+    local = signallers.get("local")
+    reaper = OrphanReaper(name, getattr(local, "cgroup_base", None),
+                          lambda: {g.group_id for g in authority.groups() if not g.state.ended})
+    spawned: list[str] = []
+    try:
+        async def spawn_many() -> None:
+            for i in range(60):
+                view = await authority.spawn(GroupSpec(argv=("sleep", "300")))
+                spawned.append(view.group_id)
+                await asyncio.sleep(0.001 * (i % 7))  # as RPC-driven spawns yield
+
+        async def sweep_forever() -> None:
+            while True:
+                await reaper.sweep(kill=True)
+
+        sweeper = asyncio.ensure_future(sweep_forever())
+        await spawn_many()
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
+        await reaper.sweep(kill=True)
+        dead = [g for g in spawned if not marked_alive(g)]
+        assert dead == [], f"sweeps killed live groups: {dead}"
+        assert all(authority.get(g).state.value == "running" for g in spawned)
+    finally:
+        await authority.stop_all()
+        await authority.shutdown()
+        await signallers.aclose()
