@@ -121,8 +121,10 @@ async def start_server(address: str, register: list[Callable[[grpc.aio.Server], 
     """A grpc.aio server with health checking and reflection on. Returns (server, port, health)."""
     tls = tls or TLSFiles()
     check_listen(address, tls, insecure)
+    from tether.agent.security import MalformedRequestInterceptor
+
     server = grpc.aio.server(
-        interceptors=interceptors or [],
+        interceptors=[MalformedRequestInterceptor(), *(interceptors or [])],
         options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                  ("grpc.so_reuseport", 0),
                  # Coordinators ping agents every 2 s to notice partitions quickly.

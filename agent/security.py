@@ -212,3 +212,47 @@ class _TokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[mi
 
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._meta.add(details), request)
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Bytes that do not decode as the request type get INVALID_ARGUMENT, not UNKNOWN.
+
+    grpc.aio treats a deserializer error as an unexpected servicer failure; here the
+    handler receives the raw bytes and decodes them itself.
+    """
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None \
+                or details.method.startswith(OPEN_PREFIXES):
+            return handler
+        decode = handler.request_deserializer
+        method = details.method
+
+        async def decoded(raw: bytes, context: Any) -> Any:
+            try:
+                return decode(raw)
+            except Exception as exc:  # protobuf's DecodeError and friends
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{method}: malformed request ({exc}); send a valid "
+                                    "tether.v1 message")
+
+        kwargs = {"request_deserializer": None,
+                  "response_serializer": handler.response_serializer}
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(raw: bytes, context: Any) -> Any:
+                return await inner(await decoded(raw, context), context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(raw: bytes, context: Any) -> Any:
+                request = await decoded(raw, context)
+                async for item in inner_stream(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
+        return handler

@@ -1,0 +1,234 @@
+"""Hostile input through the real gRPC API of a real `tether serve`.
+
+Generated requests (oversized argv and env, control characters in names, unknown
+enum values, negative/huge/NaN durations, garbage bytes) must each get a status,
+the daemon must keep serving, and nothing it started may outlive the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.plugins.processes import Daemon, marked_alive, start_daemon, stop_daemon, wait_until
+from tether.v1 import agent_pb2 as apb
+from tether.v1 import agent_pb2_grpc as agrpc
+from tether.v1 import common_pb2 as pb
+from tether.v1 import coordinator_pb2 as cpb
+from tether.v1 import coordinator_pb2_grpc as cgrpc
+
+AGENT = f"hostile-{os.getpid()}"
+# Anything but these means the daemon did not handle the input on purpose.
+ACCEPTABLE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT,
+              grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
+              grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    tmp = tmp_path_factory.mktemp("hostile")
+    d = start_daemon("serve", ["--listen", "127.0.0.1:0", "--state-dir", str(tmp / "st"),
+                               "--agent-name", AGENT, "--default-grace", "0.2"], tmp)
+    try:
+        yield d
+    finally:
+        stop_daemon(d)
+        leftovers = marked_alive(agent=AGENT)
+        for pid in leftovers:
+            os.kill(pid, 9)
+        assert leftovers == [], "processes outlived the daemon"
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def call(address: str, fn: Any) -> grpc.StatusCode:
+    async with grpc.aio.insecure_channel(address) as ch:
+        try:
+            await fn(ch)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                           timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        return grpc.StatusCode.OK
+
+
+def healthy(address: str) -> bool:
+    return run(call(address, lambda ch: asyncio.sleep(0))) == grpc.StatusCode.OK
+
+
+text = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
+nasty_text = st.one_of(text, st.just("\x00"), st.just("a\nb\x1b[31m"), st.text(min_size=300,
+                                                                              max_size=400))
+durations = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True),
+                      st.sampled_from([-1.0, 0.0, 1e-9, 0.05, 1e12, math.nan]))
+commands = st.sampled_from(["true", "/bin/true", "sleep", "no-such-command", "", "/", "\x00"])
+
+
+@st.composite
+def specs(draw: Any) -> pb.GroupSpec:
+    argv = [draw(commands), *draw(st.lists(nasty_text, max_size=4))]
+    if draw(st.booleans()) and draw(st.booleans()):
+        argv.append("x" * draw(st.sampled_from([10, 200_000])))
+    env = draw(st.dictionaries(nasty_text, nasty_text, max_size=4))
+    if draw(st.booleans()) and draw(st.booleans()):
+        env["HUGE"] = "y" * 300_000
+    spec = pb.GroupSpec(argv=argv, env=env, session_id=draw(nasty_text),
+                        label=draw(nasty_text), window=draw(nasty_text),
+                        cwd=draw(st.sampled_from(["", "/", "/nonexistent", "relative", "/tmp"])),
+                        ready=draw(st.sampled_from(["", "tcp:0", "tcp:99999", "http:nope",
+                                                    "log:(", "exec:", "exec:true", "bogus"])),
+                        target=draw(st.sampled_from(["", "local", "docker:", "ssh:",
+                                                     "nope:x", "docker:\x00"])),
+                        stop_order=draw(st.integers(-(2**31), 2**31 - 1)),
+                        inherit_env=draw(st.booleans()))
+    spec.orphan_policy = draw(st.integers(-3, 1000))  # type: ignore[assignment]
+    spec.stop.signal = draw(st.sampled_from(["", "TERM", "KILL", "NOPE", "0", "-1", "65"]))
+    for field, value in (("start_timeout_seconds", draw(durations)),
+                         ("probe_timeout_seconds", draw(durations))):
+        if value is not None:
+            setattr(spec, field, value)
+    grace = draw(durations)
+    if grace is not None:
+        spec.stop.grace_seconds = grace
+    return spec
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(spec=specs(), through_coordinator=st.booleans())
+def test_generated_spawns_get_a_status_and_the_daemon_keeps_serving(
+        daemon: Daemon, spec: pb.GroupSpec, through_coordinator: bool) -> None:
+    async def spawn(ch: grpc.aio.Channel) -> None:
+        if through_coordinator:
+            await cgrpc.CoordinatorServiceStub(ch).Spawn(
+                cpb.CoordinatorSpawnRequest(spec=spec), timeout=5)
+        else:
+            await agrpc.AgentServiceStub(ch).Spawn(apb.SpawnRequest(spec=spec), timeout=5)
+
+    code = run(call(daemon.address, spawn))
+    assert code in ACCEPTABLE, f"{code} for {spec}"
+    assert healthy(daemon.address)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=st.sampled_from(["/tether.v1.AgentService/Spawn", "/tether.v1.AgentService/Stop",
+                               "/tether.v1.CoordinatorService/StopSession",
+                               "/tether.v1.CoordinatorService/KeepAlive",
+                               "/tether.v1.AgentService/Signal"]),
+       payload=st.binary(max_size=2000))
+def test_malformed_messages_are_answered(daemon: Daemon, method: str, payload: bytes) -> None:
+    async def raw(ch: grpc.aio.Channel) -> None:
+        await ch.unary_unary(method, request_serializer=None,
+                             response_deserializer=None)(payload, timeout=5)
+
+    code = run(call(daemon.address, raw))
+    # Undecodable bytes are INTERNAL in gRPC itself; bytes that decode into some
+    # message are judged like any request.
+    assert code in ACCEPTABLE | {grpc.StatusCode.INTERNAL}
+    assert healthy(daemon.address)
+
+
+def test_names_with_control_characters_and_bad_durations_are_refused(daemon: Daemon) -> None:
+    async def go(ch: grpc.aio.Channel) -> list[grpc.StatusCode]:
+        stub = cgrpc.CoordinatorServiceStub(ch)
+        codes = []
+        for req in (cpb.CreateSessionRequest(session_id="bad\x07name"),
+                    cpb.CreateSessionRequest(session_id="ok", ttl_seconds=-1),
+                    cpb.CreateSessionRequest(session_id="ok", ttl_seconds=math.nan),
+                    cpb.CreateSessionRequest(session_id="", ttl_seconds=5)):
+            try:
+                await stub.CreateSession(req, timeout=5)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as exc:
+                codes.append(exc.code())
+        try:
+            await stub.KeepAlive(cpb.KeepAliveRequest(session_id="nope", ttl_seconds=1e300),
+                                 timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            codes.append(exc.code())
+        return codes
+
+    assert run(go_with(daemon, go)) == [grpc.StatusCode.INVALID_ARGUMENT] * 4 + [
+        grpc.StatusCode.NOT_FOUND]
+
+
+async def go_with(daemon: Daemon, fn: Any) -> Any:
+    async with grpc.aio.insecure_channel(daemon.address) as ch:
+        return await fn(ch)
+
+
+def test_thousands_of_abandoned_streams_leak_nothing(daemon: Daemon) -> None:
+    proc = psutil.Process(daemon.proc.pid)
+
+    async def abandon(n: int) -> None:
+        async with grpc.aio.insecure_channel(daemon.address) as ch:
+            agent = agrpc.AgentServiceStub(ch)
+            coord = cgrpc.CoordinatorServiceStub(ch)
+            await coord.CreateSession(cpb.CreateSessionRequest(session_id="streams"), timeout=5)
+            for start in range(0, n, 250):
+                calls = []
+                for i in range(start, min(n, start + 250)):
+                    if i % 2:
+                        calls.append(agent.Watch(apb.WatchRequest(initial=True)))
+                    else:
+                        calls.append(coord.WatchSession(
+                            cpb.WatchSessionRequest(session_id="streams", initial=True)))
+                await asyncio.sleep(0.05)
+                for c in calls:
+                    c.cancel()
+
+    run(abandon(200))
+    wait_until(lambda: healthy(daemon.address), 10, "health")
+    fds_before, threads_before = proc.num_fds(), proc.num_threads()
+    run(abandon(2000))
+    assert healthy(daemon.address)
+    # Abandoned streams must not pile up file descriptors or threads in the daemon.
+    wait_until(lambda: proc.num_fds() <= fds_before + 10, 20, "fds to return to baseline")
+    assert proc.num_threads() <= threads_before + 4
+
+    # And a fresh stream still works: it sees a spawn and its exit.
+    async def fresh() -> list[str]:
+        async with grpc.aio.insecure_channel(daemon.address) as ch:
+            coord = cgrpc.CoordinatorServiceStub(ch)
+            stream = coord.WatchSession(cpb.WatchSessionRequest(session_id="streams"))
+            kinds: list[str] = []
+
+            async def read() -> None:
+                async for ev in stream:
+                    kinds.append(ev.kind)
+                    if ev.group.state == pb.GROUP_STATE_EXITED:
+                        return
+
+            reader = asyncio.ensure_future(read())
+            await asyncio.sleep(0.1)
+            await coord.Spawn(cpb.CoordinatorSpawnRequest(spec=pb.GroupSpec(
+                argv=["sh", "-c", "sleep 0.1"], session_id="streams")), timeout=10)
+            await asyncio.wait_for(reader, 10)
+            stream.cancel()
+            return kinds
+
+    assert run(fresh())
+
+
+def test_every_generated_group_is_stopped(daemon: Daemon, tmp_path: Path) -> None:
+    """Runs last in this module: stopping every session leaves nothing of ours alive."""
+    sessions = daemon.json("sessions", "--all")["sessions"]
+    for s in sessions:
+        if s["state"] != "stopped":
+            daemon.cli("stop", "--", s["session"], "--grace", "0.2", timeout=120)
+    wait_until(lambda: not marked_alive(agent=AGENT), 30, "every generated group to be gone")
