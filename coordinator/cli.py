@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "host offers)")
         sp.add_argument("--default-grace", type=positive_float, default=None,
                         help="grace before SIGKILL for groups that do not set one (default 5)")
+        sp.add_argument("--orphan-reaping", choices=["kill", "report"], default="kill",
+                        help="what to do with orphans found (default kill; report only lists "
+                        "them)")
         sp.add_argument("--signaller-option", action="append", default=[], metavar="KEY=VALUE",
                         help="option for the signallers, e.g. known_hosts=/path, "
                         "docker_host=unix:///run/docker.sock (repeatable)")
@@ -418,6 +421,7 @@ def _agent_config(args: argparse.Namespace, name: str, listen: str, state_dir: s
                        advertise=getattr(args, "advertise", ""),
                        metrics_listen=args.metrics_listen, containment=args.containment,
                        default_grace=args.default_grace, signaller_options=options,
+                       orphan_reaping=args.orphan_reaping,
                        tls=_tls(args), insecure=args.insecure, auth=_auth(args),
                        dial=_dial(args))
 
