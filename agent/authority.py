@@ -191,7 +191,11 @@ class Authority:
     def _transition(self, g: Group, event: Transition) -> None:
         old = g.state
         g.state = next_state(old, event)
-        g.log.info("%s -> %s", old.value, g.state.value)
+        if g.state.ended and g.exit is not None:
+            g.log.info("%s -> %s (%s%s)", old.value, g.state.value, g.exit.reason.value,
+                       f", {g.exit.survivors} survivor(s)" if g.exit.survivors else "")
+        else:
+            g.log.debug("%s -> %s", old.value, g.state.value)
         if g.state.ended:
             g.ended.set()
         self._emit(g, "exit" if g.state.ended else "state")
@@ -512,11 +516,20 @@ class Authority:
         n = await self._send(g, sig)
         return SignalOutcome(n, n == 0, g.view())
 
-    async def _send(self, g: Group, sig: Signals) -> int:
+    async def _send(self, g: Group, sig: Signals, also_continue: bool = False) -> int:
+        """Signal every member; with ``also_continue``, follow with SIGCONT so stopped
+        members can act on it (in one pass where the handle offers ``send_signals``)."""
         assert g.handle is not None
         kind, _ = split_target(g.spec.target)
+        sigs = [sig] if not also_continue or sig is signal.SIGCONT else [sig, signal.SIGCONT]
         try:
-            n = await g.handle.send_signal(sig)
+            both = getattr(g.handle, "send_signals", None)
+            if both is not None:
+                n = int(await both(sigs))
+            else:
+                n = await g.handle.send_signal(sig)
+                for extra in sigs[1:]:
+                    await g.handle.send_signal(extra)
         except TetherError:
             self.hooks.signal_sent(kind, sig.name, "error")
             raise
@@ -543,14 +556,12 @@ class Authority:
         t0 = time.monotonic()
         self._transition(g, Transition.STOP)
         g.stop_requested.set()
-        g.log.info("stopping: %s, grace %g s", policy.signal.name, policy.grace)
+        g.log.debug("stopping: %s, grace %g s", policy.signal.name, policy.grace)
         result = "success"
         detail = ""
         try:
             g.signals_sent.add(int(policy.signal))
-            sent = await self._send(g, policy.signal)
-            if policy.signal is not signal.SIGCONT:
-                await self._send(g, signal.SIGCONT)
+            sent = await self._send(g, policy.signal, also_continue=True)
             if sent == 0 and await h.wait(0):
                 reason = ExitReason.NATURAL
             elif await h.wait(policy.grace):

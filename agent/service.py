@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -17,9 +18,9 @@ from tether.agent.convert import (
     spec_from_pb,
     stop_policy_from_pb,
 )
-from tether.agent.errors import InvalidSpec
+from tether.agent.errors import GroupNotFound, InvalidSpec
 from tether.agent.grpc_errors import stream, unary
-from tether.agent.model import parse_signal
+from tether.agent.model import StopPolicy, parse_signal
 from tether.v1 import agent_pb2 as apb
 from tether.v1 import agent_pb2_grpc as agrpc
 from tether.v1 import common_pb2 as pb
@@ -61,6 +62,28 @@ class AgentServicer(agrpc.AgentServiceServicer):
             policy = stop_policy_from_pb(request.policy, default_grace=current.grace)
         view = await self.authority.stop(request.group_id, policy)
         return apb.StopResponse(group=group_to_pb(view))
+
+    @unary
+    async def StopGroups(self, request: apb.StopGroupsRequest, context: Any
+                         ) -> apb.StopGroupsResponse:
+        reply = apb.StopGroupsResponse()
+        known = []
+        for gid in request.group_ids:
+            try:
+                self.authority.get(gid)
+            except GroupNotFound as exc:
+                reply.errors[gid] = str(exc)
+            else:
+                known.append(gid)
+        policies: dict[str, StopPolicy | None] = {}
+        for gid in known:
+            policies[gid] = None
+            if request.HasField("policy"):
+                current = self.authority.get(gid).spec.stop
+                policies[gid] = stop_policy_from_pb(request.policy, default_grace=current.grace)
+        views = await asyncio.gather(*(self.authority.stop(g, policies[g]) for g in known))
+        reply.groups.extend(group_to_pb(v) for v in views)
+        return reply
 
     @unary
     async def Get(self, request: apb.GetRequest, context: Any) -> apb.GetResponse:

@@ -78,6 +78,7 @@ class TrackedGroup:
     group: pb.Group
     idempotency_key: str = ""
     error: str = ""
+    attempts: int = 0
 
     @property
     def group_id(self) -> str:
@@ -99,9 +100,12 @@ class AgentLink:
     watch_task: asyncio.Task[None] | None = None
     always_up: bool = False
     dial: ClientSecurity = field(default_factory=ClientSecurity)
+    _stub: agrpc.AgentServiceStub | None = None
 
     @property
     def stub(self) -> agrpc.AgentServiceStub:
+        if self.channel is not None and self._stub is not None:
+            return self._stub
         if self.channel is None:
             # Keepalive pings find a dead path (a partition, a pulled cable) in seconds, so
             # retries reconnect instead of waiting on TCP retransmission timers.
@@ -109,7 +113,8 @@ class AgentLink:
                                   self.dial.token_file, self.dial.server_name, CHANNEL_OPTIONS,
                                   self.dial.token)
             self.channel = dial.channel(self.row.address)
-        return agrpc.AgentServiceStub(self.channel)
+        self._stub = agrpc.AgentServiceStub(self.channel)
+        return self._stub
 
 
 @dataclass
@@ -132,6 +137,8 @@ class Coordinator:
         self._subscribers: list[Subscriber] = []
         self._lease_changed = asyncio.Event()
         self._seq = 0
+        self._dirty: dict[tuple[str, str], TrackedGroup] = {}
+        self._flush_scheduled = False
         self._load()
 
     # ------------------------------------------------------------ lifecycle
@@ -160,6 +167,7 @@ class Coordinator:
             self._begin_stop(intent.session_id, intent.grace, intent.cause, persist=False)
 
     async def close(self) -> None:
+        self._flush()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -272,7 +280,19 @@ class Coordinator:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.config.retry_backoff_max)
 
-    def _absorb(self, agent: str, group: pb.Group, kind: str = "state") -> None:
+    def _flush(self) -> None:
+        """Write the groups changed since the last flush, in one transaction."""
+        self._flush_scheduled = False
+        if self._dirty:
+            rows = [t.row() for t in self._dirty.values()]
+            self._dirty.clear()
+            self.store.put_groups(rows)
+
+    def _absorb(self, agent: str, group: pb.Group, kind: str = "state",
+                persist: bool = True) -> None:
+        """Take in what an agent says of a group. ``persist=False`` leaves the write to the
+        caller's ``_flush()`` (batched); otherwise it is written at the end of this loop
+        turn, together with every other change of the turn."""
         key = (agent, group.group_id)
         tracked = self.groups.get(key)
         if tracked is None:
@@ -285,7 +305,10 @@ class Coordinator:
         tracked.group.CopyFrom(group)
         tracked.group.agent = agent
         tracked.error = ""
-        self.store.put_group(tracked.row())
+        self._dirty[key] = tracked
+        if persist and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
         self._publish(tracked, kind)
 
     async def _reconcile(self, link: AgentLink) -> None:
@@ -511,7 +534,8 @@ class Coordinator:
         g = self.group_view(t)
         rep = cpb.GroupReport(group_id=t.group_id, label=g.spec.label, agent=t.agent,
                               target=g.spec.target or "local", state=g.state,
-                              stop_order=g.spec.stop_order, error=t.error)
+                              stop_order=g.spec.stop_order, error=t.error,
+                              attempts=t.attempts)
         if g.HasField("exit"):
             rep.exit.CopyFrom(g.exit)
         return rep
@@ -568,6 +592,7 @@ class Coordinator:
             async with asyncio.TaskGroup() as tg:
                 for agent, groups in by_agent.items():
                     tg.create_task(self._stop_on_agent(agent, groups, grace))
+        self._flush()
         s = self.sessions[session_id]
         s.state = "stopped"
         self.store.put_session(s)
@@ -584,7 +609,9 @@ class Coordinator:
 
     async def _stop_on_agent(self, agent: str, groups: list[TrackedGroup],
                              grace: float | None) -> None:
-        """Stop every group on one agent; retry with backoff until each has a record."""
+        """Stop every group on one agent with one StopGroups call; retry with backoff until
+        each has a record. Groups of an agent that does not answer are reported with the
+        reason (state unreachable, error set), never dropped."""
         backoff = 0.1
         attempts = 0
         pending = list(groups)
@@ -595,37 +622,51 @@ class Coordinator:
                 for t in pending:
                     self._mark_lost(t, f"agent {agent!r} is not registered any more")
                 return
-            results = await asyncio.gather(*(self._stop_one(link, t, grace) for t in pending))
-            failed = [t for t, ok in zip(pending, results, strict=True) if not ok]
-            if not failed:
+            pending = await self._stop_batch(link, pending, grace)
+            for t in pending:
+                t.attempts = attempts
+            if not pending:
                 return
-            for t in failed:
-                self.store.put_group(t.row())
+            self.store.put_groups([t.row() for t in pending])
+            for t in pending:
                 self._publish(t, "unreachable")
             log.warning("agent %r: %d group(s) not stopped yet (attempt %d: %s); retrying in "
-                        "%.1f s", agent, len(failed), attempts, failed[0].error, backoff)
+                        "%.1f s", agent, len(pending), attempts, pending[0].error, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.config.retry_backoff_max)
-            pending = failed
 
-    async def _stop_one(self, link: AgentLink, t: TrackedGroup, grace: float | None) -> bool:
-        req = apb.StopRequest(group_id=t.group_id)
-        spec_grace = t.group.spec.stop.grace_seconds if t.group.spec.stop.HasField(
-            "grace_seconds") else 5.0
+    async def _stop_batch(self, link: AgentLink, groups: list[TrackedGroup],
+                          grace: float | None) -> list[TrackedGroup]:
+        """One StopGroups call; returns the groups that still have no record."""
+        req = apb.StopGroupsRequest(group_ids=[t.group_id for t in groups])
         if grace is not None:
             req.policy.grace_seconds = grace
-        effective = spec_grace if grace is None else grace
+
+        def effective(t: TrackedGroup) -> float:
+            if grace is not None:
+                return grace
+            stop = t.group.spec.stop
+            return stop.grace_seconds if stop.HasField("grace_seconds") else 5.0
+
+        deadline = max(effective(t) for t in groups) + self.config.call_margin
         try:
-            reply = await link.stub.Stop(req, timeout=effective + self.config.call_margin)
+            reply = await link.stub.StopGroups(req, timeout=deadline)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                self._mark_lost(t, f"agent {link.row.name!r} does not know this group "
-                                "(it restarted without its state)")
-                return True
-            t.error = str(self._agent_error(link, exc))
-            return False
-        self._absorb(link.row.name, reply.group, "exit")
-        return True
+            error = str(self._agent_error(link, exc))
+            for t in groups:
+                t.error = error
+            return list(groups)
+        by_id: dict[str, TrackedGroup | None] = {t.group_id: t for t in groups}
+        for g in reply.groups:
+            self._absorb(link.row.name, g, "exit", persist=False)
+            by_id.pop(g.group_id, None)
+        for gid, why in reply.errors.items():
+            unknown = by_id.pop(gid, None)
+            if unknown is not None:
+                self._mark_lost(unknown, f"agent {link.row.name!r} does not know this group "
+                                f"({why})")
+        self._flush()
+        return [t for t in by_id.values() if t is not None]
 
     # ------------------------------------------------------------ watch
 

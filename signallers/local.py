@@ -34,7 +34,7 @@ import select
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -71,10 +71,19 @@ def find_cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> Path | None:
     return None
 
 
+def read_small(path: str) -> bytes:
+    """Read a small /proc or /sys file with two syscalls (pathlib costs more than the read)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 65536)
+    finally:
+        os.close(fd)
+
+
 def own_cgroup(pid: int | str = "self") -> str:
     """This process's path in the unified hierarchy ("0::/path")."""
     with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        for line in read_small(f"/proc/{pid}/cgroup").decode().splitlines():
             if line.startswith("0::"):
                 return line[3:].strip()
     return "/"
@@ -88,10 +97,11 @@ def make_subreaper() -> bool:
 def proc_state(pid: int) -> str | None:
     """The one-letter state of ``pid`` from /proc, or None if it does not exist."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        stat = read_small(f"/proc/{pid}/stat")
     except OSError:
         return None
-    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3].decode()
+    end = stat.rindex(b")")
+    return stat[end + 2 : end + 3].decode()
 
 
 def alive(pid: int) -> bool:
@@ -121,8 +131,10 @@ def marker_of(p: psutil.Process) -> str | None:
     return None
 
 
-def signal_pid_safely(pid: int, sig: signal.Signals, check: Callable[[int], bool]) -> bool:
-    """Signal ``pid`` only if, with a pidfd held, ``check(pid)`` still says it is ours."""
+def signal_pid_safely(pid: int, sig: signal.Signals | Sequence[signal.Signals],
+                      check: Callable[[int], bool]) -> bool:
+    """Signal ``pid`` only if, with a pidfd held, ``check(pid)`` still says it is ours.
+    Several signals go out in order through the same pidfd."""
     try:
         pidfd = os.pidfd_open(pid)
     except OSError:
@@ -130,7 +142,8 @@ def signal_pid_safely(pid: int, sig: signal.Signals, check: Callable[[int], bool
     try:
         if not check(pid):
             return False
-        signal.pidfd_send_signal(pidfd, sig)
+        for s in (sig,) if isinstance(sig, signal.Signals) else sig:
+            signal.pidfd_send_signal(pidfd, s)
         return True
     except ProcessLookupError:
         return False
@@ -281,6 +294,7 @@ class LocalGroup:
         self.sid = leader_pid
         self.containment = containment
         self.cgroup = cgroup
+        self._cgroup_rel: str | None = None
         self.leader_start_time = leader_start_time
         self._popen = popen
         self._leader_status: LeaderStatus | None = None
@@ -334,9 +348,11 @@ class LocalGroup:
     # -- membership
 
     def _in_cgroup(self, pid: int) -> bool:
-        assert self.cgroup is not None
-        rel = "/" + str(self.cgroup.relative_to(self._signaller.cgroup_mount or "/"))
-        return own_cgroup(pid) == rel
+        if self._cgroup_rel is None:
+            assert self.cgroup is not None
+            self._cgroup_rel = "/" + str(self.cgroup.relative_to(
+                self._signaller.cgroup_mount or "/"))
+        return own_cgroup(pid) == self._cgroup_rel
 
     def _scan(self) -> dict[int, float]:
         """Weaker modes: members by pgid/session, ancestry and marker. pid -> create time."""
@@ -377,7 +393,7 @@ class LocalGroup:
     async def members(self) -> list[int]:
         if self.cgroup is not None:
             try:
-                text = (self.cgroup / "cgroup.procs").read_text()
+                text = read_small(f"{self.cgroup}/cgroup.procs")
             except FileNotFoundError:
                 return []
             return [pid for pid in map(int, text.split()) if alive(pid)]
@@ -386,15 +402,19 @@ class LocalGroup:
     # -- signals
 
     async def send_signal(self, sig: signal.Signals) -> int:
+        return await self.send_signals([sig])
+
+    async def send_signals(self, sigs: Sequence[signal.Signals]) -> int:
+        """Each signal in order to every member, one pass (TERM then CONT in a stop)."""
         if self.cgroup is not None:
             pids = await self.members()
-            return sum(signal_pid_safely(pid, sig, self._in_cgroup) for pid in pids)
+            return sum(signal_pid_safely(pid, sigs, self._in_cgroup) for pid in pids)
         found = self._scan_settled()
 
         def same(pid: int) -> bool:
             return create_time(pid) == found.get(pid)
 
-        return sum(signal_pid_safely(pid, sig, same) for pid in found)
+        return sum(signal_pid_safely(pid, sigs, same) for pid in found)
 
     async def terminate(self) -> int:
         return await self.send_signal(signal.SIGTERM)
@@ -500,6 +520,7 @@ class LocalSignaller:
         self.events = CgroupEventWatcher()
         self._leaders: set[int] = set()
         self._sigchld_loop: asyncio.AbstractEventLoop | None = None
+        self._reap_scheduled = False
         self.subreaper = opts.get("subreaper", "1") != "0" and make_subreaper()
         wanted = opts.get("containment", "auto")
         self._containment = self._detect(wanted)
@@ -546,10 +567,21 @@ class LocalSignaller:
             return
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError):  # not the main thread
-            loop.add_signal_handler(signal.SIGCHLD, self._reap_orphans)
+            loop.add_signal_handler(signal.SIGCHLD, self._sigchld)
             self._sigchld_loop = loop
+            # A full wakeup pipe only means a SIGCHLD burst: one queued byte is enough to
+            # reap them all, so do not print a warning per lost byte.
+            fd = signal.set_wakeup_fd(-1)
+            signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
+
+    def _sigchld(self) -> None:
+        """A burst of SIGCHLDs (a 1000-group stop) costs one reaping pass, not 1000."""
+        if not self._reap_scheduled and self._sigchld_loop is not None:
+            self._reap_scheduled = True
+            self._sigchld_loop.call_soon(self._reap_orphans)
 
     def _reap_orphans(self) -> None:
+        self._reap_scheduled = False
         for pid in self._children():
             if pid in self._leaders:
                 continue  # its pidfd watcher reaps it and keeps the status

@@ -185,7 +185,7 @@ def test_double_sigint_escalates(tmp_path: Path) -> None:
         g = spawn(d, "s", ["sh", "-c", "trap '' TERM INT; sleep 300"], "--grace", "60")
         wait_until(lambda: len(marked_alive(g)) == 2, 10, "the tree")
         d.signal(signal.SIGINT)
-        wait_until(lambda: "stopping: SIGTERM" in d.log(), 10, "the stop to begin")
+        wait_until(lambda: "shutdown 2/5" in d.log(), 10, "the stop to begin")
         d.signal(signal.SIGINT)
         # The grace is 60 s: exiting within 30 s means the second SIGINT escalated.
         assert d.wait(30) == 0

@@ -69,6 +69,29 @@ class StopResponse(_message.Message):
     group: _common_pb2.Group
     def __init__(self, group: _Optional[_Union[_common_pb2.Group, _Mapping]] = ...) -> None: ...
 
+class StopGroupsRequest(_message.Message):
+    __slots__ = ("group_ids", "policy")
+    GROUP_IDS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    group_ids: _containers.RepeatedScalarFieldContainer[str]
+    policy: _common_pb2.StopPolicy
+    def __init__(self, group_ids: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[_common_pb2.StopPolicy, _Mapping]] = ...) -> None: ...
+
+class StopGroupsResponse(_message.Message):
+    __slots__ = ("groups", "errors")
+    class ErrorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    groups: _containers.RepeatedCompositeFieldContainer[_common_pb2.Group]
+    errors: _containers.ScalarMap[str, str]
+    def __init__(self, groups: _Optional[_Iterable[_Union[_common_pb2.Group, _Mapping]]] = ..., errors: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
 class GetRequest(_message.Message):
     __slots__ = ("group_id",)
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]

@@ -55,6 +55,11 @@ class AgentServiceStub:
                 request_serializer=tether_dot_v1_dot_agent__pb2.StopRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_agent__pb2.StopResponse.FromString,
                 _registered_method=True)
+        self.StopGroups = channel.unary_unary(
+                '/tether.v1.AgentService/StopGroups',
+                request_serializer=tether_dot_v1_dot_agent__pb2.StopGroupsRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_agent__pb2.StopGroupsResponse.FromString,
+                _registered_method=True)
         self.Get = channel.unary_unary(
                 '/tether.v1.AgentService/Get',
                 request_serializer=tether_dot_v1_dot_agent__pb2.GetRequest.SerializeToString,
@@ -113,6 +118,13 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StopGroups(self, request, context):
+        """Stop many groups in one call (a session phase on this agent); one result per group.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Get(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -166,6 +178,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Stop,
                     request_deserializer=tether_dot_v1_dot_agent__pb2.StopRequest.FromString,
                     response_serializer=tether_dot_v1_dot_agent__pb2.StopResponse.SerializeToString,
+            ),
+            'StopGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopGroups,
+                    request_deserializer=tether_dot_v1_dot_agent__pb2.StopGroupsRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_agent__pb2.StopGroupsResponse.SerializeToString,
             ),
             'Get': grpc.unary_unary_rpc_method_handler(
                     servicer.Get,
@@ -301,6 +318,33 @@ class AgentService:
             '/tether.v1.AgentService/Stop',
             tether_dot_v1_dot_agent__pb2.StopRequest.SerializeToString,
             tether_dot_v1_dot_agent__pb2.StopResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.AgentService/StopGroups',
+            tether_dot_v1_dot_agent__pb2.StopGroupsRequest.SerializeToString,
+            tether_dot_v1_dot_agent__pb2.StopGroupsResponse.FromString,
             options,
             channel_credentials,
             insecure,
