@@ -98,13 +98,6 @@ class ServerAuth:
         return any(n in self.identities for n in names)
 
 
-def _deny(message: str) -> Callable[..., Awaitable[Any]]:
-    async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    return deny
-
-
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Admit a call by bearer token or client-certificate identity; refuse the rest."""
 
@@ -130,28 +123,39 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 def _rewrap(handler: Any, allowed: Callable[[Any], bool], message: str) -> Any:
     """A handler that checks ``allowed(context)`` before running the real one."""
-    kwargs = {"request_deserializer": handler.request_deserializer,
+
+    async def check(request: Any, context: Any) -> Any:
+        if not allowed(context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        return request
+
+    return wrap_handler(handler, check, handler.request_deserializer)
+
+
+Prepare = Callable[[Any, Any], Awaitable[Any]]
+
+
+def wrap_handler(handler: Any, prepare: Prepare, request_deserializer: Any) -> Any:
+    """The same RPC handler with ``prepare(request, context)`` run first; it may abort or
+    return a different request (e.g. decode raw bytes)."""
+    kwargs = {"request_deserializer": request_deserializer,
               "response_serializer": handler.response_serializer}
     if handler.unary_unary is not None:
         inner = handler.unary_unary
 
         async def unary(request: Any, context: Any) -> Any:
-            if not allowed(context):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-            return await inner(request, context)
+            return await inner(await prepare(request, context), context)
 
         return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
     if handler.unary_stream is not None:
         inner_stream = handler.unary_stream
 
         async def stream(request: Any, context: Any) -> Any:
-            if not allowed(context):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-            async for item in inner_stream(request, context):
+            async for item in inner_stream(await prepare(request, context), context):
                 yield item
 
         return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(_deny(message), **kwargs)
+    return handler
 
 
 @dataclass(frozen=True)
@@ -237,22 +241,4 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
                                     f"{method}: malformed request ({exc}); send a valid "
                                     "tether.v1 message")
 
-        kwargs = {"request_deserializer": None,
-                  "response_serializer": handler.response_serializer}
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
-
-            async def unary(raw: bytes, context: Any) -> Any:
-                return await inner(await decoded(raw, context), context)
-
-            return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def stream(raw: bytes, context: Any) -> Any:
-                request = await decoded(raw, context)
-                async for item in inner_stream(request, context):
-                    yield item
-
-            return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
-        return handler
+        return wrap_handler(handler, decoded, None)
