@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 
 from tether.agent.model import AGENT_ENV, MARKER_ENV
-from tether.agent.state import read_records
+from tether.agent.statefile import read_records
 
 log = logging.getLogger("tether.guardian")
 

@@ -10,40 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from tether.agent.authority import GroupView, Hooks
+from tether.agent.statefile import SCHEMA, GroupRecord, read_records, to_record
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS groups (
-    group_id TEXT PRIMARY KEY, state TEXT NOT NULL, orphan_policy TEXT NOT NULL,
-    leader_pid INTEGER NOT NULL, leader_start_time REAL NOT NULL, pgid INTEGER NOT NULL,
-    cgroup TEXT NOT NULL, containment TEXT NOT NULL, target TEXT NOT NULL,
-    session_id TEXT NOT NULL, spec TEXT NOT NULL, exit TEXT NOT NULL
-);
-"""
-
-
-@dataclass(frozen=True)
-class GroupRecord:
-    group_id: str
-    state: str
-    orphan_policy: str
-    leader_pid: int
-    leader_start_time: float
-    pgid: int
-    cgroup: str
-    containment: str
-    target: str
-    session_id: str
-    spec: dict[str, Any]
-    exit: dict[str, Any]
-
-    @property
-    def ended(self) -> bool:
-        return self.state in ("stopped", "exited", "failed")
+__all__ = ["SCHEMA", "AgentStore", "GroupRecord", "read_records", "record_of", "spec_from_json",
+           "spec_json", "to_record"]
 
 
 def spec_json(view: GroupView) -> dict[str, Any]:
@@ -123,25 +98,6 @@ class AgentStore(Hooks):
     def close(self) -> None:
         self.flush()
         self.db.close()
-
-
-def to_record(r: Any) -> GroupRecord:
-    return GroupRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9],
-                       json.loads(r[10]), json.loads(r[11]))
-
-
-def read_records(path: str) -> list[GroupRecord]:
-    """For the guardian: read without creating anything."""
-    if not Path(path).exists():
-        return []
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        rows = db.execute("SELECT * FROM groups").fetchall()
-    except sqlite3.Error:
-        return []
-    finally:
-        db.close()
-    return [to_record(r) for r in rows]
 
 
 def spec_from_json(d: dict[str, Any]) -> Any:

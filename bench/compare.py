@@ -78,11 +78,20 @@ def fmt_ms(seconds: float) -> str:
 
 
 def time_cell(st: dict[str, Any] | None) -> str:
+    """Median, then min-max in the median's unit: "343 ms (215-471)", "1.21 s (1.15-1.26)"."""
     if st is None:
         return "-"
+    med = fmt_ms(st["median"])
     if st["n"] == 1:
-        return fmt_ms(st["median"])
-    return f"{fmt_ms(st['median'])} ({fmt_ms(st['min'])}-{fmt_ms(st['max'])})"
+        return med
+    unit = med.split()[1]
+
+    def bare(x: float) -> str:
+        if unit == "s":
+            return f"{x:.2f}"
+        ms = x * 1000
+        return f"{ms:.0f}" if ms >= 100 else (f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}")
+    return f"{med} ({bare(st['min'])}-{bare(st['max'])})"
 
 
 def count_cell(st: dict[str, Any] | None) -> str:
@@ -180,7 +189,7 @@ def only_rows(reused: list[dict[str, Any]]) -> str:
         cell = f(t)
         if r.get("spread"):
             lo, hi = r["spread"]
-            cell += f" ({f(lo)}-{f(hi)})"
+            cell += f" ({lo:.0f}-{hi:.0f})" if unit == "ms" else f" ({lo:,.0f}-{hi:,.0f})"
         lines.append(f"| {r['workload']} | {r['metric']} | {cell} | {f(b)} | {r['n']} |")
     return "\n".join(lines)
 
@@ -190,7 +199,16 @@ def fan_out_rows(lab: Lab, reps: int) -> list[dict[str, Any]]:
     got: list[list[dict[str, Any]]] = []
     for i in range(reps):
         log(f"w4: repetition {i + 1} of {reps}")
-        got.append(asyncio.run(fan_out(lab, False)))
+        # fan_out names its daemons after the run, so each repetition gets a lab (state
+        # dirs) of its own; its close() sweeps that repetition's daemons and groups.
+        rep = Lab(root=lab.root / f"w4-{i}", keep_logs=True)
+        rep.root.mkdir(parents=True)
+        try:
+            got.append(asyncio.run(fan_out(rep, False)))
+        finally:
+            for note in rep.close():
+                log(f"w4 cleanup: {note}")
+            lab.agent_names += rep.agent_names  # so the final sweep also covers them
     stop = [g[0] for g in got]
     spawn = [g[1] for g in got]
     tv = [r["tether"] for r in stop]
@@ -222,6 +240,7 @@ def footprint_table(fp: dict[str, Any]) -> str:
     row("guardian process RSS (tether)", "guardian_rss_mb", "{} MB")
     row(f"CPU while idle ({fp['window_s']:g} s window)", "cpu_ms_per_s", "{} ms/s")
     row("wake-ups (context switches, all threads)", "wakeups_per_s", "{}/s")
+    row("wake-ups of the main thread", "main_thread_wakeups_per_s", "{}/s")
     row("threads", "threads")
     med = fp.get("status_cli_median_s", {})
     status = {"tether serve": ["tether sessions", "tether show"],
@@ -312,8 +331,11 @@ def targets(side: list[Row], reused: list[dict[str, Any]], fp: dict[str, Any]
                         f"{d['rss_mb']} MB", verdict(d["rss_mb"] < 50)))
             top = ", ".join(f"{k} {v}/s" for k, v in
                             list(d["wakeups_per_s_by_thread"].items())[:3]) or "none"
+            own = d.get("main_thread_wakeups_per_s")
             out.append((f"{name} idle: no periodic wake-ups beyond heartbeats",
-                        f"{d['wakeups_per_s']}/s ({top}); CPU {d['cpu_ms_per_s']} ms/s",
+                        f"{d['wakeups_per_s']}/s ({top})"
+                        + (f"; main (asyncio) thread {own}/s" if own is not None else "")
+                        + f"; CPU {d['cpu_ms_per_s']} ms/s",
                         verdict(d["wakeups_per_s"] <= 1.0)))
     med = fp.get("status_cli_median_s", {})
     if "tether sessions" in med:
@@ -434,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
         out_md.append("")
     for step, msg in failures.items():
         out_md.append(f"- **{step} failed**: {msg[:300]}")
+    killed = getattr(managers["tether"], "cli_killed", [])
+    if killed:
+        out_md.append(f"- {len(killed)} `tether spawn` CLI process(es) were killed by a signal "
+                      f"nobody in the benchmark sent ({sorted(set(killed))}) and retried once.")
     out_md.append(
         f"{'Quick run' if args.quick else 'Full run'}, {started:%Y-%m-%d}: {info['cpus']} CPUs, "
         f"Python {info['python']}, containment {lab.containment or 'unknown'}, supervisor "
@@ -448,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         "host": {**info, "containment": lab.containment},
         "peers": {k: asdict(v) for k, v in peers.items()},
         "load_average_at_start": loads, "failures": failures,
+        "tether_cli_spawn_killed_by_signal": getattr(managers["tether"], "cli_killed", []),
         "side_by_side": side, "samples": raw, "tether_only": reused, "footprint": fp,
         "targets": [{"target": a, "measured": b, "verdict": c} for a, b, c in goals],
     }, indent=2, default=str) + "\n")

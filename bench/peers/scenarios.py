@@ -172,8 +172,12 @@ def idle_window(pids: dict[str, int], seconds: float) -> dict[str, dict[str, Any
         cpu0, thr0 = before[k]
         cpu1, thr1 = p.cpu_times(), _threads(p.pid)
         per_thread: collections.Counter[str] = collections.Counter()
+        main = 0
         for tid, (comm, n) in thr1.items():
-            per_thread[comm] += n - thr0.get(tid, (comm, 0))[1]
+            delta = n - thr0.get(tid, (comm, 0))[1]
+            per_thread[comm] += delta
+            if tid == p.pid:
+                main = delta
         mem = p.memory_full_info()
         out[k] = {
             "pid": p.pid, "rss_mb": round(mem.rss / 2**20, 1), "uss_mb": round(mem.uss / 2**20, 1),
@@ -181,6 +185,7 @@ def idle_window(pids: dict[str, int], seconds: float) -> dict[str, dict[str, Any
             "cpu_ms_per_s": round(((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system))
                                   * 1000 / elapsed, 2),
             "wakeups_per_s": round(sum(per_thread.values()) / elapsed, 1),
+            "main_thread_wakeups_per_s": round(main / elapsed, 1),
             "wakeups_per_s_by_thread": {c: round(n / elapsed, 1)
                                         for c, n in per_thread.most_common() if n},
         }
