@@ -538,22 +538,29 @@ class Authority:
 
     # ------------------------------------------------------------ stop
 
-    async def stop(self, group_id: str, policy: StopPolicy | None = None) -> GroupView:
-        """Stop a group; idempotent, and concurrent stops share one run."""
+    async def stop(self, group_id: str, policy: StopPolicy | None = None,
+                   requested_at: float | None = None) -> GroupView:
+        """Stop a group; idempotent, and concurrent stops share one run.
+
+        The grace runs from ``requested_at`` (``time.monotonic()``; default: now), so a
+        batch of stops escalates together at the grace, not staggered by the time the
+        batch took to signal.
+        """
+        requested_at = time.monotonic() if requested_at is None else requested_at
         g = self._find(group_id)
         await g.handle_ready.wait()
         if g.state.ended:
             return g.view()
         if g.stop_task is None:
-            g.stop_task = self._own(self._run_stop(g, policy or self._policy(g.spec)),
-                                    f"stop-{group_id}")
+            g.stop_task = self._own(
+                self._run_stop(g, policy or self._policy(g.spec), requested_at),
+                f"stop-{group_id}")
         await asyncio.shield(g.stop_task)
         return g.view()
 
-    async def _run_stop(self, g: Group, policy: StopPolicy) -> None:
+    async def _run_stop(self, g: Group, policy: StopPolicy, t0: float) -> None:
         h = g.handle
         assert h is not None
-        t0 = time.monotonic()
         self._transition(g, Transition.STOP)
         g.stop_requested.set()
         g.log.debug("stopping: %s, grace %g s", policy.signal.name, policy.grace)
@@ -564,7 +571,7 @@ class Authority:
             sent = await self._send(g, policy.signal, also_continue=True)
             if sent == 0 and await h.wait(0):
                 reason = ExitReason.NATURAL
-            elif await h.wait(policy.grace):
+            elif await h.wait(max(0.0, t0 + policy.grace - time.monotonic())):
                 reason = ExitReason.REQUESTED
             else:
                 g.log.warning("members ignored %s for %g s; sending SIGKILL to every member",
@@ -598,7 +605,9 @@ class Authority:
     async def stop_all(self, which: Callable[[Group], bool] = lambda g: True) -> list[GroupView]:
         """Stop many groups at once (used by shutdown and session stops)."""
         targets = [g for g in self._groups.values() if not g.state.ended and which(g)]
-        return list(await asyncio.gather(*(self.stop(g.group_id) for g in targets)))
+        now = time.monotonic()
+        return list(await asyncio.gather(*(self.stop(g.group_id, requested_at=now)
+                                           for g in targets)))
 
     async def shutdown(self) -> None:
         """Stop every group whose orphan policy is ``kill``; leave ``keep`` ones running."""

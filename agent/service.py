@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -81,7 +82,9 @@ class AgentServicer(agrpc.AgentServiceServicer):
             if request.HasField("policy"):
                 current = self.authority.get(gid).spec.stop
                 policies[gid] = stop_policy_from_pb(request.policy, default_grace=current.grace)
-        views = await asyncio.gather(*(self.authority.stop(g, policies[g]) for g in known))
+        now = time.monotonic()
+        views = await asyncio.gather(*(self.authority.stop(g, policies[g], requested_at=now)
+                                       for g in known))
         reply.groups.extend(group_to_pb(v) for v in views)
         return reply
 
