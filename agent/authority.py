@@ -36,6 +36,7 @@ from tether.agent.model import (
     next_state,
 )
 from tether.agent.readiness import Prober, port_in_use
+from tether.agent.tasks import TaskSet
 from tether.signallers.base import GroupHandle, LaunchSpec
 from tether.signallers.registry import Signallers, split_target
 
@@ -154,25 +155,10 @@ class Authority:
         self._idempotency: dict[str, str] = {}
         self._subscribers: list[_Subscriber] = []
         self._seq = 0
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(log)
         self.log = logging.LoggerAdapter(log, {"agent": name})
 
     # ------------------------------------------------------------ plumbing
-
-    def _own(self, coro: Any, name: str) -> asyncio.Task[Any]:
-        """Long-lived work lives in an owned set; its errors are logged, never lost."""
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._reap_task)
-        return task
-
-    def _reap_task(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            self.log.error("task %s failed: %r", task.get_name(), exc, exc_info=exc)
 
     def _emit(self, g: Group, kind: str) -> None:
         self._seq += 1
@@ -324,7 +310,7 @@ class Authority:
         g.log = logging.LoggerAdapter(log, {"group": g.group_id, "session": spec.session_id,
                                             "pid": g.handle.leader_pid})
         g.handle_ready.set()
-        self._own(self._watch(g), f"watch-{g.group_id}")
+        self._tasks.spawn(self._watch(g), f"watch-{g.group_id}")
         if spec.ready is None:
             self._transition(g, Transition.READY)
             return
@@ -407,7 +393,7 @@ class Authority:
         self.hooks.start_failure(failure.value)
         self._transition(g, Transition.START_FAILED)
         if g.handle is not None:
-            self._own(self._finish_handle(g), f"close-{g.group_id}")
+            self._tasks.spawn(self._finish_handle(g), f"close-{g.group_id}")
 
     async def _finish_handle(self, g: Group) -> None:
         assert g.handle is not None
@@ -436,7 +422,7 @@ class Authority:
         self._groups[group_id] = g
         self._emit(g, "state")
         self._transition(g, Transition.READY)
-        self._own(self._watch(g), f"watch-{group_id}")
+        self._tasks.spawn(self._watch(g), f"watch-{group_id}")
         return g.view()
 
     # ------------------------------------------------------------ restart recovery
@@ -461,7 +447,7 @@ class Authority:
         self._groups[group_id] = g
         g.log.info("re-adopted after agent restart (leader pid %d)", handle.leader_pid)
         self._emit(g, "state")
-        self._own(self._watch(g), f"watch-{group_id}")
+        self._tasks.spawn(self._watch(g), f"watch-{group_id}")
         return g.view()
 
     async def escalate(self) -> None:
@@ -552,7 +538,7 @@ class Authority:
         if g.state.ended:
             return g.view()
         if g.stop_task is None:
-            g.stop_task = self._own(
+            g.stop_task = self._tasks.spawn(
                 self._run_stop(g, policy or self._policy(g.spec), requested_at),
                 f"stop-{group_id}")
         await asyncio.shield(g.stop_task)
@@ -612,9 +598,7 @@ class Authority:
     async def shutdown(self) -> None:
         """Stop every group whose orphan policy is ``kill``; leave ``keep`` ones running."""
         await self.stop_all(lambda g: g.spec.orphan_policy is OrphanPolicy.KILL)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         for sub in list(self._subscribers):
             with contextlib.suppress(asyncio.QueueFull):
                 sub.queue.put_nowait(None)

@@ -29,8 +29,6 @@ CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (e.TetherError, grpc.StatusCode.INTERNAL),
 ]
 
-# Status codes a client maps back to domain errors (coordinator -> agent calls).
-NOT_FOUND_CODES = {grpc.StatusCode.NOT_FOUND}
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:

@@ -25,6 +25,7 @@ from tether.agent.orphans import Orphan, OrphanReaper
 from tether.agent.security import AuthInterceptor, ClientSecurity, ServerAuth
 from tether.agent.service import AgentServicer, add_to_server
 from tether.agent.state import AgentStore, spec_from_json
+from tether.agent.tasks import TaskSet
 from tether.signallers.base import SignallerContext
 from tether.signallers.local import LocalSignaller
 from tether.signallers.registry import Signallers
@@ -98,7 +99,7 @@ class AgentRuntime:
             on_reap=self.metrics.orphans_reaped.inc, on_current=self.metrics.set_orphans_now)
         trigger.reaper = self.reaper
         self.servicer = AgentServicer(self.authority, self.list_orphans)
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(log)
         self._guardian: subprocess.Popen[bytes] | None = None
         self._closing = False
         self.port = 0
@@ -114,16 +115,11 @@ class AgentRuntime:
     async def list_orphans(self, sweep: bool) -> list[Orphan]:
         return await self.reaper.sweep(kill=sweep and self.reaper.policy == "kill")
 
-    def _own(self, coro: Any, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def start_background(self) -> None:
         """Recover from the state file, sweep orphans, start the guardian and the reaper."""
         await self.recover()
         await self.list_orphans(sweep=self.reaper.policy == "kill")
-        self._own(self.reaper.run(), "orphans")
+        self._tasks.spawn(self.reaper.run(), "orphans")
         if self.config.guardian and self.store is not None:
             self._start_guardian()
 
@@ -163,7 +159,7 @@ class AgentRuntime:
         self._guardian = subprocess.Popen(args, start_new_session=True, env=env,
                                           stdin=subprocess.DEVNULL)
         log.info("guardian started (pid %d)", self._guardian.pid)
-        self._own(self._watch_guardian(self._guardian), "guardian-watch")
+        self._tasks.spawn(self._watch_guardian(self._guardian), "guardian-watch")
 
     async def _watch_guardian(self, proc: subprocess.Popen[bytes]) -> None:
         from tether.signallers.local import wait_pidfds
@@ -228,9 +224,7 @@ class AgentRuntime:
         log.info("shutdown 2/5: stopping every group whose orphan policy is kill")
         self._closing = True
         await self.authority.shutdown()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         log.info("shutdown 3/5: stopping registration and watchers")
         if self._register_task is not None:
             self._register_task.cancel()

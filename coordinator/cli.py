@@ -11,7 +11,6 @@ Exit statuses: 0 success (for `stop`: every group ended with zero survivors);
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -549,9 +548,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=False)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,10 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from tether.coordinator.cli import EXIT_OK, EXIT_UNCLEAN, EXIT_UNREACHABLE
 from tether.v1 import common_pb2 as pb
 from tether.v1 import coordinator_pb2 as cpb
 from tether.v1 import coordinator_pb2_grpc as cgrpc
-
-EXIT_OK, EXIT_UNCLEAN, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 
 STATE = {v.number: v.name.removeprefix("GROUP_STATE_").lower()
          for v in pb.GroupState.DESCRIPTOR.values}

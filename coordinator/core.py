@@ -27,6 +27,7 @@ from tether.agent.errors import (
 )
 from tether.agent.model import check_name, parse_signal
 from tether.agent.security import ClientSecurity
+from tether.agent.tasks import TaskSet
 from tether.coordinator.store import AgentRow, GroupRow, SessionRow, StopIntent, Store
 from tether.v1 import agent_pb2 as apb
 from tether.v1 import agent_pb2_grpc as agrpc
@@ -46,8 +47,6 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-             grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 
 
 @dataclass
@@ -133,7 +132,7 @@ class Coordinator:
         self.sessions: dict[str, SessionRow] = {}
         self.groups: dict[tuple[str, str], TrackedGroup] = {}
         self._stops: dict[str, asyncio.Task[cpb.SessionReport]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(log)
         self._subscribers: list[Subscriber] = []
         self._lease_changed = asyncio.Event()
         self._seq = 0
@@ -158,7 +157,7 @@ class Coordinator:
 
     def start(self) -> None:
         """Resume persisted stop intents, start lease timers and agent watches."""
-        self._own(self._lease_loop(), "leases")
+        self._tasks.spawn(self._lease_loop(), "leases")
         for link in self.agents.values():
             self._start_watch(link)
         for intent in self.store.intents():
@@ -168,9 +167,7 @@ class Coordinator:
 
     async def close(self) -> None:
         self._flush()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         for link in self.agents.values():
             if link.channel is not None:
                 await link.channel.close()
@@ -178,17 +175,6 @@ class Coordinator:
         for sub in self._subscribers:
             with contextlib.suppress(asyncio.QueueFull):
                 sub.queue.put_nowait(None)
-
-    def _own(self, coro: Any, name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._reap)
-        return task
-
-    def _reap(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed", task.get_name(), exc_info=task.exception())
 
     # ------------------------------------------------------------ agents
 
@@ -217,7 +203,7 @@ class Coordinator:
                  " (restarted: reconciling its groups)" if restarted else "")
         self._start_watch(link)
         if restarted:
-            self._own(self._reconcile(link), f"reconcile-{req.name}")
+            self._tasks.spawn(self._reconcile(link), f"reconcile-{req.name}")
         return cpb.RegisterAgentResponse(heartbeat_interval_seconds=self.config.heartbeat_interval,
                                          ttl_seconds=self.config.agent_ttl)
 
@@ -225,7 +211,7 @@ class Coordinator:
         if link.watch_task is not None:
             link.watch_task.cancel()
         if link.channel is not None:
-            self._own(link.channel.close(), "close-channel")
+            self._tasks.spawn(link.channel.close(), "close-channel")
             link.channel = None
 
     def heartbeat(self, name: str, epoch: str) -> bool:
@@ -264,7 +250,7 @@ class Coordinator:
 
     def _start_watch(self, link: AgentLink) -> None:
         if link.watch_task is None or link.watch_task.done():
-            link.watch_task = self._own(self._watch_agent(link), f"watch-{link.row.name}")
+            link.watch_task = self._tasks.spawn(self._watch_agent(link), f"watch-{link.row.name}")
 
     async def _watch_agent(self, link: AgentLink) -> None:
         """Follow an agent's Watch stream: natural exits reach sessions as they happen."""
@@ -274,7 +260,7 @@ class Coordinator:
                 stream = link.stub.Watch(apb.WatchRequest(initial=True))
                 async for event in stream:
                     backoff = 0.1
-                    self._absorb(link.row.name, event.group, event.kind)
+                    self.absorb(link.row.name, event.group, event.kind)
             except grpc.aio.AioRpcError as exc:
                 log.debug("watch of agent %r: %s", link.row.name, exc.code().name)
             await asyncio.sleep(backoff)
@@ -288,7 +274,7 @@ class Coordinator:
             self._dirty.clear()
             self.store.put_groups(rows)
 
-    def _absorb(self, agent: str, group: pb.Group, kind: str = "state",
+    def absorb(self, agent: str, group: pb.Group, kind: str = "state",
                 persist: bool = True) -> None:
         """Take in what an agent says of a group. ``persist=False`` leaves the write to the
         caller's ``_flush()`` (batched); otherwise it is written at the end of this loop
@@ -321,7 +307,7 @@ class Coordinator:
                     continue
                 self._mark_lost(tracked, f"agent {link.row.name!r} restarted without this group")
             else:
-                self._absorb(link.row.name, reply.group)
+                self.absorb(link.row.name, reply.group)
 
     def _mark_lost(self, tracked: TrackedGroup, why: str) -> None:
         tracked.group.state = pb.GROUP_STATE_LOST
@@ -521,7 +507,7 @@ class Coordinator:
                 rep.error = str(self._agent_error(link, exc))
                 return rep
             rep.members_signalled = reply.members_signalled
-            self._absorb(t.agent, reply.group)
+            self.absorb(t.agent, reply.group)
             rep.state = reply.group.state
             return rep
 
@@ -553,7 +539,7 @@ class Coordinator:
         self.store.put_session(s)
         if persist:
             self.store.put_intent(StopIntent(session_id, grace, cause, time.time()))
-        task = self._own(self._run_stop(session_id, grace), f"stop-{session_id}")
+        task = self._tasks.spawn(self._run_stop(session_id, grace), f"stop-{session_id}")
         self._stops[session_id] = task
         return task
 
@@ -658,7 +644,7 @@ class Coordinator:
             return list(groups)
         by_id: dict[str, TrackedGroup | None] = {t.group_id: t for t in groups}
         for g in reply.groups:
-            self._absorb(link.row.name, g, "exit", persist=False)
+            self.absorb(link.row.name, g, "exit", persist=False)
             by_id.pop(g.group_id, None)
         for gid, why in reply.errors.items():
             unknown = by_id.pop(gid, None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+import tether
 from tether.agent.daemon import Shutdown, TLSFiles, start_server
 from tether.agent.metrics import serve_metrics
 from tether.agent.security import AuthInterceptor, ClientSecurity, ServerAuth
@@ -120,7 +120,7 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
             metrics_server, _ = serve_metrics(registry, cfg.metrics_listen)
         host = cfg.listen.rsplit(":", 1)[0]
         coordinator.register_agent(cpb.RegisterAgentRequest(
-            name=agent_cfg.name, address=f"{host}:{port}", version=__import__("tether").__version__,
+            name=agent_cfg.name, address=f"{host}:{port}", version=tether.__version__,
             containment=CONTAINMENT_TO_PB[runtime.local.containment], epoch=runtime.epoch),
             always_up=True)
         await runtime.start_background()
@@ -140,13 +140,10 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
         from tether.agent.convert import group_to_pb as to_pb
 
         for view in runtime.authority.views():
-            coordinator._absorb(agent_cfg.name, to_pb(view), "exit")
+            coordinator.absorb(agent_cfg.name, to_pb(view), "exit")
         await coordinator.close()
         coordinator.store.close()
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
 
-
-def run(main: Any) -> None:
-    asyncio.run(main)

@@ -41,13 +41,6 @@ class Reachability:
     why: str = ""
 
 
-@dataclass(frozen=True)
-class MemberInfo:
-    pid: int
-    command: str = ""
-    extra: Mapping[str, str] = field(default_factory=dict)
-
-
 @runtime_checkable
 class GroupHandle(Protocol):
     """A started (or adopted) group on some target: the Popen of a whole tree."""

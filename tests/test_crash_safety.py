@@ -163,14 +163,24 @@ def test_guardian_is_restarted_when_it_dies(tmp_path: Path) -> None:
     d = serve_on(tmp_path)
     try:
         def guardians() -> list[psutil.Process]:
-            return [c for c in psutil.Process(d.proc.pid).children()
-                    if "tether.agent.guardian" in " ".join(c.cmdline())]
+            found = []
+            for c in psutil.Process(d.proc.pid).children():
+                try:  # a killed guardian is a zombie until the agent reaps it
+                    if c.status() != psutil.STATUS_ZOMBIE \
+                            and "tether.agent.guardian" in " ".join(c.cmdline()):
+                        found.append(c)
+                except psutil.Error:
+                    continue
+            return found
 
         wait_until(lambda: len(guardians()) == 1, 10, "a guardian")
         first = guardians()[0]
         first.kill()
-        wait_until(lambda: len(guardians()) == 1 and guardians()[0].pid != first.pid, 10,
-                   "a new guardian")
+        def replaced() -> bool:
+            now = guardians()  # one look: the list may change between two
+            return len(now) == 1 and now[0].pid != first.pid
+
+        wait_until(replaced, 10, "a new guardian")
         g = spawn(d, "s", ["sleep", "300"])
         d.proc.kill()
         d.proc.wait()
