@@ -42,6 +42,7 @@ import psutil
 
 from tether.agent.errors import AdoptRefused, StartFailed
 from tether.agent.model import MARKER_ENV, Containment, FailureClass, LeaderStatus
+from tether.signallers import launch
 from tether.signallers.base import (
     GroupHandle,
     LaunchSpec,
@@ -169,12 +170,6 @@ class CgroupEventWatcher:
             self._loop = loop
             loop.add_reader(self._epoll.fileno(), self._on_ready)
 
-    def populated(self, cgroup: Path) -> bool:
-        try:
-            text = (cgroup / "cgroup.events").read_text()
-        except FileNotFoundError:
-            return False
-        return "populated 1" in text
 
     def wait_empty(self, cgroup: Path) -> asyncio.Future[None]:
         self._ensure_reader()
@@ -192,9 +187,8 @@ class CgroupEventWatcher:
             self._epoll.register(fd, select.EPOLLPRI | select.EPOLLERR)
             self._fds[fd] = (cgroup, [fut])
             self._by_path[cgroup] = fd
-            os.pread(fd, 256, 0)
-        # Re-check after registering: the cgroup may have emptied in between.
-        if not self.populated(cgroup):
+        # Check after registering: the cgroup may have emptied before.
+        if b"populated 1" not in os.pread(fd, 256, 0):
             self._resolve(fd)
         return fut
 
@@ -294,7 +288,6 @@ class LocalGroup:
         self.sid = leader_pid
         self.containment = containment
         self.cgroup = cgroup
-        self._cgroup_rel: str | None = None
         self.leader_start_time = leader_start_time
         self._popen = popen
         self._leader_status: LeaderStatus | None = None
@@ -346,13 +339,6 @@ class LocalGroup:
         return await asyncio.shield(self._leader_done)
 
     # -- membership
-
-    def _in_cgroup(self, pid: int) -> bool:
-        if self._cgroup_rel is None:
-            assert self.cgroup is not None
-            self._cgroup_rel = "/" + str(self.cgroup.relative_to(
-                self._signaller.cgroup_mount or "/"))
-        return own_cgroup(pid) == self._cgroup_rel
 
     def _scan(self) -> dict[int, float]:
         """Weaker modes: members by pgid/session, ancestry and marker. pid -> create time."""
@@ -407,14 +393,43 @@ class LocalGroup:
     async def send_signals(self, sigs: Sequence[signal.Signals]) -> int:
         """Each signal in order to every member, one pass (TERM then CONT in a stop)."""
         if self.cgroup is not None:
-            pids = await self.members()
-            return sum(signal_pid_safely(pid, sigs, self._in_cgroup) for pid in pids)
+            return self._signal_cgroup(sigs)
         found = self._scan_settled()
 
         def same(pid: int) -> bool:
             return create_time(pid) == found.get(pid)
 
         return sum(signal_pid_safely(pid, sigs, same) for pid in found)
+
+    def _signal_cgroup(self, sigs: Sequence[signal.Signals]) -> int:
+        """Open a pidfd on every listed member, then read the list again: a pid still listed
+        while its pidfd is held is a member (a pid reused inside the cgroup is a member
+        too), so no signal reaches a process that merely inherited a member's pid."""
+        procs = f"{self.cgroup}/cgroup.procs"
+        try:
+            listed = read_small(procs).split()
+        except FileNotFoundError:
+            return 0
+        fds: dict[bytes, int] = {}
+        try:
+            for pid in listed:
+                with contextlib.suppress(OSError):
+                    fds[pid] = os.pidfd_open(int(pid))
+            try:
+                still = set(read_small(procs).split()) if fds else set()
+            except FileNotFoundError:
+                return 0
+            sent = 0
+            for pid, fd in fds.items():
+                if pid in still:
+                    with contextlib.suppress(ProcessLookupError):
+                        for s in sigs:
+                            signal.pidfd_send_signal(fd, s)
+                        sent += 1
+            return sent
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     async def terminate(self) -> int:
         return await self.send_signal(signal.SIGTERM)
@@ -521,6 +536,7 @@ class LocalSignaller:
         self._leaders: set[int] = set()
         self._sigchld_loop: asyncio.AbstractEventLoop | None = None
         self._reap_scheduled = False
+        self._shell_usable = launch.shell_usable()
         self.subreaper = opts.get("subreaper", "1") != "0" and make_subreaper()
         wanted = opts.get("containment", "auto")
         self._containment = self._detect(wanted)
@@ -604,27 +620,45 @@ class LocalSignaller:
     async def spawn(self, spec: LaunchSpec) -> GroupHandle:
         self._install_sigchld()
         cgroup = self.cgroup_for(spec.group_id) if self._containment is Containment.CGROUP else None
-        procs_fd: int | None = None
+        argv = list(spec.argv)
+        env = dict(spec.env)
+        gated = False
         if cgroup is not None:
             cgroup.mkdir(exist_ok=True)
+            # A cwd that cannot be entered is left to the direct path, which names it.
+            if self._shell_usable and (not spec.cwd or (os.path.isdir(spec.cwd)
+                                            and os.access(spec.cwd, os.X_OK))):
+                try:
+                    # Exec errors are raised here, exactly as exec would give them.
+                    path = launch.resolve(argv[0], env, spec.cwd or None)
+                except OSError as exc:
+                    with contextlib.suppress(OSError):
+                        cgroup.rmdir()
+                    raise _classify_exec_error(exc, spec) from exc
+                gated = launch.shim_safe(path)
+        procs_fd: int | None = None
+        if cgroup is not None and not gated:
             procs_fd = os.open(cgroup / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
 
-        def join_cgroup() -> None:  # runs in the child, between fork and exec
+        def join_cgroup() -> None:  # runs in the child, between fork and exec (slow path)
             if procs_fd is not None:
                 os.write(procs_fd, b"0")
 
         out: int | None = None
+        gate_r = gate_w = -1
         try:
             if spec.log_path:
                 out = os.open(spec.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                               0o644)
-            # A synchronous fork+exec (about a millisecond) on purpose: asyncio's subprocess
-            # support would add a child watcher; exits are watched through pidfds instead.
+            if gated:
+                gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
+            # A synchronous vfork+exec (about half a millisecond) on purpose: asyncio's
+            # subprocess support would add a child watcher; exits are watched through pidfds.
             popen = subprocess.Popen(  # noqa: ASYNC220
-                list(spec.argv),
+                launch.shim_argv(argv, env) if gated else argv,
                 cwd=spec.cwd or None,
-                env=dict(spec.env),
-                stdin=subprocess.DEVNULL,
+                env=env,
+                stdin=gate_r if gated else subprocess.DEVNULL,
                 stdout=out if out is not None else subprocess.DEVNULL,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -632,6 +666,8 @@ class LocalSignaller:
                 close_fds=True,
             )
         except OSError as exc:
+            if gate_w >= 0:
+                os.close(gate_w)
             if cgroup is not None:
                 with contextlib.suppress(OSError):
                     cgroup.rmdir()
@@ -644,13 +680,40 @@ class LocalSignaller:
                 ) from exc
             raise _classify_exec_error(exc, spec) from exc
         finally:
-            if procs_fd is not None:
-                os.close(procs_fd)
-            if out is not None:
-                os.close(out)
+            for fd in (procs_fd, out, gate_r):
+                if fd is not None and fd >= 0:
+                    os.close(fd)
+        if gated:
+            assert cgroup is not None
+            self._release(popen, cgroup, gate_w)
         self._leaders.add(popen.pid)
         return LocalGroup(self, spec.group_id, popen.pid, self._containment, cgroup, popen,
                           create_time(popen.pid) or time.time())
+
+    @staticmethod
+    def _release(popen: subprocess.Popen[bytes], cgroup: Path, gate: int) -> None:
+        """Move the waiting shell into its cgroup, then let it exec the program."""
+        try:
+            try:
+                fd = os.open(cgroup / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.write(fd, str(popen.pid).encode())
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                popen.kill()
+                popen.wait()
+                with contextlib.suppress(OSError):
+                    cgroup.rmdir()
+                raise StartFailed(
+                    FailureClass.PERMISSION_DENIED,
+                    f"cannot place the group into its cgroup {cgroup}: {exc.strerror}; check "
+                    "that this agent may write there, or run it with --containment subreaper",
+                ) from exc
+            with contextlib.suppress(BrokenPipeError):  # it died already: its exit tells
+                os.write(gate, launch.GO)
+        finally:
+            os.close(gate)
 
     async def adopt(self, group_id: str, pid: int, start_time: float | None,
                     where: str) -> GroupHandle:
