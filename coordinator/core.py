@@ -99,10 +99,14 @@ class AgentLink:
     watch_task: asyncio.Task[None] | None = None
     always_up: bool = False
     dial: ClientSecurity = field(default_factory=ClientSecurity)
+    #: `tether serve`'s own agent: an in-process stub instead of a loopback channel.
+    local: Any = None
     _stub: agrpc.AgentServiceStub | None = None
 
     @property
     def stub(self) -> agrpc.AgentServiceStub:
+        if self.local is not None:
+            return cast(agrpc.AgentServiceStub, self.local)
         if self.channel is not None and self._stub is not None:
             return self._stub
         if self.channel is None:
@@ -181,8 +185,10 @@ class Coordinator:
     def agent_up(self, link: AgentLink) -> bool:
         return link.always_up or time.time() - link.row.last_seen <= self.config.agent_ttl
 
-    def register_agent(self, req: cpb.RegisterAgentRequest, always_up: bool = False
-                       ) -> cpb.RegisterAgentResponse:
+    def register_agent(self, req: cpb.RegisterAgentRequest, always_up: bool = False,
+                       local: Any = None) -> cpb.RegisterAgentResponse:
+        """``always_up``/``local``: the agent lives in this process (`tether serve`); ``local``
+        is the stub that reaches it without a network round trip."""
         check_name(req.name, "agent name")
         if ":" not in req.address:
             raise InvalidSpec(f"agent address {req.address!r} must be HOST:PORT", field="address")
@@ -199,6 +205,7 @@ class Coordinator:
             link = AgentLink(row, dial=self.config.dial)
             self.agents[req.name] = link
         link.always_up = always_up
+        link.local = local
         log.info("agent %r registered at %s%s", req.name, req.address,
                  " (restarted: reconciling its groups)" if restarted else "")
         self._start_watch(link)

@@ -88,21 +88,10 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
     """Coordinator and a local agent on one gRPC server, in one process."""
     from tether.agent.convert import CONTAINMENT_TO_PB
     from tether.agent.run import AgentRuntime
+    from tether.coordinator.inprocess import InProcessAgentStub
     from tether.v1 import coordinator_pb2 as cpb
 
     registry = CollectorRegistry()
-    if cfg.auth.enforced or cfg.tls.enabled:
-        # The coordinator half dials the agent half over the same port: give it a
-        # private token, and trust the server's own certificate (or --tls-ca).
-        import secrets
-        from dataclasses import replace
-
-        internal = secrets.token_urlsafe(32)
-        cfg.auth = replace(cfg.auth, tokens=cfg.auth.tokens | {internal})
-        cfg.dial = replace(cfg.dial, token=internal,
-                           ca=cfg.dial.ca or (cfg.tls.cert if cfg.tls.enabled else ""),
-                           cert=cfg.dial.cert or (cfg.tls.cert if cfg.tls.client_ca else ""),
-                           key=cfg.dial.key or (cfg.tls.key if cfg.tls.client_ca else ""))
     agent_cfg.state_dir = agent_cfg.state_dir or os.path.join(cfg.state_dir, "agent")
     Path(agent_cfg.state_dir).mkdir(parents=True, exist_ok=True)
     runtime = AgentRuntime(agent_cfg, registry)
@@ -122,7 +111,7 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
         coordinator.register_agent(cpb.RegisterAgentRequest(
             name=agent_cfg.name, address=f"{host}:{port}", version=tether.__version__,
             containment=CONTAINMENT_TO_PB[runtime.local.containment], epoch=runtime.epoch),
-            always_up=True)
+            always_up=True, local=InProcessAgentStub(runtime.servicer))
         await runtime.start_background()
         coordinator.start()
         print(f"tether serve listening on {host}:{port} (coordinator + agent {agent_cfg.name!r}, "
