@@ -62,6 +62,9 @@ class GroupView:
     member_count: int = 0
     leader_start_time: float = 0.0
     cgroup: str = ""
+    #: Encodings of the (immutable) spec, shared by every view of one group: the transport
+    #: and the state file encode a spec once, not on every state change.
+    encoded: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class Group:
         self.empty = asyncio.Event()
         self.ended = asyncio.Event()
         self.log = logging.LoggerAdapter(log, {"group": group_id, "session": spec.session_id})
+        self.encoded: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         pid = self.handle.leader_pid if self.handle else "-"
@@ -119,6 +123,7 @@ class Group:
             member_count=member_count,
             leader_start_time=h.leader_start_time if h else 0.0,
             cgroup=str(cgroup) if cgroup else "",
+            encoded=self.encoded,
         )
 
 
@@ -157,6 +162,13 @@ class Authority:
         self._seq = 0
         self._tasks = TaskSet(log)
         self.log = logging.LoggerAdapter(log, {"agent": name})
+        self._stops_running = 0
+        self._no_stops = asyncio.Event()
+        self._no_stops.set()
+
+    async def no_stops_running(self) -> None:
+        """Return once no stop is in progress (background work waits for a batch to end)."""
+        await self._no_stops.wait()
 
     # ------------------------------------------------------------ plumbing
 
@@ -545,6 +557,16 @@ class Authority:
         return g.view()
 
     async def _run_stop(self, g: Group, policy: StopPolicy, t0: float) -> None:
+        self._stops_running += 1
+        self._no_stops.clear()
+        try:
+            await self._stop_group(g, policy, t0)
+        finally:
+            self._stops_running -= 1
+            if not self._stops_running:
+                self._no_stops.set()
+
+    async def _stop_group(self, g: Group, policy: StopPolicy, t0: float) -> None:
         h = g.handle
         assert h is not None
         self._transition(g, Transition.STOP)
@@ -588,12 +610,35 @@ class Authority:
         with contextlib.suppress(TetherError):
             await h.close()
 
+    async def stop_many(self, stops: Iterable[tuple[str, StopPolicy | None]],
+                        requested_at: float | None = None) -> list[GroupView]:
+        """Stop a batch of groups together, with one grace clock (``requested_at``). The
+        same as ``stop`` on each, concurrently, without a waiting task per group: a
+        1000-group session stop spends its time on the groups, not on bookkeeping."""
+        requested_at = time.monotonic() if requested_at is None else requested_at
+        wanted = [(self._find(gid), policy) for gid, policy in stops]
+        waits: list[asyncio.Future[Any]] = []
+        for g, policy in wanted:
+            if not g.handle_ready.is_set():  # still starting: stop() waits for it
+                waits.append(self._tasks.spawn(self.stop(g.group_id, policy, requested_at),
+                                               f"stop-{g.group_id}"))
+            elif not g.state.ended:
+                if g.stop_task is None:
+                    g.stop_task = self._tasks.spawn(
+                        self._run_stop(g, policy or self._policy(g.spec), requested_at),
+                        f"stop-{g.group_id}")
+                waits.append(g.stop_task)
+        if waits:
+            # Like stop()'s shield: a caller that goes away leaves the stops running.
+            await asyncio.wait(waits)
+            for w in waits:
+                w.result()  # a stop that failed fails the batch, as in stop()
+        return [g.view() for g, _ in wanted]
+
     async def stop_all(self, which: Callable[[Group], bool] = lambda g: True) -> list[GroupView]:
         """Stop many groups at once (used by shutdown and session stops)."""
         targets = [g for g in self._groups.values() if not g.state.ended and which(g)]
-        now = time.monotonic()
-        return list(await asyncio.gather(*(self.stop(g.group_id, requested_at=now)
-                                           for g in targets)))
+        return await self.stop_many((g.group_id, None) for g in targets)
 
     async def shutdown(self) -> None:
         """Stop every group whose orphan policy is ``kill``; leave ``keep`` ones running."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import MappingProxyType
+from typing import cast
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -125,9 +126,16 @@ def exit_from_pb(msg: pb.ExitRecord) -> ExitRecord:
     )
 
 
+def _spec_pb(view: GroupView) -> pb.GroupSpec:
+    cached = view.encoded.get("pb")
+    if cached is None:
+        cached = view.encoded["pb"] = spec_to_pb(view.spec)
+    return cast(pb.GroupSpec, cached)
+
+
 def group_to_pb(view: GroupView) -> pb.Group:
     msg = pb.Group(
-        group_id=view.group_id, spec=spec_to_pb(view.spec), state=STATE_TO_PB[view.state],
+        group_id=view.group_id, spec=_spec_pb(view), state=STATE_TO_PB[view.state],
         containment=CONTAINMENT_TO_PB[view.containment], leader_pid=view.leader_pid,
         pgid=view.pgid, detached=view.detached, started_at=ts(view.started_at),
         member_count=view.member_count,

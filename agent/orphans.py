@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,52 +42,91 @@ def base_group(marker: str) -> str:
     return marker.split(".", 1)[0]
 
 
-def find_orphans(agent_name: str, cgroup_base: Path | None, live: set[str]) -> list[Orphan]:
-    """Scan /proc (and our cgroup tree) for processes of ours outside every live group."""
+def read_environ(pid: int) -> bytes:
+    """The raw environment block of ``pid`` (NUL-separated), or b"" if unreadable. Zombies
+    and kernel threads have none."""
+    try:
+        fd = os.open(f"/proc/{pid}/environ", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"\0" + b"".join(chunks)  # every entry now starts after a NUL
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
+def env_value(block: bytes, name: str) -> str | None:
+    key = b"\0" + name.encode() + b"="
+    at = block.find(key)
+    if at < 0:
+        return None
+    start = at + len(key)
+    end = block.find(b"\0", start)
+    return block[start:end if end >= 0 else None].decode(errors="replace")
+
+
+#: Processes read between two yields to the event loop.
+SCAN_SLICE = 64
+
+
+async def find_orphans(agent_name: str, cgroup_base: Path | None, live: set[str]
+                       ) -> list[Orphan]:
+    """Scan /proc (and our cgroup tree) for processes of ours outside every live group.
+
+    Runs on the event loop in slices (a thread would hold the GIL against the loop and
+    stall whatever the agent does meanwhile by up to the 5 ms switch interval): each
+    process costs one read of its environment, searched as bytes for this agent's name;
+    only the matches are parsed."""
     now = time.time()
     found: dict[int, Orphan] = {}
     me = os.getpid()
-    for p in psutil.process_iter(["status", "create_time"]):
-        if p.pid == me or p.info["status"] in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+    mine = f"\0{AGENT_ENV}={agent_name}\0".encode()
+    pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    for n, pid in enumerate(pids):
+        if n % SCAN_SLICE == SCAN_SLICE - 1:
+            await asyncio.sleep(0)
+        if pid == me:
             continue
-        try:
-            env = p.environ()
-        except psutil.Error:
+        block = read_environ(pid)
+        if mine not in block + b"\0":
             continue
-        if env.get(AGENT_ENV) != agent_name or MARKER_ENV not in env:
+        gid = env_value(block, MARKER_ENV)
+        if gid is None or base_group(gid) in live:
             continue
-        gid = env[MARKER_ENV]
-        if base_group(gid) in live:
-            continue
-        ctime = p.info["create_time"] or now
-        try:
-            cmd = " ".join(p.cmdline())[:200]
-        except psutil.Error:
-            cmd = ""
-        found[p.pid] = Orphan(p.pid, cmd, base_group(gid), now - ctime, "marker",
-                              create_time=ctime)
+        orphan = _describe(pid, base_group(gid), "marker", now)
+        if orphan is not None:
+            found[pid] = orphan
     if cgroup_base is not None and cgroup_base.is_dir():
         for d in cgroup_base.iterdir():
             if not d.is_dir() or base_group(d.name) in live:
                 continue
             try:
-                pids = [int(x) for x in (d / "cgroup.procs").read_text().split()]
+                members = [int(x) for x in (d / "cgroup.procs").read_text().split()]
             except OSError:
                 continue
-            for pid in pids:
-                if pid in found:
-                    continue
-                try:
-                    proc = psutil.Process(pid)
-                    if proc.status() == psutil.STATUS_ZOMBIE:
-                        continue
-                    ctime = proc.create_time()
-                    cmd = " ".join(proc.cmdline())[:200]
-                except psutil.Error:
-                    continue
-                found[pid] = Orphan(pid, cmd, base_group(d.name), now - ctime, "cgroup",
-                                    create_time=ctime)
+            for pid in members:
+                if pid not in found:
+                    orphan = _describe(pid, base_group(d.name), "cgroup", now)
+                    if orphan is not None:
+                        found[pid] = orphan
     return sorted(found.values(), key=lambda o: o.pid)
+
+
+def _describe(pid: int, group: str, found_by: str, now: float) -> Orphan | None:
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return None
+        ctime = proc.create_time()
+        cmd = " ".join(proc.cmdline())[:200]
+    except psutil.Error:
+        return None
+    return Orphan(pid, cmd, group, now - ctime, found_by, create_time=ctime)
 
 
 class OrphanReaper:
@@ -97,7 +136,8 @@ class OrphanReaper:
                  policy: str = "kill",
                  on_detect: Callable[[int], None] = lambda n: None,
                  on_reap: Callable[[int], None] = lambda n: None,
-                 on_current: Callable[[int], None] = lambda n: None) -> None:
+                 on_current: Callable[[int], None] = lambda n: None,
+                 settle: Callable[[], Awaitable[None]] | None = None) -> None:
         if policy not in ("kill", "report"):
             raise ValueError(f"orphan reaping {policy!r} is unknown; use kill or report")
         self.agent_name = agent_name
@@ -107,6 +147,7 @@ class OrphanReaper:
         self.on_detect = on_detect
         self.on_reap = on_reap
         self.on_current = on_current
+        self.settle = settle
         self.current: list[Orphan] = []
         self._seen: set[tuple[int, float]] = set()
         self._dirty = asyncio.Event()
@@ -121,6 +162,10 @@ class OrphanReaper:
         scan reads every process on the host, so a 1000-group stop must not cause 1000)."""
         while True:
             await self._dirty.wait()
+            if self.settle is not None:
+                # A scan in the middle of a 1000-group stop would compete with it for the
+                # CPU and the GIL; the groups being stopped are verified by their own stops.
+                await self.settle()
             self._dirty.clear()
             try:
                 await self.sweep(self.policy == "kill")
@@ -131,9 +176,8 @@ class OrphanReaper:
     async def sweep(self, kill: bool) -> list[Orphan]:
         async with self._lock:
             before = self.live()
-            found = await asyncio.to_thread(find_orphans, self.agent_name, self.cgroup_base,
-                                            before)
-            # Groups spawned while the scan ran (in a thread) are live, not orphans. From
+            found = await find_orphans(self.agent_name, self.cgroup_base, before)
+            # Groups spawned while the scan ran (between its slices) are live, not orphans. From
             # here to the kill nothing awaits, so no group can start in between.
             live = before | self.live()
             found = [o for o in found if o.former_group not in live]

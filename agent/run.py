@@ -96,7 +96,8 @@ class AgentRuntime:
             config.name, self.local.cgroup_base,
             lambda: {g.group_id for g in self.authority.groups() if not g.state.ended},
             config.orphan_reaping, on_detect=self.metrics.orphans_detected.inc,
-            on_reap=self.metrics.orphans_reaped.inc, on_current=self.metrics.set_orphans_now)
+            on_reap=self.metrics.orphans_reaped.inc, on_current=self.metrics.set_orphans_now,
+            settle=self.authority.no_stops_running)
         trigger.reaper = self.reaper
         self.servicer = AgentServicer(self.authority, self.list_orphans)
         self._tasks = TaskSet(log)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -82,9 +81,7 @@ class AgentServicer(agrpc.AgentServiceServicer):
             if request.HasField("policy"):
                 current = self.authority.get(gid).spec.stop
                 policies[gid] = stop_policy_from_pb(request.policy, default_grace=current.grace)
-        now = time.monotonic()
-        views = await asyncio.gather(*(self.authority.stop(g, policies[g], requested_at=now)
-                                       for g in known))
+        views = await self.authority.stop_many(policies.items(), requested_at=time.monotonic())
         reply.groups.extend(group_to_pb(v) for v in views)
         return reply
 

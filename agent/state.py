@@ -8,16 +8,16 @@ change; read by a restarted agent and by the guardian.
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import sqlite3
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from tether.agent.authority import GroupView, Hooks
 from tether.agent.statefile import SCHEMA, GroupRecord, read_records, to_record
 
-__all__ = ["SCHEMA", "AgentStore", "GroupRecord", "read_records", "record_of", "spec_from_json",
+__all__ = ["SCHEMA", "AgentStore", "GroupRecord", "read_records", "row_of", "spec_from_json",
            "spec_json", "to_record"]
 
 
@@ -35,14 +35,19 @@ def spec_json(view: GroupView) -> dict[str, Any]:
     }
 
 
-def record_of(view: GroupView) -> GroupRecord:
+def row_of(view: GroupView) -> tuple[Any, ...]:
+    """The state-file row of a group. The spec never changes, so its JSON is encoded once
+    per group and reused by every later write."""
+    spec = view.encoded.get("json")
+    if spec is None:
+        spec = view.encoded["json"] = json.dumps(spec_json(view))
     exit_ = {}
     if view.exit is not None:
-        exit_ = {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(view.exit).items()}
-    return GroupRecord(
-        view.group_id, view.state.value, view.spec.orphan_policy.value, view.leader_pid,
-        view.leader_start_time, view.pgid, view.cgroup, view.containment.value,
-        view.spec.target, view.spec.session_id, spec_json(view), exit_)
+        exit_ = {k: (v.value if isinstance(v, enum.Enum) else v)
+                 for k, v in vars(view.exit).items()}
+    return (view.group_id, view.state.value, view.spec.orphan_policy.value, view.leader_pid,
+            view.leader_start_time, view.pgid, view.cgroup, view.containment.value,
+            view.spec.target, view.spec.session_id, spec, json.dumps(exit_))
 
 
 class AgentStore(Hooks):
@@ -73,19 +78,12 @@ class AgentStore(Hooks):
         self._scheduled = False
         if not self._pending:
             return
-        rows = [record_of(v) for v in self._pending.values()]
+        rows = [row_of(v) for v in self._pending.values()]
         self._pending.clear()
         with self.db:
             self.db.execute("BEGIN")
-            for r in rows:
-                self.put(r)
-
-    def put(self, r: GroupRecord) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO groups VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (r.group_id, r.state, r.orphan_policy, r.leader_pid, r.leader_start_time, r.pgid,
-             r.cgroup, r.containment, r.target, r.session_id, json.dumps(r.spec),
-             json.dumps(r.exit)))
+            self.db.executemany("INSERT OR REPLACE INTO groups VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                                rows)
 
     def records(self) -> list[GroupRecord]:
         self.flush()

@@ -135,6 +135,9 @@ class Coordinator:
         self.agents: dict[str, AgentLink] = {}
         self.sessions: dict[str, SessionRow] = {}
         self.groups: dict[tuple[str, str], TrackedGroup] = {}
+        # Indexes over ``groups`` (sessions and keys never change once a group is tracked).
+        self._by_session: dict[str, dict[tuple[str, str], TrackedGroup]] = {}
+        self._by_key: dict[tuple[str, str], TrackedGroup] = {}
         self._stops: dict[str, asyncio.Task[cpb.SessionReport]] = {}
         self._tasks = TaskSet(log)
         self._subscribers: list[Subscriber] = []
@@ -154,8 +157,7 @@ class Coordinator:
         for r in self.store.groups():
             g = pb.Group()
             g.ParseFromString(r.group_pb)
-            self.groups[(r.agent, r.group_id)] = TrackedGroup(r.agent, g, r.idempotency_key,
-                                                              r.error)
+            self._track(TrackedGroup(r.agent, g, r.idempotency_key, r.error))
         log.info("loaded state: %d agents, %d sessions, %d groups", len(self.agents),
                  len(self.sessions), len(self.groups))
 
@@ -291,8 +293,7 @@ class Coordinator:
         if tracked is None:
             if not group.spec.session_id or group.spec.session_id not in self.sessions:
                 return  # a group started directly on the agent, outside any session we know
-            tracked = TrackedGroup(agent, group)
-            self.groups[key] = tracked
+            tracked = self._track(TrackedGroup(agent, group))
         if tracked.ended and group.state not in ENDED:
             return  # never resurrect
         tracked.group.CopyFrom(group)
@@ -385,8 +386,16 @@ class Coordinator:
                 async with asyncio.timeout(timeout):
                     await self._lease_changed.wait()
 
+    def _track(self, tracked: TrackedGroup) -> TrackedGroup:
+        key = (tracked.agent, tracked.group_id)
+        self.groups[key] = tracked
+        self._by_session.setdefault(tracked.group.spec.session_id, {})[key] = tracked
+        if tracked.idempotency_key:
+            self._by_key[(tracked.agent, tracked.idempotency_key)] = tracked
+        return tracked
+
     def session_groups(self, session_id: str) -> list[TrackedGroup]:
-        return [t for t in self.groups.values() if t.group.spec.session_id == session_id]
+        return list(self._by_session.get(session_id, {}).values())
 
     def group_view(self, tracked: TrackedGroup) -> pb.Group:
         g = pb.Group()
@@ -424,9 +433,9 @@ class Coordinator:
             raise Conflict(f"session {spec.session_id!r} is {s.state}; wait for the stop to "
                            "finish, then spawn into it again")
         if key:
-            for t in self.groups.values():
-                if t.idempotency_key == key and t.agent == link.row.name:
-                    return self.group_view(t)
+            seen = self._by_key.get((link.row.name, key))
+            if seen is not None:
+                return self.group_view(seen)
         try:
             reply = await link.stub.Spawn(apb.SpawnRequest(spec=spec, idempotency_key=key),
                                           timeout=self._spawn_deadline(spec))
@@ -439,7 +448,7 @@ class Coordinator:
         existing = self.groups.get((link.row.name, reply.group.group_id))
         if existing is not None and existing.ended and reply.group.state not in ENDED:
             tracked = existing
-        self.groups[(link.row.name, reply.group.group_id)] = tracked
+        self._track(tracked)
         self.store.put_group(tracked.row())
         self._publish(tracked, "state")
         return self.group_view(tracked)
@@ -476,7 +485,7 @@ class Coordinator:
         except grpc.aio.AioRpcError as exc:
             raise self._agent_error(link, exc) from exc
         tracked = TrackedGroup(link.row.name, reply.group)
-        self.groups[(link.row.name, reply.group.group_id)] = tracked
+        self._track(tracked)
         self.store.put_group(tracked.row())
         self._publish(tracked, "state")
         return self.group_view(tracked)
@@ -665,14 +674,17 @@ class Coordinator:
 
     def _publish(self, tracked: TrackedGroup, kind: str) -> None:
         self._seq += 1
+        subs = [sub for sub in self._subscribers
+                if sub.session_id == tracked.group.spec.session_id]
+        if not subs:
+            return  # nobody watches this session: build no event
         event = pb.GroupEvent(seq=self._seq, kind=kind, group=self.group_view(tracked))
         event.at.GetCurrentTime()
-        for sub in list(self._subscribers):
-            if sub.session_id == tracked.group.spec.session_id:
-                try:
-                    sub.queue.put_nowait(event)
-                except asyncio.QueueFull:
-                    self._subscribers.remove(sub)
+        for sub in subs:
+            try:
+                sub.queue.put_nowait(event)
+            except asyncio.QueueFull:
+                self._subscribers.remove(sub)
 
     async def watch_session(self, session_id: str, initial: bool) -> AsyncIterator[pb.GroupEvent]:
         self.session(session_id)
