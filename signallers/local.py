@@ -435,17 +435,27 @@ class LocalGroup:
         return await self.send_signal(signal.SIGTERM)
 
     async def kill(self) -> int:
-        """SIGKILL everything, sweeping newcomers, until empty or ``KILL_SWEEP_DEADLINE``."""
+        """SIGKILL everything, sweeping newcomers, until empty or ``KILL_SWEEP_DEADLINE``.
+        Returns how many members were listed when the kills went out."""
         deadline = time.monotonic() + KILL_SWEEP_DEADLINE
         total = 0
+        atomic = self.cgroup is not None and self._signaller.cgroup_kill
         while time.monotonic() < deadline:
-            if self.cgroup is not None and (self.cgroup / "cgroup.kill").exists():
-                before = len(await self.members())
-                if before == 0:
-                    return total
-                with contextlib.suppress(FileNotFoundError):
-                    (self.cgroup / "cgroup.kill").write_text("1")
-                total += before
+            if atomic:
+                # A batch of groups reaching their grace together is killed in one loop
+                # turn: two small syscalls per group, no per-member work.
+                try:
+                    listed = len(read_small(f"{self.cgroup}/cgroup.procs").split())
+                    if listed == 0:
+                        return total
+                    fd = os.open(f"{self.cgroup}/cgroup.kill", os.O_WRONLY | os.O_CLOEXEC)
+                    try:
+                        os.write(fd, b"1")
+                    finally:
+                        os.close(fd)
+                except FileNotFoundError:
+                    return total  # the cgroup is gone: so is everything that was in it
+                total += listed
             else:
                 n = await self.send_signal(signal.SIGKILL)
                 if n == 0 and not await self.members():
@@ -532,6 +542,7 @@ class LocalSignaller:
         opts = self.context.options
         self.cgroup_mount = find_cgroup2_mount()
         self.cgroup_base: Path | None = None
+        self.cgroup_kill = False
         self.events = CgroupEventWatcher()
         self._leaders: set[int] = set()
         self._sigchld_loop: asyncio.AbstractEventLoop | None = None
@@ -559,6 +570,8 @@ class LocalSignaller:
                 log.info("cgroup v2 at %s is not writable here (%s)", self.cgroup_mount, exc)
             else:
                 self.cgroup_base = base
+                # cgroup.kill (Linux 5.14+) kills every member at once, setsid escapees too.
+                self.cgroup_kill = (base / "cgroup.kill").exists()
                 return Containment.CGROUP
         if wanted == "cgroup":
             raise RuntimeError(
