@@ -27,7 +27,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from harness import Lab  # noqa: E402
+from harness import Lab, byte_compile_tether  # noqa: E402
 from peers import venv  # noqa: E402
 from peers.baseline import Baseline  # noqa: E402
 from peers.circusd import Circus  # noqa: E402
@@ -362,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-logs", action="store_true",
                    help="keep daemons' logs, configs and state dirs (path printed at the end)")
     args = p.parse_args(argv)
+    byte_compile_tether()
     steps = [s.strip() for s in args.only.split(",") if s.strip()] or STEPS
     unknown = [s for s in steps if s not in STEPS]
     if unknown:

@@ -40,6 +40,20 @@ def tether_exe() -> str:
     return found
 
 
+def byte_compile_tether() -> None:
+    """Write tether's .pyc files, as `pip install` does. An editable install under
+    PYTHONDONTWRITEBYTECODE (set on some machines) would otherwise recompile every module
+    on every CLI start, while the peers, installed by pip, start from bytecode."""
+    import compileall
+    import importlib.util
+
+    for name in ("tether", "tether.agent", "tether.coordinator", "tether.signallers"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            for d in spec.submodule_search_locations:
+                compileall.compile_dir(d, quiet=1)
+
+
 def sleep_exe() -> str:
     return shutil.which("sleep") or "/bin/sleep"
 

@@ -22,7 +22,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from harness import Lab, cgroup2_mount  # noqa: E402
+from harness import Lab, byte_compile_tether, cgroup2_mount  # noqa: E402
 from workloads import SETTINGS, WORKLOADS, Row  # noqa: E402
 
 
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="pause after groups end before spawning again on that agent (default "
                    "%(default)s s; 0 exposes the orphan-scan race described in bench/README.md)")
     args = p.parse_args(argv)
+    byte_compile_tether()
     SETTINGS["settle"] = args.settle
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(WORKLOADS)
     unknown = [n for n in names if n not in WORKLOADS]

@@ -11,6 +11,7 @@ Exit statuses: 0 success (for `stop`: every group ended with zero survivors);
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -479,7 +480,12 @@ def run_daemon(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- client commands
 
 
+_client_ran = False
+
+
 def run_client(args: argparse.Namespace) -> int:
+    global _client_ran
+    _client_ran = True
     import asyncio
 
     import grpc
@@ -549,6 +555,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def console() -> None:
+    """The `tether` command. Once a client command returned, its output is all there is:
+    flush it and leave without the interpreter's teardown, where gRPC shuts its threads
+    down (25 to 40 ms of a 130 ms `tether sessions`). Daemons exit the normal way."""
+    rc = main()
+    if _client_ran:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(BrokenPipeError):  # `tether sessions | head`
+                stream.flush()
+        os._exit(rc)
+    raise SystemExit(rc)
+
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console()
