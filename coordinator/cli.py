@@ -236,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(tls_cert, state_dir, ...).")
     sp.add_argument("action", choices=["check"], help="check: validate FILE")
     sp.add_argument("file", help="the TOML file")
+    sp = client("up", "Start every group a TOML session file lists (see README: Session "
+                "files); prints one line per group.")
+    sp.add_argument("file", help="the session file")
+    sp.add_argument("--session", default="", help="session name (default: the file's session)")
+    sp.add_argument("--add", action="store_true",
+                    help="start the groups even if the session already has live ones")
+    sp.add_argument("--parallel", type=int, default=32,
+                    help="spawns in flight at once (default 32)")
     sp = client("keepalive", "Renew (or set) a session's lease.")
     sp.add_argument("session", help="session name")
     sp.add_argument("--ttl", type=positive_float, required=True,
@@ -547,6 +555,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.argv = argv_
             args.env_map = parse_env(args.env)
             args.meta_map = parse_labels(args.meta)
+        if args.command == "up":
+            if args.parallel < 1:
+                raise CLIError(f"--parallel {args.parallel}: give 1 or more", EXIT_USAGE)
+            from tether.coordinator.up import SessionFileError, load
+
+            try:
+                args.plan = load(args.file, args.session)
+            except SessionFileError as exc:
+                raise CLIError(str(exc), EXIT_USAGE) from None
         return run_client(args)
     except CLIError as exc:
         print(f"tether: {exc}", file=sys.stderr)

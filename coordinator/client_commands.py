@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -11,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from tether.coordinator.cli import EXIT_OK, EXIT_UNCLEAN, EXIT_UNREACHABLE
+from tether.coordinator.cli import EXIT_OK, EXIT_UNCLEAN, EXIT_UNREACHABLE, EXIT_USAGE
 from tether.v1 import common_pb2 as pb
 from tether.v1 import coordinator_pb2 as cpb
 from tether.v1 import coordinator_pb2_grpc as cgrpc
@@ -26,6 +27,8 @@ CONTAINMENT = {v.number: v.name.removeprefix("CONTAINMENT_").lower()
                for v in pb.Containment.DESCRIPTOR.values}
 SESSION_STATE = {v.number: v.name.removeprefix("SESSION_STATE_").lower()
                  for v in cpb.SessionState.DESCRIPTOR.values}
+LIVE = (pb.GROUP_STATE_STARTING, pb.GROUP_STATE_RUNNING, pb.GROUP_STATE_STOPPING,
+        pb.GROUP_STATE_UNREACHABLE)
 AGENT_STATE = {v.number: v.name.removeprefix("AGENT_STATE_").lower()
                for v in cpb.AgentState.DESCRIPTOR.values}
 
@@ -286,3 +289,59 @@ async def cmd_keepalive(stub: Any, args: argparse.Namespace) -> int:
     d = session_dict(s)
     emit(args, d, f"session {s.session_id}: lease {s.ttl_seconds:g} s")
     return EXIT_OK
+
+
+async def cmd_up(stub: Any, args: argparse.Namespace) -> int:
+    plan = args.plan
+    if not args.add:
+        try:
+            existing = await stub.GetSession(cpb.GetSessionRequest(session_id=plan.session),
+                                             timeout=args.timeout or 10)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+        else:
+            live = [g for g in existing.groups if g.state in LIVE]
+            if live:
+                print(f"tether up: session {plan.session!r} already has {len(live)} live "
+                      f"group(s); stop it first (`tether stop {plan.session}`) or pass --add "
+                      "to start these beside them; nothing was started", file=sys.stderr)
+                return EXIT_USAGE
+    gate = asyncio.Semaphore(args.parallel)
+
+    async def start(entry: Any) -> tuple[Any, pb.Group | None, str]:
+        spec = _spec(argparse.Namespace(**entry.spawn_args, session=plan.session,
+                                        window=plan.window))
+        req = cpb.CoordinatorSpawnRequest(agent=entry.agent, spec=spec)
+        timeout = args.timeout or (entry.spawn_args["start_timeout"] or 30) + 60
+        async with gate:
+            try:
+                return entry, await stub.Spawn(req, timeout=timeout), ""
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED,
+                                  grpc.StatusCode.PERMISSION_DENIED):
+                    raise  # the coordinator, not this group: run_client says what to do
+                return entry, None, exc.details() or exc.code().name
+
+    results = await asyncio.gather(*(start(e) for e in plan.groups for _ in range(e.replicas)))
+    rows, out, failed = [], [], 0
+    for entry, g, error in results:
+        label = entry.spawn_args["label"] or "-"
+        if g is None:
+            failed += 1
+            rows.append(["-", label, "refused", error])
+            out.append({"label": label, "state": "refused", "error": error})
+            print(f"tether up: {entry.where}: refused: {error}", file=sys.stderr)
+            continue
+        d = group_dict(g)
+        out.append(d)
+        if g.state == pb.GROUP_STATE_FAILED:
+            failed += 1
+            print(f"tether up: {entry.where}: start failed ({d.get('failure', 'unknown')}): "
+                  f"{d.get('message', '')}", file=sys.stderr)
+            rows.append([g.group_id, label, d["state"], d.get("message", "")])
+        else:
+            rows.append([g.group_id, label, d["state"], g.agent])
+    emit(args, {"session": plan.session, "window": plan.window, "groups": out},
+         table(rows, ["group", "label", "state", "agent / message"]))
+    return EXIT_UNCLEAN if failed else EXIT_OK

@@ -461,10 +461,11 @@ HELP_MENTIONS = {
     "orphans": ["--sweep"],
     "watch": ["session"],
     "keepalive": ["session", "--ttl"],
+    "up": ["file", "--session", "--add", "--parallel"],
     "config": ["check", "file"],
 }
 CLIENT = {"spawn", "adopt", "signal", "stop", "sessions", "show", "agents", "orphans", "watch",
-          "keepalive"}
+          "keepalive", "up"}
 
 
 def tether(*args: str) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,155 @@
+"""`tether up FILE`: start every group a session file lists, in one command.
+
+A session file is TOML::
+
+    session = "dev"                 # or --session NAME
+    window = "main"                 # optional
+
+    [[group]]
+    label = "web"
+    argv = ["python3", "-m", "http.server", "8000"]
+    cwd = "/srv/site"
+    env = { PYTHONUNBUFFERED = "1" }
+    ready = "tcp:8000"
+    grace = 5
+    replicas = 1                    # copies of this group (default 1)
+
+A group takes the keys of `tether spawn`'s options, with underscores: label,
+argv, cwd, env, inherit_env, log, grace, stop_signal, stop_order, ready,
+start_timeout, probe_timeout, target, agent, orphan_policy, owns_target, meta,
+plus replicas. The whole file is checked before anything starts: a mistake is
+reported with the file, the group and the key, and nothing runs. Then every
+group is spawned over one connection, many in flight, and the command prints
+one line per group.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class SessionFileError(Exception):
+    """The file is missing or wrong; the CLI prints it and exits 2 (usage)."""
+
+#: key -> (accepted types, what to say when the type is wrong)
+GROUP_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "argv": ((list,), "a list of strings, the command and its arguments"),
+    "label": ((str,), "a string"),
+    "cwd": ((str,), "an absolute path"),
+    "env": ((dict,), "a table of strings, e.g. { KEY = \"value\" }"),
+    "inherit_env": ((bool,), "true or false"),
+    "log": ((str,), "a file path"),
+    "grace": ((int, float), "seconds, a number"),
+    "stop_signal": ((str,), "a signal name such as \"TERM\""),
+    "stop_order": ((int,), "an integer"),
+    "ready": ((str,), "a probe: tcp:PORT, http:URL, log:REGEX or exec:COMMAND"),
+    "start_timeout": ((int, float), "seconds, a number"),
+    "probe_timeout": ((int, float), "seconds, a number"),
+    "target": ((str,), "local, docker:CONTAINER or ssh:[USER@]HOST[:PORT]"),
+    "agent": ((str,), "an agent name"),
+    "orphan_policy": ((str,), "\"kill\" or \"keep\""),
+    "owns_target": ((bool,), "true or false"),
+    "meta": ((dict,), "a table of strings"),
+    "replicas": ((int,), "a whole number from 1 to 10000"),
+}
+TOP_KEYS = {"session", "window", "group"}
+
+
+@dataclass
+class GroupEntry:
+    """One [[group]] of the file, checked; ``spawn_args`` mirrors `tether spawn`'s options."""
+
+    where: str
+    agent: str
+    replicas: int
+    spawn_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SessionFile:
+    session: str
+    window: str
+    groups: list[GroupEntry]
+
+    @property
+    def total(self) -> int:
+        return sum(g.replicas for g in self.groups)
+
+
+def _fail(path: str, what: str) -> SessionFileError:
+    return SessionFileError(f"{path}: {what}; nothing was started")
+
+
+def _strings(path: str, where: str, key: str, value: Any) -> dict[str, str]:
+    bad = [k for k, v in value.items() if not isinstance(v, str)]
+    if bad:
+        raise _fail(path, f"{where}: {key}.{bad[0]} must be a string (quote numbers: \"8000\")")
+    return dict(value)
+
+
+def load(path: str, session_override: str = "") -> SessionFile:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SessionFileError(f"session file {path!r} not found; pass the path of a TOML "
+                               "file (see `tether up --help`)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SessionFileError(f"cannot read session file {path!r}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise _fail(path, f"not valid TOML ({exc})") from None
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise _fail(path, f"unknown top-level key {unknown[0]!r}; known: session, window, "
+                          "[[group]]")
+    session = session_override or data.get("session", "")
+    if not isinstance(session, str) or not session:
+        raise _fail(path, "no session: add `session = \"NAME\"` or pass --session")
+    window = data.get("window", "")
+    if not isinstance(window, str):
+        raise _fail(path, "window must be a string")
+    raw = data.get("group", [])
+    if not isinstance(raw, list) or not raw:
+        raise _fail(path, "no groups: add at least one [[group]] with an argv")
+    groups = [_group(path, i, g) for i, g in enumerate(raw, 1)]
+    return SessionFile(session, window, groups)
+
+
+def _group(path: str, index: int, g: Any) -> GroupEntry:
+    if not isinstance(g, dict):
+        raise _fail(path, f"group {index} must be a table ([[group]])")
+    label = g.get("label")
+    where = f"group {index}" + (f" ({label})" if isinstance(label, str) and label else "")
+    for key, value in g.items():
+        if key not in GROUP_KEYS:
+            raise _fail(path, f"{where}: unknown key {key!r}; known: {', '.join(GROUP_KEYS)}")
+        types, what = GROUP_KEYS[key]
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+            raise _fail(path, f"{where}: {key} must be {what}, not {value!r}")
+    argv = g.get("argv")
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise _fail(path, f"{where}: argv must be a non-empty list of strings, e.g. "
+                          "argv = [\"sleep\", \"60\"]")
+    replicas = g.get("replicas", 1)
+    if not 1 <= replicas <= 10000:
+        raise _fail(path, f"{where}: replicas must be from 1 to 10000, not {replicas}")
+    for key in ("grace", "start_timeout", "probe_timeout"):
+        if key in g and not g[key] > 0:
+            raise _fail(path, f"{where}: {key} must be a positive number of seconds")
+    policy = g.get("orphan_policy", "kill")
+    if policy not in ("kill", "keep"):
+        raise _fail(path, f"{where}: orphan_policy must be \"kill\" or \"keep\", not {policy!r}")
+    args = {
+        "argv": list(argv), "label": g.get("label", ""), "cwd": g.get("cwd", ""),
+        "env_map": _strings(path, where, "env", g.get("env", {})),
+        "meta_map": _strings(path, where, "meta", g.get("meta", {})),
+        "inherit_env": g.get("inherit_env", False), "log": g.get("log", ""),
+        "grace": g.get("grace"), "stop_signal": g.get("stop_signal", "TERM"),
+        "stop_order": g.get("stop_order", 0), "ready": g.get("ready", ""),
+        "start_timeout": g.get("start_timeout"), "probe_timeout": g.get("probe_timeout"),
+        "target": g.get("target", "local"), "orphan_policy": policy,
+        "owns_target": g.get("owns_target", False),
+    }
+    return GroupEntry(where, g.get("agent", ""), replicas, args)
