@@ -324,18 +324,23 @@ def targets(side: list[Row], reused: list[dict[str, Any]], fp: dict[str, Any]
             out.append((f"exit detection p99 under 5 ms ({r['metric'].rsplit(' ', 1)[0]})",
                         fmt_ms(r["tether"] / 1000), verdict(r["tether"] < 5)))
     idle = fp.get("idle", {})
+    floor = idle.get("bare grpc.aio server")
     for name in ("tether agent", "tether serve"):
         if name in idle:
             d = idle[name]
             out.append((f"{name} idle with {fp['groups']} groups under 50 MB RSS",
-                        f"{d['rss_mb']} MB", verdict(d["rss_mb"] < 50)))
+                        f"{d['rss_mb']} MB ({d.get('rss_mb_no_groups', '?')} MB with none; a "
+                        f"bare grpc.aio server: {floor['rss_mb'] if floor else '?'} MB)",
+                        verdict(d["rss_mb"] < 50)))
             top = ", ".join(f"{k} {v}/s" for k, v in
                             list(d["wakeups_per_s_by_thread"].items())[:3]) or "none"
             own = d.get("main_thread_wakeups_per_s")
             out.append((f"{name} idle: no periodic wake-ups beyond heartbeats",
                         f"{d['wakeups_per_s']}/s ({top})"
                         + (f"; main (asyncio) thread {own}/s" if own is not None else "")
-                        + f"; CPU {d['cpu_ms_per_s']} ms/s",
+                        + f"; CPU {d['cpu_ms_per_s']} ms/s"
+                        + (f"; a bare grpc.aio server: {floor['wakeups_per_s']}/s" if floor
+                           else ""),
                         verdict(d["wakeups_per_s"] <= 1.0)))
     med = fp.get("status_cli_median_s", {})
     if "tether sessions" in med:
@@ -457,10 +462,6 @@ def main(argv: list[str] | None = None) -> int:
         out_md.append("")
     for step, msg in failures.items():
         out_md.append(f"- **{step} failed**: {msg[:300]}")
-    killed = getattr(managers["tether"], "cli_killed", [])
-    if killed:
-        out_md.append(f"- {len(killed)} `tether spawn` CLI process(es) were killed by a signal "
-                      f"nobody in the benchmark sent ({sorted(set(killed))}) and retried once.")
     out_md.append(
         f"{'Quick run' if args.quick else 'Full run'}, {started:%Y-%m-%d}: {info['cpus']} CPUs, "
         f"Python {info['python']}, containment {lab.containment or 'unknown'}, supervisor "
@@ -475,7 +476,6 @@ def main(argv: list[str] | None = None) -> int:
         "host": {**info, "containment": lab.containment},
         "peers": {k: asdict(v) for k, v in peers.items()},
         "load_average_at_start": loads, "failures": failures,
-        "tether_cli_spawn_killed_by_signal": getattr(managers["tether"], "cli_killed", []),
         "side_by_side": side, "samples": raw, "tether_only": reused, "footprint": fp,
         "targets": [{"target": a, "measured": b, "verdict": c} for a, b, c in goals],
     }, indent=2, default=str) + "\n")

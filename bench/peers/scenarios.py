@@ -212,6 +212,23 @@ def _wall(argv: list[str], runs: int) -> list[float]:
     return times[1:]
 
 
+#: The floor under any Python gRPC daemon: grpc.aio with only the health service, no
+#: clients, nothing else imported. Its RSS and its C-core threads' wake-ups (timer manager,
+#: EventEngine pool and lifeguard) are what tether's own figures sit on.
+GRPC_FLOOR = """
+import asyncio, grpc
+from grpc_health.v1 import health, health_pb2_grpc
+async def main():
+    s = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), s)
+    s.add_insecure_port("127.0.0.1:0")
+    await s.start()
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+FLOOR = "bare grpc.aio server"
+
+
 def footprint(lab: Lab, managers: dict[str, Manager], groups: int, window: float,
               cli_runs: int) -> dict[str, Any]:
     """tether serve and a standalone tether agent with ``groups`` sleeps each (and the peers
@@ -224,6 +241,7 @@ def footprint(lab: Lab, managers: dict[str, Manager], groups: int, window: float
     peers = [m for k, m in managers.items() if k in ("supervisord", "circus") and not m.unavailable]
     serve = lab.serve(f"{RUN_ID}-fp-serve")
     agent = lab.agent(f"{RUN_ID}-fp-agent")
+    floor = lab.popen([sys.executable, "-c", GRPC_FLOOR])
     lab.wait_log(serve, "guardian started")
     try:
         rss0 = {k: round(psutil.Process(d.proc.pid).memory_info().rss / 2**20, 1)
@@ -251,7 +269,8 @@ def footprint(lab: Lab, managers: dict[str, Manager], groups: int, window: float
                 if got != groups:
                     raise RuntimeError(f"footprint: {key} runs {got} of {groups} programs")
             time.sleep(2.0)  # let start-up work (scans, timers) settle before the window
-            pids = {"tether serve": serve.proc.pid, "tether agent": agent.proc.pid}
+            pids = {"tether serve": serve.proc.pid, "tether agent": agent.proc.pid,
+                    FLOOR: floor.pid}
             for m in peers:
                 pid = m.footprint_pid()  # type: ignore[attr-defined]
                 if pid is not None:
@@ -282,6 +301,8 @@ def footprint(lab: Lab, managers: dict[str, Manager], groups: int, window: float
             ids = [g.group_id for g in astub.List(apb.ListRequest(), timeout=60).groups]
             _spawn_all(astub.Stop, [apb.StopRequest(group_id=i) for i in ids], window=64)
     finally:
+        floor.kill()
+        floor.wait()
         for m in peers:
             m.finish()
         lab.stop_daemon(agent)

@@ -1,13 +1,13 @@
 """tether as a user runs it: `tether serve`, driven through its gRPC API (CoordinatorService,
-a synchronous client) or through the `tether` CLI (`tether spawn`, `tether stop`)."""
+a synchronous client) or through the `tether` CLI (`tether up`, `tether stop`)."""
 
 from __future__ import annotations
 
 import collections
+import json
 import os
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -17,9 +17,6 @@ from peers.common import StopCall, Workload, mark_for, program_env
 from tether.v1 import common_pb2 as pb
 from tether.v1 import coordinator_pb2 as cpb
 from tether.v1 import coordinator_pb2_grpc as cgrpc
-
-#: `tether spawn` processes run at once when the CLI starts a workload (2-core machine).
-CLI_SPAWN_CONCURRENCY = 4
 
 
 def cli_env() -> dict[str, str]:
@@ -37,8 +34,6 @@ class Tether:
         self.channel: grpc.Channel | None = None
         self.stub: Any = None
         self.serial = 0
-        #: Signals that killed a `tether spawn` CLI process (retried once each).
-        self.cli_killed: list[int] = []
 
     @property
     def address(self) -> str:
@@ -73,27 +68,21 @@ class Tether:
             if bad:
                 raise RuntimeError(f"tether: {len(bad)} group(s) not running after Spawn: {bad[0]}")
             return done
-        argv = [tether_exe(), "spawn", "--coordinator", self.address,
-                "--session", self.session(w, cycle), "--label", w.key, "--grace", f"{w.grace:g}"]
-        for k, v in program_env(mark_for(self.key, w.key)).items():
-            argv += ["--env", f"{k}={v}"]
-        argv += ["--", *w.argv]
-        env = cli_env()
-
-        def one(_: int) -> None:
-            for _attempt in range(2):
-                res = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120,
-                                     stdin=subprocess.DEVNULL, check=False)
-                if res.returncode >= 0:
-                    break
-                # Killed by a signal nobody here sent (seen once under heavy load on a shared
-                # machine); retried once and counted, so the run goes on and says so.
-                self.cli_killed.append(-res.returncode)
-            if res.returncode != 0:
-                raise RuntimeError(f"tether spawn -> {res.returncode}: {res.stderr[-300:]}")
-
-        with ThreadPoolExecutor(CLI_SPAWN_CONCURRENCY) as pool:
-            list(pool.map(one, range(w.count)))
+        # One `tether up` with a session file, as supervisorctl/circusctl start every program
+        # of their configuration with one command.
+        env = program_env(mark_for(self.key, w.key))
+        toml = "\n".join([
+            f"session = {json.dumps(self.session(w, cycle))}", "[[group]]",
+            f"label = {json.dumps(w.key)}", f"argv = {json.dumps(list(w.argv))}",
+            f"grace = {w.grace:g}", f"replicas = {w.count}",
+            "env = { " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in env.items()) + " }", ""])
+        path = self.lab.root / f"{self.session(w, cycle)}.toml"
+        path.write_text(toml)
+        argv = [tether_exe(), "up", str(path), "--coordinator", self.address]
+        res = subprocess.run(argv, capture_output=True, text=True, env=cli_env(), timeout=120,
+                             stdin=subprocess.DEVNULL, check=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"tether up -> {res.returncode}: {res.stderr[-300:]}")
         return time.monotonic()
 
     def stop(self, w: Workload, via: str, cycle: str) -> StopCall:
