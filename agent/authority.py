@@ -189,7 +189,10 @@ class Authority:
     def _transition(self, g: Group, event: Transition) -> None:
         old = g.state
         g.state = next_state(old, event)
-        if g.state.ended and g.exit is not None:
+        if g.state.ended and g.exit is not None and (
+                g.exit.survivors or g.exit.reason is not ExitReason.REQUESTED):
+            # A clean requested stop is the session's business (the coordinator logs the
+            # session line); a 1000-group stop should not print 1000 lines.
             g.log.info("%s -> %s (%s%s)", old.value, g.state.value, g.exit.reason.value,
                        f", {g.exit.survivors} survivor(s)" if g.exit.survivors else "")
         else:
@@ -416,6 +419,9 @@ class Authority:
         await g.handle.close()
 
     async def _leader_status(self, handle: GroupHandle) -> LeaderStatus:
+        known = handle.leader_status
+        if known is not None:
+            return known
         try:
             async with asyncio.timeout(LEADER_STATUS_WAIT):
                 return await handle.wait_leader()

@@ -468,6 +468,8 @@ class LocalGroup:
     async def wait(self, timeout: float | None = None) -> bool:
         if self.cgroup is not None:
             fut = self._signaller.events.wait_empty(self.cgroup)
+            if fut.done():
+                return True
             try:
                 async with asyncio.timeout(timeout):
                     await asyncio.shield(fut)
