@@ -588,11 +588,13 @@ class Authority:
             elif await h.wait(max(0.0, t0 + policy.grace - time.monotonic())):
                 reason = ExitReason.REQUESTED
             else:
-                g.log.warning("members ignored %s for %g s; sending SIGKILL to every member",
-                              policy.signal.name, policy.grace)
+                # Kill first, then say so: a batch reaching its grace together kills every
+                # group before any log line is written.
                 reason = ExitReason.FORCED_KILL
                 result = "forced"
                 await h.kill()
+                g.log.warning("members ignored %s for %g s; sent SIGKILL to every member",
+                              policy.signal.name, policy.grace)
                 self.hooks.signal_sent(split_target(g.spec.target)[0], "SIGKILL", "sent")
             survivors = len(await h.members())
         except TetherError as exc:
@@ -603,8 +605,11 @@ class Authority:
         if survivors:
             result = "failed"
             g.log.error("%d member(s) survived the stop", survivors)
+        # The stop took until the containment was seen empty (local cgroups say when), not
+        # until this task got its turn to write the record.
+        emptied_at = None if survivors else getattr(h, "emptied_at", None)
         status = await self._leader_status(h)
-        duration = time.monotonic() - t0
+        duration = max(0.0, (emptied_at or time.monotonic()) - t0)
         # Remote signallers say what they could and could not verify (reconnects, ...).
         detail = "; ".join(x for x in (detail, str(getattr(h, "detail", "") or "")) if x)
         g.exit = ExitRecord(reason, exit_code=status.exit_code, signal=status.signal,

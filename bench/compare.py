@@ -299,14 +299,19 @@ def targets(side: list[Row], reused: list[dict[str, Any]], fp: dict[str, Any]
     rec = value(side, "w2", "tether exit records", "tether gRPC")
     bgone = value(side, "w2", "stop request", "plain Python")
     if gone is not None:
-        late = gone - 1.0
+        # The baseline sends KILL exactly at the grace; what it needs past 1 s is the
+        # kernel tearing 200 processes down. "Not a tick later" = within 20 ms of it (a
+        # polling tick is 100 ms to 1 s).
+        floor = bgone if bgone is not None else 1.0
+        late = gone - floor
         text = f"all gone {fmt_ms(gone)} after the request (grace 1 s)"
         if rec is not None:
             text += f"; exit records' longest stop {fmt_ms(rec)}"
         if bgone is not None:
             text += f"; plain Python {fmt_ms(bgone)}"
-        out.append(("W2 KILL exactly at the grace (not a tick later)", text,
-                    verdict(late < 0.02 and (rec is None or rec - 1.0 < 0.02))))
+        out.append(("W2 KILL exactly at the grace: all gone within 20 ms of plain Python's "
+                    "KILL at the grace", text,
+                    verdict(late < 0.02 and (rec is None or rec - floor < 0.02))))
     for when, prefix in (("at report", "processes left when"), ("5 s later", "processes left 5")):
         s = value(side, "w3", prefix, "tether gRPC")
         c = value(side, "w3", prefix, "tether CLI")

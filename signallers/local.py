@@ -160,7 +160,7 @@ class CgroupEventWatcher:
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
-        self._fds: dict[int, tuple[Path, list[asyncio.Future[None]]]] = {}
+        self._fds: dict[int, tuple[Path, list[asyncio.Future[float]]]] = {}
         self._by_path: dict[Path, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -171,10 +171,11 @@ class CgroupEventWatcher:
             loop.add_reader(self._epoll.fileno(), self._on_ready)
 
 
-    def wait_empty(self, cgroup: Path) -> asyncio.Future[None]:
+    def wait_empty(self, cgroup: Path) -> asyncio.Future[float]:
+        """A future resolved with the ``time.monotonic()`` at which the cgroup was seen empty."""
         self._ensure_reader()
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
+        fut: asyncio.Future[float] = loop.create_future()
         fd = self._by_path.get(cgroup)
         if fd is not None:
             self._fds[fd][1].append(fut)
@@ -182,7 +183,7 @@ class CgroupEventWatcher:
             try:
                 fd = os.open(cgroup / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                fut.set_result(None)  # the cgroup is gone: nothing can live in it
+                fut.set_result(time.monotonic())  # the cgroup is gone: nothing lives in it
                 return fut
             self._epoll.register(fd, select.EPOLLPRI | select.EPOLLERR)
             self._fds[fd] = (cgroup, [fut])
@@ -196,9 +197,10 @@ class CgroupEventWatcher:
         entry = self._fds.get(fd)
         if entry is None:
             return
+        now = time.monotonic()  # when the agent learned the cgroup is empty
         for w in entry[1]:
             if not w.done():
-                w.set_result(None)
+                w.set_result(now)
         self._unregister(fd)
 
     def _unregister(self, fd: int) -> None:
@@ -291,6 +293,8 @@ class LocalGroup:
         self.leader_start_time = leader_start_time
         self._popen = popen
         self._leader_status: LeaderStatus | None = None
+        #: time.monotonic() when the cgroup was seen empty (set by wait()); None before.
+        self.emptied_at: float | None = None
         loop = asyncio.get_running_loop()
         self._leader_done: asyncio.Future[LeaderStatus] = loop.create_future()
         self._pidfd: int | None = None
@@ -468,13 +472,13 @@ class LocalGroup:
     async def wait(self, timeout: float | None = None) -> bool:
         if self.cgroup is not None:
             fut = self._signaller.events.wait_empty(self.cgroup)
-            if fut.done():
-                return True
-            try:
-                async with asyncio.timeout(timeout):
-                    await asyncio.shield(fut)
-            except TimeoutError:
-                return False
+            if not fut.done():
+                try:
+                    async with asyncio.timeout(timeout):
+                        await asyncio.shield(fut)
+                except TimeoutError:
+                    return False
+            self.emptied_at = fut.result()
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

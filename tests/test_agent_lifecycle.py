@@ -205,6 +205,25 @@ async def test_double_and_concurrent_stops_share_one_run(authority: Authority) -
     assert a.exit.reason is ExitReason.FORCED_KILL
 
 
+async def test_stop_durations_in_a_batch_are_each_groups_own(authority: Authority) -> None:
+    """One batch, one grace clock: the group that ignores TERM is killed at the grace and its
+    record says so; the cooperative one's record says it ended well before the grace, not
+    when the batch finished."""
+    stubborn = await authority.spawn(GroupSpec(argv=("sh", "-c", "trap '' TERM; sleep 100"),
+                                               stop=GRACE))
+    polite = await authority.spawn(GroupSpec(argv=("sleep", "100"), stop=GRACE))
+    await async_wait_until(lambda: len(marked_alive(stubborn.group_id)) == 2, 10,
+                           "the shell to trap TERM and start sleep")
+    views = {v.group_id: v for v in await authority.stop_many(
+        [(stubborn.group_id, None), (polite.group_id, None)])}
+    hard, soft = views[stubborn.group_id].exit, views[polite.group_id].exit
+    assert hard is not None and soft is not None
+    assert hard.reason is ExitReason.FORCED_KILL and soft.reason is ExitReason.REQUESTED
+    assert GRACE.grace <= hard.stop_duration < GRACE.grace + 5
+    assert 0 <= soft.stop_duration < GRACE.grace
+    assert marked_alive(stubborn.group_id) == [] and marked_alive(polite.group_id) == []
+
+
 async def test_stop_racing_a_natural_exit(authority: Authority) -> None:
     for delay in ("0", "0.001", "0.005", "0.02"):
         view = await authority.spawn(GroupSpec(argv=("sleep", delay), stop=GRACE))
