@@ -152,4 +152,34 @@ def _group(path: str, index: int, g: Any) -> GroupEntry:
         "target": g.get("target", "local"), "orphan_policy": policy,
         "owns_target": g.get("owns_target", False),
     }
+    _check_spec(path, where, args)
     return GroupEntry(where, g.get("agent", ""), replicas, args)
+
+
+def _check_spec(path: str, where: str, a: dict[str, Any]) -> None:
+    """Build the agent's own GroupSpec from the entry: a bad signal, probe, path or name is
+    refused here, with the rest of the file, before any group starts."""
+    from types import MappingProxyType
+
+    from tether.agent.errors import InvalidSpec
+    from tether.agent.model import (
+        DEFAULT_START_TIMEOUT,
+        GroupSpec,
+        Probe,
+        StopPolicy,
+        parse_signal,
+    )
+
+    try:
+        stop = StopPolicy(parse_signal(a["stop_signal"]))
+        if a["grace"] is not None:
+            stop = StopPolicy(stop.signal, float(a["grace"]))
+        GroupSpec(
+            argv=tuple(a["argv"]), cwd=a["cwd"], env=MappingProxyType(a["env_map"]),
+            inherit_env=a["inherit_env"], log_path=a["log"],
+            ready=Probe.parse(a["ready"], timeout=a["probe_timeout"]) if a["ready"] else None,
+            stop=stop, label=a["label"], labels=MappingProxyType(a["meta_map"]),
+            stop_order=a["stop_order"], target=a["target"], owns_target=a["owns_target"],
+            start_timeout=float(a["start_timeout"] or DEFAULT_START_TIMEOUT))
+    except InvalidSpec as exc:
+        raise _fail(path, f"{where}: {exc}") from None

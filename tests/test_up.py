@@ -69,6 +69,12 @@ stop_order = 1
      ["env.PORT", "string"]),
     ('session = "s"\n[[group]]\nargv = ["sleep", "1"]\nreplicas = 0\n', ["replicas"]),
     ('session = "s"\n[[group]]\nargv = ["sleep", "1"]\ngrace = -1\n', ["grace"]),
+    ('session = "s"\n[[group]]\nargv = ["sleep", "1"]\n[[group]]\nlabel = "w"\n'
+     'argv = ["sleep", "1"]\nstop_signal = "TREM"\n', ["group 2 (w)", "TREM"]),
+    ('session = "s"\n[[group]]\nargv = ["sleep", "1"]\nready = "tcp:http"\n',
+     ["group 1", "tcp:http"]),
+    ('session = "s"\n[[group]]\nargv = ["sleep", "1"]\ncwd = "relative/dir"\n',
+     ["group 1", "absolute"]),
     ('[[group]]\nargv = ["sleep", "1"]\n', ["session"]),
     ('session = "s"\n', ["no groups"]),
     ('session = "s"\n[[group]\n', ["TOML"]),
