@@ -631,6 +631,10 @@ class DockerGroup:
         self.leader_start_time = btime + start_ticks / CLK_TCK
         self._leader_status: LeaderStatus | None = None
         self._marker = f"{MARKER_ENV}={group_id}"
+        # One scan exec at a time per group: the agent's watcher and a stop both scan, and a
+        # stop that reports done must not leave the watcher's scan running in the container.
+        self._scan_lock = asyncio.Lock()
+        self._closed = False
         self.log = logging.LoggerAdapter(log, {"group": group_id, "container": container.name,
                                                "pid": leader_pid})
 
@@ -691,10 +695,13 @@ class DockerGroup:
     # -- membership
 
     async def _scan(self, marker: bool = True) -> Scan:
-        return await self._signaller.scan(self.target, self.container,
-                                          self._marker if marker else "", known=True)
+        async with self._scan_lock:
+            return await self._signaller.scan(self.target, self.container,
+                                              self._marker if marker else "", known=True)
 
     async def _members(self) -> dict[int, ProcStat]:
+        if self._closed:
+            return {}  # the authority is done with this group: no more execs for it
         scan = await self._scan()
         return scan.members(self.pgid, self.sid, self.leader_pid, self._start_ticks)
 
@@ -778,7 +785,12 @@ class DockerGroup:
                 delay = POLL_FIRST if woke.is_set() else min(delay * 2, cap)
 
     async def close(self) -> None:
-        """Nothing is held per group: the exec, its stream and the scans are closed already."""
+        """The group has ended. Wait for a scan still in flight (the watcher's, say), so
+        that a stop reported done leaves no tether exec running in the container, and scan
+        no more."""
+        self._closed = True
+        async with self._scan_lock:
+            pass
 
 
 # ---------------------------------------------------------------- the signaller
