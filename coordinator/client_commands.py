@@ -310,10 +310,8 @@ async def cmd_up(stub: Any, args: argparse.Namespace) -> int:
     gate = asyncio.Semaphore(args.parallel)
 
     async def start(entry: Any) -> tuple[Any, pb.Group | None, str]:
-        spec = _spec(argparse.Namespace(**entry.spawn_args, session=plan.session,
-                                        window=plan.window))
-        req = cpb.CoordinatorSpawnRequest(agent=entry.agent, spec=spec)
-        timeout = args.timeout or (entry.spawn_args["start_timeout"] or 30) + 60
+        req = cpb.CoordinatorSpawnRequest(agent=entry.agent, spec=entry.spec)
+        timeout = args.timeout or (entry.spec.start_timeout_seconds or 30) + 60
         async with gate:
             try:
                 return entry, await stub.Spawn(req, timeout=timeout), ""
@@ -326,7 +324,7 @@ async def cmd_up(stub: Any, args: argparse.Namespace) -> int:
     results = await asyncio.gather(*(start(e) for e in plan.groups for _ in range(e.replicas)))
     rows, out, failed = [], [], 0
     for entry, g, error in results:
-        label = entry.spawn_args["label"] or "-"
+        label = entry.spec.label or "-"
         if g is None:
             failed += 1
             rows.append(["-", label, "refused", error])

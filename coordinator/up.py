@@ -25,10 +25,16 @@ one line per group.
 
 from __future__ import annotations
 
+import argparse
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tether.agent.convert import spec_from_pb
+from tether.agent.errors import InvalidSpec
+from tether.coordinator.client_commands import _spec
+from tether.v1 import common_pb2 as pb
 
 
 class SessionFileError(Exception):
@@ -60,12 +66,12 @@ TOP_KEYS = {"session", "window", "group"}
 
 @dataclass
 class GroupEntry:
-    """One [[group]] of the file, checked; ``spawn_args`` mirrors `tether spawn`'s options."""
+    """One [[group]] of the file, checked: the spec `tether spawn` would send for it."""
 
     where: str
     agent: str
     replicas: int
-    spawn_args: dict[str, Any] = field(default_factory=dict)
+    spec: pb.GroupSpec
 
 
 @dataclass
@@ -113,11 +119,11 @@ def load(path: str, session_override: str = "") -> SessionFile:
     raw = data.get("group", [])
     if not isinstance(raw, list) or not raw:
         raise _fail(path, "no groups: add at least one [[group]] with an argv")
-    groups = [_group(path, i, g) for i, g in enumerate(raw, 1)]
+    groups = [_group(path, i, g, session, window) for i, g in enumerate(raw, 1)]
     return SessionFile(session, window, groups)
 
 
-def _group(path: str, index: int, g: Any) -> GroupEntry:
+def _group(path: str, index: int, g: Any, session: str, window: str) -> GroupEntry:
     if not isinstance(g, dict):
         raise _fail(path, f"group {index} must be a table ([[group]])")
     label = g.get("label")
@@ -152,34 +158,11 @@ def _group(path: str, index: int, g: Any) -> GroupEntry:
         "target": g.get("target", "local"), "orphan_policy": policy,
         "owns_target": g.get("owns_target", False),
     }
-    _check_spec(path, where, args)
-    return GroupEntry(where, g.get("agent", ""), replicas, args)
-
-
-def _check_spec(path: str, where: str, a: dict[str, Any]) -> None:
-    """Build the agent's own GroupSpec from the entry: a bad signal, probe, path or name is
-    refused here, with the rest of the file, before any group starts."""
-    from types import MappingProxyType
-
-    from tether.agent.errors import InvalidSpec
-    from tether.agent.model import (
-        DEFAULT_START_TIMEOUT,
-        GroupSpec,
-        Probe,
-        StopPolicy,
-        parse_signal,
-    )
-
+    # The spec `tether spawn` would send, read back the way the agent reads it: a bad
+    # signal, probe, path or name is refused here, before any group starts.
+    spec = _spec(argparse.Namespace(**args, session=session, window=window))
     try:
-        stop = StopPolicy(parse_signal(a["stop_signal"]))
-        if a["grace"] is not None:
-            stop = StopPolicy(stop.signal, float(a["grace"]))
-        GroupSpec(
-            argv=tuple(a["argv"]), cwd=a["cwd"], env=MappingProxyType(a["env_map"]),
-            inherit_env=a["inherit_env"], log_path=a["log"],
-            ready=Probe.parse(a["ready"], timeout=a["probe_timeout"]) if a["ready"] else None,
-            stop=stop, label=a["label"], labels=MappingProxyType(a["meta_map"]),
-            stop_order=a["stop_order"], target=a["target"], owns_target=a["owns_target"],
-            start_timeout=float(a["start_timeout"] or DEFAULT_START_TIMEOUT))
+        spec_from_pb(spec)
     except InvalidSpec as exc:
         raise _fail(path, f"{where}: {exc}") from None
+    return GroupEntry(where, g.get("agent", ""), replicas, spec)
