@@ -2,15 +2,21 @@
 
 Started by the agent in its own session. It holds a pidfd on the agent and
 blocks in poll() until the agent exits (for any reason, SIGKILL included).
-Then it ends every group whose orphan policy is ``kill`` (``cgroup.kill``
-where the group has a cgroup, SIGKILL to every marked process otherwise),
-keeps sweeping until nothing of them is left (bounded), and exits. Groups
-with policy ``keep`` are left for the next agent to re-adopt.
+Then it ends every group whose orphan policy is ``kill`` and exits; ``keep``
+groups are left for the next agent to re-adopt.
+
+* cgroup containment: one write to ``<tree>/kill/cgroup.kill`` kills every kill
+  group of the agent instance, escapees included; no file has to be read, so a
+  state file that cannot be read never turns a ``keep`` group into a kill.
+* weaker containment: every process carrying this agent instance's marker,
+  unless the state file lists its group as ``keep``. If the state file cannot be
+  read, nothing is killed by marker (keep groups must survive), and the guardian
+  says so; the next agent's orphan sweep finds what is left.
 
 After a clean agent shutdown every ``kill`` group is already ended, so the
 guardian finds nothing to do. It imports nothing heavy (no grpc).
 
-    python -m tether.agent.guardian --agent-pid PID --agent-name NAME \
+    python -m tether.agent.guardian --agent-pid PID --agent-marker MARKER \
         --state FILE [--cgroup-base DIR]
 """
 
@@ -18,35 +24,35 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import select
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
 
-import psutil
-
-from tether.agent.model import AGENT_ENV, MARKER_ENV
 from tether.agent.statefile import read_records
+from tether.core.model import MARKER_ENV
+from tether.signallers import cgroups, procfs
 
 log = logging.getLogger("tether.guardian")
 
 SWEEP_DEADLINE = 10.0
 
 
-def wait_for_exit(pid: int) -> None:
+def wait_for_exit(pid: int, timeout: float | None = None) -> bool:
     """Block until ``pid`` exits: poll() on a pidfd, no sleeping loop."""
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
-        return
+        return True
     try:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        while not poller.poll():
-            pass
+        return bool(poller.poll(None if timeout is None else int(timeout * 1000)))
     finally:
         os.close(fd)
 
@@ -72,55 +78,87 @@ def wait_all(pids: list[int], timeout: float) -> None:
             os.close(fd)
 
 
-def keep_groups(state: str) -> set[str]:
-    return {r.group_id for r in read_records(state)
-            if r.orphan_policy == "keep" and not r.ended}
+def wait_empty(cgroup: Path, timeout: float) -> bool:
+    """Wait for ``populated 0`` (POLLPRI on cgroup.events), or ``timeout``."""
+    try:
+        fd = os.open(cgroup / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLPRI)
+        deadline = time.monotonic() + timeout
+        while b"populated 1" in os.pread(fd, 256, 0):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            poller.poll(left * 1000)
+        return True
+    finally:
+        os.close(fd)
 
 
-def marked(agent_name: str, keep: set[str]) -> list[psutil.Process]:
+def sweep_cgroups(base: Path) -> int:
+    """Kill every kill-policy group of the tree at once; returns how many groups were live."""
+    kill = base / "kill"
+    live = [d for d in kill.iterdir() if d.is_dir() and cgroups.populated(d)] \
+        if kill.is_dir() else []
+    if live:
+        cgroups.kill_all(kill)
+        if not wait_empty(kill, SWEEP_DEADLINE):
+            log.error("kill groups under %s are still populated after %g s", kill,
+                      SWEEP_DEADLINE)
+    with contextlib.suppress(FileNotFoundError):
+        for d in kill.iterdir():
+            if d.is_dir():
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+    return len(live)
+
+
+def marked(marker: str, keep: set[str]) -> list[int]:
+    """Live processes of this agent instance whose group is not ``keep``."""
     out = []
-    for p in psutil.process_iter(["status"]):
-        if p.info["status"] in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) or p.pid == os.getpid():
+    for pid in procfs.pids():
+        if pid == os.getpid():
             continue
-        try:
-            env = p.environ()
-        except psutil.Error:
+        block = procfs.environ(pid)
+        if not procfs.carries(block, marker):
             continue
-        if env.get(AGENT_ENV) == agent_name and MARKER_ENV in env \
-                and env[MARKER_ENV].split(".", 1)[0] not in keep:
-            out.append(p)
+        group = (procfs.env_value(block, MARKER_ENV) or "").split(".", 1)[0]
+        if group in keep or "/keep/" in cgroups.own_cgroup(pid):
+            continue
+        if procfs.alive(pid):
+            out.append(pid)
     return out
 
 
-def sweep(agent_name: str, state: str, cgroup_base: Path | None) -> int:
-    """Kill every process of the agent's kill-policy groups; return how many were alive."""
-    keep = keep_groups(state)
+def _same(pid: int, start: float) -> bool:
+    return procfs.same_process(pid, start)
+
+
+def sweep_marked(marker: str, state: str) -> int:
+    try:
+        keep = {r.group_id for r in read_records(state)
+                if r.orphan_policy == "keep" and not r.ended}
+    except sqlite3.Error as exc:
+        log.error("cannot read state file %s (%s): processes found by marker are left "
+                  "alone, so that keep groups survive; the next agent's orphan sweep "
+                  "reports them", state, exc)
+        return 0
     total = 0
     deadline = time.monotonic() + SWEEP_DEADLINE
     while time.monotonic() < deadline:
-        alive = 0
-        if cgroup_base is not None and cgroup_base.is_dir():
-            for d in cgroup_base.iterdir():
-                if d.is_dir() and d.name.split(".", 1)[0] not in keep:
-                    with contextlib.suppress(OSError):
-                        if "populated 1" in (d / "cgroup.events").read_text():
-                            alive += 1
-                            (d / "cgroup.kill").write_text("1")
-        procs = marked(agent_name, keep)
-        for p in procs:
-            with contextlib.suppress(psutil.Error):
-                p.send_signal(signal.SIGKILL)
-        alive += len(procs)
-        if procs:
-            wait_all([p.pid for p in procs], 1.0)
-        total += alive
-        if not alive:
+        pids = marked(marker, keep)
+        if not pids:
             break
-    if cgroup_base is not None and cgroup_base.is_dir():
-        for d in cgroup_base.iterdir():
-            if d.is_dir() and d.name.split(".", 1)[0] not in keep:
-                with contextlib.suppress(OSError):
-                    d.rmdir()
+        for pid in pids:
+            start = procfs.start_time(pid)
+            if start is not None:
+                procfs.signal_pid_safely(pid, signal.SIGKILL,
+                                         functools.partial(_same, start=start))
+        total += len(pids)
+        wait_all(pids, 1.0)
     return total
 
 
@@ -128,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tether-guardian", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agent-pid", type=int, required=True)
-    parser.add_argument("--agent-name", required=True)
+    parser.add_argument("--agent-marker", required=True)
     parser.add_argument("--state", required=True)
     parser.add_argument("--cgroup-base", default="")
     args = parser.parse_args(argv)
@@ -138,11 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_IGN)
     wait_for_exit(args.agent_pid)
-    base = Path(args.cgroup_base) if args.cgroup_base else None
-    n = sweep(args.agent_name, args.state, base)
+    n = sweep_cgroups(Path(args.cgroup_base)) if args.cgroup_base else 0
+    n += sweep_marked(args.agent_marker, args.state)
     if n:
-        log.warning("agent %r (pid %d) is gone; ended %d process(es)/cgroup(s) of its "
-                    "kill-policy groups", args.agent_name, args.agent_pid, n)
+        log.warning("agent %s (pid %d) is gone; ended %d process(es)/cgroup(s) of its "
+                    "kill-policy groups", args.agent_marker, args.agent_pid, n)
     return 0
 
 

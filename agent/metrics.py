@@ -8,6 +8,7 @@ Names are a contract (README, deploy/prometheus/rules.yml):
 * ``tether_orphans`` gauge, ``tether_orphans_detected_total``, ``tether_orphans_reaped_total``
 * ``tether_signals_total{signaller,signal,result}``
 * ``tether_start_failures_total{reason}``
+* ``tether_state_write_errors_total``: failed writes of the state file (each retried)
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tether.agent.authority import Authority, GroupView, Hooks
-from tether.agent.model import Containment, FailureClass, GroupState
+from tether.agent.authority import Authority
+from tether.agent.hooks import Hooks
+from tether.core.model import Containment, FailureClass, GroupState, GroupView
 
 CLEANUP_RESULTS = ("success", "forced", "failed", "timeout")
 
@@ -71,6 +73,9 @@ class AgentMetrics(Hooks):
                                         registry=registry)
         self.orphans_reaped = Counter("tether_orphans_reaped", "Orphans killed by the agent.",
                                       registry=registry)
+        self.state_write_errors = Counter(
+            "tether_state_write_errors", "Failed writes of the agent's state file (disk full, "
+            "I/O error); the changes are kept and the write retried.", registry=registry)
         self._orphans_now = 0
 
     def attach(self, authority: Authority) -> None:
@@ -94,34 +99,11 @@ class AgentMetrics(Hooks):
         pass
 
 
-class HookChain(Hooks):
-    """Several hooks as one (metrics + persistence)."""
-
-    def __init__(self, *hooks: Hooks) -> None:
-        self.hooks = hooks
-
-    def cleanup(self, result: str, seconds: float) -> None:
-        for h in self.hooks:
-            h.cleanup(result, seconds)
-
-    def signal_sent(self, signaller: str, sig: str, result: str) -> None:
-        for h in self.hooks:
-            h.signal_sent(signaller, sig, result)
-
-    def start_failure(self, failure: str) -> None:
-        for h in self.hooks:
-            h.start_failure(failure)
-
-    def group_changed(self, view: GroupView) -> None:
-        for h in self.hooks:
-            h.group_changed(view)
-
-
 def serve_metrics(registry: CollectorRegistry, address: str) -> tuple[object, int]:
     """Start the /metrics HTTP server on HOST:PORT in a daemon thread. Returns (server, port)."""
     from prometheus_client import start_http_server
 
-    from tether.agent.daemon import ListenError
+    from tether.rpc.daemon import ListenError
 
     host, _, port_text = address.rpartition(":")
     try:

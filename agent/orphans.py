@@ -16,12 +16,10 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-import psutil
-
-from tether.agent.model import AGENT_ENV, MARKER_ENV
-from tether.signallers.local import create_time, signal_pid_safely, wait_pidfds
+from tether.core.model import MARKER_ENV
+from tether.signallers import cgroups, procfs
+from tether.signallers.cgroups import CgroupTree
 
 log = logging.getLogger("tether.agent.orphans")
 
@@ -35,6 +33,7 @@ class Orphan:
     found_by: str  # "marker" or "cgroup"
     reaped: bool = False
     create_time: float = 0.0
+    cgroup: str = ""
 
 
 def base_group(marker: str) -> str:
@@ -42,97 +41,63 @@ def base_group(marker: str) -> str:
     return marker.split(".", 1)[0]
 
 
-def read_environ(pid: int) -> bytes:
-    """The raw environment block of ``pid`` (NUL-separated), or b"" if unreadable. Zombies
-    and kernel threads have none."""
-    try:
-        fd = os.open(f"/proc/{pid}/environ", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return b""
-    try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return b"\0" + b"".join(chunks)  # every entry now starts after a NUL
-    except OSError:
-        return b""
-    finally:
-        os.close(fd)
-
-
-def env_value(block: bytes, name: str) -> str | None:
-    key = b"\0" + name.encode() + b"="
-    at = block.find(key)
-    if at < 0:
-        return None
-    start = at + len(key)
-    end = block.find(b"\0", start)
-    return block[start:end if end >= 0 else None].decode(errors="replace")
-
-
 #: Processes read between two yields to the event loop.
 SCAN_SLICE = 64
 
 
-async def find_orphans(agent_name: str, cgroup_base: Path | None, live: set[str]
+async def find_orphans(agent_marker: str, tree: CgroupTree | None, live: set[str]
                        ) -> list[Orphan]:
-    """Scan /proc (and our cgroup tree) for processes of ours outside every live group.
+    """Scan /proc (and this instance's cgroup tree) for processes of ours outside every
+    live group. Only this agent instance's marker and tree count: another agent on the
+    host, even one with the same name, is never looked at.
 
     Runs on the event loop in slices (a thread would hold the GIL against the loop and
     stall whatever the agent does meanwhile by up to the 5 ms switch interval): each
-    process costs one read of its environment, searched as bytes for this agent's name;
-    only the matches are parsed."""
+    process costs one read of its environment, searched as bytes for the marker; only
+    the matches are parsed."""
     now = time.time()
     found: dict[int, Orphan] = {}
     me = os.getpid()
-    mine = f"\0{AGENT_ENV}={agent_name}\0".encode()
-    pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
-    for n, pid in enumerate(pids):
+    for n, pid in enumerate(procfs.pids()):
         if n % SCAN_SLICE == SCAN_SLICE - 1:
             await asyncio.sleep(0)
         if pid == me:
             continue
-        block = read_environ(pid)
-        if mine not in block + b"\0":
+        block = procfs.environ(pid)
+        if not procfs.carries(block, agent_marker):
             continue
-        gid = env_value(block, MARKER_ENV)
+        gid = procfs.env_value(block, MARKER_ENV)
         if gid is None or base_group(gid) in live:
             continue
         orphan = _describe(pid, base_group(gid), "marker", now)
         if orphan is not None:
             found[pid] = orphan
-    if cgroup_base is not None and cgroup_base.is_dir():
-        for d in cgroup_base.iterdir():
-            if not d.is_dir() or base_group(d.name) in live:
+    if tree is not None:
+        for d in tree.group_dirs():
+            if base_group(d.name) in live:
                 continue
-            try:
-                members = [int(x) for x in (d / "cgroup.procs").read_text().split()]
-            except OSError:
-                continue
-            for pid in members:
+            for pid in cgroups.procs(d):
                 if pid not in found:
-                    orphan = _describe(pid, base_group(d.name), "cgroup", now)
+                    orphan = _describe(pid, base_group(d.name), "cgroup", now, str(d))
                     if orphan is not None:
                         found[pid] = orphan
     return sorted(found.values(), key=lambda o: o.pid)
 
 
-def _describe(pid: int, group: str, found_by: str, now: float) -> Orphan | None:
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
-            return None
-        ctime = proc.create_time()
-        cmd = " ".join(proc.cmdline())[:200]
-    except psutil.Error:
+def _describe(pid: int, group: str, found_by: str, now: float, cgroup: str = ""
+              ) -> Orphan | None:
+    p = procfs.stat(pid)
+    if p is None or not p.alive:
         return None
-    return Orphan(pid, cmd, group, now - ctime, found_by, create_time=ctime)
+    ctime = procfs.ticks_to_epoch(p.start)
+    return Orphan(pid, procfs.cmdline(pid) or p.comm, group, now - ctime, found_by,
+                  create_time=ctime, cgroup=cgroup)
 
 
 class OrphanReaper:
     """Owns orphan scans for one agent; exposes counts for metrics."""
 
-    def __init__(self, agent_name: str, cgroup_base: Path | None, live: Callable[[], set[str]],
+    def __init__(self, agent_marker: str, tree: CgroupTree | None, live: Callable[[], set[str]],
                  policy: str = "kill",
                  on_detect: Callable[[int], None] = lambda n: None,
                  on_reap: Callable[[int], None] = lambda n: None,
@@ -140,8 +105,8 @@ class OrphanReaper:
                  settle: Callable[[], Awaitable[None]] | None = None) -> None:
         if policy not in ("kill", "report"):
             raise ValueError(f"orphan reaping {policy!r} is unknown; use kill or report")
-        self.agent_name = agent_name
-        self.cgroup_base = cgroup_base
+        self.agent_marker = agent_marker
+        self.tree = tree
         self.live = live
         self.policy = policy
         self.on_detect = on_detect
@@ -176,7 +141,7 @@ class OrphanReaper:
     async def sweep(self, kill: bool) -> list[Orphan]:
         async with self._lock:
             before = self.live()
-            found = await find_orphans(self.agent_name, self.cgroup_base, before)
+            found = await find_orphans(self.agent_marker, self.tree, before)
             # Groups spawned while the scan ran (between its slices) are live, not orphans. From
             # here to the kill nothing awaits, so no group can start in between.
             live = before | self.live()
@@ -197,22 +162,18 @@ class OrphanReaper:
     async def _reap(self, orphans: list[Orphan], live: set[str]) -> list[Orphan]:
         times = {o.pid: o.create_time for o in orphans}
         reaped: set[int] = set()
-        if self.cgroup_base is not None:
-            for group in {o.former_group for o in orphans if o.found_by == "cgroup"}:
-                d = self.cgroup_base / group
-                with contextlib.suppress(OSError):
-                    (d / "cgroup.kill").write_text("1")
+        for d in {o.cgroup for o in orphans if o.cgroup}:
+            cgroups.kill_all(d)
         for o in orphans:
-            if signal_pid_safely(o.pid, signal.SIGKILL, lambda pid: create_time(pid) == times[pid]):
+            if procfs.signal_pid_safely(o.pid, signal.SIGKILL,
+                                        lambda pid: procfs.same_process(pid, times[pid])):
                 reaped.add(o.pid)
-        await wait_pidfds([o.pid for o in orphans], 5.0)
+        await procfs.wait_pidfds([o.pid for o in orphans], 5.0)
         reaped |= {o.pid for o in orphans if o.found_by == "cgroup"}
-        if self.cgroup_base is not None:
-            live = live | self.live()  # never remove the cgroup of a group we know
-            for o in orphans:
-                if o.former_group not in live:
-                    with contextlib.suppress(OSError):
-                        (self.cgroup_base / o.former_group).rmdir()
+        live = live | self.live()  # never remove the cgroup of a group we know
+        for d in {o.cgroup for o in orphans if o.cgroup and o.former_group not in live}:
+            with contextlib.suppress(OSError):
+                cgroups.remove(d)
         if reaped:
             log.warning("reaped %d orphan(s)", len(reaped))
             self.on_reap(len(reaped))

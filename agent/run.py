@@ -9,6 +9,7 @@ import os
 import secrets
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,16 +18,22 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 import tether
-from tether.agent.authority import Authority, GroupView, Hooks
-from tether.agent.convert import CONTAINMENT_TO_PB
-from tether.agent.daemon import Shutdown, TLSFiles, start_server
-from tether.agent.metrics import AgentMetrics, HookChain, serve_metrics
+from tether.agent import identity
+from tether.agent.authority import Authority
+from tether.agent.capacity import Capacity, raise_fd_limit
+from tether.agent.hooks import HookChain, Hooks
+from tether.agent.metrics import AgentMetrics, serve_metrics
 from tether.agent.orphans import Orphan, OrphanReaper
-from tether.agent.security import AuthInterceptor, ClientSecurity, ServerAuth
 from tether.agent.service import AgentServicer, add_to_server
-from tether.agent.state import AgentStore, spec_from_json
-from tether.agent.tasks import TaskSet
-from tether.signallers.base import SignallerContext
+from tether.agent.state import AgentStore
+from tether.core.errors import TetherError
+from tether.core.model import Containment, GroupView, OrphanPolicy, spec_from_dict
+from tether.core.tasks import TaskSet
+from tether.rpc.convert import CONTAINMENT_TO_PB
+from tether.rpc.daemon import Shutdown, TLSFiles, start_server
+from tether.rpc.security import AuthInterceptor, ClientSecurity, ServerAuth
+from tether.signallers.base import Reattach, SignallerContext
+from tether.signallers.cgroups import safe_name
 from tether.signallers.local import LocalSignaller
 from tether.signallers.registry import Signallers
 
@@ -67,39 +74,57 @@ class _OrphanTrigger(Hooks):
 
 
 class AgentRuntime:
-    """The agent's parts, owned in one place, started and stopped in order."""
+    """The agent's parts, owned in one place, started and stopped in order.
+
+    Construction claims the agent's identity (a lock in its state directory), opens
+    its state file and only then creates its cgroup tree: a refused start (another
+    agent holds the directory, a corrupted state file) leaves nothing behind."""
 
     def __init__(self, config: AgentConfig, registry: CollectorRegistry | None = None,
                  extra_hooks: Hooks | None = None) -> None:
         self.config = config
         self.epoch = secrets.token_hex(6)
         self.registry = registry or CollectorRegistry()
-        opts = {"containment": config.containment, **config.signaller_options}
-        self.context = SignallerContext(config.name, config.state_dir, opts)
-        self.signallers = Signallers(self.context)
-        self.local = LocalSignaller(self.context)
-        self.signallers.add(self.local)
+        self.fd_limit = raise_fd_limit()[0]
+        self.instance = (identity.claim(config.state_dir, config.name) if config.state_dir
+                         else identity.ephemeral(config.name))
         self.metrics = AgentMetrics(self.registry)
         self.store: AgentStore | None = None
-        if config.state_dir:
-            self.store = AgentStore(Path(config.state_dir) / f"agent-{safe(config.name)}.sqlite3")
+        try:
+            if config.state_dir:
+                self.store = AgentStore(
+                    Path(config.state_dir) / f"agent-{safe_name(config.name)}.sqlite3",
+                    on_error=self.metrics.state_write_errors.inc)
+            opts = {"containment": config.containment, **config.signaller_options}
+            self.context = SignallerContext(config.name, config.state_dir, opts,
+                                            instance=self.instance.marker)
+            self.signallers = Signallers(self.context)
+            self.local = LocalSignaller(self.context)
+        except BaseException:
+            if self.store is not None:
+                self.store.close()
+            self.instance.release()
+            raise
+        self.signallers.add(self.local)
         trigger = _OrphanTrigger()
         chain: list[Hooks] = [self.metrics, trigger]
         if self.store is not None:
             chain.append(self.store)
         if extra_hooks is not None:
             chain.append(extra_hooks)
+        self.capacity = Capacity()
         self.authority = Authority(config.name, self.signallers, HookChain(*chain),
-                                   config.default_grace)
+                                   config.default_grace, marker=self.instance.marker,
+                                   capacity=self.capacity)
         self.metrics.attach(self.authority)
         self.reaper = OrphanReaper(
-            config.name, self.local.cgroup_base,
-            lambda: {g.group_id for g in self.authority.groups() if not g.state.ended},
+            self.instance.marker, self.local.tree, self.authority.live_ids,
             config.orphan_reaping, on_detect=self.metrics.orphans_detected.inc,
             on_reap=self.metrics.orphans_reaped.inc, on_current=self.metrics.set_orphans_now,
             settle=self.authority.no_stops_running)
         trigger.reaper = self.reaper
-        self.servicer = AgentServicer(self.authority, self.list_orphans)
+        self.servicer = AgentServicer(self.authority, self.list_orphans, self.info_extra,
+                                      self.epoch)
         self._tasks = TaskSet(log)
         self._guardian: subprocess.Popen[bytes] | None = None
         self._closing = False
@@ -112,6 +137,11 @@ class AgentRuntime:
     def address(self) -> str:
         host = self.config.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
+
+    def info_extra(self) -> dict[str, Any]:
+        usage = self.capacity.usage()
+        return {"instance": self.instance.marker, "fd_limit": usage.limit,
+                "fds_open": usage.open, "groups_left": usage.groups_left}
 
     async def list_orphans(self, sweep: bool) -> list[Orphan]:
         return await self.reaper.sweep(kill=sweep and self.reaper.policy == "kill")
@@ -128,34 +158,35 @@ class AgentRuntime:
         """Re-adopt surviving `keep` groups, record `lost` for the vanished ones."""
         if self.store is None:
             return
-        records = [r for r in self.store.records() if not r.ended]
-        self.store.forget_ended()
+        records = [r for r in await self.store.records() if not r.ended]
+        await self.store.forget_ended()
         for r in records:
-            spec = spec_from_json(r.spec)
-            kind = (r.target or "local").partition(":")[0]
+            spec = spec_from_dict(r.spec)
+            kind, _, where = (r.target or "local").partition(":")
             signaller = self.signallers.get(kind)
-            reattach = getattr(signaller, "reattach", None)
+            keep = r.orphan_policy == OrphanPolicy.KEEP.value
             handle = None
-            if r.orphan_policy == "keep" and reattach is not None:
-                handle = await reattach(r.group_id, r.leader_pid, r.leader_start_time,
-                                        (r.target or "").partition(":")[2])
+            if keep and signaller.features.reattach:
+                try:
+                    handle = await signaller.reattach(Reattach(
+                        r.group_id, r.leader_pid, r.leader_start_time, where, r.cgroup))
+                except TetherError as exc:
+                    log.error("group %s: cannot re-adopt it: %s", r.group_id, exc)
             if handle is not None:
                 self.authority.restore_running(r.group_id, spec, handle)
                 continue
-            why = ("it was gone when the agent restarted" if r.orphan_policy == "keep" else
+            why = ("it was gone when the agent restarted" if keep else
                    "the agent died while it ran; its guardian or the orphan sweep ended it")
-            if reattach is None:
+            if keep and not signaller.features.reattach:
                 why = f"{kind} groups are not re-adopted after an agent restart"
-            from tether.agent.model import Containment
-
             self.authority.restore_lost(r.group_id, spec, Containment(r.containment), why)
 
     def _start_guardian(self) -> None:
         assert self.store is not None
         args = [sys.executable, "-m", "tether.agent.guardian", "--agent-pid", str(os.getpid()),
-                "--agent-name", self.config.name, "--state", self.store.path]
-        if self.local.cgroup_base is not None:
-            args += ["--cgroup-base", str(self.local.cgroup_base)]
+                "--agent-marker", self.instance.marker, "--state", self.store.path]
+        if self.local.tree is not None:
+            args += ["--cgroup-base", str(self.local.tree.base)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
         self._guardian = subprocess.Popen(args, start_new_session=True, env=env,
                                           stdin=subprocess.DEVNULL)
@@ -163,7 +194,7 @@ class AgentRuntime:
         self._tasks.spawn(self._watch_guardian(self._guardian), "guardian-watch")
 
     async def _watch_guardian(self, proc: subprocess.Popen[bytes]) -> None:
-        from tether.signallers.local import wait_pidfds
+        from tether.signallers.procfs import wait_pidfds
 
         await wait_pidfds([proc.pid], None)
         with contextlib.suppress(ChildProcessError):
@@ -194,7 +225,8 @@ class AgentRuntime:
         advertise = self.config.advertise or self.address
         request = cpb.RegisterAgentRequest(
             name=self.config.name, address=advertise, version=tether.__version__,
-            containment=CONTAINMENT_TO_PB[self.local.containment], epoch=self.epoch)
+            containment=CONTAINMENT_TO_PB[self.local.containment], epoch=self.epoch,
+            instance=self.instance.marker)
         backoff = 0.2
         async with self.config.dial.channel(self.config.coordinator) as channel:
             stub = cgrpc.CoordinatorServiceStub(channel)
@@ -218,32 +250,55 @@ class AgentRuntime:
                     backoff = min(backoff * 2, 5.0)
 
     async def shutdown(self, server: grpc.aio.Server | None) -> None:
-        """Ordered: stop RPCs, stop kill-policy groups, stop watchers, close, stop metrics."""
-        if server is not None:
-            log.info("shutdown 1/5: no longer accepting RPCs")
-            await server.stop(grace=1.0)
-        log.info("shutdown 2/5: stopping every group whose orphan policy is kill")
+        """Ordered: stop RPCs, stop kill-policy groups, stop watchers, close, stop metrics.
+        Each phase runs even if an earlier one failed (logged): the store is always closed,
+        the lock released, the guardian let go."""
         self._closing = True
+        phases: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("no longer accepting RPCs", lambda: self._stop_server(server)),
+            ("stopping every group whose orphan policy is kill", self._stop_groups),
+            ("stopping registration and watchers", self._stop_background),
+            ("closing signallers", self.signallers.aclose),
+            ("stopping metrics and closing the state file", self._close),
+        ]
+        for n, (what, phase) in enumerate(phases, 1):
+            log.info("shutdown %d/%d: %s", n, len(phases), what)
+            try:
+                await phase()
+            except Exception:
+                log.exception("shutdown %d/%d (%s) failed; going on", n, len(phases), what)
+
+    @staticmethod
+    async def _stop_server(server: grpc.aio.Server | None) -> None:
+        if server is not None:
+            await server.stop(grace=1.0)
+
+    async def _stop_groups(self) -> None:
         await self.authority.shutdown()
+
+    async def _stop_background(self) -> None:
         await self._tasks.cancel_all()
-        log.info("shutdown 3/5: stopping registration and watchers")
         if self._register_task is not None:
             self._register_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._register_task
-        log.info("shutdown 4/5: closing signallers")
-        await self.signallers.aclose()
-        log.info("shutdown 5/5: stopping metrics")
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
-        if self.store is not None:
-            self.store.close()
-        if self._guardian is not None:
-            # Everything `kill` is stopped; the guardian would find nothing. Let it go.
-            self._guardian.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._guardian.wait(5)
+
+    async def _close(self) -> None:
+        try:
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+                self._metrics_server.server_close()
+        finally:
+            try:
+                if self.store is not None:
+                    self.store.close()
+            finally:
+                self.instance.release()
+                if self._guardian is not None:
+                    # Every `kill` group is stopped; the guardian would find nothing.
+                    self._guardian.terminate()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        await asyncio.to_thread(self._guardian.wait, 5)
 
 
 async def run_agent(config: AgentConfig, shutdown: Shutdown,
@@ -280,6 +335,3 @@ async def shutdown_with_escalation(runtime: AgentRuntime, server: Any,
         escalate.cancel()
     await task
 
-
-def safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)

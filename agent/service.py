@@ -4,42 +4,55 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
 import tether
-from tether.agent.authority import Authority, GroupEvent
-from tether.agent.convert import (
+from tether.agent.authority import Authority
+from tether.agent.orphans import Orphan
+from tether.core.errors import InvalidSpec
+from tether.core.model import GroupEvent, StopOverride, parse_signal
+from tether.rpc.convert import (
     CONTAINMENT_TO_PB,
     event_to_pb,
     group_to_pb,
+    override_from_pb,
     spec_from_pb,
-    stop_policy_from_pb,
 )
-from tether.agent.errors import GroupNotFound, InvalidSpec
-from tether.agent.grpc_errors import stream, unary
-from tether.agent.model import StopPolicy, parse_signal
+from tether.rpc.status import stream, unary
 from tether.v1 import agent_pb2 as apb
 from tether.v1 import agent_pb2_grpc as agrpc
 from tether.v1 import common_pb2 as pb
 
+MAX_PID = 2**31
+
+
+def orphan_to_pb(o: Orphan, agent: str) -> pb.Orphan:
+    return pb.Orphan(pid=o.pid, command=o.command, former_group=o.former_group,
+                     age_seconds=o.age, found_by=o.found_by, agent=agent, reaped=o.reaped)
+
 
 class AgentServicer(agrpc.AgentServiceServicer):
     def __init__(self, authority: Authority,
-                 orphans: Callable[[bool], Any] | None = None) -> None:
+                 orphans: Callable[[bool], Awaitable[list[Orphan]]] | None = None,
+                 info: Callable[[], dict[str, Any]] | None = None, epoch: str = "") -> None:
         self.authority = authority
         self._orphans = orphans
+        self._info = info
+        self.epoch = epoch
 
     @unary
     async def Spawn(self, request: apb.SpawnRequest, context: Any) -> apb.SpawnResponse:
-        view = await self.authority.spawn(spec_from_pb(request.spec), request.idempotency_key)
-        return apb.SpawnResponse(group=group_to_pb(view))
+        view = await self.authority.spawn(spec_from_pb(request.spec), request.idempotency_key,
+                                          request.group_id)
+        # The caller sent the environment: it may have it back.
+        return apb.SpawnResponse(group=group_to_pb(view, redact=False))
 
     @unary
     async def Adopt(self, request: apb.AdoptRequest, context: Any) -> apb.AdoptResponse:
-        if request.pid <= 0:
+        if not 0 < request.pid < MAX_PID:
             raise InvalidSpec(f"pid {request.pid} is not a process id", field="pid")
         spec = request.spec
         if not spec.argv:
@@ -56,34 +69,18 @@ class AgentServicer(agrpc.AgentServiceServicer):
 
     @unary
     async def Stop(self, request: apb.StopRequest, context: Any) -> apb.StopResponse:
-        policy = None
-        if request.HasField("policy"):
-            current = self.authority.get(request.group_id).spec.stop
-            policy = stop_policy_from_pb(request.policy, default_grace=current.grace)
-        view = await self.authority.stop(request.group_id, policy)
+        override = override_from_pb(request.policy) if request.HasField("policy") else None
+        view = await self.authority.stop(request.group_id, override)
         return apb.StopResponse(group=group_to_pb(view))
 
     @unary
     async def StopGroups(self, request: apb.StopGroupsRequest, context: Any
                          ) -> apb.StopGroupsResponse:
-        reply = apb.StopGroupsResponse()
-        known = []
-        for gid in request.group_ids:
-            try:
-                self.authority.get(gid)
-            except GroupNotFound as exc:
-                reply.errors[gid] = str(exc)
-            else:
-                known.append(gid)
-        policies: dict[str, StopPolicy | None] = {}
-        for gid in known:
-            policies[gid] = None
-            if request.HasField("policy"):
-                current = self.authority.get(gid).spec.stop
-                policies[gid] = stop_policy_from_pb(request.policy, default_grace=current.grace)
-        views = await self.authority.stop_many(policies.items(), requested_at=time.monotonic())
-        reply.groups.extend(group_to_pb(v) for v in views)
-        return reply
+        override: StopOverride | None = (override_from_pb(request.policy)
+                                         if request.HasField("policy") else None)
+        views, unknown = await self.authority.stop_groups(
+            [(gid, override) for gid in request.group_ids], requested_at=time.monotonic())
+        return apb.StopGroupsResponse(groups=[group_to_pb(v) for v in views], errors=unknown)
 
     @unary
     async def Get(self, request: apb.GetRequest, context: Any) -> apb.GetResponse:
@@ -107,10 +104,11 @@ class AgentServicer(agrpc.AgentServiceServicer):
             return ((not session or ev.group.spec.session_id == session)
                     and (not ids or ev.group.group_id in ids))
 
+        since = request.since_seq if request.epoch == self.epoch else 0
         initial = [v for v in self.authority.views(session) if not ids or v.group_id in ids] \
             if request.initial else []
-        async for event in self.authority.watch(accept, initial):
-            yield event_to_pb(event)
+        async for event in self.authority.watch(accept, initial, since):
+            yield event_to_pb(event, self.epoch)
 
     @unary
     async def ListOrphans(self, request: apb.ListOrphansRequest, context: Any
@@ -118,23 +116,24 @@ class AgentServicer(agrpc.AgentServiceServicer):
         if self._orphans is None:
             return apb.ListOrphansResponse()
         found = await self._orphans(request.sweep)
-        return apb.ListOrphansResponse(orphans=[
-            pb.Orphan(pid=o.pid, command=o.command, former_group=o.former_group,
-                      age_seconds=o.age, found_by=o.found_by, agent=self.authority.name,
-                      reaped=o.reaped)
-            for o in found
-        ])
+        return apb.ListOrphansResponse(orphans=[orphan_to_pb(o, self.authority.name)
+                                                for o in found])
 
     @unary
     async def Info(self, request: apb.InfoRequest, context: Any) -> apb.InfoResponse:
-        local = self.authority.signallers.get("local")
         from tether.signallers.registry import known_kinds
 
-        return apb.InfoResponse(name=self.authority.name, version=tether.__version__,
-                                containment=CONTAINMENT_TO_PB[local.containment],
-                                hostname=socket.gethostname(), signallers=known_kinds())
-
-
+        local = self.authority.signallers.get("local")
+        reply = apb.InfoResponse(name=self.authority.name, version=tether.__version__,
+                                 containment=CONTAINMENT_TO_PB[local.containment],
+                                 hostname=socket.gethostname(), signallers=known_kinds(),
+                                 instance=self.authority.marker, epoch=self.epoch)
+        if self._info is not None:
+            extra = self._info()
+            reply.fd_limit = extra["fd_limit"]
+            reply.fds_open = extra["fds_open"]
+            reply.groups_left = extra["groups_left"]
+        return reply
 
 
 def add_to_server(server: grpc.aio.Server, servicer: AgentServicer) -> None:

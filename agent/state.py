@@ -1,115 +1,197 @@
 """The agent's local state file (SQLite): enough to re-adopt or clean up after a crash.
 
-One row per group: leader pid and start time (PID-reuse guard), cgroup
-directory, orphan policy, state, and the spec. Written on every state
-change; read by a restarted agent and by the guardian.
+One row per live group: leader pid and start time (PID-reuse guard), cgroup
+directory, orphan policy, state, and the spec. A group's row is deleted once it
+has ended (its record lives on in the coordinator and in the agent's memory).
+
+Acknowledged means durable: writes happen on one thread of their own (never on
+the event loop), in one transaction per batch of changes; ``durable()`` returns
+once everything reported so far is committed, and a spawn waits for it before it
+starts anything and again before it answers. A failed write (disk full, I/O
+error) keeps the pending changes, is counted
+(``tether_state_write_errors_total``) and retried with backoff; a caller waiting
+on ``durable()`` gets ``StateUnwritable`` at its deadline.
+
+The file, its directory and SQLite's WAL files are private (0600/0700): specs hold
+environment values.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
+import concurrent.futures
 import json
+import logging
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tether.agent.authority import GroupView, Hooks
-from tether.agent.statefile import SCHEMA, GroupRecord, read_records, to_record
+from tether.agent.hooks import Hooks
+from tether.agent.statefile import SCHEMA, GroupRecord, to_record
+from tether.core.errors import StateFileError, StateUnwritable
+from tether.core.model import GroupView, spec_to_dict
+from tether.core.private import private_dir, touch_private
 
-__all__ = ["SCHEMA", "AgentStore", "GroupRecord", "read_records", "row_of", "spec_from_json",
-           "spec_json", "to_record"]
+log = logging.getLogger(__name__)
 
+RETRY_FIRST = 0.1
+RETRY_MAX = 5.0
 
-def spec_json(view: GroupView) -> dict[str, Any]:
-    spec = view.spec
-    return {
-        "argv": list(spec.argv), "cwd": spec.cwd, "env": dict(spec.env),
-        "inherit_env": spec.inherit_env, "log_path": spec.log_path,
-        "ready": str(spec.ready) if spec.ready else "",
-        "start_timeout": spec.start_timeout,
-        "stop_signal": spec.stop.signal.name, "grace": spec.stop.grace,
-        "orphan_policy": spec.orphan_policy.value, "label": spec.label,
-        "labels": dict(spec.labels), "session_id": spec.session_id, "window": spec.window,
-        "stop_order": spec.stop_order, "target": spec.target, "owns_target": spec.owns_target,
-    }
+ADVICE = ("move it aside (e.g. `mv {path} {path}.broken`) and start the agent again: it then "
+          "starts with no record, and processes its earlier run left (keep groups included) "
+          "are found as orphans and killed, or only reported with --orphan-reaping report")
 
 
 def row_of(view: GroupView) -> tuple[Any, ...]:
-    """The state-file row of a group. The spec never changes, so its JSON is encoded once
-    per group and reused by every later write."""
-    spec = view.encoded.get("json")
-    if spec is None:
-        spec = view.encoded["json"] = json.dumps(spec_json(view))
     exit_ = {}
     if view.exit is not None:
-        exit_ = {k: (v.value if isinstance(v, enum.Enum) else v)
-                 for k, v in vars(view.exit).items()}
+        exit_ = {"reason": view.exit.reason.value, "detail": view.exit.detail}
     return (view.group_id, view.state.value, view.spec.orphan_policy.value, view.leader_pid,
             view.leader_start_time, view.pgid, view.cgroup, view.containment.value,
-            view.spec.target, view.spec.session_id, spec, json.dumps(exit_))
+            view.spec.target, view.spec.session_id, json.dumps(spec_to_dict(view.spec)),
+            json.dumps(exit_))
 
 
 class AgentStore(Hooks):
-    """Persists every group change; a Hooks implementation for the Authority."""
+    """Persists every group change; a ``Hooks`` implementation for the authority."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str,
+                 on_error: Callable[[], None] = lambda: None) -> None:
         self.path = str(path)
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
-        self._pending: dict[str, GroupView] = {}
-        self._scheduled = False
+        self.on_error = on_error
+        private_dir(Path(self.path).parent)
+        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tether-state")
+        self._pending: dict[str, tuple[int, GroupView]] = {}
+        self._version = 0
+        self._written = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self.last_error = ""
+        try:
+            self.db = self._io.submit(self._open).result()
+        except sqlite3.DatabaseError as exc:
+            self._io.shutdown()
+            raise StateFileError(self.path, str(exc), ADVICE.format(path=self.path)) from exc
+
+    def _open(self) -> sqlite3.Connection:
+        touch_private(self.path)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(SCHEMA)
+            db.execute("SELECT count(*) FROM groups").fetchone()
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
+
+    # -- Hooks
 
     def group_changed(self, view: GroupView) -> None:
-        """Write-behind: changes made in one event-loop turn are written in one transaction
-        at the end of it (a 1000-group stop must not cost 2000 commits)."""
-        self._pending[view.group_id] = view
-        if not self._scheduled:
-            try:
-                asyncio.get_running_loop().call_soon(self.flush)
-                self._scheduled = True
-            except RuntimeError:
-                self.flush()
+        """Queued; written at the end of this event-loop turn with every other change."""
+        self._version += 1
+        self._pending[view.group_id] = (self._version, view)
+        self._schedule()
 
-    def flush(self) -> None:
-        self._scheduled = False
-        if not self._pending:
+    def _schedule(self, delay: float = 0.0) -> None:
+        if self._flushing is None or self._flushing.done():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop (closing): close() writes what is left
+            self._flushing = loop.create_task(self._flush_loop(delay), name="state-flush")
+
+    async def durable(self, timeout: float) -> None:
+        target = self._version
+        if self._written >= target:
             return
-        rows = [row_of(v) for v in self._pending.values()]
-        self._pending.clear()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, fut))
+        self._schedule()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(fut)
+        except TimeoutError:
+            raise StateUnwritable(self.path, self.last_error or "the write did not finish "
+                                  f"within {timeout:g} s") from None
+
+    # -- writing
+
+    async def _flush_loop(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = RETRY_FIRST
+        if delay:
+            await asyncio.sleep(delay)
+        while self._pending:
+            batch = dict(self._pending)
+            upto = self._version  # every change up to here is in the batch or written
+            try:
+                await loop.run_in_executor(self._io, self._write, list(batch.values()))
+            except Exception as exc:  # sqlite3.Error, OSError: whatever it is, keep the data
+                self.last_error = str(exc) or type(exc).__name__
+                self.on_error()
+                log.error("cannot write state file %s: %s; keeping %d change(s), retrying in "
+                          "%.1f s", self.path, exc, len(batch), backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RETRY_MAX)
+                continue
+            self.last_error = ""
+            backoff = RETRY_FIRST
+            for gid, (version, _) in batch.items():
+                if self._pending.get(gid, (0,))[0] == version:
+                    del self._pending[gid]
+            self._written = upto
+            done = [(t, f) for t, f in self._waiters if t <= self._written]
+            self._waiters = [(t, f) for t, f in self._waiters if t > self._written]
+            for _, fut in done:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def _write(self, items: list[tuple[int, GroupView]]) -> None:
+        live = [row_of(v) for _, v in items if not v.state.ended]
+        ended = [(v.group_id,) for _, v in items if v.state.ended]
         with self.db:
             self.db.execute("BEGIN")
-            self.db.executemany("INSERT OR REPLACE INTO groups VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                                rows)
+            if live:
+                self.db.executemany(
+                    "INSERT OR REPLACE INTO groups VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", live)
+            if ended:
+                self.db.executemany("DELETE FROM groups WHERE group_id = ?", ended)
 
-    def records(self) -> list[GroupRecord]:
-        self.flush()
-        rows = self.db.execute("SELECT * FROM groups").fetchall()
-        return [to_record(r) for r in rows]
+    # -- reading (start-up)
 
-    def forget_ended(self) -> None:
-        self.db.execute("DELETE FROM groups WHERE state IN ('stopped', 'exited', 'failed')")
+    def _read(self) -> list[GroupRecord]:
+        return [to_record(r) for r in self.db.execute("SELECT * FROM groups").fetchall()]
+
+    async def records(self) -> list[GroupRecord]:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._io, self._read)
+        except (sqlite3.DatabaseError, ValueError, KeyError) as exc:
+            raise StateFileError(self.path, str(exc), ADVICE.format(path=self.path)) from exc
+
+    async def forget_ended(self) -> None:
+        def delete() -> None:
+            self.db.execute("DELETE FROM groups WHERE state IN ('stopped', 'exited', 'failed')")
+
+        await asyncio.get_running_loop().run_in_executor(self._io, delete)
 
     def close(self) -> None:
-        self.flush()
-        self.db.close()
+        """Write what is pending (one last try) and close."""
+        items = list(self._pending.values())
 
+        def final() -> None:
+            if items:
+                try:
+                    self._write(items)
+                except sqlite3.Error as exc:
+                    log.error("state file %s: %d change(s) could not be written at shutdown: "
+                              "%s", self.path, len(items), exc)
+            self.db.close()
 
-def spec_from_json(d: dict[str, Any]) -> Any:
-    """Rebuild the GroupSpec persisted by ``spec_json``."""
-    from types import MappingProxyType
-
-    from tether.agent.model import GroupSpec, OrphanPolicy, Probe, StopPolicy, parse_signal
-
-    return GroupSpec(
-        argv=tuple(d["argv"]), cwd=d["cwd"], env=MappingProxyType(d["env"]),
-        inherit_env=d["inherit_env"], log_path=d["log_path"],
-        ready=Probe.parse(d["ready"]) if d["ready"] else None,
-        start_timeout=d["start_timeout"],
-        stop=StopPolicy(parse_signal(d["stop_signal"]), d["grace"]),
-        orphan_policy=OrphanPolicy(d["orphan_policy"]), label=d["label"],
-        labels=MappingProxyType(d["labels"]), session_id=d["session_id"], window=d["window"],
-        stop_order=d["stop_order"], target=d["target"], owns_target=d["owns_target"])
+        if self._flushing is not None:
+            self._flushing.cancel()
+        self._io.submit(final).result()
+        self._io.shutdown()

@@ -45,14 +45,16 @@ def to_record(r: Any) -> GroupRecord:
 
 
 def read_records(path: str) -> list[GroupRecord]:
-    """For the guardian: read without creating anything."""
+    """For the guardian: read without creating anything. A missing file holds no group;
+    a file that cannot be read raises ``sqlite3.Error`` (never "no groups": that would
+    turn every keep group into a kill)."""
     if not Path(path).exists():
         return []
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         rows = db.execute("SELECT * FROM groups").fetchall()
-    except sqlite3.Error:
-        return []
+        return [to_record(r) for r in rows]
+    except (ValueError, KeyError, IndexError) as exc:
+        raise sqlite3.DatabaseError(f"unexpected content: {exc}") from exc
     finally:
         db.close()
-    return [to_record(r) for r in rows]

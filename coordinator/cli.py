@@ -262,13 +262,13 @@ def _setup_logging(level: str) -> None:
 
 
 def _tls(args: argparse.Namespace) -> Any:
-    from tether.agent.daemon import TLSFiles
+    from tether.rpc.daemon import TLSFiles
 
     return TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
 
 
 def _auth(args: argparse.Namespace) -> Any:
-    from tether.agent.security import ServerAuth, load_tokens
+    from tether.rpc.security import ServerAuth, load_tokens
 
     if args.allow_identity and not args.tls_client_ca:
         raise CLIError("--allow-identity needs --tls-client-ca: identities come from verified "
@@ -278,7 +278,7 @@ def _auth(args: argparse.Namespace) -> Any:
 
 def _dial(args: argparse.Namespace) -> Any:
     """How a daemon dials others: its own certificate doubles as its client identity."""
-    from tether.agent.security import ClientSecurity
+    from tether.rpc.security import ClientSecurity
 
     return ClientSecurity(ca=args.tls_ca, cert=args.tls_cert if args.tls_ca else "",
                           key=args.tls_key if args.tls_ca else "",
@@ -441,14 +441,14 @@ def run_daemon(args: argparse.Namespace) -> int:
     import asyncio
     import socket
 
-    from tether.agent.daemon import ListenError, Shutdown, capture_signals
-    from tether.agent.security import SecurityConfigError
     from tether.coordinator.run import (
         CoordinatorDaemonConfig,
         default_state_dir,
         run_coordinator,
         run_serve,
     )
+    from tether.rpc.daemon import ListenError, Shutdown, capture_signals
+    from tether.rpc.security import SecurityConfigError
 
     _setup_logging(args.log_level)
     state_dir = os.path.abspath(args.state_dir or default_state_dir())
@@ -498,8 +498,8 @@ def run_client(args: argparse.Namespace) -> int:
 
     import grpc
 
-    from tether.agent.security import SecurityConfigError
     from tether.coordinator import client_commands
+    from tether.rpc.security import SecurityConfigError
 
     try:
         return asyncio.run(client_commands.dispatch(args))

@@ -137,7 +137,7 @@ def report_table(rep: cpb.SessionReport) -> str:
 
 
 async def dispatch(args: argparse.Namespace) -> int:
-    from tether.agent.security import ClientSecurity
+    from tether.rpc.security import ClientSecurity
 
     dial = ClientSecurity(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
                           token_file=args.token_file, server_name=args.tls_server_name)
@@ -238,6 +238,7 @@ async def cmd_show(stub: Any, args: argparse.Namespace) -> int:
 async def cmd_agents(stub: Any, args: argparse.Namespace) -> int:
     reply = await stub.ListAgents(cpb.ListAgentsRequest(), timeout=args.timeout or 10)
     agents = [{"name": a.name, "address": a.address, "state": AGENT_STATE[a.state],
+               "instance": a.instance,
                "containment": CONTAINMENT[a.containment], "version": a.version,
                "last_seen_seconds_ago": round(time.time() - a.last_seen.ToNanoseconds() / 1e9, 1)}
               for a in reply.agents]

@@ -17,7 +17,8 @@ from typing import Any, cast
 
 import grpc
 
-from tether.agent.errors import (
+from tether.coordinator.store import AgentRow, GroupRow, SessionRow, StopIntent, Store
+from tether.core.errors import (
     AgentNotFound,
     AgentUnreachable,
     Conflict,
@@ -25,10 +26,9 @@ from tether.agent.errors import (
     SessionNotFound,
     TetherError,
 )
-from tether.agent.model import check_name, parse_signal
-from tether.agent.security import ClientSecurity
-from tether.agent.tasks import TaskSet
-from tether.coordinator.store import AgentRow, GroupRow, SessionRow, StopIntent, Store
+from tether.core.model import check_name, parse_signal
+from tether.core.tasks import TaskSet
+from tether.rpc.security import ClientSecurity
 from tether.v1 import agent_pb2 as apb
 from tether.v1 import agent_pb2_grpc as agrpc
 from tether.v1 import common_pb2 as pb
@@ -98,6 +98,7 @@ class AgentLink:
     channel: grpc.aio.Channel | None = None
     watch_task: asyncio.Task[None] | None = None
     always_up: bool = False
+    instance: str = ""
     dial: ClientSecurity = field(default_factory=ClientSecurity)
     #: `tether serve`'s own agent: an in-process stub instead of a loopback channel.
     local: Any = None
@@ -208,6 +209,7 @@ class Coordinator:
             self.agents[req.name] = link
         link.always_up = always_up
         link.local = local
+        link.instance = req.instance
         log.info("agent %r registered at %s%s", req.name, req.address,
                  " (restarted: reconciling its groups)" if restarted else "")
         self._start_watch(link)
@@ -236,7 +238,7 @@ class Coordinator:
         for link in self.agents.values():
             a = cpb.Agent(name=link.row.name, address=link.row.address,
                           containment=cast(Any, link.row.containment), version=link.row.version,
-                          epoch=link.row.epoch,
+                          epoch=link.row.epoch, instance=link.instance,
                           state=cpb.AGENT_STATE_UP if self.agent_up(link)
                           else cpb.AGENT_STATE_UNREACHABLE)
             a.last_seen.FromNanoseconds(int(link.row.last_seen * 1e9))

@@ -11,13 +11,13 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 import tether
-from tether.agent.daemon import Shutdown, TLSFiles, start_server
 from tether.agent.metrics import serve_metrics
-from tether.agent.security import AuthInterceptor, ClientSecurity, ServerAuth
 from tether.coordinator.core import Coordinator, CoordinatorConfig
 from tether.coordinator.metrics import CoordinatorMetrics
 from tether.coordinator.service import CoordinatorServicer, add_to_server
 from tether.coordinator.store import Store
+from tether.rpc.daemon import Shutdown, TLSFiles, start_server
+from tether.rpc.security import AuthInterceptor, ClientSecurity, ServerAuth
 
 log = logging.getLogger("tether.coordinator.run")
 
@@ -86,9 +86,9 @@ async def run_coordinator(cfg: CoordinatorDaemonConfig, shutdown: Shutdown) -> N
 
 async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shutdown) -> None:
     """Coordinator and a local agent on one gRPC server, in one process."""
-    from tether.agent.convert import CONTAINMENT_TO_PB
     from tether.agent.run import AgentRuntime
     from tether.coordinator.inprocess import InProcessAgentStub
+    from tether.rpc.convert import CONTAINMENT_TO_PB
     from tether.v1 import coordinator_pb2 as cpb
 
     registry = CollectorRegistry()
@@ -108,11 +108,13 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
         if cfg.metrics_listen:
             metrics_server, _ = serve_metrics(registry, cfg.metrics_listen)
         host = cfg.listen.rsplit(":", 1)[0]
+        # Recover first: the coordinator reconciles with what the agent knows after it.
+        await runtime.start_background()
         coordinator.register_agent(cpb.RegisterAgentRequest(
             name=agent_cfg.name, address=f"{host}:{port}", version=tether.__version__,
-            containment=CONTAINMENT_TO_PB[runtime.local.containment], epoch=runtime.epoch),
+            containment=CONTAINMENT_TO_PB[runtime.local.containment], epoch=runtime.epoch,
+            instance=runtime.instance.marker),
             always_up=True, local=InProcessAgentStub(runtime.servicer))
-        await runtime.start_background()
         coordinator.start()
         print(f"tether serve listening on {host}:{port} (coordinator + agent {agent_cfg.name!r}, "
               f"containment {runtime.local.containment.value}, state in {cfg.state_dir})",
@@ -126,7 +128,7 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
 
         await shutdown_with_escalation(runtime, None, shutdown)
         # The agent's groups ended in its shutdown; record their exits before closing.
-        from tether.agent.convert import group_to_pb as to_pb
+        from tether.rpc.convert import group_to_pb as to_pb
 
         for view in runtime.authority.views():
             coordinator.absorb(agent_cfg.name, to_pb(view), "exit")

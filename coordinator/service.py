@@ -7,9 +7,9 @@ from typing import Any
 
 import grpc
 
-from tether.agent.errors import InvalidSpec
-from tether.agent.grpc_errors import stream, unary
 from tether.coordinator.core import Coordinator
+from tether.core.errors import InvalidSpec
+from tether.rpc.status import stream, unary
 from tether.v1 import common_pb2 as pb
 from tether.v1 import coordinator_pb2 as cpb
 from tether.v1 import coordinator_pb2_grpc as cgrpc

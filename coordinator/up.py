@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tether.agent.convert import spec_from_pb
-from tether.agent.errors import InvalidSpec
 from tether.coordinator.client_commands import _spec
+from tether.core.errors import InvalidSpec
+from tether.rpc.convert import spec_from_pb
 from tether.v1 import common_pb2 as pb
 
 

@@ -2,37 +2,69 @@
 
 A *signaller* knows how to start a process group on some kind of target
 (this host, a Docker container, an SSH host) and hands back a *group handle*
-modelled on ``subprocess.Popen`` / asyncssh's ``SSHClientProcess``: send a
-signal, terminate, kill, wait. Every method is async. The agent's stop
-routine is written once against ``GroupHandle``; it never branches on kind.
+modelled on ``subprocess.Popen`` / asyncssh's ``SSHClientProcess``: send
+signals, kill, wait. Every method is async. The agent's start, watch and stop
+routines are written once against these two Protocols; they never branch on
+the kind of target, and never probe a handle for a method: everything the agent
+uses is declared here, optional capabilities with a default (as jupyter_client's
+provisioner base does). Implementations subclass the Protocols to inherit the
+defaults.
 
 Implementations are found through the ``tether.signallers`` entry-point
 group (see ``registry.py``). Each maps its foreign errors (``OSError``,
-``docker.errors.*``, ``asyncssh.*``) into ``tether.agent.errors`` in one place.
+``docker.errors.*``, ``asyncssh.*``) into ``tether.core.errors`` in one place.
 """
 
 from __future__ import annotations
 
 import signal
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from tether.agent.model import Containment, LeaderStatus
+from tether.core.errors import AdoptRefused, InvalidSpec
+from tether.core.model import Containment, LeaderStatus, OrphanPolicy
 
 
 @dataclass(frozen=True)
 class LaunchSpec:
-    """What a signaller needs to start one group. The env is final (marker included)."""
+    """What a signaller needs to start one group. The env is final (markers included)."""
 
     group_id: str
     argv: tuple[str, ...]
     env: Mapping[str, str]
     cwd: str = ""
     log_path: str = ""
-    # The part of the target after "KIND:" ("web-1" for "docker:web-1"); empty for local.
+    #: The part of the target after "KIND:" ("web-1" for "docker:web-1"); empty for local.
     where: str = ""
     owns_target: bool = False
+    orphan_policy: OrphanPolicy = OrphanPolicy.KILL
+
+
+@dataclass(frozen=True)
+class Features:
+    """Spec features a signaller supports; the agent refuses the others with a clear error
+    before anything starts."""
+
+    #: ``inherit_env``: start from the agent's own environment (local only: elsewhere it
+    #: would copy this host's environment to another machine).
+    inherit_env: bool = False
+    #: ``log:`` probes read the log file on the agent's host.
+    log_probe: bool = False
+    #: Re-adopt surviving ``keep`` groups after an agent restart.
+    reattach: bool = False
+
+
+@dataclass(frozen=True)
+class Reattach:
+    """What the state file remembers of a group, for re-adoption after an agent restart."""
+
+    group_id: str
+    leader_pid: int
+    leader_start_time: float
+    where: str
+    cgroup: str = ""
+    orphan_policy: OrphanPolicy = OrphanPolicy.KEEP
 
 
 @dataclass(frozen=True)
@@ -49,19 +81,42 @@ class GroupHandle(Protocol):
     leader_pid: int
     pgid: int
     containment: Containment
-    # Process start time of the leader (seconds since the epoch): guards against PID reuse.
+    #: Process start time of the leader (seconds since the epoch): guards against PID reuse.
     leader_start_time: float
 
-    async def send_signal(self, sig: signal.Signals) -> int:
-        """Send ``sig`` to every live member. Returns how many were signalled (0: already gone)."""
+    @property
+    def cgroup(self) -> str:
+        """The group's cgroup directory where it has one (shown to users), else ""."""
+        return ""
+
+    @property
+    def emptied_at(self) -> float | None:
+        """``time.monotonic()`` when the containment was seen empty, if the handle knows it
+        more precisely than "when ``wait`` returned" (cgroup.events does)."""
+        return None
+
+    @property
+    def detail(self) -> str:
+        """What the handle could not verify or had to retry (reconnects, survivors), for
+        the exit record's ``detail``; empty when everything was seen directly."""
+        return ""
+
+    @property
+    def leader_status(self) -> LeaderStatus | None:
+        """The leader's status once it has exited, else None."""
         ...
 
-    async def terminate(self) -> int:
-        """``send_signal(SIGTERM)``."""
+    async def send_signals(self, sigs: Sequence[signal.Signals]) -> int:
+        """Send each signal, in order, to every live member, in one pass (a stop's TERM then
+        CONT). Returns how many members were signalled (0: already gone)."""
         ...
+
+    async def send_signal(self, sig: signal.Signals) -> int:
+        """``send_signals([sig])``."""
+        return await self.send_signals([sig])
 
     async def kill(self) -> int:
-        """SIGKILL every member and keep sweeping newcomers until empty or the deadline."""
+        """SIGKILL every member and keep sweeping newcomers until empty or a deadline."""
         ...
 
     async def members(self) -> list[int]:
@@ -69,16 +124,12 @@ class GroupHandle(Protocol):
         ...
 
     async def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the containment is empty. True if empty, False on timeout."""
+        """Wait until the containment is empty. True if empty, False on timeout. Raises
+        ``TargetUnreachable`` if the target cannot be asked; the caller may retry."""
         ...
 
     async def wait_leader(self) -> LeaderStatus:
         """Wait until the leader process has exited; its status where known."""
-        ...
-
-    @property
-    def leader_status(self) -> LeaderStatus | None:
-        """The leader's status once it has exited, else None."""
         ...
 
     async def close(self) -> None:
@@ -91,28 +142,40 @@ class Signaller(Protocol):
     """A kind of target: how an authority reaches process groups there."""
 
     kind: str
+    features: Features
 
     @property
     def containment(self) -> Containment:
         """The strongest containment this signaller offers on its targets."""
         ...
 
+    def check(self, spec: LaunchSpec) -> None:
+        """Refuse a spec this signaller cannot run, before anything starts (``InvalidSpec``).
+        The default accepts everything the ``Features`` did not already refuse."""
+        return None
+
     async def spawn(self, spec: LaunchSpec) -> GroupHandle:
         """Start a group. Raises ``StartFailed`` with a class, or ``TargetUnreachable``."""
         ...
 
-    async def adopt(self, group_id: str, pid: int, start_time: float | None,
-                    where: str) -> GroupHandle:
+    async def adopt(self, group_id: str, pid: int, start_time: float | None, where: str,
+                    policy: OrphanPolicy = OrphanPolicy.KILL) -> GroupHandle:
         """Take over a running tree whose leader is ``pid``. Raises ``AdoptRefused``."""
-        ...
+        raise AdoptRefused(pid, f"the {self.kind} signaller cannot adopt processes")
 
-    async def reachable(self, where: str) -> Reachability:
-        """Is the target itself (host, container) reachable now?"""
-        ...
+    async def reattach(self, record: Reattach) -> GroupHandle | None:
+        """After an agent restart: take back a group that survived, or None if it is gone.
+        Only called when ``features.reattach``."""
+        return None
 
     async def aclose(self) -> None:
         """Close connections and watchers owned by the signaller."""
         ...
+
+
+def refuse(feature: str, target: str, hint: str) -> InvalidSpec:
+    return InvalidSpec(f"{feature} is not supported for target {target!r}: {hint}",
+                       field=feature)
 
 
 @dataclass(frozen=True)
@@ -121,9 +184,16 @@ class SignallerContext:
 
     agent_name: str = "local"
     state_dir: str = ""
-    # Free-form per-kind options from config/flags, e.g. {"containment": "subreaper"},
-    # {"known_hosts": "/path"}, {"docker_host": "unix:///run/docker.sock"}.
+    #: Free-form per-kind options from config/flags, e.g. {"containment": "subreaper"},
+    #: {"known_hosts": "/path"}, {"docker_host": "unix:///run/docker.sock"}.
     options: Mapping[str, str] = field(default_factory=dict)
+    #: This agent instance's marker value (``TETHER_AGENT``): unique among live agents on a
+    #: host, kept across restarts with the same state directory.
+    instance: str = ""
+
+    @property
+    def marker(self) -> str:
+        return self.instance or self.agent_name
 
 
 class SignallerFactory(Protocol):

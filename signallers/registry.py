@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from tether.agent.errors import SignallerNotFound
+from tether.core.errors import SignallerNotFound
 from tether.signallers.base import Signaller, SignallerContext, SignallerFactory
 
 GROUP = "tether.signallers"

@@ -13,8 +13,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.plugins.processes import marked_alive
 from tether.agent.authority import Authority
-from tether.agent.daemon import ListenError, start_server
 from tether.agent.service import AgentServicer, add_to_server
+from tether.rpc.daemon import ListenError, start_server
 from tether.v1 import agent_pb2 as apb
 from tether.v1 import agent_pb2_grpc as agrpc
 from tether.v1 import common_pb2 as pb
@@ -43,8 +43,18 @@ async def test_spawn_get_list_stop(stub: Any) -> None:
                                                   session_id="s1", label="web")))).group
     assert g.state == pb.GROUP_STATE_RUNNING
     assert g.leader_pid > 0
-    got = (await s.Get(apb.GetRequest(group_id=g.group_id))).group
-    assert got.member_count == 3  # the shell and its two sleeps
+    counts = []
+
+    async def members() -> int:
+        counts.append((await s.Get(apb.GetRequest(group_id=g.group_id))).group.member_count)
+        return counts[-1]
+
+    # The shell forks its two sleeps after the spawn answered: wait for them to exist.
+    for _ in range(1000):
+        if await members() == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert counts[-1] == 3, counts  # the shell and its two sleeps
     listed = (await s.List(apb.ListRequest(session_id="s1"))).groups
     assert [x.group_id for x in listed] == [g.group_id]
     stopped = (await s.Stop(apb.StopRequest(group_id=g.group_id))).group

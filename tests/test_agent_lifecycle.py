@@ -24,8 +24,8 @@ from tests.plugins.processes import (
     pid_alive,
 )
 from tether.agent.authority import Authority
-from tether.agent.errors import AdoptRefused, GroupNotFound, InvalidSpec
-from tether.agent.model import (
+from tether.core.errors import AdoptRefused, GroupNotFound, InvalidSpec
+from tether.core.model import (
     ExitReason,
     FailureClass,
     GroupSpec,

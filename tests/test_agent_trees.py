@@ -18,11 +18,12 @@ import pytest
 
 from tests.plugins.common import require_root
 from tests.plugins.processes import async_wait_until, marked_alive
-from tether.agent.authority import Authority, GroupView
-from tether.agent.model import (
+from tether.agent.authority import Authority
+from tether.core.model import (
     ExitReason,
     GroupSpec,
     GroupState,
+    GroupView,
     StopPolicy,
 )
 
@@ -209,7 +210,7 @@ async def test_external_signal_is_recorded(authority: Authority, tmp_path: Path)
 
     view = await spawn(authority, ("sleep", "100"), tmp_path)
     os.kill(view.leader_pid, signal.SIGKILL)  # nobody in tether sent this
-    await asyncio.wait_for(authority._find(view.group_id).ended.wait(), 10)
+    await asyncio.wait_for(authority.find(view.group_id).ended.wait(), 10)
     final = authority.get(view.group_id)
     assert final.exit is not None
     assert final.exit.reason is ExitReason.EXTERNAL_SIGNAL

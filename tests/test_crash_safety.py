@@ -34,6 +34,16 @@ def serve_on(tmp_path: Path, port: str = "0", *extra: str) -> Daemon:
                                   f"crash-{tmp_path.name[-10:]}", *extra], tmp_path)
 
 
+def instance_marker(tmp_path: Path) -> str:
+    """The TETHER_AGENT value of serve's agent in this state directory (kept across
+    restarts: the same state directory is the same agent instance)."""
+    d = serve_on(tmp_path)
+    try:
+        return str(d.json("agents")["agents"][0]["instance"])
+    finally:
+        stop_daemon(d)
+
+
 def spawn(d: Daemon, session: str, argv: list[str], *opts: str) -> str:
     res = d.cli("spawn", "--session", session, "--grace", "1", *opts, "--", *argv, check=True)
     return res.stdout.strip()
@@ -111,10 +121,11 @@ def test_marked_process_without_group_is_counted_listed_and_reaped(tmp_path: Pat
     from tests.plugins.processes import free_port
 
     mport = free_port()
-    d = serve_on(tmp_path, "0", "--metrics-listen", f"127.0.0.1:{mport}")
     agent = f"crash-{tmp_path.name[-10:]}"
+    marker = instance_marker(tmp_path)
+    d = serve_on(tmp_path, "0", "--metrics-listen", f"127.0.0.1:{mport}")
     stray = subprocess.Popen(["sleep", "300"], start_new_session=True,
-                             env={"TETHER_GROUP": "g-deadbeef", "TETHER_AGENT": agent,
+                             env={"TETHER_GROUP": "g-deadbeef", "TETHER_AGENT": marker,
                                   "PATH": os.environ["PATH"]})
     try:
         listed = d.json("orphans")
@@ -140,10 +151,10 @@ def test_marked_process_without_group_is_counted_listed_and_reaped(tmp_path: Pat
 
 
 def test_orphan_left_by_an_earlier_agent_is_reaped_at_startup(tmp_path: Path) -> None:
-    agent = f"crash-{tmp_path.name[-10:]}"
+    marker = instance_marker(tmp_path)  # an earlier run of this agent (same state directory)
     stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
                              start_new_session=True,
-                             env={"TETHER_GROUP": "g-0ld", "TETHER_AGENT": agent})
+                             env={"TETHER_GROUP": "g-0ld", "TETHER_AGENT": marker})
     try:
         d = serve_on(tmp_path)
         try:
@@ -212,13 +223,13 @@ async def test_orphan_sweeps_never_kill_groups_spawned_while_they_scan(tmp_path:
     import asyncio
 
     from tests.plugins.processes import make_authority
-    from tether.agent.model import GroupSpec
     from tether.agent.orphans import OrphanReaper
+    from tether.core.model import GroupSpec
 
     name = f"race-{tmp_path.name[-8:]}"
     authority, signallers = await make_authority(name)
     local = signallers.get("local")
-    reaper = OrphanReaper(name, getattr(local, "cgroup_base", None),
+    reaper = OrphanReaper(authority.marker, local.tree,
                           lambda: {g.group_id for g in authority.groups() if not g.state.ended})
     spawned: list[str] = []
     try:

@@ -19,7 +19,7 @@ import pytest
 from tests.plugins.common import require_root
 from tests.plugins.processes import async_wait_until
 from tether.agent.authority import Authority
-from tether.agent.model import AGENT_ENV, MARKER_ENV, Containment, FailureClass, GroupSpec, GroupState
+from tether.core.model import AGENT_ENV, MARKER_ENV, Containment, FailureClass, GroupSpec, GroupState
 
 pytestmark = pytest.mark.parametrize("authority", ["cgroup"], indirect=True)
 

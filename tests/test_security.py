@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.plugins.certs import CA
 from tests.plugins.processes import Daemon, marked_alive, start_daemon, stop_daemon, wait_until
-from tether.agent.security import ClientSecurity
+from tether.rpc.security import ClientSecurity
 from tether.v1 import agent_pb2 as apb
 from tether.v1 import agent_pb2_grpc as agrpc
 from tether.v1 import common_pb2 as pb

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from tests.plugins.docker_engine import IMAGE_NOKILL, IMAGE_NOSH, DockerEngine
-from tether.agent.errors import AdoptRefused, StartFailed, TargetUnreachable
-from tether.agent.model import MARKER_ENV, Containment, FailureClass
+from tether.core.errors import AdoptRefused, StartFailed, TargetUnreachable
+from tether.core.model import MARKER_ENV, Containment, FailureClass
 from tether.signallers import docker as docker_signaller_module
 from tether.signallers.base import GroupHandle, LaunchSpec, Signaller, SignallerContext
 from tether.signallers.docker import ContainerGone, DockerGroup, DockerSignaller, MissingTool

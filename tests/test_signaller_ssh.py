@@ -23,8 +23,8 @@ import pytest
 
 from tests.plugins.common import require
 from tests.plugins.sshd import SSHServer
-from tether.agent.errors import AdoptRefused, InvalidSpec, StartFailed, TargetUnreachable
-from tether.agent.model import MARKER_ENV, Containment, FailureClass
+from tether.core.errors import AdoptRefused, InvalidSpec, StartFailed, TargetUnreachable
+from tether.core.model import MARKER_ENV, Containment, FailureClass
 from tether.signallers.base import GroupHandle, LaunchSpec, SignallerContext
 from tether.signallers.ssh import SSHGroup, SSHSignaller, SSHTarget
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from tether.agent.model import (
+from tether.core.model import (
     ENDED_STATES,
     TRANSITIONS,
     GroupState,

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from tether.agent.authority import Authority
-from tether.agent.model import MARKER_ENV
+from tether.core.model import MARKER_ENV
 from tether.signallers.base import SignallerContext
 from tether.signallers.local import LocalSignaller
 from tether.signallers.registry import Signallers

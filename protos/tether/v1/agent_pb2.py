@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tether.v1 import common_pb2 as tether_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tether/v1/agent.proto\x12\ttether.v1\x1a\x16tether/v1/common.proto\"K\n\x0cSpawnRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.tether.v1.GroupSpec\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"0\n\rSpawnResponse\x12\x1f\n\x05group\x18\x01 \x01(\x0b\x32\x10.tether.v1.Group\"g\n\x0c\x41\x64optRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x17\n\nstart_time\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\"\n\x04spec\x18\x03 \x01(\x0b\x32\x14.tether.v1.GroupSpecB\r\n\x0b_start_time\"0\n\rAdoptResponse\x12\x1f\n\x05group\x18\x01 \x01(\x0b\x32\x10.tether.v1.Group\"1\n\rSignalRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\t\"b\n\x0eSignalResponse\x12\x19\n\x11members_signalled\x18\x01 \x01(\x05\x12\x14\n\x0c\x61lready_gone\x18\x02 \x01(\x08\x12\x1f\n\x05group\x18\x03 \x01(\x0b\x32\x10.tether.v1.Group\"V\n\x0bStopRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12*\n\x06policy\x18\x02 \x01(\x0b\x32\x15.tether.v1.StopPolicyH\x00\x88\x01\x01\x42\t\n\x07_policy\"/\n\x0cStopResponse\x12\x1f\n\x05group\x18\x01 \x01(\x0b\x32\x10.tether.v1.Group\"]\n\x11StopGroupsRequest\x12\x11\n\tgroup_ids\x18\x01 \x03(\t\x12*\n\x06policy\x18\x02 \x01(\x0b\x32\x15.tether.v1.StopPolicyH\x00\x88\x01\x01\x42\t\n\x07_policy\"\xa0\x01\n\x12StopGroupsResponse\x12 \n\x06groups\x18\x01 \x03(\x0b\x32\x10.tether.v1.Group\x12\x39\n\x06\x65rrors\x18\x02 \x03(\x0b\x32).tether.v1.StopGroupsResponse.ErrorsEntry\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1e\n\nGetRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\".\n\x0bGetResponse\x12\x1f\n\x05group\x18\x01 \x01(\x0b\x32\x10.tether.v1.Group\"8\n\x0bListRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rinclude_ended\x18\x02 \x01(\x08\"0\n\x0cListResponse\x12 \n\x06groups\x18\x01 \x03(\x0b\x32\x10.tether.v1.Group\"F\n\x0cWatchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tgroup_ids\x18\x02 \x03(\t\x12\x0f\n\x07initial\x18\x03 \x01(\x08\"#\n\x12ListOrphansRequest\x12\r\n\x05sweep\x18\x01 \x01(\x08\"9\n\x13ListOrphansResponse\x12\"\n\x07orphans\x18\x01 \x03(\x0b\x32\x11.tether.v1.Orphan\"\r\n\x0bInfoRequest\"\x80\x01\n\x0cInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12+\n\x0b\x63ontainment\x18\x03 \x01(\x0e\x32\x16.tether.v1.Containment\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x12\n\nsignallers\x18\x05 \x03(\t2\xfa\x04\n\x0c\x41gentService\x12:\n\x05Spawn\x12\x17.tether.v1.SpawnRequest\x1a\x18.tether.v1.SpawnResponse\x12:\n\x05\x41\x64opt\x12\x17.tether.v1.AdoptRequest\x1a\x18.tether.v1.AdoptResponse\x12=\n\x06Signal\x12\x18.tether.v1.SignalRequest\x1a\x19.tether.v1.SignalResponse\x12\x37\n\x04Stop\x12\x16.tether.v1.StopRequest\x1a\x17.tether.v1.StopResponse\x12I\n\nStopGroups\x12\x1c.tether.v1.StopGroupsRequest\x1a\x1d.tether.v1.StopGroupsResponse\x12\x34\n\x03Get\x12\x15.tether.v1.GetRequest\x1a\x16.tether.v1.GetResponse\x12\x37\n\x04List\x12\x16.tether.v1.ListRequest\x1a\x17.tether.v1.ListResponse\x12\x39\n\x05Watch\x12\x17.tether.v1.WatchRequest\x1a\x15.tether.v1.GroupEvent0\x01\x12L\n\x0bListOrphans\x12\x1d.tether.v1.ListOrphansRequest\x1a\x1e.tether.v1.ListOrphansResponse\x12\x37\n\x04Info\x12\x16.tether.v1.InfoRequest\x1a\x17.tether.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tether/v1/agent.proto\x12\ttether.v1\x1a\x16tether/v1/common.proto\"]\n\x0cSpawnRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.tether.v1.GroupSpec\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x10\n\x08group_id\x18\x03 \x01(\t\"0\n\rSpawnResponse\x12\x1f\n\x05group\x18\x01 \x01(\x0b\x32\x10.tether.v1.Group\"g\n\x0c\x41\x64optRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x17\n\nstart_time\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\"\n\x04spec\x18\x03 \x01(\x0b\x32\x14.tether.v1.GroupSpecB\r\n\x0b_start_time\"0\n\rAdoptResponse\x12\x1f\n\x05group\x18\x01 \x01(\x0b\x32\x10.tether.v1.Group\"1\n\rSignalRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\t\"b\n\x0eSignalResponse\x12\x19\n\x11members_signalled\x18\x01 \x01(\x05\x12\x14\n\x0c\x61lready_gone\x18\x02 \x01(\x08\x12\x1f\n\x05group\x18\x03 \x01(\x0b\x32\x10.tether.v1.Group\"V\n\x0bStopRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12*\n\x06policy\x18\x02 \x01(\x0b\x32\x15.tether.v1.StopPolicyH\x00\x88\x01\x01\x42\t\n\x07_policy\"/\n\x0cStopResponse\x12\x1f\n\x05group\x18\x01 \x01(\x0b\x32\x10.tether.v1.Group\"]\n\x11StopGroupsRequest\x12\x11\n\tgroup_ids\x18\x01 \x03(\t\x12*\n\x06policy\x18\x02 \x01(\x0b\x32\x15.tether.v1.StopPolicyH\x00\x88\x01\x01\x42\t\n\x07_policy\"\xa0\x01\n\x12StopGroupsResponse\x12 \n\x06groups\x18\x01 \x03(\x0b\x32\x10.tether.v1.Group\x12\x39\n\x06\x65rrors\x18\x02 \x03(\x0b\x32).tether.v1.StopGroupsResponse.ErrorsEntry\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1e\n\nGetRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\".\n\x0bGetResponse\x12\x1f\n\x05group\x18\x01 \x01(\x0b\x32\x10.tether.v1.Group\"8\n\x0bListRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rinclude_ended\x18\x02 \x01(\x08\"0\n\x0cListResponse\x12 \n\x06groups\x18\x01 \x03(\x0b\x32\x10.tether.v1.Group\"h\n\x0cWatchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tgroup_ids\x18\x02 \x03(\t\x12\x0f\n\x07initial\x18\x03 \x01(\x08\x12\x11\n\tsince_seq\x18\x04 \x01(\x03\x12\r\n\x05\x65poch\x18\x05 \x01(\t\"#\n\x12ListOrphansRequest\x12\r\n\x05sweep\x18\x01 \x01(\x08\"9\n\x13ListOrphansResponse\x12\"\n\x07orphans\x18\x01 \x03(\x0b\x32\x11.tether.v1.Orphan\"\r\n\x0bInfoRequest\"\xda\x01\n\x0cInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12+\n\x0b\x63ontainment\x18\x03 \x01(\x0e\x32\x16.tether.v1.Containment\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x12\n\nsignallers\x18\x05 \x03(\t\x12\x10\n\x08instance\x18\x06 \x01(\t\x12\x10\n\x08\x66\x64_limit\x18\x07 \x01(\x03\x12\x10\n\x08\x66\x64s_open\x18\x08 \x01(\x03\x12\x13\n\x0bgroups_left\x18\t \x01(\x03\x12\r\n\x05\x65poch\x18\n \x01(\t2\xfa\x04\n\x0c\x41gentService\x12:\n\x05Spawn\x12\x17.tether.v1.SpawnRequest\x1a\x18.tether.v1.SpawnResponse\x12:\n\x05\x41\x64opt\x12\x17.tether.v1.AdoptRequest\x1a\x18.tether.v1.AdoptResponse\x12=\n\x06Signal\x12\x18.tether.v1.SignalRequest\x1a\x19.tether.v1.SignalResponse\x12\x37\n\x04Stop\x12\x16.tether.v1.StopRequest\x1a\x17.tether.v1.StopResponse\x12I\n\nStopGroups\x12\x1c.tether.v1.StopGroupsRequest\x1a\x1d.tether.v1.StopGroupsResponse\x12\x34\n\x03Get\x12\x15.tether.v1.GetRequest\x1a\x16.tether.v1.GetResponse\x12\x37\n\x04List\x12\x16.tether.v1.ListRequest\x1a\x17.tether.v1.ListResponse\x12\x39\n\x05Watch\x12\x17.tether.v1.WatchRequest\x1a\x15.tether.v1.GroupEvent0\x01\x12L\n\x0bListOrphans\x12\x1d.tether.v1.ListOrphansRequest\x1a\x1e.tether.v1.ListOrphansResponse\x12\x37\n\x04Info\x12\x16.tether.v1.InfoRequest\x1a\x17.tether.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,45 +35,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOPGROUPSRESPONSE_ERRORSENTRY']._loaded_options = None
   _globals['_STOPGROUPSRESPONSE_ERRORSENTRY']._serialized_options = b'8\001'
   _globals['_SPAWNREQUEST']._serialized_start=60
-  _globals['_SPAWNREQUEST']._serialized_end=135
-  _globals['_SPAWNRESPONSE']._serialized_start=137
-  _globals['_SPAWNRESPONSE']._serialized_end=185
-  _globals['_ADOPTREQUEST']._serialized_start=187
-  _globals['_ADOPTREQUEST']._serialized_end=290
-  _globals['_ADOPTRESPONSE']._serialized_start=292
-  _globals['_ADOPTRESPONSE']._serialized_end=340
-  _globals['_SIGNALREQUEST']._serialized_start=342
-  _globals['_SIGNALREQUEST']._serialized_end=391
-  _globals['_SIGNALRESPONSE']._serialized_start=393
-  _globals['_SIGNALRESPONSE']._serialized_end=491
-  _globals['_STOPREQUEST']._serialized_start=493
-  _globals['_STOPREQUEST']._serialized_end=579
-  _globals['_STOPRESPONSE']._serialized_start=581
-  _globals['_STOPRESPONSE']._serialized_end=628
-  _globals['_STOPGROUPSREQUEST']._serialized_start=630
-  _globals['_STOPGROUPSREQUEST']._serialized_end=723
-  _globals['_STOPGROUPSRESPONSE']._serialized_start=726
-  _globals['_STOPGROUPSRESPONSE']._serialized_end=886
-  _globals['_STOPGROUPSRESPONSE_ERRORSENTRY']._serialized_start=841
-  _globals['_STOPGROUPSRESPONSE_ERRORSENTRY']._serialized_end=886
-  _globals['_GETREQUEST']._serialized_start=888
-  _globals['_GETREQUEST']._serialized_end=918
-  _globals['_GETRESPONSE']._serialized_start=920
-  _globals['_GETRESPONSE']._serialized_end=966
-  _globals['_LISTREQUEST']._serialized_start=968
-  _globals['_LISTREQUEST']._serialized_end=1024
-  _globals['_LISTRESPONSE']._serialized_start=1026
-  _globals['_LISTRESPONSE']._serialized_end=1074
-  _globals['_WATCHREQUEST']._serialized_start=1076
-  _globals['_WATCHREQUEST']._serialized_end=1146
-  _globals['_LISTORPHANSREQUEST']._serialized_start=1148
-  _globals['_LISTORPHANSREQUEST']._serialized_end=1183
-  _globals['_LISTORPHANSRESPONSE']._serialized_start=1185
-  _globals['_LISTORPHANSRESPONSE']._serialized_end=1242
-  _globals['_INFOREQUEST']._serialized_start=1244
-  _globals['_INFOREQUEST']._serialized_end=1257
-  _globals['_INFORESPONSE']._serialized_start=1260
-  _globals['_INFORESPONSE']._serialized_end=1388
-  _globals['_AGENTSERVICE']._serialized_start=1391
-  _globals['_AGENTSERVICE']._serialized_end=2025
+  _globals['_SPAWNREQUEST']._serialized_end=153
+  _globals['_SPAWNRESPONSE']._serialized_start=155
+  _globals['_SPAWNRESPONSE']._serialized_end=203
+  _globals['_ADOPTREQUEST']._serialized_start=205
+  _globals['_ADOPTREQUEST']._serialized_end=308
+  _globals['_ADOPTRESPONSE']._serialized_start=310
+  _globals['_ADOPTRESPONSE']._serialized_end=358
+  _globals['_SIGNALREQUEST']._serialized_start=360
+  _globals['_SIGNALREQUEST']._serialized_end=409
+  _globals['_SIGNALRESPONSE']._serialized_start=411
+  _globals['_SIGNALRESPONSE']._serialized_end=509
+  _globals['_STOPREQUEST']._serialized_start=511
+  _globals['_STOPREQUEST']._serialized_end=597
+  _globals['_STOPRESPONSE']._serialized_start=599
+  _globals['_STOPRESPONSE']._serialized_end=646
+  _globals['_STOPGROUPSREQUEST']._serialized_start=648
+  _globals['_STOPGROUPSREQUEST']._serialized_end=741
+  _globals['_STOPGROUPSRESPONSE']._serialized_start=744
+  _globals['_STOPGROUPSRESPONSE']._serialized_end=904
+  _globals['_STOPGROUPSRESPONSE_ERRORSENTRY']._serialized_start=859
+  _globals['_STOPGROUPSRESPONSE_ERRORSENTRY']._serialized_end=904
+  _globals['_GETREQUEST']._serialized_start=906
+  _globals['_GETREQUEST']._serialized_end=936
+  _globals['_GETRESPONSE']._serialized_start=938
+  _globals['_GETRESPONSE']._serialized_end=984
+  _globals['_LISTREQUEST']._serialized_start=986
+  _globals['_LISTREQUEST']._serialized_end=1042
+  _globals['_LISTRESPONSE']._serialized_start=1044
+  _globals['_LISTRESPONSE']._serialized_end=1092
+  _globals['_WATCHREQUEST']._serialized_start=1094
+  _globals['_WATCHREQUEST']._serialized_end=1198
+  _globals['_LISTORPHANSREQUEST']._serialized_start=1200
+  _globals['_LISTORPHANSREQUEST']._serialized_end=1235
+  _globals['_LISTORPHANSRESPONSE']._serialized_start=1237
+  _globals['_LISTORPHANSRESPONSE']._serialized_end=1294
+  _globals['_INFOREQUEST']._serialized_start=1296
+  _globals['_INFOREQUEST']._serialized_end=1309
+  _globals['_INFORESPONSE']._serialized_start=1312
+  _globals['_INFORESPONSE']._serialized_end=1530
+  _globals['_AGENTSERVICE']._serialized_start=1533
+  _globals['_AGENTSERVICE']._serialized_end=2167
 # @@protoc_insertion_point(module_scope)

@@ -8,12 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SpawnRequest(_message.Message):
-    __slots__ = ("spec", "idempotency_key")
+    __slots__ = ("spec", "idempotency_key", "group_id")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     spec: _common_pb2.GroupSpec
     idempotency_key: str
-    def __init__(self, spec: _Optional[_Union[_common_pb2.GroupSpec, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    group_id: str
+    def __init__(self, spec: _Optional[_Union[_common_pb2.GroupSpec, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., group_id: _Optional[str] = ...) -> None: ...
 
 class SpawnResponse(_message.Message):
     __slots__ = ("group",)
@@ -119,14 +121,18 @@ class ListResponse(_message.Message):
     def __init__(self, groups: _Optional[_Iterable[_Union[_common_pb2.Group, _Mapping]]] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
-    __slots__ = ("session_id", "group_ids", "initial")
+    __slots__ = ("session_id", "group_ids", "initial", "since_seq", "epoch")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_IDS_FIELD_NUMBER: _ClassVar[int]
     INITIAL_FIELD_NUMBER: _ClassVar[int]
+    SINCE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     group_ids: _containers.RepeatedScalarFieldContainer[str]
     initial: bool
-    def __init__(self, session_id: _Optional[str] = ..., group_ids: _Optional[_Iterable[str]] = ..., initial: _Optional[bool] = ...) -> None: ...
+    since_seq: int
+    epoch: str
+    def __init__(self, session_id: _Optional[str] = ..., group_ids: _Optional[_Iterable[str]] = ..., initial: _Optional[bool] = ..., since_seq: _Optional[int] = ..., epoch: _Optional[str] = ...) -> None: ...
 
 class ListOrphansRequest(_message.Message):
     __slots__ = ("sweep",)
@@ -145,15 +151,25 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("name", "version", "containment", "hostname", "signallers")
+    __slots__ = ("name", "version", "containment", "hostname", "signallers", "instance", "fd_limit", "fds_open", "groups_left", "epoch")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CONTAINMENT_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     SIGNALLERS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    FD_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    FDS_OPEN_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     containment: _common_pb2.Containment
     hostname: str
     signallers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., containment: _Optional[_Union[_common_pb2.Containment, str]] = ..., hostname: _Optional[str] = ..., signallers: _Optional[_Iterable[str]] = ...) -> None: ...
+    instance: str
+    fd_limit: int
+    fds_open: int
+    groups_left: int
+    epoch: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., containment: _Optional[_Union[_common_pb2.Containment, str]] = ..., hostname: _Optional[str] = ..., signallers: _Optional[_Iterable[str]] = ..., instance: _Optional[str] = ..., fd_limit: _Optional[int] = ..., fds_open: _Optional[int] = ..., groups_left: _Optional[int] = ..., epoch: _Optional[str] = ...) -> None: ...

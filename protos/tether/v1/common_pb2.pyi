@@ -44,6 +44,7 @@ class FailureClass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FAILURE_CLASS_READINESS_FAILED: _ClassVar[FailureClass]
     FAILURE_CLASS_INVALID_SPEC: _ClassVar[FailureClass]
     FAILURE_CLASS_TARGET_UNREACHABLE: _ClassVar[FailureClass]
+    FAILURE_CLASS_RESOURCE_EXHAUSTED: _ClassVar[FailureClass]
 
 class Containment(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -82,6 +83,7 @@ FAILURE_CLASS_READINESS_TIMEOUT: FailureClass
 FAILURE_CLASS_READINESS_FAILED: FailureClass
 FAILURE_CLASS_INVALID_SPEC: FailureClass
 FAILURE_CLASS_TARGET_UNREACHABLE: FailureClass
+FAILURE_CLASS_RESOURCE_EXHAUSTED: FailureClass
 CONTAINMENT_UNSPECIFIED: Containment
 CONTAINMENT_CGROUP: Containment
 CONTAINMENT_SUBREAPER: Containment
@@ -150,7 +152,7 @@ class GroupSpec(_message.Message):
     def __init__(self, argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., inherit_env: _Optional[bool] = ..., log_path: _Optional[str] = ..., ready: _Optional[str] = ..., start_timeout_seconds: _Optional[float] = ..., stop: _Optional[_Union[StopPolicy, _Mapping]] = ..., orphan_policy: _Optional[_Union[OrphanPolicy, str]] = ..., label: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., session_id: _Optional[str] = ..., stop_order: _Optional[int] = ..., target: _Optional[str] = ..., window: _Optional[str] = ..., owns_target: _Optional[bool] = ..., probe_timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class ExitRecord(_message.Message):
-    __slots__ = ("reason", "exit_code", "signal", "survivors", "failure", "message", "stop_duration_seconds", "ended_at", "detail")
+    __slots__ = ("reason", "exit_code", "signal", "survivors", "failure", "message", "stop_duration_seconds", "ended_at", "detail", "clean")
     REASON_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +162,7 @@ class ExitRecord(_message.Message):
     STOP_DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ENDED_AT_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    CLEAN_FIELD_NUMBER: _ClassVar[int]
     reason: ExitReason
     exit_code: int
     signal: int
@@ -169,10 +172,11 @@ class ExitRecord(_message.Message):
     stop_duration_seconds: float
     ended_at: _timestamp_pb2.Timestamp
     detail: str
-    def __init__(self, reason: _Optional[_Union[ExitReason, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., survivors: _Optional[int] = ..., failure: _Optional[_Union[FailureClass, str]] = ..., message: _Optional[str] = ..., stop_duration_seconds: _Optional[float] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., detail: _Optional[str] = ...) -> None: ...
+    clean: bool
+    def __init__(self, reason: _Optional[_Union[ExitReason, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., survivors: _Optional[int] = ..., failure: _Optional[_Union[FailureClass, str]] = ..., message: _Optional[str] = ..., stop_duration_seconds: _Optional[float] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., detail: _Optional[str] = ..., clean: _Optional[bool] = ...) -> None: ...
 
 class Group(_message.Message):
-    __slots__ = ("group_id", "spec", "state", "containment", "leader_pid", "pgid", "detached", "exit", "started_at", "member_count", "agent")
+    __slots__ = ("group_id", "spec", "state", "containment", "leader_pid", "pgid", "detached", "exit", "started_at", "member_count", "agent", "stop", "unreachable", "env_names")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +188,9 @@ class Group(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     MEMBER_COUNT_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
+    ENV_NAMES_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     spec: GroupSpec
     state: GroupState
@@ -195,19 +202,24 @@ class Group(_message.Message):
     started_at: _timestamp_pb2.Timestamp
     member_count: int
     agent: str
-    def __init__(self, group_id: _Optional[str] = ..., spec: _Optional[_Union[GroupSpec, _Mapping]] = ..., state: _Optional[_Union[GroupState, str]] = ..., containment: _Optional[_Union[Containment, str]] = ..., leader_pid: _Optional[int] = ..., pgid: _Optional[int] = ..., detached: _Optional[bool] = ..., exit: _Optional[_Union[ExitRecord, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., member_count: _Optional[int] = ..., agent: _Optional[str] = ...) -> None: ...
+    stop: StopPolicy
+    unreachable: bool
+    env_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, group_id: _Optional[str] = ..., spec: _Optional[_Union[GroupSpec, _Mapping]] = ..., state: _Optional[_Union[GroupState, str]] = ..., containment: _Optional[_Union[Containment, str]] = ..., leader_pid: _Optional[int] = ..., pgid: _Optional[int] = ..., detached: _Optional[bool] = ..., exit: _Optional[_Union[ExitRecord, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., member_count: _Optional[int] = ..., agent: _Optional[str] = ..., stop: _Optional[_Union[StopPolicy, _Mapping]] = ..., unreachable: _Optional[bool] = ..., env_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GroupEvent(_message.Message):
-    __slots__ = ("seq", "group", "kind", "at")
+    __slots__ = ("seq", "group", "kind", "at", "epoch")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     seq: int
     group: Group
     kind: str
     at: _timestamp_pb2.Timestamp
-    def __init__(self, seq: _Optional[int] = ..., group: _Optional[_Union[Group, _Mapping]] = ..., kind: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    epoch: str
+    def __init__(self, seq: _Optional[int] = ..., group: _Optional[_Union[Group, _Mapping]] = ..., kind: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., epoch: _Optional[str] = ...) -> None: ...
 
 class Orphan(_message.Message):
     __slots__ = ("pid", "command", "former_group", "age_seconds", "found_by", "agent", "reaped")

@@ -32,7 +32,7 @@ SESSION_STATE_STOPPING: SessionState
 SESSION_STATE_STOPPED: SessionState
 
 class Agent(_message.Message):
-    __slots__ = ("name", "address", "containment", "version", "state", "last_seen", "epoch")
+    __slots__ = ("name", "address", "containment", "version", "state", "last_seen", "epoch", "instance")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CONTAINMENT_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class Agent(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     containment: _common_pb2.Containment
@@ -47,21 +48,24 @@ class Agent(_message.Message):
     state: AgentState
     last_seen: _timestamp_pb2.Timestamp
     epoch: str
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., containment: _Optional[_Union[_common_pb2.Containment, str]] = ..., version: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., epoch: _Optional[str] = ...) -> None: ...
+    instance: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., containment: _Optional[_Union[_common_pb2.Containment, str]] = ..., version: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., epoch: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class RegisterAgentRequest(_message.Message):
-    __slots__ = ("name", "address", "containment", "version", "epoch")
+    __slots__ = ("name", "address", "containment", "version", "epoch", "instance")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CONTAINMENT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     containment: _common_pb2.Containment
     version: str
     epoch: str
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., containment: _Optional[_Union[_common_pb2.Containment, str]] = ..., version: _Optional[str] = ..., epoch: _Optional[str] = ...) -> None: ...
+    instance: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., containment: _Optional[_Union[_common_pb2.Containment, str]] = ..., version: _Optional[str] = ..., epoch: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class RegisterAgentResponse(_message.Message):
     __slots__ = ("heartbeat_interval_seconds", "ttl_seconds")

@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from tether.agent.errors import TetherError
+from tether.core.errors import TetherError
 
 log = logging.getLogger("tether.security")
 

@@ -1,4 +1,4 @@
-"""Domain errors -> gRPC status codes, in one place for every servicer."""
+"""Domain errors <-> gRPC status codes, in one place for every servicer and client."""
 
 from __future__ import annotations
 
@@ -9,12 +9,18 @@ from typing import Any, TypeVar
 
 import grpc
 
-from tether.agent import errors as e
-from tether.agent.model import IllegalTransition
+from tether.core import errors as e
+from tether.core.events import WatchOverflow
+from tether.core.model import IllegalTransition
 
 log = logging.getLogger("tether.grpc")
 
 CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (e.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (e.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (e.IdempotencyConflict, grpc.StatusCode.ALREADY_EXISTS),
+    (e.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (WatchOverflow, grpc.StatusCode.ABORTED),
     (e.InvalidSpec, grpc.StatusCode.INVALID_ARGUMENT),
     (e.SignallerNotFound, grpc.StatusCode.INVALID_ARGUMENT),
     (e.GroupNotFound, grpc.StatusCode.NOT_FOUND),

@@ -5,6 +5,10 @@ inherently asking again (a port cannot announce it is listening), so the
 retry interval backs off from 10 ms to 200 ms; process state itself is never
 polled (the agent races the probe against the group's exit event).
 
+Every probe is a coroutine on the event loop (HTTP included: a small HTTP/1.1
+client over asyncio streams), so a hung endpoint holds no thread, is cancelled
+the moment its group's start ends, and can never delay another group's probe.
+
 Outcome classes: a probe that got a definite "no" on its last attempt (HTTP
 status outside 2xx/3xx, exec probe exiting non-zero) ends as
 ``readiness_failed``; one that never got an answer (connection refused, no
@@ -14,14 +18,17 @@ log match, exec probe timing out) as ``readiness_timeout``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
-import http.client
+import os
 import re
+import ssl
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from tether.agent.model import Probe, ProbeKind
+from tether.core.model import Probe, ProbeKind
 
 BACKOFF_START = 0.01
 BACKOFF_MAX = 0.2
@@ -66,23 +73,54 @@ async def _tcp(probe: Probe) -> ProbeAttempt:
     return ProbeAttempt(True)
 
 
-def _http_once(url: str, timeout: float) -> ProbeAttempt:
+async def _http(probe: Probe) -> ProbeAttempt:
+    """GET the probe's URL; any 2xx/3xx status is ready. Runs on the event loop."""
+    url = probe.url
     parts = urlsplit(url)
-    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = cls(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host = parts.hostname or "127.0.0.1"
+    writer = None
     try:
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        conn.request("GET", path)
-        status = conn.getresponse().status
-    except (OSError, http.client.HTTPException) as exc:
-        return ProbeAttempt(False, detail=f"GET {url}: {exc}")
+        async with asyncio.timeout(probe.timeout):
+            context = ssl.create_default_context() if parts.scheme == "https" else None
+            reader, writer = await asyncio.open_connection(
+                host, probe.port, ssl=context, server_hostname=host if context else None)
+            netloc = parts.netloc.rpartition("@")[2]
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {netloc}\r\nConnection: close\r\n"
+                         "User-Agent: tether-probe\r\n\r\n".encode("latin-1", "replace"))
+            await writer.drain()
+            line = await reader.readline()
+    except (OSError, TimeoutError, ssl.SSLError, UnicodeError) as exc:
+        return ProbeAttempt(False, detail=f"GET {url}: {exc or 'timeout'}")
     finally:
-        conn.close()
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+    words = line.split()
+    if len(words) < 2 or not words[0].startswith(b"HTTP/") or not words[1].isdigit():
+        return ProbeAttempt(False, detail=f"GET {url}: not an HTTP answer ({line[:60]!r})")
+    status = int(words[1])
     if 200 <= status < 400:
         return ProbeAttempt(True)
     return ProbeAttempt(False, answered=True, detail=f"GET {url} answered {status}")
+
+
+#: Reads of log files for log: probes (a file on a stuck network mount must not hold the
+#: event loop, nor threads that other work needs).
+FILE_READS = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="tether-logprobe")
+
+
+def read_from(path: str, offset: int, limit: int = 1 << 20) -> bytes:
+    """Up to ``limit`` bytes of a regular file from ``offset``; never opens a FIFO for
+    reading (that would wait for a writer)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, "not a regular file")
+        return os.pread(fd, limit, offset)
+    finally:
+        os.close(fd)
 
 
 class _LogWatcher:
@@ -92,11 +130,10 @@ class _LogWatcher:
         self.offset = 0
         self.tail = ""
 
-    def check(self) -> ProbeAttempt:
+    async def check(self) -> ProbeAttempt:
+        loop = asyncio.get_running_loop()
         try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
+            data = await loop.run_in_executor(FILE_READS, read_from, self.path, self.offset)
         except OSError as exc:
             return ProbeAttempt(False, detail=f"log {self.path}: {exc.strerror}")
         self.offset += len(data)
@@ -124,10 +161,10 @@ class Prober:
         if p.kind is ProbeKind.TCP:
             return await _tcp(p)
         if p.kind is ProbeKind.HTTP:
-            return await asyncio.to_thread(_http_once, p.url, p.timeout)
+            return await _http(p)
         if p.kind is ProbeKind.LOG:
             assert self._log is not None
-            return self._log.check()
+            return await self._log.check()
         code, detail = await self.run_exec(p.argv, p.timeout)
         if code == 0:
             return ProbeAttempt(True)

@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tether.agent.errors import TetherError
+from tether.core.errors import TetherError
 
 log = logging.getLogger("tether.daemon")
 
@@ -121,7 +121,7 @@ async def start_server(address: str, register: list[Callable[[grpc.aio.Server], 
     """A grpc.aio server with health checking and reflection on. Returns (server, port, health)."""
     tls = tls or TLSFiles()
     check_listen(address, tls, insecure)
-    from tether.agent.security import MalformedRequestInterceptor
+    from tether.rpc.security import MalformedRequestInterceptor
 
     server = grpc.aio.server(
         interceptors=[MalformedRequestInterceptor(), *(interceptors or [])],

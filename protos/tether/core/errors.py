@@ -1,7 +1,7 @@
 """One exception root for tether; adapters translate foreign errors into these.
 
 Errors carry their data as fields. Servicers map them to gRPC status codes in
-one place (``tether.agent.grpc_errors``); the CLI maps them to exit statuses.
+one place (``tether.rpc.status``); the CLI maps them to exit statuses.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tether.agent.model import FailureClass
+    from tether.core.model import FailureClass
 
 
 class TetherError(Exception):
@@ -98,3 +98,46 @@ class AgentUnreachable(TetherError):
 
 class Conflict(TetherError):
     """The request does not fit the current state (e.g. spawn into a stopping session)."""
+
+
+class ResourceExhausted(TetherError):
+    """The agent is at a limit (file descriptors, state storage); nothing was started."""
+
+
+class IdempotencyConflict(TetherError):
+    """An idempotency key was used before for a different request."""
+
+    def __init__(self, key: str, first: str) -> None:
+        super().__init__(
+            f"idempotency key {key!r} was already used for another request (group {first}); "
+            "a retry must repeat the request exactly, a new request needs a new key")
+        self.key = key
+        self.first = first
+
+
+class StateUnwritable(ResourceExhausted):
+    """A change could not be made durable (disk full, I/O error): it is not acknowledged."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(
+            f"cannot write the state file {path}: {why}; free space or fix the state "
+            "directory, then retry")
+        self.path = path
+        self.why = why
+
+
+class StateFileError(TetherError):
+    """The state file exists but cannot be read (corrupted, not a database)."""
+
+    def __init__(self, path: str, why: str, advice: str) -> None:
+        super().__init__(f"cannot read the state file {path}: {why}; {advice}")
+        self.path = path
+        self.why = why
+
+
+class PermissionDenied(TetherError):
+    """The caller is known but its role does not allow this call."""
+
+
+class Unauthenticated(TetherError):
+    """The caller presented no credential this daemon accepts."""

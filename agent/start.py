@@ -1,0 +1,288 @@
+"""Starting a group: checks, a durable record first, the launch, readiness.
+
+A start runs as a task the authority owns, never in the caller's coroutine: a
+client that gives up (or disconnects) mid-call leaves the start to finish, and
+the group reaches ``running`` or ``failed`` with a record either way. Whatever
+goes wrong on the way (a refused field, a signaller exception, ``EMFILE``), the
+group ends ``failed`` with a ``start_failed`` record; no group is ever left
+``starting`` without a way to end it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+from tether.agent.capacity import Capacity
+from tether.agent.groups import Group
+from tether.agent.lifecycle import Lifecycle, dispose, leader_status
+from tether.agent.probes import FILE_READS, ExecRunner, Prober, port_in_use
+from tether.core.errors import (
+    Conflict,
+    IdempotencyConflict,
+    InvalidSpec,
+    StartFailed,
+    StateUnwritable,
+    TetherError,
+)
+from tether.core.model import (
+    AGENT_ENV,
+    MARKER_ENV,
+    EventKind,
+    FailureClass,
+    GroupSpec,
+    GroupState,
+    GroupView,
+    ProbeKind,
+    StopPolicy,
+    Transition,
+    check_group_id,
+    new_group_id,
+    spec_fingerprint,
+)
+from tether.signallers.base import LaunchSpec, Signaller, refuse
+from tether.signallers.registry import split_target
+
+#: How long a start waits for its record to be stored before it gives up.
+STATE_DEADLINE = 10.0
+
+StopNow = Callable[[Group, str], Awaitable[None]]
+
+
+class Starter:
+    def __init__(self, lc: Lifecycle, default_policy: StopPolicy, capacity: Capacity | None,
+                 watch: Callable[[Group], None], stop_now: StopNow) -> None:
+        self.lc = lc
+        self.default_policy = default_policy
+        self.capacity = capacity
+        self._watch = watch
+        self._stop_now = stop_now
+
+    def signaller_for(self, target: str) -> tuple[Signaller, str]:
+        kind, where = split_target(target)
+        return self.lc.signallers.get(kind), where
+
+    def launch_spec(self, group_id: str, spec: GroupSpec, where: str) -> LaunchSpec:
+        env = dict(os.environ) if spec.inherit_env else {}
+        env.update(spec.env)
+        env[MARKER_ENV] = group_id
+        env[AGENT_ENV] = self.lc.marker
+        return LaunchSpec(group_id=group_id, argv=spec.argv, env=env, cwd=spec.cwd,
+                          log_path=spec.log_path, where=where, owns_target=spec.owns_target,
+                          orphan_policy=spec.orphan_policy)
+
+    def _check(self, spec: GroupSpec, signaller: Signaller) -> None:
+        features = signaller.features
+        if spec.inherit_env and not features.inherit_env:
+            raise refuse("inherit_env", spec.target,
+                         "--inherit-env copies this agent's environment; pass what the command "
+                         "needs with --env")
+        if spec.ready is not None and spec.ready.kind is ProbeKind.LOG and not features.log_probe:
+            raise refuse("ready", spec.target,
+                         "log: probes read the log on the agent's host; use an exec: probe "
+                         "(it runs on the target)")
+
+    # ------------------------------------------------------------ spawn
+
+    async def spawn(self, spec: GroupSpec, key: str = "", group_id: str = "") -> GroupView:
+        """Start a group; returns once it is running or has failed. Idempotent by ``key``
+        (and by ``group_id`` when the caller assigns it): the same request returns the
+        same group, a different one is refused."""
+        table = self.lc.table
+        fingerprint = spec_fingerprint(spec)
+        if group_id:
+            check_group_id(group_id)
+            why = table.buried(group_id)
+            if why is not None:
+                raise Conflict(f"group {group_id} was stopped before its spawn arrived ({why}); "
+                               "nothing was started")
+            if group_id in table:
+                existing = table.find(group_id)
+                if existing.fingerprint != fingerprint:
+                    raise IdempotencyConflict(f"group id {group_id}", group_id)
+                return await self.outcome(existing)
+        seen = table.by_key(key, fingerprint)
+        if seen is not None:
+            return await self.outcome(seen)
+        signaller, where = self.signaller_for(spec.target)
+        self._check(spec, signaller)
+        if self.capacity is not None:
+            self.capacity.check()
+        gid = group_id or new_group_id()
+        signaller.check(self.launch_spec(gid, spec, where))
+        g = Group(gid, spec, signaller.containment, spec.stop.apply(self.default_policy),
+                  fingerprint)
+        table.add(g, key)
+        self.lc.emit(g, EventKind.STATE)
+        g.start_task = self.lc.tasks.spawn(self._flow(g, signaller, where), f"start-{gid}")
+        return await self.outcome(g)
+
+    async def outcome(self, g: Group) -> GroupView:
+        """Wait (without owning it) for a start to finish, and say how it went."""
+        if g.start_task is not None:
+            await asyncio.shield(g.start_task)
+        if g.stop_task is not None:  # a stop took the start over: answer with its record
+            await asyncio.shield(g.stop_task)
+        if g.start_error is not None:
+            raise g.start_error
+        return g.view()
+
+    async def _flow(self, g: Group, signaller: Signaller, where: str) -> None:
+        try:
+            try:
+                await self.lc.hooks.durable(STATE_DEADLINE)
+            except StateUnwritable as exc:
+                self.lc.fail(g, FailureClass.RESOURCE_EXHAUSTED,
+                             f"{exc}; the group could not be recorded, so nothing was started")
+                return
+            if g.stop_requested.is_set():
+                return  # stopped before anything ran: the stop routine records it
+            await self._start(g, signaller, where)
+            if g.state is GroupState.RUNNING:
+                try:
+                    await self.lc.hooks.durable(STATE_DEADLINE)
+                except StateUnwritable as exc:
+                    g.start_error = exc
+                    g.log.error("started but could not be recorded (%s); stopping it", exc)
+                    await self._stop_now(g, f"stopped at start: {exc}")
+        except asyncio.CancelledError:
+            await self._abandon(g, "the agent shut down during the start")
+            raise
+        except Exception as exc:  # whatever it was, the group must end with a record
+            g.log.exception("start failed unexpectedly")
+            failure = (FailureClass.INVALID_SPEC if isinstance(exc, InvalidSpec)
+                       else FailureClass.TARGET_UNREACHABLE if isinstance(exc, TetherError)
+                       else FailureClass.IMMEDIATE_CRASH)
+            await self._abandon(g, f"cannot start {g.spec.argv[0]!r}: {exc}", failure)
+
+    async def _abandon(self, g: Group, message: str,
+                       failure: FailureClass = FailureClass.IMMEDIATE_CRASH) -> None:
+        if g.state is not GroupState.STARTING or g.stop_requested.is_set():
+            return
+        survivors = 0
+        if g.handle is not None:
+            with contextlib.suppress(TetherError):
+                await asyncio.shield(g.handle.kill())
+                survivors = len(await g.handle.members())
+        self.lc.fail(g, failure, message, survivors=survivors)
+
+    async def _start(self, g: Group, signaller: Signaller, where: str) -> None:
+        spec = g.spec
+        if spec.ready is not None and await port_in_use(spec.ready):
+            self.lc.fail(g, FailureClass.PORT_IN_USE,
+                         f"port {spec.ready.port} on {spec.ready.host} is already in use before "
+                         f"{spec.argv[0]!r} started; stop whatever listens there "
+                         f"(`ss -ltnp 'sport = :{spec.ready.port}'`) or pick another port")
+            return
+        log_start = await log_size(spec.log_path) if spec.log_path else 0
+        try:
+            handle = await signaller.spawn(self.launch_spec(g.group_id, spec, where))
+        except StartFailed as exc:
+            self.lc.fail(g, exc.failure, exc.message)
+            return
+        except InvalidSpec as exc:
+            self.lc.fail(g, FailureClass.INVALID_SPEC, str(exc))
+            return
+        except TetherError as exc:
+            self.lc.fail(g, FailureClass.TARGET_UNREACHABLE, str(exc))
+            return
+        g.attach(handle)
+        self._watch(g)
+        if g.stop_requested.is_set():
+            return  # a stop came meanwhile: it takes over
+        if spec.ready is None:
+            self.lc.transition(g, Transition.READY)
+            return
+        prober = Prober(spec.ready, spec.log_path, self._exec_runner(g, signaller, where),
+                        log_start)
+        probe = asyncio.ensure_future(prober.run())
+        empty = asyncio.ensure_future(g.empty.wait())
+        stop = asyncio.ensure_future(g.stop_requested.wait())
+        try:
+            done, _ = await asyncio.wait({probe, empty, stop}, timeout=spec.start_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (probe, empty, stop):
+                t.cancel()
+            await asyncio.gather(probe, empty, stop, return_exceptions=True)
+        if g.stop_requested.is_set():
+            return  # a stop took over
+        if probe in done and not probe.cancelled() and probe.exception() is None:
+            self.lc.transition(g, Transition.READY)
+            return
+        if empty in done:
+            status = await leader_status(handle)
+            self.lc.fail(g, FailureClass.IMMEDIATE_CRASH,
+                         f"{spec.argv[0]!r} exited before it was ready ({status.describe()}); "
+                         "see its log"
+                         f"{' ' + spec.log_path if spec.log_path else ' (pass --log FILE)'}",
+                         status)
+            return
+        failure = (FailureClass.READINESS_FAILED if prober.last.answered
+                   else FailureClass.READINESS_TIMEOUT)
+        survivors = 0
+        with contextlib.suppress(TetherError):
+            await handle.kill()
+            await handle.wait(1.0)
+            survivors = len(await handle.members())
+        self.lc.fail(g, failure,
+                     f"{spec.argv[0]!r} was not ready within {spec.start_timeout:g} s "
+                     f"(probe {spec.ready}: {prober.last.detail}); raise --start-timeout or fix "
+                     "the probe", await leader_status(handle), survivors)
+
+    def _exec_runner(self, g: Group, signaller: Signaller, where: str) -> ExecRunner:
+        counter = 0
+
+        async def run(argv: tuple[str, ...], timeout: float) -> tuple[int | None, str]:
+            nonlocal counter
+            counter += 1
+            launch = self.launch_spec(f"{g.group_id}.probe{counter}",
+                                      replace(g.spec, argv=argv), where)
+            try:
+                handle = await signaller.spawn(launch)
+            except StartFailed as exc:
+                return 127, f"exec probe could not start: {exc.message}"
+            except TetherError as exc:
+                return None, f"exec probe could not start: {exc}"
+            try:
+                async with asyncio.timeout(timeout):
+                    status = await handle.wait_leader()
+            except TimeoutError:
+                return None, (f"exec probe {argv[0]!r} timed out after {timeout:g} s; its tree "
+                              "was killed")
+            finally:
+                # The probe's whole tree dies with it, whatever happened (cancellation too).
+                await asyncio.shield(dispose(handle))
+            code = status.exit_code if status.exit_code is not None else 128 + (status.signal or 0)
+            return code, f"exec probe exited with {status.describe()}"
+
+        return run
+
+    # ------------------------------------------------------------ adopt
+
+    async def adopt(self, pid: int, start_time: float | None, spec: GroupSpec) -> GroupView:
+        signaller, where = self.signaller_for(spec.target)
+        gid = new_group_id()
+        handle = await signaller.adopt(gid, pid, start_time, where, spec.orphan_policy)
+        g = Group(gid, spec, handle.containment, spec.stop.apply(self.default_policy),
+                  spec_fingerprint(spec))
+        g.attach(handle)
+        self.lc.table.add(g)
+        self.lc.emit(g, EventKind.STATE)
+        self.lc.transition(g, Transition.READY)
+        self._watch(g)
+        await self.lc.hooks.durable(STATE_DEADLINE)
+        return g.view()
+
+
+async def log_size(path: str) -> int:
+    def size() -> int:
+        try:
+            return os.stat(path).st_size
+        except OSError:
+            return 0
+
+    return await asyncio.get_running_loop().run_in_executor(FILE_READS, size)

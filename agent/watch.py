@@ -1,0 +1,112 @@
+"""Watching a running group: its leader's exit, the containment emptying, its target's
+reachability.
+
+One task per group, event-driven through the handle (pidfds, cgroup.events, the
+Docker event stream, a remote wait). When the target cannot be asked (an SSH host
+drops, a Docker engine restarts) the watcher marks the group ``unreachable``,
+keeps trying with capped, jittered backoff for as long as the group lives, and
+clears the mark when the target answers again; the record it writes then is the
+one the handle sees, not a guess made while blind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+from tether.agent.groups import Group
+from tether.agent.lifecycle import Lifecycle, leader_status
+from tether.core.errors import TargetUnreachable, TetherError
+from tether.core.model import (
+    EventKind,
+    ExitReason,
+    ExitRecord,
+    GroupState,
+    Transition,
+)
+
+RETRY_FIRST = 0.2
+RETRY_MAX = 15.0
+
+
+class Watcher:
+    def __init__(self, lc: Lifecycle) -> None:
+        self.lc = lc
+
+    def start(self, g: Group) -> None:
+        self.lc.tasks.spawn(self._watch(g), f"watch-{g.group_id}")
+
+    def _unreachable(self, g: Group, exc: TetherError) -> None:
+        if not g.unreachable:
+            g.unreachable = True
+            g.log.warning("its target cannot be reached (%s); the group is marked "
+                          "unreachable and watched again with backoff", exc)
+            self.lc.emit(g, EventKind.UNREACHABLE)
+
+    def _reachable(self, g: Group) -> None:
+        if g.unreachable:
+            g.unreachable = False
+            g.log.info("its target answers again")
+            if not g.state.ended:
+                self.lc.emit(g, EventKind.REACHABLE)
+
+    async def _watch(self, g: Group) -> None:
+        h = g.handle
+        assert h is not None
+        backoff = RETRY_FIRST
+        leader_done = False
+        outage = 0.0
+        while not g.state.ended:
+            leader = empty = None
+            try:
+                if not leader_done:
+                    leader = asyncio.ensure_future(h.wait_leader())
+                    empty = asyncio.ensure_future(h.wait())
+                    done, _ = await asyncio.wait({leader, empty},
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if empty in done:
+                        empty.result()
+                        break
+                    status = leader.result()
+                    leader_done = True
+                    self._reachable(g)
+                    if g.state is GroupState.RUNNING:
+                        remaining = await h.members()
+                        if remaining:
+                            g.detached = True
+                            g.log.info("leader pid %d exited (%s) but %d member(s) remain: the "
+                                       "group keeps running, detached", h.leader_pid,
+                                       status.describe(), len(remaining))
+                            self.lc.emit(g, EventKind.DETACHED)
+                await h.wait()
+                break
+            except TargetUnreachable as exc:
+                if g.state.ended:
+                    return
+                self._unreachable(g, exc)
+                pause = backoff * (0.5 + random.random())
+                outage += pause
+                await asyncio.sleep(pause)
+                backoff = min(backoff * 2, RETRY_MAX)
+            finally:
+                for t in (leader, empty):
+                    if t is not None and not t.done():
+                        t.cancel()
+        self._reachable(g)
+        g.empty.set()
+        if g.state is GroupState.RUNNING:
+            status = await leader_status(h)
+            reason = ExitReason.NATURAL
+            if status.signal is not None:
+                reason = (ExitReason.REQUESTED if status.signal in g.signals_sent
+                          else ExitReason.EXTERNAL_SIGNAL)
+            detail = (f"its target was unreachable for about {outage:.0f} s; the exit was seen "
+                      "after it answered again" if outage else "")
+            g.exit = ExitRecord(reason, exit_code=status.exit_code, signal=status.signal,
+                                ended_at=time.time(), detail=detail)
+            self.lc.transition(g, Transition.EXITED)
+            try:
+                await h.close()
+            except TetherError as exc:
+                g.log.warning("closing its handle: %s", exc)

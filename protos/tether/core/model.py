@@ -1,0 +1,555 @@
+"""The lifecycle model: states and their one transition table, specs, records, views.
+
+Nothing here knows about gRPC, Docker or SSH. The edges translate protobuf to
+these types (``tether.rpc.convert``); the agent, the coordinator and the
+clients all speak them.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from tether.core.errors import InvalidSpec
+
+MARKER_ENV: Final = "TETHER_GROUP"
+"""Every child carries this variable (its group id): how orphans are found."""
+AGENT_ENV: Final = "TETHER_AGENT"
+"""...and this one (the agent instance's marker), so agents sharing a host never claim each
+other's processes, even when they share a name."""
+
+DEFAULT_GRACE: Final = 5.0
+DEFAULT_START_TIMEOUT: Final = 30.0
+DEFAULT_PROBE_TIMEOUT: Final = 5.0
+MAX_SECONDS: Final = 24 * 3600.0
+MAX_ENV_BYTES: Final = 128 * 1024
+MAX_ARGV_BYTES: Final = 128 * 1024
+MAX_PATH: Final = 4096
+MAX_NAME: Final = 256
+MAX_LABELS: Final = 64
+GROUP_ID: Final = re.compile(r"g-[0-9a-f]{8,32}\Z")
+
+
+class GroupState(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    EXITED = "exited"
+    FAILED = "failed"
+    #: The coordinator's word for a group its agent no longer knows; never an agent state.
+    LOST = "lost"
+
+    @property
+    def ended(self) -> bool:
+        return self in ENDED_STATES
+
+
+ENDED_STATES: Final = frozenset({GroupState.STOPPED, GroupState.EXITED, GroupState.FAILED,
+                                 GroupState.LOST})
+
+
+class Transition(enum.Enum):
+    READY = "ready"
+    START_FAILED = "start_failed"
+    STOP = "stop"
+    EMPTY = "empty"
+    EXITED = "exited"
+
+
+# The only place a state may change. (state, event) -> new state.
+TRANSITIONS: Final = MappingProxyType(
+    {
+        (GroupState.STARTING, Transition.READY): GroupState.RUNNING,
+        (GroupState.STARTING, Transition.START_FAILED): GroupState.FAILED,
+        (GroupState.STARTING, Transition.STOP): GroupState.STOPPING,
+        (GroupState.RUNNING, Transition.STOP): GroupState.STOPPING,
+        (GroupState.RUNNING, Transition.EXITED): GroupState.EXITED,
+        (GroupState.STOPPING, Transition.EMPTY): GroupState.STOPPED,
+    }
+)
+
+
+class IllegalTransition(Exception):
+    """A bug: code asked for a transition the table does not allow."""
+
+    def __init__(self, state: GroupState, event: Transition) -> None:
+        super().__init__(f"no transition from {state.value} on {event.value}")
+        self.state = state
+        self.event = event
+
+
+def next_state(state: GroupState, event: Transition) -> GroupState:
+    """The state after ``event``; raises ``IllegalTransition`` if the table has none."""
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        raise IllegalTransition(state, event) from None
+
+
+class ExitReason(enum.Enum):
+    NATURAL = "natural"
+    REQUESTED = "requested"
+    FORCED_KILL = "forced_kill"
+    EXTERNAL_SIGNAL = "external_signal"
+    START_FAILED = "start_failed"
+    LOST = "lost"
+
+
+class FailureClass(enum.Enum):
+    COMMAND_NOT_FOUND = "command_not_found"
+    PERMISSION_DENIED = "permission_denied"
+    CWD_MISSING = "cwd_missing"
+    PORT_IN_USE = "port_in_use"
+    IMMEDIATE_CRASH = "immediate_crash"
+    READINESS_TIMEOUT = "readiness_timeout"
+    READINESS_FAILED = "readiness_failed"
+    INVALID_SPEC = "invalid_spec"
+    TARGET_UNREACHABLE = "target_unreachable"
+    #: The agent or host ran out of something a start needs (file descriptors, processes).
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+
+
+class Containment(enum.Enum):
+    """How strongly a group is held together, strongest first."""
+
+    CGROUP = "cgroup"
+    SUBREAPER = "subreaper"
+    PGID = "pgid"
+
+
+class OrphanPolicy(enum.Enum):
+    KILL = "kill"
+    KEEP = "keep"
+
+
+# ---------------------------------------------------------------- validation
+
+
+def check_seconds(value: float, what: str, field_: str, *, allow_zero: bool = True,
+                  high: float = MAX_SECONDS) -> float:
+    """One rule for every duration: a finite number from 0 (or above 0) to ``high``."""
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not isinstance(value, int | float) or math.isnan(value) or not low_ok or value > high:
+        span = f"{'0' if allow_zero else 'more than 0'} to {high:g}"
+        raise InvalidSpec(f"{what} {value!r} s is out of range; give {span} seconds",
+                          field=field_)
+    return float(value)
+
+
+def check_grace(value: float) -> float:
+    return check_seconds(value, "grace", "grace")
+
+
+def check_text(text: str, what: str, *, limit: int = MAX_PATH) -> str:
+    """Free text that reaches a kernel interface (paths, argv): no NUL byte, bounded size."""
+    if "\0" in text:
+        raise InvalidSpec(f"{what} contains a NUL byte, which no process or path can hold",
+                          field=what)
+    if len(text.encode(errors="surrogateescape")) > limit:
+        raise InvalidSpec(f"{what} is longer than {limit} bytes", field=what)
+    return text
+
+
+def check_name(text: str, what: str, *, allow_empty: bool = False) -> str:
+    """Names (sessions, labels, agents) are printable, without control characters."""
+    if not text and not allow_empty:
+        raise InvalidSpec(f"{what} is empty; give a name", field=what)
+    if len(text) > MAX_NAME:
+        raise InvalidSpec(f"{what} is longer than {MAX_NAME} characters", field=what)
+    if any(not ch.isprintable() for ch in text):
+        raise InvalidSpec(f"{what} {text!r} contains control characters", field=what)
+    return text
+
+
+def check_group_id(text: str) -> str:
+    if not GROUP_ID.match(text):
+        raise InvalidSpec(f"group id {text!r} is not of the form g-<8 to 32 hex digits>",
+                          field="group_id")
+    return text
+
+
+def new_group_id() -> str:
+    return "g-" + os.urandom(6).hex()
+
+
+def parse_signal(name: str | int) -> signal.Signals:
+    """``"TERM"``, ``"SIGTERM"``, ``"sigterm"`` or ``15`` to a Signals member."""
+    if isinstance(name, int):
+        try:
+            return signal.Signals(name)
+        except ValueError:
+            raise InvalidSpec(f"unknown signal number {name}", field="signal") from None
+    text = name.strip().upper()
+    if text.isdigit():
+        return parse_signal(int(text))
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return signal.Signals[text]
+    except KeyError:
+        known = ", ".join(s.name.removeprefix("SIG") for s in signal.Signals if "_" not in s.name)
+        raise InvalidSpec(
+            f"unknown signal {name!r}; use a name like TERM, INT, HUP, KILL (known: {known})",
+            field="signal",
+        ) from None
+
+
+# ---------------------------------------------------------------- stop policy
+
+
+@dataclass(frozen=True)
+class StopPolicy:
+    """How a group is stopped: the effective policy, every field known."""
+
+    signal: signal.Signals = signal.SIGTERM
+    grace: float = DEFAULT_GRACE
+
+    def __post_init__(self) -> None:
+        check_grace(self.grace)
+
+
+@dataclass(frozen=True)
+class StopOverride:
+    """What a spec or a stop request says about stopping; ``None`` leaves a field as it is.
+
+    The one place policies combine: the agent's default, then the spec's, then a stop
+    request's, each changing only what it names (``tether stop --grace 1`` keeps a
+    group's ``--stop-signal INT``).
+    """
+
+    signal: signal.Signals | None = None
+    grace: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.grace is not None:
+            check_grace(self.grace)
+
+    def apply(self, policy: StopPolicy) -> StopPolicy:
+        return StopPolicy(self.signal if self.signal is not None else policy.signal,
+                          self.grace if self.grace is not None else policy.grace)
+
+
+# ---------------------------------------------------------------- readiness probes
+
+
+class ProbeKind(enum.Enum):
+    TCP = "tcp"
+    HTTP = "http"
+    LOG = "log"
+    EXEC = "exec"
+
+
+@dataclass(frozen=True)
+class Probe:
+    kind: ProbeKind
+    host: str = "127.0.0.1"
+    port: int = 0
+    url: str = ""
+    pattern: str = ""
+    argv: tuple[str, ...] = ()
+    timeout: float = DEFAULT_PROBE_TIMEOUT
+
+    @classmethod
+    def parse(cls, text: str, *, timeout: float | None = None) -> Probe:
+        """Parse ``tcp:PORT``, ``tcp:HOST:PORT``, ``http:URL`` (or a bare ``http://`` URL),
+        ``log:REGEX``, ``exec:ARGV``."""
+        check_text(text, "ready")
+        if text.startswith(("http://", "https://")):
+            text = "http:" + text
+        kind_text, sep, rest = text.partition(":")
+        hint = "use tcp:PORT, http:URL, log:REGEX or exec:COMMAND ARGS"
+        if not sep or not rest:
+            raise InvalidSpec(f"readiness probe {text!r} is not understood; {hint}", field="ready")
+        try:
+            kind = ProbeKind(kind_text.lower())
+        except ValueError:
+            raise InvalidSpec(
+                f"readiness probe kind {kind_text!r} is unknown; {hint}", field="ready"
+            ) from None
+        t = DEFAULT_PROBE_TIMEOUT if timeout is None else timeout
+        check_seconds(t, "probe timeout", "probe_timeout", allow_zero=False, high=3600)
+        if kind is ProbeKind.TCP:
+            host, _, port_text = rest.rpartition(":")
+            try:
+                port = int(port_text)
+            except ValueError:
+                port = -1
+            if not 0 < port < 65536:
+                raise InvalidSpec(
+                    f"readiness probe {text!r}: {port_text!r} is not a TCP port (1-65535)",
+                    field="ready",
+                )
+            return cls(kind, host=host or "127.0.0.1", port=port, timeout=t)
+        if kind is ProbeKind.HTTP:
+            try:
+                parts = urlsplit(rest)
+                port = parts.port or (443 if parts.scheme == "https" else 80)
+            except ValueError as exc:
+                raise InvalidSpec(f"readiness probe {text!r}: {exc}", field="ready") from None
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise InvalidSpec(
+                    f"readiness probe {text!r}: give a full URL, e.g. http://127.0.0.1:8080/health",
+                    field="ready",
+                )
+            return cls(kind, host=parts.hostname, port=port, url=rest, timeout=t)
+        if kind is ProbeKind.LOG:
+            try:
+                re.compile(rest)
+            except re.error as exc:
+                raise InvalidSpec(
+                    f"readiness probe {text!r}: bad regular expression ({exc})", field="ready"
+                ) from None
+            return cls(kind, pattern=rest, timeout=t)
+        try:
+            argv = tuple(shlex.split(rest))
+        except ValueError as exc:
+            raise InvalidSpec(f"readiness probe {text!r}: {exc}", field="ready") from None
+        if not argv:
+            raise InvalidSpec(f"readiness probe {text!r} has no command", field="ready")
+        return cls(kind, argv=argv, timeout=t)
+
+    def __str__(self) -> str:
+        match self.kind:
+            case ProbeKind.TCP:
+                return f"tcp:{self.host}:{self.port}"
+            case ProbeKind.HTTP:
+                return f"http:{self.url}"
+            case ProbeKind.LOG:
+                return f"log:{self.pattern}"
+            case _:
+                return "exec:" + shlex.join(self.argv)
+
+
+# ---------------------------------------------------------------- the spec
+
+
+def _frozen(mapping: Mapping[str, str] | None = None) -> MappingProxyType[str, str]:
+    return MappingProxyType(dict(mapping or {}))
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """What to start, and how to treat it. Validated on construction: every field that
+    reaches a kernel interface or a log line is checked here, before anything starts."""
+
+    argv: tuple[str, ...]
+    cwd: str = ""
+    env: MappingProxyType[str, str] = field(default_factory=_frozen)
+    inherit_env: bool = False
+    log_path: str = ""
+    ready: Probe | None = None
+    start_timeout: float = DEFAULT_START_TIMEOUT
+    stop: StopOverride = StopOverride()
+    orphan_policy: OrphanPolicy = OrphanPolicy.KILL
+    label: str = ""
+    labels: MappingProxyType[str, str] = field(default_factory=_frozen)
+    session_id: str = ""
+    window: str = ""
+    stop_order: int = 0
+    target: str = "local"
+    owns_target: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, StopPolicy):  # a full policy names both fields
+            object.__setattr__(self, "stop", StopOverride(self.stop.signal, self.stop.grace))
+        if not self.argv or not self.argv[0]:
+            raise InvalidSpec(
+                "argv is empty: give the command to run, e.g. `-- python -m http.server`",
+                field="argv",
+            )
+        for name, values in (("argv", self.argv), ("env", (*self.env, *self.env.values()))):
+            if any("\0" in a for a in values):
+                raise InvalidSpec(f"{name} contains a NUL byte, which no process can receive",
+                                  field=name)
+        if sum(len(a) + 1 for a in self.argv) > MAX_ARGV_BYTES:
+            raise InvalidSpec(f"argv is larger than {MAX_ARGV_BYTES} bytes", field="argv")
+        env_size = sum(len(k) + len(v) + 2 for k, v in self.env.items())
+        if env_size > MAX_ENV_BYTES:
+            raise InvalidSpec(
+                f"environment is {env_size} bytes, more than the {MAX_ENV_BYTES} allowed; "
+                "pass large values through a file",
+                field="env",
+            )
+        for key in self.env:
+            if not key or "=" in key:
+                raise InvalidSpec(f"environment name {key!r} is not valid (empty or has '=')",
+                                  field="env")
+        check_seconds(self.start_timeout, "start timeout", "start_timeout", allow_zero=False)
+        for path, what in ((self.cwd, "cwd"), (self.log_path, "log_path")):
+            check_text(path, what)
+            if path and not path.startswith("/"):
+                raise InvalidSpec(f"{what} {path!r} must be an absolute path", field=what)
+        if self.ready is not None and self.ready.kind is ProbeKind.LOG and not self.log_path:
+            raise InvalidSpec("a log: readiness probe needs a log file (--log FILE)",
+                              field="ready")
+        if not (-(2**31) <= self.stop_order < 2**31):
+            raise InvalidSpec(f"stop_order {self.stop_order} is out of range "
+                              f"({-(2**31)} to {2**31 - 1})", field="stop_order")
+        for text, name in ((self.label, "label"), (self.session_id, "session"),
+                           (self.window, "window")):
+            check_name(text, name, allow_empty=True)
+        check_name(self.target, "target")
+        if len(self.labels) > MAX_LABELS:
+            raise InvalidSpec(f"{len(self.labels)} labels; at most {MAX_LABELS}", field="labels")
+        for key, value in self.labels.items():
+            check_name(key, "label name")
+            check_name(value, f"label {key!r}", allow_empty=True)
+
+
+def spec_to_dict(spec: GroupSpec) -> dict[str, Any]:
+    """A JSON-able form of a spec (the agent's state file, idempotency fingerprints)."""
+    return {
+        "argv": list(spec.argv), "cwd": spec.cwd, "env": dict(spec.env),
+        "inherit_env": spec.inherit_env, "log_path": spec.log_path,
+        "ready": str(spec.ready) if spec.ready else "",
+        "probe_timeout": spec.ready.timeout if spec.ready else None,
+        "start_timeout": spec.start_timeout,
+        "stop_signal": spec.stop.signal.name if spec.stop.signal else None,
+        "grace": spec.stop.grace,
+        "orphan_policy": spec.orphan_policy.value, "label": spec.label,
+        "labels": dict(spec.labels), "session_id": spec.session_id, "window": spec.window,
+        "stop_order": spec.stop_order, "target": spec.target, "owns_target": spec.owns_target,
+    }
+
+
+def spec_from_dict(d: Mapping[str, Any]) -> GroupSpec:
+    """The inverse of ``spec_to_dict`` (also reads state files written before
+    ``probe_timeout`` and partial stop policies existed)."""
+    ready = d.get("ready") or ""
+    return GroupSpec(
+        argv=tuple(d["argv"]), cwd=d["cwd"], env=_frozen(d["env"]),
+        inherit_env=d["inherit_env"], log_path=d["log_path"],
+        ready=Probe.parse(ready, timeout=d.get("probe_timeout")) if ready else None,
+        start_timeout=d["start_timeout"],
+        stop=StopOverride(parse_signal(d["stop_signal"]) if d.get("stop_signal") else None,
+                          d.get("grace")),
+        orphan_policy=OrphanPolicy(d["orphan_policy"]), label=d["label"],
+        labels=_frozen(d["labels"]), session_id=d["session_id"], window=d["window"],
+        stop_order=d["stop_order"], target=d["target"] or "local",
+        owns_target=d["owns_target"])
+
+
+def spec_fingerprint(spec: GroupSpec) -> str:
+    """Equal for equal specs: what an idempotency key is bound to."""
+    text = json.dumps(spec_to_dict(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode(errors="surrogateescape")).hexdigest()[:32]
+
+
+# ---------------------------------------------------------------- records and views
+
+
+@dataclass(frozen=True)
+class ExitRecord:
+    """How a group ended. ``clean`` is decided here, once: zero survivors and not lost."""
+
+    reason: ExitReason
+    exit_code: int | None = None
+    signal: int | None = None
+    survivors: int = 0
+    failure: FailureClass | None = None
+    message: str = ""
+    stop_duration: float = 0.0
+    ended_at: float = 0.0
+    detail: str = ""
+    clean: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "clean",
+                           self.survivors == 0 and self.reason is not ExitReason.LOST)
+
+
+@dataclass(frozen=True)
+class LeaderStatus:
+    """How the leader process ended, from its wait status."""
+
+    exit_code: int | None = None
+    signal: int | None = None
+
+    @classmethod
+    def from_wait_status(cls, status: int) -> LeaderStatus:
+        if os.WIFSIGNALED(status):
+            return cls(signal=os.WTERMSIG(status))
+        if os.WIFEXITED(status):
+            return cls(exit_code=os.WEXITSTATUS(status))
+        return cls()
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = str(self.signal)
+            return f"killed by {name}"
+        if self.exit_code is not None:
+            return f"exit code {self.exit_code}"
+        return "status unknown"
+
+
+@dataclass(frozen=True)
+class GroupView:
+    """A snapshot of one group, as clients see it."""
+
+    group_id: str
+    spec: GroupSpec
+    state: GroupState
+    containment: Containment
+    #: The stop policy in force: the agent's default, then the spec's.
+    stop: StopPolicy = StopPolicy()
+    leader_pid: int = 0
+    pgid: int = 0
+    detached: bool = False
+    #: The target (host, container) holding the group cannot be reached right now.
+    unreachable: bool = False
+    exit: ExitRecord | None = None
+    started_at: float = 0.0
+    member_count: int = 0
+    leader_start_time: float = 0.0
+    cgroup: str = ""
+
+    def with_state(self, state: GroupState, exit: ExitRecord | None = None) -> GroupView:
+        return replace(self, state=state, exit=exit if exit is not None else self.exit)
+
+
+class EventKind(enum.StrEnum):
+    """What a group event reports."""
+
+    #: The current state of a group, sent first to a new watcher.
+    INITIAL = "initial"
+    #: The group changed state (starting, running, stopping).
+    STATE = "state"
+    #: The leader exited while members live on: the group keeps running, detached.
+    DETACHED = "detached"
+    #: The group ended; its view carries the exit record.
+    EXIT = "exit"
+    #: Its target (SSH host, container) cannot be reached; the watcher keeps trying.
+    UNREACHABLE = "unreachable"
+    #: Its target answers again.
+    REACHABLE = "reachable"
+
+
+@dataclass(frozen=True)
+class GroupEvent:
+    seq: int
+    kind: EventKind
+    group: GroupView
+    at: float
+
+
+@dataclass(frozen=True)
+class SignalOutcome:
+    members_signalled: int
+    #: True when the group had already ended (or had no member left): nothing was sent.
+    already_gone: bool
+    group: GroupView

@@ -1,0 +1,217 @@
+"""Protobuf <-> domain translation, at the edge and nowhere else."""
+
+from __future__ import annotations
+
+import collections
+from types import MappingProxyType
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from tether.core.errors import InvalidSpec
+from tether.core.model import (
+    DEFAULT_START_TIMEOUT,
+    Containment,
+    EventKind,
+    ExitReason,
+    ExitRecord,
+    FailureClass,
+    GroupEvent,
+    GroupSpec,
+    GroupState,
+    GroupView,
+    OrphanPolicy,
+    Probe,
+    StopOverride,
+    StopPolicy,
+    parse_signal,
+)
+from tether.v1 import common_pb2 as pb
+
+STATE_TO_PB = {s: getattr(pb, f"GROUP_STATE_{s.name}") for s in GroupState}
+STATE_FROM_PB = {v: k for k, v in STATE_TO_PB.items()}
+REASON_TO_PB = {r: getattr(pb, f"EXIT_REASON_{r.name}") for r in ExitReason}
+REASON_FROM_PB = {v: k for k, v in REASON_TO_PB.items()}
+FAILURE_TO_PB = {f: getattr(pb, f"FAILURE_CLASS_{f.name}") for f in FailureClass}
+FAILURE_FROM_PB = {v: k for k, v in FAILURE_TO_PB.items()}
+CONTAINMENT_TO_PB = {c: getattr(pb, f"CONTAINMENT_{c.name}") for c in Containment}
+CONTAINMENT_FROM_PB = {v: k for k, v in CONTAINMENT_TO_PB.items()}
+ORPHAN_TO_PB = {o: getattr(pb, f"ORPHAN_POLICY_{o.name}") for o in OrphanPolicy}
+ORPHAN_FROM_PB = {v: k for k, v in ORPHAN_TO_PB.items()}
+
+
+def ts(seconds: float) -> Timestamp:
+    t = Timestamp()
+    if seconds:
+        t.FromNanoseconds(int(seconds * 1e9))
+    return t
+
+
+def seconds(t: Timestamp) -> float:
+    return float(t.ToNanoseconds()) / 1e9
+
+
+# ---------------------------------------------------------------- stop policies
+
+
+def override_from_pb(msg: pb.StopPolicy) -> StopOverride:
+    """A partial policy: an empty signal or an unset grace leaves that field alone."""
+    grace = msg.grace_seconds if msg.HasField("grace_seconds") else None
+    if grace is not None and grace != grace:  # NaN
+        raise InvalidSpec("grace is not a number", field="grace")
+    return StopOverride(parse_signal(msg.signal) if msg.signal else None, grace)
+
+
+def override_to_pb(o: StopOverride) -> pb.StopPolicy:
+    msg = pb.StopPolicy(signal=o.signal.name if o.signal else "")
+    if o.grace is not None:
+        msg.grace_seconds = o.grace
+    return msg
+
+
+def policy_from_pb(msg: pb.StopPolicy) -> StopPolicy:
+    return override_from_pb(msg).apply(StopPolicy())
+
+
+# ---------------------------------------------------------------- specs
+
+
+def spec_from_pb(msg: pb.GroupSpec) -> GroupSpec:
+    if msg.orphan_policy not in ORPHAN_FROM_PB:
+        raise InvalidSpec(f"orphan policy {msg.orphan_policy} is unknown; use kill or keep",
+                          field="orphan_policy")
+    probe_timeout = msg.probe_timeout_seconds if msg.HasField("probe_timeout_seconds") else None
+    start_timeout = (msg.start_timeout_seconds if msg.HasField("start_timeout_seconds")
+                     else DEFAULT_START_TIMEOUT)
+    return GroupSpec(
+        argv=tuple(msg.argv),
+        cwd=msg.cwd,
+        env=MappingProxyType(dict(msg.env)),
+        inherit_env=msg.inherit_env,
+        log_path=msg.log_path,
+        ready=Probe.parse(msg.ready, timeout=probe_timeout) if msg.ready else None,
+        start_timeout=start_timeout,
+        stop=override_from_pb(msg.stop),
+        orphan_policy=ORPHAN_FROM_PB[msg.orphan_policy],
+        label=msg.label,
+        labels=MappingProxyType(dict(msg.labels)),
+        session_id=msg.session_id,
+        window=msg.window,
+        stop_order=msg.stop_order,
+        target=msg.target or "local",
+        owns_target=msg.owns_target,
+    )
+
+
+def spec_to_pb(spec: GroupSpec, *, redact: bool = False) -> pb.GroupSpec:
+    msg = pb.GroupSpec(
+        argv=list(spec.argv), cwd=spec.cwd, env={} if redact else dict(spec.env),
+        inherit_env=spec.inherit_env, log_path=spec.log_path,
+        ready=str(spec.ready) if spec.ready else "", start_timeout_seconds=spec.start_timeout,
+        stop=override_to_pb(spec.stop), orphan_policy=ORPHAN_TO_PB[spec.orphan_policy],
+        label=spec.label, labels=dict(spec.labels), session_id=spec.session_id,
+        stop_order=spec.stop_order, target=spec.target, window=spec.window,
+        owns_target=spec.owns_target,
+    )
+    if spec.ready is not None:
+        msg.probe_timeout_seconds = spec.ready.timeout
+    return msg
+
+
+class _SpecCache:
+    """Specs never change, and one group's is encoded on every event: encode each once.
+    Keyed by identity; an entry holds its spec, so the id cannot be reused meanwhile."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._entries: collections.OrderedDict[tuple[int, bool],
+                                               tuple[GroupSpec, pb.GroupSpec]] = (
+            collections.OrderedDict())
+
+    def get(self, spec: GroupSpec, redact: bool) -> pb.GroupSpec:
+        key = (id(spec), redact)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] is spec:
+            self._entries.move_to_end(key)
+            return hit[1]
+        msg = spec_to_pb(spec, redact=redact)
+        self._entries[key] = (spec, msg)
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return msg
+
+
+_specs = _SpecCache()
+
+
+# ---------------------------------------------------------------- records, views, events
+
+
+def exit_to_pb(rec: ExitRecord) -> pb.ExitRecord:
+    msg = pb.ExitRecord(
+        reason=REASON_TO_PB[rec.reason], survivors=rec.survivors,
+        failure=FAILURE_TO_PB[rec.failure] if rec.failure else pb.FAILURE_CLASS_UNSPECIFIED,
+        message=rec.message, stop_duration_seconds=rec.stop_duration,
+        ended_at=ts(rec.ended_at), detail=rec.detail, clean=rec.clean,
+    )
+    if rec.exit_code is not None:
+        msg.exit_code = rec.exit_code
+    if rec.signal is not None:
+        msg.signal = rec.signal
+    return msg
+
+
+def exit_from_pb(msg: pb.ExitRecord) -> ExitRecord:
+    return ExitRecord(
+        reason=REASON_FROM_PB.get(msg.reason, ExitReason.LOST),
+        exit_code=msg.exit_code if msg.HasField("exit_code") else None,
+        signal=msg.signal if msg.HasField("signal") else None,
+        survivors=msg.survivors,
+        failure=FAILURE_FROM_PB.get(msg.failure),
+        message=msg.message,
+        stop_duration=msg.stop_duration_seconds,
+        ended_at=seconds(msg.ended_at) if msg.HasField("ended_at") else 0.0,
+        detail=msg.detail,
+    )
+
+
+def group_to_pb(view: GroupView, *, redact: bool = True) -> pb.Group:
+    """A view as sent. ``redact`` (the default) leaves environment values out: they go
+    back only to the caller that sent them (the Spawn answer)."""
+    msg = pb.Group(
+        group_id=view.group_id, spec=_specs.get(view.spec, redact),
+        state=STATE_TO_PB[view.state], containment=CONTAINMENT_TO_PB[view.containment],
+        leader_pid=view.leader_pid, pgid=view.pgid, detached=view.detached,
+        started_at=ts(view.started_at), member_count=view.member_count,
+        stop=pb.StopPolicy(signal=view.stop.signal.name, grace_seconds=view.stop.grace),
+        unreachable=view.unreachable,
+    )
+    if redact and view.spec.env:
+        msg.env_names.extend(sorted(view.spec.env))
+    if view.exit is not None:
+        msg.exit.CopyFrom(exit_to_pb(view.exit))
+    return msg
+
+
+def group_from_pb(msg: pb.Group) -> GroupView:
+    return GroupView(
+        group_id=msg.group_id, spec=spec_from_pb(msg.spec),
+        state=STATE_FROM_PB.get(msg.state, GroupState.LOST),
+        containment=CONTAINMENT_FROM_PB.get(msg.containment, Containment.PGID),
+        stop=policy_from_pb(msg.stop), leader_pid=msg.leader_pid, pgid=msg.pgid,
+        detached=msg.detached, unreachable=msg.unreachable,
+        exit=exit_from_pb(msg.exit) if msg.HasField("exit") else None,
+        started_at=seconds(msg.started_at), member_count=msg.member_count,
+    )
+
+
+def event_to_pb(event: GroupEvent, epoch: str = "") -> pb.GroupEvent:
+    return pb.GroupEvent(seq=event.seq, kind=event.kind.value, group=group_to_pb(event.group),
+                         at=ts(event.at), epoch=epoch)
+
+
+def event_from_pb(msg: pb.GroupEvent) -> GroupEvent:
+    try:
+        kind = EventKind(msg.kind)
+    except ValueError:
+        kind = EventKind.STATE
+    return GroupEvent(msg.seq, kind, group_from_pb(msg.group), seconds(msg.at))
