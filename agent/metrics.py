@@ -25,6 +25,8 @@ from tether.agent.hooks import Hooks
 from tether.core.model import Containment, FailureClass, GroupState, GroupView
 
 CLEANUP_RESULTS = ("success", "forced", "failed", "timeout")
+#: LOST is the coordinator's word, never an agent state.
+AGENT_STATES = [s for s in GroupState if s is not GroupState.LOST]
 
 
 class GroupsCollector(Collector):
@@ -40,7 +42,7 @@ class GroupsCollector(Collector):
         )
         family = GaugeMetricFamily("tether_groups", "Groups known to this agent, by state and "
                                    "containment.", labels=["state", "containment"])
-        for state in GroupState:
+        for state in AGENT_STATES:
             for containment in Containment:
                 family.add_metric([state.value, containment.value],
                                   tally.get((state.value, containment.value), 0))
@@ -74,8 +76,10 @@ class AgentMetrics(Hooks):
         self.orphans_reaped = Counter("tether_orphans_reaped", "Orphans killed by the agent.",
                                       registry=registry)
         self.state_write_errors = Counter(
-            "tether_state_write_errors", "Failed writes of the agent's state file (disk full, "
-            "I/O error); the changes are kept and the write retried.", registry=registry)
+            "tether_state_write_errors", "Failed writes of a state store (disk full, I/O error, "
+            "database down), by store; the changes are kept and retried.", ["store"],
+            registry=registry)
+        self.state_write_errors.labels("agent")
         self._orphans_now = 0
 
     def attach(self, authority: Authority) -> None:

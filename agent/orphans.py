@@ -15,25 +15,14 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from tether.core.model import MARKER_ENV
+from tether.core.sessions import Orphan
 from tether.signallers import cgroups, procfs
 from tether.signallers.cgroups import CgroupTree
 
 log = logging.getLogger("tether.agent.orphans")
-
-
-@dataclass(frozen=True)
-class Orphan:
-    pid: int
-    command: str
-    former_group: str
-    age: float
-    found_by: str  # "marker" or "cgroup"
-    reaped: bool = False
-    create_time: float = 0.0
-    cgroup: str = ""
 
 
 def base_group(marker: str) -> str:

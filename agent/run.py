@@ -23,11 +23,12 @@ from tether.agent.authority import Authority
 from tether.agent.capacity import Capacity, raise_fd_limit
 from tether.agent.hooks import HookChain, Hooks
 from tether.agent.metrics import AgentMetrics, serve_metrics
-from tether.agent.orphans import Orphan, OrphanReaper
+from tether.agent.orphans import OrphanReaper
 from tether.agent.service import AgentServicer, add_to_server
 from tether.agent.state import AgentStore
 from tether.core.errors import TetherError
 from tether.core.model import Containment, GroupView, OrphanPolicy, spec_from_dict
+from tether.core.sessions import Orphan
 from tether.core.tasks import TaskSet
 from tether.rpc.convert import CONTAINMENT_TO_PB
 from tether.rpc.daemon import Shutdown, TLSFiles, start_server
@@ -94,7 +95,7 @@ class AgentRuntime:
             if config.state_dir:
                 self.store = AgentStore(
                     Path(config.state_dir) / f"agent-{safe_name(config.name)}.sqlite3",
-                    on_error=self.metrics.state_write_errors.inc)
+                    on_error=self.metrics.state_write_errors.labels("agent").inc)
             opts = {"containment": config.containment, **config.signaller_options}
             self.context = SignallerContext(config.name, config.state_dir, opts,
                                             instance=self.instance.marker)
@@ -102,7 +103,7 @@ class AgentRuntime:
             self.local = LocalSignaller(self.context)
         except BaseException:
             if self.store is not None:
-                self.store.close()
+                self.store.close_now()
             self.instance.release()
             raise
         self.signallers.add(self.local)
@@ -291,7 +292,7 @@ class AgentRuntime:
         finally:
             try:
                 if self.store is not None:
-                    self.store.close()
+                    await self.store.aclose()
             finally:
                 self.instance.release()
                 if self._guardian is not None:

@@ -11,9 +11,9 @@ import grpc
 
 import tether
 from tether.agent.authority import Authority
-from tether.agent.orphans import Orphan
 from tether.core.errors import InvalidSpec
 from tether.core.model import GroupEvent, StopOverride, parse_signal
+from tether.core.sessions import Orphan
 from tether.rpc.convert import (
     CONTAINMENT_TO_PB,
     event_to_pb,

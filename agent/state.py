@@ -4,13 +4,11 @@ One row per live group: leader pid and start time (PID-reuse guard), cgroup
 directory, orphan policy, state, and the spec. A group's row is deleted once it
 has ended (its record lives on in the coordinator and in the agent's memory).
 
-Acknowledged means durable: writes happen on one thread of their own (never on
-the event loop), in one transaction per batch of changes; ``durable()`` returns
-once everything reported so far is committed, and a spawn waits for it before it
-starts anything and again before it answers. A failed write (disk full, I/O
-error) keeps the pending changes, is counted
-(``tether_state_write_errors_total``) and retried with backoff; a caller waiting
-on ``durable()`` gets ``StateUnwritable`` at its deadline.
+Acknowledged means durable: changes are written behind (``core/writebehind.py``) on
+one thread of their own, never on the event loop; a spawn waits on ``durable()``
+before it starts anything and again before it answers. A failed write (disk full,
+I/O error) keeps the changes, is counted (``tether_state_write_errors_total``) and
+retried.
 
 The file, its directory and SQLite's WAL files are private (0600/0700): specs hold
 environment values.
@@ -23,20 +21,18 @@ import concurrent.futures
 import json
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from tether.agent.hooks import Hooks
 from tether.agent.statefile import SCHEMA, GroupRecord, to_record
-from tether.core.errors import StateFileError, StateUnwritable
+from tether.core.errors import StateFileError
 from tether.core.model import GroupView, spec_to_dict
 from tether.core.private import private_dir, touch_private
+from tether.core.writebehind import WriteBehind
 
 log = logging.getLogger(__name__)
-
-RETRY_FIRST = 0.1
-RETRY_MAX = 5.0
 
 ADVICE = ("move it aside (e.g. `mv {path} {path}.broken`) and start the agent again: it then "
           "starts with no record, and processes its earlier run left (keep groups included) "
@@ -56,23 +52,17 @@ def row_of(view: GroupView) -> tuple[Any, ...]:
 class AgentStore(Hooks):
     """Persists every group change; a ``Hooks`` implementation for the authority."""
 
-    def __init__(self, path: Path | str,
-                 on_error: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, path: Path | str, on_error: Callable[[], None] = lambda: None) -> None:
         self.path = str(path)
-        self.on_error = on_error
         private_dir(Path(self.path).parent)
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tether-state")
-        self._pending: dict[str, tuple[int, GroupView]] = {}
-        self._version = 0
-        self._written = 0
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._flushing: asyncio.Task[None] | None = None
-        self.last_error = ""
         try:
             self.db = self._io.submit(self._open).result()
         except sqlite3.DatabaseError as exc:
             self._io.shutdown()
             raise StateFileError(self.path, str(exc), ADVICE.format(path=self.path)) from exc
+        self._behind: WriteBehind[str, GroupView] = WriteBehind(
+            self._write, where=f"state file {self.path}", on_error=on_error)
 
     def _open(self) -> sqlite3.Connection:
         touch_private(self.path)
@@ -90,68 +80,19 @@ class AgentStore(Hooks):
     # -- Hooks
 
     def group_changed(self, view: GroupView) -> None:
-        """Queued; written at the end of this event-loop turn with every other change."""
-        self._version += 1
-        self._pending[view.group_id] = (self._version, view)
-        self._schedule()
-
-    def _schedule(self, delay: float = 0.0) -> None:
-        if self._flushing is None or self._flushing.done():
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return  # no loop (closing): close() writes what is left
-            self._flushing = loop.create_task(self._flush_loop(delay), name="state-flush")
+        self._behind.put(view.group_id, view)
 
     async def durable(self, timeout: float) -> None:
-        target = self._version
-        if self._written >= target:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((target, fut))
-        self._schedule()
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(fut)
-        except TimeoutError:
-            raise StateUnwritable(self.path, self.last_error or "the write did not finish "
-                                  f"within {timeout:g} s") from None
+        await self._behind.durable(timeout)
 
-    # -- writing
+    # -- writing, on the store's own thread
 
-    async def _flush_loop(self, delay: float) -> None:
-        loop = asyncio.get_running_loop()
-        backoff = RETRY_FIRST
-        if delay:
-            await asyncio.sleep(delay)
-        while self._pending:
-            batch = dict(self._pending)
-            upto = self._version  # every change up to here is in the batch or written
-            try:
-                await loop.run_in_executor(self._io, self._write, list(batch.values()))
-            except Exception as exc:  # sqlite3.Error, OSError: whatever it is, keep the data
-                self.last_error = str(exc) or type(exc).__name__
-                self.on_error()
-                log.error("cannot write state file %s: %s; keeping %d change(s), retrying in "
-                          "%.1f s", self.path, exc, len(batch), backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, RETRY_MAX)
-                continue
-            self.last_error = ""
-            backoff = RETRY_FIRST
-            for gid, (version, _) in batch.items():
-                if self._pending.get(gid, (0,))[0] == version:
-                    del self._pending[gid]
-            self._written = upto
-            done = [(t, f) for t, f in self._waiters if t <= self._written]
-            self._waiters = [(t, f) for t, f in self._waiters if t > self._written]
-            for _, fut in done:
-                if not fut.done():
-                    fut.set_result(None)
+    async def _write(self, batch: Mapping[str, GroupView]) -> None:
+        live = [row_of(v) for v in batch.values() if not v.state.ended]
+        ended = [(v.group_id,) for v in batch.values() if v.state.ended]
+        await asyncio.get_running_loop().run_in_executor(self._io, self._commit, live, ended)
 
-    def _write(self, items: list[tuple[int, GroupView]]) -> None:
-        live = [row_of(v) for _, v in items if not v.state.ended]
-        ended = [(v.group_id,) for _, v in items if v.state.ended]
+    def _commit(self, live: list[tuple[Any, ...]], ended: list[tuple[str]]) -> None:
         with self.db:
             self.db.execute("BEGIN")
             if live:
@@ -162,13 +103,12 @@ class AgentStore(Hooks):
 
     # -- reading (start-up)
 
-    def _read(self) -> list[GroupRecord]:
-        return [to_record(r) for r in self.db.execute("SELECT * FROM groups").fetchall()]
-
     async def records(self) -> list[GroupRecord]:
-        loop = asyncio.get_running_loop()
+        def read() -> list[GroupRecord]:
+            return [to_record(r) for r in self.db.execute("SELECT * FROM groups").fetchall()]
+
         try:
-            return await loop.run_in_executor(self._io, self._read)
+            return await asyncio.get_running_loop().run_in_executor(self._io, read)
         except (sqlite3.DatabaseError, ValueError, KeyError) as exc:
             raise StateFileError(self.path, str(exc), ADVICE.format(path=self.path)) from exc
 
@@ -178,20 +118,13 @@ class AgentStore(Hooks):
 
         await asyncio.get_running_loop().run_in_executor(self._io, delete)
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         """Write what is pending (one last try) and close."""
-        items = list(self._pending.values())
+        await self._behind.drain()
+        await asyncio.get_running_loop().run_in_executor(self._io, self.db.close)
+        self._io.shutdown()
 
-        def final() -> None:
-            if items:
-                try:
-                    self._write(items)
-                except sqlite3.Error as exc:
-                    log.error("state file %s: %d change(s) could not be written at shutdown: "
-                              "%s", self.path, len(items), exc)
-            self.db.close()
-
-        if self._flushing is not None:
-            self._flushing.cancel()
-        self._io.submit(final).result()
+    def close_now(self) -> None:
+        """Close without writing (a start that failed before anything happened)."""
+        self._io.submit(self.db.close).result()
         self._io.shutdown()

@@ -474,9 +474,12 @@ def run_daemon(args: argparse.Namespace) -> int:
                 agent_cfg.coordinator = ""
                 await run_serve(cfg, agent_cfg, shutdown)
 
+    from tether.core.errors import TetherError
+
     try:
         asyncio.run(main())
-    except (ListenError, SecurityConfigError) as exc:
+    except (ListenError, SecurityConfigError, TetherError) as exc:
+        # A second agent on the same state directory, a state file that cannot be read...
         print(f"tether {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (RuntimeError, ValueError) as exc:

@@ -140,7 +140,8 @@ async def dispatch(args: argparse.Namespace) -> int:
     from tether.rpc.security import ClientSecurity
 
     dial = ClientSecurity(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
-                          token_file=args.token_file, server_name=args.tls_server_name)
+                          token_file=args.token_file, server_name=args.tls_server_name,
+                          options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     async with dial.channel(args.coordinator) as channel:
         stub = cgrpc.CoordinatorServiceStub(channel)
         handler = globals()["cmd_" + args.command]
@@ -210,12 +211,19 @@ async def cmd_stop(stub: Any, args: argparse.Namespace) -> int:
 
 
 async def cmd_sessions(stub: Any, args: argparse.Namespace) -> int:
-    reply = await stub.ListSessions(cpb.ListSessionsRequest(include_stopped=args.all),
-                                    timeout=args.timeout or 10)
-    sessions = [session_dict(s) for s in reply.sessions]
-    rows = [[s["session"], s["window"] or "-", s["state"], len(s["groups"]),
-             sum(1 for g in s["groups"] if g["state"] in ("running", "starting", "stopping")),
-             s.get("lease_expires_in_seconds", "-")] for s in sessions]
+    listed: list[cpb.Session] = []
+    token = ""
+    while True:  # page by page: a big history never needs one huge message
+        reply = await stub.ListSessions(cpb.ListSessionsRequest(
+            include_stopped=args.all, include_groups=args.output == "json", page_size=500,
+            page_token=token), timeout=args.timeout or 10)
+        listed.extend(reply.sessions)
+        token = reply.next_page_token
+        if not token:
+            break
+    sessions = [session_dict(s) for s in listed]
+    rows = [[s["session"], s["window"] or "-", s["state"], m.group_count, m.live_count,
+             s.get("lease_expires_in_seconds", "-")] for s, m in zip(sessions, listed, strict=True)]
     emit(args, {"sessions": sessions},
          table(rows, ["session", "window", "state", "groups", "live", "lease_s"]))
     return EXIT_OK

@@ -1,80 +1,92 @@
-"""The AgentService stub surface, served by an AgentServicer in this process.
+"""The agent of `tether serve`, reached without a network round trip.
 
 `tether serve` runs the coordinator and its agent in one process and one event
 loop. Dialing that agent over loopback gRPC cost, per call, two protobuf
-encodings and decodings, two trips through gRPC's C core and its poller
-threads, and the thread hand-offs between them: most of the CPU of a spawn and
-of a 100-group stop. This stub calls the servicer's coroutines directly and
-keeps the gRPC contract the coordinator relies on: deadlines become
-DEADLINE_EXCEEDED, aborts and unexpected errors become ``grpc.aio.AioRpcError``
-with the code and message a remote agent would have sent.
+encodings and decodings, two trips through gRPC's C core and the thread hand-offs
+between them: most of the CPU of a spawn and of a 100-group stop. This client
+calls the authority directly and keeps the contract the coordinator relies on: a
+deadline is ``AgentUnreachable`` (as over the network), errors are the domain's,
+and what it hands over is immutable (frozen views), so neither side can change the
+other's copy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TypeVar
 
-import grpc
-from google.protobuf.message import Message
+from tether.agent.authority import Authority
+from tether.coordinator.agent_client import AgentClient
+from tether.core.errors import AgentUnreachable, TetherError
+from tether.core.model import GroupEvent, GroupSpec, GroupView, SignalOutcome, StopOverride
+from tether.core.sessions import Orphan
 
-from tether.agent.service import AgentServicer
+log = logging.getLogger(__name__)
 
-log = logging.getLogger("tether.coordinator.inprocess")
-
-
-def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
-
-
-class _Context:
-    """The part of ``grpc.aio.ServicerContext`` the agent's servicer uses."""
-
-    async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
-        raise rpc_error(code, details)
-
-    def peer(self) -> str:
-        return "in-process"
+T = TypeVar("T")
 
 
-def _private(request: Message) -> Message:
-    """The servicer may fill in defaults on its request; the caller's stays untouched."""
-    copy = type(request)()
-    copy.CopyFrom(request)
-    return copy
+class InProcessAgent(AgentClient):
+    def __init__(self, authority: Authority, address: str, epoch: str,
+                 orphans: Callable[[bool], Awaitable[list[Orphan]]] | None = None) -> None:
+        self._authority = authority
+        self._address = address
+        self._epoch = epoch
+        self._orphans = orphans
 
-
-class _Unary:
-    def __init__(self, name: str, method: Callable[[Any, Any], Awaitable[Any]]) -> None:
-        self._name = name
-        self._method = method
-
-    async def __call__(self, request: Message, timeout: float | None = None,
-                       **_: Any) -> Any:
+    async def _call(self, what: str, work: Awaitable[T], timeout: float) -> T:
         try:
             async with asyncio.timeout(timeout):
-                return await self._method(_private(request), _Context())
+                return await work
         except TimeoutError:
-            raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED,
-                            f"{self._name}: deadline of {timeout} s exceeded") from None
-        except grpc.aio.AioRpcError:
+            raise AgentUnreachable(self._authority.name, self._address,
+                                   f"{what}: deadline of {timeout:g} s exceeded") from None
+        except TetherError:
             raise
-        except Exception as exc:  # what a gRPC server turns into UNKNOWN
-            log.exception("in-process %s failed", self._name)
-            raise rpc_error(grpc.StatusCode.UNKNOWN, f"{self._name}: {exc}") from exc
+        except Exception as exc:  # what a gRPC server would answer with UNKNOWN
+            log.exception("in-process %s failed", what)
+            raise TetherError(f"agent {self._authority.name!r}: {what}: {exc}") from exc
+
+    async def spawn(self, spec: GroupSpec, *, key: str, group_id: str,
+                    timeout: float) -> GroupView:
+        return await self._call("Spawn", self._authority.spawn(spec, key, group_id), timeout)
+
+    async def adopt(self, pid: int, start_time: float | None, spec: GroupSpec, *,
+                    timeout: float) -> GroupView:
+        return await self._call("Adopt", self._authority.adopt(pid, start_time, spec), timeout)
+
+    async def signal(self, group_id: str, sig: signal.Signals, *,
+                     timeout: float) -> SignalOutcome:
+        return await self._call("Signal", self._authority.signal(group_id, sig), timeout)
+
+    async def stop_groups(self, group_ids: Sequence[str], override: StopOverride | None, *,
+                          timeout: float) -> tuple[list[GroupView], dict[str, str]]:
+        stops = [(gid, override) for gid in group_ids]
+        return await self._call("StopGroups", self._authority.stop_groups(stops), timeout)
+
+    async def get(self, group_id: str, *, timeout: float) -> GroupView:
+        return self._authority.get(group_id)
+
+    async def watch(self, since: int, epoch: str) -> AsyncIterator[tuple[str, GroupEvent]]:
+        initial = self._authority.views()
+        async for event in self._authority.watch(
+                lambda e: True, initial, since if epoch == self._epoch else 0):
+            yield self._epoch, event
+
+    async def list_orphans(self, sweep: bool, *, timeout: float) -> list[Orphan]:
+        if self._orphans is None:
+            return []
+        found = await self._call("ListOrphans", self._orphans(sweep), timeout)
+        return [o if o.agent else _with_agent(o, self._authority.name) for o in found]
+
+    async def close(self) -> None:
+        return None
 
 
-class InProcessAgentStub:
-    """Drop-in for ``AgentServiceStub`` on the coordinator's side of `tether serve`."""
+def _with_agent(o: Orphan, agent: str) -> Orphan:
+    from dataclasses import replace
 
-    def __init__(self, servicer: AgentServicer) -> None:
-        self._servicer = servicer
-        for name in ("Spawn", "Adopt", "Signal", "Stop", "StopGroups", "Get", "List",
-                     "ListOrphans", "Info"):
-            setattr(self, name, _Unary(name, getattr(servicer, name)))
-
-    def Watch(self, request: Message, timeout: float | None = None, **_: Any
-              ) -> AsyncIterator[Any]:
-        return self._servicer.Watch(_private(request), _Context())
+    return replace(o, agent=agent)

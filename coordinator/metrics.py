@@ -10,6 +10,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from tether.coordinator.core import Coordinator, CoordinatorHooks
+from tether.core.sessions import SessionState
 
 
 class CoordinatorCollector(Collector):
@@ -19,19 +20,24 @@ class CoordinatorCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         agents = GaugeMetricFamily("tether_agents", "Registered agents by state.",
                                    labels=["state"])
-        up = sum(1 for link in self._c.agents.values() if self._c.agent_up(link))
+        states = self._c.agents.states()
+        up = sum(1 for a in states if a.up)
         agents.add_metric(["up"], up)
-        agents.add_metric(["unreachable"], len(self._c.agents) - up)
+        agents.add_metric(["unreachable"], len(states) - up)
         yield agents
         sessions = GaugeMetricFamily("tether_sessions", "Sessions by state.", labels=["state"])
-        tally = Tally(s.state for s in self._c.sessions.values())
-        for state in ("active", "stopping", "stopped"):
-            sessions.add_metric([state], tally.get(state, 0))
+        tally = Tally(s.state for s in self._c.sessions.all())
+        for state in SessionState:
+            sessions.add_metric([state.value], tally.get(state, 0))
         yield sessions
 
 
 class CoordinatorMetrics(CoordinatorHooks):
-    def __init__(self, registry: CollectorRegistry) -> None:
+    """``state_write_errors``: under `tether serve` the agent's counter (one registry, one
+    metric; the ``store`` label tells them apart)."""
+
+    def __init__(self, registry: CollectorRegistry,
+                 state_write_errors: Counter | None = None) -> None:
         self.registry = registry
         self.stops = Counter("tether_session_stops", "Session stops by result: clean (every "
                              "group ended with zero survivors) or unclean.", ["result"],
@@ -43,6 +49,7 @@ class CoordinatorMetrics(CoordinatorHooks):
             "of a session, request to last answer.", ["operation"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=registry)
+        self.state_write_errors = state_write_errors or state_write_counter(registry)
 
     def attach(self, coordinator: Coordinator) -> None:
         self.registry.register(CoordinatorCollector(coordinator))
@@ -52,3 +59,12 @@ class CoordinatorMetrics(CoordinatorHooks):
 
     def fanout(self, operation: str, seconds: float) -> None:
         self.fanout_seconds.labels(operation).observe(seconds)
+
+    def state_write_error(self) -> None:
+        self.state_write_errors.labels("coordinator").inc()
+
+
+def state_write_counter(registry: CollectorRegistry) -> Counter:
+    return Counter("tether_state_write_errors", "Failed writes of a state store (disk full, "
+                   "I/O error, database down), by store; the changes are kept and retried.",
+                   ["store"], registry=registry)

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 import tether
 from tether.agent.metrics import serve_metrics
+from tether.coordinator.agent_client import AgentClient
 from tether.coordinator.core import Coordinator, CoordinatorConfig
+from tether.coordinator.grpc_agent import GrpcAgentClient
 from tether.coordinator.metrics import CoordinatorMetrics
 from tether.coordinator.service import CoordinatorServicer, add_to_server
+from tether.coordinator.sqlite_store import SQLiteStore
 from tether.coordinator.store import Store
+from tether.core.private import exposed, private_dir
+from tether.core.sessions import AgentInfo
 from tether.rpc.daemon import Shutdown, TLSFiles, start_server
 from tether.rpc.security import AuthInterceptor, ClientSecurity, ServerAuth
 
@@ -41,23 +47,58 @@ class CoordinatorDaemonConfig:
     dial: ClientSecurity = field(default_factory=ClientSecurity)
 
 
-def build_coordinator(cfg: CoordinatorDaemonConfig, registry: CollectorRegistry,
-                      local_agent: str = "") -> Coordinator:
-    Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
-    store = Store(Path(cfg.state_dir) / "coordinator.sqlite3")
-    metrics = CoordinatorMetrics(registry)
+def prepare_state_dir(path: str) -> None:
+    private_dir(path)
+    if exposed(path):
+        log.warning("state directory %s is readable by other users; it holds spawn "
+                    "environments: chmod 700 it", path)
+
+
+async def build_coordinator(cfg: CoordinatorDaemonConfig, registry: CollectorRegistry,
+                            local_agent: str = "", store: Store | None = None,
+                            write_errors: Counter | None = None) -> Coordinator:
+    prepare_state_dir(cfg.state_dir)
+    store = store or SQLiteStore(Path(cfg.state_dir) / "coordinator.sqlite3")
+    metrics = CoordinatorMetrics(registry, write_errors)
+    def connect(info: AgentInfo) -> AgentClient:
+        return GrpcAgentClient(info.name, info.address, cfg.dial)
+
     coordinator = Coordinator(
         CoordinatorConfig(state_dir=cfg.state_dir, heartbeat_interval=cfg.heartbeat_interval,
-                          agent_ttl=cfg.agent_ttl, local_agent=local_agent, dial=cfg.dial),
+                          agent_ttl=cfg.agent_ttl, local_agent=local_agent, connect=connect),
         store, metrics)
+    try:
+        await coordinator.load()
+    except BaseException:
+        await store.close()
+        raise
     metrics.attach(coordinator)
     return coordinator
 
 
+async def _phases(phases: list[tuple[str, Callable[[], Awaitable[None]]]]) -> None:
+    """Run every shutdown phase, each even if an earlier one failed (logged)."""
+    for n, (what, phase) in enumerate(phases, 1):
+        log.info("shutdown %d/%d: %s", n, len(phases), what)
+        try:
+            await phase()
+        except Exception:
+            log.exception("shutdown %d/%d (%s) failed; going on", n, len(phases), what)
+
+
+def _stop_metrics(server: Any) -> Callable[[], Awaitable[None]]:
+    async def stop() -> None:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+    return stop
+
+
 async def run_coordinator(cfg: CoordinatorDaemonConfig, shutdown: Shutdown) -> None:
     registry = CollectorRegistry()
-    coordinator = build_coordinator(cfg, registry)
-    server = None
+    coordinator = await build_coordinator(cfg, registry)
+    server: Any = None
     metrics_server: Any = None
     try:
         servicer = CoordinatorServicer(coordinator)
@@ -72,33 +113,34 @@ async def run_coordinator(cfg: CoordinatorDaemonConfig, shutdown: Shutdown) -> N
               flush=True)
         await shutdown.requested.wait()
     finally:
-        log.info("shutdown 1/3: no longer accepting RPCs")
-        if server is not None:
-            await server.stop(grace=1.0)
-        log.info("shutdown 2/3: stopping watchers and closing agent channels")
-        await coordinator.close()
-        coordinator.store.close()
-        log.info("shutdown 3/3: stopping metrics")
-        if metrics_server is not None:
-            metrics_server.shutdown()
-            metrics_server.server_close()
+        async def stop_rpcs() -> None:
+            if server is not None:
+                await server.stop(grace=1.0)
+
+        await _phases([
+            ("no longer accepting RPCs", stop_rpcs),
+            ("stopping watchers, closing agent channels, writing state", coordinator.close),
+            ("closing the store", coordinator.store.close),
+            ("stopping metrics", _stop_metrics(metrics_server)),
+        ])
 
 
 async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shutdown) -> None:
     """Coordinator and a local agent on one gRPC server, in one process."""
-    from tether.agent.run import AgentRuntime
-    from tether.coordinator.inprocess import InProcessAgentStub
-    from tether.rpc.convert import CONTAINMENT_TO_PB
-    from tether.v1 import coordinator_pb2 as cpb
+    from tether.agent.run import AgentRuntime, shutdown_with_escalation
+    from tether.coordinator.inprocess import InProcessAgent
 
     registry = CollectorRegistry()
+    prepare_state_dir(cfg.state_dir)
     agent_cfg.state_dir = agent_cfg.state_dir or os.path.join(cfg.state_dir, "agent")
-    Path(agent_cfg.state_dir).mkdir(parents=True, exist_ok=True)
     runtime = AgentRuntime(agent_cfg, registry)
-    coordinator = build_coordinator(cfg, registry, local_agent=agent_cfg.name)
-    server = None
+    coordinator: Coordinator | None = None
+    server: Any = None
     metrics_server: Any = None
     try:
+        coordinator = await build_coordinator(
+            cfg, registry, local_agent=agent_cfg.name,
+            write_errors=runtime.metrics.state_write_errors)
         servicer = CoordinatorServicer(coordinator)
         server, port, _ = await start_server(
             cfg.listen, [lambda s: add_to_server(s, servicer), *runtime.registrations()],
@@ -110,31 +152,38 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
         host = cfg.listen.rsplit(":", 1)[0]
         # Recover first: the coordinator reconciles with what the agent knows after it.
         await runtime.start_background()
-        coordinator.register_agent(cpb.RegisterAgentRequest(
-            name=agent_cfg.name, address=f"{host}:{port}", version=tether.__version__,
-            containment=CONTAINMENT_TO_PB[runtime.local.containment], epoch=runtime.epoch,
-            instance=runtime.instance.marker),
-            always_up=True, local=InProcessAgentStub(runtime.servicer))
+        address = f"{host}:{port}"
+        coordinator.agents.register(
+            AgentInfo(agent_cfg.name, address, runtime.local.containment, tether.__version__,
+                      runtime.epoch, instance=runtime.instance.marker),
+            client=InProcessAgent(runtime.authority, address, runtime.epoch,
+                                  runtime.list_orphans),
+            always_up=True)
         coordinator.start()
         print(f"tether serve listening on {host}:{port} (coordinator + agent {agent_cfg.name!r}, "
               f"containment {runtime.local.containment.value}, state in {cfg.state_dir})",
               flush=True)
         await shutdown.requested.wait()
     finally:
-        log.info("shutdown: no longer accepting RPCs")
-        if server is not None:
-            await server.stop(grace=1.0)
-        from tether.agent.run import shutdown_with_escalation
+        async def stop_rpcs() -> None:
+            if server is not None:
+                await server.stop(grace=1.0)
 
-        await shutdown_with_escalation(runtime, None, shutdown)
-        # The agent's groups ended in its shutdown; record their exits before closing.
-        from tether.rpc.convert import group_to_pb as to_pb
+        async def stop_agent() -> None:
+            await shutdown_with_escalation(runtime, None, shutdown)
+            # The agent's groups ended in its shutdown; record their exits before closing.
+            if coordinator is not None:
+                for view in runtime.authority.views():
+                    coordinator.absorb(agent_cfg.name, view)
 
-        for view in runtime.authority.views():
-            coordinator.absorb(agent_cfg.name, to_pb(view), "exit")
-        await coordinator.close()
-        coordinator.store.close()
-        if metrics_server is not None:
-            metrics_server.shutdown()
-            metrics_server.server_close()
+        async def close_coordinator() -> None:
+            if coordinator is not None:
+                await coordinator.close()
+                await coordinator.store.close()
 
+        await _phases([
+            ("no longer accepting RPCs", stop_rpcs),
+            ("stopping the agent's kill-policy groups", stop_agent),
+            ("closing the coordinator and its store", close_coordinator),
+            ("stopping metrics", _stop_metrics(metrics_server)),
+        ])

@@ -9,6 +9,18 @@ import grpc
 
 from tether.coordinator.core import Coordinator
 from tether.core.errors import InvalidSpec
+from tether.core.model import Containment, check_name
+from tether.core.sessions import AgentInfo
+from tether.rpc.convert import (
+    CONTAINMENT_FROM_PB,
+    agent_to_pb,
+    group_to_pb,
+    orphan_to_pb,
+    report_to_pb,
+    session_event_to_pb,
+    session_to_pb,
+    spec_from_pb,
+)
 from tether.rpc.status import stream, unary
 from tether.v1 import common_pb2 as pb
 from tether.v1 import coordinator_pb2 as cpb
@@ -17,6 +29,14 @@ from tether.v1 import coordinator_pb2_grpc as cgrpc
 # A StopSession call answers within this long even if an agent stays unreachable;
 # the stop itself goes on (persisted) and WatchSession / GetSession show its end.
 STOP_ANSWER_WITHIN = 300.0
+MAX_PID = 2**31
+
+
+def agent_info(req: cpb.RegisterAgentRequest) -> AgentInfo:
+    check_name(req.name, "agent name")
+    return AgentInfo(req.name, req.address,
+                     CONTAINMENT_FROM_PB.get(req.containment, Containment.PGID), req.version,
+                     req.epoch, instance=req.instance)
 
 
 class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
@@ -26,54 +46,75 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
     @unary
     async def RegisterAgent(self, request: cpb.RegisterAgentRequest, context: Any
                             ) -> cpb.RegisterAgentResponse:
-        return self.c.register_agent(request)
+        self.c.agents.register(agent_info(request))
+        await self.c.durable()
+        return cpb.RegisterAgentResponse(
+            heartbeat_interval_seconds=self.c.config.heartbeat_interval,
+            ttl_seconds=self.c.config.agent_ttl)
 
     @unary
     async def Heartbeat(self, request: cpb.HeartbeatRequest, context: Any
                         ) -> cpb.HeartbeatResponse:
-        return cpb.HeartbeatResponse(known=self.c.heartbeat(request.name, request.epoch))
+        return cpb.HeartbeatResponse(known=self.c.agents.heartbeat(request.name, request.epoch))
 
     @unary
     async def ListAgents(self, request: cpb.ListAgentsRequest, context: Any
                          ) -> cpb.ListAgentsResponse:
-        return cpb.ListAgentsResponse(agents=self.c.agent_states())
+        return cpb.ListAgentsResponse(agents=[agent_to_pb(a) for a in self.c.agents.states()])
 
     @unary
     async def CreateSession(self, request: cpb.CreateSessionRequest, context: Any) -> cpb.Session:
-        s = self.c.create_session(request.session_id, request.window, dict(request.labels),
-                                  request.ttl_seconds)
-        return self.c.session_pb(s)
+        s, _ = self.c.sessions.create(request.session_id, request.window, dict(request.labels),
+                                      request.ttl_seconds)
+        await self.c.durable()
+        return session_to_pb(self.c.sessions.view(s))
 
     @unary
     async def GetSession(self, request: cpb.GetSessionRequest, context: Any) -> cpb.Session:
-        return self.c.session_pb(self.c.session(request.session_id))
+        return session_to_pb(self.c.sessions.view(self.c.session(request.session_id)))
 
     @unary
     async def ListSessions(self, request: cpb.ListSessionsRequest, context: Any
                            ) -> cpb.ListSessionsResponse:
-        return cpb.ListSessionsResponse(sessions=[
-            self.c.session_pb(s) for s in self.c.sessions.values()
-            if request.include_stopped or s.state != "stopped"
-        ])
+        views, token = self.c.sessions.page(request.include_stopped, request.page_size,
+                                            request.page_token, request.include_groups)
+        return cpb.ListSessionsResponse(sessions=[session_to_pb(v) for v in views],
+                                        next_page_token=token)
 
     @unary
     async def KeepAlive(self, request: cpb.KeepAliveRequest, context: Any) -> cpb.Session:
-        return self.c.session_pb(self.c.keepalive(request.session_id, request.ttl_seconds))
+        s = self.c.sessions.keepalive(request.session_id, request.ttl_seconds)
+        await self.c.durable()
+        return session_to_pb(self.c.sessions.view(s))
 
     @unary
     async def Spawn(self, request: cpb.CoordinatorSpawnRequest, context: Any) -> pb.Group:
-        return await self.c.spawn(request.agent, request.spec, request.idempotency_key)
+        agent, view = await self.c.fanout.spawn(request.agent, spec_from_pb(request.spec),
+                                                request.idempotency_key)
+        msg = group_to_pb(view, redact=False)  # the caller sent the environment
+        msg.agent = agent
+        return msg
 
     @unary
     async def Adopt(self, request: cpb.CoordinatorAdoptRequest, context: Any) -> pb.Group:
-        if request.pid <= 0:
-            raise InvalidSpec(f"pid {request.pid} is not a process id", field="pid")
-        return await self.c.adopt(request.agent, request)
+        if not 0 < request.pid < MAX_PID:
+            raise InvalidSpec(f"pid {request.pid} is not a process id; give the pid of the "
+                              "tree's leader", field="pid")
+        spec = request.spec
+        if not spec.argv:
+            spec.argv.append(f"adopted:{request.pid}")
+        start = request.start_time if request.HasField("start_time") else None
+        agent, view = await self.c.fanout.adopt(request.agent, request.pid, start,
+                                                spec_from_pb(spec))
+        msg = group_to_pb(view)
+        msg.agent = agent
+        return msg
 
     @unary
     async def SignalSession(self, request: cpb.SignalSessionRequest, context: Any
                             ) -> cpb.SessionReport:
-        return await self.c.signal_session(request.session_id, request.signal)
+        return report_to_pb(await self.c.fanout.signal_session(request.session_id,
+                                                               request.signal))
 
     @unary
     async def StopSession(self, request: cpb.StopSessionRequest, context: Any
@@ -82,19 +123,23 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
         remaining = context.time_remaining()
         wait = STOP_ANSWER_WITHIN if remaining is None else max(0.0, min(remaining - 0.5,
                                                                         STOP_ANSWER_WITHIN))
-        return await self.c.stop_session(request.session_id, grace, wait)
+        return report_to_pb(await self.c.fanout.stop_session(request.session_id, grace, wait))
 
     @stream
     async def WatchSession(self, request: cpb.WatchSessionRequest, context: Any
                            ) -> AsyncIterator[pb.GroupEvent]:
-        async for event in self.c.watch_session(request.session_id, request.initial):
-            yield event
+        async for event in self.c.watch_session(request.session_id, request.initial,
+                                                request.since_seq):
+            yield session_event_to_pb(event)
 
     @unary
     async def ListOrphans(self, request: cpb.CoordinatorListOrphansRequest, context: Any
                           ) -> cpb.CoordinatorListOrphansResponse:
-        return await self.c.list_orphans(request.sweep)
+        report = await self.c.fanout.list_orphans(request.sweep)
+        return cpb.CoordinatorListOrphansResponse(
+            orphans=[orphan_to_pb(o) for o in report.orphans], unreachable=report.unreachable)
 
 
 def add_to_server(server: grpc.aio.Server, servicer: CoordinatorServicer) -> None:
     cgrpc.add_CoordinatorServiceServicer_to_server(servicer, server)
+

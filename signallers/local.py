@@ -33,20 +33,17 @@ import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
-import errno
-import fcntl
 import logging
 import os
 import signal
-import stat
 import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from tether.core.errors import AdoptRefused, StartFailed
-from tether.core.model import Containment, FailureClass, LeaderStatus, OrphanPolicy
+from tether.core.errors import AdoptRefused
+from tether.core.model import Containment, LeaderStatus, OrphanPolicy
 from tether.signallers import cgroups, launch, procfs
 from tether.signallers.base import (
     Features,
@@ -271,77 +268,6 @@ class LocalGroup(GroupHandle):
             cgroups.remove(self._cgroup)
 
 
-# ---------------------------------------------------------------- start failures
-
-
-def _classify_exec_error(exc: OSError, spec: LaunchSpec) -> StartFailed:
-    """Map the error subprocess read from its exec error pipe to a failure class."""
-    cmd = spec.argv[0]
-    if spec.cwd and exc.filename == spec.cwd:
-        if isinstance(exc, PermissionError):
-            return StartFailed(FailureClass.PERMISSION_DENIED,
-                               f"cannot enter working directory {spec.cwd!r}: permission denied; "
-                               "fix its permissions or choose another --cwd")
-        return StartFailed(FailureClass.CWD_MISSING,
-                           f"working directory {spec.cwd!r} does not exist or is not a directory; "
-                           "create it or pass an existing --cwd")
-    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM):
-        return StartFailed(FailureClass.RESOURCE_EXHAUSTED,
-                           f"cannot start {cmd!r}: {exc.strerror} (the agent or host is out of "
-                           "file descriptors, processes or memory); raise the limit "
-                           "(LimitNOFILE/LimitNPROC, ulimit) or stop some groups")
-    if isinstance(exc, FileNotFoundError):
-        return StartFailed(FailureClass.COMMAND_NOT_FOUND,
-                           f"command {cmd!r} not found; check the spelling, give an absolute path, "
-                           "or add its directory to PATH (in --env, or with --inherit-env)")
-    if isinstance(exc, PermissionError):
-        return StartFailed(FailureClass.PERMISSION_DENIED,
-                           f"command {cmd!r} is not executable by this agent's user; "
-                           f"`chmod +x {cmd}` or run it through its interpreter")
-    if exc.errno == errno.ENOEXEC:
-        return StartFailed(FailureClass.PERMISSION_DENIED,
-                           f"command {cmd!r} is not a program this host can execute (exec format "
-                           "error); add a #! line or run it through its interpreter")
-    if exc.errno == errno.E2BIG:
-        return StartFailed(FailureClass.INVALID_SPEC,
-                           f"argv and environment of {cmd!r} exceed the kernel's limit; "
-                           "pass large values through a file")
-    return StartFailed(FailureClass.IMMEDIATE_CRASH, f"cannot start {cmd!r}: {exc}")
-
-
-def open_log(path: str) -> int:
-    """Open a log file for appending; only a regular file (or a new one) is accepted. The
-    open never blocks (O_NONBLOCK): a FIFO without a reader fails at once instead of
-    hanging the launch, and is refused like a device or a directory."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
-    try:
-        fd = os.open(path, flags, 0o644)
-    except OSError as exc:
-        if exc.errno in (errno.ENXIO, errno.EISDIR):
-            raise _not_a_file(path, "a FIFO or socket" if exc.errno == errno.ENXIO
-                              else "a directory") from exc
-        raise StartFailed(
-            FailureClass.PERMISSION_DENIED if isinstance(exc, PermissionError)
-            else FailureClass.CWD_MISSING,
-            f"cannot open log file {path!r}: {exc.strerror}; create its directory or choose "
-            "another --log",
-        ) from exc
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
-                else "a block device" if stat.S_ISBLK(mode) else "not a regular file")
-        raise _not_a_file(path, kind)
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-    return fd
-
-
-def _not_a_file(path: str, kind: str) -> StartFailed:
-    return StartFailed(FailureClass.INVALID_SPEC,
-                       f"log path {path!r} is {kind}, not a regular file; tether appends a "
-                       "group's output to a file: give a file path (it is created if missing)")
-
-
 # ---------------------------------------------------------------- the signaller
 
 
@@ -443,7 +369,7 @@ class LocalSignaller(Signaller):
         self._launching += 1
         try:
             popen = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._launch, spec, cgroup)
+                self._pool, launch.start, spec, cgroup, self._shell_usable)
             # No await from here to the handle: the reaper must see the leader as ours.
             self._leaders.add(popen.pid)
         finally:
@@ -457,7 +383,7 @@ class LocalSignaller(Signaller):
                                 start, child=True)
         except OSError as exc:  # EMFILE from pidfd_open: nothing of this start may live on
             self._abandon(popen, cgroup)
-            raise _classify_exec_error(exc, spec) from exc
+            raise launch.classify_exec_error(exc, spec) from exc
         # The handle reaps the leader (pidfd, waitpid) and keeps its status; the Popen object
         # must not: marked done, its destructor neither warns nor queues the pid for
         # subprocess's own reaping, which would steal the status.
@@ -474,89 +400,6 @@ class LocalSignaller(Signaller):
         if cgroup is not None:
             with contextlib.suppress(OSError):
                 cgroups.remove(cgroup)
-
-    def _launch(self, spec: LaunchSpec, cgroup: Path | None) -> subprocess.Popen[bytes]:
-        """Runs on the launch pool: everything here may block (stat, open, vfork)."""
-        argv = list(spec.argv)
-        env = dict(spec.env)
-        gated = False
-        if cgroup is not None:
-            cgroup.mkdir(exist_ok=True)
-            # A cwd that cannot be entered is left to the direct path, which names it; an
-            # argv[0] that looks like an option would be one to the shell's `exec`.
-            if self._shell_usable and not argv[0].startswith("-") and (
-                    not spec.cwd or (os.path.isdir(spec.cwd) and os.access(spec.cwd, os.X_OK))):
-                try:
-                    # Exec errors are raised here, exactly as exec would give them.
-                    path = launch.resolve(argv[0], env, spec.cwd or None)
-                except OSError as exc:
-                    cgroups.remove(cgroup)
-                    raise _classify_exec_error(exc, spec) from exc
-                gated = launch.shim_safe(path)
-        procs_fd: int | None = None
-        out: int | None = None
-        gate_r = gate_w = -1
-        try:
-            if cgroup is not None and not gated:
-                procs_fd = os.open(cgroup / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
-            if spec.log_path:
-                out = open_log(spec.log_path)
-            if gated:
-                gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
-
-            def join_cgroup() -> None:  # runs in the child, between fork and exec (slow path)
-                if procs_fd is not None:
-                    os.write(procs_fd, b"0")
-
-            popen = subprocess.Popen(
-                launch.shim_argv(argv, env) if gated else argv,
-                cwd=spec.cwd or None,
-                env=env,
-                stdin=gate_r if gated else subprocess.DEVNULL,
-                stdout=out if out is not None else subprocess.DEVNULL,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=join_cgroup if procs_fd is not None else None,
-                close_fds=True,
-            )
-        except BaseException as exc:
-            if gate_w >= 0:
-                os.close(gate_w)
-            if cgroup is not None:
-                with contextlib.suppress(OSError):
-                    cgroups.remove(cgroup)
-            if isinstance(exc, OSError):
-                raise _classify_exec_error(exc, spec) from exc
-            raise
-        finally:
-            for fd in (procs_fd, out, gate_r):
-                if fd is not None and fd >= 0:
-                    os.close(fd)
-        if gated:
-            assert cgroup is not None
-            self._release(popen, cgroup, gate_w)
-        return popen
-
-    @staticmethod
-    def _release(popen: subprocess.Popen[bytes], cgroup: Path, gate: int) -> None:
-        """Move the waiting shell into its cgroup, then let it exec the program."""
-        try:
-            try:
-                cgroups.write(cgroup / "cgroup.procs", str(popen.pid).encode())
-            except OSError as exc:
-                popen.kill()
-                popen.wait()
-                with contextlib.suppress(OSError):
-                    cgroups.remove(cgroup)
-                raise StartFailed(
-                    FailureClass.PERMISSION_DENIED,
-                    f"cannot place the group into its cgroup {cgroup}: {exc.strerror}; check "
-                    "that this agent may write there, or run it with --containment subreaper",
-                ) from exc
-            with contextlib.suppress(BrokenPipeError):  # it died already: its exit tells
-                os.write(gate, launch.GO)
-        finally:
-            os.close(gate)
 
     async def adopt(self, group_id: str, pid: int, start_time: float | None, where: str,
                     policy: OrphanPolicy = OrphanPolicy.KILL) -> GroupHandle:

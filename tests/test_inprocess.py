@@ -1,92 +1,94 @@
-"""`tether serve`'s coordinator reaches its own agent through InProcessAgentStub, not
-loopback gRPC. It must keep the contract a remote agent gives the coordinator: status
-codes and messages, deadlines, private copies of requests, a Watch stream."""
+"""`tether serve`'s coordinator reaches its own agent through InProcessAgent, not loopback
+gRPC. It must keep the contract a remote agent gives the coordinator (``AgentClient``):
+domain errors that name the object, deadlines that read as "unreachable", values the
+caller cannot change under the agent's feet, and a Watch stream."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
-import grpc
 import pytest
 
 from tests.plugins.processes import make_authority
 from tether.agent.authority import Authority
-from tether.agent.service import AgentServicer
-from tether.coordinator.inprocess import InProcessAgentStub
-from tether.v1 import agent_pb2 as apb
-from tether.v1 import common_pb2 as pb
+from tether.coordinator.inprocess import InProcessAgent
+from tether.core.errors import AgentUnreachable, InvalidSpec, NotFound
+from tether.core.model import EventKind, GroupSpec, GroupState, Probe
 
 
 @pytest.fixture
-async def stub() -> AsyncIterator[tuple[InProcessAgentStub, Authority]]:
+async def agent() -> AsyncIterator[tuple[InProcessAgent, Authority]]:
     auth, signallers = await make_authority("inproc-test")
     try:
-        yield InProcessAgentStub(AgentServicer(auth)), auth
+        yield InProcessAgent(auth, "127.0.0.1:1", "epoch-1"), auth
     finally:
         await auth.stop_all()
         await auth.shutdown()
         await signallers.aclose()
 
 
-async def test_errors_arrive_as_grpc_statuses(stub: tuple[InProcessAgentStub, Authority]
-                                              ) -> None:
-    s, _ = stub
-    with pytest.raises(grpc.aio.AioRpcError) as missing:
-        await s.Get(apb.GetRequest(group_id="g-nope"), timeout=5)
-    assert missing.value.code() is grpc.StatusCode.NOT_FOUND
-    assert "g-nope" in (missing.value.details() or "")
-    with pytest.raises(grpc.aio.AioRpcError) as empty:
-        await s.Spawn(apb.SpawnRequest(spec=pb.GroupSpec()), timeout=5)
-    assert empty.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+async def test_errors_arrive_as_domain_errors(agent: tuple[InProcessAgent, Authority]) -> None:
+    a, _ = agent
+    with pytest.raises(NotFound) as missing:
+        await a.get("g-00000000", timeout=5)
+    assert "g-00000000" in str(missing.value)
+    with pytest.raises(InvalidSpec):
+        await a.spawn(GroupSpec(argv=("x",), target="nope:here"), key="", group_id="",
+                      timeout=5)
 
 
-async def test_deadline_becomes_deadline_exceeded(stub: tuple[InProcessAgentStub, Authority]
-                                                  ) -> None:
-    s, _ = stub
+async def test_deadline_reads_as_unreachable(agent: tuple[InProcessAgent, Authority]) -> None:
+    a, _ = agent
     # A readiness probe that never passes keeps Spawn busy past the caller's deadline.
-    spec = pb.GroupSpec(argv=["sleep", "1000"], ready="exec:false", start_timeout_seconds=30)
-    with pytest.raises(grpc.aio.AioRpcError) as late:
-        await s.Spawn(apb.SpawnRequest(spec=spec), timeout=0.3)
-    assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    spec = GroupSpec(argv=("sleep", "1000"), ready=Probe.parse("exec:false"), start_timeout=30)
+    with pytest.raises(AgentUnreachable) as late:
+        await a.spawn(spec, key="", group_id="", timeout=0.3)
+    assert "deadline" in str(late.value)
 
 
-async def test_requests_stay_the_callers(stub: tuple[InProcessAgentStub, Authority]) -> None:
-    s, _ = stub
+async def test_values_cannot_be_changed_by_the_other_side(
+        agent: tuple[InProcessAgent, Authority]) -> None:
+    a, _ = agent
     proc = await asyncio.create_subprocess_exec("sleep", "1000")
     try:
-        req = apb.AdoptRequest(pid=proc.pid, spec=pb.GroupSpec())
-        reply = await s.Adopt(req, timeout=5)
-        assert reply.group.spec.argv == [f"adopted:{proc.pid}"]
-        assert list(req.spec.argv) == []  # the servicer filled in its own copy
-        await s.StopGroups(apb.StopGroupsRequest(group_ids=[reply.group.group_id]), timeout=10)
+        spec = GroupSpec(argv=(f"adopted:{proc.pid}",))
+        view = await a.adopt(proc.pid, None, spec, timeout=5)
+        assert view.spec.argv == (f"adopted:{proc.pid}",)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            view.state = GroupState.STOPPED  # type: ignore[misc]
+        with pytest.raises(TypeError):
+            view.spec.env["X"] = "1"  # type: ignore[index]
+        views, unknown = await a.stop_groups([view.group_id], None, timeout=10)
+        assert unknown == {} and views[0].state is GroupState.STOPPED
     finally:
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
 
 
-async def test_watch_streams_state_changes(stub: tuple[InProcessAgentStub, Authority]) -> None:
-    s, _ = stub
-    events: asyncio.Queue[pb.GroupEvent] = asyncio.Queue()
+async def test_watch_streams_state_changes(agent: tuple[InProcessAgent, Authority]) -> None:
+    a, _ = agent
+    stream = a.watch(0, "")
+    events: asyncio.Queue[tuple[str, EventKind, str, GroupState]] = asyncio.Queue()
 
     async def follow() -> None:
-        async for ev in s.Watch(apb.WatchRequest()):
-            await events.put(ev)
+        async for epoch, ev in stream:
+            await events.put((epoch, ev.kind, ev.group.group_id, ev.group.state))
 
     task = asyncio.create_task(follow())
     try:
-        await asyncio.sleep(0)
-        spawned = await s.Spawn(apb.SpawnRequest(spec=pb.GroupSpec(argv=["sleep", "1000"])),
-                                timeout=10)
-        gid = spawned.group.group_id
-        reply = await s.StopGroups(apb.StopGroupsRequest(group_ids=[gid]), timeout=10)
-        assert reply.groups[0].state == pb.GROUP_STATE_STOPPED
+        view = await a.spawn(GroupSpec(argv=("sleep", "1000")), key="", group_id="",
+                             timeout=10)
+        views, _ = await a.stop_groups([view.group_id], None, timeout=10)
+        assert views[0].state is GroupState.STOPPED
         seen = []
-        while not seen or seen[-1] != pb.GROUP_STATE_STOPPED:
-            ev = await asyncio.wait_for(events.get(), 5)
-            if ev.group.group_id == gid:
-                seen.append(ev.group.state)
-        assert pb.GROUP_STATE_RUNNING in seen and pb.GROUP_STATE_STOPPING in seen
+        while not seen or seen[-1] is not GroupState.STOPPED:
+            epoch, _, gid, state = await asyncio.wait_for(events.get(), 5)
+            assert epoch == "epoch-1"
+            if gid == view.group_id:
+                seen.append(state)
+        assert GroupState.RUNNING in seen and GroupState.STOPPING in seen
     finally:
         task.cancel()

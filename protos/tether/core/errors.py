@@ -24,7 +24,26 @@ class InvalidSpec(TetherError):
         self.field = field
 
 
-class GroupNotFound(TetherError):
+class NotFound(TetherError):
+    """Something named in a request does not exist (a group, session or agent)."""
+
+
+class AlreadyExists(TetherError):
+    """A request collides with an earlier, different one (an idempotency key, a group id)."""
+
+
+class SignallerNotFound(InvalidSpec):
+    def __init__(self, kind: str, known: list[str]) -> None:
+        super().__init__(
+            f"no signaller {kind!r} is installed; known signallers: {', '.join(sorted(known))}. "
+            "Use a target like local, docker:CONTAINER or ssh:[USER@]HOST[:PORT].",
+            field="target",
+        )
+        self.kind = kind
+        self.known = known
+
+
+class GroupNotFound(NotFound):
     def __init__(self, group_id: str) -> None:
         super().__init__(
             f"no group {group_id!r} on this agent; list the known ones with `tether show SESSION`"
@@ -50,16 +69,6 @@ class StartFailed(TetherError):
         self.message = message
 
 
-class SignallerNotFound(TetherError):
-    def __init__(self, kind: str, known: list[str]) -> None:
-        super().__init__(
-            f"no signaller {kind!r} is installed; known signallers: {', '.join(sorted(known))}. "
-            "Use a target like local, docker:CONTAINER or ssh:[USER@]HOST[:PORT]."
-        )
-        self.kind = kind
-        self.known = known
-
-
 class TargetUnreachable(TetherError):
     """The container or host a group lives on cannot be reached right now."""
 
@@ -69,7 +78,7 @@ class TargetUnreachable(TetherError):
         self.why = why
 
 
-class SessionNotFound(TetherError):
+class SessionNotFound(NotFound):
     def __init__(self, session_id: str) -> None:
         super().__init__(
             f"no session {session_id!r}; list sessions with `tether sessions`"
@@ -77,7 +86,7 @@ class SessionNotFound(TetherError):
         self.session_id = session_id
 
 
-class AgentNotFound(TetherError):
+class AgentNotFound(NotFound):
     def __init__(self, name: str, known: list[str]) -> None:
         hint = ", ".join(sorted(known)) if known else "none registered yet"
         super().__init__(f"no agent named {name!r}; known agents: {hint}. See `tether agents`.")
@@ -104,7 +113,7 @@ class ResourceExhausted(TetherError):
     """The agent is at a limit (file descriptors, state storage); nothing was started."""
 
 
-class IdempotencyConflict(TetherError):
+class IdempotencyConflict(AlreadyExists):
     """An idempotency key was used before for a different request."""
 
     def __init__(self, key: str, first: str) -> None:

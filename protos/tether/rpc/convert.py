@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 from types import MappingProxyType
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -25,7 +26,20 @@ from tether.core.model import (
     StopPolicy,
     parse_signal,
 )
+from tether.core.sessions import (
+    AgentInfo,
+    AgentState,
+    GroupEntry,
+    GroupReport,
+    Orphan,
+    Session,
+    SessionEvent,
+    SessionReport,
+    SessionState,
+    SessionView,
+)
 from tether.v1 import common_pb2 as pb
+from tether.v1 import coordinator_pb2 as cpb
 
 STATE_TO_PB = {s: getattr(pb, f"GROUP_STATE_{s.name}") for s in GroupState}
 STATE_FROM_PB = {v: k for k, v in STATE_TO_PB.items()}
@@ -215,3 +229,123 @@ def event_from_pb(msg: pb.GroupEvent) -> GroupEvent:
     except ValueError:
         kind = EventKind.STATE
     return GroupEvent(msg.seq, kind, group_from_pb(msg.group), seconds(msg.at))
+
+
+# ---------------------------------------------------------------- sessions (coordinator)
+
+
+SESSION_STATE_TO_PB = {SessionState.ACTIVE: cpb.SESSION_STATE_ACTIVE,
+                       SessionState.STOPPING: cpb.SESSION_STATE_STOPPING,
+                       SessionState.STOPPED: cpb.SESSION_STATE_STOPPED}
+SESSION_STATE_FROM_PB = {v: k for k, v in SESSION_STATE_TO_PB.items()}
+
+
+def _shown_state(state: GroupState, unreachable: bool) -> Any:
+    return pb.GROUP_STATE_UNREACHABLE if unreachable and not state.ended else STATE_TO_PB[state]
+
+
+def entry_to_pb(e: GroupEntry) -> pb.Group:
+    msg = group_to_pb(e.view)
+    msg.agent = e.agent
+    msg.state = _shown_state(e.state, e.unreachable)
+    return msg
+
+
+def entry_from_pb(msg: pb.Group) -> GroupEntry:
+    unreachable = msg.state == pb.GROUP_STATE_UNREACHABLE
+    if unreachable:  # shown so by the coordinator; the group itself lives on
+        msg = _copy_with_state(msg, pb.GROUP_STATE_RUNNING)
+    view = group_from_pb(msg)
+    return GroupEntry(msg.agent, view, unreachable or view.unreachable)
+
+
+def _copy_with_state(msg: pb.Group, state: int) -> pb.Group:
+    copy = pb.Group()
+    copy.CopyFrom(msg)
+    copy.state = state  # type: ignore[assignment]
+    return copy
+
+
+def session_to_pb(v: SessionView) -> cpb.Session:
+    s = v.session
+    msg = cpb.Session(session_id=s.session_id, window=s.window, labels=s.labels,
+                      state=SESSION_STATE_TO_PB[s.state], ttl_seconds=s.ttl,
+                      stop_cause=s.stop_cause, created_at=ts(s.created_at),
+                      groups=[entry_to_pb(e) for e in v.groups], group_count=v.group_count,
+                      live_count=v.live_count)
+    if s.lease_expires_at:
+        msg.lease_expires_at.CopyFrom(ts(s.lease_expires_at))
+    if s.stopped_at:
+        msg.stopped_at.CopyFrom(ts(s.stopped_at))
+    return msg
+
+
+def session_from_pb(msg: cpb.Session) -> SessionView:
+    s = Session(msg.session_id, msg.window, dict(msg.labels),
+                SESSION_STATE_FROM_PB.get(msg.state, SessionState.ACTIVE), msg.ttl_seconds,
+                seconds(msg.lease_expires_at) if msg.HasField("lease_expires_at") else 0.0,
+                msg.stop_cause, seconds(msg.created_at), seconds(msg.stopped_at))
+    return SessionView(s, tuple(entry_from_pb(g) for g in msg.groups), msg.group_count,
+                       msg.live_count)
+
+
+def report_to_pb(r: SessionReport) -> cpb.SessionReport:
+    groups = []
+    for g in r.groups:
+        msg = cpb.GroupReport(group_id=g.group_id, label=g.label, agent=g.agent,
+                              target=g.target, state=_shown_state(g.state, g.unreachable),
+                              error=g.error,
+                              members_signalled=g.members_signalled, stop_order=g.stop_order,
+                              attempts=g.attempts)
+        if g.exit is not None:
+            msg.exit.CopyFrom(exit_to_pb(g.exit))
+        groups.append(msg)
+    return cpb.SessionReport(session_id=r.session_id, groups=groups, complete=r.complete,
+                             stop_cause=r.stop_cause)
+
+
+def report_from_pb(msg: cpb.SessionReport) -> SessionReport:
+    return SessionReport(msg.session_id, tuple(
+        GroupReport(g.group_id, g.label, g.agent, g.target,
+                    STATE_FROM_PB.get(g.state, GroupState.RUNNING),
+                    exit_from_pb(g.exit) if g.HasField("exit") else None, g.error,
+                    g.members_signalled, g.stop_order, g.attempts,
+                    g.state == pb.GROUP_STATE_UNREACHABLE)
+        for g in msg.groups), msg.complete, msg.stop_cause)
+
+
+def agent_to_pb(a: AgentState) -> cpb.Agent:
+    i = a.info
+    return cpb.Agent(name=i.name, address=i.address, containment=CONTAINMENT_TO_PB[i.containment],
+                     version=i.version, epoch=i.epoch, instance=i.instance,
+                     state=cpb.AGENT_STATE_UP if a.up else cpb.AGENT_STATE_UNREACHABLE,
+                     last_seen=ts(i.last_seen))
+
+
+def agent_from_pb(msg: cpb.Agent) -> AgentState:
+    info = AgentInfo(msg.name, msg.address, CONTAINMENT_FROM_PB.get(msg.containment,
+                                                                    Containment.PGID),
+                     msg.version, msg.epoch, seconds(msg.last_seen), msg.instance)
+    return AgentState(info, msg.state == cpb.AGENT_STATE_UP)
+
+
+def session_event_to_pb(e: SessionEvent) -> pb.GroupEvent:
+    return pb.GroupEvent(seq=e.seq, kind=e.kind.value, group=entry_to_pb(e.group), at=ts(e.at))
+
+
+def session_event_from_pb(msg: pb.GroupEvent) -> SessionEvent:
+    try:
+        kind = EventKind(msg.kind)
+    except ValueError:
+        kind = EventKind.STATE
+    return SessionEvent(msg.seq, kind, entry_from_pb(msg.group), seconds(msg.at))
+
+
+def orphan_to_pb(o: Orphan) -> pb.Orphan:
+    return pb.Orphan(pid=o.pid, command=o.command, former_group=o.former_group,
+                     age_seconds=o.age, found_by=o.found_by, agent=o.agent, reaped=o.reaped)
+
+
+def orphan_from_pb(msg: pb.Orphan) -> Orphan:
+    return Orphan(msg.pid, msg.command, msg.former_group, msg.age_seconds, msg.found_by,
+                  msg.reaped, agent=msg.agent)

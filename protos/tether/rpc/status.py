@@ -18,14 +18,12 @@ log = logging.getLogger("tether.grpc")
 CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (e.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (e.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (e.IdempotencyConflict, grpc.StatusCode.ALREADY_EXISTS),
+    (e.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (e.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (WatchOverflow, grpc.StatusCode.ABORTED),
     (e.InvalidSpec, grpc.StatusCode.INVALID_ARGUMENT),
     (e.SignallerNotFound, grpc.StatusCode.INVALID_ARGUMENT),
-    (e.GroupNotFound, grpc.StatusCode.NOT_FOUND),
-    (e.SessionNotFound, grpc.StatusCode.NOT_FOUND),
-    (e.AgentNotFound, grpc.StatusCode.NOT_FOUND),
+    (e.NotFound, grpc.StatusCode.NOT_FOUND),
     (e.AdoptRefused, grpc.StatusCode.FAILED_PRECONDITION),
     (e.Conflict, grpc.StatusCode.FAILED_PRECONDITION),
     (e.TargetUnreachable, grpc.StatusCode.UNAVAILABLE),
@@ -35,6 +33,37 @@ CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (e.TetherError, grpc.StatusCode.INTERNAL),
 ]
 
+
+
+#: The other way: what a caller of a tether daemon makes of a status code.
+FROM_CODES: dict[grpc.StatusCode, type[e.TetherError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: e.InvalidSpec,
+    grpc.StatusCode.NOT_FOUND: e.NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: e.Conflict,
+    grpc.StatusCode.ALREADY_EXISTS: e.AlreadyExists,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: e.ResourceExhausted,
+    grpc.StatusCode.UNAUTHENTICATED: e.Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: e.PermissionDenied,
+}
+#: Codes that mean "not reached" (or not in time): the call may be retried.
+UNREACHED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def error_from_rpc(code: grpc.StatusCode, details: str,
+                   agent: tuple[str, str] | None = None) -> e.TetherError:
+    """The domain error for a status a daemon answered with. For calls to an agent
+    (``agent`` = (name, address)), not reaching it, or being refused by it (a credential
+    problem an operator fixes while the caller retries), is ``AgentUnreachable``."""
+    if agent is not None and (code in UNREACHED or code in (
+            grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)):
+        why = details if code in UNREACHED else f"it refused our credentials: {details}"
+        return e.AgentUnreachable(agent[0], agent[1], why)
+    cls = FROM_CODES.get(code)
+    if cls is not None:
+        return cls(details)
+    if agent is not None:
+        return e.TetherError(f"agent {agent[0]!r}: {details}")
+    return e.TetherError(f"{code.name}: {details}")
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tether.v1 import common_pb2 as tether_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btether/v1/coordinator.proto\x12\ttether.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16tether/v1/common.proto\"\xda\x01\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12+\n\x0b\x63ontainment\x18\x03 \x01(\x0e\x32\x16.tether.v1.Containment\x12\x0f\n\x07version\x18\x04 \x01(\t\x12$\n\x05state\x18\x05 \x01(\x0e\x32\x15.tether.v1.AgentState\x12-\n\tlast_seen\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65poch\x18\x07 \x01(\t\x12\x10\n\x08instance\x18\x08 \x01(\t\"\x94\x01\n\x14RegisterAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12+\n\x0b\x63ontainment\x18\x03 \x01(\x0e\x32\x16.tether.v1.Containment\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\t\x12\x10\n\x08instance\x18\x06 \x01(\t\"P\n\x15RegisterAgentResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x01\"/\n\x10HeartbeatRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"\x13\n\x11ListAgentsRequest\"6\n\x12ListAgentsResponse\x12 \n\x06\x61gents\x18\x01 \x03(\x0b\x32\x10.tether.v1.Agent\"\xe5\x02\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06window\x18\x02 \x01(\t\x12.\n\x06labels\x18\x03 \x03(\x0b\x32\x1e.tether.v1.Session.LabelsEntry\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.tether.v1.SessionState\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x01\x12\x34\n\x10lease_expires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nstop_cause\x18\x07 \x01(\t\x12 \n\x06groups\x18\x08 \x03(\x0b\x32\x10.tether.v1.Group\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbb\x01\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06window\x18\x02 \x01(\t\x12;\n\x06labels\x18\x03 \x03(\x0b\x32+.tether.v1.CreateSessionRequest.LabelsEntry\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\".\n\x13ListSessionsRequest\x12\x17\n\x0finclude_stopped\x18\x01 \x01(\x08\"<\n\x14ListSessionsResponse\x12$\n\x08sessions\x18\x01 \x03(\x0b\x32\x12.tether.v1.Session\";\n\x10KeepAliveRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x01\"e\n\x17\x43oordinatorSpawnRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.tether.v1.GroupSpec\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"\x81\x01\n\x17\x43oordinatorAdoptRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x17\n\nstart_time\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\"\n\x04spec\x18\x04 \x01(\x0b\x32\x14.tether.v1.GroupSpecB\r\n\x0b_start_time\":\n\x14SignalSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\t\"V\n\x12StopSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1a\n\rgrace_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_grace_seconds\"\xe8\x01\n\x0bGroupReport\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\x0e\n\x06target\x18\x04 \x01(\t\x12$\n\x05state\x18\x05 \x01(\x0e\x32\x15.tether.v1.GroupState\x12#\n\x04\x65xit\x18\x06 \x01(\x0b\x32\x15.tether.v1.ExitRecord\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x19\n\x11members_signalled\x18\x08 \x01(\x05\x12\x12\n\nstop_order\x18\t \x01(\x05\x12\x10\n\x08\x61ttempts\x18\n \x01(\x05\"q\n\rSessionReport\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x06groups\x18\x02 \x03(\x0b\x32\x16.tether.v1.GroupReport\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12\x12\n\nstop_cause\x18\x04 \x01(\t\":\n\x13WatchSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07initial\x18\x02 \x01(\x08\".\n\x1d\x43oordinatorListOrphansRequest\x12\r\n\x05sweep\x18\x01 \x01(\x08\"\xc9\x01\n\x1e\x43oordinatorListOrphansResponse\x12\"\n\x07orphans\x18\x01 \x03(\x0b\x32\x11.tether.v1.Orphan\x12O\n\x0bunreachable\x18\x02 \x03(\x0b\x32:.tether.v1.CoordinatorListOrphansResponse.UnreachableEntry\x1a\x32\n\x10UnreachableEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*Z\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41GENT_STATE_UP\x10\x01\x12\x1b\n\x17\x41GENT_STATE_UNREACHABLE\x10\x02*~\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14SESSION_STATE_ACTIVE\x10\x01\x12\x1a\n\x16SESSION_STATE_STOPPING\x10\x02\x12\x19\n\x15SESSION_STATE_STOPPED\x10\x03\x32\xcf\x07\n\x12\x43oordinatorService\x12R\n\rRegisterAgent\x12\x1f.tether.v1.RegisterAgentRequest\x1a .tether.v1.RegisterAgentResponse\x12\x46\n\tHeartbeat\x12\x1b.tether.v1.HeartbeatRequest\x1a\x1c.tether.v1.HeartbeatResponse\x12I\n\nListAgents\x12\x1c.tether.v1.ListAgentsRequest\x1a\x1d.tether.v1.ListAgentsResponse\x12\x44\n\rCreateSession\x12\x1f.tether.v1.CreateSessionRequest\x1a\x12.tether.v1.Session\x12>\n\nGetSession\x12\x1c.tether.v1.GetSessionRequest\x1a\x12.tether.v1.Session\x12O\n\x0cListSessions\x12\x1e.tether.v1.ListSessionsRequest\x1a\x1f.tether.v1.ListSessionsResponse\x12<\n\tKeepAlive\x12\x1b.tether.v1.KeepAliveRequest\x1a\x12.tether.v1.Session\x12=\n\x05Spawn\x12\".tether.v1.CoordinatorSpawnRequest\x1a\x10.tether.v1.Group\x12=\n\x05\x41\x64opt\x12\".tether.v1.CoordinatorAdoptRequest\x1a\x10.tether.v1.Group\x12J\n\rSignalSession\x12\x1f.tether.v1.SignalSessionRequest\x1a\x18.tether.v1.SessionReport\x12\x46\n\x0bStopSession\x12\x1d.tether.v1.StopSessionRequest\x1a\x18.tether.v1.SessionReport\x12G\n\x0cWatchSession\x12\x1e.tether.v1.WatchSessionRequest\x1a\x15.tether.v1.GroupEvent0\x01\x12\x62\n\x0bListOrphans\x12(.tether.v1.CoordinatorListOrphansRequest\x1a).tether.v1.CoordinatorListOrphansResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btether/v1/coordinator.proto\x12\ttether.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16tether/v1/common.proto\"\xda\x01\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12+\n\x0b\x63ontainment\x18\x03 \x01(\x0e\x32\x16.tether.v1.Containment\x12\x0f\n\x07version\x18\x04 \x01(\t\x12$\n\x05state\x18\x05 \x01(\x0e\x32\x15.tether.v1.AgentState\x12-\n\tlast_seen\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65poch\x18\x07 \x01(\t\x12\x10\n\x08instance\x18\x08 \x01(\t\"\x94\x01\n\x14RegisterAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12+\n\x0b\x63ontainment\x18\x03 \x01(\x0e\x32\x16.tether.v1.Containment\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\t\x12\x10\n\x08instance\x18\x06 \x01(\t\"P\n\x15RegisterAgentResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x01\"/\n\x10HeartbeatRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"\x13\n\x11ListAgentsRequest\"6\n\x12ListAgentsResponse\x12 \n\x06\x61gents\x18\x01 \x03(\x0b\x32\x10.tether.v1.Agent\"\xbe\x03\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06window\x18\x02 \x01(\t\x12.\n\x06labels\x18\x03 \x03(\x0b\x32\x1e.tether.v1.Session.LabelsEntry\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.tether.v1.SessionState\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x01\x12\x34\n\x10lease_expires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nstop_cause\x18\x07 \x01(\t\x12 \n\x06groups\x18\x08 \x03(\x0b\x32\x10.tether.v1.Group\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bgroup_count\x18\n \x01(\x05\x12\x12\n\nlive_count\x18\x0b \x01(\x05\x12.\n\nstopped_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbb\x01\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06window\x18\x02 \x01(\t\x12;\n\x06labels\x18\x03 \x03(\x0b\x32+.tether.v1.CreateSessionRequest.LabelsEntry\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"m\n\x13ListSessionsRequest\x12\x17\n\x0finclude_stopped\x18\x01 \x01(\x08\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x16\n\x0einclude_groups\x18\x04 \x01(\x08\"U\n\x14ListSessionsResponse\x12$\n\x08sessions\x18\x01 \x03(\x0b\x32\x12.tether.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\";\n\x10KeepAliveRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x01\"e\n\x17\x43oordinatorSpawnRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.tether.v1.GroupSpec\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"\x81\x01\n\x17\x43oordinatorAdoptRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x17\n\nstart_time\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\"\n\x04spec\x18\x04 \x01(\x0b\x32\x14.tether.v1.GroupSpecB\r\n\x0b_start_time\":\n\x14SignalSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\t\"V\n\x12StopSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1a\n\rgrace_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_grace_seconds\"\xe8\x01\n\x0bGroupReport\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\x0e\n\x06target\x18\x04 \x01(\t\x12$\n\x05state\x18\x05 \x01(\x0e\x32\x15.tether.v1.GroupState\x12#\n\x04\x65xit\x18\x06 \x01(\x0b\x32\x15.tether.v1.ExitRecord\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x19\n\x11members_signalled\x18\x08 \x01(\x05\x12\x12\n\nstop_order\x18\t \x01(\x05\x12\x10\n\x08\x61ttempts\x18\n \x01(\x05\"q\n\rSessionReport\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x06groups\x18\x02 \x03(\x0b\x32\x16.tether.v1.GroupReport\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12\x12\n\nstop_cause\x18\x04 \x01(\t\"M\n\x13WatchSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07initial\x18\x02 \x01(\x08\x12\x11\n\tsince_seq\x18\x03 \x01(\x03\".\n\x1d\x43oordinatorListOrphansRequest\x12\r\n\x05sweep\x18\x01 \x01(\x08\"\xc9\x01\n\x1e\x43oordinatorListOrphansResponse\x12\"\n\x07orphans\x18\x01 \x03(\x0b\x32\x11.tether.v1.Orphan\x12O\n\x0bunreachable\x18\x02 \x03(\x0b\x32:.tether.v1.CoordinatorListOrphansResponse.UnreachableEntry\x1a\x32\n\x10UnreachableEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*Z\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41GENT_STATE_UP\x10\x01\x12\x1b\n\x17\x41GENT_STATE_UNREACHABLE\x10\x02*~\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14SESSION_STATE_ACTIVE\x10\x01\x12\x1a\n\x16SESSION_STATE_STOPPING\x10\x02\x12\x19\n\x15SESSION_STATE_STOPPED\x10\x03\x32\xcf\x07\n\x12\x43oordinatorService\x12R\n\rRegisterAgent\x12\x1f.tether.v1.RegisterAgentRequest\x1a .tether.v1.RegisterAgentResponse\x12\x46\n\tHeartbeat\x12\x1b.tether.v1.HeartbeatRequest\x1a\x1c.tether.v1.HeartbeatResponse\x12I\n\nListAgents\x12\x1c.tether.v1.ListAgentsRequest\x1a\x1d.tether.v1.ListAgentsResponse\x12\x44\n\rCreateSession\x12\x1f.tether.v1.CreateSessionRequest\x1a\x12.tether.v1.Session\x12>\n\nGetSession\x12\x1c.tether.v1.GetSessionRequest\x1a\x12.tether.v1.Session\x12O\n\x0cListSessions\x12\x1e.tether.v1.ListSessionsRequest\x1a\x1f.tether.v1.ListSessionsResponse\x12<\n\tKeepAlive\x12\x1b.tether.v1.KeepAliveRequest\x1a\x12.tether.v1.Session\x12=\n\x05Spawn\x12\".tether.v1.CoordinatorSpawnRequest\x1a\x10.tether.v1.Group\x12=\n\x05\x41\x64opt\x12\".tether.v1.CoordinatorAdoptRequest\x1a\x10.tether.v1.Group\x12J\n\rSignalSession\x12\x1f.tether.v1.SignalSessionRequest\x1a\x18.tether.v1.SessionReport\x12\x46\n\x0bStopSession\x12\x1d.tether.v1.StopSessionRequest\x1a\x18.tether.v1.SessionReport\x12G\n\x0cWatchSession\x12\x1e.tether.v1.WatchSessionRequest\x1a\x15.tether.v1.GroupEvent0\x01\x12\x62\n\x0bListOrphans\x12(.tether.v1.CoordinatorListOrphansRequest\x1a).tether.v1.CoordinatorListOrphansResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,10 +39,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATESESSIONREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_COORDINATORLISTORPHANSRESPONSE_UNREACHABLEENTRY']._loaded_options = None
   _globals['_COORDINATORLISTORPHANSRESPONSE_UNREACHABLEENTRY']._serialized_options = b'8\001'
-  _globals['_AGENTSTATE']._serialized_start=2522
-  _globals['_AGENTSTATE']._serialized_end=2612
-  _globals['_SESSIONSTATE']._serialized_start=2614
-  _globals['_SESSIONSTATE']._serialized_end=2740
+  _globals['_AGENTSTATE']._serialized_start=2718
+  _globals['_AGENTSTATE']._serialized_end=2808
+  _globals['_SESSIONSTATE']._serialized_start=2810
+  _globals['_SESSIONSTATE']._serialized_end=2936
   _globals['_AGENT']._serialized_start=100
   _globals['_AGENT']._serialized_end=318
   _globals['_REGISTERAGENTREQUEST']._serialized_start=321
@@ -58,41 +58,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTAGENTSRESPONSE']._serialized_start=659
   _globals['_LISTAGENTSRESPONSE']._serialized_end=713
   _globals['_SESSION']._serialized_start=716
-  _globals['_SESSION']._serialized_end=1073
-  _globals['_SESSION_LABELSENTRY']._serialized_start=1028
-  _globals['_SESSION_LABELSENTRY']._serialized_end=1073
-  _globals['_CREATESESSIONREQUEST']._serialized_start=1076
-  _globals['_CREATESESSIONREQUEST']._serialized_end=1263
-  _globals['_CREATESESSIONREQUEST_LABELSENTRY']._serialized_start=1028
-  _globals['_CREATESESSIONREQUEST_LABELSENTRY']._serialized_end=1073
-  _globals['_GETSESSIONREQUEST']._serialized_start=1265
-  _globals['_GETSESSIONREQUEST']._serialized_end=1304
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1306
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1352
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1354
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1414
-  _globals['_KEEPALIVEREQUEST']._serialized_start=1416
-  _globals['_KEEPALIVEREQUEST']._serialized_end=1475
-  _globals['_COORDINATORSPAWNREQUEST']._serialized_start=1477
-  _globals['_COORDINATORSPAWNREQUEST']._serialized_end=1578
-  _globals['_COORDINATORADOPTREQUEST']._serialized_start=1581
-  _globals['_COORDINATORADOPTREQUEST']._serialized_end=1710
-  _globals['_SIGNALSESSIONREQUEST']._serialized_start=1712
-  _globals['_SIGNALSESSIONREQUEST']._serialized_end=1770
-  _globals['_STOPSESSIONREQUEST']._serialized_start=1772
-  _globals['_STOPSESSIONREQUEST']._serialized_end=1858
-  _globals['_GROUPREPORT']._serialized_start=1861
-  _globals['_GROUPREPORT']._serialized_end=2093
-  _globals['_SESSIONREPORT']._serialized_start=2095
-  _globals['_SESSIONREPORT']._serialized_end=2208
-  _globals['_WATCHSESSIONREQUEST']._serialized_start=2210
-  _globals['_WATCHSESSIONREQUEST']._serialized_end=2268
-  _globals['_COORDINATORLISTORPHANSREQUEST']._serialized_start=2270
-  _globals['_COORDINATORLISTORPHANSREQUEST']._serialized_end=2316
-  _globals['_COORDINATORLISTORPHANSRESPONSE']._serialized_start=2319
-  _globals['_COORDINATORLISTORPHANSRESPONSE']._serialized_end=2520
-  _globals['_COORDINATORLISTORPHANSRESPONSE_UNREACHABLEENTRY']._serialized_start=2470
-  _globals['_COORDINATORLISTORPHANSRESPONSE_UNREACHABLEENTRY']._serialized_end=2520
-  _globals['_COORDINATORSERVICE']._serialized_start=2743
-  _globals['_COORDINATORSERVICE']._serialized_end=3718
+  _globals['_SESSION']._serialized_end=1162
+  _globals['_SESSION_LABELSENTRY']._serialized_start=1117
+  _globals['_SESSION_LABELSENTRY']._serialized_end=1162
+  _globals['_CREATESESSIONREQUEST']._serialized_start=1165
+  _globals['_CREATESESSIONREQUEST']._serialized_end=1352
+  _globals['_CREATESESSIONREQUEST_LABELSENTRY']._serialized_start=1117
+  _globals['_CREATESESSIONREQUEST_LABELSENTRY']._serialized_end=1162
+  _globals['_GETSESSIONREQUEST']._serialized_start=1354
+  _globals['_GETSESSIONREQUEST']._serialized_end=1393
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1395
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1504
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1506
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1591
+  _globals['_KEEPALIVEREQUEST']._serialized_start=1593
+  _globals['_KEEPALIVEREQUEST']._serialized_end=1652
+  _globals['_COORDINATORSPAWNREQUEST']._serialized_start=1654
+  _globals['_COORDINATORSPAWNREQUEST']._serialized_end=1755
+  _globals['_COORDINATORADOPTREQUEST']._serialized_start=1758
+  _globals['_COORDINATORADOPTREQUEST']._serialized_end=1887
+  _globals['_SIGNALSESSIONREQUEST']._serialized_start=1889
+  _globals['_SIGNALSESSIONREQUEST']._serialized_end=1947
+  _globals['_STOPSESSIONREQUEST']._serialized_start=1949
+  _globals['_STOPSESSIONREQUEST']._serialized_end=2035
+  _globals['_GROUPREPORT']._serialized_start=2038
+  _globals['_GROUPREPORT']._serialized_end=2270
+  _globals['_SESSIONREPORT']._serialized_start=2272
+  _globals['_SESSIONREPORT']._serialized_end=2385
+  _globals['_WATCHSESSIONREQUEST']._serialized_start=2387
+  _globals['_WATCHSESSIONREQUEST']._serialized_end=2464
+  _globals['_COORDINATORLISTORPHANSREQUEST']._serialized_start=2466
+  _globals['_COORDINATORLISTORPHANSREQUEST']._serialized_end=2512
+  _globals['_COORDINATORLISTORPHANSRESPONSE']._serialized_start=2515
+  _globals['_COORDINATORLISTORPHANSRESPONSE']._serialized_end=2716
+  _globals['_COORDINATORLISTORPHANSRESPONSE_UNREACHABLEENTRY']._serialized_start=2666
+  _globals['_COORDINATORLISTORPHANSRESPONSE_UNREACHABLEENTRY']._serialized_end=2716
+  _globals['_COORDINATORSERVICE']._serialized_start=2939
+  _globals['_COORDINATORSERVICE']._serialized_end=3914
 # @@protoc_insertion_point(module_scope)

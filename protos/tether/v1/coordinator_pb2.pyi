@@ -100,7 +100,7 @@ class ListAgentsResponse(_message.Message):
     def __init__(self, agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "window", "labels", "state", "ttl_seconds", "lease_expires_at", "stop_cause", "groups", "created_at")
+    __slots__ = ("session_id", "window", "labels", "state", "ttl_seconds", "lease_expires_at", "stop_cause", "groups", "created_at", "group_count", "live_count", "stopped_at")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,9 @@ class Session(_message.Message):
     STOP_CAUSE_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    GROUP_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LIVE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_AT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     window: str
     labels: _containers.ScalarMap[str, str]
@@ -126,7 +129,10 @@ class Session(_message.Message):
     stop_cause: str
     groups: _containers.RepeatedCompositeFieldContainer[_common_pb2.Group]
     created_at: _timestamp_pb2.Timestamp
-    def __init__(self, session_id: _Optional[str] = ..., window: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[SessionState, str]] = ..., ttl_seconds: _Optional[float] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stop_cause: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[_common_pb2.Group, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    group_count: int
+    live_count: int
+    stopped_at: _timestamp_pb2.Timestamp
+    def __init__(self, session_id: _Optional[str] = ..., window: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[SessionState, str]] = ..., ttl_seconds: _Optional[float] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stop_cause: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[_common_pb2.Group, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_count: _Optional[int] = ..., live_count: _Optional[int] = ..., stopped_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("session_id", "window", "labels", "ttl_seconds")
@@ -154,16 +160,24 @@ class GetSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
-    __slots__ = ("include_stopped",)
+    __slots__ = ("include_stopped", "page_size", "page_token", "include_groups")
     INCLUDE_STOPPED_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_GROUPS_FIELD_NUMBER: _ClassVar[int]
     include_stopped: bool
-    def __init__(self, include_stopped: _Optional[bool] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    include_groups: bool
+    def __init__(self, include_stopped: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., include_groups: _Optional[bool] = ...) -> None: ...
 
 class ListSessionsResponse(_message.Message):
-    __slots__ = ("sessions",)
+    __slots__ = ("sessions", "next_page_token")
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     sessions: _containers.RepeatedCompositeFieldContainer[Session]
-    def __init__(self, sessions: _Optional[_Iterable[_Union[Session, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, sessions: _Optional[_Iterable[_Union[Session, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class KeepAliveRequest(_message.Message):
     __slots__ = ("session_id", "ttl_seconds")
@@ -248,12 +262,14 @@ class SessionReport(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[GroupReport, _Mapping]]] = ..., complete: _Optional[bool] = ..., stop_cause: _Optional[str] = ...) -> None: ...
 
 class WatchSessionRequest(_message.Message):
-    __slots__ = ("session_id", "initial")
+    __slots__ = ("session_id", "initial", "since_seq")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     INITIAL_FIELD_NUMBER: _ClassVar[int]
+    SINCE_SEQ_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     initial: bool
-    def __init__(self, session_id: _Optional[str] = ..., initial: _Optional[bool] = ...) -> None: ...
+    since_seq: int
+    def __init__(self, session_id: _Optional[str] = ..., initial: _Optional[bool] = ..., since_seq: _Optional[int] = ...) -> None: ...
 
 class CoordinatorListOrphansRequest(_message.Message):
     __slots__ = ("sweep",)

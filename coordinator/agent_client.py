@@ -1,0 +1,44 @@
+"""How the coordinator talks to an agent: one Protocol in domain types, two ways to do it.
+
+``GrpcAgentClient`` (``grpc_agent.py``) dials an agent over gRPC (deadlines, keepalives, TLS and its
+credential) and converts at this edge; ``InProcessAgent`` (``inprocess.py``) calls
+the agent living in the same process under ``tether serve``. The coordinator's core
+sees neither protobuf nor gRPC: errors arrive as ``tether.core.errors``
+(``AgentUnreachable`` for a deadline or a dead path).
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from tether.core.model import GroupEvent, GroupSpec, GroupView, SignalOutcome, StopOverride
+from tether.core.sessions import Orphan
+
+
+class AgentClient(Protocol):
+    """The agent API as the coordinator uses it."""
+
+    async def spawn(self, spec: GroupSpec, *, key: str, group_id: str,
+                    timeout: float) -> GroupView: ...
+
+    async def adopt(self, pid: int, start_time: float | None, spec: GroupSpec, *,
+                    timeout: float) -> GroupView: ...
+
+    async def signal(self, group_id: str, sig: signal.Signals, *,
+                     timeout: float) -> SignalOutcome: ...
+
+    async def stop_groups(self, group_ids: Sequence[str], override: StopOverride | None, *,
+                          timeout: float) -> tuple[list[GroupView], dict[str, str]]: ...
+
+    async def get(self, group_id: str, *, timeout: float) -> GroupView: ...
+
+    def watch(self, since: int, epoch: str) -> AsyncIterator[tuple[str, GroupEvent]]:
+        """(epoch, event) pairs: the events after ``since`` of ``epoch`` if the agent still
+        has them, else a snapshot of every group first (``INITIAL`` events)."""
+        ...
+
+    async def list_orphans(self, sweep: bool, *, timeout: float) -> list[Orphan]: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,315 @@
+"""Spawns routed to agents, signals and stops fanned out to every agent of a session.
+
+Each fan-out returns one result per group: an agent that fails or times out is
+retried with backoff and its groups are reported with the reason, never dropped.
+
+A session stop first closes the session to new spawns (state ``stopping``,
+persisted with the stop intent), then stops what exists phase by phase in
+``stop_order``, including spawns still in flight: their group ids are assigned
+here and sent along, so the agent stops a group it is starting, and refuses one
+whose spawn arrives after the stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from tether.coordinator.agents import AgentLink
+from tether.coordinator.model import InFlight, TrackedGroup
+from tether.core.errors import (
+    Conflict,
+    IdempotencyConflict,
+    InvalidSpec,
+    ResourceExhausted,
+    StateUnwritable,
+    TetherError,
+)
+from tether.core.model import (
+    DEFAULT_START_TIMEOUT,
+    EventKind,
+    GroupSpec,
+    GroupView,
+    StopOverride,
+    check_grace,
+    new_group_id,
+    parse_signal,
+    spec_fingerprint,
+)
+from tether.core.sessions import (
+    Orphan,
+    OrphanReport,
+    SessionReport,
+    SessionState,
+    StopIntent,
+)
+
+if TYPE_CHECKING:
+    from tether.coordinator.core import Coordinator
+
+log = logging.getLogger("tether.coordinator.fanout")
+
+#: Errors that mean "the agent refused; nothing was started".
+REFUSED = (InvalidSpec, Conflict, IdempotencyConflict, ResourceExhausted)
+SIGNAL_DEADLINE = 10.0
+
+
+class Fanout:
+    def __init__(self, c: Coordinator) -> None:
+        self.c = c
+        self._stops: dict[str, asyncio.Task[SessionReport]] = {}
+
+    # ------------------------------------------------------------ spawn / adopt
+
+    async def spawn(self, agent: str, spec: GroupSpec, key: str) -> tuple[str, GroupView]:
+        """Start a group; returns (agent name, view). Idempotent by ``key``: the same
+        request returns the first group; another request with the key is refused."""
+        if not spec.session_id:
+            raise InvalidSpec("spawn needs a session (--session NAME)", field="session")
+        # Resolve the agent and check the key before touching any session: bad input
+        # changes nothing.
+        link = self.c.agents.resolve(agent)
+        fingerprint = spec_fingerprint(spec)
+        if key:
+            seen = self.c.by_key(link.name, key)
+            if seen is not None:
+                if seen.fingerprint and seen.fingerprint != fingerprint:
+                    raise IdempotencyConflict(key, seen.group_id)
+                return seen.agent, seen.view
+        self._refuse_if_stopping(spec.session_id)
+        s, previous = self.c.sessions.create(spec.session_id, spec.window)
+        gid = new_group_id()
+        flight = InFlight(gid, link.name, spec.stop_order)
+        self.c.inflight.setdefault(s.session_id, {})[gid] = flight
+        try:
+            view = await self.c.agents.client(link).spawn(
+                spec, key=key, group_id=gid, timeout=_spawn_deadline(spec))
+        except REFUSED:
+            self._landed(flight, s.session_id)
+            self.c.sessions.undo(s, previous)
+            raise
+        finally:
+            self._landed(flight, s.session_id)
+        tracked = self.c.groups.get((link.name, view.group_id))
+        if tracked is None:
+            tracked = self.c.track(TrackedGroup(link.name, view, key, fingerprint))
+        else:
+            tracked.absorb(view)
+        self.c.save_group(tracked)
+        self.c.publish(tracked, EventKind.STATE)
+        try:
+            await self.c.durable()
+        except StateUnwritable as exc:
+            log.error("group %s started but cannot be recorded (%s); stopping it",
+                      tracked.group_id, exc)
+            await self._stop_on_agent(link.name, [tracked], None)
+            raise
+        return tracked.agent, tracked.view
+
+    async def adopt(self, agent: str, pid: int, start_time: float | None,
+                    spec: GroupSpec) -> tuple[str, GroupView]:
+        if not spec.session_id:
+            raise InvalidSpec("adopt needs a session (--session NAME)", field="session")
+        link = self.c.agents.resolve(agent)
+        self._refuse_if_stopping(spec.session_id)
+        s, previous = self.c.sessions.create(spec.session_id, spec.window)
+        try:
+            view = await self.c.agents.client(link).adopt(pid, start_time, spec, timeout=30)
+        except REFUSED:
+            self.c.sessions.undo(s, previous)
+            raise
+        tracked = self.c.track(TrackedGroup(link.name, view))
+        self.c.save_group(tracked)
+        self.c.publish(tracked, EventKind.STATE)
+        await self.c.durable()
+        return tracked.agent, tracked.view
+
+    def _landed(self, flight: InFlight, session_id: str) -> None:
+        self.c.inflight.get(session_id, {}).pop(flight.group_id, None)
+        flight.done.set()
+
+    def _refuse_if_stopping(self, session_id: str) -> None:
+        if self.c.sessions.has(session_id) and \
+                self.c.session(session_id).state is SessionState.STOPPING:
+            raise Conflict(f"session {session_id!r} is stopping; wait for the stop to finish, "
+                           "then spawn into it again")
+
+    # ------------------------------------------------------------ signal
+
+    async def signal_session(self, session_id: str, signal_name: str) -> SessionReport:
+        self.c.session(session_id)
+        sig = parse_signal(signal_name)
+        t0 = time.monotonic()
+        live = [t for t in self.c.session_groups(session_id) if not t.ended]
+
+        async def one(t: TrackedGroup) -> tuple[TrackedGroup, int, str]:
+            link = self.c.agents.links.get(t.agent)
+            if link is None:
+                return t, 0, f"agent {t.agent!r} is not registered"
+            try:
+                out = await self.c.agents.client(link).signal(t.group_id, sig,
+                                                              timeout=SIGNAL_DEADLINE)
+            except TetherError as exc:
+                return t, 0, str(exc)
+            self.c.absorb(t.agent, out.group)
+            return t, out.members_signalled, ""
+
+        results = await asyncio.gather(*(one(t) for t in live))
+        self.c.hooks.fanout("signal", time.monotonic() - t0)
+        reports = []
+        for t, n, error in results:
+            rep = self.c.report(t, n)
+            reports.append(replace(rep, error=error) if error else rep)
+        return SessionReport(session_id, tuple(reports), all(not r.error for r in reports))
+
+    # ------------------------------------------------------------ stop
+
+    def begin_stop(self, session_id: str, grace: float | None, cause: str,
+                   resumed: bool = False) -> asyncio.Task[SessionReport]:
+        task = self._stops.get(session_id)
+        if task is not None and not task.done():
+            return task
+        s = self.c.session(session_id)
+        # Closed to new spawns from here on (synchronously: no spawn can slip in).
+        self.c.sessions.set_state(s, SessionState.STOPPING,
+                                  s.stop_cause if (resumed and s.stop_cause) else cause)
+        if not resumed:
+            self.c.persist.put(("intent", session_id), StopIntent(session_id, grace, cause))
+        task = self.c.tasks.spawn(self._run_stop(session_id, grace), f"stop-{session_id}")
+        self._stops[session_id] = task
+        return task
+
+    async def stop_session(self, session_id: str, grace: float | None,
+                           wait: float | None = None) -> SessionReport:
+        s = self.c.session(session_id)
+        if grace is not None:
+            check_grace(grace)
+        if s.state is SessionState.STOPPED and all(t.ended for t in
+                                                   self.c.session_groups(session_id)):
+            return self.c.session_report(session_id, complete=True)
+        task = self.begin_stop(session_id, grace, "requested")
+        await self.c.durable()  # the intent is on disk before we say anything
+        try:
+            async with asyncio.timeout(wait):
+                return await asyncio.shield(task)
+        except TimeoutError:
+            return self.c.session_report(session_id, complete=False)
+
+    async def _run_stop(self, session_id: str, grace: float | None) -> SessionReport:
+        t0 = time.monotonic()
+        override = StopOverride(grace=grace) if grace is not None else None
+        while True:
+            live = [t for t in self.c.session_groups(session_id) if not t.ended]
+            flying = list(self.c.inflight.get(session_id, {}).values())
+            if not live and not flying:
+                break
+            orders = sorted({t.view.spec.stop_order for t in live} |
+                            {f.stop_order for f in flying})
+            for order in orders:
+                await self._phase(session_id, order, override)
+            for f in flying:  # the agent stopped or refused it; wait for the spawn to say
+                await f.done.wait()
+        s = self.c.session(session_id)
+        self.c.sessions.set_state(s, SessionState.STOPPED)
+        self.c.persist.put(("intent", session_id), None)
+        report = self.c.session_report(session_id, complete=True)
+        self.c.hooks.session_stopped("clean" if report.clean else "unclean")
+        self.c.hooks.fanout("stop", time.monotonic() - t0)
+        log.info("session %r stopped (%s) in %.3f s", session_id, s.stop_cause,
+                 time.monotonic() - t0)
+        return report
+
+    async def _phase(self, session_id: str, order: int, override: StopOverride | None) -> None:
+        todo = [t for t in self.c.session_groups(session_id)
+                if t.view.spec.stop_order == order and not t.ended]
+        by_agent: dict[str, list[TrackedGroup | InFlight]] = {}
+        for t in todo:
+            by_agent.setdefault(t.agent, []).append(t)
+        for f in self.c.inflight.get(session_id, {}).values():
+            if f.stop_order == order and (f.agent, f.group_id) not in self.c.groups:
+                by_agent.setdefault(f.agent, []).append(f)
+        if not by_agent:
+            return
+        log.info("session %r: stopping phase stop_order=%d: %d group(s) on %d agent(s)",
+                 session_id, order, sum(map(len, by_agent.values())), len(by_agent))
+        async with asyncio.TaskGroup() as tg:
+            for agent, groups in by_agent.items():
+                tg.create_task(self._stop_on_agent(agent, groups, override))
+
+    async def _stop_on_agent(self, agent: str, groups: list[TrackedGroup | InFlight],
+                             override: StopOverride | None) -> None:
+        """Stop every group on one agent with one call; retry with backoff until each has
+        a record. Groups of an agent that does not answer are reported with the reason
+        (state unreachable, error set), never dropped."""
+        backoff = 0.1
+        attempts = 0
+        pending = list(groups)
+        while pending:
+            attempts += 1
+            link = self.c.agents.links.get(agent)
+            if link is None:
+                for t in pending:
+                    if isinstance(t, TrackedGroup):
+                        self.c.mark_lost(t, f"agent {agent!r} is not registered any more")
+                return
+            pending = await self._stop_batch(link, pending, override)
+            if not pending:
+                return
+            tracked = [t for t in pending if isinstance(t, TrackedGroup)]
+            for t in tracked:
+                t.attempts = attempts
+                self.c.save_group(t)
+                self.c.publish(t, EventKind.UNREACHABLE)
+            log.warning("agent %r: %d group(s) not stopped yet (attempt %d: %s); retrying in "
+                        "%.1f s", agent, len(pending), attempts,
+                        tracked[0].error if tracked else "spawn in flight", backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.c.config.retry_backoff_max)
+
+    async def _stop_batch(self, link: AgentLink, groups: list[TrackedGroup | InFlight],
+                          override: StopOverride | None) -> list[TrackedGroup | InFlight]:
+        """One StopGroups call; returns the groups that still have no record."""
+        grace = max((override.grace if override and override.grace is not None
+                     else t.view.stop.grace if isinstance(t, TrackedGroup) else 0.0)
+                    for t in groups)
+        ids = [t.group_id for t in groups]
+        try:
+            views, unknown = await self.c.agents.client(link).stop_groups(
+                ids, override, timeout=grace + self.c.config.call_margin)
+        except TetherError as exc:
+            for t in groups:
+                if isinstance(t, TrackedGroup):
+                    t.error = str(exc)
+            return list(groups)
+        by_id: dict[str, TrackedGroup | InFlight | None] = {t.group_id: t for t in groups}
+        for view in views:
+            by_id.pop(view.group_id, None)
+            self.c.absorb(link.name, view, EventKind.EXIT)
+        for gid, why in unknown.items():
+            gone = by_id.pop(gid, None)
+            if isinstance(gone, TrackedGroup):
+                self.c.mark_lost(gone, f"agent {link.name!r} does not know this group ({why})")
+        return [t for t in by_id.values() if t is not None]
+
+    # ------------------------------------------------------------ orphans
+
+    async def list_orphans(self, sweep: bool) -> OrphanReport:
+        found: list[Orphan] = []
+        unreachable: dict[str, str] = {}
+
+        async def one(link: AgentLink) -> None:
+            try:
+                found.extend(await self.c.agents.client(link).list_orphans(sweep, timeout=10))
+            except TetherError as exc:
+                unreachable[link.name] = str(exc)
+
+        await asyncio.gather(*(one(link) for link in self.c.agents.links.values()))
+        return OrphanReport(tuple(found), unreachable)
+
+
+def _spawn_deadline(spec: GroupSpec) -> float:
+    return min(max(spec.start_timeout or DEFAULT_START_TIMEOUT, 0.0), 86400.0) + 30.0
+

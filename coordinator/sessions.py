@@ -1,0 +1,204 @@
+"""Sessions: creation, leases, listing in pages, and how long stopped ones are kept.
+
+A session may carry a lease (a TTL its owner renews). The lease loop sleeps until
+the earliest expiry (woken early when a lease changes) and stops an expired
+session with cause ``lease_expired``. The coordinator's own downtime never counts
+against a lease: on load, every active lease gets at least a fresh TTL.
+
+Stopped sessions and their groups' records are kept ``retain_stopped`` seconds
+(at most ``retain_max_stopped`` of them), then dropped from memory and the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from tether.core.errors import Conflict, InvalidSpec, SessionNotFound
+from tether.core.sessions import Session, SessionState, SessionView, check_ttl
+
+if TYPE_CHECKING:
+    from tether.coordinator.core import Coordinator
+
+log = logging.getLogger("tether.coordinator.sessions")
+
+PRUNE_EVERY = 60.0
+MAX_PAGE = 1000
+
+
+class Sessions:
+    def __init__(self, c: Coordinator) -> None:
+        self.c = c
+        self._sessions: dict[str, Session] = {}
+        self._lease_changed = asyncio.Event()
+
+    def load(self, sessions: Iterable[Session]) -> None:
+        now = time.time()
+        for s in sessions:
+            if s.state is SessionState.ACTIVE and s.ttl and s.lease_expires_at < now + s.ttl:
+                # Our downtime is not the owner's silence: a fresh TTL before expiring.
+                s.lease_expires_at = now + s.ttl
+                self.c.save_session(s)
+            self._sessions[s.session_id] = s
+
+    def start(self) -> None:
+        self.c.tasks.spawn(self._lease_loop(), "leases")
+        self.c.tasks.spawn(self._prune_loop(), "prune")
+
+    # ------------------------------------------------------------ queries
+
+    def has(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def get(self, session_id: str) -> Session:
+        s = self._sessions.get(session_id)
+        if s is None:
+            raise SessionNotFound(session_id)
+        return s
+
+    def all(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    def view(self, s: Session, with_groups: bool = True) -> SessionView:
+        groups = self.c.session_groups(s.session_id)
+        entries = tuple(self.c.entry(t) for t in groups) if with_groups else ()
+        return SessionView(s, entries, len(groups), sum(1 for t in groups if not t.ended))
+
+    def page(self, include_stopped: bool, size: int, token: str, with_groups: bool
+             ) -> tuple[list[SessionView], str]:
+        """Sessions in creation order, ``size`` at a time; ``token`` is where the previous
+        page ended (empty: from the start). Returns the page and the next token."""
+        if size < 0 or size > MAX_PAGE:
+            raise InvalidSpec(f"page size {size} is out of range (0 to {MAX_PAGE}; 0 means "
+                              "the default)", field="page_size")
+        size = size or 100
+        ordered = sorted((s for s in self._sessions.values()
+                          if include_stopped or s.state is not SessionState.STOPPED),
+                         key=_order)
+        if token:
+            ordered = [s for s in ordered if _order(s) > _parse_token(token)]
+        out = ordered[:size]
+        next_token = _token(out[-1]) if len(ordered) > size else ""
+        return [self.view(s, with_groups) for s in out], next_token
+
+    # ------------------------------------------------------------ changes
+
+    def create(self, session_id: str, window: str = "", labels: dict[str, str] | None = None,
+               ttl: float = 0.0) -> tuple[Session, Session | None]:
+        """The active session ``session_id`` (created, or a new run of a stopped one).
+        Returns it and what it replaced (to undo a creation that led nowhere)."""
+        check_ttl(ttl)
+        previous = self._sessions.get(session_id)
+        s = previous
+        if s is None or s.state is SessionState.STOPPED:
+            # A stopped session's name may be reused: a new run of the same workspace.
+            s = Session(session_id, window, dict(labels or {}))
+        if ttl:
+            s.renew(ttl)
+            self._lease_changed.set()
+        if window and not s.window:
+            s.window = window
+        self._sessions[session_id] = s
+        self.c.save_session(s)
+        return s, previous if previous is not s else None
+
+    def undo(self, s: Session, previous: Session | None) -> None:
+        """A spawn that created ``s`` was refused outright: put back what was there."""
+        if self._sessions.get(s.session_id) is not s or self.c.session_groups(s.session_id) \
+                or self.c.inflight.get(s.session_id):
+            return  # a concurrent spawn put something in it meanwhile: keep it
+        if previous is None:
+            del self._sessions[s.session_id]
+            self.c.persist.put(("session", s.session_id), None)
+        else:
+            self._sessions[s.session_id] = previous
+            self.c.save_session(previous)
+        if s.ttl:
+            self._lease_changed.set()
+
+    def keepalive(self, session_id: str, ttl: float) -> Session:
+        s = self.get(session_id)
+        check_ttl(ttl, allow_zero=False)
+        if s.state is not SessionState.ACTIVE:
+            raise Conflict(f"session {session_id!r} is {s.state.value}; a stopped session "
+                           "cannot be kept alive, start a new one")
+        s.renew(ttl)
+        self.c.save_session(s)
+        self._lease_changed.set()
+        return s
+
+    def set_state(self, s: Session, state: SessionState, cause: str = "") -> None:
+        s.state = state
+        if cause:
+            s.stop_cause = cause
+        if state is SessionState.STOPPED:
+            s.stopped_at = time.time()
+        self.c.save_session(s)
+        self._lease_changed.set()
+
+    # ------------------------------------------------------------ background
+
+    async def _lease_loop(self) -> None:
+        """Sleep until the earliest lease expires (woken early when a lease changes)."""
+        while True:
+            self._lease_changed.clear()
+            now = time.time()
+            leased = [s for s in self._sessions.values()
+                      if s.state is SessionState.ACTIVE and s.ttl > 0]
+            for s in leased:
+                if s.lease_expires_at <= now:
+                    log.warning("session %r: lease of %g s expired without keepalive; "
+                                "stopping it", s.session_id, s.ttl)
+                    self.c.fanout.begin_stop(s.session_id, None, "lease_expired")
+            pending = [s.lease_expires_at - now for s in leased if s.lease_expires_at > now]
+            timeout = min(pending) if pending else None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._lease_changed.wait()
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_EVERY)
+            self.prune()
+
+    def prune(self, now: float | None = None) -> int:
+        """Drop stopped sessions past retention (and beyond the cap, oldest first)."""
+        now = time.time() if now is None else now
+        cfg = self.c.config
+        stopped = sorted((s for s in self._sessions.values()
+                          if s.state is SessionState.STOPPED), key=lambda s: s.stopped_at)
+        excess = max(0, len(stopped) - cfg.retain_max_stopped)
+        dropped = 0
+        for n, s in enumerate(stopped):
+            if n >= excess and now - s.stopped_at < cfg.retain_stopped:
+                break
+            for t in self.c.session_groups(s.session_id):
+                self.c.forget(t)
+            self.c.drop_session_index(s.session_id)
+            del self._sessions[s.session_id]
+            self.c.persist.put(("session", s.session_id), None)
+            dropped += 1
+        if dropped:
+            log.info("dropped %d stopped session(s) past retention", dropped)
+        return dropped
+
+
+def _order(s: Session) -> tuple[float, str]:
+    return (s.created_at, s.session_id)
+
+
+def _token(s: Session) -> str:
+    return f"{s.created_at!r}|{s.session_id}"
+
+
+def _parse_token(token: str) -> tuple[float, str]:
+    at, _, sid = token.partition("|")
+    try:
+        return float(at), sid
+    except ValueError:
+        raise InvalidSpec(f"page token {token!r} is not one this coordinator gave out",
+                          field="page_token") from None

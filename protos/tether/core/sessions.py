@@ -1,0 +1,191 @@
+"""Sessions, agents and reports: what the coordinator keeps and what its clients see.
+
+Like ``model.py``, pure data and rules: no gRPC, no storage. The coordinator works
+on these; its service converts them at the edge; the Python SDK returns them.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field, replace
+
+from tether.core.errors import InvalidSpec
+from tether.core.model import (
+    Containment,
+    EventKind,
+    ExitRecord,
+    GroupState,
+    GroupView,
+    check_name,
+    check_seconds,
+)
+
+MAX_TTL = 30 * 24 * 3600.0
+
+
+class SessionState(enum.StrEnum):
+    ACTIVE = "active"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+def check_ttl(ttl: float, *, allow_zero: bool = True) -> float:
+    return check_seconds(ttl, "ttl", "ttl", allow_zero=allow_zero, high=MAX_TTL)
+
+
+@dataclass
+class Session:
+    session_id: str
+    window: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    state: SessionState = SessionState.ACTIVE
+    #: Lease time-to-live in seconds; 0: no lease.
+    ttl: float = 0.0
+    lease_expires_at: float = 0.0
+    #: Why it stopped: "requested", "lease_expired".
+    stop_cause: str = ""
+    created_at: float = field(default_factory=time.time)
+    stopped_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_name(self.session_id, "session")
+        check_name(self.window, "window", allow_empty=True)
+        check_ttl(self.ttl)
+        for key, value in self.labels.items():
+            check_name(key, "label name")
+            check_name(value, f"label {key!r}", allow_empty=True)
+
+    def renew(self, ttl: float, now: float | None = None) -> None:
+        check_ttl(ttl, allow_zero=False)
+        self.ttl = ttl
+        self.lease_expires_at = (time.time() if now is None else now) + ttl
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    name: str
+    address: str
+    containment: Containment = Containment.PGID
+    version: str = ""
+    #: Changes each time the agent process starts: a new epoch means it restarted.
+    epoch: str = ""
+    last_seen: float = 0.0
+    #: The agent instance's marker (TETHER_AGENT=...).
+    instance: str = ""
+    #: Who registered the name (a token id or certificate name): a live name cannot be
+    #: taken over by another credential.
+    credential: str = ""
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "agent name")
+        if ":" not in self.address:
+            raise InvalidSpec(f"agent address {self.address!r} must be HOST:PORT",
+                              field="address")
+
+    def seen(self, at: float | None = None) -> AgentInfo:
+        return replace(self, last_seen=time.time() if at is None else at)
+
+
+@dataclass(frozen=True)
+class AgentState:
+    info: AgentInfo
+    up: bool
+
+
+@dataclass(frozen=True)
+class GroupEntry:
+    """A group as the coordinator presents it: the agent's view plus where it lives and
+    what the coordinator knows about reaching it."""
+
+    agent: str
+    view: GroupView
+    #: A live group whose agent (or target) does not answer right now (shown as state
+    #: ``unreachable``); its last known state is ``view.state``.
+    unreachable: bool = False
+    error: str = ""
+    attempts: int = 0
+
+    @property
+    def state(self) -> GroupState:
+        return self.view.state
+
+
+@dataclass(frozen=True)
+class GroupReport:
+    group_id: str
+    label: str
+    agent: str
+    target: str
+    state: GroupState
+    exit: ExitRecord | None = None
+    #: Set when the agent could not be reached or refused; says what to do next.
+    error: str = ""
+    members_signalled: int = 0
+    stop_order: int = 0
+    attempts: int = 0
+    #: Shown as state ``unreachable``: live, but its agent or target does not answer.
+    unreachable: bool = False
+
+
+@dataclass(frozen=True)
+class SessionReport:
+    session_id: str
+    groups: tuple[GroupReport, ...]
+    #: Stop: every group has an exit record. Signal: every group was reached.
+    complete: bool
+    stop_cause: str = ""
+
+    @property
+    def clean(self) -> bool:
+        """Every group ended with zero survivors and none was lost."""
+        return all(g.exit is not None and g.exit.clean for g in self.groups)
+
+
+@dataclass(frozen=True)
+class SessionView:
+    session: Session
+    groups: tuple[GroupEntry, ...] = ()
+    group_count: int = 0
+    live_count: int = 0
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    """A group event as a session's watchers see it."""
+
+    seq: int
+    kind: EventKind
+    group: GroupEntry
+    at: float
+
+
+@dataclass(frozen=True)
+class Orphan:
+    pid: int
+    command: str
+    former_group: str
+    age: float
+    #: "marker" (carries this agent instance's marker) or "cgroup" (in its cgroup tree).
+    found_by: str
+    reaped: bool = False
+    create_time: float = 0.0
+    cgroup: str = ""
+    agent: str = ""
+
+
+@dataclass(frozen=True)
+class OrphanReport:
+    orphans: tuple[Orphan, ...]
+    #: Agents that could not be asked, with the reason.
+    unreachable: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StopIntent:
+    """A session stop that was asked for and must finish, even across a restart."""
+
+    session_id: str
+    grace: float | None
+    cause: str
+    created_at: float = field(default_factory=time.time)

@@ -1,0 +1,116 @@
+"""Write-behind with acknowledgements: batch changes, write them elsewhere, never lose one.
+
+Both daemons persist the same way. Changes made in one event-loop turn are written
+together (a 1000-group stop must not cost 2000 commits), by a coroutine that hands
+the batch to the store (its own thread, or an async driver); ``durable()`` returns
+once every change put so far is written, so a caller acknowledges only what is on
+disk. A failed write keeps the batch (a later change of the same key replaces it),
+is reported through ``on_error`` and retried with capped backoff; whoever waits on
+``durable()`` gets ``StateUnwritable`` at their deadline, with the store's error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from typing import Generic, TypeVar
+
+from tether.core.errors import StateUnwritable
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+RETRY_FIRST = 0.1
+RETRY_MAX = 5.0
+
+
+class WriteBehind(Generic[K, V]):
+    def __init__(self, write: Callable[[Mapping[K, V]], Awaitable[None]], *, where: str,
+                 on_error: Callable[[], None] = lambda: None) -> None:
+        self._write = write
+        self.where = where
+        self.on_error = on_error
+        self._pending: dict[K, tuple[int, V]] = {}
+        self._version = 0
+        self._written = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.last_error = ""
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def put(self, key: K, value: V) -> None:
+        """Queue a change; a later one with the same key replaces it."""
+        self._version += 1
+        self._pending[key] = (self._version, value)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._task is None or self._task.done():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop (closing): drain() writes what is left
+            self._task = loop.create_task(self._loop(), name=f"write-behind {self.where}")
+
+    async def durable(self, timeout: float) -> None:
+        target = self._version
+        if self._written >= target:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, fut))
+        self._schedule()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(fut)
+        except TimeoutError:
+            raise StateUnwritable(self.where, self.last_error or "the write did not finish "
+                                  f"within {timeout:g} s") from None
+
+    async def _loop(self) -> None:
+        backoff = RETRY_FIRST
+        await asyncio.sleep(0)  # let the rest of this loop turn's changes join the batch
+        while self._pending:
+            batch = dict(self._pending)
+            upto = self._version  # every change up to here is in the batch or written
+            try:
+                await self._write({k: v for k, (_, v) in batch.items()})
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store's error, whatever it is: keep the data
+                self.last_error = str(exc) or type(exc).__name__
+                self.on_error()
+                log.error("cannot write %s: %s; keeping %d change(s), retrying in %.1f s",
+                          self.where, self.last_error, len(batch), backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RETRY_MAX)
+                continue
+            self.last_error = ""
+            backoff = RETRY_FIRST
+            for key, (version, _) in batch.items():
+                if self._pending.get(key, (0, None))[0] == version:
+                    del self._pending[key]
+            self._written = upto
+            done = [f for t, f in self._waiters if t <= upto]
+            self._waiters = [(t, f) for t, f in self._waiters if t > upto]
+            for fut in done:
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def drain(self) -> None:
+        """One last write of what is pending (shutdown); an error is logged, not raised."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._pending:
+            try:
+                await self._write({k: v for k, (_, v) in self._pending.items()})
+                self._pending.clear()
+            except Exception as exc:
+                log.error("%s: %d change(s) could not be written at shutdown: %s", self.where,
+                          len(self._pending), exc)
