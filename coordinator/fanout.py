@@ -107,6 +107,11 @@ class Fanout:
                       tracked.group_id, exc)
             await self._stop_on_agent(link.name, [tracked], None)
             raise
+        stop = self._stops.get(s.session_id)
+        if stop is not None and not tracked.ended:
+            # The session began stopping while this spawn was in flight; its stop ends
+            # this group too. Answer with how it ended, not with a moment's "running".
+            await asyncio.shield(stop)
         return tracked.agent, tracked.view
 
     async def adopt(self, agent: str, pid: int, start_time: float | None,

@@ -45,6 +45,7 @@ class CoordinatorDaemonConfig:
     insecure: bool = False
     auth: ServerAuth = field(default_factory=ServerAuth)
     dial: ClientSecurity = field(default_factory=ClientSecurity)
+    retain_stopped: float = 7 * 24 * 3600.0
 
 
 def prepare_state_dir(path: str) -> None:
@@ -65,7 +66,8 @@ async def build_coordinator(cfg: CoordinatorDaemonConfig, registry: CollectorReg
 
     coordinator = Coordinator(
         CoordinatorConfig(state_dir=cfg.state_dir, heartbeat_interval=cfg.heartbeat_interval,
-                          agent_ttl=cfg.agent_ttl, local_agent=local_agent, connect=connect),
+                          agent_ttl=cfg.agent_ttl, local_agent=local_agent, connect=connect,
+                          retain_stopped=cfg.retain_stopped),
         store, metrics)
     try:
         await coordinator.load()

@@ -65,7 +65,7 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
     @unary
     async def CreateSession(self, request: cpb.CreateSessionRequest, context: Any) -> cpb.Session:
         s, _ = self.c.sessions.create(request.session_id, request.window, dict(request.labels),
-                                      request.ttl_seconds)
+                                      request.ttl_seconds, explicit=True)
         await self.c.durable()
         return session_to_pb(self.c.sessions.view(s))
 

@@ -88,12 +88,22 @@ class Sessions:
     # ------------------------------------------------------------ changes
 
     def create(self, session_id: str, window: str = "", labels: dict[str, str] | None = None,
-               ttl: float = 0.0) -> tuple[Session, Session | None]:
+               ttl: float = 0.0, explicit: bool = False) -> tuple[Session, Session | None]:
         """The active session ``session_id`` (created, or a new run of a stopped one).
-        Returns it and what it replaced (to undo a creation that led nowhere)."""
+        Returns it and what it replaced (to undo a creation that led nowhere).
+
+        A session stopped because its lease expired is started again only ``explicit``ly
+        (CreateSession): its owner is gone, and a spawn it sent before it died may still
+        arrive; that must not start processes nobody holds a lease on."""
         check_ttl(ttl)
         previous = self._sessions.get(session_id)
         s = previous
+        if s is not None and s.state is SessionState.STOPPED and not explicit \
+                and s.stop_cause == "lease_expired":
+            raise Conflict(
+                f"session {session_id!r} was stopped because its lease expired (its owner "
+                "stopped renewing it); a late spawn does not start it again. Start a new run "
+                "explicitly (CreateSession, SDK create_session) or use another session name")
         if s is None or s.state is SessionState.STOPPED:
             # A stopped session's name may be reused: a new run of the same workspace.
             s = Session(session_id, window, dict(labels or {}))
@@ -161,8 +171,9 @@ class Sessions:
                     await self._lease_changed.wait()
 
     async def _prune_loop(self) -> None:
+        every = min(PRUNE_EVERY, max(0.5, self.c.config.retain_stopped / 4))
         while True:
-            await asyncio.sleep(PRUNE_EVERY)
+            await asyncio.sleep(every)
             self.prune()
 
     def prune(self, now: float | None = None) -> int:

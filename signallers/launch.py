@@ -186,7 +186,13 @@ def start(spec: LaunchSpec, cgroup: Path | None, shell_ok: bool) -> subprocess.P
     env = dict(spec.env)
     gated = False
     if cgroup is not None:
-        cgroup.mkdir(exist_ok=True)
+        try:
+            cgroup.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StartFailed(
+                FailureClass.TARGET_UNREACHABLE,
+                f"cannot create the group's cgroup {cgroup}: {exc.strerror}; the agent's cgroup "
+                "tree is gone or not writable (removed by hand?): restart the agent") from exc
         # A cwd that cannot be entered is left to the direct path, which names it; an
         # argv[0] that looks like an option would be one to the shell's `exec`.
         if shell_ok and not argv[0].startswith("-") and (

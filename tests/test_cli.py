@@ -25,6 +25,7 @@ from tests.plugins.processes import (
     Daemon,
     free_port,
     marked_alive,
+    of_agent,
     start_daemon,
     stop_daemon,
     wait_until,
@@ -45,7 +46,8 @@ def kill_agent_leftovers(*agents: str) -> list[int]:
     killed = []
     for p in psutil.process_iter():
         try:
-            if p.environ().get("TETHER_AGENT") in agents:
+            marker = p.environ().get("TETHER_AGENT", "")
+            if any(of_agent(marker, a) for a in agents):
                 p.kill()
                 killed.append(p.pid)
         except psutil.Error:

@@ -120,7 +120,8 @@ def run_daemon(args: argparse.Namespace) -> int:
             cfg = CoordinatorDaemonConfig(listen=args.listen, state_dir=state_dir,
                                           metrics_listen=args.metrics_listen, tls=_tls(args),
                                           insecure=args.insecure, auth=_auth(args),
-                                          dial=_dial(args))
+                                          dial=_dial(args),
+                                          retain_stopped=args.retain_stopped)
             if args.command == "coordinator":
                 cfg.agent_ttl = args.agent_ttl
                 await run_coordinator(cfg, shutdown)

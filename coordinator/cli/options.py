@@ -125,12 +125,18 @@ _AGENT = [
            metavar="KEY=VALUE"),
 ]
 
+_COORDINATOR = [
+    Option("--retain-stopped", "keep stopped sessions and their groups' records this many "
+           "seconds (default 604800: a week)", 7 * 24 * 3600.0, type=positive_float),
+]
+
 DAEMONS: Mapping[str, tuple[str, list[Option]]] = {
     "serve": ("Run the coordinator and a local agent in one process (foreground).",
               [*_common("127.0.0.1:7400"),
-               Option("--agent-name", "name of the local agent", "local"), *_AGENT]),
+               Option("--agent-name", "name of the local agent", "local"), *_AGENT,
+               *_COORDINATOR]),
     "coordinator": ("Run the coordinator alone (foreground).",
-                    [*_common("127.0.0.1:7400"),
+                    [*_common("127.0.0.1:7400"), *_COORDINATOR,
                      Option("--agent-ttl", "an agent silent this long is unreachable "
                             "(default 5 s)", 5.0, type=positive_float)]),
     "agent": ("Run an agent (foreground), registered with a coordinator.",

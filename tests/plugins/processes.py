@@ -55,12 +55,17 @@ def marked_alive(group_id: str | None = None, prefix: str = "", agent: str = "")
             continue
         if agent:
             try:
-                if p.environ().get("TETHER_AGENT") != agent:
+                if not of_agent(p.environ().get("TETHER_AGENT", ""), agent):
                     continue
             except psutil.Error:
                 continue
         out.append(p.pid)
     return out
+
+
+def of_agent(marker: str, agent: str) -> bool:
+    """TETHER_AGENT is "<name>/<instance>": does it name this agent (any instance)?"""
+    return marker == agent or marker.startswith(agent + "/")
 
 
 def pid_alive(pid: int) -> bool:

@@ -138,6 +138,9 @@ class AsyncClient:
                     grace: float | None = None, orphan_policy: str = "kill",
                     start_time: float | None = None, timeout: float | None = None
                     ) -> GroupEntry:
+        if not 0 < pid < 2**31:
+            raise InvalidSpec(f"pid {pid} is not a process id; give the pid of the tree's "
+                              "leader (1 to 2147483647)", field="pid")
         spec = build_spec([f"adopted:{pid}"], session=session, label=label, grace=grace,
                           orphan_policy=orphan_policy)
         req = cpb.CoordinatorAdoptRequest(agent=agent, pid=pid, spec=spec_to_pb(spec))
