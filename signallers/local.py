@@ -133,6 +133,7 @@ class LocalGroup(GroupHandle):
         now = procfs.stat(self.leader_pid)
         if now is not None and now.start == self._leader_start:
             self._members.leader_held_at(before)
+        self._members.leader_exited()
         status = LeaderStatus()
         if self._child:
             try:

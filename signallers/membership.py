@@ -7,7 +7,10 @@ does not need it: there the kernel's ``cgroup.procs`` is the proof.
 A live process is a member of a group only with one of these proofs:
 
 1. **Seen before**: its (pid, start time) pair was a member in an earlier
-   snapshot. A pid with another start time is a different process.
+   snapshot. A pid with another start time is a different process. (Start times
+   have clock-tick resolution, 10 ms: a pid freed and taken again within one tick
+   would pass. That needs pid allocation steered by root; the leader's pid, the one
+   a stranger would aim for, is never trusted this way once the leader has exited.)
 2. **Marker**: its environment carries the group's marker (``TETHER_GROUP``
    equal to the group id, and ``TETHER_AGENT`` equal to this agent
    instance's marker). Reading it is the snapshot's job (``Proc.marked``).
@@ -19,8 +22,8 @@ A live process is a member of a group only with one of these proofs:
    start time (alive or zombie: a zombie still holds its number), or if it
    started before ``verified_until``, the last moment at which the leader's
    number was known to be held (a stranger can only have started after it).
-   Once pid ``L`` is seen with another start time, the number was reused and
-   pgid/sid ``L`` are never claimed again.
+   Once pid ``L`` is seen with another start time, or alive after the leader was
+   seen to exit, the number was reused and pgid/sid ``L`` are never claimed again.
 4. **Descent**: its parent (in the same snapshot, and not younger than it) is
    a member.
 
@@ -88,17 +91,26 @@ class Membership:
     #: Clock ticks since boot up to which the leader's pid number was known to be held.
     verified_until: int = -1
     known: dict[int, int] = field(default_factory=dict)
+    leader_gone: bool = False
 
     def leader_held_at(self, ticks: int) -> None:
         """The leader's pid number was provably still the leader's at ``ticks`` (e.g. read
         just before reaping it: a zombie child keeps its number until its parent reaps it)."""
         self.verified_until = max(self.verified_until, ticks)
 
+    def leader_exited(self) -> None:
+        """The leader is known to have exited (its pidfd fired): from now on a *live*
+        process at its pid is somebody else, whatever its start time says (start times
+        have clock-tick resolution; a pid can be reused within one tick)."""
+        self.leader_gone = True
+        self.known.pop(self.leader_pid, None)
+
     def members(self, procs: Mapping[int, Proc], now: int | None = None) -> dict[int, Proc]:
         """Live members in ``procs``. ``now``: clock ticks since boot read *before* the
         snapshot was taken, if known (lets a later snapshot trust older pgid members)."""
         leader = procs.get(self.leader_pid)
-        held = leader is not None and leader.start == self.leader_start
+        held = leader is not None and leader.start == self.leader_start and (
+            not self.leader_gone or not leader.alive)
         if held and now is not None:
             self.leader_held_at(now)
         elif leader is not None and not held:
@@ -107,10 +119,10 @@ class Membership:
             self.verified_until = -1
 
         def proven(p: Proc) -> bool:
+            if p.pid == self.leader_pid:
+                return held or p.marked
             if self.known.get(p.pid) == p.start or p.marked:
                 return True
-            if p.pid == self.leader_pid:
-                return held
             by_group = ((self.claim_pgid and p.pgid == self.leader_pid)
                         or (self.claim_sid and p.sid == self.leader_pid))
             return by_group and (held or p.start < self.verified_until)

@@ -37,7 +37,9 @@ def take_pid(pid: int, argv: list[str]) -> subprocess.Popen[bytes]:
             return p
         p.kill()
         p.wait()
-    raise SystemExit(f"could not steer a fork to pid {pid}")
+    table = sorted((p.pid, p.ppid, p.pgid, p.sid, p.state, p.comm)
+                   for p in procfs.snapshot().values())
+    raise SystemExit(f"could not steer a fork to pid {pid}; processes: {table}")
 
 
 async def scenario(containment: str) -> dict[str, object]:
@@ -52,14 +54,16 @@ async def scenario(containment: str) -> dict[str, object]:
             if await authority.member_count(view.group_id) >= 2:
                 break
             await asyncio.sleep(0.01)
-        members = (await authority.find(view.group_id).handle.members())  # type: ignore[union-attr]
+        members = await authority.find(view.group_id).handle.members()  # type: ignore[union-attr]
         child = next(p for p in members if p != leader)
+        handle = authority.find(view.group_id).handle
+        assert handle is not None
         os.kill(leader, signal.SIGKILL)  # nobody in tether sent this: the group runs on
-        while procfs.alive(leader) or procfs.stat(leader) is not None:
-            await asyncio.sleep(0.01)  # wait until its number is free (reaped)
+        await handle.wait_leader()  # reaped by the agent: its number is free
         stranger = take_pid(leader, ["sh", "-c", "sleep 300 & sleep 300"])
-        while len([p for p in procfs.snapshot().values()
-                   if p.sid == leader and p.alive]) < 2:
+        for _ in range(1000):  # the stranger's shell forks its two sleeps
+            if len([p for p in procfs.snapshot().values() if p.sid == leader and p.alive]) > 2:
+                break
             await asyncio.sleep(0.01)
         strangers = sorted(p.pid for p in procfs.snapshot().values()
                            if p.sid == leader and p.alive)
