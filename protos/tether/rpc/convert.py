@@ -349,3 +349,19 @@ def orphan_to_pb(o: Orphan) -> pb.Orphan:
 def orphan_from_pb(msg: pb.Orphan) -> Orphan:
     return Orphan(msg.pid, msg.command, msg.former_group, msg.age_seconds, msg.found_by,
                   msg.reaped, agent=msg.agent)
+
+
+def audit_event_to_pb(entry: dict[str, Any]) -> cpb.AuditEvent:
+    """An audit log line (``tether.core.audit``) as the API returns it."""
+    from tether.core.audit import parse_time
+
+    details = entry.get("details")
+    return cpb.AuditEvent(
+        time=ts(parse_time(str(entry["time"]))), method=str(entry.get("method", "")),
+        role=str(entry.get("role", "")), credential=str(entry.get("credential", "")),
+        proof=str(entry.get("proof", "")), peer=str(entry.get("peer", "")),
+        result=str(entry.get("result", "")), message=str(entry.get("message", "")),
+        session_id=str(entry.get("session", "")), group_id=str(entry.get("group", "")),
+        agent=str(entry.get("agent", "")),
+        details={str(k): str(v) for k, v in details.items()} if isinstance(details, dict)
+        else {})
