@@ -8,12 +8,15 @@ from typing import Any
 import grpc
 
 from tether.coordinator.core import Coordinator
-from tether.core.errors import InvalidSpec
+from tether.core.audit import MAX_READ, AuditLog
+from tether.core.errors import InvalidSpec, NotFound
 from tether.core.model import Containment, check_name
 from tether.core.sessions import AgentInfo
+from tether.rpc.auth import current_caller
 from tether.rpc.convert import (
     CONTAINMENT_FROM_PB,
     agent_to_pb,
+    audit_event_to_pb,
     group_to_pb,
     orphan_to_pb,
     report_to_pb,
@@ -32,21 +35,24 @@ STOP_ANSWER_WITHIN = 300.0
 MAX_PID = 2**31
 
 
-def agent_info(req: cpb.RegisterAgentRequest) -> AgentInfo:
+def agent_info(req: cpb.RegisterAgentRequest, credential: str) -> AgentInfo:
     check_name(req.name, "agent name")
     return AgentInfo(req.name, req.address,
                      CONTAINMENT_FROM_PB.get(req.containment, Containment.PGID), req.version,
-                     req.epoch, instance=req.instance)
+                     req.epoch, instance=req.instance, credential=credential)
 
 
 class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, audit: AuditLog | None = None) -> None:
         self.c = coordinator
+        self.audit = audit
 
     @unary
     async def RegisterAgent(self, request: cpb.RegisterAgentRequest, context: Any
                             ) -> cpb.RegisterAgentResponse:
-        self.c.agents.register(agent_info(request))
+        # The name is bound to the caller's credential (its role was checked already:
+        # an agent:NAME caller registers NAME only).
+        self.c.agents.register(agent_info(request, current_caller().credential))
         await self.c.durable()
         return cpb.RegisterAgentResponse(
             heartbeat_interval_seconds=self.c.config.heartbeat_interval,
@@ -55,7 +61,8 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
     @unary
     async def Heartbeat(self, request: cpb.HeartbeatRequest, context: Any
                         ) -> cpb.HeartbeatResponse:
-        return cpb.HeartbeatResponse(known=self.c.agents.heartbeat(request.name, request.epoch))
+        return cpb.HeartbeatResponse(known=self.c.agents.heartbeat(
+            request.name, request.epoch, current_caller().credential))
 
     @unary
     async def ListAgents(self, request: cpb.ListAgentsRequest, context: Any
@@ -138,6 +145,18 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
         report = await self.c.fanout.list_orphans(request.sweep)
         return cpb.CoordinatorListOrphansResponse(
             orphans=[orphan_to_pb(o) for o in report.orphans], unreachable=report.unreachable)
+
+    @stream
+    async def ReadAudit(self, request: cpb.ReadAuditRequest, context: Any
+                        ) -> AsyncIterator[cpb.AuditEvent]:
+        if not 0 <= request.limit <= MAX_READ:
+            raise InvalidSpec(f"limit {request.limit} is not between 0 and {MAX_READ}",
+                              field="limit")
+        if self.audit is None:
+            raise NotFound("this coordinator keeps no audit log")
+        since = request.since.ToNanoseconds() / 1e9 if request.HasField("since") else 0.0
+        for entry in await self.audit.read(since, request.limit or 1000):
+            yield audit_event_to_pb(entry)
 
 
 def add_to_server(server: grpc.aio.Server, servicer: CoordinatorServicer) -> None:
