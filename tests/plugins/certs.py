@@ -61,7 +61,8 @@ class CA:
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1)))
         if server:
+            # Its own name too: a coordinator dials an agent expecting the agent's name.
             builder = builder.add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                x509.DNSName(cn)]), critical=False)
         return _write(self.dir / cn, builder.sign(self.key, hashes.SHA256()), key)
