@@ -427,6 +427,9 @@ def _peer(context: Any) -> str:
 
 # ---------------------------------------------------------------- the caller of this call
 
+#: Response header of an admitted call with a request stream: the caller's role.
+ADMITTED_HEADER = "tether-admitted-as"
+
 CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("tether_caller",
                                                                       default=None)
 
@@ -583,6 +586,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
                 raise
             CALLER.set(caller)
+            if request is None:
+                # A request stream: say "admitted" now, in the response headers, so a client
+                # can wait for them before it writes: one that writes into a refused call
+                # may see INTERNAL instead of the refusal (grpc.aio, grpc/grpc#36066).
+                await context.send_initial_metadata(((ADMITTED_HEADER, str(caller.role)),))
             return request
 
         if self.audit is None:
