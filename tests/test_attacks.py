@@ -16,7 +16,14 @@ import pytest
 
 from tests.plugins.certs import CA
 from tests.plugins.common import require
-from tests.plugins.creds import Tokens, call, outbound_address, start_fake_agent, token_file
+from tests.plugins.creds import (
+    Tokens,
+    call,
+    outbound_address,
+    refused_start,
+    start_fake_agent,
+    token_file,
+)
 from tests.plugins.processes import (
     Daemon,
     marked_alive,
@@ -48,23 +55,6 @@ async def orphans(address: str, dial: ClientSecurity) -> cpb.CoordinatorListOrph
                              dial, response_type=cpb.CoordinatorListOrphansResponse, timeout=60)
     assert code == grpc.StatusCode.OK, reply
     return reply
-
-
-def refused_start(kind: str, args: list[str], tmp: Path) -> str:
-    """Start a daemon expected to refuse; returns its stderr. One that starts instead is
-    stopped and fails the test."""
-    proc = subprocess.Popen([sys.executable, "-m", "tether.coordinator.cli", kind, *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL, start_new_session=True, cwd=tmp)
-    assert proc.stdout is not None and proc.stderr is not None
-    line = proc.stdout.readline()
-    if "listening on" in line:
-        proc.terminate()
-        _, err = proc.communicate(timeout=30)
-        raise AssertionError(f"tether {kind} started: {line.strip()}\n{err}")
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 2, err
-    return err
 
 
 # ------------------------------------------------------------------ 1: stealing the coordinator's token

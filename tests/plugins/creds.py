@@ -138,3 +138,23 @@ async def start_fake_agent(host: str = "127.0.0.1",
     fake = FakeAgent(server, port)
     await server.start()
     return fake
+
+
+def refused_start(kind: str, args: list[str], cwd: Path) -> str:
+    """Start `tether KIND ARGS` expecting a refusal (exit status 2); returns its stderr.
+    A daemon that starts instead is stopped and fails the test."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "tether.coordinator.cli", kind, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "listening on" in line:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+        raise AssertionError(f"tether {kind} started: {line.strip()}\n{err}")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2, err
+    return err
