@@ -41,6 +41,7 @@ class GroupLog(logging.LoggerAdapter[logging.Logger]):
                 ) -> tuple[Any, MutableMapping[str, Any]]:
         extra = self.extra or {}
         tags = " ".join(f"{k}={v}" for k, v in extra.items() if k != "group" and v)
+        kwargs["extra"] = {**extra, **kwargs.get("extra", {})}  # fields for JSON logs
         return f"[{extra.get('group')}{' ' + tags if tags else ''}] {msg}", kwargs
 
 

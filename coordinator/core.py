@@ -11,6 +11,7 @@ service converts at the edge.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -83,6 +84,8 @@ class Coordinator:
         self.config = config
         self.store = store
         self.hooks = hooks or CoordinatorHooks()
+        #: Changes each time the coordinator starts: event sequences are per epoch.
+        self.epoch = os.urandom(6).hex()
         self.groups: dict[tuple[str, str], TrackedGroup] = {}
         # Indexes over ``groups`` (sessions and keys never change once a group is tracked).
         self._by_session: dict[str, dict[tuple[str, str], TrackedGroup]] = {}

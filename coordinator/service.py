@@ -135,9 +135,9 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
     @stream
     async def WatchSession(self, request: cpb.WatchSessionRequest, context: Any
                            ) -> AsyncIterator[pb.GroupEvent]:
-        async for event in self.c.watch_session(request.session_id, request.initial,
-                                                request.since_seq):
-            yield session_event_to_pb(event)
+        since = request.since_seq if request.epoch == self.c.epoch else 0
+        async for event in self.c.watch_session(request.session_id, request.initial, since):
+            yield session_event_to_pb(event, self.c.epoch)
 
     @unary
     async def ListOrphans(self, request: cpb.CoordinatorListOrphansRequest, context: Any

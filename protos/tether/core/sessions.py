@@ -158,6 +158,8 @@ class SessionEvent:
     kind: EventKind
     group: GroupEntry
     at: float
+    #: The sender's epoch: a watcher resumes with (epoch, seq).
+    epoch: str = ""
 
 
 @dataclass(frozen=True)

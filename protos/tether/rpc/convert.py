@@ -329,8 +329,9 @@ def agent_from_pb(msg: cpb.Agent) -> AgentState:
     return AgentState(info, msg.state == cpb.AGENT_STATE_UP)
 
 
-def session_event_to_pb(e: SessionEvent) -> pb.GroupEvent:
-    return pb.GroupEvent(seq=e.seq, kind=e.kind.value, group=entry_to_pb(e.group), at=ts(e.at))
+def session_event_to_pb(e: SessionEvent, epoch: str = "") -> pb.GroupEvent:
+    return pb.GroupEvent(seq=e.seq, kind=e.kind.value, group=entry_to_pb(e.group), at=ts(e.at),
+                         epoch=epoch)
 
 
 def session_event_from_pb(msg: pb.GroupEvent) -> SessionEvent:
@@ -338,7 +339,7 @@ def session_event_from_pb(msg: pb.GroupEvent) -> SessionEvent:
         kind = EventKind(msg.kind)
     except ValueError:
         kind = EventKind.STATE
-    return SessionEvent(msg.seq, kind, entry_from_pb(msg.group), seconds(msg.at))
+    return SessionEvent(msg.seq, kind, entry_from_pb(msg.group), seconds(msg.at), msg.epoch)
 
 
 def orphan_to_pb(o: Orphan) -> pb.Orphan:

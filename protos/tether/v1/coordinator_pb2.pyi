@@ -262,14 +262,16 @@ class SessionReport(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[GroupReport, _Mapping]]] = ..., complete: _Optional[bool] = ..., stop_cause: _Optional[str] = ...) -> None: ...
 
 class WatchSessionRequest(_message.Message):
-    __slots__ = ("session_id", "initial", "since_seq")
+    __slots__ = ("session_id", "initial", "since_seq", "epoch")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     INITIAL_FIELD_NUMBER: _ClassVar[int]
     SINCE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     initial: bool
     since_seq: int
-    def __init__(self, session_id: _Optional[str] = ..., initial: _Optional[bool] = ..., since_seq: _Optional[int] = ...) -> None: ...
+    epoch: str
+    def __init__(self, session_id: _Optional[str] = ..., initial: _Optional[bool] = ..., since_seq: _Optional[int] = ..., epoch: _Optional[str] = ...) -> None: ...
 
 class CoordinatorListOrphansRequest(_message.Message):
     __slots__ = ("sweep",)

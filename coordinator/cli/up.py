@@ -25,16 +25,14 @@ one line per group.
 
 from __future__ import annotations
 
-import argparse
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tether.coordinator.client_commands import _spec
+from tether.client.spec import build_spec
 from tether.core.errors import InvalidSpec
-from tether.rpc.convert import spec_from_pb
-from tether.v1 import common_pb2 as pb
+from tether.core.model import GroupSpec
 
 
 class SessionFileError(Exception):
@@ -65,20 +63,20 @@ TOP_KEYS = {"session", "window", "group"}
 
 
 @dataclass
-class GroupEntry:
+class PlannedGroup:
     """One [[group]] of the file, checked: the spec `tether spawn` would send for it."""
 
     where: str
     agent: str
     replicas: int
-    spec: pb.GroupSpec
+    spec: GroupSpec
 
 
 @dataclass
 class SessionFile:
     session: str
     window: str
-    groups: list[GroupEntry]
+    groups: list[PlannedGroup]
 
     @property
     def total(self) -> int:
@@ -123,7 +121,7 @@ def load(path: str, session_override: str = "") -> SessionFile:
     return SessionFile(session, window, groups)
 
 
-def _group(path: str, index: int, g: Any, session: str, window: str) -> GroupEntry:
+def _group(path: str, index: int, g: Any, session: str, window: str) -> PlannedGroup:
     if not isinstance(g, dict):
         raise _fail(path, f"group {index} must be a table ([[group]])")
     label = g.get("label")
@@ -141,28 +139,20 @@ def _group(path: str, index: int, g: Any, session: str, window: str) -> GroupEnt
     replicas = g.get("replicas", 1)
     if not 1 <= replicas <= 10000:
         raise _fail(path, f"{where}: replicas must be from 1 to 10000, not {replicas}")
-    for key in ("grace", "start_timeout", "probe_timeout"):
-        if key in g and not g[key] > 0:
-            raise _fail(path, f"{where}: {key} must be a positive number of seconds")
-    policy = g.get("orphan_policy", "kill")
-    if policy not in ("kill", "keep"):
-        raise _fail(path, f"{where}: orphan_policy must be \"kill\" or \"keep\", not {policy!r}")
-    args = {
-        "argv": list(argv), "label": g.get("label", ""), "cwd": g.get("cwd", ""),
-        "env_map": _strings(path, where, "env", g.get("env", {})),
-        "meta_map": _strings(path, where, "meta", g.get("meta", {})),
-        "inherit_env": g.get("inherit_env", False), "log": g.get("log", ""),
-        "grace": g.get("grace"), "stop_signal": g.get("stop_signal", "TERM"),
-        "stop_order": g.get("stop_order", 0), "ready": g.get("ready", ""),
-        "start_timeout": g.get("start_timeout"), "probe_timeout": g.get("probe_timeout"),
-        "target": g.get("target", "local"), "orphan_policy": policy,
-        "owns_target": g.get("owns_target", False),
-    }
-    # The spec `tether spawn` would send, read back the way the agent reads it: a bad
-    # signal, probe, path or name is refused here, before any group starts.
-    spec = _spec(argparse.Namespace(**args, session=session, window=window))
+    # The spec `tether spawn` would send, built by the same builder and checked by the
+    # same rules the agent applies: a bad signal, probe, path, name or duration is refused
+    # here, before any group starts.
     try:
-        spec_from_pb(spec)
+        spec = build_spec(
+            argv, session=session, window=window, label=g.get("label", ""),
+            env=_strings(path, where, "env", g.get("env", {})),
+            labels=_strings(path, where, "meta", g.get("meta", {})),
+            inherit_env=g.get("inherit_env", False), cwd=g.get("cwd", ""), log=g.get("log", ""),
+            grace=g.get("grace"), stop_signal=g.get("stop_signal"),
+            stop_order=g.get("stop_order", 0), ready=g.get("ready", ""),
+            start_timeout=g.get("start_timeout"), probe_timeout=g.get("probe_timeout"),
+            target=g.get("target", "local"), orphan_policy=g.get("orphan_policy", "kill"),
+            owns_target=g.get("owns_target", False))
     except InvalidSpec as exc:
         raise _fail(path, f"{where}: {exc}") from None
-    return GroupEntry(where, g.get("agent", ""), replicas, spec)
+    return PlannedGroup(where, g.get("agent", ""), replicas, spec)

@@ -1,0 +1,3 @@
+from tether.coordinator.cli.main import console
+
+console()

@@ -1,0 +1,245 @@
+"""The client commands: one coroutine each, built on the Python SDK (``tether.client``).
+
+Each returns an exit status; errors propagate to ``main``, which prints them and maps
+them to a status (``exitcodes.for_error``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tether.client.aio import AsyncClient, CoordinatorUnreachable, TimedOut
+from tether.client.spec import build_spec
+from tether.coordinator.cli.exitcodes import CLIError, ExitCode
+from tether.coordinator.cli.output import (
+    emit,
+    group_dict,
+    report_dict,
+    report_table,
+    session_dict,
+    shown_state,
+    table,
+)
+from tether.core.errors import NotFound, StartFailed, TetherError, Unauthenticated
+from tether.core.sessions import GroupEntry
+
+Command = Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]
+
+
+def pairs(items: list[str], flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"{flag} {item!r} is not KEY=VALUE; write e.g. {flag} PORT=8080")
+        out[key] = value
+    return out
+
+
+async def cmd_spawn(c: AsyncClient, args: argparse.Namespace) -> int:
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise CLIError("spawn needs a command: tether spawn --session S -- CMD [ARG...]")
+    spec = build_spec(
+        argv, session=args.session, window=args.window, label=args.label,
+        env=pairs(args.env, "--env"), inherit_env=args.inherit_env, cwd=args.cwd, log=args.log,
+        grace=args.grace, stop_signal=args.stop_signal, stop_order=args.stop_order,
+        ready=args.ready, start_timeout=args.start_timeout, probe_timeout=args.probe_timeout,
+        target=args.target, orphan_policy=args.orphan_policy, owns_target=args.owns_target,
+        labels=pairs(args.meta, "--meta"))
+    try:
+        g = await c.spawn(spec, agent=args.agent, idempotency_key=args.idempotency_key,
+                          timeout=args.timeout or spec.start_timeout + 60)
+    except StartFailed as exc:
+        group: GroupEntry | None = getattr(exc, "group", None)
+        if group is not None:
+            emit(args.output, group_dict(group), "")
+        print(f"tether: start failed ({exc.failure.value}): {exc.message}", file=sys.stderr)
+        return ExitCode.UNCLEAN
+    emit(args.output, group_dict(g), g.view.group_id)
+    return ExitCode.OK
+
+
+async def cmd_adopt(c: AsyncClient, args: argparse.Namespace) -> int:
+    g = await c.adopt(args.pid, session=args.session, agent=args.agent, label=args.label,
+                      grace=args.grace, orphan_policy=args.orphan_policy, timeout=args.timeout)
+    emit(args.output, group_dict(g), g.view.group_id)
+    return ExitCode.OK
+
+
+async def cmd_signal(c: AsyncClient, args: argparse.Namespace) -> int:
+    rep = await c.signal(args.session, args.signal, timeout=args.timeout)
+    d = report_dict(rep)
+    for g, r in zip(d["groups"], rep.groups, strict=True):
+        g["members_signalled"] = r.members_signalled
+    rows = [[r.group_id, r.label or "-", r.agent, r.members_signalled, r.error or ""]
+            for r in rep.groups]
+    emit(args.output, d, table(rows, ["group", "label", "agent", "signalled", "error"]))
+    return ExitCode.OK if rep.complete else ExitCode.UNREACHABLE
+
+
+async def cmd_stop(c: AsyncClient, args: argparse.Namespace) -> int:
+    rep = await c.stop(args.session, grace=args.grace, timeout=args.timeout)
+    emit(args.output, report_dict(rep), report_table(rep))
+    if not rep.complete:
+        if any(r.error for r in rep.groups):
+            print("tether: some agents did not answer; the stop goes on in the coordinator "
+                  f"(see `tether show {args.session}`)", file=sys.stderr)
+            return ExitCode.UNREACHABLE
+        print("tether: the stop did not finish within --timeout; it goes on in the coordinator "
+              f"(see `tether show {args.session}` or `tether watch {args.session}`)",
+              file=sys.stderr)
+        return ExitCode.UNCLEAN
+    return ExitCode.OK if rep.clean else ExitCode.UNCLEAN
+
+
+async def cmd_sessions(c: AsyncClient, args: argparse.Namespace) -> int:
+    views = await c.sessions(include_stopped=args.all, include_groups=args.output == "json",
+                             timeout=args.timeout)
+    sessions = [session_dict(v) for v in views]
+    rows = [[s["session"], s["window"] or "-", s["state"], v.group_count, v.live_count,
+             s.get("lease_expires_in_seconds", "-")] for s, v in zip(sessions, views, strict=True)]
+    emit(args.output, {"sessions": sessions},
+         table(rows, ["session", "window", "state", "groups", "live", "lease_s"]))
+    return ExitCode.OK
+
+
+async def cmd_show(c: AsyncClient, args: argparse.Namespace) -> int:
+    v = await c.session(args.session, timeout=args.timeout)
+    d = session_dict(v)
+    rows = [[g["group_id"], g["label"] or "-", g["agent"], g["target"], g["state"],
+             g["containment"], g["pid"], g.get("reason") or "-", " ".join(g["argv"])[:40]]
+            for g in d["groups"]]
+    head = f"session {d['session']}: {d['state']}" + (f" ({d['stop_cause']})"
+                                                      if d["stop_cause"] else "")
+    emit(args.output, d, head + "\n" + table(rows, ["group", "label", "agent", "target",
+                                                    "state", "containment", "pid", "reason",
+                                                    "command"]))
+    return ExitCode.OK
+
+
+async def cmd_agents(c: AsyncClient, args: argparse.Namespace) -> int:
+    states = await c.agents(timeout=args.timeout)
+    agents = [{"name": a.info.name, "address": a.info.address,
+               "state": "up" if a.up else "unreachable", "instance": a.info.instance,
+               "containment": a.info.containment.value, "version": a.info.version,
+               "last_seen_seconds_ago": round(time.time() - a.info.last_seen, 1)}
+              for a in states]
+    rows = [[a["name"], a["address"], a["state"], a["containment"], a["version"],
+             a["last_seen_seconds_ago"]] for a in agents]
+    emit(args.output, {"agents": agents},
+         table(rows, ["name", "address", "state", "containment", "version", "seen_s_ago"]))
+    return ExitCode.OK
+
+
+async def cmd_orphans(c: AsyncClient, args: argparse.Namespace) -> int:
+    report = await c.orphans(sweep=args.sweep, timeout=args.timeout)
+    orphans = [{"pid": o.pid, "command": o.command, "former_group": o.former_group,
+                "age_seconds": o.age, "found_by": o.found_by, "agent": o.agent,
+                "reaped": o.reaped} for o in report.orphans]
+    rows = [[o.agent, o.pid, o.former_group or "-", round(o.age, 1), o.found_by,
+             "yes" if o.reaped else "no", o.command[:50]] for o in report.orphans]
+    text = table(rows, ["agent", "pid", "former_group", "age_s", "found_by", "reaped", "command"])
+    for agent, why in report.unreachable.items():
+        text += f"\nagent {agent}: unreachable ({why})"
+    emit(args.output, {"orphans": orphans, "unreachable": report.unreachable}, text)
+    return ExitCode.UNREACHABLE if report.unreachable else ExitCode.OK
+
+
+async def cmd_watch(c: AsyncClient, args: argparse.Namespace) -> int:
+    try:
+        async for ev in c.watch(args.session, timeout=args.timeout):
+            d = {"seq": ev.seq, "kind": ev.kind.value, **group_dict(ev.group)}
+            if args.output == "json":
+                print(json.dumps(d), flush=True)
+            else:
+                extra = f" {d['reason']}" if d.get("reason") else ""
+                print(f"{ev.kind.value:<11} {ev.group.view.group_id} {d['label'] or '-'} "
+                      f"{d['agent']} {d['state']}{extra}", flush=True)
+    except TimedOut:
+        return ExitCode.OK  # --timeout: watched for as long as asked
+    return ExitCode.OK
+
+
+async def cmd_keepalive(c: AsyncClient, args: argparse.Namespace) -> int:
+    v = await c.keepalive(args.session, args.ttl, timeout=args.timeout)
+    emit(args.output, session_dict(v), f"session {v.session.session_id}: lease "
+                                       f"{v.session.ttl:g} s")
+    return ExitCode.OK
+
+
+async def cmd_up(c: AsyncClient, args: argparse.Namespace) -> int:
+    plan = args.plan
+    if not args.add:
+        try:
+            existing = await c.session(plan.session, timeout=args.timeout)
+        except NotFound:
+            pass
+        else:
+            live = [g for g in existing.groups if not g.state.ended]
+            if live:
+                print(f"tether up: session {plan.session!r} already has {len(live)} live "
+                      f"group(s); stop it first (`tether stop {plan.session}`) or pass --add "
+                      "to start these beside them; nothing was started", file=sys.stderr)
+                return ExitCode.USAGE
+    gate = asyncio.Semaphore(args.parallel)
+
+    async def start(entry: Any) -> tuple[Any, GroupEntry | None, str, str]:
+        timeout = args.timeout or entry.spec.start_timeout + 60
+        async with gate:
+            try:
+                return entry, await c.spawn(entry.spec, agent=entry.agent, timeout=timeout), "", ""
+            except StartFailed as exc:
+                return entry, getattr(exc, "group", None), "failed", str(exc)
+            except TimedOut:
+                return entry, None, "unknown", (f"no answer within {timeout:g} s: it may be "
+                                                f"running; see `tether show {plan.session}`")
+            except (CoordinatorUnreachable, Unauthenticated):
+                raise  # the coordinator, not this group: main says what to do
+            except TetherError as exc:
+                return entry, None, "refused", str(exc)
+
+    results = await asyncio.gather(*(start(e) for e in plan.groups for _ in range(e.replicas)))
+    rows, out, failed = [], [], 0
+    for entry, g, problem, error in results:
+        label = entry.spec.label or "-"
+        if g is None:
+            failed += 1
+            rows.append(["-", label, problem, error])
+            out.append({"label": label, "state": problem, "error": error})
+            print(f"tether up: {entry.where}: {problem}: {error}", file=sys.stderr)
+            continue
+        d = group_dict(g)
+        out.append(d)
+        if problem:
+            failed += 1
+            print(f"tether up: {entry.where}: start failed ({d.get('failure', 'unknown')}): "
+                  f"{d.get('message', '')}", file=sys.stderr)
+            rows.append([g.view.group_id, label, shown_state(g), d.get("message", "")])
+        else:
+            rows.append([g.view.group_id, label, shown_state(g), g.agent])
+    emit(args.output, {"session": plan.session, "window": plan.window, "groups": out},
+         table(rows, ["group", "label", "state", "agent / message"]))
+    return ExitCode.UNCLEAN if failed else ExitCode.OK
+
+
+COMMANDS: dict[str, Command] = {
+    "spawn": cmd_spawn, "adopt": cmd_adopt, "signal": cmd_signal, "stop": cmd_stop,
+    "sessions": cmd_sessions, "show": cmd_show, "agents": cmd_agents, "orphans": cmd_orphans,
+    "watch": cmd_watch, "keepalive": cmd_keepalive, "up": cmd_up,
+}
+
+
+async def dispatch(args: argparse.Namespace) -> int:
+    async with AsyncClient(args.coordinator, token_file=args.token_file, tls_ca=args.tls_ca,
+                           tls_cert=args.tls_cert, tls_key=args.tls_key,
+                           server_name=args.tls_server_name) as c:
+        return await COMMANDS[args.command](c, args)

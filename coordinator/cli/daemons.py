@@ -1,0 +1,139 @@
+"""Assembling and running the daemons (`serve`, `coordinator`, `agent`) from their options."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from tether.coordinator.cli.exitcodes import CLIError, ExitCode
+
+#: Fields a log record may carry (group log lines, agents) that JSON logs show as fields.
+CONTEXT_FIELDS = ("group", "session", "agent", "pid")
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and context fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+        }
+        for key in CONTEXT_FIELDS:
+            value = getattr(record, key, None)
+            if value not in (None, ""):
+                out[key] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter() if fmt == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    try:
+        root.setLevel(level.upper())
+    except ValueError:
+        raise CLIError(f"--log-level {level!r} is unknown; use DEBUG, INFO or WARNING") from None
+
+
+def _tls(args: argparse.Namespace) -> Any:
+    from tether.rpc.daemon import TLSFiles
+
+    return TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
+
+
+def _auth(args: argparse.Namespace) -> Any:
+    from tether.rpc.security import ServerAuth, load_tokens
+
+    if args.allow_identity and not args.tls_client_ca:
+        raise CLIError("--allow-identity needs --tls-client-ca: identities come from verified "
+                       "client certificates")
+    return ServerAuth(load_tokens(args.token_file), frozenset(args.allow_identity))
+
+
+def _dial(args: argparse.Namespace) -> Any:
+    """How a daemon dials others: its own certificate doubles as its client identity."""
+    from tether.rpc.security import ClientSecurity
+
+    return ClientSecurity(ca=args.tls_ca, cert=args.tls_cert if args.tls_ca else "",
+                          key=args.tls_key if args.tls_ca else "",
+                          token_file=args.client_token_file, server_name=args.tls_server_name)
+
+
+def _agent_config(args: argparse.Namespace, name: str, state_dir: str) -> Any:
+    from tether.agent.run import AgentConfig
+
+    options = {}
+    for item in args.signaller_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CLIError(f"--signaller-option {item!r} is not KEY=VALUE")
+        options[key] = value
+    return AgentConfig(name=name, listen=args.listen, state_dir=state_dir,
+                       coordinator=getattr(args, "coordinator", ""),
+                       advertise=getattr(args, "advertise", ""),
+                       metrics_listen=args.metrics_listen, containment=args.containment,
+                       default_grace=args.default_grace, signaller_options=options,
+                       orphan_reaping=args.orphan_reaping,
+                       tls=_tls(args), insecure=args.insecure, auth=_auth(args),
+                       dial=_dial(args))
+
+
+def run_daemon(args: argparse.Namespace) -> int:
+    # gRPC's fork handlers are for processes that use gRPC on both sides of a fork; ours
+    # exec at once, and the handlers only log noise on every spawn.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    import asyncio
+    import socket
+
+    from tether.coordinator.run import (
+        CoordinatorDaemonConfig,
+        default_state_dir,
+        run_coordinator,
+        run_serve,
+    )
+    from tether.core.errors import TetherError
+    from tether.rpc.daemon import Shutdown, capture_signals
+
+    setup_logging(args.log_level, args.log_format)
+    state_dir = os.path.abspath(args.state_dir or default_state_dir())
+
+    async def main() -> None:
+        shutdown = Shutdown()
+        with capture_signals(shutdown):
+            if args.command == "agent":
+                from tether.agent.run import run_agent
+
+                name = args.name or socket.gethostname()
+                await run_agent(_agent_config(args, name, state_dir), shutdown)
+                return
+            cfg = CoordinatorDaemonConfig(listen=args.listen, state_dir=state_dir,
+                                          metrics_listen=args.metrics_listen, tls=_tls(args),
+                                          insecure=args.insecure, auth=_auth(args),
+                                          dial=_dial(args))
+            if args.command == "coordinator":
+                cfg.agent_ttl = args.agent_ttl
+                await run_coordinator(cfg, shutdown)
+            else:
+                agent_cfg = _agent_config(args, args.agent_name, "")
+                agent_cfg.coordinator = ""
+                await run_serve(cfg, agent_cfg, shutdown)
+
+    try:
+        asyncio.run(main())
+    except (TetherError, RuntimeError, ValueError, OSError) as exc:
+        # A port in use, another agent on the same state directory, a state file that
+        # cannot be read, a certificate that is missing...
+        print(f"tether {args.command}: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    return ExitCode.OK

@@ -1,0 +1,162 @@
+"""The `tether` command line: every command and option, with help for each.
+
+Client options (``--coordinator``, ``-o``, ``--timeout``, TLS and token) may be
+given before or after the command (`tether --coordinator H:P stop S` works like
+`tether stop S --coordinator H:P`): both places parse with suppressed defaults,
+and ``client_defaults`` fills in what neither gave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from tether.coordinator.cli.options import DAEMONS, add_daemon, positive_float
+
+DEFAULT_COORDINATOR = "127.0.0.1:7400"
+CLIENT_COMMANDS = ("spawn", "adopt", "signal", "stop", "sessions", "show", "agents", "orphans",
+                   "watch", "keepalive", "up")
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    s = argparse.SUPPRESS
+    p.add_argument("--coordinator", default=s,
+                   help="coordinator HOST:PORT (default: $TETHER_COORDINATOR or "
+                   f"{DEFAULT_COORDINATOR})")
+    p.add_argument("-o", "--output", choices=["table", "json"], default=s,
+                   help="output format (default: table)")
+    p.add_argument("--timeout", type=positive_float, default=s,
+                   help="give up after this many seconds (default: per command)")
+    p.add_argument("--tls-ca", default=s, help="dial the coordinator over TLS, trusting this "
+                   "CA (default: $TETHER_TLS_CA; none: plaintext)")
+    p.add_argument("--tls-cert", default=s, help="client certificate for mTLS "
+                   "(default: $TETHER_TLS_CERT)")
+    p.add_argument("--tls-key", default=s, help="client key for mTLS (default: $TETHER_TLS_KEY)")
+    p.add_argument("--tls-server-name", default=s, help="name to verify in the coordinator's "
+                   "certificate, when it differs from the address")
+    p.add_argument("--token-file", default=s, help="send the bearer token in this file "
+                   "(default: $TETHER_TOKEN_FILE)")
+
+
+def client_defaults(args: argparse.Namespace) -> None:
+    """Fill in client options neither before nor after the command gave."""
+    env = os.environ.get
+    defaults: dict[str, Any] = {
+        "coordinator": env("TETHER_COORDINATOR") or DEFAULT_COORDINATOR, "output": "table",
+        "timeout": None, "tls_ca": env("TETHER_TLS_CA", ""),
+        "tls_cert": env("TETHER_TLS_CERT", ""), "tls_key": env("TETHER_TLS_KEY", ""),
+        "tls_server_name": env("TETHER_TLS_SERVER_NAME", ""),
+        "token_file": env("TETHER_TOKEN_FILE", ""),
+    }
+    for key, value in defaults.items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tether",
+        description="When a session ends, every process that belonged to it dies, on every "
+        "host, and tether proves it.",
+        epilog="Client commands talk to a coordinator (--coordinator, $TETHER_COORDINATOR, "
+        f"default {DEFAULT_COORDINATOR}). Exit status: 0 ok, 1 not clean, 2 usage, "
+        "3 unknown session/agent, 4 unreachable.",
+    )
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    _client_options(p)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def client(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        _client_options(sp)
+        return sp
+
+    for daemon in DAEMONS:
+        add_daemon(sub, daemon)
+
+    sp = client("spawn", "Start a process group in a session; prints its id once running.")
+    sp.add_argument("--session", required=True, help="session name (created on first use)")
+    sp.add_argument("--window", default="", help="window within the session")
+    sp.add_argument("--label", default="", help="a short name for the group, e.g. web")
+    sp.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
+                    help="free-form labels (repeatable)")
+    sp.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment variable for the child (repeatable); the child gets only "
+                    "these (plus TETHER_GROUP) unless --inherit-env")
+    sp.add_argument("--inherit-env", action="store_true",
+                    help="start from the agent's environment")
+    sp.add_argument("--cwd", default="", help="working directory (absolute)")
+    sp.add_argument("--log", default="", help="append stdout and stderr to this file")
+    sp.add_argument("--grace", type=positive_float, default=None,
+                    help="seconds between the stop signal and SIGKILL (default 5)")
+    sp.add_argument("--stop-signal", default=None, help="stop signal (default TERM)")
+    sp.add_argument("--stop-order", type=int, default=0,
+                    help="session stops run lower orders first (default 0)")
+    sp.add_argument("--ready", default="",
+                    help="readiness probe: tcp:PORT, http://URL, log:REGEX or exec:COMMAND")
+    sp.add_argument("--start-timeout", type=positive_float, default=None,
+                    help="seconds to become ready (default 30)")
+    sp.add_argument("--probe-timeout", type=positive_float, default=None,
+                    help="timeout of one exec: probe run (default 5)")
+    sp.add_argument("--target", default="local",
+                    help="local (default), docker:CONTAINER or ssh:[USER@]HOST[:PORT]")
+    sp.add_argument("--agent", default="", help="agent to run it on (default: the only or "
+                    "local one)")
+    sp.add_argument("--orphan-policy", choices=["kill", "keep"], default="kill",
+                    help="if the agent dies: kill the group (default) or keep it for re-adoption")
+    sp.add_argument("--owns-target", action="store_true",
+                    help="docker: the container belongs to this group and may be killed "
+                    "as a last resort")
+    sp.add_argument("--idempotency-key", default="",
+                    help="a retried spawn with the same key returns the first group")
+    sp.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
+
+    sp = client("adopt", "Hand a running process tree to an agent.")
+    sp.add_argument("--session", required=True, help="session name (created on first use)")
+    sp.add_argument("--agent", default="", help="agent on the process's host (default: the only "
+                    "or local one)")
+    sp.add_argument("--pid", type=int, required=True,
+                    help="leader of the tree to adopt; its descendants come with it")
+    sp.add_argument("--label", default="", help="a short name for the group")
+    sp.add_argument("--grace", type=positive_float, default=None,
+                    help="seconds between the stop signal and SIGKILL (default 5)")
+    sp.add_argument("--orphan-policy", choices=["kill", "keep"], default="kill",
+                    help="if the agent dies: kill the group (default) or keep it for re-adoption")
+
+    sp = client("signal", "Send a signal to every process of a session.")
+    sp.add_argument("session", help="session name")
+    sp.add_argument("signal", help="TERM, INT, HUP, USR1, ... or a number")
+
+    sp = client("stop", "Stop a session; blocks until every group has an exit record.")
+    sp.add_argument("session", help="session name")
+    sp.add_argument("--grace", type=positive_float, default=None,
+                    help="override every group's grace (seconds)")
+
+    client("sessions", "List sessions.").add_argument(
+        "--all", action="store_true", help="include stopped sessions")
+    client("show", "Show a session and its groups.").add_argument("session", help="session name")
+    client("agents", "List agents and whether they are up.")
+    client("orphans", "List orphans (marked processes of no live group) on every agent.") \
+        .add_argument("--sweep", action="store_true", help="reap them now (per agent policy)")
+    client("watch", "Stream a session's state changes and exit records.").add_argument(
+        "session", help="session name")
+    sp = sub.add_parser("config", help="Validate a TOML config file.",
+                        description="Validate a TOML config file: tables [serve], [agent], "
+                        "[coordinator], each holding options named like the daemon's flags "
+                        "(tls_cert, state_dir, ...).")
+    sp.add_argument("action", choices=["check"], help="check: validate FILE")
+    sp.add_argument("file", help="the TOML file")
+    sp = client("up", "Start every group a TOML session file lists (see README: Session "
+                "files); prints one line per group.")
+    sp.add_argument("file", help="the session file")
+    sp.add_argument("--session", default="", help="session name (default: the file's session)")
+    sp.add_argument("--add", action="store_true",
+                    help="start the groups even if the session already has live ones")
+    sp.add_argument("--parallel", type=int, default=32,
+                    help="spawns in flight at once (default 32)")
+    sp = client("keepalive", "Renew (or set) a session's lease.")
+    sp.add_argument("session", help="session name")
+    sp.add_argument("--ttl", type=positive_float, required=True,
+                    help="the session stops if not renewed within this many seconds")
+    return p

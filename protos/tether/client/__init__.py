@@ -1,0 +1,17 @@
+"""The Python SDK: ``Client`` (blocking) and ``AsyncClient`` (asyncio) for a tether
+coordinator, typed values in and out (``tether.core``), errors as exceptions.
+
+    from tether.client import Client
+
+    with Client("127.0.0.1:7400") as c:
+        g = c.spawn(["python3", "-m", "http.server", "8000"], session="web",
+                    ready="tcp:8000", label="web")
+        report = c.stop("web")
+        assert report.clean
+"""
+
+from tether.client.aio import AsyncClient, CoordinatorUnreachable, TimedOut
+from tether.client.spec import build_spec
+from tether.client.sync import Client
+
+__all__ = ["AsyncClient", "Client", "CoordinatorUnreachable", "TimedOut", "build_spec"]

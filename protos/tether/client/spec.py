@@ -1,0 +1,55 @@
+"""Build a ``GroupSpec`` from plain Python values: the one spec builder of every client.
+
+The CLI's `tether spawn`, `tether up` files and SDK users all come through
+``build_spec``; the result is validated by the model itself (the same rules the
+agent applies), so a mistake is refused before anything is sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+
+from tether.core.errors import InvalidSpec
+from tether.core.model import (
+    DEFAULT_START_TIMEOUT,
+    GroupSpec,
+    OrphanPolicy,
+    Probe,
+    StopOverride,
+    check_grace,
+    check_seconds,
+    parse_signal,
+)
+
+
+def build_spec(argv: Sequence[str], *, session: str = "", window: str = "", label: str = "",
+               env: Mapping[str, str] | None = None, inherit_env: bool = False, cwd: str = "",
+               log: str = "", grace: float | None = None, stop_signal: str | None = None,
+               stop_order: int = 0, ready: str = "", start_timeout: float | None = None,
+               probe_timeout: float | None = None, target: str = "local",
+               orphan_policy: str = "kill", owns_target: bool = False,
+               labels: Mapping[str, str] | None = None) -> GroupSpec:
+    """A validated spec; raises ``InvalidSpec`` naming the field and what to give instead."""
+    if isinstance(argv, str):
+        raise InvalidSpec("argv must be a list of strings (the command and its arguments), "
+                          "not one string: no shell parses it", field="argv")
+    try:
+        policy = OrphanPolicy(orphan_policy)
+    except ValueError:
+        raise InvalidSpec(f"orphan policy {orphan_policy!r} is unknown; use kill or keep",
+                          field="orphan_policy") from None
+    if grace is not None:
+        check_grace(grace)
+    if probe_timeout is not None:
+        check_seconds(probe_timeout, "probe timeout", "probe_timeout", allow_zero=False,
+                      high=3600)
+    return GroupSpec(
+        argv=tuple(argv), cwd=cwd, env=MappingProxyType(dict(env or {})),
+        inherit_env=inherit_env, log_path=log,
+        ready=Probe.parse(ready, timeout=probe_timeout) if ready else None,
+        start_timeout=DEFAULT_START_TIMEOUT if start_timeout is None else start_timeout,
+        stop=StopOverride(parse_signal(stop_signal) if stop_signal else None, grace),
+        orphan_policy=policy, label=label, labels=MappingProxyType(dict(labels or {})),
+        session_id=session, window=window, stop_order=stop_order, target=target or "local",
+        owns_target=owns_target)

@@ -1,0 +1,108 @@
+"""``Client``: the same API as ``AsyncClient`` for programs without an event loop.
+
+Calls run on a private event loop in a background thread; each method blocks until
+its call is done and raises what the async call raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Iterator, Sequence
+from typing import Any, TypeVar
+
+from tether.client.aio import AsyncClient
+from tether.core.model import GroupSpec
+from tether.core.sessions import (
+    AgentState,
+    GroupEntry,
+    OrphanReport,
+    SessionEvent,
+    SessionReport,
+    SessionView,
+)
+
+T = TypeVar("T")
+
+
+class Client:
+    """``with Client() as c: c.spawn(["sleep", "60"], session="s")``."""
+
+    def __init__(self, address: str | None = None, **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="tether-client",
+                                        daemon=True)
+        self._thread.start()
+        self._async = self._run(_make(address, options))
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._run(self._async.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    @property
+    def aio(self) -> AsyncClient:
+        return self._async
+
+    def spawn(self, argv: Sequence[str] | GroupSpec, **kw: Any) -> GroupEntry:
+        return self._run(self._async.spawn(argv, **kw))
+
+    def adopt(self, pid: int, **kw: Any) -> GroupEntry:
+        return self._run(self._async.adopt(pid, **kw))
+
+    def signal(self, session: str, signal: str, **kw: Any) -> SessionReport:
+        return self._run(self._async.signal(session, signal, **kw))
+
+    def stop(self, session: str, **kw: Any) -> SessionReport:
+        return self._run(self._async.stop(session, **kw))
+
+    def session(self, session: str, **kw: Any) -> SessionView:
+        return self._run(self._async.session(session, **kw))
+
+    def sessions(self, **kw: Any) -> list[SessionView]:
+        return self._run(self._async.sessions(**kw))
+
+    def create_session(self, session: str, **kw: Any) -> SessionView:
+        return self._run(self._async.create_session(session, **kw))
+
+    def keepalive(self, session: str, ttl: float, **kw: Any) -> SessionView:
+        return self._run(self._async.keepalive(session, ttl, **kw))
+
+    def agents(self, **kw: Any) -> list[AgentState]:
+        return self._run(self._async.agents(**kw))
+
+    def orphans(self, **kw: Any) -> OrphanReport:
+        return self._run(self._async.orphans(**kw))
+
+    def watch(self, session: str, **kw: Any) -> Iterator[SessionEvent]:
+        stream = self._async.watch(session, **kw)
+
+        async def next_event() -> SessionEvent:
+            return await anext(stream)
+
+        async def close() -> None:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+        try:
+            while True:
+                try:
+                    yield self._run(next_event())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(close())
+
+
+async def _make(address: str | None, options: dict[str, Any]) -> AsyncClient:
+    return AsyncClient(address, **options)
