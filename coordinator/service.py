@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 
 from tether.coordinator.core import Coordinator
-from tether.core.audit import MAX_READ, AuditLog
+from tether.core.audit import MAX_READ, AuditEntry, AuditLog
 from tether.core.errors import InvalidSpec, NotFound
 from tether.core.model import Containment, check_name
 from tether.core.sessions import AgentInfo
@@ -156,7 +156,10 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
             raise NotFound("this coordinator keeps no audit log")
         since = request.since.ToNanoseconds() / 1e9 if request.HasField("since") else 0.0
         for entry in await self.audit.read(since, request.limit or 1000):
-            yield audit_event_to_pb(entry)
+            try:
+                yield audit_event_to_pb(AuditEntry.from_dict(entry))
+            except (KeyError, ValueError, TypeError):
+                continue  # a line written by hand, or by a newer tether
 
 
 def add_to_server(server: grpc.aio.Server, servicer: CoordinatorServicer) -> None:

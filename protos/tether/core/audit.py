@@ -22,7 +22,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,45 @@ BACKUPS = 5
 MAX_READ = 100_000
 
 _STOP = object()
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One audited call, as the API and the SDK return it (the file holds it as JSON)."""
+
+    time: float
+    method: str
+    role: str
+    credential: str
+    result: str
+    proof: str = ""
+    peer: str = ""
+    message: str = ""
+    session: str = ""
+    group: str = ""
+    agent: str = ""
+    details: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AuditEntry:
+        details = d.get("details")
+        return cls(parse_time(str(d["time"])), str(d.get("method", "")), str(d.get("role", "")),
+                   str(d.get("credential", "")), str(d.get("result", "")),
+                   str(d.get("proof", "")), str(d.get("peer", "")), str(d.get("message", "")),
+                   str(d.get("session", "")), str(d.get("group", "")), str(d.get("agent", "")),
+                   {str(k): str(v) for k, v in details.items()}
+                   if isinstance(details, Mapping) else {})
+
+    def to_dict(self) -> dict[str, Any]:
+        """As in the file: ``time`` in ISO 8601 UTC, empty fields left out."""
+        out: dict[str, Any] = {"time": timestamp(self.time)}
+        for name in ("method", "role", "credential", "proof", "peer", "result", "session",
+                     "group", "agent", "message"):
+            if getattr(self, name):
+                out[name] = getattr(self, name)
+        if self.details:
+            out["details"] = dict(self.details)
+        return out
 
 
 def timestamp(at: float) -> str:
@@ -129,20 +169,25 @@ class AuditLog:
                 except queue.Empty:
                     break
             try:
-                if lines:
+                chunk = bytearray()
+                for line in lines:
+                    data = (line + "\n").encode()
                     if fd < 0:
                         fd = open_private(self.path)
                         size = os.fstat(fd).st_size
-                    data = "".join(line + "\n" for line in lines).encode()
-                    if size and size + len(data) > self.max_bytes:
+                    if size + len(chunk) and size + len(chunk) + len(data) > self.max_bytes:
+                        _write_all(fd, bytes(chunk))  # what fits, then a new file
                         os.fsync(fd)
                         os.close(fd)
                         fd = -1
+                        chunk.clear()
                         self._rotate()
                         fd = open_private(self.path)
                         size = 0
-                    _write_all(fd, data)
-                    size += len(data)
+                    chunk += data
+                if chunk:
+                    _write_all(fd, bytes(chunk))
+                    size += len(chunk)
             except OSError as exc:
                 self.write_errors += 1
                 log.error("cannot write the audit log %s: %s; %d entries are only in this "

@@ -30,6 +30,7 @@ import contextvars
 import enum
 import functools
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -452,10 +453,11 @@ _DETAIL_FIELDS = ("address", "signal", "pid", "start_time", "sweep", "idempotenc
 _MAX_VALUE = 256
 
 
-def _short(value: Any) -> Any:
-    if isinstance(value, str) and len(value) > _MAX_VALUE:
-        return value[:_MAX_VALUE] + "..."
-    return value
+def _short(value: Any) -> str:
+    """A field's value as the audit log keeps it: text (``true``, ``15``), at most 256
+    characters."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text[:_MAX_VALUE] + "..." if len(text) > _MAX_VALUE else text
 
 
 def audit_fields(request: Any, response: Any = None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from tether.core.audit import AuditEntry
 from tether.core.errors import InvalidSpec
 from tether.core.model import (
     DEFAULT_START_TIMEOUT,
@@ -352,17 +353,14 @@ def orphan_from_pb(msg: pb.Orphan) -> Orphan:
                   msg.reaped, agent=msg.agent)
 
 
-def audit_event_to_pb(entry: dict[str, Any]) -> cpb.AuditEvent:
-    """An audit log line (``tether.core.audit``) as the API returns it."""
-    from tether.core.audit import parse_time
+def audit_event_to_pb(e: AuditEntry) -> cpb.AuditEvent:
+    return cpb.AuditEvent(time=ts(e.time), method=e.method, role=e.role,
+                          credential=e.credential, proof=e.proof, peer=e.peer, result=e.result,
+                          message=e.message, session_id=e.session, group_id=e.group,
+                          agent=e.agent, details=dict(e.details))
 
-    details = entry.get("details")
-    return cpb.AuditEvent(
-        time=ts(parse_time(str(entry["time"]))), method=str(entry.get("method", "")),
-        role=str(entry.get("role", "")), credential=str(entry.get("credential", "")),
-        proof=str(entry.get("proof", "")), peer=str(entry.get("peer", "")),
-        result=str(entry.get("result", "")), message=str(entry.get("message", "")),
-        session_id=str(entry.get("session", "")), group_id=str(entry.get("group", "")),
-        agent=str(entry.get("agent", "")),
-        details={str(k): str(v) for k, v in details.items()} if isinstance(details, dict)
-        else {})
+
+def audit_event_from_pb(msg: cpb.AuditEvent) -> AuditEntry:
+    return AuditEntry(seconds(msg.time), msg.method, msg.role, msg.credential, msg.result,
+                      msg.proof, msg.peer, msg.message, msg.session_id, msg.group_id, msg.agent,
+                      dict(msg.details))
