@@ -370,12 +370,3 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
             return wrap_handler(handler, nothing, None, prepare_item=decoded)
         return wrap_handler(handler, decoded, None)
 
-
-def __getattr__(name: str) -> Any:
-    """Names that moved to ``tether.rpc.auth`` (roles and the server interceptor), for
-    importers written before; imported lazily, as ``auth`` imports this module."""
-    if name in ("ServerAuth", "AuthInterceptor", "load_tokens"):
-        from tether.rpc import auth
-
-        return getattr(auth, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
