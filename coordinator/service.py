@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,8 +36,25 @@ STOP_ANSWER_WITHIN = 300.0
 MAX_PID = 2**31
 
 
+#: What a registration may give as its address: HOST:PORT (a DNS name, an IPv4 address
+#: or a bracketed IPv6 one), never a gRPC target scheme (unix:, dns:///...) that would
+#: have the coordinator dial somewhere else than a TCP port.
+AGENT_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}))"
+                           r":([1-9][0-9]{0,4})")
+
+
+def check_address(address: str) -> str:
+    m = AGENT_ADDRESS.fullmatch(address)
+    if m is None or int(m[2]) > 65535:
+        raise InvalidSpec(f"agent address {address!r} is not HOST:PORT (a host name, an IPv4 "
+                          "address or [an IPv6 one], and a port 1-65535); give the address "
+                          "the coordinator should dial (--advertise)", field="address")
+    return address
+
+
 def agent_info(req: cpb.RegisterAgentRequest, credential: str) -> AgentInfo:
     check_name(req.name, "agent name")
+    check_address(req.address)
     return AgentInfo(req.name, req.address,
                      CONTAINMENT_FROM_PB.get(req.containment, Containment.PGID), req.version,
                      req.epoch, instance=req.instance, credential=credential)

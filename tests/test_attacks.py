@@ -75,6 +75,10 @@ async def test_1_an_agent_token_cannot_register_another_name(tmp_path: Path) -> 
         assert code == DENIED, why
         assert "a1" in why and "evil" in why
         assert "evil" not in await agents(c.address, admin)
+        # Its own name, but an address that is no TCP port (a gRPC target scheme).
+        code, why = await call(c.address, C + "RegisterAgent", cpb.RegisterAgentRequest(
+            name="a1", address="unix:/var/run/docker.sock", epoch="e"), a1)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "HOST:PORT" in why
         await orphans(c.address, admin)
         assert fake.seen == [], "the coordinator dialed a name nobody may register"
     finally:
@@ -343,6 +347,19 @@ def test_5_a_non_loopback_listener_needs_authentication_not_only_tls(tmp_path: P
                                      str(tmp_path / "c3"), *tls, "--token-file", t.file()],
                      tmp_path, name="c3")
     stop_daemon(d)
+
+
+def test_a_second_daemon_on_a_coordinators_state_directory_is_refused(tmp_path: Path) -> None:
+    """Two coordinators on one state directory would share its database and its stop
+    intents, each acting on the other's."""
+    c = coordinator(tmp_path)
+    try:
+        for kind in ("coordinator", "serve"):
+            err = refused_start(kind, ["--listen", "127.0.0.1:0", "--state-dir",
+                                       str(tmp_path / "c")], tmp_path)
+            assert f"another coordinator (pid {c.proc.pid})" in err and "--state-dir" in err
+    finally:
+        stop_daemon(c)
 
 
 # ------------------------------------------------------------------ 6: private state
