@@ -290,7 +290,14 @@ class Kinds(grpc.GenericRpcHandler):  # type: ignore[misc]
             async for r in requests:
                 yield role() + b":" + r
 
+        def strict(raw: bytes) -> bytes:  # a request type that refuses some bytes
+            if raw == b"bad":
+                raise ValueError("not a request")
+            return raw
+
         handlers = {"UnaryUnary": grpc.unary_unary_rpc_method_handler(unary_unary),
+                    "Decoded": grpc.stream_stream_rpc_method_handler(
+                        stream_stream, request_deserializer=strict),
                     "Whoami": grpc.unary_unary_rpc_method_handler(whoami),
                     "Forever": grpc.unary_stream_rpc_method_handler(forever),
                     "UnaryStream": grpc.unary_stream_rpc_method_handler(unary_stream),
@@ -431,6 +438,26 @@ async def test_a_client_gone_mid_stream_is_audited_and_the_server_goes_on(
     # A client that half-closes and one that goes away look alike to a request stream's
     # reader (its requests just end): that call is recorded once, however it ended.
     assert len(await ended()) == 3
+
+
+async def test_a_malformed_message_in_a_request_stream_is_invalid_argument(
+        kinds_server: tuple[str, dict[str, ClientSecurity], AuditLog, Kinds, CA]) -> None:
+    """The malformed-request check covers each message of a request stream, after the
+    caller was admitted."""
+    address, dials, _, _, _ = kinds_server
+    async with dials["admin"].channel(address) as channel:
+        call = channel.stream_stream(KINDS + "Decoded")(timeout=10)
+        headers = await call.initial_metadata()
+        assert dict(headers)[ADMITTED_HEADER] == "admin"
+        await call.write(b"ok")
+        assert await call.read() == b"admin:ok"
+        await call.write(b"bad")
+        assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed request" in await call.details()
+    async with dials["reader-cert"].channel(address) as channel:
+        call = channel.stream_stream(KINDS + "Decoded")(timeout=10)
+        await call.initial_metadata()
+        assert await call.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 # ------------------------------------------------------------------ hostile credentials
