@@ -203,6 +203,11 @@ async def test_2_a_live_agents_name_and_heartbeat_belong_to_its_credential(
                 name="a1", epoch=real.epoch), who)
             assert code == DENIED, why
         assert (await agents(c.address, admin))["a1"].address == real.address
+        # Its own credential takes the name over while it is up: a restarted agent.
+        code, why = await call(c.address, C + "RegisterAgent", cpb.RegisterAgentRequest(
+            name="a1", address=real.address, epoch="restarted"), a1)
+        assert code == grpc.StatusCode.OK, why
+        assert (await agents(c.address, admin))["a1"].epoch == "restarted"
 
         # The real agent still works: a spawn reaches it, a stop ends it.
         cli = ["--token-file", admin.token_file]
