@@ -154,16 +154,17 @@ class Rule:
         return self.audit
 
     def needs(self) -> str:
-        return " or ".join("agent:NAME" if k is RoleKind.AGENT else k.value
-                           for k in RoleKind if k in self.roles)
+        names = ["agent:NAME" if k is RoleKind.AGENT else k.value
+                 for k in RoleKind if k in self.roles]
+        return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
     def check(self, method: str, caller: Caller, request: Any) -> None:
         role = caller.role
         if role.kind is not RoleKind.ADMIN and role.kind not in self.roles:
             raise PermissionDenied(
                 f"{method}: {caller} may not call it; it needs the role {self.needs()}. "
-                "Use a credential with one of those roles (a token file line `TOKEN ROLE`, "
-                "or --allow-identity CN=ROLE)")
+                f"Use a credential with {'that role' if len(self.roles) == 1 else 'one of those'}"
+                " (a token file line `TOKEN ROLE`, or --allow-identity CN=ROLE)")
         if role.kind is RoleKind.AGENT:
             name = self.agent_name(request) if self.agent_name and request is not None else None
             if name != role.agent:
@@ -559,8 +560,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         ways = "a bearer token from its --token-file" if self.auth.tokens else ""
         if self.auth.identities:
             ways += (" or " if ways else "") + "a client certificate of an allowed identity"
-        return (f"{method}: not authenticated ({why}); {self.service} accepts {ways} "
-                "(CLI: --token-file or TETHER_TOKEN_FILE; --tls-cert/--tls-key)")
+        cli = "--token-file or TETHER_TOKEN_FILE" if self.auth.tokens else ""
+        if self.auth.identities:
+            cli += ("; " if cli else "") + "--tls-cert/--tls-key"
+        return f"{method}: not authenticated ({why}); {self.service} accepts {ways} (CLI: {cli})"
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = await continuation(details)
