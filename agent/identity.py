@@ -19,14 +19,13 @@ directory (tests, embedding) gets a fresh random instance.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from tether.core.errors import TetherError
-from tether.core.private import open_private, private_dir
+from tether.core.private import StateDirBusy, lock_private, open_private, private_dir
 from tether.signallers.cgroups import safe_name
 
 _ID = re.compile(r"[0-9a-f]{8,32}\Z")
@@ -60,18 +59,13 @@ def claim(state_dir: str, name: str) -> Instance:
     """Lock this agent's name in ``state_dir`` and return its (persistent) instance."""
     d = private_dir(state_dir)
     base = d / f"agent-{safe_name(name)}"
-    fd = open_private(f"{base}.lock", os.O_RDWR)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
+        fd = lock_private(f"{base}.lock", "agent")
+    except StateDirBusy as exc:
         raise InstanceBusy(
-            f"another agent (pid {holder}) already runs with name {name!r} and state directory "
-            f"{state_dir}; stop it, or give this one another --state-dir (or another name)"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            f"another agent (pid {exc.holder}) already runs with name {name!r} and state "
+            f"directory {state_dir}; stop it, or give this one another --state-dir (or another "
+            "name)") from None
     return Instance(name, _instance_id(Path(f"{base}.instance")), fd)
 
 

@@ -26,13 +26,15 @@ from tether.agent.metrics import AgentMetrics, serve_metrics
 from tether.agent.orphans import OrphanReaper
 from tether.agent.service import AgentServicer, add_to_server
 from tether.agent.state import AgentStore
+from tether.core.audit import AuditLog
 from tether.core.errors import TetherError
 from tether.core.model import Containment, GroupView, OrphanPolicy, spec_from_dict
 from tether.core.sessions import Orphan
 from tether.core.tasks import TaskSet
+from tether.rpc.auth import ServerAuth
 from tether.rpc.convert import CONTAINMENT_TO_PB
 from tether.rpc.daemon import Shutdown, TLSFiles, start_server
-from tether.rpc.security import AuthInterceptor, ClientSecurity, ServerAuth
+from tether.rpc.security import ClientSecurity
 from tether.signallers.base import Reattach, SignallerContext
 from tether.signallers.cgroups import safe_name
 from tether.signallers.local import LocalSignaller
@@ -229,7 +231,8 @@ class AgentRuntime:
             containment=CONTAINMENT_TO_PB[self.local.containment], epoch=self.epoch,
             instance=self.instance.marker)
         backoff = 0.2
-        async with self.config.dial.channel(self.config.coordinator) as channel:
+        dial = self.config.dial.loaded()  # read the token once, checked as a daemon's
+        async with dial.channel(self.config.coordinator) as channel:
             stub = cgrpc.CoordinatorServiceStub(channel)
             while True:
                 try:
@@ -304,12 +307,16 @@ class AgentRuntime:
 
 async def run_agent(config: AgentConfig, shutdown: Shutdown,
                     started: asyncio.Future[AgentRuntime] | None = None) -> None:
+    config.dial = config.dial.loaded()  # a bad client token file stops the start-up here
     runtime = AgentRuntime(config)
     server = None
+    audit: AuditLog | None = None
     try:
+        # Lifecycle calls on this agent, whoever makes them, in its state directory.
+        audit = AuditLog(Path(config.state_dir) / "audit.jsonl" if config.state_dir else None)
         server, runtime.port, _ = await start_server(
             config.listen, runtime.registrations(), ["tether.v1.AgentService"], config.tls,
-            config.insecure, [AuthInterceptor(config.auth, "this agent")])
+            config.insecure, auth=config.auth, audit=audit, label="this agent")
         await runtime.start_metrics()
         # Recover and sweep before announcing: a client must not race the first sweep.
         await runtime.start_background()
@@ -322,6 +329,8 @@ async def run_agent(config: AgentConfig, shutdown: Shutdown,
         await shutdown.requested.wait()
     finally:
         await shutdown_with_escalation(runtime, server, shutdown)
+        if audit is not None:
+            await audit.aclose()
 
 
 async def shutdown_with_escalation(runtime: AgentRuntime, server: Any,

@@ -22,6 +22,7 @@ from tether.core.errors import (
     AgentNotFound,
     InvalidSpec,
     NotFound,
+    PermissionDenied,
     TetherError,
 )
 from tether.core.sessions import AgentInfo, AgentState
@@ -108,9 +109,26 @@ class Agents:
     def register(self, info: AgentInfo, *, client: AgentClient | None = None,
                  always_up: bool = False) -> bool:
         """Register (or re-register) an agent. ``client``/``always_up``: the agent lives in
-        this process. Returns True when the agent restarted (a new epoch)."""
+        this process. Returns True when the agent restarted (a new epoch).
+
+        A name is bound to the credential that registered it (``info.credential``): while
+        its agent is up, another credential cannot take it (``PermissionDenied``); the same
+        credential can (a restarted agent, a new address). An agent silent past the TTL
+        may be taken over by another credential allowed that name (a rotated token)."""
         info = info.seen()
         old = self.links.get(info.name)
+        if old is not None and old.info.credential \
+                and old.info.credential != info.credential:
+            if self.up(old):
+                raise PermissionDenied(
+                    f"agent name {info.name!r} belongs to another credential "
+                    f"({old.info.credential}, at {old.info.address}) and that agent is up; "
+                    f"a restarted agent registers with its own credential. If the name moved "
+                    f"to a new credential, stop the old agent: its name is free once it has "
+                    f"been silent for {self.c.config.agent_ttl:g} s")
+            log.warning("agent %r: taken over by credential %s from %s, silent for %.0f s",
+                        info.name, info.credential, old.info.credential,
+                        time.time() - old.info.last_seen)
         restarted = old is not None and old.info.epoch != info.epoch
         if old is not None and old.info.address == info.address and client is None \
                 and not old.always_up:
@@ -138,8 +156,14 @@ class Agents:
             self.c.tasks.spawn(link.client.close(), f"close-{link.name}")
             link.client = None
 
-    def heartbeat(self, name: str, epoch: str) -> bool:
+    def heartbeat(self, name: str, epoch: str, credential: str) -> bool:
+        """An agent says it is alive. Only the credential its name is bound to can say so
+        (an epoch is no secret: ``ListAgents`` shows it). False: register again."""
         link = self.links.get(name)
+        if link is not None and link.info.credential and link.info.credential != credential:
+            raise PermissionDenied(
+                f"heartbeat for agent {name!r}: its name belongs to another credential "
+                f"({link.info.credential}); only that agent's own credential keeps it up")
         if link is None or link.info.epoch != epoch:
             return False
         link.info = link.info.seen()

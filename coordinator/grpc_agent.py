@@ -2,12 +2,21 @@
 
 Deadlines on every call, HTTP/2 keepalives (a dead path is found in seconds), TLS and
 the coordinator's credential; protobuf converted here and nowhere deeper.
+
+The coordinator's token is a key to every agent, and an agent's address is whatever
+its registration said. So the token goes only where the other end is verified as that
+agent: under TLS, the agent's certificate must carry the agent's name (the coordinator
+dials expecting it, unless ``--tls-server-name`` says all agents share one name); in
+plaintext, only to a loopback address (logged). Elsewhere the coordinator dials without
+its token, and an agent that requires one refuses with a message saying why.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 
 import grpc
 
@@ -22,10 +31,13 @@ from tether.rpc.convert import (
     override_to_pb,
     spec_to_pb,
 )
+from tether.rpc.daemon import is_loopback
 from tether.rpc.security import ClientSecurity
 from tether.rpc.status import error_from_rpc
 from tether.v1 import agent_pb2 as apb
 from tether.v1 import agent_pb2_grpc as agrpc
+
+log = logging.getLogger("tether.coordinator.dial")
 
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 2000),
@@ -35,20 +47,54 @@ CHANNEL_OPTIONS = [
 ]
 
 
+def toward_agent(dial: ClientSecurity, name: str, address: str) -> tuple[ClientSecurity, str]:
+    """How to dial agent ``name`` at ``address`` (a registration's word): with the
+    coordinator's token only where the far end is verified as that agent. Returns the
+    settings and, when the token is held back, why (for the log and for errors)."""
+    # Keepalive pings find a dead path (a partition, a pulled cable) in seconds, so
+    # retries reconnect instead of waiting on TCP retransmission timers.
+    dial = replace(dial, options=[*dial.options, *CHANNEL_OPTIONS])
+    if dial.tls:
+        # The handshake fails unless the certificate names the agent: the token (sent
+        # after it) never reaches anyone else.
+        return replace(dial, server_name=dial.server_name or name), ""
+    if not dial.has_token:
+        return dial, ""
+    if is_loopback(address):
+        log.info("agent %r at %s: sending this coordinator's token over plaintext loopback; "
+                 "the address is not verified as that agent (with --tls-ca it would be)",
+                 name, address)
+        return dial, ""
+    why = (f"this coordinator sends its token to agent {name!r} only over TLS, verifying the "
+           f"agent's certificate, or to a loopback address; {address} is neither, so it "
+           "dialed without the token: give the coordinator --tls-ca and the agent a "
+           "certificate naming it")
+    log.warning("agent %r at %s: not sending this coordinator's token (%s)", name, address,
+                "plaintext to a non-loopback address cannot be verified as that agent")
+    return dial.without_token(), why
+
+
 class GrpcAgentClient(AgentClient):
     def __init__(self, name: str, address: str, dial: ClientSecurity) -> None:
         self.name = name
         self.address = address
-        # Keepalive pings find a dead path (a partition, a pulled cable) in seconds, so
-        # retries reconnect instead of waiting on TCP retransmission timers.
-        security = ClientSecurity(dial.ca, dial.cert, dial.key, dial.token_file,
-                                  dial.server_name, CHANNEL_OPTIONS, dial.token)
+        security, self._held_back = toward_agent(dial, name, address)
+        self._tls = security.tls
         self._channel = security.channel(address)
         self._stub = agrpc.AgentServiceStub(self._channel)
 
     def _error(self, exc: grpc.aio.AioRpcError) -> TetherError:
-        return error_from_rpc(exc.code(), exc.details() or exc.code().name,
-                              agent=(self.name, self.address))
+        details = exc.details() or exc.code().name
+        if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) \
+                and self._held_back:
+            details = f"{details}; {self._held_back}"
+        elif self._tls and exc.code() == grpc.StatusCode.UNAVAILABLE and any(
+                hint in details.lower() for hint in ("peer name", "handshake",
+                                                      "hostname verification")):
+            details = (f"{details}; the coordinator verifies that agent {self.name!r}'s "
+                       f"certificate names {self.name!r} (a DNS subject alternative name): "
+                       "issue it so, or give --tls-server-name if all agents share one name")
+        return error_from_rpc(exc.code(), details, agent=(self.name, self.address))
 
     async def spawn(self, spec: GroupSpec, *, key: str, group_id: str,
                     timeout: float) -> GroupView:

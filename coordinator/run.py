@@ -20,10 +20,12 @@ from tether.coordinator.metrics import CoordinatorMetrics
 from tether.coordinator.service import CoordinatorServicer, add_to_server
 from tether.coordinator.sqlite_store import SQLiteStore
 from tether.coordinator.store import Store
-from tether.core.private import exposed, private_dir
+from tether.core.audit import AuditLog
+from tether.core.private import StateDirBusy, exposed, lock_private, private_dir
 from tether.core.sessions import AgentInfo
+from tether.rpc.auth import IN_PROCESS_CREDENTIAL, ServerAuth
 from tether.rpc.daemon import Shutdown, TLSFiles, start_server
-from tether.rpc.security import AuthInterceptor, ClientSecurity, ServerAuth
+from tether.rpc.security import ClientSecurity
 
 log = logging.getLogger("tether.coordinator.run")
 
@@ -48,21 +50,42 @@ class CoordinatorDaemonConfig:
     retain_stopped: float = 7 * 24 * 3600.0
 
 
-def prepare_state_dir(path: str) -> None:
+def claim_state_dir(path: str) -> int:
+    """Make the state directory (private) and lock it for this coordinator: a second one
+    on the same directory would fight over its database and stop intents. Returns the
+    lock's descriptor (held until the process ends)."""
     private_dir(path)
     if exposed(path):
         log.warning("state directory %s is readable by other users; it holds spawn "
-                    "environments: chmod 700 it", path)
+                    "environments and the audit log: chmod 700 it", path)
+    lock = os.path.join(path, "coordinator.lock")
+    try:
+        return lock_private(lock, "coordinator")
+    except StateDirBusy as exc:
+        raise StateDirBusy(
+            lock, "coordinator", exc.holder,
+            f"another coordinator (pid {exc.holder}) uses state directory {path}; stop it, "
+            "or give this one another --state-dir") from None
+
+
+def audit_log(state_dir: str) -> AuditLog:
+    return AuditLog(Path(state_dir) / "audit.jsonl")
 
 
 async def build_coordinator(cfg: CoordinatorDaemonConfig, registry: CollectorRegistry,
                             local_agent: str = "", store: Store | None = None,
                             write_errors: Counter | None = None) -> Coordinator:
-    prepare_state_dir(cfg.state_dir)
     store = store or SQLiteStore(Path(cfg.state_dir) / "coordinator.sqlite3")
     metrics = CoordinatorMetrics(registry, write_errors)
+    # The token is read once, here: never a file read on the event loop per agent dialed.
+    dial = cfg.dial.loaded()
+    if dial.server_name:
+        log.warning("--tls-server-name %s: every agent's certificate is checked for that one "
+                    "name, not for the agent's own; any holder of it can pose as any agent",
+                    dial.server_name)
+
     def connect(info: AgentInfo) -> AgentClient:
-        return GrpcAgentClient(info.name, info.address, cfg.dial)
+        return GrpcAgentClient(info.name, info.address, dial)
 
     coordinator = Coordinator(
         CoordinatorConfig(state_dir=cfg.state_dir, heartbeat_interval=cfg.heartbeat_interval,
@@ -99,14 +122,21 @@ def _stop_metrics(server: Any) -> Callable[[], Awaitable[None]]:
 
 async def run_coordinator(cfg: CoordinatorDaemonConfig, shutdown: Shutdown) -> None:
     registry = CollectorRegistry()
-    coordinator = await build_coordinator(cfg, registry)
+    lock = claim_state_dir(cfg.state_dir)
+    audit = audit_log(cfg.state_dir)
+    try:
+        coordinator = await build_coordinator(cfg, registry)
+    except BaseException:
+        await audit.aclose()
+        os.close(lock)
+        raise
     server: Any = None
     metrics_server: Any = None
     try:
-        servicer = CoordinatorServicer(coordinator)
+        servicer = CoordinatorServicer(coordinator, audit)
         server, port, _ = await start_server(
             cfg.listen, [lambda s: add_to_server(s, servicer)], ["tether.v1.CoordinatorService"],
-            cfg.tls, cfg.insecure, [AuthInterceptor(cfg.auth, "this coordinator")])
+            cfg.tls, cfg.insecure, auth=cfg.auth, audit=audit, label="this coordinator")
         if cfg.metrics_listen:
             metrics_server, _ = serve_metrics(registry, cfg.metrics_listen)
         coordinator.start()
@@ -119,11 +149,16 @@ async def run_coordinator(cfg: CoordinatorDaemonConfig, shutdown: Shutdown) -> N
             if server is not None:
                 await server.stop(grace=1.0)
 
+        async def release() -> None:
+            await audit.aclose()
+            os.close(lock)
+
         await _phases([
             ("no longer accepting RPCs", stop_rpcs),
             ("stopping watchers, closing agent channels, writing state", coordinator.close),
             ("closing the store", coordinator.store.close),
             ("stopping metrics", _stop_metrics(metrics_server)),
+            ("closing the audit log, releasing the state directory", release),
         ])
 
 
@@ -133,9 +168,18 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
     from tether.coordinator.inprocess import InProcessAgent
 
     registry = CollectorRegistry()
-    prepare_state_dir(cfg.state_dir)
+    lock = claim_state_dir(cfg.state_dir)
     agent_cfg.state_dir = agent_cfg.state_dir or os.path.join(cfg.state_dir, "agent")
-    runtime = AgentRuntime(agent_cfg, registry)
+    try:
+        audit = audit_log(cfg.state_dir)
+        try:
+            runtime = AgentRuntime(agent_cfg, registry)
+        except BaseException:
+            await audit.aclose()
+            raise
+    except BaseException:
+        os.close(lock)
+        raise
     coordinator: Coordinator | None = None
     server: Any = None
     metrics_server: Any = None
@@ -143,11 +187,13 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
         coordinator = await build_coordinator(
             cfg, registry, local_agent=agent_cfg.name,
             write_errors=runtime.metrics.state_write_errors)
-        servicer = CoordinatorServicer(coordinator)
+        servicer = CoordinatorServicer(coordinator, audit)
+        # One listener, both services: the role table covers both (an operator token may
+        # spawn through the coordinator, not call the agent API directly).
         server, port, _ = await start_server(
             cfg.listen, [lambda s: add_to_server(s, servicer), *runtime.registrations()],
             ["tether.v1.CoordinatorService", "tether.v1.AgentService"], cfg.tls, cfg.insecure,
-            [AuthInterceptor(cfg.auth, "tether serve")])
+            auth=cfg.auth, audit=audit, label="tether serve")
         runtime.port = port
         if cfg.metrics_listen:
             metrics_server, _ = serve_metrics(registry, cfg.metrics_listen)
@@ -155,9 +201,11 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
         # Recover first: the coordinator reconciles with what the agent knows after it.
         await runtime.start_background()
         address = f"{host}:{port}"
+        # A credential no network caller can present: nobody can take this name over.
         coordinator.agents.register(
             AgentInfo(agent_cfg.name, address, runtime.local.containment, tether.__version__,
-                      runtime.epoch, instance=runtime.instance.marker),
+                      runtime.epoch, instance=runtime.instance.marker,
+                      credential=IN_PROCESS_CREDENTIAL),
             client=InProcessAgent(runtime.authority, address, runtime.epoch,
                                   runtime.list_orphans),
             always_up=True)
@@ -183,9 +231,14 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
                 await coordinator.close()
                 await coordinator.store.close()
 
+        async def release() -> None:
+            await audit.aclose()
+            os.close(lock)
+
         await _phases([
             ("no longer accepting RPCs", stop_rpcs),
             ("stopping the agent's kill-policy groups", stop_agent),
             ("closing the coordinator and its store", close_coordinator),
             ("stopping metrics", _stop_metrics(metrics_server)),
+            ("closing the audit log, releasing the state directory", release),
         ])

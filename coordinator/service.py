@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from tether.coordinator.core import Coordinator
-from tether.core.errors import InvalidSpec
+from tether.core.audit import MAX_READ, AuditEntry, AuditLog
+from tether.core.errors import InvalidSpec, NotFound
 from tether.core.model import Containment, check_name
 from tether.core.sessions import AgentInfo
+from tether.rpc.auth import current_caller
 from tether.rpc.convert import (
     CONTAINMENT_FROM_PB,
     agent_to_pb,
+    audit_event_to_pb,
     group_to_pb,
     orphan_to_pb,
     report_to_pb,
@@ -32,21 +36,41 @@ STOP_ANSWER_WITHIN = 300.0
 MAX_PID = 2**31
 
 
-def agent_info(req: cpb.RegisterAgentRequest) -> AgentInfo:
+#: What a registration may give as its address: HOST:PORT (a DNS name, an IPv4 address
+#: or a bracketed IPv6 one), never a gRPC target scheme (unix:, dns:///...) that would
+#: have the coordinator dial somewhere else than a TCP port.
+AGENT_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}))"
+                           r":([1-9][0-9]{0,4})")
+
+
+def check_address(address: str) -> str:
+    m = AGENT_ADDRESS.fullmatch(address)
+    if m is None or int(m[2]) > 65535:
+        raise InvalidSpec(f"agent address {address!r} is not HOST:PORT (a host name, an IPv4 "
+                          "address or [an IPv6 one], and a port 1-65535); give the address "
+                          "the coordinator should dial (--advertise)", field="address")
+    return address
+
+
+def agent_info(req: cpb.RegisterAgentRequest, credential: str) -> AgentInfo:
     check_name(req.name, "agent name")
+    check_address(req.address)
     return AgentInfo(req.name, req.address,
                      CONTAINMENT_FROM_PB.get(req.containment, Containment.PGID), req.version,
-                     req.epoch, instance=req.instance)
+                     req.epoch, instance=req.instance, credential=credential)
 
 
 class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, audit: AuditLog | None = None) -> None:
         self.c = coordinator
+        self.audit = audit
 
     @unary
     async def RegisterAgent(self, request: cpb.RegisterAgentRequest, context: Any
                             ) -> cpb.RegisterAgentResponse:
-        self.c.agents.register(agent_info(request))
+        # The name is bound to the caller's credential (its role was checked already:
+        # an agent:NAME caller registers NAME only).
+        self.c.agents.register(agent_info(request, current_caller().credential))
         await self.c.durable()
         return cpb.RegisterAgentResponse(
             heartbeat_interval_seconds=self.c.config.heartbeat_interval,
@@ -55,7 +79,8 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
     @unary
     async def Heartbeat(self, request: cpb.HeartbeatRequest, context: Any
                         ) -> cpb.HeartbeatResponse:
-        return cpb.HeartbeatResponse(known=self.c.agents.heartbeat(request.name, request.epoch))
+        return cpb.HeartbeatResponse(known=self.c.agents.heartbeat(
+            request.name, request.epoch, current_caller().credential))
 
     @unary
     async def ListAgents(self, request: cpb.ListAgentsRequest, context: Any
@@ -138,6 +163,21 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
         report = await self.c.fanout.list_orphans(request.sweep)
         return cpb.CoordinatorListOrphansResponse(
             orphans=[orphan_to_pb(o) for o in report.orphans], unreachable=report.unreachable)
+
+    @stream
+    async def ReadAudit(self, request: cpb.ReadAuditRequest, context: Any
+                        ) -> AsyncIterator[cpb.AuditEvent]:
+        if not 0 <= request.limit <= MAX_READ:
+            raise InvalidSpec(f"limit {request.limit} is not between 0 and {MAX_READ}",
+                              field="limit")
+        if self.audit is None:
+            raise NotFound("this coordinator keeps no audit log")
+        since = request.since.ToNanoseconds() / 1e9 if request.HasField("since") else 0.0
+        for entry in await self.audit.read(since, request.limit or 1000):
+            try:
+                yield audit_event_to_pb(AuditEntry.from_dict(entry))
+            except (KeyError, ValueError, TypeError):
+                continue  # a line written by hand, or by a newer tether
 
 
 def add_to_server(server: grpc.aio.Server, servicer: CoordinatorServicer) -> None:

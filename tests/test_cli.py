@@ -465,9 +465,10 @@ HELP_MENTIONS = {
     "keepalive": ["session", "--ttl"],
     "up": ["file", "--session", "--add", "--parallel"],
     "config": ["check", "file"],
+    "audit": ["--since", "--limit"],
 }
 CLIENT = {"spawn", "adopt", "signal", "stop", "sessions", "show", "agents", "orphans", "watch",
-          "keepalive", "up"}
+          "keepalive", "up", "audit"}
 
 
 def tether(*args: str) -> subprocess.CompletedProcess[str]:

@@ -197,6 +197,18 @@ def unit(path: Path) -> dict[str, dict[str, list[str]]]:
     return sections
 
 
+def test_units_and_images_keep_state_private() -> None:
+    """State holds spawn environments and the audit log: 0700 directories everywhere."""
+    agent = unit(DEPLOY / "systemd" / "tether-agent.service")["Service"]
+    coordinator = unit(DEPLOY / "systemd" / "tether-coordinator.service")["Service"]
+    assert agent["StateDirectoryMode"] == coordinator["StateDirectoryMode"] == ["0700"]
+    assert coordinator["UMask"] == ["0077"]
+    # The agent's groups would inherit a UMask=; it creates its own files private anyway.
+    assert "UMask" not in agent
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"install -d -o tether -g tether -m 0700 /var/lib/tether", dockerfile)
+
+
 def test_systemd_units_verify_and_leave_the_guardian_alone(tmp_path: Path) -> None:
     agent = unit(DEPLOY / "systemd" / "tether-agent.service")["Service"]
     # Only the agent gets the stop signal: it stops its groups in order, and its guardian

@@ -231,10 +231,26 @@ async def cmd_up(c: AsyncClient, args: argparse.Namespace) -> int:
     return ExitCode.UNCLEAN if failed else ExitCode.OK
 
 
+async def cmd_audit(c: AsyncClient, args: argparse.Namespace) -> int:
+    if not 0 < args.limit <= 100_000:
+        raise CLIError(f"--limit {args.limit}: give 1 to 100000")
+    entries = await c.audit(since=args.since, limit=args.limit, timeout=args.timeout)
+    if args.output == "json":
+        for e in entries:  # the log's own format: one JSON object per line
+            print(json.dumps(e.to_dict()))
+        return ExitCode.OK
+    rows = [[e.to_dict()["time"], e.role or "-", e.credential or "-", e.method.split("/")[-1],
+             e.session or "-", e.group or "-", e.result, e.message]
+            for e in entries]
+    emit(args.output, None, table(rows, ["time", "role", "credential", "call", "session",
+                                         "group", "result", "message"]))
+    return ExitCode.OK
+
+
 COMMANDS: dict[str, Command] = {
     "spawn": cmd_spawn, "adopt": cmd_adopt, "signal": cmd_signal, "stop": cmd_stop,
     "sessions": cmd_sessions, "show": cmd_show, "agents": cmd_agents, "orphans": cmd_orphans,
-    "watch": cmd_watch, "keepalive": cmd_keepalive, "up": cmd_up,
+    "watch": cmd_watch, "keepalive": cmd_keepalive, "up": cmd_up, "audit": cmd_audit,
 }
 
 

@@ -53,12 +53,12 @@ def _tls(args: argparse.Namespace) -> Any:
 
 
 def _auth(args: argparse.Namespace) -> Any:
-    from tether.rpc.security import ServerAuth, load_tokens
+    from tether.rpc.auth import ServerAuth, load_tokens, parse_identities
 
     if args.allow_identity and not args.tls_client_ca:
         raise CLIError("--allow-identity needs --tls-client-ca: identities come from verified "
                        "client certificates")
-    return ServerAuth(load_tokens(args.token_file), frozenset(args.allow_identity))
+    return ServerAuth(load_tokens(args.token_file), parse_identities(args.allow_identity))
 
 
 def _dial(args: argparse.Namespace) -> Any:

@@ -97,16 +97,21 @@ def _common(listen: str) -> list[Option]:
         Option("--tls-cert", "server certificate (PEM) for TLS"),
         Option("--tls-key", "server key (PEM) for TLS"),
         Option("--tls-client-ca", "require client certificates signed by this CA (mTLS)"),
-        Option("--insecure", "allow a non-loopback --listen without TLS (trusted networks only)",
-               False, kind="flag"),
-        Option("--token-file", "accept callers presenting a bearer token listed in this file "
-               "(one per line); with --allow-identity, the only ways in"),
-        Option("--allow-identity", "accept callers whose client certificate has this common "
-               "name (repeatable; needs --tls-client-ca)", [], kind="list", metavar="CN"),
+        Option("--insecure", "allow a non-loopback --listen without TLS or without "
+               "authentication (trusted networks only; logged)", False, kind="flag"),
+        Option("--token-file", "accept callers presenting a bearer token listed in this file, "
+               "one `TOKEN ROLE` per line; roles: admin, operator, reader, agent:NAME, "
+               "coordinator (a token alone is admin, with a warning); a private regular file. "
+               "With --allow-identity, the only ways in"),
+        Option("--allow-identity", "accept callers whose client certificate has the common "
+               "name CN, with ROLE (as in --token-file; CN alone: admin, with a warning); "
+               "repeatable; needs --tls-client-ca", [], kind="list", metavar="CN=ROLE"),
         Option("--tls-ca", "CA to verify the daemons this one dials (agents / coordinator)"),
         Option("--tls-server-name", "name to verify in dialed daemons' certificates, if not "
-               "the address"),
-        Option("--client-token-file", "bearer token this daemon presents when it dials another"),
+               "the address; a coordinator otherwise expects each agent's certificate to name "
+               "that agent (give this only if all agents share one certificate name)"),
+        Option("--client-token-file", "bearer token this daemon presents when it dials another "
+               "(a coordinator sends it only to agents verified by TLS, or on loopback)"),
         Option("--log-level", "DEBUG, INFO, WARNING (default INFO)", "INFO"),
         Option("--log-format", "text (default) or json: one JSON object per line with the "
                "group, session and agent as fields", "text", choices=("text", "json")),
@@ -193,10 +198,27 @@ def check_table(command: str, table: Any, path: str) -> list[str]:
         if ((key.startswith("tls_") and key != "tls_server_name") or key.endswith("token_file")) \
                 and value and not os.path.isfile(str(value)):
             problems.append(f"{path}: [{command}] {key}: no such file {value!r}")
+        elif value and key in ("token_file", "allow_identity"):
+            problems += _check_credentials(key, value, f"{path}: [{command}] {key}")
         if key in ("listen", "metrics_listen", "coordinator", "advertise") and value \
                 and ":" not in str(value):
             problems.append(f"{path}: [{command}] {key}: {value!r} is not HOST:PORT")
     return problems
+
+
+def _check_credentials(key: str, value: Any, where: str) -> list[str]:
+    """A token file or identities as the daemon would read them (roles, format, mode)."""
+    from tether.rpc.auth import load_tokens, parse_identities
+    from tether.rpc.security import SecurityConfigError
+
+    try:
+        if key == "token_file":
+            load_tokens(str(value))
+        else:
+            parse_identities(value)
+    except SecurityConfigError as exc:
+        return [f"{where}: {exc}"]
+    return []
 
 
 def layer(command: str, given: argparse.Namespace) -> argparse.Namespace:

@@ -13,7 +13,8 @@ from tether.core.model import ExitRecord
 from tether.core.sessions import GroupEntry, SessionReport, SessionView
 
 #: Columns that may be cut to make a table fit the terminal (widest first).
-ELASTIC = ("command", "error", "agent / message", "message", "address", "former_group")
+ELASTIC = ("command", "error", "agent / message", "message", "address", "former_group",
+           "group")
 
 
 def table(rows: Iterable[Iterable[Any]], header: list[str], width: int | None = None) -> str:

@@ -16,7 +16,29 @@ from tether.coordinator.cli.options import DAEMONS, add_daemon, positive_float
 
 DEFAULT_COORDINATOR = "127.0.0.1:7400"
 CLIENT_COMMANDS = ("spawn", "adopt", "signal", "stop", "sessions", "show", "agents", "orphans",
-                   "watch", "keepalive", "up")
+                   "watch", "keepalive", "up", "audit")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def since_time(text: str, now: float | None = None) -> float:
+    """``--since``: a duration back from now (``90s``, ``15m``, ``2h``, ``7d``) or a time
+    (``2024-05-01``, ``2024-05-01T10:00:00Z``; without a zone: UTC). Seconds since the epoch."""
+    import datetime
+    import re
+    import time
+
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if m:
+        return (time.time() if now is None else now) - float(m[1]) * _UNITS[m[2]]
+    try:
+        at = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a duration (90s, 15m, 2h, 7d) nor a time "
+            "(2024-05-01 or 2024-05-01T10:00:00Z)") from None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=datetime.UTC)
+    return at.timestamp()
 
 
 def _client_options(p: argparse.ArgumentParser) -> None:
@@ -155,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start the groups even if the session already has live ones")
     sp.add_argument("--parallel", type=int, default=32,
                     help="spawns in flight at once (default 32)")
+    sp = client("audit", "Print the coordinator's audit log: every mutating call, who made it "
+                "(role and credential), on what, and how it ended (needs the admin role).")
+    sp.add_argument("--since", type=since_time, default=0.0, metavar="DURATION|TIME",
+                    help="only entries from this far back (90s, 15m, 2h, 7d) or since this "
+                    "time (2024-05-01T10:00:00Z; UTC unless it says otherwise)")
+    sp.add_argument("--limit", type=int, default=1000,
+                    help="at most this many entries, the most recent (default 1000)")
     sp = client("keepalive", "Renew (or set) a session's lease.")
     sp.add_argument("session", help="session name")
     sp.add_argument("--ttl", type=positive_float, required=True,

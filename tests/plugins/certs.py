@@ -52,16 +52,22 @@ class CA:
     def path(self) -> Path:
         return self.pair.cert
 
-    def issue(self, cn: str, server: bool = True) -> Pair:
+    def issue(self, cn: str, server: bool = True, subject: x509.Name | None = None,
+              file: str = "") -> Pair:
+        """A certificate for ``cn`` (or, as given, ``subject``: several common names, or
+        none) signed by this CA; ``server``: with localhost, 127.0.0.1 and ``cn`` as
+        subject alternative names."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         builder = (
-            x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(self.cert.subject)
+            x509.CertificateBuilder().subject_name(subject or _name(cn))
+            .issuer_name(self.cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1)))
         if server:
+            # Its own name too: a coordinator dials an agent expecting the agent's name.
             builder = builder.add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
-        return _write(self.dir / cn, builder.sign(self.key, hashes.SHA256()), key)
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                x509.DNSName(cn)]), critical=False)
+        return _write(self.dir / (file or cn), builder.sign(self.key, hashes.SHA256()), key)

@@ -138,15 +138,16 @@ class Daemon:
 
 
 def start_daemon(kind: str, args: list[str], state_dir: Path, name: str = "",
-                 timeout: float = 20) -> Daemon:
-    """Start `tether KIND ...` and wait for its "listening on" line (stdout)."""
+                 timeout: float = 20, umask: int = -1) -> Daemon:
+    """Start `tether KIND ...` and wait for its "listening on" line (stdout). ``umask``:
+    the daemon's (default: inherited)."""
     log_path = state_dir / f"{name or kind}.log"
     state_dir.mkdir(parents=True, exist_ok=True)
     out = open(log_path, "a")  # noqa: SIM115 - owned by the Daemon
     proc = subprocess.Popen(
         [sys.executable, "-m", "tether.coordinator.cli", kind, *args],
         stdout=subprocess.PIPE, stderr=out, stdin=subprocess.DEVNULL, text=True,
-        start_new_session=True)
+        start_new_session=True, umask=umask)
     out.close()
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout

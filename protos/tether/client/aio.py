@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import grpc
 
 from tether.client.spec import build_spec
+from tether.core.audit import AuditEntry
 from tether.core.errors import (
     InvalidSpec,
     NotFound,
@@ -33,12 +34,14 @@ from tether.core.sessions import (
 )
 from tether.rpc.convert import (
     agent_from_pb,
+    audit_event_from_pb,
     entry_from_pb,
     orphan_from_pb,
     report_from_pb,
     session_event_from_pb,
     session_from_pb,
     spec_to_pb,
+    ts,
 )
 from tether.rpc.security import ClientSecurity
 from tether.rpc.status import error_from_rpc
@@ -237,4 +240,23 @@ class AsyncClient:
                                  cpb.CoordinatorListOrphansRequest(sweep=sweep), timeout or 30)
         return OrphanReport(tuple(orphan_from_pb(o) for o in reply.orphans),
                             dict(reply.unreachable))
+
+    # ------------------------------------------------------------ audit
+
+    async def audit(self, *, since: float = 0.0, limit: int = 0,
+                    timeout: float | None = None) -> list[AuditEntry]:
+        """The coordinator's audit log (needs the admin role): every mutating call, who
+        made it and how it ended, oldest first; at or after ``since`` (seconds since the
+        epoch), at most ``limit`` (0: the last 1000)."""
+        req = cpb.ReadAuditRequest(limit=limit)
+        if since:
+            req.since.CopyFrom(ts(since))
+        timeout = timeout if timeout is not None else self.timeout or 30
+        stream = self._stub.ReadAudit(req, timeout=timeout)
+        try:
+            return [audit_event_from_pb(msg) async for msg in stream]
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc, "ReadAudit", timeout) from exc
+        finally:
+            stream.cancel()
 

@@ -12,6 +12,7 @@ from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 from tether.client.aio import AsyncClient
+from tether.core.audit import AuditEntry
 from tether.core.model import GroupSpec
 from tether.core.sessions import (
     AgentState,
@@ -84,6 +85,9 @@ class Client:
 
     def orphans(self, **kw: Any) -> OrphanReport:
         return self._run(self._async.orphans(**kw))
+
+    def audit(self, **kw: Any) -> list[AuditEntry]:
+        return self._run(self._async.audit(**kw))
 
     def watch(self, session: str, **kw: Any) -> Iterator[SessionEvent]:
         stream = self._async.watch(session, **kw)

@@ -7,6 +7,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from tether.core.errors import TetherError
+
 
 def private_dir(path: str | Path) -> Path:
     """Create ``path`` (and missing parents) as 0700. An existing directory is left as it
@@ -43,3 +45,31 @@ def exposed(path: str | Path) -> bool:
         return bool(os.stat(path).st_mode & 0o077)
     except OSError:
         return False
+
+
+class StateDirBusy(TetherError):
+    """Another live process holds a lock in this state directory."""
+
+    def __init__(self, path: str, what: str, holder: str, message: str = "") -> None:
+        super().__init__(message or f"another {what} (pid {holder}) holds {path}")
+        self.path = path
+        self.holder = holder
+
+
+def lock_private(path: str | Path, what: str) -> int:
+    """Take an exclusive ``flock`` on ``path`` (created private), for as long as the
+    returned descriptor is open (the kernel drops it when the process dies, SIGKILL
+    included). Raises ``StateDirBusy`` naming the holder's pid when another process
+    has it."""
+    import fcntl
+
+    fd = open_private(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StateDirBusy(str(path), what, holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

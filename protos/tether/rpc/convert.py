@@ -8,6 +8,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from tether.core.audit import AuditEntry
 from tether.core.errors import InvalidSpec
 from tether.core.model import (
     DEFAULT_START_TIMEOUT,
@@ -350,3 +351,16 @@ def orphan_to_pb(o: Orphan) -> pb.Orphan:
 def orphan_from_pb(msg: pb.Orphan) -> Orphan:
     return Orphan(msg.pid, msg.command, msg.former_group, msg.age_seconds, msg.found_by,
                   msg.reaped, agent=msg.agent)
+
+
+def audit_event_to_pb(e: AuditEntry) -> cpb.AuditEvent:
+    return cpb.AuditEvent(time=ts(e.time), method=e.method, role=e.role,
+                          credential=e.credential, proof=e.proof, peer=e.peer, result=e.result,
+                          message=e.message, session_id=e.session, group_id=e.group,
+                          agent=e.agent, details=dict(e.details))
+
+
+def audit_event_from_pb(msg: cpb.AuditEvent) -> AuditEntry:
+    return AuditEntry(seconds(msg.time), msg.method, msg.role, msg.credential, msg.result,
+                      msg.proof, msg.peer, msg.message, msg.session_id, msg.group_id, msg.agent,
+                      dict(msg.details))

@@ -13,12 +13,17 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tether.core.errors import TetherError
+
+if TYPE_CHECKING:
+    from tether.core.audit import AuditLog
+    from tether.rpc.auth import ServerAuth
 
 log = logging.getLogger("tether.daemon")
 
@@ -99,32 +104,61 @@ class TLSFiles:
                                            require_client_auth=ca is not None)
 
 
-def check_listen(address: str, tls: TLSFiles, insecure: bool) -> None:
+def check_listen(address: str, tls: TLSFiles, insecure: bool, *,
+                 authenticated: bool = False) -> None:
+    """A non-loopback listener needs TLS *and* authentication (tokens or identities):
+    TLS alone lets anyone who reaches the port start any command as this daemon's user.
+    ``--insecure`` is the explicit escape hatch, and says what it leaves open."""
     if ":" not in address:
         raise ListenError(address, "give HOST:PORT, e.g. 127.0.0.1:7400")
-    if not is_loopback(address) and not tls.enabled and not insecure:
+    if is_loopback(address):
+        if not authenticated:
+            log.info("no --token-file or --allow-identity: anyone who can connect to %s "
+                     "(every local user) may do everything", address)
+        return
+    if not tls.enabled and not insecure:
         raise ListenError(
             address,
             "refusing a non-loopback address without TLS; pass --tls-cert/--tls-key, "
             "or --insecure if the network is trusted",
         )
-    if not is_loopback(address) and not tls.enabled:
+    if not authenticated and not insecure:
+        raise ListenError(
+            address,
+            "refusing a non-loopback address without authentication: TLS encrypts, but "
+            "anyone who reaches the port could start any command as this daemon's user; "
+            "pass --token-file (lines `TOKEN ROLE`) and/or --tls-client-ca with "
+            "--allow-identity CN=ROLE, or --insecure if the network is trusted")
+    if not tls.enabled:
         log.warning("listening on %s WITHOUT TLS (--insecure): anyone who can reach it can "
                     "start and stop processes", address)
+    if not authenticated:
+        log.warning("listening on %s WITHOUT AUTHENTICATION (--insecure): every caller is "
+                    "admin", address)
 
 
 async def start_server(address: str, register: list[Callable[[grpc.aio.Server], None]],
                        service_names: list[str], tls: TLSFiles | None = None,
                        insecure: bool = False,
-                       interceptors: list[grpc.aio.ServerInterceptor] | None = None,
+                       interceptors: list[grpc.aio.ServerInterceptor] | None = None, *,
+                       auth: ServerAuth | None = None, audit: AuditLog | None = None,
+                       label: str = "this daemon",
                        ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """A grpc.aio server with health checking and reflection on. Returns (server, port, health)."""
-    tls = tls or TLSFiles()
-    check_listen(address, tls, insecure)
+    """A grpc.aio server with health checking and reflection on, every call checked
+    against its caller's role (``tether.rpc.auth``) and mutating ones audited.
+    Returns (server, port, health)."""
+    from tether.rpc.auth import AuthInterceptor, ServerAuth, check_auth
     from tether.rpc.security import MalformedRequestInterceptor
 
+    tls = tls or TLSFiles()
+    auth = auth or ServerAuth()
+    check_listen(address, tls, insecure, authenticated=auth.enforced)
+    check_auth(auth, tls.client_ca)
     server = grpc.aio.server(
-        interceptors=[MalformedRequestInterceptor(), *(interceptors or [])],
+        # Decoding first (outermost), so the auth check sees the request (an agent:NAME
+        # caller may only act as NAME); a streaming request is checked before any message.
+        interceptors=[MalformedRequestInterceptor(), AuthInterceptor(auth, label, audit),
+                      *(interceptors or [])],
         options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                  ("grpc.so_reuseport", 0),
                  # Coordinators ping agents every 2 s to notice partitions quickly.

@@ -1,27 +1,22 @@
-"""Who may call a tether daemon, and how clients prove who they are.
-
-Trust model (README "Security"):
+"""How tether daemons and clients dial each other, and the plumbing of server interceptors.
 
 * Transport: TLS on every listener when ``--tls-cert/--tls-key`` are given; with
   ``--tls-client-ca`` clients must present a certificate from that CA (mTLS).
-  A daemon refuses a non-loopback listen without TLS unless ``--insecure``.
-* Identity: a client is allowed if it presents a bearer token listed in the
-  daemon's ``--token-file`` (one token per line), or a client certificate whose
-  common name is in ``--allow-identity``. When neither is configured the daemon
-  is open to whoever can reach it (the loopback default).
-* Agents accept lifecycle calls only from their coordinator's identity (its
-  certificate CN) or from local clients holding a token; coordinators accept CLI
-  and API clients by token and agents by certificate or token.
-* Health checking and reflection stay open so orchestrators can probe.
+* A client proves who it is with a bearer token (``--token-file``; sent on every call,
+  unary and streaming alike) and/or its client certificate. Who may call what is
+  decided by ``tether.rpc.auth`` (roles, checked per RPC).
+* Token files are secrets: read without blocking, regular files only for daemons,
+  refused when other users may read them.
 """
 
 from __future__ import annotations
 
-import hmac
+import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+import stat
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +33,12 @@ class SecurityConfigError(TetherError):
     pass
 
 
+#: Secret files (token files) larger than this are refused: they are a few lines.
+MAX_SECRET_FILE = 1024 * 1024
+#: A bearer token: 1 to 4096 visible ASCII characters (what gRPC metadata can carry).
+MAX_TOKEN = 4096
+
+
 def read_file(path: str, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -47,115 +48,88 @@ def read_file(path: str, what: str) -> bytes:
             "config file") from exc
 
 
-def load_tokens(path: str) -> frozenset[str]:
-    """One token per line; blank lines and # comments ignored. Refuses an empty file."""
-    if not path:
-        return frozenset()
-    tokens = frozenset(
-        line.strip() for line in read_file(path, "token file").decode().splitlines()
-        if line.strip() and not line.lstrip().startswith("#"))
-    if not tokens:
-        raise SecurityConfigError(f"token file {path!r} holds no token; put one per line")
-    mode = os.stat(path).st_mode
-    if mode & 0o077:
-        log.warning("token file %s is readable by group/others (mode %o); chmod 600 it",
-                    path, mode & 0o777)
-    return tokens
+def read_secret(path: str, what: str, *, daemon: bool = True) -> str:
+    """Read a token file without ever blocking on it or trusting its kind.
+
+    A daemon takes regular files only (a FIFO would hang its start-up), refuses one that
+    other users may read or write, and warns about one its group may read. A client
+    (``daemon=False``) also takes a pipe (``--token-file <(pass show tether)``) and only
+    warns about loose modes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SecurityConfigError(
+            f"cannot read {what} {path!r}: {exc.strerror}; check the path in the flag or "
+            "config file") from exc
+    try:
+        st = os.fstat(fd)
+        pipe = stat.S_ISFIFO(st.st_mode)
+        if not stat.S_ISREG(st.st_mode) and not (pipe and not daemon):
+            raise SecurityConfigError(
+                f"{what} {path!r} is not a regular file; give the path of a file holding "
+                "the token(s)")
+        mode = st.st_mode & 0o777
+        if not pipe and mode & 0o006:
+            if daemon:
+                raise SecurityConfigError(
+                    f"{what} {path!r} is readable or writable by other users (mode {mode:o}); "
+                    f"anyone on this host could take its tokens: chmod 600 {path}")
+            log.warning("%s %s is readable by other users (mode %o); chmod 600 it", what,
+                        path, mode)
+        elif not pipe and mode & 0o060:
+            log.warning("%s %s is readable by its group (mode %o); chmod 600 it unless every "
+                        "member may hold its tokens", what, path, mode)
+        if pipe:
+            os.set_blocking(fd, True)
+        chunks = []
+        total = 0
+        while chunk := os.read(fd, 65536):
+            total += len(chunk)
+            if total > MAX_SECRET_FILE:
+                raise SecurityConfigError(
+                    f"{what} {path!r} is larger than {MAX_SECRET_FILE} bytes; it should hold "
+                    "a few lines of tokens")
+            chunks.append(chunk)
+    except OSError as exc:
+        raise SecurityConfigError(f"cannot read {what} {path!r}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SecurityConfigError(f"{what} {path!r} is not UTF-8 text ({exc.reason} at byte "
+                                  f"{exc.start}); it should hold tokens, one per line") from exc
 
 
-def load_token(path: str) -> str:
-    """The token a client sends: the first token line of the file."""
+def token_lines(text: str) -> list[tuple[int, list[str]]]:
+    """(line number, whitespace-separated fields) of every line that is not blank or a #
+    comment."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if fields and not fields[0].startswith("#"):
+            out.append((n, fields))
+    return out
+
+
+def check_token(token: str, where: str) -> str:
+    if len(token) > MAX_TOKEN:
+        raise SecurityConfigError(f"{where}: the token is longer than {MAX_TOKEN} characters")
+    if not all("!" <= ch <= "~" for ch in token):
+        raise SecurityConfigError(f"{where}: the token holds characters other than visible "
+                                  "ASCII; use letters, digits and punctuation")
+    return token
+
+
+def load_token(path: str, *, daemon: bool = False) -> str:
+    """The token a client sends: the first field of the first token line (a server's
+    ``TOKEN ROLE`` file works too)."""
     if not path:
         return ""
-    for line in read_file(path, "token file").decode().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            return line.strip()
+    text = read_secret(path, "token file", daemon=daemon)
+    for n, fields in token_lines(text):
+        return check_token(fields[0], f"token file {path} line {n}")
     raise SecurityConfigError(f"token file {path!r} holds no token; put one on the first line")
-
-
-@dataclass(frozen=True)
-class ServerAuth:
-    tokens: frozenset[str] = frozenset()
-    identities: frozenset[str] = frozenset()
-
-    @property
-    def enforced(self) -> bool:
-        return bool(self.tokens or self.identities)
-
-    def token_ok(self, metadata: Any) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str) \
-                    and value.startswith("Bearer "):
-                presented = value[len("Bearer "):].strip()
-                return any(hmac.compare_digest(presented, t) for t in self.tokens)
-        return False
-
-    def identity_ok(self, context: grpc.aio.ServicerContext) -> bool:
-        if not self.identities:
-            return False
-        auth = context.auth_context() or {}
-        names = [n.decode() for n in auth.get("x509_common_name", [])]
-        return any(n in self.identities for n in names)
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Admit a call by bearer token or client-certificate identity; refuse the rest."""
-
-    def __init__(self, auth: ServerAuth, service: str) -> None:
-        self.auth = auth
-        self.service = service
-
-    async def intercept_service(self, continuation: Any, details: Any) -> Any:
-        handler = await continuation(details)
-        method: str = details.method
-        if handler is None or not self.auth.enforced or method.startswith(OPEN_PREFIXES):
-            return handler
-        if self.auth.token_ok(details.invocation_metadata):
-            return handler
-        message = (f"{method}: not authenticated; {self.service} accepts a bearer token from "
-                   "its --token-file" + (" or a client certificate of an allowed identity"
-                                         if self.auth.identities else "")
-                   + " (CLI: --token-file or TETHER_TOKEN_FILE)")
-        if not self.auth.identities:
-            return _rewrap(handler, lambda ctx: False, message)
-        return _rewrap(handler, self.auth.identity_ok, message)
-
-
-def _rewrap(handler: Any, allowed: Callable[[Any], bool], message: str) -> Any:
-    """A handler that checks ``allowed(context)`` before running the real one."""
-
-    async def check(request: Any, context: Any) -> Any:
-        if not allowed(context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        return request
-
-    return wrap_handler(handler, check, handler.request_deserializer)
-
-
-Prepare = Callable[[Any, Any], Awaitable[Any]]
-
-
-def wrap_handler(handler: Any, prepare: Prepare, request_deserializer: Any) -> Any:
-    """The same RPC handler with ``prepare(request, context)`` run first; it may abort or
-    return a different request (e.g. decode raw bytes)."""
-    kwargs = {"request_deserializer": request_deserializer,
-              "response_serializer": handler.response_serializer}
-    if handler.unary_unary is not None:
-        inner = handler.unary_unary
-
-        async def unary(request: Any, context: Any) -> Any:
-            return await inner(await prepare(request, context), context)
-
-        return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
-    if handler.unary_stream is not None:
-        inner_stream = handler.unary_stream
-
-        async def stream(request: Any, context: Any) -> Any:
-            async for item in inner_stream(await prepare(request, context), context):
-                yield item
-
-        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
-    return handler
 
 
 @dataclass(frozen=True)
@@ -166,24 +140,37 @@ class ClientSecurity:
     cert: str = ""
     key: str = ""
     token_file: str = ""
-    # For tests and IP-addressed deployments whose certificate names a host, not an IP.
+    # The name to verify in the server's certificate when it is not the address's host
+    # (the coordinator dials each agent expecting the agent's name).
     server_name: str = ""
     options: list[tuple[str, Any]] = field(default_factory=list)
-    # A token given directly (tether serve's coordinator dialing its own agent).
+    # The token itself, read once (daemons), instead of the file on every dial.
     token: str = ""
 
     @property
     def tls(self) -> bool:
         return bool(self.ca or self.cert)
 
+    @property
+    def has_token(self) -> bool:
+        return bool(self.token or self.token_file)
+
+    def loaded(self) -> ClientSecurity:
+        """The same, with the token read now, with a daemon's checks (a regular private
+        file): a daemon reads its secrets once, at start-up, not on its event loop later."""
+        if self.token or not self.token_file:
+            return self
+        return replace(self, token=load_token(self.token_file, daemon=True))
+
+    def without_token(self) -> ClientSecurity:
+        return replace(self, token="", token_file="")
+
     def channel(self, address: str) -> grpc.aio.Channel:
         options = list(self.options)
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
-        interceptors = []
         token = self.token or load_token(self.token_file)
-        if token:
-            interceptors.append(_TokenInterceptor(token))
+        interceptors = token_interceptors(token) if token else []
         if self.tls:
             creds = grpc.ssl_channel_credentials(
                 root_certificates=read_file(self.ca, "CA certificate") if self.ca else None,
@@ -195,31 +182,165 @@ class ClientSecurity:
         return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
 
 
-class _TokenMetadata:
-    def __init__(self, token: str) -> None:
-        self.value = f"Bearer {token}"
-
-    def add(self, details: Any) -> Any:
-        metadata = grpc.aio.Metadata(*list(details.metadata or ()))
-        metadata.add("authorization", self.value)
-        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata,
-                                          details.credentials, details.wait_for_ready)
+def _with_token(details: Any, value: str) -> Any:
+    metadata = grpc.aio.Metadata(*[(k, v) for k, v in (details.metadata or ())
+                                   if k != "authorization"])
+    metadata.add("authorization", value)
+    return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata,
+                                      details.credentials, details.wait_for_ready)
 
 
-class _TokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
-                        grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
-    def __init__(self, token: str) -> None:
-        self._meta = _TokenMetadata(token)
+# grpc.aio files each interceptor under the first of the four kinds it is an instance of
+# (an if/elif chain), so one object per kind: a single class deriving from all four would
+# only ever see unary-unary calls, and streams would go out without the token.
+class _UnaryUnaryToken(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    def __init__(self, value: str) -> None:
+        self.value = value
 
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._meta.add(details), request)
+        return await continuation(_with_token(details, self.value), request)
+
+
+class _UnaryStreamToken(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    def __init__(self, value: str) -> None:
+        self.value = value
 
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._meta.add(details), request)
+        return await continuation(_with_token(details, self.value), request)
+
+
+class _StreamUnaryToken(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    async def intercept_stream_unary(self, continuation: Any, details: Any,
+                                     request_iterator: Any) -> Any:
+        return await continuation(_with_token(details, self.value), request_iterator)
+
+
+class _StreamStreamToken(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any,
+                                      request_iterator: Any) -> Any:
+        return await continuation(_with_token(details, self.value), request_iterator)
+
+
+def token_interceptors(token: str) -> list[Any]:
+    """Client interceptors that send ``authorization: Bearer TOKEN`` on every kind of call."""
+    value = f"Bearer {token}"
+    return [_UnaryUnaryToken(value), _UnaryStreamToken(value), _StreamUnaryToken(value),
+            _StreamStreamToken(value)]
+
+
+# ---------------------------------------------------------------- server-side plumbing
+
+#: Runs before the servicer with (request, context); for streaming requests with
+#: (None, context). Returns the request to pass on (it may abort instead).
+Prepare = Callable[[Any, Any], Awaitable[Any]]
+#: Runs after the servicer with (request, response, exception, context): response is the
+#: unary response (None for streams), exception what ended the call (None: success;
+#: CancelledError or GeneratorExit when the client went away). Must not raise.
+Finish = Callable[[Any, Any, BaseException | None, Any], None]
+
+
+def handler_kind(handler: Any) -> str:
+    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        if getattr(handler, kind) is not None:
+            return kind
+    raise ValueError(f"RPC method handler {handler!r} has no behaviour")
+
+
+_MAKERS = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+async def _responses(produced: Any) -> AsyncGenerator[Any, None]:
+    """What a streaming servicer produced: an async generator (yield style), or a
+    coroutine that writes with ``context.write`` (reader/writer style). The generator is
+    closed here, at once, when the call ends early (the client went away), so its
+    ``finally`` clauses run now rather than whenever it is collected."""
+    if not hasattr(produced, "__aiter__"):
+        await produced
+        return
+    try:
+        async for item in produced:
+            yield item
+    finally:
+        await produced.aclose()
+
+
+def wrap_handler(handler: Any, prepare: Prepare, request_deserializer: Any, *,
+                 prepare_item: Prepare | None = None, finish: Finish | None = None) -> Any:
+    """The same RPC handler, of whichever of the four kinds, with ``prepare`` run before
+    the servicer (it may abort, or return a different request, e.g. decode raw bytes),
+    ``prepare_item`` run on each message of a request stream, and ``finish`` run once the
+    call ended, however it ended."""
+    kind = handler_kind(handler)
+    inner = getattr(handler, kind)
+    done: Finish = finish or (lambda request, response, exc, context: None)
+
+    async def items(requests: Any, context: Any) -> AsyncIterator[Any]:
+        async for item in requests:
+            yield item if prepare_item is None else await prepare_item(item, context)
+
+    async def unary_unary(request: Any, context: Any) -> Any:
+        request = await prepare(request, context)
+        try:
+            response = await inner(request, context)
+        except BaseException as exc:
+            done(request, None, exc, context)
+            raise
+        done(request, response, None, context)
+        return response
+
+    async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+        request = await prepare(request, context)
+        try:
+            async with contextlib.aclosing(_responses(inner(request, context))) as responses:
+                async for item in responses:
+                    yield item
+        except BaseException as exc:
+            done(request, None, exc, context)
+            raise
+        done(request, None, None, context)
+
+    async def stream_unary(requests: Any, context: Any) -> Any:
+        await prepare(None, context)
+        try:
+            response = await inner(items(requests, context), context)
+        except BaseException as exc:
+            done(None, None, exc, context)
+            raise
+        done(None, response, None, context)
+        return response
+
+    async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
+        await prepare(None, context)
+        try:
+            async with contextlib.aclosing(
+                    _responses(inner(items(requests, context), context))) as responses:
+                async for item in responses:
+                    yield item
+        except BaseException as exc:
+            done(None, None, exc, context)
+            raise
+        done(None, None, None, context)
+
+    wrapped = {"unary_unary": unary_unary, "unary_stream": unary_stream,
+               "stream_unary": stream_unary, "stream_stream": stream_stream}[kind]
+    return _MAKERS[kind](wrapped, request_deserializer=request_deserializer,
+                         response_serializer=handler.response_serializer)
 
 
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Bytes that do not decode as the request type get INVALID_ARGUMENT, not UNKNOWN.
+    """Bytes that do not decode as the request type get INVALID_ARGUMENT, not UNKNOWN,
+    for every message of every kind of call.
 
     grpc.aio treats a deserializer error as an unexpected servicer failure; here the
     handler receives the raw bytes and decodes them itself.
@@ -232,6 +353,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
             return handler
         decode = handler.request_deserializer
         method = details.method
+        streaming = handler.stream_unary is not None or handler.stream_stream is not None
 
         async def decoded(raw: bytes, context: Any) -> Any:
             try:
@@ -241,4 +363,10 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
                                     f"{method}: malformed request ({exc}); send a valid "
                                     "tether.v1 message")
 
+        async def nothing(request: Any, context: Any) -> Any:
+            return request
+
+        if streaming:
+            return wrap_handler(handler, nothing, None, prepare_item=decoded)
         return wrap_handler(handler, decoded, None)
+

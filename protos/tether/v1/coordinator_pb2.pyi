@@ -293,3 +293,46 @@ class CoordinatorListOrphansResponse(_message.Message):
     orphans: _containers.RepeatedCompositeFieldContainer[_common_pb2.Orphan]
     unreachable: _containers.ScalarMap[str, str]
     def __init__(self, orphans: _Optional[_Iterable[_Union[_common_pb2.Orphan, _Mapping]]] = ..., unreachable: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ReadAuditRequest(_message.Message):
+    __slots__ = ("since", "limit")
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    since: _timestamp_pb2.Timestamp
+    limit: int
+    def __init__(self, since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class AuditEvent(_message.Message):
+    __slots__ = ("time", "method", "role", "credential", "proof", "peer", "result", "message", "session_id", "group_id", "agent", "details")
+    class DetailsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    time: _timestamp_pb2.Timestamp
+    method: str
+    role: str
+    credential: str
+    proof: str
+    peer: str
+    result: str
+    message: str
+    session_id: str
+    group_id: str
+    agent: str
+    details: _containers.ScalarMap[str, str]
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., method: _Optional[str] = ..., role: _Optional[str] = ..., credential: _Optional[str] = ..., proof: _Optional[str] = ..., peer: _Optional[str] = ..., result: _Optional[str] = ..., message: _Optional[str] = ..., session_id: _Optional[str] = ..., group_id: _Optional[str] = ..., agent: _Optional[str] = ..., details: _Optional[_Mapping[str, str]] = ...) -> None: ...

@@ -100,6 +100,11 @@ class CoordinatorServiceStub:
                 request_serializer=tether_dot_v1_dot_coordinator__pb2.CoordinatorListOrphansRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_coordinator__pb2.CoordinatorListOrphansResponse.FromString,
                 _registered_method=True)
+        self.ReadAudit = channel.unary_stream(
+                '/tether.v1.CoordinatorService/ReadAudit',
+                request_serializer=tether_dot_v1_dot_coordinator__pb2.ReadAuditRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_coordinator__pb2.AuditEvent.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -183,6 +188,14 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadAudit(self, request, context):
+        """The audit log (admin only): every mutating call, who made it and how it ended,
+        oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -250,6 +263,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ListOrphans,
                     request_deserializer=tether_dot_v1_dot_coordinator__pb2.CoordinatorListOrphansRequest.FromString,
                     response_serializer=tether_dot_v1_dot_coordinator__pb2.CoordinatorListOrphansResponse.SerializeToString,
+            ),
+            'ReadAudit': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadAudit,
+                    request_deserializer=tether_dot_v1_dot_coordinator__pb2.ReadAuditRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_coordinator__pb2.AuditEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -603,6 +621,33 @@ class CoordinatorService:
             '/tether.v1.CoordinatorService/ListOrphans',
             tether_dot_v1_dot_coordinator__pb2.CoordinatorListOrphansRequest.SerializeToString,
             tether_dot_v1_dot_coordinator__pb2.CoordinatorListOrphansResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tether.v1.CoordinatorService/ReadAudit',
+            tether_dot_v1_dot_coordinator__pb2.ReadAuditRequest.SerializeToString,
+            tether_dot_v1_dot_coordinator__pb2.AuditEvent.FromString,
             options,
             channel_credentials,
             insecure,
