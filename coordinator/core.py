@@ -154,6 +154,12 @@ class Coordinator:
             self._by_key.pop((t.agent, t.idempotency_key), None)
         self.persist.put(("group", t.agent, t.group_id), None)
 
+    def bind_key(self, t: TrackedGroup, key: str, fingerprint: str) -> None:
+        t.fingerprint = t.fingerprint or fingerprint
+        if key and not t.idempotency_key:
+            t.idempotency_key = key
+            self._by_key[(t.agent, key)] = t
+
     def by_key(self, agent: str, key: str) -> TrackedGroup | None:
         return self._by_key.get((agent, key))
 

@@ -96,8 +96,9 @@ class Fanout:
         tracked = self.c.groups.get((link.name, view.group_id))
         if tracked is None:
             tracked = self.c.track(TrackedGroup(link.name, view, key, fingerprint))
-        else:
+        else:  # the agent's Watch told us first: the key is ours to index all the same
             tracked.absorb(view)
+            self.c.bind_key(tracked, key, fingerprint)
         self.c.save_group(tracked)
         self.c.publish(tracked, EventKind.STATE)
         try:

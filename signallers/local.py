@@ -368,11 +368,16 @@ class LocalSignaller(Signaller):
         if self.tree is not None and self._containment is Containment.CGROUP:
             cgroup = self.tree.group_dir(spec.group_id, spec.orphan_policy)
         self._launching += 1
+        launched = asyncio.get_running_loop().run_in_executor(
+            self._pool, launch.start, spec, cgroup, self._shell_usable)
         try:
-            popen = await asyncio.get_running_loop().run_in_executor(
-                self._pool, launch.start, spec, cgroup, self._shell_usable)
+            popen = await asyncio.shield(launched)
             # No await from here to the handle: the reaper must see the leader as ours.
             self._leaders.add(popen.pid)
+        except asyncio.CancelledError:
+            # The launch thread runs on; whatever it starts must not live on unowned.
+            launched.add_done_callback(lambda f: self._abandon_launch(f, cgroup))
+            raise
         finally:
             self._launching -= 1
             if self._reap_pending and self._sigchld_loop is not None:
@@ -390,6 +395,13 @@ class LocalSignaller(Signaller):
         # subprocess's own reaping, which would steal the status.
         popen.returncode = 0
         return handle
+
+    def _abandon_launch(self, launched: asyncio.Future[subprocess.Popen[bytes]],
+                        cgroup: Path | None) -> None:
+        if not launched.cancelled() and launched.exception() is None:
+            popen = launched.result()
+            log.warning("a start was cancelled during its launch; killing pid %d", popen.pid)
+            self._abandon(popen, cgroup)
 
     def _abandon(self, popen: subprocess.Popen[bytes], cgroup: Path | None) -> None:
         if cgroup is not None:

@@ -92,7 +92,10 @@ def console() -> None:
     """The `tether` command. Once a client command returned, its output is all there is:
     flush it and leave without the interpreter's teardown, where gRPC shuts its threads
     down (25 to 40 ms of a 130 ms `tether sessions`). Daemons exit the normal way."""
-    rc, client = run()
+    try:
+        rc, client = run()
+    except BrokenPipeError:  # `tether sessions | head`: the reader has what it wanted
+        os._exit(0)
     if client:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(BrokenPipeError):  # `tether sessions | head`
