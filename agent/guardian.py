@@ -38,7 +38,7 @@ from tether.agent.statefile import read_records
 from tether.core.model import MARKER_ENV
 from tether.signallers import cgroups, procfs
 
-log = logging.getLogger("tether.guardian")
+log = logging.getLogger(__name__)
 
 SWEEP_DEADLINE = 10.0
 

@@ -27,7 +27,7 @@ from tether.core.tasks import TaskSet
 from tether.signallers.base import GroupHandle
 from tether.signallers.registry import Signallers
 
-log = logging.getLogger("tether.agent")
+log = logging.getLogger(__name__)
 
 LEADER_STATUS_WAIT = 1.0
 

@@ -22,7 +22,7 @@ from tether.core.sessions import Orphan
 from tether.signallers import cgroups, procfs
 from tether.signallers.cgroups import CgroupTree
 
-log = logging.getLogger("tether.agent.orphans")
+log = logging.getLogger(__name__)
 
 
 def base_group(marker: str) -> str:

@@ -40,7 +40,7 @@ from tether.signallers.cgroups import safe_name
 from tether.signallers.local import LocalSignaller
 from tether.signallers.registry import Signallers
 
-log = logging.getLogger("tether.agent.run")
+log = logging.getLogger(__name__)
 
 
 @dataclass

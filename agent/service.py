@@ -21,7 +21,7 @@ from tether.rpc.convert import (
     override_from_pb,
     spec_from_pb,
 )
-from tether.rpc.status import stream, unary
+from tether.rpc.status import stream, subscribed, unary
 from tether.v1 import agent_pb2 as apb
 from tether.v1 import agent_pb2_grpc as agrpc
 from tether.v1 import common_pb2 as pb
@@ -107,7 +107,9 @@ class AgentServicer(agrpc.AgentServiceServicer):
         since = request.since_seq if request.epoch == self.epoch else 0
         initial = [v for v in self.authority.views(session) if not ids or v.group_id in ids] \
             if request.initial else []
-        async for event in self.authority.watch(accept, initial, since):
+        events = self.authority.watch(accept, initial, since)  # subscribed from here on
+        await subscribed(context, self.authority.epoch_seq, self.epoch)
+        async for event in events:
             yield event_to_pb(event, self.epoch)
 
     @unary

@@ -30,7 +30,7 @@ from tether.core.sessions import AgentInfo, AgentState
 if TYPE_CHECKING:
     from tether.coordinator.core import Coordinator
 
-log = logging.getLogger("tether.coordinator.agents")
+log = logging.getLogger(__name__)
 
 WATCH_RETRY_FIRST = 0.1
 

@@ -38,11 +38,12 @@ from tether.core.sessions import (
     Session,
     SessionEvent,
     SessionReport,
+    StopIntent,
 )
 from tether.core.tasks import TaskSet
 from tether.core.writebehind import WriteBehind
 
-log = logging.getLogger("tether.coordinator")
+log = logging.getLogger(__name__)
 
 #: How long an acknowledged change may take to reach the store.
 STATE_DEADLINE = 10.0
@@ -98,6 +99,7 @@ class Coordinator:
         self.agents = Agents(self)
         self.sessions = Sessions(self)
         self.fanout = Fanout(self)
+        self._intents: list[StopIntent] = []
 
     # ------------------------------------------------------------ lifecycle
 
@@ -115,7 +117,7 @@ class Coordinator:
         """Resume persisted stop intents, start lease timers and agent watches."""
         self.sessions.start()
         self.agents.start()
-        for intent in getattr(self, "_intents", []):
+        for intent in self._intents:
             log.info("resuming the stop of session %r (%s) left by a previous run",
                      intent.session_id, intent.cause)
             self.fanout.begin_stop(intent.session_id, intent.grace, intent.cause, resumed=True)

@@ -50,7 +50,7 @@ from tether.core.sessions import (
 if TYPE_CHECKING:
     from tether.coordinator.core import Coordinator
 
-log = logging.getLogger("tether.coordinator.fanout")
+log = logging.getLogger(__name__)
 
 #: Errors that mean "the agent refused; nothing was started".
 REFUSED = (InvalidSpec, Conflict, IdempotencyConflict, ResourceExhausted)

@@ -37,7 +37,7 @@ from tether.rpc.status import error_from_rpc
 from tether.v1 import agent_pb2 as apb
 from tether.v1 import agent_pb2_grpc as agrpc
 
-log = logging.getLogger("tether.coordinator.dial")
+log = logging.getLogger(__name__)
 
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 2000),

@@ -27,7 +27,7 @@ from tether.rpc.auth import IN_PROCESS_CREDENTIAL, ServerAuth
 from tether.rpc.daemon import Shutdown, TLSFiles, start_server
 from tether.rpc.security import ClientSecurity
 
-log = logging.getLogger("tether.coordinator.run")
+log = logging.getLogger(__name__)
 
 
 def default_state_dir() -> str:

@@ -25,7 +25,7 @@ from tether.rpc.convert import (
     session_to_pb,
     spec_from_pb,
 )
-from tether.rpc.status import stream, unary
+from tether.rpc.status import stream, subscribed, unary
 from tether.v1 import common_pb2 as pb
 from tether.v1 import coordinator_pb2 as cpb
 from tether.v1 import coordinator_pb2_grpc as cgrpc
@@ -154,7 +154,9 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
     async def WatchSession(self, request: cpb.WatchSessionRequest, context: Any
                            ) -> AsyncIterator[pb.GroupEvent]:
         since = request.since_seq if request.epoch == self.c.epoch else 0
-        async for event in self.c.watch_session(request.session_id, request.initial, since):
+        events = self.c.watch_session(request.session_id, request.initial, since)
+        await subscribed(context, self.c.events.seq, self.c.epoch)
+        async for event in events:
             yield session_event_to_pb(event, self.c.epoch)
 
     @unary

@@ -24,7 +24,7 @@ from tether.core.sessions import Session, SessionState, SessionView, check_ttl
 if TYPE_CHECKING:
     from tether.coordinator.core import Coordinator
 
-log = logging.getLogger("tether.coordinator.sessions")
+log = logging.getLogger(__name__)
 
 PRUNE_EVERY = 60.0
 MAX_PAGE = 1000

@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tether.core.model import OrphanPolicy
+from tether.signallers import procfs
+from tether.signallers.membership import Membership
 from tether.signallers.procfs import read_small
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,22 @@ def remove(cgroup: Path | str) -> bool:
         log.warning("cgroup %s still busy; left in place", cgroup)
         return False
     return True
+
+
+def move_tree(membership: Membership, cgroup: Path) -> None:
+    """Move every member of an adopted tree into its cgroup, oldest first, until a
+    snapshot finds no member outside (a fork during the move lands in the next pass)."""
+    for _ in range(5):
+        inside = set(procs(cgroup))
+        outside = [p for p in membership.members(procfs.snapshot(), procfs.now_ticks()).values()
+                   if p.pid not in inside]
+        if not outside:
+            return
+        for p in sorted(outside, key=lambda p: p.start):
+            current = procfs.stat(p.pid)
+            if current is not None and current.start == p.start:
+                with contextlib.suppress(ProcessLookupError):
+                    write(cgroup / "cgroup.procs", str(p.pid).encode())
 
 
 class CgroupTree:

@@ -443,7 +443,7 @@ class LocalSignaller(Signaller):
             cgroup = self.tree.group_dir(group_id, policy)
             cgroup.mkdir(exist_ok=True)
             try:
-                self._move_tree(membership, cgroup)
+                cgroups.move_tree(membership, cgroup)
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     cgroups.kill_all(cgroup)  # nothing half-adopted stays in our tree
@@ -454,21 +454,6 @@ class LocalSignaller(Signaller):
         if not membership.claim_pgid:
             handle.pgid = -1
         return handle
-
-    @staticmethod
-    def _move_tree(membership: Membership, cgroup: Path) -> None:
-        """Move every member of an adopted tree into its cgroup, oldest first, until a
-        snapshot finds no member outside (a fork during the move lands in the next pass)."""
-        for _ in range(5):
-            outside = [p for p in membership.members(procfs.snapshot(), procfs.now_ticks()).values()
-                       if p.pid not in set(cgroups.procs(cgroup))]
-            if not outside:
-                return
-            for p in sorted(outside, key=lambda p: p.start):
-                current = procfs.stat(p.pid)
-                if current is not None and current.start == p.start:
-                    with contextlib.suppress(ProcessLookupError):
-                        cgroups.write(cgroup / "cgroup.procs", str(p.pid).encode())
 
     async def reattach(self, record: Reattach) -> GroupHandle | None:
         """After an agent restart: take back a group that survived, or None if it is gone.

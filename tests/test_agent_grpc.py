@@ -129,7 +129,7 @@ async def test_watch_streams_state_changes_and_exit_records(stub: Any) -> None:
                 return
 
     task = asyncio.ensure_future(collect())
-    await asyncio.sleep(0.1)  # let the stream subscribe before the spawn
+    await stream.initial_metadata()  # the agent says the subscription is in place
     await s.Spawn(apb.SpawnRequest(spec=spec("sh", "-c", "exit 4", session_id="w")))
     await asyncio.wait_for(task, 10)
     stream.cancel()

@@ -200,10 +200,9 @@ def test_stop_json_has_the_documented_record_per_group(srv: Daemon) -> None:
 def test_stop_grace_override(srv: Daemon) -> None:
     gid = spawn(srv, "gr", ["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"],
                 "--grace", "60")
-    t0 = time.monotonic()
-    res = srv.cli("stop", "gr", "--grace", "0.2", "-o", "json", timeout=30)
-    assert res.returncode == 0, res.stderr
-    assert time.monotonic() - t0 < 15, "--grace on stop overrides the group's 60 s"
+    # With the group's own 60 s grace this stop could not finish within its --timeout.
+    res = srv.cli("stop", "gr", "--grace", "0.2", "--timeout", "20", "-o", "json", timeout=30)
+    assert res.returncode == 0, f"--grace on stop did not override the group's 60 s: {res.stderr}"
     (g,) = json.loads(res.stdout)["groups"]
     assert g["reason"] == "forced_kill" and g["survivors"] == 0
     assert marked_alive(gid) == []
@@ -369,13 +368,12 @@ def test_unreachable_coordinator_exits_4_and_names_it(tmp_path: Path) -> None:
     for args in (["sessions"], ["agents"], ["show", "s"], ["stop", "s"], ["signal", "s", "TERM"],
                  ["keepalive", "s", "--ttl", "5"], ["watch", "s"], ["orphans"],
                  ["spawn", "--session", "s", "--", "sleep", "1"]):
-        t0 = time.monotonic()
+        # A refused connection must not hang: the subprocess timeout is the bound.
         res = subprocess.run([sys.executable, "-m", "tether.coordinator.cli", *args[:1],
                               "--coordinator", address, *args[1:]], capture_output=True,
                              text=True, timeout=60, stdin=subprocess.DEVNULL)
         assert res.returncode == 4, (args, res.returncode, res.stderr)
         assert address in res.stderr and "unreachable" in res.stderr, (args, res.stderr)
-        assert time.monotonic() - t0 < 20, f"{args} must not hang on a refused connection"
     # TETHER_COORDINATOR is the default when --coordinator is not given.
     res = subprocess.run([sys.executable, "-m", "tether.coordinator.cli", "sessions"],
                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,

@@ -215,7 +215,7 @@ def test_thousands_of_abandoned_streams_leak_nothing(daemon: Daemon) -> None:
                         return
 
             reader = asyncio.ensure_future(read())
-            await asyncio.sleep(0.1)
+            await stream.initial_metadata()  # subscribed: nothing can fall between
             await coord.Spawn(cpb.CoordinatorSpawnRequest(spec=pb.GroupSpec(
                 argv=["sh", "-c", "sleep 0.1"], session_id="streams")), timeout=10)
             await asyncio.wait_for(reader, 10)

@@ -232,7 +232,6 @@ def test_agent_cut_off_during_stop_is_reported_retried_and_finished(
     on_a2 = {ids["a2-early"], ids["a2-late"]}
 
     netlab.link("a2", "down")
-    cut_at = time.monotonic()
     stop = netlab.cli_popen("stop", "part", "-o", "json")
     try:
         # While a2 is cut off, a bounded stop answers with what it has so far: a2's groups
@@ -278,7 +277,6 @@ def test_agent_cut_off_during_stop_is_reported_retried_and_finished(
         assert {states[g] for g in on_a2} == {"unreachable"}
         # Cut off is not dead: a2 and its processes are still there, waiting.
         assert a2.proc.poll() is None and all(marked_alive(g) for g in on_a2)
-        assert time.monotonic() - cut_at > AGENT_TTL
 
         netlab.link("a2", "up")
         out, err = stop.communicate(timeout=120)

@@ -29,7 +29,7 @@ from typing import Any
 
 from tether.core.private import open_private, private_dir
 
-log = logging.getLogger("tether.audit")
+log = logging.getLogger(__name__)
 
 MAX_BYTES = 16 * 1024 * 1024
 BACKUPS = 5

@@ -52,7 +52,7 @@ from tether.rpc.security import (
     wrap_handler,
 )
 
-log = logging.getLogger("tether.auth")
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- roles and callers

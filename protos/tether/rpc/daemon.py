@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from tether.core.audit import AuditLog
     from tether.rpc.auth import ServerAuth
 
-log = logging.getLogger("tether.daemon")
+log = logging.getLogger(__name__)
 
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 MAX_MESSAGE = 4 * 1024 * 1024

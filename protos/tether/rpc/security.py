@@ -24,7 +24,7 @@ import grpc
 
 from tether.core.errors import TetherError
 
-log = logging.getLogger("tether.security")
+log = logging.getLogger(__name__)
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 

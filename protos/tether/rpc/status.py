@@ -13,7 +13,7 @@ from tether.core import errors as e
 from tether.core.events import WatchOverflow
 from tether.core.model import IllegalTransition
 
-log = logging.getLogger("tether.grpc")
+log = logging.getLogger(__name__)
 
 CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (e.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
@@ -104,3 +104,13 @@ def stream(fn: Callable[..., AsyncIterator[R]]) -> Callable[..., AsyncIterator[R
             await context.abort(status_for(exc), str(exc))
 
     return wrapper
+
+
+#: Initial-metadata key a watch stream sends once its subscription is in place.
+SUBSCRIBED = "tether-subscribed"
+
+
+async def subscribed(context: grpc.aio.ServicerContext, seq: int, epoch: str) -> None:
+    """Tell a watcher its subscription is in place (initial metadata ``epoch:seq``), before
+    any event: a client waits for this instead of guessing when it may act."""
+    await context.send_initial_metadata(((SUBSCRIBED, f"{epoch}:{seq}"),))
