@@ -41,7 +41,7 @@ async def find_orphans(agent_marker: str, tree: CgroupTree | None, live: set[str
     host, even one with the same name, is never looked at.
 
     Runs on the event loop in slices (a thread would hold the GIL against the loop and
-    stall whatever the agent does meanwhile by up to the 5 ms switch interval): each
+    stall whatever the agent does meanwhile by up to the interpreter's switch interval): each
     process costs one read of its environment, searched as bytes for the marker; only
     the matches are parsed."""
     now = time.time()

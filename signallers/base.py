@@ -69,6 +69,8 @@ class Reattach:
 
 @dataclass(frozen=True)
 class Reachability:
+    """Whether a target answers now (kept for the signaller tests)."""
+
     reachable: bool
     why: str = ""
 
@@ -174,6 +176,7 @@ class Signaller(Protocol):
 
 
 def refuse(feature: str, target: str, hint: str) -> InvalidSpec:
+    """The error for a spec feature a target cannot honour."""
     return InvalidSpec(f"{feature} is not supported for target {target!r}: {hint}",
                        field=feature)
 
@@ -197,4 +200,5 @@ class SignallerContext:
 
 
 class SignallerFactory(Protocol):
+    """How the registry makes a signaller (the entry point's callable)."""
     def __call__(self, context: SignallerContext) -> Signaller: ...

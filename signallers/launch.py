@@ -2,22 +2,21 @@
 
 Joining a cgroup "in the child before exec" means a ``preexec_fn``, and a
 ``preexec_fn`` makes ``subprocess`` fork() the whole agent (tens of MB, several
-threads) and run Python in the child: about 4.5 ms per spawn here, all of it
-with the event loop blocked. Without one, ``subprocess`` uses vfork() and a
-spawn costs about 0.5 ms. (clone3's ``CLONE_INTO_CGROUP`` is the kernel's
-answer, but Python does not expose it.)
+threads) and run Python in the child: several times slower than vfork() (README,
+Benchmarks). (clone3's ``CLONE_INTO_CGROUP`` is the kernel's answer, but Python does
+not expose it.)
 
 So the agent vforks a tiny ``/bin/sh`` that waits on its stdin, writes the
 shell's pid into the group's ``cgroup.procs`` itself, and only then lets it go:
 the shell execs the real program, same pid, already in the cgroup, before any
-user code ran. Spawn returns with the leader inside its cgroup, as before.
+user code ran. Spawn returns with the leader inside its cgroup.
 
 What the shell would change is undone: it exports ``PWD`` (unset unless the
 spec sets it), it searches a different default ``PATH`` (set to Python's, not
 exported), and it runs a file without a ``#!`` line as a script (such files,
 and anything else the shim cannot vouch for, take the direct path). Exec errors
 are found before the shim runs by the same search ``subprocess`` does, so
-"command not found" and "not executable" are reported exactly as before.
+"command not found" and "not executable" are reported exactly as exec gives them.
 """
 
 from __future__ import annotations

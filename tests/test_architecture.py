@@ -70,7 +70,7 @@ def test_the_import_graph_has_no_cycle() -> None:
         state[m] = 1
         for d in sorted(graph[m]):
             if state.get(d) == 1:
-                cycle.extend(stack[stack.index(d):] + [d] if d in stack else [m, d])
+                cycle.extend([*stack[stack.index(d):], d] if d in stack else [m, d])
                 return True
             if state.get(d) is None and walk(d, [*stack, d]):
                 return True

@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def console() -> None:
     """The `tether` command. Once a client command returned, its output is all there is:
     flush it and leave without the interpreter's teardown, where gRPC shuts its threads
-    down (25 to 40 ms of a 130 ms `tether sessions`). Daemons exit the normal way."""
+    down (a good part of a short command's time). Daemons exit the normal way."""
     try:
         rc, client = run()
     except BrokenPipeError:  # `tether sessions | head`: the reader has what it wanted

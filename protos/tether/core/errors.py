@@ -33,6 +33,7 @@ class AlreadyExists(TetherError):
 
 
 class SignallerNotFound(InvalidSpec):
+    """The target names a kind of signaller that is not installed."""
     def __init__(self, kind: str, known: list[str]) -> None:
         super().__init__(
             f"no signaller {kind!r} is installed; known signallers: {', '.join(sorted(known))}. "
@@ -44,6 +45,7 @@ class SignallerNotFound(InvalidSpec):
 
 
 class GroupNotFound(NotFound):
+    """No group with this id on the agent asked."""
     def __init__(self, group_id: str) -> None:
         super().__init__(
             f"no group {group_id!r} on this agent; list the known ones with `tether show SESSION`"
@@ -79,6 +81,7 @@ class TargetUnreachable(TetherError):
 
 
 class SessionNotFound(NotFound):
+    """No session with this name on the coordinator."""
     def __init__(self, session_id: str) -> None:
         super().__init__(
             f"no session {session_id!r}; list sessions with `tether sessions`"
@@ -87,6 +90,7 @@ class SessionNotFound(NotFound):
 
 
 class AgentNotFound(NotFound):
+    """No agent registered under this name."""
     def __init__(self, name: str, known: list[str]) -> None:
         hint = ", ".join(sorted(known)) if known else "none registered yet"
         super().__init__(f"no agent named {name!r}; known agents: {hint}. See `tether agents`.")
@@ -95,6 +99,7 @@ class AgentNotFound(NotFound):
 
 
 class AgentUnreachable(TetherError):
+    """An agent did not answer (in time), or refused the coordinator's credentials."""
     def __init__(self, name: str, address: str, why: str) -> None:
         super().__init__(
             f"agent {name!r} at {address} is unreachable ({why}); "

@@ -29,6 +29,8 @@ DEFAULT_HISTORY = 10000
 
 
 class Sequenced(Protocol):
+    """Anything with a sequence number can be broadcast."""
+
     @property
     def seq(self) -> int: ...
 
@@ -37,6 +39,7 @@ E = TypeVar("E", bound=Sequenced)
 
 
 class WatchOverflow(TetherError):
+    """A subscriber fell too far behind and was dropped; it resumes after ``last_seq``."""
     def __init__(self, limit: int, last_seq: int) -> None:
         super().__init__(f"watch stream fell more than {limit} events behind and was ended; "
                          f"reconnect and resume after sequence {last_seq}")

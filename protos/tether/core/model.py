@@ -42,6 +42,8 @@ GROUP_ID: Final = re.compile(r"g-[0-9a-f]{8,32}\Z")
 
 
 class GroupState(enum.Enum):
+    """A group's place in its lifecycle; changed only through ``next_state``."""
+
     STARTING = "starting"
     RUNNING = "running"
     STOPPING = "stopping"
@@ -61,6 +63,8 @@ ENDED_STATES: Final = frozenset({GroupState.STOPPED, GroupState.EXITED, GroupSta
 
 
 class Transition(enum.Enum):
+    """What happened to a group (the events of the transition table)."""
+
     READY = "ready"
     START_FAILED = "start_failed"
     STOP = "stop"
@@ -99,6 +103,8 @@ def next_state(state: GroupState, event: Transition) -> GroupState:
 
 
 class ExitReason(enum.Enum):
+    """Why a group ended (see DESIGN.md, Lifecycle)."""
+
     NATURAL = "natural"
     REQUESTED = "requested"
     FORCED_KILL = "forced_kill"
@@ -108,6 +114,8 @@ class ExitReason(enum.Enum):
 
 
 class FailureClass(enum.Enum):
+    """Why a start failed; decided from the exec itself, never from logs."""
+
     COMMAND_NOT_FOUND = "command_not_found"
     PERMISSION_DENIED = "permission_denied"
     CWD_MISSING = "cwd_missing"
@@ -130,6 +138,8 @@ class Containment(enum.Enum):
 
 
 class OrphanPolicy(enum.Enum):
+    """What becomes of a group when its agent dies: killed by the guardian, or kept."""
+
     KILL = "kill"
     KEEP = "keep"
 
@@ -149,6 +159,7 @@ def check_seconds(value: float, what: str, field_: str, *, allow_zero: bool = Tr
 
 
 def check_grace(value: float) -> float:
+    """A stop grace: 0 to 86400 seconds."""
     return check_seconds(value, "grace", "grace")
 
 
@@ -174,6 +185,7 @@ def check_name(text: str, what: str, *, allow_empty: bool = False) -> str:
 
 
 def check_group_id(text: str) -> str:
+    """A group id as agents give them out (``g-`` and hex digits)."""
     if not GROUP_ID.match(text):
         raise InvalidSpec(f"group id {text!r} is not of the form g-<8 to 32 hex digits>",
                           field="group_id")
@@ -181,6 +193,7 @@ def check_group_id(text: str) -> str:
 
 
 def new_group_id() -> str:
+    """A fresh, random group id."""
     return "g-" + os.urandom(6).hex()
 
 
@@ -245,6 +258,8 @@ class StopOverride:
 
 
 class ProbeKind(enum.Enum):
+    """The kinds of readiness (and liveness) probes."""
+
     TCP = "tcp"
     HTTP = "http"
     LOG = "log"
@@ -253,6 +268,8 @@ class ProbeKind(enum.Enum):
 
 @dataclass(frozen=True)
 class Probe:
+    """A parsed probe: ``tcp:``, ``http:``, ``log:`` or ``exec:`` (see ``Probe.parse``)."""
+
     kind: ProbeKind
     host: str = "127.0.0.1"
     port: int = 0
@@ -541,6 +558,8 @@ class EventKind(enum.StrEnum):
 
 @dataclass(frozen=True)
 class GroupEvent:
+    """One change of one group, numbered within its sender's epoch."""
+
     seq: int
     kind: EventKind
     group: GroupView
@@ -549,6 +568,8 @@ class GroupEvent:
 
 @dataclass(frozen=True)
 class SignalOutcome:
+    """What a signal to a group did."""
+
     members_signalled: int
     #: True when the group had already ended (or had no member left): nothing was sent.
     already_gone: bool

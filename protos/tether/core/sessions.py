@@ -25,17 +25,22 @@ MAX_TTL = 30 * 24 * 3600.0
 
 
 class SessionState(enum.StrEnum):
+    """A session's lifecycle: active, stopping (closed to new spawns), stopped."""
+
     ACTIVE = "active"
     STOPPING = "stopping"
     STOPPED = "stopped"
 
 
 def check_ttl(ttl: float, *, allow_zero: bool = True) -> float:
+    """A lease time-to-live: up to 30 days."""
     return check_seconds(ttl, "ttl", "ttl", allow_zero=allow_zero, high=MAX_TTL)
 
 
 @dataclass
 class Session:
+    """What a user thinks of as one unit of work (an editor window, a dev-server run)."""
+
     session_id: str
     window: str = ""
     labels: dict[str, str] = field(default_factory=dict)
@@ -64,6 +69,8 @@ class Session:
 
 @dataclass(frozen=True)
 class AgentInfo:
+    """An agent as registered with the coordinator."""
+
     name: str
     address: str
     containment: Containment = Containment.PGID
@@ -89,6 +96,8 @@ class AgentInfo:
 
 @dataclass(frozen=True)
 class AgentState:
+    """An agent and whether it is up (heartbeats within the TTL) now."""
+
     info: AgentInfo
     up: bool
 
@@ -113,6 +122,8 @@ class GroupEntry:
 
 @dataclass(frozen=True)
 class GroupReport:
+    """One group's line in a session stop or signal report."""
+
     group_id: str
     label: str
     agent: str
@@ -130,6 +141,8 @@ class GroupReport:
 
 @dataclass(frozen=True)
 class SessionReport:
+    """The answer to a session stop or signal: one report per group."""
+
     session_id: str
     groups: tuple[GroupReport, ...]
     #: Stop: every group has an exit record. Signal: every group was reached.
@@ -144,6 +157,8 @@ class SessionReport:
 
 @dataclass(frozen=True)
 class SessionView:
+    """A session with its groups (or only their counts, in listings)."""
+
     session: Session
     groups: tuple[GroupEntry, ...] = ()
     group_count: int = 0
@@ -164,6 +179,8 @@ class SessionEvent:
 
 @dataclass(frozen=True)
 class Orphan:
+    """A live process of an agent's that belongs to no live group."""
+
     pid: int
     command: str
     former_group: str
@@ -178,6 +195,8 @@ class Orphan:
 
 @dataclass(frozen=True)
 class OrphanReport:
+    """Orphans across agents, and the agents that could not be asked."""
+
     orphans: tuple[Orphan, ...]
     #: Agents that could not be asked, with the reason.
     unreachable: dict[str, str] = field(default_factory=dict)

@@ -9,6 +9,7 @@ from typing import Any
 
 
 class TaskSet:
+    """Owned long-lived tasks: failures are logged, and ``cancel_all`` ends them together."""
     def __init__(self, log: logging.Logger | logging.LoggerAdapter[Any]) -> None:
         self._log = log
         self._tasks: set[asyncio.Task[Any]] = set()
