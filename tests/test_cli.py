@@ -463,6 +463,7 @@ HELP_MENTIONS = {
     "keepalive": ["session", "--ttl"],
     "up": ["file", "--session", "--add", "--parallel"],
     "config": ["check", "file"],
+    "completion": ["bash", "zsh", "fish"],
     "audit": ["--since", "--limit"],
 }
 CLIENT = {"spawn", "adopt", "signal", "stop", "sessions", "show", "agents", "orphans", "watch",

@@ -38,6 +38,11 @@ def run(argv: Sequence[str] | None = None) -> tuple[int, bool]:
             if not problems:
                 print(f"{args.file}: ok")
             return (ExitCode.USAGE if problems else ExitCode.OK), False
+        if args.command == "completion":
+            from tether.coordinator.cli.completion import SHELLS
+
+            print(SHELLS[args.shell](parser), end="")
+            return ExitCode.OK, False
         if args.command in DAEMONS:
             head = argv[:argv.index(args.command)] if args.command in argv else []
             if any(a.startswith("-") for a in head):

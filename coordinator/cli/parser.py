@@ -188,4 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("session", help="session name")
     sp.add_argument("--ttl", type=positive_float, required=True,
                     help="the session stops if not renewed within this many seconds")
+    sp = sub.add_parser("completion", help="Print shell completion for bash, zsh or fish.",
+                        description="Print shell completion for bash, zsh or fish, e.g. "
+                        "`source <(tether completion bash)`.")
+    sp.add_argument("shell", choices=["bash", "zsh", "fish"], help="the shell to complete in")
     return p
