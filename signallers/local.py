@@ -42,9 +42,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from tether.core.errors import AdoptRefused
+from tether.core.errors import AdoptRefused, InvalidSpec
 from tether.core.model import Containment, LeaderStatus, OrphanPolicy
-from tether.signallers import cgroups, launch, procfs
+from tether.signallers import cgroups, launch, limits, procfs
 from tether.signallers.base import (
     Features,
     GroupHandle,
@@ -54,6 +54,7 @@ from tether.signallers.base import (
     SignallerContext,
 )
 from tether.signallers.cgroups import CgroupEventWatcher, CgroupTree
+from tether.signallers.limits import Limiter, Placement
 from tether.signallers.membership import Membership, Proc
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,10 @@ class LocalGroup(GroupHandle):
         child: bool,
         membership: Membership | None = None,
         leader_alive: bool = True,
+        placement: Placement | None = None,
     ) -> None:
         self._signaller = signaller
+        self._placement = placement or Placement()
         self.group_id = group_id
         self.leader_pid = leader_pid
         self.pgid = leader_pid
@@ -123,6 +126,13 @@ class LocalGroup(GroupHandle):
     @property
     def emptied_at(self) -> float | None:
         return self._emptied_at
+
+    @property
+    def limits(self) -> str:
+        return self._placement.describe
+
+    async def oom_kills(self) -> int:
+        return limits.oom_kills(self._placement, self._cgroup)
 
     # -- leader
 
@@ -266,6 +276,7 @@ class LocalGroup(GroupHandle):
             self._leader_exited()  # reap now; otherwise the SIGCHLD reaper collects it later
         if self._cgroup is not None:
             cgroups.remove(self._cgroup)
+        limits.remove_v1(self._placement.v1)
 
 
 # ---------------------------------------------------------------- the signaller
@@ -275,7 +286,8 @@ class LocalSignaller(Signaller):
     """Signaller for this host. One per agent; owns the agent instance's cgroup tree."""
 
     kind = "local"
-    features = Features(inherit_env=True, log_probe=True, reattach=True)
+    features = Features(inherit_env=True, log_probe=True, reattach=True, run_as_user=True,
+                        ports=True, limits=True, host_files=True)
 
     def __init__(self, context: SignallerContext | None = None) -> None:
         self.context = context or SignallerContext()
@@ -293,6 +305,12 @@ class LocalSignaller(Signaller):
         self.subreaper = opts.get("subreaper", "1") != "0" and make_subreaper()
         wanted = opts.get("containment", "auto")
         self._containment = self._detect(wanted)
+        self.limiter: Limiter | None = None
+        if self.tree is not None and self.cgroup_mount is not None:
+            self.limiter = Limiter(self.tree, self.cgroup_mount)
+            log.info("resource limits: %s", ", ".join(
+                f"{c} via cgroup {self.limiter.how(c) or 'unavailable'}"
+                for c in limits.CONTROLLERS))
         log.info("local signaller: containment %s (asked: %s)%s", self._containment.value, wanted,
                  f", cgroups under {self.tree.base}" if self.tree else "")
 
@@ -361,6 +379,17 @@ class LocalSignaller(Signaller):
 
     # -- Signaller
 
+    def check(self, spec: LaunchSpec) -> None:
+        if spec.limits:
+            if self._containment is not Containment.CGROUP or self.limiter is None:
+                flags = "/".join(f"--{c}" for c in ("memory", "cpus", "pids")
+                                 if getattr(spec.limits, c) is not None)
+                raise InvalidSpec(
+                    f"{flags} needs cgroup containment, and this agent runs with containment "
+                    f"{self._containment.value} (no writable cgroup v2 tree); run the agent as "
+                    "root or in a delegated cgroup, or drop the limits", field="limits")
+            self.limiter.check(spec.limits, "local")
+
     async def spawn(self, spec: LaunchSpec) -> GroupHandle:
         self._install_sigchld()
         cgroup = None
@@ -368,8 +397,9 @@ class LocalSignaller(Signaller):
             cgroup = self.tree.group_dir(spec.group_id, spec.orphan_policy)
         self._launching += 1
         try:
-            popen = await asyncio.get_running_loop().run_in_executor(
-                self._pool, launch.start, spec, cgroup, self._shell_usable)
+            launched = await asyncio.get_running_loop().run_in_executor(
+                self._pool, launch.start, spec, cgroup, self._shell_usable, self.limiter)
+            popen = launched.popen
             # No await from here to the handle: the reaper must see the leader as ours.
             self._leaders.add(popen.pid)
         finally:
@@ -380,9 +410,10 @@ class LocalSignaller(Signaller):
         start = leader.start if leader is not None else procfs.now_ticks()
         try:
             handle = LocalGroup(self, spec.group_id, popen.pid, self._containment, cgroup,
-                                start, child=True)
+                                start, child=True, placement=launched.placement)
         except OSError as exc:  # EMFILE from pidfd_open: nothing of this start may live on
             self._abandon(popen, cgroup)
+            limits.remove_v1(launched.placement.v1)
             raise launch.classify_exec_error(exc, spec) from exc
         # The handle reaps the leader (pidfd, waitpid) and keeps its status; the Popen object
         # must not: marked done, its destructor neither warns nor queues the pid for
@@ -473,9 +504,11 @@ class LocalSignaller(Signaller):
         if leader is not None and leader.start != start:
             # The pid now names an unrelated process: its pgid/sid are not ours.
             membership.claim_pgid = membership.claim_sid = False
+        placement = (self.limiter.existing(record.group_id) if self.limiter is not None
+                     else Placement())
         handle = LocalGroup(self, record.group_id, record.leader_pid, containment, cgroup,
                             start, child=False, membership=membership,
-                            leader_alive=leader_alive)
+                            leader_alive=leader_alive, placement=placement)
         if not membership.claim_pgid:
             handle.pgid = -1
         if not await handle.members():
@@ -493,3 +526,5 @@ class LocalSignaller(Signaller):
         if self.tree is not None:
             # Empty unless `keep` groups still run (then the guardian/next agent needs it).
             self.tree.remove()
+        if self.limiter is not None:
+            self.limiter.remove_tree()
