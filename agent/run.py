@@ -18,16 +18,25 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 import tether
-from tether.agent import identity
+from tether.agent import identity, users
+from tether.agent import plugins as plugin_registry
 from tether.agent.authority import Authority
 from tether.agent.capacity import Capacity, raise_fd_limit
 from tether.agent.hooks import HookChain, Hooks
 from tether.agent.metrics import AgentMetrics, serve_metrics
 from tether.agent.orphans import OrphanReaper
+from tether.agent.plugins import Plugins
+from tether.agent.ports import PortBook
 from tether.agent.service import AgentServicer, add_to_server
 from tether.agent.state import AgentStore
 from tether.core.errors import TetherError
-from tether.core.model import Containment, GroupView, OrphanPolicy, spec_from_dict
+from tether.core.model import (
+    Containment,
+    GroupView,
+    OrphanPolicy,
+    context_from_dict,
+    spec_from_dict,
+)
 from tether.core.sessions import Orphan
 from tether.core.tasks import TaskSet
 from tether.rpc.convert import CONTAINMENT_TO_PB
@@ -61,6 +70,10 @@ class AgentConfig:
     auth: ServerAuth = field(default_factory=ServerAuth)
     # How this agent dials its coordinator (TLS roots, client certificate, token).
     dial: ClientSecurity = field(default_factory=ClientSecurity)
+    # Toolchain plugins turned off by name (`plugin = { nvm = false }` in the config file).
+    plugins_off: list[str] = field(default_factory=list)
+    # No toolchain plugins at all.
+    no_plugins: bool = False
 
 
 class _OrphanTrigger(Hooks):
@@ -114,9 +127,15 @@ class AgentRuntime:
         if extra_hooks is not None:
             chain.append(extra_hooks)
         self.capacity = Capacity()
+        found = [] if config.no_plugins else plugin_registry.load(disabled=config.plugins_off)
+        log.info("toolchain plugins: %s", ", ".join(p.name for p in found) or "none")
+        tree = self.local.tree
         self.authority = Authority(config.name, self.signallers, HookChain(*chain),
                                    config.default_grace, marker=self.instance.marker,
-                                   capacity=self.capacity)
+                                   capacity=self.capacity, plugins=Plugins(found),
+                                   ports=PortBook(self.instance.marker,
+                                                  tree.name if tree is not None else "",
+                                                  config.name))
         self.metrics.attach(self.authority)
         self.reaper = OrphanReaper(
             self.instance.marker, self.local.tree, self.authority.live_ids,
@@ -174,7 +193,17 @@ class AgentRuntime:
                 except TetherError as exc:
                     log.error("group %s: cannot re-adopt it: %s", r.group_id, exc)
             if handle is not None:
-                self.authority.restore_running(r.group_id, spec, handle)
+                user = None
+                if spec.user:
+                    try:
+                        user = await asyncio.get_running_loop().run_in_executor(
+                            users.LOOKUPS, users.resolve, spec.user)
+                    except TetherError as exc:
+                        log.error("group %s: %s; its pre-stop hook will not run", r.group_id,
+                                  exc)
+                self.authority.restore_running(
+                    r.group_id, spec, handle, context_from_dict(r.spec.get("run_context", {})),
+                    user)
                 continue
             why = ("it was gone when the agent restarted" if keep else
                    "the agent died while it ran; its guardian or the orphan sweep ended it")

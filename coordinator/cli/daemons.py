@@ -79,7 +79,18 @@ def _agent_config(args: argparse.Namespace, name: str, state_dir: str) -> Any:
         if not sep:
             raise CLIError(f"--signaller-option {item!r} is not KEY=VALUE")
         options[key] = value
+    off = []
+    for item in args.plugin:
+        plugin, sep, value = item.partition("=")
+        switch = value.strip().lower()
+        if not sep or not plugin or switch not in ("on", "off", "true", "false", "1", "0",
+                                                   "yes", "no"):
+            raise CLIError(f"--plugin {item!r} is not NAME=on|off; write e.g. --plugin nvm=off "
+                           "(config file: plugin = {{ nvm = false }})")
+        if switch in ("off", "false", "0", "no"):
+            off.append(plugin)
     return AgentConfig(name=name, listen=args.listen, state_dir=state_dir,
+                       plugins_off=off, no_plugins=args.no_plugins,
                        coordinator=getattr(args, "coordinator", ""),
                        advertise=getattr(args, "advertise", ""),
                        metrics_listen=args.metrics_listen, containment=args.containment,
