@@ -123,6 +123,9 @@ _AGENT = [
     Option("--signaller-option", "option for the signallers, e.g. known_hosts=/path, "
            "docker_host=unix:///run/docker.sock (repeatable)", [], kind="list",
            metavar="KEY=VALUE"),
+    Option("--plugin", "turn a toolchain plugin on or off, e.g. nvm=off (repeatable; in a "
+           "config file: plugin = { nvm = false })", [], kind="list", metavar="NAME=on|off"),
+    Option("--no-plugins", "apply no toolchain plugins at all", False, kind="flag"),
 ]
 
 DAEMONS: Mapping[str, tuple[str, list[Option]]] = {

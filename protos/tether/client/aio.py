@@ -27,6 +27,7 @@ from tether.core.sessions import (
     AgentState,
     GroupEntry,
     OrphanReport,
+    PortReport,
     SessionEvent,
     SessionReport,
     SessionView,
@@ -35,6 +36,7 @@ from tether.rpc.convert import (
     agent_from_pb,
     entry_from_pb,
     orphan_from_pb,
+    port_owner_from_pb,
     report_from_pb,
     session_event_from_pb,
     session_from_pb,
@@ -235,3 +237,12 @@ class AsyncClient:
         return OrphanReport(tuple(orphan_from_pb(o) for o in reply.orphans),
                             dict(reply.unreachable))
 
+    async def ports(self, port: int = 0, *, agent: str = "", timeout: float | None = None
+                    ) -> PortReport:
+        """Who holds TCP ports: listening ports (or ``port``) on every agent (or ``agent``),
+        each with its group (session, label) or its process (pid, user, command)."""
+        reply = await self._call("ListPorts", self._stub.ListPorts,
+                                 cpb.CoordinatorListPortsRequest(port=port, agent=agent),
+                                 timeout or 30)
+        return PortReport(tuple(port_owner_from_pb(o) for o in reply.ports),
+                          dict(reply.unreachable))

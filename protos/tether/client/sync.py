@@ -17,6 +17,7 @@ from tether.core.sessions import (
     AgentState,
     GroupEntry,
     OrphanReport,
+    PortReport,
     SessionEvent,
     SessionReport,
     SessionView,
@@ -84,6 +85,9 @@ class Client:
 
     def orphans(self, **kw: Any) -> OrphanReport:
         return self._run(self._async.orphans(**kw))
+
+    def ports(self, port: int = 0, **kw: Any) -> PortReport:
+        return self._run(self._async.ports(port, **kw))
 
     def watch(self, session: str, **kw: Any) -> Iterator[SessionEvent]:
         stream = self._async.watch(session, **kw)
