@@ -183,11 +183,17 @@ class PortBook:
         try:
             for r in requests:
                 if r.port:
-                    await self._check_fixed(group_id, r)
+                    holder = self._held.get(r.port)
+                    if holder is not None and holder[0] != group_id:
+                        raise _taken(r, self._reservation(r.port, *holder).describe())
+                    # Reserved before the bind test awaits: a concurrent spawn asking for
+                    # the same port finds it taken.
+                    self._held[r.port] = (group_id, r.name)
+                    await self._check_fixed(r)
                     port = r.port
                 else:
                     port = self._pick()
-                self._held[port] = (group_id, r.name)
+                    self._held[port] = (group_id, r.name)
                 out.append(AssignedPort(r.name, port, bool(r.port)))
         except BaseException:
             self.release(group_id)
@@ -212,11 +218,7 @@ class PortBook:
                           f"no free TCP port found on 127.0.0.1 in {PICK_TRIES} tries; stop "
                           "some groups or widen net.ipv4.ip_local_port_range")
 
-    async def _check_fixed(self, group_id: str, r: PortRequest) -> None:
-        holder = self._held.get(r.port)
-        if holder is not None and holder[0] != group_id:
-            owner = self._reservation(r.port, *holder)
-            raise _taken(r, owner.describe())
+    async def _check_fixed(self, r: PortRequest) -> None:
         loop = asyncio.get_running_loop()
         if await loop.run_in_executor(self._pool, in_use, r.port):
             owners = await self.owners(r.port)

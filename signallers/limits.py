@@ -135,6 +135,9 @@ class Limiter:
         self._v2_possible = {c for c in CONTROLLERS
                              if c in offered and (self._own_is_root or c in delegated)}
         self._v2_offered = offered
+        # An earlier run of this instance that died (its guardian killed the groups) left
+        # empty v1 cgroups behind: remove them; a live `keep` group's stay.
+        self.remove_tree()
 
     def _v1_dir(self, controller: str) -> Path | None:
         base = self.v1_base.get(controller)
