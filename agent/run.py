@@ -196,8 +196,7 @@ class AgentRuntime:
                 user = None
                 if spec.user:
                     try:
-                        user = await asyncio.get_running_loop().run_in_executor(
-                            users.LOOKUPS, users.resolve, spec.user)
+                        user = await users.lookup(spec.user)
                     except TetherError as exc:
                         log.error("group %s: %s; its pre-stop hook will not run", r.group_id,
                                   exc)
@@ -217,6 +216,9 @@ class AgentRuntime:
                 "--agent-marker", self.instance.marker, "--state", self.store.path]
         if self.local.tree is not None:
             args += ["--cgroup-base", str(self.local.tree.base)]
+        if self.local.limiter is not None:
+            for tree in self.local.limiter.v1_trees():
+                args += ["--v1-tree", str(tree)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
         self._guardian = subprocess.Popen(args, start_new_session=True, env=env,
                                           stdin=subprocess.DEVNULL)

@@ -129,8 +129,7 @@ class Starter:
         if spec.user:
             # The password database may be remote (LDAP): looked up on a thread. The table
             # may change meanwhile, so the idempotency checks run again after it.
-            user = await asyncio.get_running_loop().run_in_executor(
-                users.LOOKUPS, users.resolve, spec.user)
+            user = await users.lookup(spec.user)
             seen = self._existing(fingerprint, key, group_id)
             if seen is not None:
                 return await self.outcome(seen)

@@ -52,6 +52,8 @@ class Stopper:
         self._running = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        #: Pre-stop hooks running now (a second SIGINT kills them with the groups).
+        self._hooks: set[GroupHandle] = set()
 
     async def idle(self) -> None:
         """Return once no stop is in progress (background scans wait for a batch to end)."""
@@ -84,7 +86,12 @@ class Stopper:
         return n
 
     async def escalate(self) -> None:
-        """Second SIGINT: SIGKILL every live `kill`-policy group now."""
+        """Second SIGINT: SIGKILL every live `kill`-policy group (and pre-stop hook) now."""
+        for hook in list(self._hooks):
+            try:
+                await hook.kill()
+            except TetherError as exc:
+                self.lc.log.error("escalation: pre-stop hook: %s", exc)
         for g in self.lc.table:
             if g.handle is not None and not g.state.ended \
                     and g.spec.orphan_policy is OrphanPolicy.KILL:
@@ -262,6 +269,7 @@ class Stopper:
                                   detail=f"could not start: {exc}")
         status = None
         leftovers = 0
+        self._hooks.add(handle)
         try:
             async with asyncio.timeout(timeout):
                 status = await handle.wait_leader()
@@ -272,6 +280,7 @@ class Stopper:
             g.log.warning("pre-stop hook: %s", exc)
         finally:
             # Its whole tree goes, whatever happened (cancellation included).
+            self._hooks.discard(handle)
             await asyncio.shield(dispose(handle))
         took = time.monotonic() - begun
         behind = (f"; it left {leftovers} process(es) behind, killed with its tree"

@@ -107,11 +107,12 @@ def lines(text: str, comments: bool = True) -> Iterator[str]:
 
 
 def check_version(token: str, path: Path | str, tool: str) -> str:
+    """A version token from a file; anything else is refused without being echoed (the file
+    may be a link to something secret, e.g. ``.nvmrc -> /etc/shadow``)."""
     if not VERSION.match(token) or ".." in token.split("/") or "\0" in token:
-        shown = token if len(token) <= 80 else token[:80] + "…"
         raise ToolchainMissing(
-            f"{path} names {shown!r}, which is not a {tool} version (letters, digits and "
-            "._+-/* only, no '..'); write a version such as 20.11.1 or lts/iron")
+            f"{path} names something that is not a {tool} version (letters, digits and "
+            "._+-/* only, at most 128, no '..'); write a version such as 20.11.1 or lts/iron")
     return token
 
 

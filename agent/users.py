@@ -7,17 +7,35 @@ not root only as itself (anything else is refused before anything starts).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import grp
 import os
 import pwd
 import socket
 
-from tether.core.errors import InvalidSpec
+from tether.core.errors import InvalidSpec, ResourceExhausted
 from tether.signallers.base import RunAs
 
 #: Lookups in the password and group databases (which may be LDAP) run here.
 LOOKUPS = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tether-users")
+
+
+#: How long a lookup may take before the spawn gives up (a stuck LDAP server).
+LOOKUP_DEADLINE = 10.0
+
+
+async def lookup(text: str) -> RunAs:
+    """``resolve`` on a thread, bounded by ``LOOKUP_DEADLINE``."""
+    fut = asyncio.get_running_loop().run_in_executor(LOOKUPS, resolve, text)
+    try:
+        async with asyncio.timeout(LOOKUP_DEADLINE):
+            return await asyncio.shield(fut)
+    except TimeoutError:
+        raise ResourceExhausted(
+            f"--user {text!r}: the agent host's password database did not answer within "
+            f"{LOOKUP_DEADLINE:g} s (NSS: LDAP, sssd?); check it and retry; nothing was "
+            "started") from None
 
 
 def _refuse(text: str, why: str) -> InvalidSpec:

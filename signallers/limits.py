@@ -269,6 +269,10 @@ class Limiter:
                 v1[c] = d
         return Placement(v1, False, "")
 
+    def v1_trees(self) -> list[Path]:
+        """This instance's directory in each v1 hierarchy (made on first use)."""
+        return [base / self.tree.name for base in self.v1_base.values()]
+
     def remove_tree(self) -> None:
         """Remove this instance's v1 dirs, if empty (at agent shutdown)."""
         for base in self.v1_base.values():

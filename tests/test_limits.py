@@ -22,8 +22,10 @@ from tests.plugins.processes import (
     Daemon,
     free_port,
     make_authority,
+    marked_alive,
     start_daemon,
     stop_daemon,
+    wait_until,
 )
 from tests.test_metrics import scrape, value
 from tether.agent.authority import Authority
@@ -236,3 +238,22 @@ def test_cli_memory_limit_oom_kill_in_show_stop_and_metrics(srv: tuple[Daemon, s
                        (["--pids", "0"], "pids 0")):
         res = d.cli("spawn", "--session", "bad", *args, "--", "true")
         assert res.returncode == 2 and says in res.stderr, res.stderr
+
+
+def test_a_killed_agents_guardian_removes_its_v1_cgroups(tmp_path: Path) -> None:
+    require_root()
+    d = start_daemon("serve", ["--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "state"),
+                               "--agent-name", f"limk-{tmp_path.name[-10:]}"], tmp_path)
+    try:
+        gid = d.cli("spawn", "--session", "k", "--memory", "64M", "--pids", "50", "--",
+                    "sleep", "300", check=True).stdout.strip()
+        limits = d.json("show", "k")["groups"][0]["context"]["limits"]
+        dirs = [Path(part.split(" in ", 1)[1].split(";")[0].rstrip(")"))
+                for part in limits.split(", ") if " in /" in part]
+        assert all(p.is_dir() and p.name == gid for p in dirs)
+        d.proc.kill()  # SIGKILL: no shutdown; the guardian keeps the promise
+        d.proc.wait()
+        wait_until(lambda: marked_alive(gid) == [] and not any(p.exists() for p in dirs), 30,
+                   "the guardian to end the group and remove its v1 cgroups")
+    finally:
+        stop_daemon(d)

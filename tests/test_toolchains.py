@@ -462,6 +462,17 @@ def test_hostile_version_strings_are_refused(tmp_path: Path, content: str) -> No
         Nvm(root).enhance(build_spec(["node"], cwd=str(tmp_path)))
 
 
+def test_a_version_file_linked_to_a_secret_is_not_echoed(tmp_path: Path) -> None:
+    root = nvm_layout(tmp_path / "nvm", NVM_VERSIONS)
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$y$j9T$SECRETHASH:19000:0:99999:7:::\n")
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / ".nvmrc").symlink_to(secret)
+    with pytest.raises(ToolchainMissing) as caught:
+        Nvm(root).enhance(build_spec(["node"], cwd=str(tmp_path / "proj")))
+    assert "SECRETHASH" not in caught.value.message and "root:" not in caught.value.message
+
+
 # ------------------------------------------------------------------ through the daemon and CLI
 
 
