@@ -79,15 +79,12 @@ def _agent_config(args: argparse.Namespace, name: str, state_dir: str) -> Any:
         if not sep:
             raise CLIError(f"--signaller-option {item!r} is not KEY=VALUE")
         options[key] = value
+    from tether.coordinator.cli.options import plugin_switch
+
     off = []
     for item in args.plugin:
-        plugin, sep, value = item.partition("=")
-        switch = value.strip().lower()
-        if not sep or not plugin or switch not in ("on", "off", "true", "false", "1", "0",
-                                                   "yes", "no"):
-            raise CLIError(f"--plugin {item!r} is not NAME=on|off; write e.g. --plugin nvm=off "
-                           "(config file: plugin = {{ nvm = false }})")
-        if switch in ("off", "false", "0", "no"):
+        plugin, on = plugin_switch(item)
+        if not on:
             off.append(plugin)
     return AgentConfig(name=name, listen=args.listen, state_dir=state_dir,
                        plugins_off=off, no_plugins=args.no_plugins,
