@@ -89,8 +89,9 @@ class AgentMetrics(Hooks):
         self.pre_stop_hooks = Counter(
             "tether_pre_stop_hooks", "Pre-stop hooks run by stops, by result: ok, failed, "
             "timeout (its tree was killed), error (could not start), skipped (the group had "
-            "ended).", ["result"], registry=registry)
-        for r in ("ok", "failed", "timeout", "error", "skipped"):
+            "ended), exited (ended where exit codes are not reported).", ["result"],
+            registry=registry)
+        for r in ("ok", "failed", "timeout", "error", "skipped", "exited"):
             self.pre_stop_hooks.labels(r)
         self.plugin_failures = Counter(
             "tether_plugin_failures", "Toolchain plugins that failed or timed out on a spec "

@@ -291,6 +291,10 @@ class Stopper:
             return PreStopOutcome(PreStopResult.TIMEOUT, duration=took,
                                   detail=f"still running at {bound} ({timeout:.3g} s); its "
                                          "whole tree was killed")
+        if status.exit_code is None and status.signal is None:
+            return PreStopOutcome(PreStopResult.EXITED, None, None, took,
+                                  "it ran to its end; this target does not report exit codes"
+                                  + behind, leftovers)
         ok = status.exit_code == 0
         if not ok:
             g.log.warning("pre-stop hook %s: %s", hook, status.describe())

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.plugins.docker_engine import DockerEngine
 from tests.plugins.processes import (
     Daemon,
     free_port,
@@ -19,11 +22,15 @@ from tests.plugins.processes import (
     start_daemon,
     stop_daemon,
 )
+from tests.plugins.sshd import SSHServer
 from tests.test_metrics import scrape, value
 from tether.agent.authority import Authority
 from tether.client.spec import build_spec
 from tether.core.errors import InvalidSpec
 from tether.core.model import ExitReason, GroupState, PreStopResult, StopPolicy
+from tether.signallers.base import SignallerContext
+from tether.signallers.local import LocalSignaller
+from tether.signallers.registry import Signallers
 
 #: Exits 0 on TERM, after noting whether the hook's file was there by then.
 SERVER = ["sh", "-c", 'trap \'test -f "$MARK" && echo after-hook > "$OUT" || echo '
@@ -200,3 +207,54 @@ def test_cli_pre_stop_in_stop_order_show_and_metrics(srv: tuple[Daemon, str],
     assert (tmp_path / "up-hook").exists()
     bad = d.cli("spawn", "--session", "dev3", "--pre-stop", "curl localhost", "--", "true")
     assert bad.returncode == 2 and "exec:COMMAND" in bad.stderr
+
+
+async def test_a_hook_runs_on_a_remote_target_too(sshd: SSHServer, tmp_path: Path) -> None:
+    """Pre-stop hooks are an exec on the group's target: over SSH they run on that host,
+    as the SSH user, before the stop signal."""
+    work = Path(tempfile.mkdtemp(prefix="prestop-", dir=sshd.tmp))
+    os.chown(work, sshd.uid, -1)
+    ctx = SignallerContext(f"pre-ssh-{os.getpid()}", "", sshd.options(ssh_containment="pgid"))
+    signallers = Signallers(ctx)
+    signallers.add(LocalSignaller(ctx))
+    auth = Authority(ctx.agent_name, signallers)
+    try:
+        mark = work / "hook-ran"
+        view = await auth.spawn(build_spec(
+            ["sleep", "300"], target=f"ssh:{sshd.where}", env={"PATH": "/usr/bin:/bin"},
+            pre_stop=f"exec:sh -c 'id -un > {mark}'"))
+        assert view.state is GroupState.RUNNING, view.exit
+        rec = (await auth.stop(view.group_id)).exit
+        assert rec is not None and rec.clean
+        # SSH does not report a detached command's exit code: the hook ran to its end.
+        assert rec.pre_stop is not None and rec.pre_stop.result is PreStopResult.EXITED, \
+            rec.pre_stop
+        assert mark.read_text().strip() == sshd.user
+    finally:
+        await auth.stop_all()
+        await auth.shutdown()
+        await signallers.aclose()
+
+
+@pytest.mark.docker
+async def test_a_hook_runs_inside_the_container(docker_engine: DockerEngine,
+                                                docker_container: Any) -> None:
+    """In a container the hook is a docker exec there, with its exit code."""
+    ctx = SignallerContext(f"pre-dk-{os.getpid()}", "", {"docker_host": docker_engine.url})
+    signallers = Signallers(ctx)
+    signallers.add(LocalSignaller(ctx))
+    auth = Authority(ctx.agent_name, signallers)
+    try:
+        view = await auth.spawn(build_spec(
+            ["sleep", "300"], target=f"docker:{docker_container.name}", env={"PATH": "/bin"},
+            pre_stop="exec:sh -c 'touch /tmp/hook-ran; exit 5'"))
+        assert view.state is GroupState.RUNNING, view.exit
+        rec = (await auth.stop(view.group_id)).exit
+        assert rec is not None and rec.clean
+        assert rec.pre_stop is not None and rec.pre_stop.result is PreStopResult.FAILED
+        assert rec.pre_stop.exit_code == 5
+        assert docker_container.exec_run(["test", "-f", "/tmp/hook-ran"]).exit_code == 0
+    finally:
+        await auth.stop_all()
+        await auth.shutdown()
+        await signallers.aclose()

@@ -796,6 +796,8 @@ class PreStopResult(enum.StrEnum):
     TIMEOUT = "timeout"
     #: It could not be started (command not found, target unreachable).
     ERROR = "error"
+    #: It ran to its end on a target that does not report exit codes (SSH).
+    EXITED = "exited"
     #: The group had already ended: there was nothing to prepare.
     SKIPPED = "skipped"
 
