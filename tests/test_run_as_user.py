@@ -115,6 +115,20 @@ async def test_the_agent_keeps_the_cgroup_and_stops_the_users_tree(auth: Authori
     assert marked_alive(view.group_id) == []
 
 
+async def test_the_user_joins_every_cgroup_of_its_limits_before_dropping_root(
+        auth: Authority, shared: Path) -> None:
+    log = shared / "out.log"
+    view = await auth.spawn(build_spec(["sh", "-c", "id -un; cat /proc/self/cgroup"], user=USER,
+                                       memory="64M", pids=30, log=str(log)))
+    view = await ended(auth, view.group_id)
+    assert view.exit is not None and view.exit.reason is ExitReason.NATURAL, view.exit
+    name, *cgroups = log.read_text().splitlines()
+    assert name == USER
+    inside = [line for line in cgroups if line.endswith("/" + view.group_id)]
+    # The v2 group, plus the v1 memory and pids cgroups where those are v1 here.
+    assert len(inside) == 1 + view.context.limits.count(f"/{view.group_id}"), cgroups
+
+
 async def test_what_the_user_may_not_touch_fails_naming_the_user(auth: Authority,
                                                                  shared: Path) -> None:
     private = shared / "private"
