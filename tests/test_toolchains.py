@@ -510,6 +510,15 @@ def test_cli_spawn_show_and_stop_report_the_plugin_change(nvm_serve: tuple[Daemo
     failed = d.cli("spawn", "--session", "tc2", "--cwd", str(project), "--no-plugins", "--",
                    "true")
     assert failed.returncode == 0, failed.stderr
+    file = tmp_path / "s.toml"
+    file.write_text(f'session = "tc-up"\n[[group]]\nlabel = "with"\nargv = ["sleep", "60"]\n'
+                    f'cwd = "{project}"\n[[group]]\nlabel = "without"\n'
+                    f'argv = ["sleep", "60"]\ncwd = "{project}"\nplugins = false\n')
+    d.cli("up", str(file), check=True)
+    by_label = {g["label"]: g.get("context", {}).get("plugins", [])
+                for g in d.json("show", "tc-up")["groups"]}
+    assert by_label == {"with": [change], "without": []}
+    d.cli("stop", "tc-up", check=True)
     (project / ".nvmrc").write_text("23\n")
     failed = d.cli("spawn", "--session", "tc3", "--cwd", str(project), "--", "true")
     assert failed.returncode == 1
