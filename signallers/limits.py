@@ -120,7 +120,9 @@ class Limiter:
     """Applies limits for one agent instance's cgroup tree (v2, else v1 per controller)."""
 
     def __init__(self, tree: cgroups.CgroupTree, mount: Path,
-                 v1: Mapping[str, Path] | None = None) -> None:
+                 v1: Mapping[str, Path] | None = None, v2: Iterable[str] | None = None) -> None:
+        """``v1`` and ``v2`` replace what is detected (which v1 hierarchies to use, which v2
+        controllers to try enabling): a host's answer is then the kernel's, at the write."""
         self.tree = tree
         self.mount = mount
         self.v1_base = dict(find_v1() if v1 is None else v1)
@@ -132,8 +134,8 @@ class Limiter:
         self._own_is_root = own == mount
         offered = _controllers(own / "cgroup.controllers")
         delegated = _controllers(own / "cgroup.subtree_control")
-        self._v2_possible = {c for c in CONTROLLERS
-                             if c in offered and (self._own_is_root or c in delegated)}
+        self._v2_possible = set(v2) if v2 is not None else {
+            c for c in CONTROLLERS if c in offered and (self._own_is_root or c in delegated)}
         self._v2_offered = offered
         # An earlier run of this instance that died (its guardian killed the groups) left
         # empty v1 cgroups behind: remove them; a live `keep` group's stay.
@@ -186,15 +188,18 @@ class Limiter:
             for c in controllers:
                 if c in self._enabled:
                     continue
+                control = self._own / "cgroup.subtree_control"
                 try:
                     for d in (self._own, self.tree.base,
                               *(self.tree.base / s for s in cgroups.POLICY_DIRS.values())):
-                        if c not in _controllers(d / "cgroup.subtree_control"):
-                            cgroups.write(d / "cgroup.subtree_control", f"+{c}".encode())
+                        control = d / "cgroup.subtree_control"
+                        if c not in _controllers(control):
+                            cgroups.write(control, f"+{c}".encode())
                 except OSError as exc:
-                    self._v2_failed[c] = f"{exc.strerror} ({exc.filename or 'subtree_control'})"
+                    self._v2_failed[c] = f"writing +{c} to {control}: {exc.strerror}"
                     log.warning("cannot enable the cgroup v2 %s controller for the agent's "
-                                "tree (%s); using cgroup v1 where mounted", c, exc)
+                                "tree (%s); using cgroup v1 where mounted",
+                                c, self._v2_failed[c])
                     failed.append(c)
                 else:
                     self._enabled.add(c)

@@ -140,6 +140,33 @@ def test_a_host_that_does_not_delegate_a_controller_is_named(auth: Authority) ->
     assert "Delegate" in message and "drop --memory" in message
 
 
+async def test_a_v2_controller_the_kernel_will_not_enable_falls_back_to_v1(
+        auth: Authority) -> None:
+    """Try v2 first, as on a host that offers the controller; when the kernel refuses the
+    subtree_control write, the limit goes to v1 for this spawn and every later one."""
+    lim = limiter(auth)
+    offered = (lim.tree.base.parent / "cgroup.controllers").read_text().split()
+    if "pids" in offered:
+        pytest.skip("this host's v2 tree offers pids: the refusal cannot be provoked")
+    local = auth.signallers.get("local")
+    assert isinstance(local, LocalSignaller)
+    local.limiter = Limiter(lim.tree, lim.mount, v2={"pids"})
+    try:
+        assert local.limiter.how("pids") == "v2"
+        view = await auth.spawn(build_spec(["sleep", "300"], pids=7))
+        assert view.state is GroupState.RUNNING, view.exit
+        assert local.limiter.how("pids") == "v1"
+        assert "cgroup v1 pids.max" in view.context.limits
+        assert int(limit_file(auth, view, "pids").read_text()) == 7
+        refused = Limiter(lim.tree, lim.mount, v1={}, v2={"pids"})
+        assert refused.how("pids") == "v2"
+        with pytest.raises(InvalidSpec, match=r"enabling it failed: writing \+pids to"):
+            refused.prepare("g-00000000", Path(view.cgroup), view.spec.limits)
+        await auth.stop(view.group_id)
+    finally:
+        local.limiter = lim
+
+
 async def test_without_cgroup_containment_limits_are_refused() -> None:
     auth, signallers = await make_authority(f"lim-sub-{os.getpid()}", "subreaper")
     try:
