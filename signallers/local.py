@@ -33,6 +33,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -396,16 +397,22 @@ class LocalSignaller(Signaller):
         if self.tree is not None and self._containment is Containment.CGROUP:
             cgroup = self.tree.group_dir(spec.group_id, spec.orphan_policy)
         self._launching += 1
+        fut = asyncio.get_running_loop().run_in_executor(
+            self._pool, launch.start, spec, cgroup, self._shell_usable, self.limiter)
         try:
-            launched = await asyncio.get_running_loop().run_in_executor(
-                self._pool, launch.start, spec, cgroup, self._shell_usable, self.limiter)
-            popen = launched.popen
-            # No await from here to the handle: the reaper must see the leader as ours.
-            self._leaders.add(popen.pid)
-        finally:
-            self._launching -= 1
-            if self._reap_pending and self._sigchld_loop is not None:
-                self._sigchld_loop.call_soon(self._reap_orphans)
+            launched = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # The launch thread goes on (a probe cancelled at its group's start timeout):
+            # what it starts must not outlive the cancel, nor run as nobody's.
+            fut.add_done_callback(functools.partial(self._launched_after_cancel, cgroup))
+            raise
+        except BaseException:
+            self._launch_done()
+            raise
+        popen = launched.popen
+        # No await from here to the handle: the reaper must see the leader as ours.
+        self._leaders.add(popen.pid)
+        self._launch_done()
         leader = procfs.stat(popen.pid)
         start = leader.start if leader is not None else procfs.now_ticks()
         try:
@@ -420,6 +427,21 @@ class LocalSignaller(Signaller):
         # subprocess's own reaping, which would steal the status.
         popen.returncode = 0
         return handle
+
+    def _launch_done(self) -> None:
+        self._launching -= 1
+        if self._reap_pending and self._sigchld_loop is not None:
+            self._sigchld_loop.call_soon(self._reap_orphans)
+
+    def _launched_after_cancel(self, cgroup: Path | None,
+                               fut: asyncio.Future[launch.Launched]) -> None:
+        try:
+            if not fut.cancelled() and fut.exception() is None:
+                launched = fut.result()
+                self._abandon(launched.popen, cgroup)
+                limits.remove_v1(launched.placement.v1)
+        finally:
+            self._launch_done()
 
     def _abandon(self, popen: subprocess.Popen[bytes], cgroup: Path | None) -> None:
         if cgroup is not None:
