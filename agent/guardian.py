@@ -117,6 +117,10 @@ def sweep_cgroups(base: Path) -> int:
             if d.is_dir():
                 with contextlib.suppress(OSError):
                     d.rmdir()
+    # The tree itself, once nothing is left in it (a keep group keeps it for the next agent).
+    for d in (kill, base / "keep", base):
+        with contextlib.suppress(OSError):
+            d.rmdir()
     return len(live)
 
 
