@@ -40,6 +40,7 @@ from tether.core.model import (
     GroupState,
     GroupView,
     Limits,
+    OrphanPolicy,
     ProbeKind,
     RunContext,
     StopPolicy,
@@ -316,8 +317,10 @@ class Starter:
             nonlocal counter
             counter += 1
             base = g.launch or self.launch_spec(g.group_id, g.spec, where)
+            # Probes are kill-policy trees whatever the group's policy: none may outlive a
+            # dead agent (a keep group's re-adoption would claim it as its own).
             launch = replace(base, group_id=f"{g.group_id}.probe{counter}", argv=argv,
-                             limits=Limits(),
+                             limits=Limits(), orphan_policy=OrphanPolicy.KILL,
                              env={**base.env, MARKER_ENV: f"{g.group_id}.probe{counter}"})
             try:
                 handle = await signaller.spawn(launch)

@@ -257,8 +257,10 @@ class Stopper:
         base = g.launch or build_launch(self.lc.marker, g.group_id, g.spec, where, g.user,
                                         g.context)
         hook_id = f"{g.group_id}.prestop"
+        # Always a kill-policy tree: a hook must not outlive an agent that dies meanwhile.
         launch = replace(base, group_id=hook_id, argv=hook.argv, limits=Limits(),
-                         env={**base.env, MARKER_ENV: hook_id})
+                         env={**base.env, MARKER_ENV: hook_id},
+                         orphan_policy=OrphanPolicy.KILL)
         try:
             handle = await self.lc.signallers.get(kind).spawn(launch)
         except StartFailed as exc:

@@ -4,6 +4,7 @@ its outcome is in the record."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import tempfile
@@ -16,6 +17,7 @@ import pytest
 from tests.plugins.docker_engine import DockerEngine
 from tests.plugins.processes import (
     Daemon,
+    async_wait_until,
     free_port,
     make_authority,
     marked_alive,
@@ -149,6 +151,21 @@ async def test_a_stop_with_no_grace_left_runs_no_hook(auth: Authority) -> None:
     assert rec is not None and rec.pre_stop is not None
     assert rec.pre_stop.result is PreStopResult.TIMEOUT and "no time was left" in \
         rec.pre_stop.detail
+
+
+async def test_a_keep_groups_hook_is_still_a_kill_tree(auth: Authority) -> None:
+    """A hook must never outlive an agent that dies during it, even for a group that
+    would: it lives under the tree's kill/ whatever the group's orphan policy."""
+    view = await auth.spawn(build_spec(["sleep", "300"], orphan_policy="keep", grace=10,
+                                       pre_stop="exec:sleep 300", pre_stop_timeout=1))
+    stop = asyncio.ensure_future(auth.stop(view.group_id))
+    await async_wait_until(lambda: hook_alive(view.group_id) != [], 10, "the hook to run")
+    if view.containment.value == "cgroup":
+        (pid,) = hook_alive(view.group_id)
+        assert f"/kill/{view.group_id}.prestop" in Path(f"/proc/{pid}/cgroup").read_text()
+        assert "/keep/" in Path(view.cgroup).as_posix()
+    stopped = await stop
+    assert stopped.exit is not None and stopped.exit.pre_stop is not None
 
 
 @pytest.mark.parametrize(("text", "says"), [
