@@ -246,7 +246,7 @@ def _child_error(data: bytes, spec: LaunchSpec) -> StartFailed | None:
     if stage == "cgroup":
         return StartFailed(FailureClass.PERMISSION_DENIED,
                            f"cannot place the group into its cgroup: {why}; check that this "
-                           "agent may write there (Linux 5.16+ for --user with cgroups)")
+                           "agent may write there, or run it with --containment subreaper")
     if stage == "user":
         return StartFailed(FailureClass.PERMISSION_DENIED,
                            f"cannot switch to user {user}: {why}; the agent must run as root "
