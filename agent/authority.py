@@ -17,6 +17,8 @@ from tether.agent.capacity import Capacity
 from tether.agent.groups import Group
 from tether.agent.hooks import Hooks
 from tether.agent.lifecycle import Lifecycle
+from tether.agent.plugins import Plugins
+from tether.agent.ports import PortBook
 from tether.agent.start import Starter
 from tether.agent.stop import Stopper
 from tether.agent.watch import Watcher
@@ -31,12 +33,14 @@ from tether.core.model import (
     GroupState,
     GroupView,
     OrphanPolicy,
+    PortOwner,
+    RunContext,
     SignalOutcome,
     StopOverride,
     StopPolicy,
     Transition,
 )
-from tether.signallers.base import GroupHandle
+from tether.signallers.base import GroupHandle, RunAs
 from tether.signallers.registry import Signallers
 
 Signals = signal.Signals
@@ -50,7 +54,8 @@ class Authority:
 
     def __init__(self, name: str, signallers: Signallers, hooks: Hooks | None = None,
                  default_grace: float | None = None, *, marker: str = "",
-                 capacity: Capacity | None = None) -> None:
+                 capacity: Capacity | None = None, plugins: Plugins | None = None,
+                 ports: PortBook | None = None) -> None:
         self.name = name
         self.signallers = signallers
         self.hooks = hooks or Hooks()
@@ -58,7 +63,12 @@ class Authority:
         self.lc = Lifecycle(name, signallers, self.hooks, marker or name)
         self.watcher = Watcher(self.lc)
         self.stopper = Stopper(self.lc)
-        self.starter = Starter(self.lc, default, capacity, self.watcher.start, self._stop_now)
+        self.ports = ports if ports is not None else PortBook(marker or name, agent=name)
+        self.ports.lookup = self._port_lookup
+        self.plugins = plugins if plugins is not None else Plugins()
+        self.plugins.on_failure = self.hooks.plugin_failure
+        self.starter = Starter(self.lc, default, capacity, self.watcher.start, self._stop_now,
+                               self.plugins, self.ports)
         self._expiry: asyncio.Task[None] | None = None
 
     @property
@@ -98,6 +108,19 @@ class Authority:
             return len(await g.handle.members())
         except TetherError:
             return 0
+
+    def _port_lookup(self, group_id: str) -> tuple[str, str, dict[int, str]] | None:
+        try:
+            g = self.lc.table.find(group_id)
+        except TetherError:
+            return None
+        return (g.spec.session_id, g.spec.label,
+                {p.port: p.name for p in g.context.ports})
+
+    async def list_ports(self, port: int = 0) -> list[PortOwner]:
+        """Listening TCP ports on this host (or one) and who owns each: a group of this
+        agent (session, group, label) or a process (pid, user, command)."""
+        return await self.ports.owners(port)
 
     def watch(self, accept: Callable[[GroupEvent], bool],
               initial: Iterable[GroupView] = (), since: int = 0) -> AsyncIterator[GroupEvent]:
@@ -163,6 +186,8 @@ class Authority:
             self._expiry.cancel()
         await self.lc.tasks.cancel_all()
         self.lc.events.close()
+        self.plugins.close()
+        self.ports.close()
 
     # ------------------------------------------------------------ retention
 
@@ -188,11 +213,20 @@ class Authority:
         self.lc.transition(g, Transition.EXITED)
         return g.view()
 
-    def restore_running(self, group_id: str, spec: GroupSpec, handle: GroupHandle) -> GroupView:
-        """Re-adopt a `keep` group that survived the agent (PID and start time checked)."""
+    def restore_running(self, group_id: str, spec: GroupSpec, handle: GroupHandle,
+                        context: RunContext | None = None, user: RunAs | None = None
+                        ) -> GroupView:
+        """Re-adopt a `keep` group that survived the agent (PID and start time checked),
+        with what it ran with (its ports are reserved again)."""
         g = Group(group_id, spec, handle.containment,
                   spec.stop.apply(self.starter.default_policy))
         g.state = GroupState.RUNNING  # as it was recorded: loading, not a transition
+        context = context or RunContext()
+        g.context = context
+        g.user = user
+        if context.ports:
+            self.ports.restore(group_id, context.ports)
+            g.on_end.append(lambda: self.ports.release(group_id))
         g.attach(handle)
         self.lc.table.add(g)
         g.log.info("re-adopted after agent restart (leader pid %d)", handle.leader_pid)

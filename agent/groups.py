@@ -12,7 +12,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any
 
 from tether.core.errors import GroupNotFound, IdempotencyConflict, TetherError
@@ -22,9 +22,11 @@ from tether.core.model import (
     GroupSpec,
     GroupState,
     GroupView,
+    Probe,
+    RunContext,
     StopPolicy,
 )
-from tether.signallers.base import GroupHandle
+from tether.signallers.base import GroupHandle, LaunchSpec, RunAs
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,16 @@ class Group:
         self.empty = asyncio.Event()
         self.ended = asyncio.Event()
         self.log = GroupLog(log, {"group": group_id, "session": spec.session_id})
+        #: What it runs with beyond its spec (plugin changes, user, ports, limits).
+        self.context = RunContext()
+        #: The user it runs as (``--user``), resolved on this host.
+        self.user: RunAs | None = None
+        #: What was launched (probes and hooks run with the same environment and user).
+        self.launch: LaunchSpec | None = None
+        #: The readiness probe with its port references filled in.
+        self.ready: Probe | None = spec.ready
+        #: Run once when the group ends (releasing its ports).
+        self.on_end: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         pid = self.handle.leader_pid if self.handle else "-"
@@ -92,6 +104,7 @@ class Group:
             started_at=self.started_at, member_count=member_count,
             leader_start_time=h.leader_start_time if h else 0.0,
             cgroup=h.cgroup if h else "",
+            context=self.context,
         )
 
 

@@ -17,7 +17,11 @@ After a clean agent shutdown every ``kill`` group is already ended, so the
 guardian finds nothing to do. It imports nothing heavy (no grpc).
 
     python -m tether.agent.guardian --agent-pid PID --agent-marker MARKER \
-        --state FILE [--cgroup-base DIR]
+        --state FILE [--cgroup-base DIR] [--v1-tree DIR]...
+
+The v1 trees (cgroup v1 hierarchies holding limits of the agent's groups, see
+``signallers/limits.py``) only carry limits: once the kill groups are dead their
+cgroups there are empty, and the guardian removes them.
 """
 
 from __future__ import annotations
@@ -113,7 +117,22 @@ def sweep_cgroups(base: Path) -> int:
             if d.is_dir():
                 with contextlib.suppress(OSError):
                     d.rmdir()
+    # The tree itself, once nothing is left in it (a keep group keeps it for the next agent).
+    for d in (kill, base / "keep", base):
+        with contextlib.suppress(OSError):
+            d.rmdir()
     return len(live)
+
+
+def remove_empty_v1(tree: Path) -> None:
+    """rmdir the empty group cgroups of a v1 tree (keep groups' are still populated)."""
+    with contextlib.suppress(FileNotFoundError):
+        for d in tree.iterdir():
+            if d.is_dir() and not cgroups.procs(d):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+    with contextlib.suppress(OSError):
+        tree.rmdir()
 
 
 def marked(marker: str, keep: set[str]) -> list[int]:
@@ -169,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agent-marker", required=True)
     parser.add_argument("--state", required=True)
     parser.add_argument("--cgroup-base", default="")
+    parser.add_argument("--v1-tree", action="append", default=[])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s tether.guardian: %(message)s")
@@ -178,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     wait_for_exit(args.agent_pid)
     n = sweep_cgroups(Path(args.cgroup_base)) if args.cgroup_base else 0
     n += sweep_marked(args.agent_marker, args.state)
+    for tree in args.v1_tree:
+        remove_empty_v1(Path(tree))
     if n:
         log.warning("agent %s (pid %d) is gone; ended %d process(es)/cgroup(s) of its "
                     "kill-policy groups", args.agent_marker, args.agent_pid, n)

@@ -27,6 +27,15 @@ class Hooks:
     def group_forgotten(self, group_id: str) -> None:
         """An ended group left the agent's memory (retention)."""
 
+    def oom_kills(self, count: int) -> None:
+        """A group ended after the kernel's OOM killer ended ``count`` of its members."""
+
+    def pre_stop(self, result: str) -> None:
+        """A pre-stop hook ran (result: ok, failed, timeout, error, skipped)."""
+
+    def plugin_failure(self, plugin: str) -> None:
+        """A toolchain plugin failed (or timed out); the spec went on without it."""
+
     async def durable(self, timeout: float) -> None:
         """Return once every change reported so far is stored; raise ``StateUnwritable``
         if that did not happen within ``timeout`` seconds."""
@@ -57,6 +66,18 @@ class HookChain(Hooks):
     def group_forgotten(self, group_id: str) -> None:
         for h in self.hooks:
             h.group_forgotten(group_id)
+
+    def oom_kills(self, count: int) -> None:
+        for h in self.hooks:
+            h.oom_kills(count)
+
+    def pre_stop(self, result: str) -> None:
+        for h in self.hooks:
+            h.pre_stop(result)
+
+    def plugin_failure(self, plugin: str) -> None:
+        for h in self.hooks:
+            h.plugin_failure(plugin)
 
     async def durable(self, timeout: float) -> None:
         for h in self.hooks:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from dataclasses import replace
 
@@ -14,17 +15,21 @@ from tether.agent.hooks import Hooks
 from tether.core.errors import TetherError
 from tether.core.events import Broadcaster
 from tether.core.model import (
+    AGENT_ENV,
+    MARKER_ENV,
     EventKind,
     ExitReason,
     ExitRecord,
     FailureClass,
     GroupEvent,
+    GroupSpec,
     LeaderStatus,
+    RunContext,
     Transition,
     next_state,
 )
 from tether.core.tasks import TaskSet
-from tether.signallers.base import GroupHandle
+from tether.signallers.base import GroupHandle, LaunchSpec, RunAs
 from tether.signallers.registry import Signallers
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,7 @@ class Lifecycle:
         old = g.state
         g.state = next_state(old, event)
         if g.state.ended:
+            self._ended(g)
             rec = g.exit
             if rec is not None and (not rec.clean or rec.reason not in (
                     ExitReason.REQUESTED, ExitReason.NATURAL)):
@@ -69,14 +75,31 @@ class Lifecycle:
             g.log.debug("%s -> %s", old.value, g.state.value)
         self.emit(g, EventKind.EXIT if g.state.ended else EventKind.STATE)
 
+    def _ended(self, g: Group) -> None:
+        """What every ending shares: the record carries what the group ran with, OOM kills
+        are counted, and what the start reserved (ports) is released."""
+        if g.exit is not None:
+            if g.context and not g.exit.context:
+                g.exit = replace(g.exit, context=g.context)
+            if g.exit.oom_kills:
+                self.hooks.oom_kills(g.exit.oom_kills)
+        releases, g.on_end = g.on_end, []
+        for release in releases:
+            try:
+                release()
+            except Exception:
+                g.log.exception("releasing what the group held failed")
+
     def fail(self, g: Group, failure: FailureClass, message: str,
-             status: LeaderStatus | None = None, survivors: int = 0) -> None:
+             status: LeaderStatus | None = None, survivors: int = 0,
+             oom_kills: int = 0) -> None:
         """A start failed: record it and end the group (its containment is already empty)."""
         g.log.warning("start failed (%s): %s", failure.value, message)
         g.exit = ExitRecord(ExitReason.START_FAILED,
                             exit_code=status.exit_code if status else None,
                             signal=status.signal if status else None, failure=failure,
-                            message=message, ended_at=time.time(), survivors=survivors)
+                            message=message, ended_at=time.time(), survivors=survivors,
+                            oom_kills=oom_kills)
         self.hooks.start_failure(failure.value)
         self.transition(g, Transition.START_FAILED)
 
@@ -85,6 +108,27 @@ class Lifecycle:
         if g.exit is not None:
             g.exit = replace(g.exit, **changes)  # type: ignore[arg-type]
             self.emit(g, EventKind.EXIT)
+
+
+def build_launch(marker: str, group_id: str, spec: GroupSpec, where: str,
+                 user: RunAs | None = None, context: RunContext | None = None) -> LaunchSpec:
+    """What a signaller gets to start ``spec``: the final environment (the agent's when
+    ``inherit_env``, then the user's HOME, USER and LOGNAME unless the spec gives them,
+    the spec's, the assigned ports, the markers), the user to switch to, the limits."""
+    env = dict(os.environ) if spec.inherit_env else {}
+    if user is not None:
+        env.update(HOME=user.home, USER=user.name, LOGNAME=user.name)
+    env.update(spec.env)
+    if context is not None:
+        env.update(context.port_env())
+    env[MARKER_ENV] = group_id
+    env[AGENT_ENV] = marker
+    # A non-root agent runs groups only as itself (users.resolve refused the rest):
+    # there is nothing to switch.
+    switch = user if user is not None and os.geteuid() == 0 else None
+    return LaunchSpec(group_id=group_id, argv=spec.argv, env=env, cwd=spec.cwd,
+                      log_path=spec.log_path, where=where, owns_target=spec.owns_target,
+                      orphan_policy=spec.orphan_policy, user=switch, limits=spec.limits)
 
 
 async def dispose(handle: GroupHandle) -> None:

@@ -9,6 +9,9 @@ Names are a contract (README, deploy/prometheus/rules.yml):
 * ``tether_signals_total{signaller,signal,result}``
 * ``tether_start_failures_total{reason}``
 * ``tether_state_write_errors_total``: failed writes of the state file (each retried)
+* ``tether_oom_kills_total``: processes the kernel's OOM killer ended in groups
+* ``tether_pre_stop_hooks_total{result}``: ok | failed | timeout | error | skipped
+* ``tether_plugin_failures_total{plugin}``: toolchain plugins that failed on a spec
 """
 
 from __future__ import annotations
@@ -80,6 +83,19 @@ class AgentMetrics(Hooks):
             "database down), by store; the changes are kept and retried.", ["store"],
             registry=registry)
         self.state_write_errors.labels("agent")
+        self.oom_kills_total = Counter(
+            "tether_oom_kills", "Processes of groups the kernel's OOM killer ended at their "
+            "memory limit (--memory), counted when the group ends.", registry=registry)
+        self.pre_stop_hooks = Counter(
+            "tether_pre_stop_hooks", "Pre-stop hooks run by stops, by result: ok, failed, "
+            "timeout (its tree was killed), error (could not start), skipped (the group had "
+            "ended), exited (ended where exit codes are not reported).", ["result"],
+            registry=registry)
+        for r in ("ok", "failed", "timeout", "error", "skipped", "exited"):
+            self.pre_stop_hooks.labels(r)
+        self.plugin_failures = Counter(
+            "tether_plugin_failures", "Toolchain plugins that failed or timed out on a spec "
+            "(the spec went on without them), by plugin.", ["plugin"], registry=registry)
         self._orphans_now = 0
 
     def attach(self, authority: Authority) -> None:
@@ -101,6 +117,15 @@ class AgentMetrics(Hooks):
 
     def group_changed(self, view: GroupView) -> None:
         pass
+
+    def oom_kills(self, count: int) -> None:
+        self.oom_kills_total.inc(count)
+
+    def pre_stop(self, result: str) -> None:
+        self.pre_stop_hooks.labels(result).inc()
+
+    def plugin_failure(self, plugin: str) -> None:
+        self.plugin_failures.labels(plugin).inc()
 
 
 def serve_metrics(registry: CollectorRegistry, address: str) -> tuple[object, int]:

@@ -18,17 +18,26 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 import tether
-from tether.agent import identity
+from tether.agent import identity, users
+from tether.agent import plugins as plugin_registry
 from tether.agent.authority import Authority
 from tether.agent.capacity import Capacity, raise_fd_limit
 from tether.agent.hooks import HookChain, Hooks
 from tether.agent.metrics import AgentMetrics, serve_metrics
 from tether.agent.orphans import OrphanReaper
+from tether.agent.plugins import Plugins
+from tether.agent.ports import PortBook
 from tether.agent.service import AgentServicer, add_to_server
 from tether.agent.state import AgentStore
 from tether.core.audit import AuditLog
 from tether.core.errors import TetherError
-from tether.core.model import Containment, GroupView, OrphanPolicy, spec_from_dict
+from tether.core.model import (
+    Containment,
+    GroupView,
+    OrphanPolicy,
+    context_from_dict,
+    spec_from_dict,
+)
 from tether.core.sessions import Orphan
 from tether.core.tasks import TaskSet
 from tether.rpc.auth import ServerAuth
@@ -63,6 +72,10 @@ class AgentConfig:
     auth: ServerAuth = field(default_factory=ServerAuth)
     # How this agent dials its coordinator (TLS roots, client certificate, token).
     dial: ClientSecurity = field(default_factory=ClientSecurity)
+    # Toolchain plugins turned off by name (`plugin = { nvm = false }` in the config file).
+    plugins_off: list[str] = field(default_factory=list)
+    # No toolchain plugins at all.
+    no_plugins: bool = False
 
 
 class _OrphanTrigger(Hooks):
@@ -116,9 +129,15 @@ class AgentRuntime:
         if extra_hooks is not None:
             chain.append(extra_hooks)
         self.capacity = Capacity()
+        found = [] if config.no_plugins else plugin_registry.load(disabled=config.plugins_off)
+        log.info("toolchain plugins: %s", ", ".join(p.name for p in found) or "none")
+        tree = self.local.tree
         self.authority = Authority(config.name, self.signallers, HookChain(*chain),
                                    config.default_grace, marker=self.instance.marker,
-                                   capacity=self.capacity)
+                                   capacity=self.capacity, plugins=Plugins(found),
+                                   ports=PortBook(self.instance.marker,
+                                                  tree.name if tree is not None else "",
+                                                  config.name))
         self.metrics.attach(self.authority)
         self.reaper = OrphanReaper(
             self.instance.marker, self.local.tree, self.authority.live_ids,
@@ -176,7 +195,16 @@ class AgentRuntime:
                 except TetherError as exc:
                     log.error("group %s: cannot re-adopt it: %s", r.group_id, exc)
             if handle is not None:
-                self.authority.restore_running(r.group_id, spec, handle)
+                user = None
+                if spec.user:
+                    try:
+                        user = await users.lookup(spec.user)
+                    except TetherError as exc:
+                        log.error("group %s: %s; its pre-stop hook will not run", r.group_id,
+                                  exc)
+                self.authority.restore_running(
+                    r.group_id, spec, handle, context_from_dict(r.spec.get("run_context", {})),
+                    user)
                 continue
             why = ("it was gone when the agent restarted" if keep else
                    "the agent died while it ran; its guardian or the orphan sweep ended it")
@@ -190,6 +218,9 @@ class AgentRuntime:
                 "--agent-marker", self.instance.marker, "--state", self.store.path]
         if self.local.tree is not None:
             args += ["--cgroup-base", str(self.local.tree.base)]
+        if self.local.limiter is not None:
+            for tree in self.local.limiter.v1_trees():
+                args += ["--v1-tree", str(tree)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
         self._guardian = subprocess.Popen(args, start_new_session=True, env=env,
                                           stdin=subprocess.DEVNULL)

@@ -19,6 +19,7 @@ from tether.rpc.convert import (
     event_to_pb,
     group_to_pb,
     override_from_pb,
+    port_owner_to_pb,
     spec_from_pb,
 )
 from tether.rpc.status import stream, subscribed, unary
@@ -122,6 +123,12 @@ class AgentServicer(agrpc.AgentServiceServicer):
                                                 for o in found])
 
     @unary
+    async def ListPorts(self, request: apb.ListPortsRequest, context: Any
+                        ) -> apb.ListPortsResponse:
+        found = await self.authority.list_ports(check_port(request.port))
+        return apb.ListPortsResponse(ports=[port_owner_to_pb(o) for o in found])
+
+    @unary
     async def Info(self, request: apb.InfoRequest, context: Any) -> apb.InfoResponse:
         from tether.signallers.registry import known_kinds
 
@@ -136,6 +143,13 @@ class AgentServicer(agrpc.AgentServiceServicer):
             reply.fds_open = extra["fds_open"]
             reply.groups_left = extra["groups_left"]
         return reply
+
+
+def check_port(port: int) -> int:
+    if not 0 <= port < 65536:
+        raise InvalidSpec(f"port {port} is not a TCP port; give 1-65535 (or 0 for every port)",
+                          field="port")
+    return port
 
 
 def add_to_server(server: grpc.aio.Server, servicer: AgentServicer) -> None:

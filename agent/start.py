@@ -16,9 +16,12 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
+from tether.agent import users
 from tether.agent.capacity import Capacity
 from tether.agent.groups import Group
-from tether.agent.lifecycle import Lifecycle, dispose, leader_status
+from tether.agent.lifecycle import Lifecycle, build_launch, dispose, leader_status
+from tether.agent.plugins import Plugins
+from tether.agent.ports import PortBook
 from tether.agent.probes import FILE_READS, ExecRunner, Prober, port_in_use
 from tether.core.errors import (
     Conflict,
@@ -29,21 +32,25 @@ from tether.core.errors import (
     TetherError,
 )
 from tether.core.model import (
-    AGENT_ENV,
     MARKER_ENV,
+    AssignedPort,
     EventKind,
     FailureClass,
     GroupSpec,
     GroupState,
     GroupView,
+    Limits,
+    OrphanPolicy,
     ProbeKind,
+    RunContext,
     StopPolicy,
     Transition,
     check_group_id,
+    format_bytes,
     new_group_id,
     spec_fingerprint,
 )
-from tether.signallers.base import LaunchSpec, Signaller, refuse
+from tether.signallers.base import GroupHandle, LaunchSpec, RunAs, Signaller, refuse
 from tether.signallers.registry import split_target
 
 #: How long a start waits for its record to be stored before it gives up.
@@ -54,25 +61,24 @@ StopNow = Callable[[Group, str], Awaitable[None]]
 
 class Starter:
     def __init__(self, lc: Lifecycle, default_policy: StopPolicy, capacity: Capacity | None,
-                 watch: Callable[[Group], None], stop_now: StopNow) -> None:
+                 watch: Callable[[Group], None], stop_now: StopNow,
+                 plugins: Plugins | None = None, ports: PortBook | None = None) -> None:
         self.lc = lc
         self.default_policy = default_policy
         self.capacity = capacity
         self._watch = watch
         self._stop_now = stop_now
+        self.plugins = plugins if plugins is not None else Plugins()
+        self.ports = ports if ports is not None else PortBook(lc.marker, agent=lc.name)
 
     def signaller_for(self, target: str) -> tuple[Signaller, str]:
         kind, where = split_target(target)
         return self.lc.signallers.get(kind), where
 
-    def launch_spec(self, group_id: str, spec: GroupSpec, where: str) -> LaunchSpec:
-        env = dict(os.environ) if spec.inherit_env else {}
-        env.update(spec.env)
-        env[MARKER_ENV] = group_id
-        env[AGENT_ENV] = self.lc.marker
-        return LaunchSpec(group_id=group_id, argv=spec.argv, env=env, cwd=spec.cwd,
-                          log_path=spec.log_path, where=where, owns_target=spec.owns_target,
-                          orphan_policy=spec.orphan_policy)
+    def launch_spec(self, group_id: str, spec: GroupSpec, where: str,
+                    user: RunAs | None = None, context: RunContext | None = None
+                    ) -> LaunchSpec:
+        return build_launch(self.lc.marker, group_id, spec, where, user, context)
 
     def _check(self, spec: GroupSpec, signaller: Signaller) -> None:
         features = signaller.features
@@ -84,6 +90,22 @@ class Starter:
             raise refuse("ready", spec.target,
                          "log: probes read the log on the agent's host; use an exec: probe "
                          "(it runs on the target)")
+        if spec.user and not features.run_as_user:
+            raise refuse("--user", spec.target,
+                         "the agent switches users only for groups on its own host; run the "
+                         "target's program as that user there (a container's USER, the SSH "
+                         "login in ssh:USER@HOST), or drop --user")
+        if spec.ports and not features.ports:
+            raise refuse("--port", spec.target,
+                         "the agent picks ports on its own 127.0.0.1, which is not the "
+                         "target's network; give the program a fixed port with --env PORT=N")
+        if spec.limits and not features.limits:
+            flags = "/".join(f"--{c}" for c in ("memory", "cpus", "pids")
+                             if getattr(spec.limits, c) is not None)
+            raise refuse(flags, spec.target,
+                         "limits are cgroups on the agent's host; set them on the container "
+                         "(docker run --memory/--cpus/--pids-limit) or on the remote host, or "
+                         "drop them")
 
     # ------------------------------------------------------------ spawn
 
@@ -95,16 +117,7 @@ class Starter:
         fingerprint = spec_fingerprint(spec)
         if group_id:
             check_group_id(group_id)
-            why = table.buried(group_id)
-            if why is not None:
-                raise Conflict(f"group {group_id} was stopped before its spawn arrived ({why}); "
-                               "nothing was started")
-            if group_id in table:
-                existing = table.find(group_id)
-                if existing.fingerprint != fingerprint:
-                    raise IdempotencyConflict(f"group id {group_id}", group_id)
-                return await self.outcome(existing)
-        seen = table.by_key(key, fingerprint)
+        seen = self._existing(fingerprint, key, group_id)
         if seen is not None:
             return await self.outcome(seen)
         signaller, where = self.signaller_for(spec.target)
@@ -113,12 +126,37 @@ class Starter:
             self.capacity.check()
         gid = group_id or new_group_id()
         signaller.check(self.launch_spec(gid, spec, where))
+        user = None
+        if spec.user:
+            # The password database may be remote (LDAP): looked up on a thread. The table
+            # may change meanwhile, so the idempotency checks run again after it.
+            user = await users.lookup(spec.user)
+            seen = self._existing(fingerprint, key, group_id)
+            if seen is not None:
+                return await self.outcome(seen)
         g = Group(gid, spec, signaller.containment, spec.stop.apply(self.default_policy),
                   fingerprint)
+        g.user = user
         table.add(g, key)
         self.lc.emit(g, EventKind.STATE)
         g.start_task = self.lc.tasks.spawn(self._flow(g, signaller, where), f"start-{gid}")
         return await self.outcome(g)
+
+    def _existing(self, fingerprint: str, key: str, group_id: str) -> Group | None:
+        """The group an earlier, identical request started (by caller-assigned id or by
+        idempotency key); raises if the id or key was used for another request."""
+        table = self.lc.table
+        if group_id:
+            why = table.buried(group_id)
+            if why is not None:
+                raise Conflict(f"group {group_id} was stopped before its spawn arrived ({why}); "
+                               "nothing was started")
+            if group_id in table:
+                existing = table.find(group_id)
+                if existing.fingerprint != fingerprint:
+                    raise IdempotencyConflict(f"group id {group_id}", group_id)
+                return existing
+        return table.by_key(key, fingerprint)
 
     async def outcome(self, g: Group) -> GroupView:
         """Wait (without owning it) for a start to finish, and say how it went."""
@@ -140,6 +178,8 @@ class Starter:
                 return
             if g.stop_requested.is_set():
                 return  # stopped before anything ran: the stop routine records it
+            if not await self._prepare(g, signaller, where) or g.stop_requested.is_set():
+                return  # failed (recorded), or a stop came meanwhile (it records it)
             await self._start(g, signaller, where)
             if g.state is GroupState.RUNNING:
                 try:
@@ -169,17 +209,47 @@ class Starter:
                 survivors = len(await g.handle.members())
         self.lc.fail(g, failure, message, survivors=survivors)
 
+    async def _prepare(self, g: Group, signaller: Signaller, where: str) -> bool:
+        """The steps between the durable record and the launch: toolchain plugins, ports,
+        the final environment. False when the start failed (recorded)."""
+        spec = g.spec
+        changes: tuple[str, ...] = ()
+        if spec.plugins and self.plugins and signaller.features.host_files:
+            try:
+                spec, changes = await self.plugins.apply(spec, g.log)
+            except StartFailed as exc:
+                self.lc.fail(g, exc.failure, exc.message)
+                return False
+        ports: tuple[AssignedPort, ...] = ()
+        if spec.ports:
+            gid = g.group_id
+            try:
+                ports = await self.ports.assign(gid, spec.ports)
+            except StartFailed as exc:
+                self.lc.fail(g, exc.failure, exc.message)
+                return False
+            g.on_end.append(lambda: self.ports.release(gid))
+        limits = spec.limits.describe() if spec.limits else ""
+        g.context = RunContext(changes, g.user.describe() if g.user is not None else "", ports,
+                               limits)
+        g.launch = self.launch_spec(g.group_id, spec, where, g.user, g.context)
+        if spec.ready is not None and spec.ready.template:
+            g.ready = spec.ready.resolve(g.context.port_env())
+        return True
+
     async def _start(self, g: Group, signaller: Signaller, where: str) -> None:
         spec = g.spec
-        if spec.ready is not None and await port_in_use(spec.ready):
+        ready = g.ready
+        if ready is not None and await port_in_use(ready):
             self.lc.fail(g, FailureClass.PORT_IN_USE,
-                         f"port {spec.ready.port} on {spec.ready.host} is already in use before "
-                         f"{spec.argv[0]!r} started; stop whatever listens there "
-                         f"(`ss -ltnp 'sport = :{spec.ready.port}'`) or pick another port")
+                         f"port {ready.port} on {ready.host} is already in use before "
+                         f"{spec.argv[0]!r} started; stop whatever listens there (`tether ports "
+                         f"{ready.port}` shows who) or pick another port")
             return
         log_start = await log_size(spec.log_path) if spec.log_path else 0
+        launch = g.launch or self.launch_spec(g.group_id, spec, where)
         try:
-            handle = await signaller.spawn(self.launch_spec(g.group_id, spec, where))
+            handle = await signaller.spawn(launch)
         except StartFailed as exc:
             self.lc.fail(g, exc.failure, exc.message)
             return
@@ -190,13 +260,15 @@ class Starter:
             self.lc.fail(g, FailureClass.TARGET_UNREACHABLE, str(exc))
             return
         g.attach(handle)
+        if handle.limits:
+            g.context = replace(g.context, limits=handle.limits)
         self._watch(g)
         if g.stop_requested.is_set():
             return  # a stop came meanwhile: it takes over
-        if spec.ready is None:
+        if ready is None:
             self.lc.transition(g, Transition.READY)
             return
-        prober = Prober(spec.ready, spec.log_path, self._exec_runner(g, signaller, where),
+        prober = Prober(ready, spec.log_path, self._exec_runner(g, signaller, where),
                         log_start)
         probe = asyncio.ensure_future(prober.run())
         empty = asyncio.ensure_future(g.empty.wait())
@@ -215,11 +287,16 @@ class Starter:
             return
         if empty in done:
             status = await leader_status(handle)
+            oom = await _oom_kills(handle)
+            why = status.describe()
+            if oom and spec.limits.memory is not None:
+                why += (f"; the kernel's OOM killer ended {oom} process(es) at its memory limit "
+                        f"{format_bytes(spec.limits.memory)}")
             self.lc.fail(g, FailureClass.IMMEDIATE_CRASH,
-                         f"{spec.argv[0]!r} exited before it was ready ({status.describe()}); "
+                         f"{spec.argv[0]!r} exited before it was ready ({why}); "
                          "see its log"
                          f"{' ' + spec.log_path if spec.log_path else ' (pass --log FILE)'}",
-                         status)
+                         status, oom_kills=oom)
             return
         failure = (FailureClass.READINESS_FAILED if prober.last.answered
                    else FailureClass.READINESS_TIMEOUT)
@@ -230,7 +307,7 @@ class Starter:
             survivors = len(await handle.members())
         self.lc.fail(g, failure,
                      f"{spec.argv[0]!r} was not ready within {spec.start_timeout:g} s "
-                     f"(probe {spec.ready}: {prober.last.detail}); raise --start-timeout or fix "
+                     f"(probe {ready}: {prober.last.detail}); raise --start-timeout or fix "
                      "the probe", await leader_status(handle), survivors)
 
     def _exec_runner(self, g: Group, signaller: Signaller, where: str) -> ExecRunner:
@@ -239,8 +316,12 @@ class Starter:
         async def run(argv: tuple[str, ...], timeout: float) -> tuple[int | None, str]:
             nonlocal counter
             counter += 1
-            launch = self.launch_spec(f"{g.group_id}.probe{counter}",
-                                      replace(g.spec, argv=argv), where)
+            base = g.launch or self.launch_spec(g.group_id, g.spec, where)
+            # Probes are kill-policy trees whatever the group's policy: none may outlive a
+            # dead agent (a keep group's re-adoption would claim it as its own).
+            launch = replace(base, group_id=f"{g.group_id}.probe{counter}", argv=argv,
+                             limits=Limits(), orphan_policy=OrphanPolicy.KILL,
+                             env={**base.env, MARKER_ENV: f"{g.group_id}.probe{counter}"})
             try:
                 handle = await signaller.spawn(launch)
             except StartFailed as exc:
@@ -264,6 +345,12 @@ class Starter:
     # ------------------------------------------------------------ adopt
 
     async def adopt(self, pid: int, start_time: float | None, spec: GroupSpec) -> GroupView:
+        for given, flag in ((spec.user, "--user"), (spec.ports, "--port"),
+                            (spec.limits, "limits")):
+            if given:
+                raise InvalidSpec(f"adopt takes over a tree that already runs: {flag} applies "
+                                  "to spawns only; spawn it through tether instead",
+                                  field=flag.lstrip("-"))
         signaller, where = self.signaller_for(spec.target)
         gid = new_group_id()
         handle = await signaller.adopt(gid, pid, start_time, where, spec.orphan_policy)
@@ -276,6 +363,13 @@ class Starter:
         self._watch(g)
         await self.lc.hooks.durable(STATE_DEADLINE)
         return g.view()
+
+
+async def _oom_kills(handle: GroupHandle) -> int:
+    try:
+        return await handle.oom_kills()
+    except TetherError:
+        return 0
 
 
 async def log_size(path: str) -> int:

@@ -28,7 +28,7 @@ from typing import Any
 from tether.agent.hooks import Hooks
 from tether.agent.statefile import SCHEMA, GroupRecord, to_record
 from tether.core.errors import StateFileError
-from tether.core.model import GroupView, spec_to_dict
+from tether.core.model import GroupView, context_to_dict, spec_to_dict
 from tether.core.private import private_dir, touch_private
 from tether.core.writebehind import WriteBehind
 
@@ -43,10 +43,13 @@ def row_of(view: GroupView) -> tuple[Any, ...]:
     exit_ = {}
     if view.exit is not None:
         exit_ = {"reason": view.exit.reason.value, "detail": view.exit.detail}
+    spec = spec_to_dict(view.spec)
+    if view.context:
+        # What it ran with (ports to reserve again after a restart); spec_from_dict ignores it.
+        spec["run_context"] = context_to_dict(view.context)
     return (view.group_id, view.state.value, view.spec.orphan_policy.value, view.leader_pid,
             view.leader_start_time, view.pgid, view.cgroup, view.containment.value,
-            view.spec.target, view.spec.session_id, json.dumps(spec_to_dict(view.spec)),
-            json.dumps(exit_))
+            view.spec.target, view.spec.session_id, json.dumps(spec), json.dumps(exit_))
 
 
 class AgentStore(Hooks):

@@ -1,6 +1,9 @@
 """Stopping and signalling groups: the one cancellation-safe stop routine.
 
 1. Mark stopping (a start in progress hands over: its probes are killed).
+   A group with a pre-stop hook runs it now, inside the grace (its own timeout,
+   the grace's end at the latest; its whole tree is killed then), and its outcome
+   goes into the record.
 2. Send the stop signal, plus SIGCONT so stopped processes can act on it, to
    every member of the containment.
 3. Wait, event-driven, until the containment is empty or the grace ends; the
@@ -18,20 +21,26 @@ import asyncio
 import signal
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 
 from tether.agent.groups import Group
-from tether.agent.lifecycle import Lifecycle, leader_status
-from tether.core.errors import GroupNotFound, TetherError
+from tether.agent.lifecycle import Lifecycle, build_launch, dispose, leader_status
+from tether.core.errors import GroupNotFound, StartFailed, TetherError
 from tether.core.model import (
+    MARKER_ENV,
     ExitReason,
     ExitRecord,
     GroupView,
+    Limits,
     OrphanPolicy,
+    PreStopOutcome,
+    PreStopResult,
     SignalOutcome,
     StopOverride,
     StopPolicy,
     Transition,
 )
+from tether.signallers.base import GroupHandle
 from tether.signallers.registry import split_target
 
 Signals = signal.Signals
@@ -43,6 +52,8 @@ class Stopper:
         self._running = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        #: Pre-stop hooks running now (a second SIGINT kills them with the groups).
+        self._hooks: set[GroupHandle] = set()
 
     async def idle(self) -> None:
         """Return once no stop is in progress (background scans wait for a batch to end)."""
@@ -75,7 +86,12 @@ class Stopper:
         return n
 
     async def escalate(self) -> None:
-        """Second SIGINT: SIGKILL every live `kill`-policy group now."""
+        """Second SIGINT: SIGKILL every live `kill`-policy group (and pre-stop hook) now."""
+        for hook in list(self._hooks):
+            try:
+                await hook.kill()
+            except TetherError as exc:
+                self.lc.log.error("escalation: pre-stop hook: %s", exc)
         for g in self.lc.table:
             if g.handle is not None and not g.state.ended \
                     and g.spec.orphan_policy is OrphanPolicy.KILL:
@@ -151,9 +167,14 @@ class Stopper:
         h = g.handle
         self.lc.transition(g, Transition.STOP)
         if h is None:  # stopped before anything ran
+            skipped = None
+            if g.spec.pre_stop is not None:
+                skipped = PreStopOutcome(PreStopResult.SKIPPED,
+                                         detail="the group never started: nothing to prepare")
             g.exit = ExitRecord(ExitReason.REQUESTED, ended_at=time.time(),
                                 stop_duration=max(0.0, time.monotonic() - t0),
-                                detail=detail or "stopped before it started: nothing ran")
+                                detail=detail or "stopped before it started: nothing ran",
+                                pre_stop=skipped)
             g.empty.set()
             self.lc.transition(g, Transition.EMPTY)
             self.lc.hooks.cleanup("success", g.exit.stop_duration)
@@ -161,7 +182,12 @@ class Stopper:
         g.log.debug("stopping: %s, grace %g s", policy.signal.name, policy.grace)
         result = "success"
         notes = [detail] if detail else []
+        pre_stop = None
+        oom = 0
         try:
+            if g.spec.pre_stop is not None:
+                pre_stop = await self._pre_stop(g, h, t0, policy)
+                self.lc.hooks.pre_stop(pre_stop.result.value)
             g.signals_sent.add(int(policy.signal))
             sent = await self.send(g, policy.signal, also_continue=True)
             if sent == 0 and await h.wait(0):
@@ -178,6 +204,7 @@ class Stopper:
                               policy.signal.name, policy.grace)
                 self.lc.hooks.signal_sent(split_target(g.spec.target)[0], "SIGKILL", "sent")
             survivors = len(await h.members())
+            oom = await h.oom_kills()
         except TetherError as exc:
             # The target went away mid-stop (container removed, host unreachable).
             reason, survivors, result = ExitReason.LOST, 0, "failed"
@@ -195,7 +222,7 @@ class Stopper:
             notes.append(h.detail)
         g.exit = ExitRecord(reason, exit_code=status.exit_code, signal=status.signal,
                             survivors=survivors, stop_duration=duration, ended_at=time.time(),
-                            detail="; ".join(notes))
+                            detail="; ".join(notes), pre_stop=pre_stop, oom_kills=oom)
         g.empty.set()
         self.lc.transition(g, Transition.EMPTY)
         self.lc.hooks.cleanup(result, duration)
@@ -203,4 +230,77 @@ class Stopper:
             await h.close()
         except TetherError as exc:
             g.log.warning("closing its handle: %s", exc)
+
+    async def _pre_stop(self, g: Group, h: GroupHandle, t0: float,
+                        policy: StopPolicy) -> PreStopOutcome:
+        """Run the group's pre-stop hook on its target, as its own contained tree, with the
+        group's environment and user; killed whole at its timeout or the grace's end,
+        whichever comes first, and whatever it left behind (a daemon it forked) with it."""
+        hook = g.spec.pre_stop
+        assert hook is not None
+        begun = time.monotonic()
+        if not await h.members():
+            return PreStopOutcome(PreStopResult.SKIPPED,
+                                  detail="the group had already ended: nothing to prepare")
+        left = t0 + policy.grace - begun
+        timeout = left if hook.timeout is None else min(hook.timeout, left)
+        bound = ("its timeout" if hook.timeout is not None and hook.timeout <= left
+                 else "the end of the grace")
+        if timeout <= 0:
+            return PreStopOutcome(PreStopResult.TIMEOUT,
+                                  detail="no time was left in the grace; it did not run")
+        kind, where = split_target(g.spec.target)
+        if g.launch is None and g.spec.user and g.user is None:
+            return PreStopOutcome(PreStopResult.ERROR,
+                                  detail=f"not run: user {g.spec.user!r} could not be resolved "
+                                         "after the agent restarted")
+        base = g.launch or build_launch(self.lc.marker, g.group_id, g.spec, where, g.user,
+                                        g.context)
+        hook_id = f"{g.group_id}.prestop"
+        # Always a kill-policy tree: a hook must not outlive an agent that dies meanwhile.
+        launch = replace(base, group_id=hook_id, argv=hook.argv, limits=Limits(),
+                         env={**base.env, MARKER_ENV: hook_id},
+                         orphan_policy=OrphanPolicy.KILL)
+        try:
+            handle = await self.lc.signallers.get(kind).spawn(launch)
+        except StartFailed as exc:
+            return PreStopOutcome(PreStopResult.ERROR, duration=time.monotonic() - begun,
+                                  detail=f"could not start: {exc.message}")
+        except TetherError as exc:
+            return PreStopOutcome(PreStopResult.ERROR, duration=time.monotonic() - begun,
+                                  detail=f"could not start: {exc}")
+        status = None
+        leftovers = 0
+        self._hooks.add(handle)
+        try:
+            async with asyncio.timeout(timeout):
+                status = await handle.wait_leader()
+            leftovers = len(await handle.members())
+        except TimeoutError:
+            pass
+        except TetherError as exc:
+            g.log.warning("pre-stop hook: %s", exc)
+        finally:
+            # Its whole tree goes, whatever happened (cancellation included).
+            self._hooks.discard(handle)
+            await asyncio.shield(dispose(handle))
+        took = time.monotonic() - begun
+        behind = (f"; it left {leftovers} process(es) behind, killed with its tree"
+                  if leftovers else "")
+        if status is None:
+            g.log.warning("pre-stop hook %s still ran at %s (%g s); its tree was killed",
+                          hook, bound, timeout)
+            return PreStopOutcome(PreStopResult.TIMEOUT, duration=took,
+                                  detail=f"still running at {bound} ({timeout:.3g} s); its "
+                                         "whole tree was killed")
+        if status.exit_code is None and status.signal is None:
+            return PreStopOutcome(PreStopResult.EXITED, None, None, took,
+                                  "it ran to its end; this target does not report exit codes"
+                                  + behind, leftovers)
+        ok = status.exit_code == 0
+        if not ok:
+            g.log.warning("pre-stop hook %s: %s", hook, status.describe())
+        return PreStopOutcome(PreStopResult.OK if ok else PreStopResult.FAILED,
+                              status.exit_code, status.signal, took,
+                              status.describe() + behind, leftovers)
 

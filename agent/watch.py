@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import time
 
 from tether.agent.groups import Group
@@ -97,14 +98,25 @@ class Watcher:
         g.empty.set()
         if g.state is GroupState.RUNNING:
             status = await leader_status(h)
+            try:
+                oom = await h.oom_kills()
+            except TetherError:
+                oom = 0
             reason = ExitReason.NATURAL
             if status.signal is not None:
                 reason = (ExitReason.REQUESTED if status.signal in g.signals_sent
                           else ExitReason.EXTERNAL_SIGNAL)
-            detail = (f"its target was unreachable for about {outage:.0f} s; the exit was seen "
-                      "after it answered again" if outage else "")
+            if oom and status.signal == signal.SIGKILL and reason is not ExitReason.REQUESTED:
+                reason = ExitReason.OOM_KILLED
+            notes = []
+            if outage:
+                notes.append(f"its target was unreachable for about {outage:.0f} s; the exit "
+                             "was seen after it answered again")
+            if oom:
+                notes.append(f"the kernel's OOM killer ended {oom} process(es) at the group's "
+                             f"memory limit ({g.context.limits or 'see --memory'})")
             g.exit = ExitRecord(reason, exit_code=status.exit_code, signal=status.signal,
-                                ended_at=time.time(), detail=detail)
+                                ended_at=time.time(), detail="; ".join(notes), oom_kills=oom)
             self.lc.transition(g, Transition.EXITED)
             try:
                 await h.close()

@@ -13,7 +13,14 @@ import signal
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
-from tether.core.model import GroupEvent, GroupSpec, GroupView, SignalOutcome, StopOverride
+from tether.core.model import (
+    GroupEvent,
+    GroupSpec,
+    GroupView,
+    PortOwner,
+    SignalOutcome,
+    StopOverride,
+)
 from tether.core.sessions import Orphan
 
 
@@ -40,5 +47,9 @@ class AgentClient(Protocol):
         ...
 
     async def list_orphans(self, sweep: bool, *, timeout: float) -> list[Orphan]: ...
+
+    async def list_ports(self, port: int, *, timeout: float) -> list[PortOwner]:
+        """Listening TCP ports on the agent's host (or one) and their owners."""
+        ...
 
     async def close(self) -> None: ...

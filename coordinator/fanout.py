@@ -33,6 +33,7 @@ from tether.core.model import (
     EventKind,
     GroupSpec,
     GroupView,
+    PortOwner,
     StopOverride,
     check_grace,
     new_group_id,
@@ -314,6 +315,26 @@ class Fanout:
 
         await asyncio.gather(*(one(link) for link in self.c.agents.links.values()))
         return OrphanReport(tuple(found), unreachable)
+
+
+    # ------------------------------------------------------------ ports
+
+    async def list_ports(self, port: int, agent: str = "") -> tuple[list[PortOwner],
+                                                                     dict[str, str]]:
+        """Listening TCP ports (or one) and their owners on every agent, or on one."""
+        links = ([self.c.agents.resolve(agent)] if agent
+                 else list(self.c.agents.links.values()))
+        found: list[PortOwner] = []
+        unreachable: dict[str, str] = {}
+
+        async def one(link: AgentLink) -> None:
+            try:
+                found.extend(await self.c.agents.client(link).list_ports(port, timeout=10))
+            except TetherError as exc:
+                unreachable[link.name] = str(exc)
+
+        await asyncio.gather(*(one(link) for link in links))
+        return sorted(found, key=lambda o: (o.agent, o.port, o.address)), unreachable
 
 
 def _spawn_deadline(spec: GroupSpec) -> float:

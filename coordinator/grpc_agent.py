@@ -22,13 +22,21 @@ import grpc
 
 from tether.coordinator.agent_client import AgentClient
 from tether.core.errors import TetherError
-from tether.core.model import GroupEvent, GroupSpec, GroupView, SignalOutcome, StopOverride
+from tether.core.model import (
+    GroupEvent,
+    GroupSpec,
+    GroupView,
+    PortOwner,
+    SignalOutcome,
+    StopOverride,
+)
 from tether.core.sessions import Orphan
 from tether.rpc.convert import (
     event_from_pb,
     group_from_pb,
     orphan_from_pb,
     override_to_pb,
+    port_owner_from_pb,
     spec_to_pb,
 )
 from tether.rpc.daemon import is_loopback
@@ -163,6 +171,13 @@ class GrpcAgentClient(AgentClient):
         found = [orphan_from_pb(o) for o in reply.orphans]
         return [o if o.agent else Orphan(o.pid, o.command, o.former_group, o.age, o.found_by,
                                          o.reaped, agent=self.name) for o in found]
+
+    async def list_ports(self, port: int, *, timeout: float) -> list[PortOwner]:
+        try:
+            reply = await self._stub.ListPorts(apb.ListPortsRequest(port=port), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from exc
+        return [replace(port_owner_from_pb(o), agent=self.name) for o in reply.ports]
 
     async def close(self) -> None:
         await self._channel.close()

@@ -21,7 +21,14 @@ from typing import TypeVar
 from tether.agent.authority import Authority
 from tether.coordinator.agent_client import AgentClient
 from tether.core.errors import AgentUnreachable, TetherError
-from tether.core.model import GroupEvent, GroupSpec, GroupView, SignalOutcome, StopOverride
+from tether.core.model import (
+    GroupEvent,
+    GroupSpec,
+    GroupView,
+    PortOwner,
+    SignalOutcome,
+    StopOverride,
+)
 from tether.core.sessions import Orphan
 
 log = logging.getLogger(__name__)
@@ -81,6 +88,12 @@ class InProcessAgent(AgentClient):
             return []
         found = await self._call("ListOrphans", self._orphans(sweep), timeout)
         return [o if o.agent else _with_agent(o, self._authority.name) for o in found]
+
+    async def list_ports(self, port: int, *, timeout: float) -> list[PortOwner]:
+        from dataclasses import replace
+
+        found = await self._call("ListPorts", self._authority.list_ports(port), timeout)
+        return [replace(o, agent=self._authority.name) for o in found]
 
     async def close(self) -> None:
         return None

@@ -20,6 +20,7 @@ from tether.rpc.convert import (
     audit_event_to_pb,
     group_to_pb,
     orphan_to_pb,
+    port_owner_to_pb,
     report_to_pb,
     session_event_to_pb,
     session_to_pb,
@@ -180,6 +181,17 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
                 yield audit_event_to_pb(AuditEntry.from_dict(entry))
             except (KeyError, ValueError, TypeError):
                 continue  # a line written by hand, or by a newer tether
+
+
+    @unary
+    async def ListPorts(self, request: cpb.CoordinatorListPortsRequest, context: Any
+                        ) -> cpb.CoordinatorListPortsResponse:
+        if not 0 <= request.port < 65536:
+            raise InvalidSpec(f"port {request.port} is not a TCP port; give 1-65535 (or 0 for "
+                              "every port)", field="port")
+        found, unreachable = await self.c.fanout.list_ports(request.port, request.agent)
+        return cpb.CoordinatorListPortsResponse(ports=[port_owner_to_pb(o) for o in found],
+                                                unreachable=unreachable)
 
 
 def add_to_server(server: grpc.aio.Server, servicer: CoordinatorServicer) -> None:

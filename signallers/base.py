@@ -23,7 +23,24 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from tether.core.errors import AdoptRefused, InvalidSpec
-from tether.core.model import Containment, LeaderStatus, OrphanPolicy
+from tether.core.model import Containment, LeaderStatus, Limits, OrphanPolicy
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """A user resolved from the agent host's password and group databases."""
+
+    name: str
+    uid: int
+    gid: int
+    #: Supplementary groups (``initgroups``: the user's memberships plus ``gid``).
+    groups: tuple[int, ...]
+    home: str
+    group_name: str = ""
+
+    def describe(self) -> str:
+        group = f"{self.group_name}/" if self.group_name else ""
+        return f"{self.name} (uid {self.uid}, gid {group}{self.gid})"
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,10 @@ class LaunchSpec:
     where: str = ""
     owns_target: bool = False
     orphan_policy: OrphanPolicy = OrphanPolicy.KILL
+    #: Start the group as this user (the env already carries its HOME, USER, LOGNAME).
+    user: RunAs | None = None
+    #: cgroup limits of the group.
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass(frozen=True)
@@ -53,6 +74,16 @@ class Features:
     log_probe: bool = False
     #: Re-adopt surviving ``keep`` groups after an agent restart.
     reattach: bool = False
+    #: ``user``: start a group as another user of the agent's host.
+    run_as_user: bool = False
+    #: ``ports``: ports the agent picks on its own 127.0.0.1 are the target's ports too.
+    ports: bool = False
+    #: ``limits``: cgroup memory, CPU and process limits (the signaller's ``check`` says
+    #: whether this host can enforce each).
+    limits: bool = False
+    #: Toolchain plugins read version files and toolchain directories on the agent's host:
+    #: they apply only where the group sees that filesystem.
+    host_files: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,6 +155,16 @@ class GroupHandle(Protocol):
     async def members(self) -> list[int]:
         """PIDs of live members (zombies count as dead)."""
         ...
+
+    @property
+    def limits(self) -> str:
+        """The limits in force and how they are enforced, for users; "" without limits."""
+        return ""
+
+    async def oom_kills(self) -> int:
+        """Members the kernel's OOM killer ended (where the handle can tell); read before
+        ``close``."""
+        return 0
 
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait until the containment is empty. True if empty, False on timeout. Raises

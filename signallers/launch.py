@@ -28,13 +28,15 @@ import os
 import shlex
 import stat
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tether.core.errors import StartFailed
+from tether.core.errors import InvalidSpec, StartFailed
 from tether.core.model import FailureClass
 from tether.signallers import cgroups
-from tether.signallers.base import LaunchSpec
+from tether.signallers.base import LaunchSpec, RunAs
+from tether.signallers.limits import Limiter, Placement, remove_v1
 
 SHELL = "/bin/sh"
 
@@ -111,6 +113,7 @@ def shim_argv(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
 def classify_exec_error(exc: OSError, spec: LaunchSpec) -> StartFailed:
     """Map the error subprocess read from its exec error pipe to a failure class."""
     cmd = spec.argv[0]
+    who = f"user {spec.user.name}" if spec.user is not None else "this agent's user"
     if spec.cwd and exc.filename == spec.cwd:
         if isinstance(exc, PermissionError):
             return StartFailed(FailureClass.PERMISSION_DENIED,
@@ -130,8 +133,9 @@ def classify_exec_error(exc: OSError, spec: LaunchSpec) -> StartFailed:
                            "or add its directory to PATH (in --env, or with --inherit-env)")
     if isinstance(exc, PermissionError):
         return StartFailed(FailureClass.PERMISSION_DENIED,
-                           f"command {cmd!r} is not executable by this agent's user; "
-                           f"`chmod +x {cmd}` or run it through its interpreter")
+                           f"command {cmd!r} is not executable by {who}; "
+                           f"`chmod +x {cmd}`, check the directories on its path, or run it "
+                           "through its interpreter")
     if exc.errno == errno.ENOEXEC:
         return StartFailed(FailureClass.PERMISSION_DENIED,
                            f"command {cmd!r} is not a program this host can execute (exec format "
@@ -143,11 +147,19 @@ def classify_exec_error(exc: OSError, spec: LaunchSpec) -> StartFailed:
     return StartFailed(FailureClass.IMMEDIATE_CRASH, f"cannot start {cmd!r}: {exc}")
 
 
+LOG_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+
+
+def _file_kind(mode: int) -> str:
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "not a regular file")
+
+
 def open_log(path: str) -> int:
     """Open a log file for appending; only a regular file (or a new one) is accepted. The
     open never blocks (O_NONBLOCK): a FIFO without a reader fails at once instead of
     hanging the launch, and is refused like a device or a directory."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+    flags = LOG_FLAGS
     try:
         fd = os.open(path, flags, 0o644)
     except OSError as exc:
@@ -163,9 +175,7 @@ def open_log(path: str) -> int:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
-                else "a block device" if stat.S_ISBLK(mode) else "not a regular file")
-        raise _not_a_file(path, kind)
+        raise _not_a_file(path, _file_kind(mode))
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     return fd
 
@@ -176,14 +186,117 @@ def _not_a_file(path: str, kind: str) -> StartFailed:
                        "group's output to a file: give a file path (it is created if missing)")
 
 
+# ---------------------------------------------------------------- run as another user
+
+
+def _as_user(spec: LaunchSpec, user: RunAs, procs_fds: Sequence[int], err: int
+             ) -> Callable[[], None]:
+    """The child's last steps before exec (after fork, so only plain syscalls): join the
+    cgroups (while still root: the files were opened by the agent), then setgroups,
+    setresgid, setresuid, and only then, as the user, enter the working directory and open
+    the log, so both are checked with the user's permissions and the log is the user's.
+    A failure writes ``stage:errno`` to ``err`` for the agent to name it."""
+    cwd, log_path = spec.cwd, spec.log_path
+    groups = list(user.groups)
+
+    def child() -> None:
+        stage = "cgroup"
+        try:
+            for fd in procs_fds:
+                os.write(fd, b"0")
+            stage = "user"
+            os.setgroups(groups)
+            os.setresgid(user.gid, user.gid, user.gid)
+            os.setresuid(user.uid, user.uid, user.uid)
+            if cwd:
+                stage = "cwd"
+                os.chdir(cwd)
+            if log_path:
+                stage = "log"
+                fd = os.open(log_path, LOG_FLAGS, 0o644)
+                mode = os.fstat(fd).st_mode
+                if not stat.S_ISREG(mode):
+                    stage = f"notfile:{mode}"
+                    raise OSError(errno.EINVAL, "not a regular file")
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                os.close(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.write(err, f"{stage}:{exc.errno}".encode())
+            raise
+
+    return child
+
+
+def _child_error(data: bytes, spec: LaunchSpec) -> StartFailed | None:
+    """What ``_as_user`` reported, as a start failure naming the user and the object."""
+    if not data:
+        return None
+    user = spec.user.name if spec.user is not None else "?"
+    stage, _, rest = data.decode(errors="replace").partition(":")
+    if stage == "notfile":
+        mode_text, _, _ = rest.partition(":")
+        kind = _file_kind(int(mode_text)) if mode_text.isdigit() else "not a regular file"
+        return _not_a_file(spec.log_path, kind)
+    code = int(rest) if rest.lstrip("-").isdigit() else 0
+    why = os.strerror(code) if code else "unknown error"
+    if stage == "cgroup":
+        return StartFailed(FailureClass.PERMISSION_DENIED,
+                           f"cannot place the group into its cgroup: {why}; check that this "
+                           "agent may write there, or run it with --containment subreaper")
+    if stage == "user":
+        return StartFailed(FailureClass.PERMISSION_DENIED,
+                           f"cannot switch to user {user}: {why}; the agent must run as root "
+                           "to start groups as another user")
+    if stage == "cwd":
+        if code in (errno.EACCES, errno.EPERM):
+            return StartFailed(FailureClass.PERMISSION_DENIED,
+                               f"user {user} cannot enter working directory {spec.cwd!r} "
+                               f"({why}); fix its permissions or choose another --cwd")
+        return StartFailed(FailureClass.CWD_MISSING,
+                           f"working directory {spec.cwd!r} does not exist or is not a "
+                           f"directory ({why}); create it or pass an existing --cwd")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StartFailed(FailureClass.PERMISSION_DENIED,
+                           f"user {user} cannot write log file {spec.log_path!r} ({why}); "
+                           "give it a path that user may write, or fix the permissions")
+    if code in (errno.ENXIO, errno.EISDIR):
+        return _not_a_file(spec.log_path, "a FIFO or socket" if code == errno.ENXIO
+                           else "a directory")
+    return StartFailed(FailureClass.CWD_MISSING,
+                       f"cannot open log file {spec.log_path!r} as user {user}: {why}; create "
+                       "its directory or choose another --log")
+
+
 # ---------------------------------------------------------------- the launch (a thread)
 
 
-def start(spec: LaunchSpec, cgroup: Path | None, shell_ok: bool) -> subprocess.Popen[bytes]:
+@dataclass
+class Launched:
+    popen: subprocess.Popen[bytes]
+    #: Where the group's limits live (v1 cgroups to remove when it ends).
+    placement: Placement = field(default_factory=Placement)
+
+
+def _discard(cgroup: Path | None, placement: Placement) -> None:
+    if cgroup is not None:
+        with contextlib.suppress(OSError):
+            cgroups.remove(cgroup)
+    remove_v1(placement.v1)
+
+
+def start(spec: LaunchSpec, cgroup: Path | None, shell_ok: bool,
+          limiter: Limiter | None = None) -> Launched:
     """Runs on the launch pool: everything here may block (stat, open, vfork)."""
     argv = list(spec.argv)
     env = dict(spec.env)
     gated = False
+    placement = Placement()
+    if spec.limits and (cgroup is None or limiter is None):
+        raise StartFailed(FailureClass.INVALID_SPEC,
+                          "limits need cgroup containment, which this agent does not have")
     if cgroup is not None:
         try:
             cgroup.mkdir(exist_ok=True)
@@ -192,78 +305,103 @@ def start(spec: LaunchSpec, cgroup: Path | None, shell_ok: bool) -> subprocess.P
                 FailureClass.TARGET_UNREACHABLE,
                 f"cannot create the group's cgroup {cgroup}: {exc.strerror}; the agent's cgroup "
                 "tree is gone or not writable (removed by hand?): restart the agent") from exc
+        if spec.limits:
+            assert limiter is not None
+            try:
+                placement = limiter.prepare(spec.group_id, cgroup, spec.limits)
+            except InvalidSpec as exc:
+                _discard(cgroup, placement)
+                raise StartFailed(FailureClass.INVALID_SPEC, str(exc)) from exc
         # A cwd that cannot be entered is left to the direct path, which names it; an
-        # argv[0] that looks like an option would be one to the shell's `exec`.
-        if shell_ok and not argv[0].startswith("-") and (
+        # argv[0] that looks like an option would be one to the shell's `exec`. A group
+        # run as another user takes the direct path: its exec errors are the user's.
+        if spec.user is None and shell_ok and not argv[0].startswith("-") and (
                 not spec.cwd or (os.path.isdir(spec.cwd) and os.access(spec.cwd, os.X_OK))):
             try:
                 # Exec errors are raised here, exactly as exec would give them.
                 path = resolve(argv[0], env, spec.cwd or None)
             except OSError as exc:
-                cgroups.remove(cgroup)
+                _discard(cgroup, placement)
                 raise classify_exec_error(exc, spec) from exc
             gated = shim_safe(path)
-    procs_fd: int | None = None
+    procs_fds: list[int] = []
     out: int | None = None
-    gate_r = gate_w = -1
+    gate_r = gate_w = err_r = err_w = -1
     try:
         if cgroup is not None and not gated:
-            procs_fd = os.open(cgroup / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
-        if spec.log_path:
+            for f in (*placement.procs_files, cgroup / "cgroup.procs"):
+                procs_fds.append(os.open(f, os.O_WRONLY | os.O_CLOEXEC))
+        if spec.log_path and spec.user is None:
             out = open_log(spec.log_path)
         if gated:
             gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
+        preexec: Callable[[], None] | None = None
+        if spec.user is not None:
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            preexec = _as_user(spec, spec.user, procs_fds, err_w)
+        elif procs_fds:
+            def join_cgroup() -> None:  # runs in the child, between fork and exec (slow path)
+                for fd in procs_fds:
+                    os.write(fd, b"0")
 
-        def join_cgroup() -> None:  # runs in the child, between fork and exec (slow path)
-            if procs_fd is not None:
-                os.write(procs_fd, b"0")
+            preexec = join_cgroup
 
         popen = subprocess.Popen(
             shim_argv(argv, env) if gated else argv,
-            cwd=spec.cwd or None,
+            # As another user, the child enters its cwd itself, after dropping privileges.
+            cwd=(spec.cwd or None) if spec.user is None else None,
             env=env,
             stdin=gate_r if gated else subprocess.DEVNULL,
             stdout=out if out is not None else subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=join_cgroup if procs_fd is not None else None,
+            preexec_fn=preexec,
             close_fds=True,
         )
     except BaseException as exc:
         if gate_w >= 0:
             os.close(gate_w)
-        if cgroup is not None:
-            with contextlib.suppress(OSError):
-                cgroups.remove(cgroup)
+        reported = None
+        if err_r >= 0:
+            os.close(err_w)
+            err_w = -1
+            reported = _child_error(os.read(err_r, 256), spec)
+        _discard(cgroup, placement)
+        if reported is not None:
+            raise reported from exc
         if isinstance(exc, OSError):
             raise classify_exec_error(exc, spec) from exc
         raise
     finally:
-        for fd in (procs_fd, out, gate_r):
+        for fd in (*procs_fds, out, gate_r, err_r, err_w):
             if fd is not None and fd >= 0:
                 os.close(fd)
     if gated:
         assert cgroup is not None
-        release(popen, cgroup, gate_w)
-    return popen
+        release(popen, cgroup, gate_w, placement)
+    return Launched(popen, placement)
 
-def release(popen: subprocess.Popen[bytes], cgroup: Path, gate: int) -> None:
-    """Move the waiting shell into its cgroup, then let it exec the program."""
+
+def release(popen: subprocess.Popen[bytes], cgroup: Path, gate: int,
+            placement: Placement | None = None) -> None:
+    """Move the waiting shell into its cgroups (v1 limits first, then its v2 cgroup), then
+    let it exec the program."""
+    placement = placement or Placement()
     try:
         try:
-            cgroups.write(cgroup / "cgroup.procs", str(popen.pid).encode())
+            for f in (*placement.procs_files, cgroup / "cgroup.procs"):
+                cgroups.write(f, str(popen.pid).encode())
         except OSError as exc:
             popen.kill()
             popen.wait()
-            with contextlib.suppress(OSError):
-                cgroups.remove(cgroup)
+            _discard(cgroup, placement)
             raise StartFailed(
                 FailureClass.PERMISSION_DENIED,
-                f"cannot place the group into its cgroup {cgroup}: {exc.strerror}; check "
-                "that this agent may write there, or run it with --containment subreaper",
+                f"cannot place the group into its cgroup {exc.filename or cgroup}: "
+                f"{exc.strerror}; check that this agent may write there, or run it with "
+                "--containment subreaper",
             ) from exc
         with contextlib.suppress(BrokenPipeError):  # it died already: its exit tells
             os.write(gate, GO)
     finally:
         os.close(gate)
-

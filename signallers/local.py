@@ -33,6 +33,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -42,9 +43,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from tether.core.errors import AdoptRefused
+from tether.core.errors import AdoptRefused, InvalidSpec
 from tether.core.model import Containment, LeaderStatus, OrphanPolicy
-from tether.signallers import cgroups, launch, procfs
+from tether.signallers import cgroups, launch, limits, procfs
 from tether.signallers.base import (
     Features,
     GroupHandle,
@@ -54,6 +55,7 @@ from tether.signallers.base import (
     SignallerContext,
 )
 from tether.signallers.cgroups import CgroupEventWatcher, CgroupTree
+from tether.signallers.limits import Limiter, Placement
 from tether.signallers.membership import Membership, Proc
 
 log = logging.getLogger(__name__)
@@ -86,8 +88,10 @@ class LocalGroup(GroupHandle):
         child: bool,
         membership: Membership | None = None,
         leader_alive: bool = True,
+        placement: Placement | None = None,
     ) -> None:
         self._signaller = signaller
+        self._placement = placement or Placement()
         self.group_id = group_id
         self.leader_pid = leader_pid
         self.pgid = leader_pid
@@ -123,6 +127,13 @@ class LocalGroup(GroupHandle):
     @property
     def emptied_at(self) -> float | None:
         return self._emptied_at
+
+    @property
+    def limits(self) -> str:
+        return self._placement.describe
+
+    async def oom_kills(self) -> int:
+        return limits.oom_kills(self._placement, self._cgroup)
 
     # -- leader
 
@@ -267,6 +278,7 @@ class LocalGroup(GroupHandle):
             self._leader_exited()  # reap now; otherwise the SIGCHLD reaper collects it later
         if self._cgroup is not None:
             cgroups.remove(self._cgroup)
+        limits.remove_v1(self._placement.v1)
 
 
 # ---------------------------------------------------------------- the signaller
@@ -276,7 +288,8 @@ class LocalSignaller(Signaller):
     """Signaller for this host. One per agent; owns the agent instance's cgroup tree."""
 
     kind = "local"
-    features = Features(inherit_env=True, log_probe=True, reattach=True)
+    features = Features(inherit_env=True, log_probe=True, reattach=True, run_as_user=True,
+                        ports=True, limits=True, host_files=True)
 
     def __init__(self, context: SignallerContext | None = None) -> None:
         self.context = context or SignallerContext()
@@ -294,6 +307,12 @@ class LocalSignaller(Signaller):
         self.subreaper = opts.get("subreaper", "1") != "0" and make_subreaper()
         wanted = opts.get("containment", "auto")
         self._containment = self._detect(wanted)
+        self.limiter: Limiter | None = None
+        if self.tree is not None and self.cgroup_mount is not None:
+            self.limiter = Limiter(self.tree, self.cgroup_mount)
+            log.info("resource limits: %s", ", ".join(
+                f"{c} via cgroup {self.limiter.how(c) or 'unavailable'}"
+                for c in limits.CONTROLLERS))
         log.info("local signaller: containment %s (asked: %s)%s", self._containment.value, wanted,
                  f", cgroups under {self.tree.base}" if self.tree else "")
 
@@ -362,33 +381,47 @@ class LocalSignaller(Signaller):
 
     # -- Signaller
 
+    def check(self, spec: LaunchSpec) -> None:
+        if spec.limits:
+            if self._containment is not Containment.CGROUP or self.limiter is None:
+                flags = "/".join(f"--{c}" for c in ("memory", "cpus", "pids")
+                                 if getattr(spec.limits, c) is not None)
+                raise InvalidSpec(
+                    f"{flags} needs cgroup containment, and this agent runs with containment "
+                    f"{self._containment.value} (no writable cgroup v2 tree); run the agent as "
+                    "root or in a delegated cgroup, or drop the limits", field="limits")
+            self.limiter.check(spec.limits, "local")
+
     async def spawn(self, spec: LaunchSpec) -> GroupHandle:
         self._install_sigchld()
         cgroup = None
         if self.tree is not None and self._containment is Containment.CGROUP:
             cgroup = self.tree.group_dir(spec.group_id, spec.orphan_policy)
         self._launching += 1
-        launched = asyncio.get_running_loop().run_in_executor(
-            self._pool, launch.start, spec, cgroup, self._shell_usable)
+        fut = asyncio.get_running_loop().run_in_executor(
+            self._pool, launch.start, spec, cgroup, self._shell_usable, self.limiter)
         try:
-            popen = await asyncio.shield(launched)
-            # No await from here to the handle: the reaper must see the leader as ours.
-            self._leaders.add(popen.pid)
+            launched = await asyncio.shield(fut)
         except asyncio.CancelledError:
-            # The launch thread runs on; whatever it starts must not live on unowned.
-            launched.add_done_callback(lambda f: self._abandon_launch(f, cgroup))
+            # The launch thread goes on (a probe cancelled at its group's start timeout):
+            # what it starts must not outlive the cancel, nor run as nobody's.
+            fut.add_done_callback(functools.partial(self._launched_after_cancel, cgroup))
             raise
-        finally:
-            self._launching -= 1
-            if self._reap_pending and self._sigchld_loop is not None:
-                self._sigchld_loop.call_soon(self._reap_orphans)
+        except BaseException:
+            self._launch_done()
+            raise
+        popen = launched.popen
+        # No await from here to the handle: the reaper must see the leader as ours.
+        self._leaders.add(popen.pid)
+        self._launch_done()
         leader = procfs.stat(popen.pid)
         start = leader.start if leader is not None else procfs.now_ticks()
         try:
             handle = LocalGroup(self, spec.group_id, popen.pid, self._containment, cgroup,
-                                start, child=True)
+                                start, child=True, placement=launched.placement)
         except OSError as exc:  # EMFILE from pidfd_open: nothing of this start may live on
             self._abandon(popen, cgroup)
+            limits.remove_v1(launched.placement.v1)
             raise launch.classify_exec_error(exc, spec) from exc
         # The handle reaps the leader (pidfd, waitpid) and keeps its status; the Popen object
         # must not: marked done, its destructor neither warns nor queues the pid for
@@ -396,12 +429,20 @@ class LocalSignaller(Signaller):
         popen.returncode = 0
         return handle
 
-    def _abandon_launch(self, launched: asyncio.Future[subprocess.Popen[bytes]],
-                        cgroup: Path | None) -> None:
-        if not launched.cancelled() and launched.exception() is None:
-            popen = launched.result()
-            log.warning("a start was cancelled during its launch; killing pid %d", popen.pid)
-            self._abandon(popen, cgroup)
+    def _launch_done(self) -> None:
+        self._launching -= 1
+        if self._reap_pending and self._sigchld_loop is not None:
+            self._sigchld_loop.call_soon(self._reap_orphans)
+
+    def _launched_after_cancel(self, cgroup: Path | None,
+                               fut: asyncio.Future[launch.Launched]) -> None:
+        try:
+            if not fut.cancelled() and fut.exception() is None:
+                launched = fut.result()
+                self._abandon(launched.popen, cgroup)
+                limits.remove_v1(launched.placement.v1)
+        finally:
+            self._launch_done()
 
     def _abandon(self, popen: subprocess.Popen[bytes], cgroup: Path | None) -> None:
         if cgroup is not None:
@@ -471,9 +512,11 @@ class LocalSignaller(Signaller):
         if leader is not None and leader.start != start:
             # The pid now names an unrelated process: its pgid/sid are not ours.
             membership.claim_pgid = membership.claim_sid = False
+        placement = (self.limiter.existing(record.group_id) if self.limiter is not None
+                     else Placement())
         handle = LocalGroup(self, record.group_id, record.leader_pid, containment, cgroup,
                             start, child=False, membership=membership,
-                            leader_alive=leader_alive)
+                            leader_alive=leader_alive, placement=placement)
         if not membership.claim_pgid:
             handle.pgid = -1
         if not await handle.members():
@@ -491,3 +534,5 @@ class LocalSignaller(Signaller):
         if self.tree is not None:
             # Empty unless `keep` groups still run (then the guardian/next agent needs it).
             self.tree.remove()
+        if self.limiter is not None:
+            self.limiter.remove_tree()

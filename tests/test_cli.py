@@ -37,7 +37,8 @@ STOP_KEYS = {"group_id", "label", "agent", "target", "reason", "exit_code", "sig
              "survivors", "duration_ms"}
 # Keys a stop report may add beyond the documented ones: the group's state always, the
 # agent error while it is unreachable, and the start-failure fields.
-STOP_OPTIONAL = {"state", "error", "failure", "message", "detail"}
+STOP_OPTIONAL = {"state", "error", "failure", "message", "detail", "oom_kills", "pre_stop",
+                 "context"}
 LOOP = ["sh", "-c", "while :; do sleep 0.1; done"]
 
 
@@ -448,10 +449,12 @@ HELP_MENTIONS = {
     "serve": ["--listen", "--state-dir", "--metrics-listen", "--agent-name", "--insecure",
               "--tls-cert", "--token-file", "--config"],
     "coordinator": ["--listen", "--state-dir", "--metrics-listen", "--agent-ttl"],
-    "agent": ["--listen", "--coordinator", "--name", "--state-dir", "--metrics-listen"],
+    "agent": ["--listen", "--coordinator", "--name", "--state-dir", "--metrics-listen",
+              "--plugin", "--no-plugins"],
     "spawn": ["--session", "--window", "--label", "--env", "--inherit-env", "--cwd", "--log",
               "--grace", "--stop-order", "--ready", "--target", "--agent", "--orphan-policy",
-              "--idempotency-key", "COMMAND"],
+              "--idempotency-key", "--user", "--port", "--memory", "--cpus", "--pids",
+              "--pre-stop", "--pre-stop-timeout", "--no-plugins", "COMMAND"],
     "adopt": ["--session", "--agent", "--pid", "--label"],
     "signal": ["session", "signal"],
     "stop": ["session", "--grace"],
@@ -465,9 +468,10 @@ HELP_MENTIONS = {
     "config": ["check", "file"],
     "completion": ["bash", "zsh", "fish"],
     "audit": ["--since", "--limit"],
+    "ports": ["port", "--agent"],
 }
 CLIENT = {"spawn", "adopt", "signal", "stop", "sessions", "show", "agents", "orphans", "watch",
-          "keepalive", "up", "audit"}
+          "keepalive", "up", "audit", "ports"}
 
 
 def tether(*args: str) -> subprocess.CompletedProcess[str]:

@@ -167,6 +167,73 @@ def test_names_with_control_characters_and_bad_durations_are_refused(daemon: Dae
         grpc.StatusCode.NOT_FOUND]
 
 
+def test_users_ports_limits_and_hooks_are_checked_at_the_api(daemon: Daemon) -> None:
+    """The spec fields of issue 15, hostile, through the coordinator's Spawn: each refused
+    with INVALID_ARGUMENT before anything starts."""
+    def spec(**kw: Any) -> pb.GroupSpec:
+        s = pb.GroupSpec(argv=["sleep", "60"], session_id="hostile-15")
+        for key, value in kw.items():
+            if key == "ports":
+                s.ports.extend(pb.PortRequest(name=n, port=p) for n, p in value)
+            elif key in ("memory_bytes", "cpus", "pids"):
+                setattr(s.limits, key, value)
+            elif key == "pre_stop":
+                s.pre_stop.SetInParent()
+                s.pre_stop.argv.extend(value)
+            elif key == "env":
+                s.env.update(value)
+            else:
+                setattr(s, key, value)
+        return s
+
+    bad = [
+        spec(user="root\n"), spec(user="a b"), spec(user="../../etc"), spec(user="x:y:z"),
+        spec(ports=[("http", 0), ("HTTP", 0)]), spec(ports=[("a=b", 0)]),
+        spec(ports=[("http", 70000)]), spec(ports=[("http", -1)]),
+        spec(ports=[(f"p{i}", 0) for i in range(200)]),
+        spec(ports=[("a", 3000), ("b", 3000)]),
+        spec(ports=[("http", 0)], env={"PORT": "1"}),
+        spec(ready="tcp:$PORT"),
+        spec(memory_bytes=-1), spec(memory_bytes=0), spec(memory_bytes=2**62),
+        spec(cpus=0.0), spec(cpus=math.nan), spec(cpus=math.inf), spec(cpus=-1.0),
+        spec(pids=0), spec(pids=-5), spec(pids=2**40),
+        spec(pre_stop=[]), spec(pre_stop=["a\x00b"]), spec(pre_stop=[""]),
+        spec(user="nobody", target="ssh:x@127.0.0.1:1"),
+        spec(ports=[("http", 0)], target="docker:web"),
+    ]
+    timeouts = pb.GroupSpec(argv=["true"], session_id="hostile-15")
+    timeouts.pre_stop.argv.append("true")
+    timeouts.pre_stop.timeout_seconds = math.nan
+    bad.append(timeouts)
+
+    async def go(ch: grpc.aio.Channel) -> list[grpc.StatusCode]:
+        stub = cgrpc.CoordinatorServiceStub(ch)
+        codes = []
+        for s in bad:
+            try:
+                await stub.Spawn(cpb.CoordinatorSpawnRequest(spec=s), timeout=10)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as exc:
+                codes.append(exc.code())
+        for port in (-1, 65536, 2**31 - 1):
+            try:
+                await stub.ListPorts(cpb.CoordinatorListPortsRequest(port=port), timeout=10)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as exc:
+                codes.append(exc.code())
+        try:  # nothing was started, and no session was left behind either
+            await stub.GetSession(cpb.GetSessionRequest(session_id="hostile-15"), timeout=10)
+            codes.append(grpc.StatusCode.OK)
+        except grpc.aio.AioRpcError as exc:
+            codes.append(exc.code())
+        return codes
+
+    codes = run(go_with(daemon, go))
+    assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * (len(bad) + 3) + [
+        grpc.StatusCode.NOT_FOUND], codes
+    assert healthy(daemon.address)
+
+
 async def go_with(daemon: Daemon, fn: Any) -> Any:
     async with grpc.aio.insecure_channel(daemon.address) as ch:
         return await fn(ch)

@@ -9,6 +9,7 @@ a direct exec would classify them.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from pathlib import Path
@@ -17,9 +18,20 @@ from types import MappingProxyType
 import pytest
 
 from tests.plugins.common import require_root
-from tests.plugins.processes import async_wait_until
+from tests.plugins.processes import async_wait_until, marked_alive
 from tether.agent.authority import Authority
-from tether.core.model import AGENT_ENV, MARKER_ENV, Containment, FailureClass, GroupSpec, GroupState
+from tether.core.model import (
+    AGENT_ENV,
+    MARKER_ENV,
+    Containment,
+    FailureClass,
+    GroupSpec,
+    GroupState,
+    Limits,
+    new_group_id,
+)
+from tether.signallers.base import LaunchSpec
+from tether.signallers.local import LocalSignaller
 
 pytestmark = pytest.mark.parametrize("authority", ["cgroup"], indirect=True)
 
@@ -102,3 +114,25 @@ async def test_path_search_uses_the_specs_path(authority: Authority, tmp_path: P
     # A relative path runs from the spec's cwd.
     rel = await authority.spawn(GroupSpec(argv=("./tether-only-here",), cwd=str(tmp_path)))
     assert rel.state is GroupState.RUNNING
+
+
+@pytest.mark.parametrize("limited", [False, True])
+async def test_a_spawn_cancelled_mid_launch_leaves_nothing_running(
+        authority: Authority, limited: bool) -> None:
+    """A probe cancelled at its group's start timeout can be mid-launch: the launch thread
+    still starts the program, and it must not outlive the cancel (nor its cgroups)."""
+    local = authority.signallers.get("local")
+    assert isinstance(local, LocalSignaller)
+    gid = new_group_id()
+    spec = LaunchSpec(gid, ("sleep", "300"), {MARKER_ENV: gid, AGENT_ENV: authority.name},
+                      limits=Limits(pids=10) if limited else Limits())
+    task = asyncio.ensure_future(local.spawn(spec))
+    await asyncio.sleep(0)  # it is now waiting for the launch thread
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await async_wait_until(lambda: local._launching == 0, 10, "the launch thread to finish")
+    assert marked_alive(gid) == []
+    assert local.tree is not None and not (local.tree.base / "kill" / gid).exists()
+    if limited and local.limiter is not None and local.limiter.how("pids") == "v1":
+        assert not (local.limiter.v1_base["pids"] / local.tree.name / gid).exists()

@@ -18,8 +18,10 @@ from tether.client.aio import AsyncClient, CoordinatorUnreachable, TimedOut
 from tether.client.spec import build_spec
 from tether.coordinator.cli.exitcodes import CLIError, ExitCode
 from tether.coordinator.cli.output import (
+    details,
     emit,
     group_dict,
+    port_dict,
     report_dict,
     report_table,
     session_dict,
@@ -54,7 +56,9 @@ async def cmd_spawn(c: AsyncClient, args: argparse.Namespace) -> int:
         grace=args.grace, stop_signal=args.stop_signal, stop_order=args.stop_order,
         ready=args.ready, start_timeout=args.start_timeout, probe_timeout=args.probe_timeout,
         target=args.target, orphan_policy=args.orphan_policy, owns_target=args.owns_target,
-        labels=pairs(args.meta, "--meta"))
+        labels=pairs(args.meta, "--meta"), user=args.user, ports=args.port,
+        memory=args.memory, cpus=args.cpus, pids=args.pids, pre_stop=args.pre_stop,
+        pre_stop_timeout=args.pre_stop_timeout, plugins=not args.no_plugins)
     try:
         g = await c.spawn(spec, agent=args.agent, idempotency_key=args.idempotency_key,
                           timeout=args.timeout or spec.start_timeout + 60)
@@ -120,9 +124,10 @@ async def cmd_show(c: AsyncClient, args: argparse.Namespace) -> int:
             for g in d["groups"]]
     head = f"session {d['session']}: {d['state']}" + (f" ({d['stop_cause']})"
                                                       if d["stop_cause"] else "")
-    emit(args.output, d, head + "\n" + table(rows, ["group", "label", "agent", "target",
-                                                    "state", "containment", "pid", "reason",
-                                                    "command"]))
+    text = head + "\n" + table(rows, ["group", "label", "agent", "target", "state",
+                                      "containment", "pid", "reason", "command"])
+    more = details(v.groups)
+    emit(args.output, d, text + ("\n\n" + more if more else ""))
     return ExitCode.OK
 
 
@@ -167,6 +172,25 @@ async def cmd_watch(c: AsyncClient, args: argparse.Namespace) -> int:
     except TimedOut:
         return ExitCode.OK  # --timeout: watched for as long as asked
     return ExitCode.OK
+
+
+async def cmd_ports(c: AsyncClient, args: argparse.Namespace) -> int:
+    if not 0 <= args.port < 65536:
+        raise CLIError(f"port {args.port} is not a TCP port; give 1-65535, or no port for all")
+    report = await c.ports(args.port, agent=args.agent, timeout=args.timeout)
+    ports = [port_dict(o) for o in report.ports]
+    rows = [[o.agent, o.port, o.address or "-", o.session_id or "-", o.group_id or "-",
+             o.label or "-", o.name or "-", o.pid or "-", o.user or "-",
+             (o.command if o.listening else "(reserved, not listening yet)")[:60]]
+            for o in report.ports]
+    text = table(rows, ["agent", "port", "address", "session", "group", "label", "name", "pid",
+                        "user", "command"])
+    if args.port and not report.ports:
+        text = f"port {args.port}: nobody listens on it and no group holds it"
+    for agent, why in report.unreachable.items():
+        text += f"\nagent {agent}: unreachable ({why})"
+    emit(args.output, {"ports": ports, "unreachable": report.unreachable}, text)
+    return ExitCode.UNREACHABLE if report.unreachable else ExitCode.OK
 
 
 async def cmd_keepalive(c: AsyncClient, args: argparse.Namespace) -> int:
@@ -251,6 +275,7 @@ COMMANDS: dict[str, Command] = {
     "spawn": cmd_spawn, "adopt": cmd_adopt, "signal": cmd_signal, "stop": cmd_stop,
     "sessions": cmd_sessions, "show": cmd_show, "agents": cmd_agents, "orphans": cmd_orphans,
     "watch": cmd_watch, "keepalive": cmd_keepalive, "up": cmd_up, "audit": cmd_audit,
+    "ports": cmd_ports,
 }
 
 

@@ -79,7 +79,15 @@ def _agent_config(args: argparse.Namespace, name: str, state_dir: str) -> Any:
         if not sep:
             raise CLIError(f"--signaller-option {item!r} is not KEY=VALUE")
         options[key] = value
+    from tether.coordinator.cli.options import plugin_switch
+
+    off = []
+    for item in args.plugin:
+        plugin, on = plugin_switch(item)
+        if not on:
+            off.append(plugin)
     return AgentConfig(name=name, listen=args.listen, state_dir=state_dir,
+                       plugins_off=off, no_plugins=args.no_plugins,
                        coordinator=getattr(args, "coordinator", ""),
                        advertise=getattr(args, "advertise", ""),
                        metrics_listen=args.metrics_listen, containment=args.containment,

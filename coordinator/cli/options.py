@@ -128,6 +128,9 @@ _AGENT = [
     Option("--signaller-option", "option for the signallers, e.g. known_hosts=/path, "
            "docker_host=unix:///run/docker.sock (repeatable)", [], kind="list",
            metavar="KEY=VALUE"),
+    Option("--plugin", "turn a toolchain plugin on or off, e.g. nvm=off (repeatable; in a "
+           "config file: plugin = { nvm = false })", [], kind="list", metavar="NAME=on|off"),
+    Option("--no-plugins", "apply no toolchain plugins at all", False, kind="flag"),
 ]
 
 _COORDINATOR = [
@@ -203,6 +206,12 @@ def check_table(command: str, table: Any, path: str) -> list[str]:
         if key in ("listen", "metrics_listen", "coordinator", "advertise") and value \
                 and ":" not in str(value):
             problems.append(f"{path}: [{command}] {key}: {value!r} is not HOST:PORT")
+        if key == "plugin":
+            for item in value:
+                try:
+                    plugin_switch(item)
+                except CLIError as exc:
+                    problems.append(f"{path}: [{command}] {key}: {exc}")
     return problems
 
 
@@ -219,6 +228,20 @@ def _check_credentials(key: str, value: Any, where: str) -> list[str]:
     except SecurityConfigError as exc:
         return [f"{where}: {exc}"]
     return []
+
+
+SWITCH_ON = ("on", "true", "1", "yes")
+SWITCH_OFF = ("off", "false", "0", "no")
+
+
+def plugin_switch(item: str) -> tuple[str, bool]:
+    """``NAME=on|off`` (``plugin = { nvm = false }`` in a file gives ``nvm=False``)."""
+    plugin, sep, value = item.partition("=")
+    switch = value.strip().lower()
+    if not sep or not plugin or switch not in SWITCH_ON + SWITCH_OFF:
+        raise CLIError(f"--plugin {item!r} is not NAME=on|off; write e.g. --plugin nvm=off "
+                       "(config file: plugin = { nvm = false })")
+    return plugin, switch in SWITCH_ON
 
 
 def layer(command: str, given: argparse.Namespace) -> argparse.Namespace:

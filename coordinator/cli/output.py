@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from tether.core.model import ExitRecord
+from tether.core.model import ExitRecord, PortOwner, PreStopOutcome, RunContext
 from tether.core.sessions import GroupEntry, SessionReport, SessionView
 
 #: Columns that may be cut to make a table fit the terminal (widest first).
@@ -61,7 +61,72 @@ def exit_fields(rec: ExitRecord | None) -> dict[str, Any]:
         out["message"] = rec.message
     if rec.detail:
         out["detail"] = rec.detail
+    if rec.oom_kills:
+        out["oom_kills"] = rec.oom_kills
+    if rec.pre_stop is not None:
+        out["pre_stop"] = pre_stop_dict(rec.pre_stop)
+    if rec.context:
+        out["context"] = context_dict(rec.context)
     return out
+
+
+def pre_stop_dict(o: PreStopOutcome) -> dict[str, Any]:
+    return {"result": o.result.value, "exit_code": o.exit_code, "signal": o.signal,
+            "duration_ms": round(o.duration * 1000, 1), "detail": o.detail,
+            "leftovers": o.leftovers}
+
+
+def context_dict(c: RunContext) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if c.plugins:
+        out["plugins"] = list(c.plugins)
+    if c.user:
+        out["user"] = c.user
+    if c.ports:
+        out["ports"] = {p.name: p.port for p in c.ports}
+    if c.limits:
+        out["limits"] = c.limits
+    return out
+
+
+def port_dict(o: PortOwner) -> dict[str, Any]:
+    return {"agent": o.agent, "port": o.port, "address": o.address, "listening": o.listening,
+            "session": o.session_id, "group_id": o.group_id, "label": o.label,
+            "name": o.name, "pid": o.pid, "user": o.user, "command": o.command}
+
+
+def context_lines(c: RunContext) -> list[str]:
+    lines = []
+    for i, p in enumerate(c.ports):
+        also = " and PORT" if i == 0 else ""
+        lines.append(f"port {p.name} = {p.port} ({p.env_name}{also}"
+                     f"{', fixed' if p.fixed else ''})")
+    if c.user:
+        lines.append(f"user: {c.user}")
+    if c.limits:
+        lines.append(f"limits: {c.limits}")
+    lines.extend(c.plugins)
+    return lines
+
+
+def details(groups: Iterable[GroupEntry]) -> str:
+    """Per group, what it runs with and how its stop went beyond the table's columns."""
+    blocks = []
+    for e in groups:
+        v = e.view
+        lines = context_lines(v.context)
+        rec = v.exit
+        if rec is not None:
+            if rec.oom_kills:
+                lines.append(f"oom kills: {rec.oom_kills}")
+            if rec.pre_stop is not None:
+                p = rec.pre_stop
+                lines.append(f"pre-stop: {p.result.value} in {p.duration:.3g} s"
+                             + (f" ({p.detail})" if p.detail else ""))
+        if lines:
+            name = f"{v.group_id}" + (f" ({v.spec.label})" if v.spec.label else "")
+            blocks.append(name + ":\n" + "\n".join("  " + line for line in lines))
+    return "\n".join(blocks)
 
 
 def shown_state(e: GroupEntry) -> str:
@@ -75,6 +140,7 @@ def group_dict(e: GroupEntry) -> dict[str, Any]:
         "target": v.spec.target or "local", "state": shown_state(e),
         "containment": v.containment.value, "pid": v.leader_pid,
         "stop_order": v.spec.stop_order, "detached": v.detached, "argv": list(v.spec.argv),
+        **({"context": context_dict(v.context)} if v.context else {}),
         **(exit_fields(v.exit) if v.exit is not None else {}),
     }
 

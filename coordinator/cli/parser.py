@@ -16,7 +16,7 @@ from tether.coordinator.cli.options import DAEMONS, add_daemon, positive_float
 
 DEFAULT_COORDINATOR = "127.0.0.1:7400"
 CLIENT_COMMANDS = ("spawn", "adopt", "signal", "stop", "sessions", "show", "agents", "orphans",
-                   "watch", "keepalive", "up", "audit")
+                   "watch", "keepalive", "up", "audit", "ports")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -132,6 +132,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "as a last resort")
     sp.add_argument("--idempotency-key", default="",
                     help="a retried spawn with the same key returns the first group")
+    sp.add_argument("--user", default="", metavar="USER[:GROUP]",
+                    help="run as this user (local target; the agent must be root); HOME, USER "
+                    "and LOGNAME come from the password database unless --env gives them")
+    sp.add_argument("--port", action="append", default=[], metavar="NAME[=PORT]",
+                    help="a TCP port the agent assigns (repeatable): free on 127.0.0.1, or "
+                    "PORT if given; passed as PORT (the first) and TETHER_PORT_<NAME>, usable "
+                    "in --ready as $PORT / $TETHER_PORT_<NAME>")
+    sp.add_argument("--memory", default=None, metavar="SIZE",
+                    help="memory limit, e.g. 512M (cgroup memory.max; OOM kills are recorded "
+                    "as oom_killed)")
+    sp.add_argument("--cpus", type=float, default=None, metavar="N",
+                    help="CPU limit in CPUs, e.g. 1.5 (cgroup cpu.max)")
+    sp.add_argument("--pids", type=int, default=None, metavar="N",
+                    help="most processes and threads at once (cgroup pids.max)")
+    sp.add_argument("--pre-stop", default="", metavar="exec:COMMAND",
+                    help="run this before the stop signal, inside the grace (e.g. "
+                    "'exec:tunnel close'); its tree is killed at its timeout")
+    sp.add_argument("--pre-stop-timeout", type=positive_float, default=None, metavar="S",
+                    help="the pre-stop hook's own timeout (default: the grace)")
+    sp.add_argument("--no-plugins", action="store_true",
+                    help="do not apply the agent's toolchain plugins (nvm, pyenv, jenv, asdf)")
     sp.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
 
     sp = client("adopt", "Hand a running process tree to an agent.")
@@ -184,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "time (2024-05-01T10:00:00Z; UTC unless it says otherwise)")
     sp.add_argument("--limit", type=int, default=1000,
                     help="at most this many entries, the most recent (default 1000)")
+    sp = client("ports", "Who holds TCP ports: each listening port with the session, group "
+                "and label owning it, or the pid, user and command; on every agent.")
+    sp.add_argument("port", nargs="?", type=int, default=0,
+                    help="only this port (default: every listening port)")
+    sp.add_argument("--agent", default="", help="only this agent (default: every agent)")
     sp = client("keepalive", "Renew (or set) a session's lease.")
     sp.add_argument("session", help="session name")
     sp.add_argument("--ttl", type=positive_float, required=True,

@@ -17,7 +17,8 @@ A session file is TOML::
 A group takes the keys of `tether spawn`'s options, with underscores: label,
 argv, cwd, env, inherit_env, log, grace, stop_signal, stop_order, ready,
 start_timeout, probe_timeout, target, agent, orphan_policy, owns_target, meta,
-plus replicas. The whole file is checked before anything starts: a mistake is
+user, ports, memory, cpus, pids, pre_stop, pre_stop_timeout, plugins, plus replicas.
+The whole file is checked before anything starts: a mistake is
 reported with the file, the group and the key, and nothing runs. Then every
 group is spawned over one connection, many in flight, and the command prints
 one line per group.
@@ -58,6 +59,14 @@ GROUP_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "owns_target": ((bool,), "true or false"),
     "meta": ((dict,), "a table of strings"),
     "replicas": ((int,), "a whole number from 1 to 10000"),
+    "user": ((str,), "\"USER\" or \"USER:GROUP\""),
+    "ports": ((list,), "a list of \"NAME\" or \"NAME=PORT\" strings"),
+    "memory": ((str, int), "a size such as \"512M\" (or bytes)"),
+    "cpus": ((int, float), "CPUs, a number such as 1.5"),
+    "pids": ((int,), "a whole number of processes"),
+    "pre_stop": ((str,), "\"exec:COMMAND ARGS\""),
+    "pre_stop_timeout": ((int, float), "seconds, a number"),
+    "plugins": ((bool,), "true or false"),
 }
 TOP_KEYS = {"session", "window", "group"}
 
@@ -92,6 +101,14 @@ def _strings(path: str, where: str, key: str, value: Any) -> dict[str, str]:
     if bad:
         raise _fail(path, f"{where}: {key}.{bad[0]} must be a string (quote numbers: \"8000\")")
     return dict(value)
+
+
+def _port_list(path: str, where: str, value: list[Any]) -> list[str]:
+    bad = [p for p in value if not isinstance(p, str)]
+    if bad:
+        raise _fail(path, f"{where}: ports must hold strings like \"http\" or \"http=3000\", "
+                          f"not {bad[0]!r}")
+    return value
 
 
 def load(path: str, session_override: str = "") -> SessionFile:
@@ -152,7 +169,10 @@ def _group(path: str, index: int, g: Any, session: str, window: str) -> PlannedG
             stop_order=g.get("stop_order", 0), ready=g.get("ready", ""),
             start_timeout=g.get("start_timeout"), probe_timeout=g.get("probe_timeout"),
             target=g.get("target", "local"), orphan_policy=g.get("orphan_policy", "kill"),
-            owns_target=g.get("owns_target", False))
+            owns_target=g.get("owns_target", False), user=g.get("user", ""),
+            ports=_port_list(path, where, g.get("ports", [])), memory=g.get("memory"),
+            cpus=g.get("cpus"), pids=g.get("pids"), pre_stop=g.get("pre_stop", ""),
+            pre_stop_timeout=g.get("pre_stop_timeout"), plugins=g.get("plugins", True))
     except InvalidSpec as exc:
         raise _fail(path, f"{where}: {exc}") from None
     return PlannedGroup(where, g.get("agent", ""), replicas, spec)

@@ -28,6 +28,7 @@ from tether.core.sessions import (
     AgentState,
     GroupEntry,
     OrphanReport,
+    PortReport,
     SessionEvent,
     SessionReport,
     SessionView,
@@ -37,6 +38,7 @@ from tether.rpc.convert import (
     audit_event_from_pb,
     entry_from_pb,
     orphan_from_pb,
+    port_owner_from_pb,
     report_from_pb,
     session_event_from_pb,
     session_from_pb,
@@ -260,3 +262,13 @@ class AsyncClient:
         finally:
             stream.cancel()
 
+
+    async def ports(self, port: int = 0, *, agent: str = "", timeout: float | None = None
+                    ) -> PortReport:
+        """Who holds TCP ports: listening ports (or ``port``) on every agent (or ``agent``),
+        each with its group (session, label) or its process (pid, user, command)."""
+        reply = await self._call("ListPorts", self._stub.ListPorts,
+                                 cpb.CoordinatorListPortsRequest(port=port, agent=agent),
+                                 timeout or 30)
+        return PortReport(tuple(port_owner_from_pb(o) for o in reply.ports),
+                          dict(reply.unreachable))

@@ -14,11 +14,17 @@ from tether.core.errors import InvalidSpec
 from tether.core.model import (
     DEFAULT_START_TIMEOUT,
     GroupSpec,
+    Limits,
     OrphanPolicy,
+    PortRequest,
+    PreStop,
     Probe,
     StopOverride,
+    check_cpus,
     check_grace,
+    check_pids,
     check_seconds,
+    parse_memory,
     parse_signal,
 )
 
@@ -29,8 +35,14 @@ def build_spec(argv: Sequence[str], *, session: str = "", window: str = "", labe
                stop_order: int = 0, ready: str = "", start_timeout: float | None = None,
                probe_timeout: float | None = None, target: str = "local",
                orphan_policy: str = "kill", owns_target: bool = False,
-               labels: Mapping[str, str] | None = None) -> GroupSpec:
-    """A validated spec; raises ``InvalidSpec`` naming the field and what to give instead."""
+               labels: Mapping[str, str] | None = None, user: str = "",
+               ports: Sequence[str | PortRequest] = (), memory: str | int | None = None,
+               cpus: float | None = None, pids: int | None = None, pre_stop: str = "",
+               pre_stop_timeout: float | None = None, plugins: bool = True) -> GroupSpec:
+    """A validated spec; raises ``InvalidSpec`` naming the field and what to give instead.
+
+    ``ports`` are ``"NAME"`` (the agent picks a free port) or ``"NAME=PORT"``; ``memory``
+    is bytes or a size like ``"512M"``; ``pre_stop`` is ``"exec:COMMAND ARGS"``."""
     if isinstance(argv, str):
         raise InvalidSpec("argv must be a list of strings (the command and its arguments), "
                           "not one string: no shell parses it", field="argv")
@@ -44,6 +56,17 @@ def build_spec(argv: Sequence[str], *, session: str = "", window: str = "", labe
     if probe_timeout is not None:
         check_seconds(probe_timeout, "probe timeout", "probe_timeout", allow_zero=False,
                       high=3600)
+    if isinstance(ports, str):
+        raise InvalidSpec("ports must be a list of NAME or NAME=PORT strings", field="ports")
+    port_requests = tuple(p if isinstance(p, PortRequest) else PortRequest.parse(p)
+                          for p in ports)
+    limits = Limits(memory=None if memory is None else parse_memory(memory),
+                    cpus=None if cpus is None else check_cpus(cpus),
+                    pids=None if pids is None else check_pids(pids))
+    if pre_stop_timeout is not None and not pre_stop:
+        raise InvalidSpec("a pre-stop timeout needs a pre-stop hook (--pre-stop exec:...)",
+                          field="pre_stop_timeout")
+    hook = PreStop.parse(pre_stop, timeout=pre_stop_timeout) if pre_stop else None
     return GroupSpec(
         argv=tuple(argv), cwd=cwd, env=MappingProxyType(dict(env or {})),
         inherit_env=inherit_env, log_path=log,
@@ -52,4 +75,5 @@ def build_spec(argv: Sequence[str], *, session: str = "", window: str = "", labe
         stop=StopOverride(parse_signal(stop_signal) if stop_signal else None, grace),
         orphan_policy=policy, label=label, labels=MappingProxyType(dict(labels or {})),
         session_id=session, window=window, stop_order=stop_order, target=target or "local",
-        owns_target=owns_target)
+        owns_target=owns_target, user=user, ports=port_requests, limits=limits,
+        pre_stop=hook, plugins=plugins)

@@ -18,6 +18,7 @@ from tether.core.sessions import (
     AgentState,
     GroupEntry,
     OrphanReport,
+    PortReport,
     SessionEvent,
     SessionReport,
     SessionView,
@@ -88,6 +89,10 @@ class Client:
 
     def audit(self, **kw: Any) -> list[AuditEntry]:
         return self._run(self._async.audit(**kw))
+
+
+    def ports(self, port: int = 0, **kw: Any) -> PortReport:
+        return self._run(self._async.ports(port, **kw))
 
     def watch(self, session: str, **kw: Any) -> Iterator[SessionEvent]:
         stream = self._async.watch(session, **kw)

@@ -39,6 +39,18 @@ MAX_PATH: Final = 4096
 MAX_NAME: Final = 256
 MAX_LABELS: Final = 64
 GROUP_ID: Final = re.compile(r"g-[0-9a-f]{8,32}\Z")
+MAX_PORTS: Final = 16
+PORT_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}\Z")
+#: ``$PORT``, ``${PORT}``, ``$TETHER_PORT_HTTP``, ``${TETHER_PORT_HTTP}`` in a probe.
+PORT_REF: Final = re.compile(
+    r"\$(?:\{(PORT|TETHER_PORT_[A-Z0-9_]+)\}|(PORT|TETHER_PORT_[A-Z0-9_]+)(?![A-Za-z0-9_]))")
+#: POSIX portable user and group names (plus the trailing $ of machine accounts), or ids.
+ACCOUNT_NAME: Final = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]{1,10})\Z")
+MEMORY_MIN: Final = 1 << 20
+MEMORY_MAX: Final = 1 << 50
+CPUS_MIN: Final = 0.01
+CPUS_MAX: Final = 1024.0
+PIDS_MAX: Final = 1 << 22
 
 
 class GroupState(enum.Enum):
@@ -111,6 +123,8 @@ class ExitReason(enum.Enum):
     EXTERNAL_SIGNAL = "external_signal"
     START_FAILED = "start_failed"
     LOST = "lost"
+    #: The kernel's OOM killer ended the leader under the group's memory limit.
+    OOM_KILLED = "oom_killed"
 
 
 class FailureClass(enum.Enum):
@@ -127,6 +141,8 @@ class FailureClass(enum.Enum):
     TARGET_UNREACHABLE = "target_unreachable"
     #: The agent or host ran out of something a start needs (file descriptors, processes).
     RESOURCE_EXHAUSTED = "resource_exhausted"
+    #: A version file names a toolchain version that is not installed on the agent's host.
+    TOOLCHAIN_MISSING = "toolchain_missing"
 
 
 class Containment(enum.Enum):
@@ -277,12 +293,36 @@ class Probe:
     pattern: str = ""
     argv: tuple[str, ...] = ()
     timeout: float = DEFAULT_PROBE_TIMEOUT
+    #: The probe as written, when it refers to ports the agent assigns at spawn
+    #: (``tcp:$PORT``, ``http://127.0.0.1:${TETHER_PORT_API}/health``): ``resolve`` fills
+    #: them in. Empty for a probe that needs nothing filled in.
+    template: str = ""
 
     @classmethod
     def parse(cls, text: str, *, timeout: float | None = None) -> Probe:
         """Parse ``tcp:PORT``, ``tcp:HOST:PORT``, ``http:URL`` (or a bare ``http://`` URL),
-        ``log:REGEX``, ``exec:ARGV``."""
+        ``log:REGEX``, ``exec:ARGV``; any of them may refer to assigned ports as ``$PORT`` or
+        ``$TETHER_PORT_<NAME>`` (checked here with a stand-in port, filled in by ``resolve``)."""
         check_text(text, "ready")
+        if PORT_REF.search(text):
+            probe = cls._parse(PORT_REF.sub("1", text), timeout)
+            return replace(probe, template=text)
+        return cls._parse(text, timeout)
+
+    @property
+    def port_refs(self) -> frozenset[str]:
+        """The variables the probe refers to (``PORT``, ``TETHER_PORT_API``)."""
+        return frozenset((m.group(1) or m.group(2)) for m in PORT_REF.finditer(self.template))
+
+    def resolve(self, values: Mapping[str, str]) -> Probe:
+        """The probe with its port references filled in from ``values``."""
+        if not self.template:
+            return self
+        text = PORT_REF.sub(lambda m: values[m.group(1) or m.group(2)], self.template)
+        return Probe.parse(text, timeout=self.timeout)
+
+    @classmethod
+    def _parse(cls, text: str, timeout: float | None) -> Probe:
         if text.startswith(("http://", "https://")):
             text = "http:" + text
         kind_text, sep, rest = text.partition(":")
@@ -338,6 +378,8 @@ class Probe:
         return cls(kind, argv=argv, timeout=t)
 
     def __str__(self) -> str:
+        if self.template:
+            return self.template
         match self.kind:
             case ProbeKind.TCP:
                 return f"tcp:{self.host}:{self.port}"
@@ -347,6 +389,191 @@ class Probe:
                 return f"log:{self.pattern}"
             case _:
                 return "exec:" + shlex.join(self.argv)
+
+
+# ---------------------------------------------------------------- ports, limits, hooks, users
+
+
+@dataclass(frozen=True)
+class PortRequest:
+    """``--port NAME`` (the agent picks a free port) or ``--port NAME=PORT`` (this one)."""
+
+    name: str
+    #: 0: the agent picks a free TCP port on 127.0.0.1 at spawn.
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not PORT_NAME.match(self.name):
+            raise InvalidSpec(
+                f"port name {self.name!r} is not valid; use letters, digits and '_' (at most "
+                "32, starting with a letter), e.g. --port http", field="ports")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) \
+                or not 0 <= self.port < 65536:
+            raise InvalidSpec(f"port {self.name}={self.port!r} is not a TCP port (1-65535)",
+                              field="ports")
+
+    @property
+    def env_name(self) -> str:
+        return "TETHER_PORT_" + self.name.upper()
+
+    @classmethod
+    def parse(cls, text: str) -> PortRequest:
+        """``NAME`` or ``NAME=PORT``."""
+        name, sep, port_text = text.partition("=")
+        if not sep:
+            return cls(name)
+        try:
+            port = int(port_text, 10)
+        except ValueError:
+            port = -1
+        if port == 0:
+            raise InvalidSpec(f"--port {text!r}: 0 is not a fixed port; write --port {name} to "
+                              "let the agent pick a free one, or give 1-65535", field="ports")
+        if not 0 < port < 65536:
+            raise InvalidSpec(f"--port {text!r}: {port_text!r} is not a TCP port (1-65535); "
+                              f"write --port {name} to let the agent pick one", field="ports")
+        return cls(name, port)
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.port}" if self.port else self.name
+
+
+_UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_memory(text: str | int) -> int:
+    """``512M``, ``2G``, ``1048576`` (bytes; K, M, G, T are powers of 1024, an optional
+    ``B``/``iB`` after them is accepted) to a byte count within the accepted range."""
+    if isinstance(text, bool):
+        raise InvalidSpec(f"memory {text!r} is not a size", field="memory")
+    if isinstance(text, int):
+        return check_memory(text)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
+    if m is None:
+        raise InvalidSpec(f"memory {text!r} is not understood; give bytes or a number with K, "
+                          "M, G or T, e.g. --memory 512M", field="memory")
+    value = float(m.group(1)) * _UNITS[m.group(2)]
+    if not math.isfinite(value) or value > MEMORY_MAX:
+        raise InvalidSpec(f"memory {text!r} is more than the 1P tether accepts", field="memory")
+    return check_memory(int(value))
+
+
+def check_memory(value: int) -> int:
+    if not MEMORY_MIN <= value <= MEMORY_MAX:
+        hint = " (a unit is missing? e.g. 512M)" if 0 < value < MEMORY_MIN else ""
+        raise InvalidSpec(f"memory limit {value} bytes is out of range{hint}; give 1M to 1P",
+                          field="memory")
+    return value
+
+
+def check_cpus(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value) \
+            or not CPUS_MIN <= value <= CPUS_MAX:
+        raise InvalidSpec(f"cpus {value!r} is out of range; give {CPUS_MIN:g} to {CPUS_MAX:g} "
+                          "(1.5 = one and a half CPUs)", field="cpus")
+    return float(value)
+
+
+def check_pids(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= PIDS_MAX:
+        raise InvalidSpec(f"pids {value!r} is out of range; give 1 to {PIDS_MAX} (the most "
+                          "processes and threads the group may have at once)", field="pids")
+    return value
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    return str(n)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """cgroup limits of a group; ``None`` leaves a resource unlimited."""
+
+    memory: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory is not None:
+            check_memory(self.memory)
+        if self.cpus is not None:
+            check_cpus(self.cpus)
+        if self.pids is not None:
+            check_pids(self.pids)
+
+    def __bool__(self) -> bool:
+        return self.memory is not None or self.cpus is not None or self.pids is not None
+
+    @property
+    def controllers(self) -> tuple[str, ...]:
+        """The cgroup controllers these limits need."""
+        return tuple(c for c, v in (("memory", self.memory), ("cpu", self.cpus),
+                                    ("pids", self.pids)) if v is not None)
+
+    def describe(self) -> str:
+        parts = []
+        if self.memory is not None:
+            parts.append(f"memory {format_bytes(self.memory)}")
+        if self.cpus is not None:
+            parts.append(f"cpus {self.cpus:g}")
+        if self.pids is not None:
+            parts.append(f"pids {self.pids}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class PreStop:
+    """A command run before a group's stop signal, inside its grace."""
+
+    argv: tuple[str, ...]
+    #: Its own timeout; ``None``: only the grace bounds it.
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.argv or not self.argv[0]:
+            raise InvalidSpec("the pre-stop hook has no command; write e.g. "
+                              "--pre-stop 'exec:tunnel close'", field="pre_stop")
+        if any("\0" in a for a in self.argv):
+            raise InvalidSpec("the pre-stop hook's argv contains a NUL byte", field="pre_stop")
+        if sum(len(a) + 1 for a in self.argv) > MAX_ARGV_BYTES:
+            raise InvalidSpec(f"the pre-stop hook's argv is larger than {MAX_ARGV_BYTES} bytes",
+                              field="pre_stop")
+        if self.timeout is not None:
+            check_seconds(self.timeout, "pre-stop timeout", "pre_stop_timeout",
+                          allow_zero=False, high=3600)
+
+    @classmethod
+    def parse(cls, text: str, *, timeout: float | None = None) -> PreStop:
+        """``exec:COMMAND ARGS`` (shlex-split; no shell runs it)."""
+        check_text(text, "pre_stop", limit=MAX_ARGV_BYTES)
+        kind, sep, rest = text.partition(":")
+        if not sep or kind.lower() != "exec":
+            raise InvalidSpec(f"pre-stop hook {text!r} is not understood; write "
+                              "exec:COMMAND ARGS (it runs on the group's target)",
+                              field="pre_stop")
+        try:
+            argv = tuple(shlex.split(rest))
+        except ValueError as exc:
+            raise InvalidSpec(f"pre-stop hook {text!r}: {exc}", field="pre_stop") from None
+        return cls(argv, timeout)
+
+    def __str__(self) -> str:
+        return "exec:" + shlex.join(self.argv)
+
+
+def check_user(text: str) -> str:
+    """``USER``, ``USER:GROUP`` or numeric ids; resolved on the agent's host."""
+    if not text:
+        return text
+    user, sep, group = text.partition(":")
+    for part, what in ((user, "user"), *(((group, "group"),) if sep else ())):
+        if not ACCOUNT_NAME.match(part):
+            raise InvalidSpec(f"{what} {part!r} in --user {text!r} is not a user or group name "
+                              "(letters, digits, '.', '_', '-') or a numeric id", field="user")
+    return text
 
 
 # ---------------------------------------------------------------- the spec
@@ -377,6 +604,14 @@ class GroupSpec:
     stop_order: int = 0
     target: str = "local"
     owns_target: bool = False
+    #: Run as this user (``USER[:GROUP]``), resolved on the agent's host; "" keeps the agent's.
+    user: str = ""
+    #: Ports the agent assigns (``PORT``, ``TETHER_PORT_<NAME>``) and keeps reserved.
+    ports: tuple[PortRequest, ...] = ()
+    limits: Limits = Limits()
+    pre_stop: PreStop | None = None
+    #: Apply the agent's toolchain plugins (``--no-plugins`` turns them off).
+    plugins: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, StopPolicy):  # a full policy names both fields
@@ -423,11 +658,48 @@ class GroupSpec:
         for key, value in self.labels.items():
             check_name(key, "label name")
             check_name(value, f"label {key!r}", allow_empty=True)
+        check_user(self.user)
+        if not isinstance(self.limits, Limits):
+            raise InvalidSpec("limits must be a Limits value", field="limits")
+        if self.pre_stop is not None and not isinstance(self.pre_stop, PreStop):
+            raise InvalidSpec("pre_stop must be a PreStop value", field="pre_stop")
+        self._check_ports()
+
+    def _check_ports(self) -> None:
+        if len(self.ports) > MAX_PORTS:
+            raise InvalidSpec(f"{len(self.ports)} ports asked for; a group may have at most "
+                              f"{MAX_PORTS}", field="ports")
+        names: dict[str, str] = {}
+        fixed: dict[int, str] = {}
+        for p in self.ports:
+            if not isinstance(p, PortRequest):
+                raise InvalidSpec("ports must be PortRequest values", field="ports")
+            if p.env_name in names:
+                raise InvalidSpec(f"ports {names[p.env_name]!r} and {p.name!r} would both be "
+                                  f"{p.env_name}; give them different names", field="ports")
+            names[p.env_name] = p.name
+            if p.port in fixed:
+                raise InvalidSpec(f"ports {fixed[p.port]!r} and {p.name!r} both ask for port "
+                                  f"{p.port}", field="ports")
+            if p.port:
+                fixed[p.port] = p.name
+        if self.ports:
+            for key in ("PORT", *names):
+                if key in self.env:
+                    raise InvalidSpec(f"--env {key} conflicts with --port, which sets {key}; "
+                                      "drop one of them", field="env")
+        if self.ready is not None and self.ready.template:
+            known = {"PORT", *names} if self.ports else set()
+            missing = sorted(self.ready.port_refs - known)
+            if missing:
+                have = ", ".join(sorted(known)) or "none: add --port NAME"
+                raise InvalidSpec(f"readiness probe {str(self.ready)!r} refers to ${missing[0]}, "
+                                  f"which no --port sets (ports: {have})", field="ready")
 
 
 def spec_to_dict(spec: GroupSpec) -> dict[str, Any]:
     """A JSON-able form of a spec (the agent's state file, idempotency fingerprints)."""
-    return {
+    d: dict[str, Any] = {
         "argv": list(spec.argv), "cwd": spec.cwd, "env": dict(spec.env),
         "inherit_env": spec.inherit_env, "log_path": spec.log_path,
         "ready": str(spec.ready) if spec.ready else "",
@@ -439,6 +711,20 @@ def spec_to_dict(spec: GroupSpec) -> dict[str, Any]:
         "labels": dict(spec.labels), "session_id": spec.session_id, "window": spec.window,
         "stop_order": spec.stop_order, "target": spec.target, "owns_target": spec.owns_target,
     }
+    # Keys of later features only when used: fingerprints of earlier specs stay as they were.
+    if spec.user:
+        d["user"] = spec.user
+    if spec.ports:
+        d["ports"] = [[p.name, p.port] for p in spec.ports]
+    if spec.limits:
+        d["limits"] = {"memory": spec.limits.memory, "cpus": spec.limits.cpus,
+                       "pids": spec.limits.pids}
+    if spec.pre_stop is not None:
+        d["pre_stop"] = list(spec.pre_stop.argv)
+        d["pre_stop_timeout"] = spec.pre_stop.timeout
+    if not spec.plugins:
+        d["plugins"] = False
+    return d
 
 
 def spec_from_dict(d: Mapping[str, Any]) -> GroupSpec:
@@ -455,7 +741,12 @@ def spec_from_dict(d: Mapping[str, Any]) -> GroupSpec:
         orphan_policy=OrphanPolicy(d["orphan_policy"]), label=d["label"],
         labels=_frozen(d["labels"]), session_id=d["session_id"], window=d["window"],
         stop_order=d["stop_order"], target=d["target"] or "local",
-        owns_target=d["owns_target"])
+        owns_target=d["owns_target"], user=d.get("user", ""),
+        ports=tuple(PortRequest(name, port) for name, port in d.get("ports", ())),
+        limits=Limits(**(d.get("limits") or {})),
+        pre_stop=(PreStop(tuple(d["pre_stop"]), d.get("pre_stop_timeout"))
+                  if d.get("pre_stop") else None),
+        plugins=d.get("plugins", True))
 
 
 def spec_fingerprint(spec: GroupSpec) -> str:
@@ -465,6 +756,78 @@ def spec_fingerprint(spec: GroupSpec) -> str:
 
 
 # ---------------------------------------------------------------- records and views
+
+
+@dataclass(frozen=True)
+class AssignedPort:
+    name: str
+    port: int
+    #: Asked for as NAME=PORT (else picked by the agent).
+    fixed: bool = False
+
+    @property
+    def env_name(self) -> str:
+        return "TETHER_PORT_" + self.name.upper()
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a group runs with, beyond its spec: decided by the agent at spawn."""
+
+    #: One line per change a toolchain plugin made ("pyenv: PATH += …/3.12.1/bin").
+    plugins: tuple[str, ...] = ()
+    #: The user it runs as ("alice (uid 1001, gid 1001)"); "" for the agent's own.
+    user: str = ""
+    ports: tuple[AssignedPort, ...] = ()
+    #: The limits in force and how they are enforced.
+    limits: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.plugins or self.user or self.ports or self.limits)
+
+    def port_env(self) -> dict[str, str]:
+        """``PORT`` (the first port) and ``TETHER_PORT_<NAME>`` for each."""
+        if not self.ports:
+            return {}
+        env = {"PORT": str(self.ports[0].port)}
+        env.update((p.env_name, str(p.port)) for p in self.ports)
+        return env
+
+
+def context_to_dict(c: RunContext) -> dict[str, Any]:
+    return {"plugins": list(c.plugins), "user": c.user,
+            "ports": [[p.name, p.port, p.fixed] for p in c.ports], "limits": c.limits}
+
+
+def context_from_dict(d: Mapping[str, Any]) -> RunContext:
+    return RunContext(tuple(d.get("plugins", ())), d.get("user", ""),
+                      tuple(AssignedPort(n, p, f) for n, p, f in d.get("ports", ())),
+                      d.get("limits", ""))
+
+
+class PreStopResult(enum.StrEnum):
+    OK = "ok"
+    #: The hook exited with a code other than 0 (or was killed by a signal).
+    FAILED = "failed"
+    #: It ran into its timeout (or the grace); its whole tree was killed.
+    TIMEOUT = "timeout"
+    #: It could not be started (command not found, target unreachable).
+    ERROR = "error"
+    #: It ran to its end on a target that does not report exit codes (SSH).
+    EXITED = "exited"
+    #: The group had already ended: there was nothing to prepare.
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class PreStopOutcome:
+    result: PreStopResult
+    exit_code: int | None = None
+    signal: int | None = None
+    duration: float = 0.0
+    detail: str = ""
+    #: Processes the hook left behind (a daemon it forked), killed with its tree.
+    leftovers: int = 0
 
 
 @dataclass(frozen=True)
@@ -481,6 +844,11 @@ class ExitRecord:
     ended_at: float = 0.0
     detail: str = ""
     clean: bool = field(init=False)
+    #: What the group ran with (plugin changes, user, ports, limits).
+    context: RunContext = RunContext()
+    pre_stop: PreStopOutcome | None = None
+    #: Members the kernel's OOM killer ended.
+    oom_kills: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "clean",
@@ -534,6 +902,8 @@ class GroupView:
     member_count: int = 0
     leader_start_time: float = 0.0
     cgroup: str = ""
+    #: What the group runs with beyond its spec (plugin changes, user, ports, limits).
+    context: RunContext = RunContext()
 
     def with_state(self, state: GroupState, exit: ExitRecord | None = None) -> GroupView:
         return replace(self, state=state, exit=exit if exit is not None else self.exit)
@@ -574,3 +944,37 @@ class SignalOutcome:
     #: True when the group had already ended (or had no member left): nothing was sent.
     already_gone: bool
     group: GroupView
+
+
+@dataclass(frozen=True)
+class PortOwner:
+    """Who holds a TCP port: a group (``group_id`` set) or another process."""
+
+    port: int
+    #: The listening address; "" for a reservation nobody listens on yet.
+    address: str = ""
+    pid: int = 0
+    user: str = ""
+    command: str = ""
+    group_id: str = ""
+    session_id: str = ""
+    label: str = ""
+    #: The port's name in its group (``--port NAME``).
+    name: str = ""
+    listening: bool = True
+    agent: str = ""
+
+    def describe(self) -> str:
+        """One line for a message: who it is."""
+        if self.group_id:
+            who = f"group {self.group_id}"
+            if self.label:
+                who += f" ({self.label})"
+            if self.session_id:
+                who += f" of session {self.session_id!r}"
+            if self.name:
+                who += f", port {self.name}"
+            return who + ("" if self.listening else ", reserved")
+        if self.pid:
+            return f"pid {self.pid} ({self.command or '?'}, user {self.user or '?'})"
+        return "a process this agent cannot see (another user's or network namespace)"

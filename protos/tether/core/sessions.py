@@ -17,6 +17,7 @@ from tether.core.model import (
     ExitRecord,
     GroupState,
     GroupView,
+    PortOwner,
     check_name,
     check_seconds,
 )
@@ -210,3 +211,12 @@ class StopIntent:
     grace: float | None
     cause: str
     created_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class PortReport:
+    """Listening ports and their owners, across agents."""
+
+    ports: tuple[PortOwner, ...]
+    #: Agents that could not be asked, with the reason.
+    unreachable: dict[str, str] = field(default_factory=dict)

@@ -12,6 +12,7 @@ from tether.core.audit import AuditEntry
 from tether.core.errors import InvalidSpec
 from tether.core.model import (
     DEFAULT_START_TIMEOUT,
+    AssignedPort,
     Containment,
     EventKind,
     ExitReason,
@@ -21,8 +22,15 @@ from tether.core.model import (
     GroupSpec,
     GroupState,
     GroupView,
+    Limits,
     OrphanPolicy,
+    PortOwner,
+    PortRequest,
+    PreStop,
+    PreStopOutcome,
+    PreStopResult,
     Probe,
+    RunContext,
     StopOverride,
     StopPolicy,
     parse_signal,
@@ -114,7 +122,38 @@ def spec_from_pb(msg: pb.GroupSpec) -> GroupSpec:
         stop_order=msg.stop_order,
         target=msg.target or "local",
         owns_target=msg.owns_target,
+        user=msg.user,
+        ports=tuple(PortRequest(p.name, p.port) for p in msg.ports),
+        limits=limits_from_pb(msg.limits),
+        pre_stop=pre_stop_from_pb(msg.pre_stop) if msg.HasField("pre_stop") else None,
+        plugins=not msg.no_plugins,
     )
+
+
+def limits_from_pb(msg: pb.ResourceLimits) -> Limits:
+    cpus = msg.cpus if msg.HasField("cpus") else None
+    if cpus is not None and cpus != cpus:  # NaN
+        raise InvalidSpec("cpus is not a number", field="cpus")
+    return Limits(memory=msg.memory_bytes if msg.HasField("memory_bytes") else None,
+                  cpus=cpus, pids=msg.pids if msg.HasField("pids") else None)
+
+
+def limits_to_pb(limits: Limits) -> pb.ResourceLimits:
+    msg = pb.ResourceLimits()
+    if limits.memory is not None:
+        msg.memory_bytes = limits.memory
+    if limits.cpus is not None:
+        msg.cpus = limits.cpus
+    if limits.pids is not None:
+        msg.pids = limits.pids
+    return msg
+
+
+def pre_stop_from_pb(msg: pb.PreStopHook) -> PreStop:
+    timeout = msg.timeout_seconds if msg.HasField("timeout_seconds") else None
+    if timeout is not None and timeout != timeout:
+        raise InvalidSpec("pre-stop timeout is not a number", field="pre_stop_timeout")
+    return PreStop(tuple(msg.argv), timeout)
 
 
 def spec_to_pb(spec: GroupSpec, *, redact: bool = False) -> pb.GroupSpec:
@@ -125,10 +164,18 @@ def spec_to_pb(spec: GroupSpec, *, redact: bool = False) -> pb.GroupSpec:
         stop=override_to_pb(spec.stop), orphan_policy=ORPHAN_TO_PB[spec.orphan_policy],
         label=spec.label, labels=dict(spec.labels), session_id=spec.session_id,
         stop_order=spec.stop_order, target=spec.target, window=spec.window,
-        owns_target=spec.owns_target,
+        owns_target=spec.owns_target, user=spec.user,
+        ports=[pb.PortRequest(name=p.name, port=p.port) for p in spec.ports],
+        no_plugins=not spec.plugins,
     )
     if spec.ready is not None:
         msg.probe_timeout_seconds = spec.ready.timeout
+    if spec.limits:
+        msg.limits.CopyFrom(limits_to_pb(spec.limits))
+    if spec.pre_stop is not None:
+        msg.pre_stop.argv.extend(spec.pre_stop.argv)
+        if spec.pre_stop.timeout is not None:
+            msg.pre_stop.timeout_seconds = spec.pre_stop.timeout
     return msg
 
 
@@ -161,17 +208,54 @@ _specs = _SpecCache()
 # ---------------------------------------------------------------- records, views, events
 
 
+def context_to_pb(c: RunContext) -> pb.RunContext:
+    return pb.RunContext(plugin_changes=list(c.plugins), user=c.user, limits=c.limits,
+                         ports=[pb.AssignedPort(name=p.name, port=p.port, fixed=p.fixed)
+                                for p in c.ports])
+
+
+def context_from_pb(msg: pb.RunContext) -> RunContext:
+    return RunContext(tuple(msg.plugin_changes), msg.user,
+                      tuple(AssignedPort(p.name, p.port, p.fixed) for p in msg.ports),
+                      msg.limits)
+
+
+def pre_stop_outcome_to_pb(o: PreStopOutcome) -> pb.PreStopOutcome:
+    msg = pb.PreStopOutcome(result=o.result.value, duration_seconds=o.duration,
+                            detail=o.detail, leftovers=o.leftovers)
+    if o.exit_code is not None:
+        msg.exit_code = o.exit_code
+    if o.signal is not None:
+        msg.signal = o.signal
+    return msg
+
+
+def pre_stop_outcome_from_pb(msg: pb.PreStopOutcome) -> PreStopOutcome:
+    try:
+        result = PreStopResult(msg.result)
+    except ValueError:
+        result = PreStopResult.ERROR
+    return PreStopOutcome(result, msg.exit_code if msg.HasField("exit_code") else None,
+                          msg.signal if msg.HasField("signal") else None,
+                          msg.duration_seconds, msg.detail, msg.leftovers)
+
+
 def exit_to_pb(rec: ExitRecord) -> pb.ExitRecord:
     msg = pb.ExitRecord(
         reason=REASON_TO_PB[rec.reason], survivors=rec.survivors,
         failure=FAILURE_TO_PB[rec.failure] if rec.failure else pb.FAILURE_CLASS_UNSPECIFIED,
         message=rec.message, stop_duration_seconds=rec.stop_duration,
         ended_at=ts(rec.ended_at), detail=rec.detail, clean=rec.clean,
+        oom_kills=rec.oom_kills,
     )
     if rec.exit_code is not None:
         msg.exit_code = rec.exit_code
     if rec.signal is not None:
         msg.signal = rec.signal
+    if rec.context:
+        msg.context.CopyFrom(context_to_pb(rec.context))
+    if rec.pre_stop is not None:
+        msg.pre_stop.CopyFrom(pre_stop_outcome_to_pb(rec.pre_stop))
     return msg
 
 
@@ -186,6 +270,9 @@ def exit_from_pb(msg: pb.ExitRecord) -> ExitRecord:
         stop_duration=msg.stop_duration_seconds,
         ended_at=seconds(msg.ended_at) if msg.HasField("ended_at") else 0.0,
         detail=msg.detail,
+        context=context_from_pb(msg.context),
+        pre_stop=pre_stop_outcome_from_pb(msg.pre_stop) if msg.HasField("pre_stop") else None,
+        oom_kills=msg.oom_kills,
     )
 
 
@@ -202,6 +289,8 @@ def group_to_pb(view: GroupView, *, redact: bool = True) -> pb.Group:
     )
     if redact and view.spec.env:
         msg.env_names.extend(sorted(view.spec.env))
+    if view.context:
+        msg.context.CopyFrom(context_to_pb(view.context))
     if view.exit is not None:
         msg.exit.CopyFrom(exit_to_pb(view.exit))
     return msg
@@ -216,6 +305,7 @@ def group_from_pb(msg: pb.Group) -> GroupView:
         detached=msg.detached, unreachable=msg.unreachable,
         exit=exit_from_pb(msg.exit) if msg.HasField("exit") else None,
         started_at=seconds(msg.started_at), member_count=msg.member_count,
+        context=context_from_pb(msg.context),
     )
 
 
@@ -364,3 +454,14 @@ def audit_event_from_pb(msg: cpb.AuditEvent) -> AuditEntry:
     return AuditEntry(seconds(msg.time), msg.method, msg.role, msg.credential, msg.result,
                       msg.proof, msg.peer, msg.message, msg.session_id, msg.group_id, msg.agent,
                       dict(msg.details))
+
+
+def port_owner_to_pb(o: PortOwner) -> pb.PortOwner:
+    return pb.PortOwner(port=o.port, address=o.address, pid=o.pid, user=o.user,
+                        command=o.command, group_id=o.group_id, session_id=o.session_id,
+                        label=o.label, name=o.name, listening=o.listening, agent=o.agent)
+
+
+def port_owner_from_pb(msg: pb.PortOwner) -> PortOwner:
+    return PortOwner(msg.port, msg.address, msg.pid, msg.user, msg.command, msg.group_id,
+                     msg.session_id, msg.label, msg.name, msg.listening, msg.agent)

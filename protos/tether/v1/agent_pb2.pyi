@@ -173,3 +173,15 @@ class InfoResponse(_message.Message):
     groups_left: int
     epoch: str
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., containment: _Optional[_Union[_common_pb2.Containment, str]] = ..., hostname: _Optional[str] = ..., signallers: _Optional[_Iterable[str]] = ..., instance: _Optional[str] = ..., fd_limit: _Optional[int] = ..., fds_open: _Optional[int] = ..., groups_left: _Optional[int] = ..., epoch: _Optional[str] = ...) -> None: ...
+
+class ListPortsRequest(_message.Message):
+    __slots__ = ("port",)
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    def __init__(self, port: _Optional[int] = ...) -> None: ...
+
+class ListPortsResponse(_message.Message):
+    __slots__ = ("ports",)
+    PORTS_FIELD_NUMBER: _ClassVar[int]
+    ports: _containers.RepeatedCompositeFieldContainer[_common_pb2.PortOwner]
+    def __init__(self, ports: _Optional[_Iterable[_Union[_common_pb2.PortOwner, _Mapping]]] = ...) -> None: ...

@@ -85,6 +85,11 @@ class AgentServiceStub:
                 request_serializer=tether_dot_v1_dot_agent__pb2.InfoRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_agent__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.ListPorts = channel.unary_unary(
+                '/tether.v1.AgentService/ListPorts',
+                request_serializer=tether_dot_v1_dot_agent__pb2.ListPortsRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_agent__pb2.ListPortsResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -156,6 +161,13 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPorts(self, request, context):
+        """Listening TCP ports on this host and who owns each (a group of this agent, or a process).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +220,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=tether_dot_v1_dot_agent__pb2.InfoRequest.FromString,
                     response_serializer=tether_dot_v1_dot_agent__pb2.InfoResponse.SerializeToString,
+            ),
+            'ListPorts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPorts,
+                    request_deserializer=tether_dot_v1_dot_agent__pb2.ListPortsRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_agent__pb2.ListPortsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -480,6 +497,33 @@ class AgentService:
             '/tether.v1.AgentService/Info',
             tether_dot_v1_dot_agent__pb2.InfoRequest.SerializeToString,
             tether_dot_v1_dot_agent__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPorts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.AgentService/ListPorts',
+            tether_dot_v1_dot_agent__pb2.ListPortsRequest.SerializeToString,
+            tether_dot_v1_dot_agent__pb2.ListPortsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,6 +31,7 @@ class ExitReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXIT_REASON_EXTERNAL_SIGNAL: _ClassVar[ExitReason]
     EXIT_REASON_START_FAILED: _ClassVar[ExitReason]
     EXIT_REASON_LOST: _ClassVar[ExitReason]
+    EXIT_REASON_OOM_KILLED: _ClassVar[ExitReason]
 
 class FailureClass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -45,6 +46,7 @@ class FailureClass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FAILURE_CLASS_INVALID_SPEC: _ClassVar[FailureClass]
     FAILURE_CLASS_TARGET_UNREACHABLE: _ClassVar[FailureClass]
     FAILURE_CLASS_RESOURCE_EXHAUSTED: _ClassVar[FailureClass]
+    FAILURE_CLASS_TOOLCHAIN_MISSING: _ClassVar[FailureClass]
 
 class Containment(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -73,6 +75,7 @@ EXIT_REASON_FORCED_KILL: ExitReason
 EXIT_REASON_EXTERNAL_SIGNAL: ExitReason
 EXIT_REASON_START_FAILED: ExitReason
 EXIT_REASON_LOST: ExitReason
+EXIT_REASON_OOM_KILLED: ExitReason
 FAILURE_CLASS_UNSPECIFIED: FailureClass
 FAILURE_CLASS_COMMAND_NOT_FOUND: FailureClass
 FAILURE_CLASS_PERMISSION_DENIED: FailureClass
@@ -84,6 +87,7 @@ FAILURE_CLASS_READINESS_FAILED: FailureClass
 FAILURE_CLASS_INVALID_SPEC: FailureClass
 FAILURE_CLASS_TARGET_UNREACHABLE: FailureClass
 FAILURE_CLASS_RESOURCE_EXHAUSTED: FailureClass
+FAILURE_CLASS_TOOLCHAIN_MISSING: FailureClass
 CONTAINMENT_UNSPECIFIED: Containment
 CONTAINMENT_CGROUP: Containment
 CONTAINMENT_SUBREAPER: Containment
@@ -100,7 +104,7 @@ class StopPolicy(_message.Message):
     def __init__(self, signal: _Optional[str] = ..., grace_seconds: _Optional[float] = ...) -> None: ...
 
 class GroupSpec(_message.Message):
-    __slots__ = ("argv", "cwd", "env", "inherit_env", "log_path", "ready", "start_timeout_seconds", "stop", "orphan_policy", "label", "labels", "session_id", "stop_order", "target", "window", "owns_target", "probe_timeout_seconds")
+    __slots__ = ("argv", "cwd", "env", "inherit_env", "log_path", "ready", "start_timeout_seconds", "stop", "orphan_policy", "label", "labels", "session_id", "stop_order", "target", "window", "owns_target", "probe_timeout_seconds", "user", "ports", "limits", "pre_stop", "no_plugins")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +136,11 @@ class GroupSpec(_message.Message):
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     OWNS_TARGET_FIELD_NUMBER: _ClassVar[int]
     PROBE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    PORTS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    PRE_STOP_FIELD_NUMBER: _ClassVar[int]
+    NO_PLUGINS_FIELD_NUMBER: _ClassVar[int]
     argv: _containers.RepeatedScalarFieldContainer[str]
     cwd: str
     env: _containers.ScalarMap[str, str]
@@ -149,10 +158,41 @@ class GroupSpec(_message.Message):
     window: str
     owns_target: bool
     probe_timeout_seconds: float
-    def __init__(self, argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., inherit_env: _Optional[bool] = ..., log_path: _Optional[str] = ..., ready: _Optional[str] = ..., start_timeout_seconds: _Optional[float] = ..., stop: _Optional[_Union[StopPolicy, _Mapping]] = ..., orphan_policy: _Optional[_Union[OrphanPolicy, str]] = ..., label: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., session_id: _Optional[str] = ..., stop_order: _Optional[int] = ..., target: _Optional[str] = ..., window: _Optional[str] = ..., owns_target: _Optional[bool] = ..., probe_timeout_seconds: _Optional[float] = ...) -> None: ...
+    user: str
+    ports: _containers.RepeatedCompositeFieldContainer[PortRequest]
+    limits: ResourceLimits
+    pre_stop: PreStopHook
+    no_plugins: bool
+    def __init__(self, argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., inherit_env: _Optional[bool] = ..., log_path: _Optional[str] = ..., ready: _Optional[str] = ..., start_timeout_seconds: _Optional[float] = ..., stop: _Optional[_Union[StopPolicy, _Mapping]] = ..., orphan_policy: _Optional[_Union[OrphanPolicy, str]] = ..., label: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., session_id: _Optional[str] = ..., stop_order: _Optional[int] = ..., target: _Optional[str] = ..., window: _Optional[str] = ..., owns_target: _Optional[bool] = ..., probe_timeout_seconds: _Optional[float] = ..., user: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[PortRequest, _Mapping]]] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., pre_stop: _Optional[_Union[PreStopHook, _Mapping]] = ..., no_plugins: _Optional[bool] = ...) -> None: ...
+
+class PortRequest(_message.Message):
+    __slots__ = ("name", "port")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    port: int
+    def __init__(self, name: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
+class ResourceLimits(_message.Message):
+    __slots__ = ("memory_bytes", "cpus", "pids")
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPUS_FIELD_NUMBER: _ClassVar[int]
+    PIDS_FIELD_NUMBER: _ClassVar[int]
+    memory_bytes: int
+    cpus: float
+    pids: int
+    def __init__(self, memory_bytes: _Optional[int] = ..., cpus: _Optional[float] = ..., pids: _Optional[int] = ...) -> None: ...
+
+class PreStopHook(_message.Message):
+    __slots__ = ("argv", "timeout_seconds")
+    ARGV_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    argv: _containers.RepeatedScalarFieldContainer[str]
+    timeout_seconds: float
+    def __init__(self, argv: _Optional[_Iterable[str]] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class ExitRecord(_message.Message):
-    __slots__ = ("reason", "exit_code", "signal", "survivors", "failure", "message", "stop_duration_seconds", "ended_at", "detail", "clean")
+    __slots__ = ("reason", "exit_code", "signal", "survivors", "failure", "message", "stop_duration_seconds", "ended_at", "detail", "clean", "context", "pre_stop", "oom_kills")
     REASON_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +203,9 @@ class ExitRecord(_message.Message):
     ENDED_AT_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     CLEAN_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    PRE_STOP_FIELD_NUMBER: _ClassVar[int]
+    OOM_KILLS_FIELD_NUMBER: _ClassVar[int]
     reason: ExitReason
     exit_code: int
     signal: int
@@ -173,10 +216,51 @@ class ExitRecord(_message.Message):
     ended_at: _timestamp_pb2.Timestamp
     detail: str
     clean: bool
-    def __init__(self, reason: _Optional[_Union[ExitReason, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., survivors: _Optional[int] = ..., failure: _Optional[_Union[FailureClass, str]] = ..., message: _Optional[str] = ..., stop_duration_seconds: _Optional[float] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., detail: _Optional[str] = ..., clean: _Optional[bool] = ...) -> None: ...
+    context: RunContext
+    pre_stop: PreStopOutcome
+    oom_kills: int
+    def __init__(self, reason: _Optional[_Union[ExitReason, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., survivors: _Optional[int] = ..., failure: _Optional[_Union[FailureClass, str]] = ..., message: _Optional[str] = ..., stop_duration_seconds: _Optional[float] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., detail: _Optional[str] = ..., clean: _Optional[bool] = ..., context: _Optional[_Union[RunContext, _Mapping]] = ..., pre_stop: _Optional[_Union[PreStopOutcome, _Mapping]] = ..., oom_kills: _Optional[int] = ...) -> None: ...
+
+class AssignedPort(_message.Message):
+    __slots__ = ("name", "port", "fixed")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    FIXED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    port: int
+    fixed: bool
+    def __init__(self, name: _Optional[str] = ..., port: _Optional[int] = ..., fixed: _Optional[bool] = ...) -> None: ...
+
+class RunContext(_message.Message):
+    __slots__ = ("plugin_changes", "user", "ports", "limits")
+    PLUGIN_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    PORTS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    plugin_changes: _containers.RepeatedScalarFieldContainer[str]
+    user: str
+    ports: _containers.RepeatedCompositeFieldContainer[AssignedPort]
+    limits: str
+    def __init__(self, plugin_changes: _Optional[_Iterable[str]] = ..., user: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[AssignedPort, _Mapping]]] = ..., limits: _Optional[str] = ...) -> None: ...
+
+class PreStopOutcome(_message.Message):
+    __slots__ = ("result", "exit_code", "signal", "duration_seconds", "detail", "leftovers")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    LEFTOVERS_FIELD_NUMBER: _ClassVar[int]
+    result: str
+    exit_code: int
+    signal: int
+    duration_seconds: float
+    detail: str
+    leftovers: int
+    def __init__(self, result: _Optional[str] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., detail: _Optional[str] = ..., leftovers: _Optional[int] = ...) -> None: ...
 
 class Group(_message.Message):
-    __slots__ = ("group_id", "spec", "state", "containment", "leader_pid", "pgid", "detached", "exit", "started_at", "member_count", "agent", "stop", "unreachable", "env_names")
+    __slots__ = ("group_id", "spec", "state", "containment", "leader_pid", "pgid", "detached", "exit", "started_at", "member_count", "agent", "stop", "unreachable", "env_names", "context")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +275,7 @@ class Group(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
     ENV_NAMES_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     spec: GroupSpec
     state: GroupState
@@ -205,7 +290,8 @@ class Group(_message.Message):
     stop: StopPolicy
     unreachable: bool
     env_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, group_id: _Optional[str] = ..., spec: _Optional[_Union[GroupSpec, _Mapping]] = ..., state: _Optional[_Union[GroupState, str]] = ..., containment: _Optional[_Union[Containment, str]] = ..., leader_pid: _Optional[int] = ..., pgid: _Optional[int] = ..., detached: _Optional[bool] = ..., exit: _Optional[_Union[ExitRecord, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., member_count: _Optional[int] = ..., agent: _Optional[str] = ..., stop: _Optional[_Union[StopPolicy, _Mapping]] = ..., unreachable: _Optional[bool] = ..., env_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    context: RunContext
+    def __init__(self, group_id: _Optional[str] = ..., spec: _Optional[_Union[GroupSpec, _Mapping]] = ..., state: _Optional[_Union[GroupState, str]] = ..., containment: _Optional[_Union[Containment, str]] = ..., leader_pid: _Optional[int] = ..., pgid: _Optional[int] = ..., detached: _Optional[bool] = ..., exit: _Optional[_Union[ExitRecord, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., member_count: _Optional[int] = ..., agent: _Optional[str] = ..., stop: _Optional[_Union[StopPolicy, _Mapping]] = ..., unreachable: _Optional[bool] = ..., env_names: _Optional[_Iterable[str]] = ..., context: _Optional[_Union[RunContext, _Mapping]] = ...) -> None: ...
 
 class GroupEvent(_message.Message):
     __slots__ = ("seq", "group", "kind", "at", "epoch")
@@ -238,3 +324,29 @@ class Orphan(_message.Message):
     agent: str
     reaped: bool
     def __init__(self, pid: _Optional[int] = ..., command: _Optional[str] = ..., former_group: _Optional[str] = ..., age_seconds: _Optional[float] = ..., found_by: _Optional[str] = ..., agent: _Optional[str] = ..., reaped: _Optional[bool] = ...) -> None: ...
+
+class PortOwner(_message.Message):
+    __slots__ = ("port", "address", "pid", "user", "command", "group_id", "session_id", "label", "name", "listening", "agent")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LISTENING_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    address: str
+    pid: int
+    user: str
+    command: str
+    group_id: str
+    session_id: str
+    label: str
+    name: str
+    listening: bool
+    agent: str
+    def __init__(self, port: _Optional[int] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., user: _Optional[str] = ..., command: _Optional[str] = ..., group_id: _Optional[str] = ..., session_id: _Optional[str] = ..., label: _Optional[str] = ..., name: _Optional[str] = ..., listening: _Optional[bool] = ..., agent: _Optional[str] = ...) -> None: ...

@@ -336,3 +336,26 @@ class AuditEvent(_message.Message):
     agent: str
     details: _containers.ScalarMap[str, str]
     def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., method: _Optional[str] = ..., role: _Optional[str] = ..., credential: _Optional[str] = ..., proof: _Optional[str] = ..., peer: _Optional[str] = ..., result: _Optional[str] = ..., message: _Optional[str] = ..., session_id: _Optional[str] = ..., group_id: _Optional[str] = ..., agent: _Optional[str] = ..., details: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class CoordinatorListPortsRequest(_message.Message):
+    __slots__ = ("port", "agent")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    agent: str
+    def __init__(self, port: _Optional[int] = ..., agent: _Optional[str] = ...) -> None: ...
+
+class CoordinatorListPortsResponse(_message.Message):
+    __slots__ = ("ports", "unreachable")
+    class UnreachableEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PORTS_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
+    ports: _containers.RepeatedCompositeFieldContainer[_common_pb2.PortOwner]
+    unreachable: _containers.ScalarMap[str, str]
+    def __init__(self, ports: _Optional[_Iterable[_Union[_common_pb2.PortOwner, _Mapping]]] = ..., unreachable: _Optional[_Mapping[str, str]] = ...) -> None: ...

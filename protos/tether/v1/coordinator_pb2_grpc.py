@@ -105,6 +105,11 @@ class CoordinatorServiceStub:
                 request_serializer=tether_dot_v1_dot_coordinator__pb2.ReadAuditRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_coordinator__pb2.AuditEvent.FromString,
                 _registered_method=True)
+        self.ListPorts = channel.unary_unary(
+                '/tether.v1.CoordinatorService/ListPorts',
+                request_serializer=tether_dot_v1_dot_coordinator__pb2.CoordinatorListPortsRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_coordinator__pb2.CoordinatorListPortsResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -196,6 +201,13 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPorts(self, request, context):
+        """Listening TCP ports and their owners, on every agent (or one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -268,6 +280,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ReadAudit,
                     request_deserializer=tether_dot_v1_dot_coordinator__pb2.ReadAuditRequest.FromString,
                     response_serializer=tether_dot_v1_dot_coordinator__pb2.AuditEvent.SerializeToString,
+            ),
+            'ListPorts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPorts,
+                    request_deserializer=tether_dot_v1_dot_coordinator__pb2.CoordinatorListPortsRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_coordinator__pb2.CoordinatorListPortsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -648,6 +665,33 @@ class CoordinatorService:
             '/tether.v1.CoordinatorService/ReadAudit',
             tether_dot_v1_dot_coordinator__pb2.ReadAuditRequest.SerializeToString,
             tether_dot_v1_dot_coordinator__pb2.AuditEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPorts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.CoordinatorService/ListPorts',
+            tether_dot_v1_dot_coordinator__pb2.CoordinatorListPortsRequest.SerializeToString,
+            tether_dot_v1_dot_coordinator__pb2.CoordinatorListPortsResponse.FromString,
             options,
             channel_credentials,
             insecure,
