@@ -9,8 +9,10 @@ routine uses them: TERM + CONT, wait(grace), kill(), members() == [].
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -397,5 +399,29 @@ def test_unreachable_daemon_is_a_target_error() -> None:
                                          {MARKER_ENV: "g-1", AGENT_ENV: "test"}, where="web"))
         finally:
             await s.aclose()
+
+    asyncio.run(body())
+
+
+def test_docker_calls_never_wait_on_asyncios_default_pool(
+        docker_engine: DockerEngine, docker_container: Any) -> None:
+    """Issue 12 item 8: a job hung in the default executor (a probe, a file read) must not
+    delay Docker calls: they run on the signaller's own pool."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(1))
+        release = threading.Event()
+        hung = loop.run_in_executor(None, release.wait)
+        try:
+            async with docker_signaller(docker_engine) as s:
+                h = await s.spawn(spec(docker_container, "sh", "-c", "sleep 1111 & wait"))
+                assert len(await h.members()) == 2
+                assert await stop(h) == "requested"
+                assert (await h.wait_leader()).signal == signal.SIGTERM
+            assert not hung.done()
+        finally:
+            release.set()
+            await hung
 
     asyncio.run(body())
