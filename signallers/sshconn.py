@@ -319,8 +319,9 @@ class Pool:
         """Run ``sh -s -- ARGS`` (script on stdin) on ``target``, retrying on a new connection.
 
         ``timeout`` bounds one attempt (a hung connection is dropped and retried); a
-        ``follow`` run has none (its caller bounds the whole) but must hear a line at
-        least every ``HEARTBEAT_STALL`` seconds. Raises ``TargetUnreachable``.
+        ``follow`` run (its caller holds a long slot) has none, its caller bounds the
+        whole, but must hear a line at least every ``HEARTBEAT_STALL`` seconds. Raises
+        ``TargetUnreachable``.
         """
         command = shlex.join(["sh", "-s", "--", *args])
         attempt = 0
@@ -330,10 +331,7 @@ class Pool:
             sent = False
             try:
                 conn = await self.link(target)
-                async with contextlib.AsyncExitStack() as stack:
-                    if follow:
-                        await stack.enter_async_context(self.long_slots(target))
-                    await stack.enter_async_context(self.channels(target))
+                async with self.channels(target):
                     proc = await conn.create_process(command, encoding="utf-8", errors="replace")
                     sent = True
                     try:
@@ -422,7 +420,12 @@ class SSHShell(RemoteShell):
             timeout=self.pool.opts.command_timeout if timeout is None else timeout)
 
     async def follow(self, script: str, argv: Sequence[str], *, what: str) -> ShellResult | None:
-        if self.pool.long_slots(self.host).locked():
+        slots = self.pool.long_slots(self.host)
+        if slots.locked():
             return None  # every long channel is taken: the caller polls with short commands
-        return await self.pool.run(self.host, script, argv, what=what, timeout=None,
-                                   follow=True, notes=self.notes)
+        await slots.acquire()  # free, so taken at once: no waiter can slip in between
+        try:
+            return await self.pool.run(self.host, script, argv, what=what, timeout=None,
+                                       follow=True, notes=self.notes)
+        finally:
+            slots.release()

@@ -26,6 +26,7 @@ from tether.signallers.remote.group import RemoteGroup
 from tether.signallers.remote.localshell import LocalShell
 from tether.signallers.remote.wire import (
     OPS,
+    TABLE_END,
     ShellResult,
     exec_failure,
     parse_scan,
@@ -162,14 +163,17 @@ async def test_a_member_named_to_fool_the_parser_is_found_and_killed(
         shell: LocalShell, tmp_path: Path, groups: list[RemoteGroup]) -> None:
     """A command name may hold newlines and ") " (a symlink's name becomes the comm): the
     scan must neither lose such a member nor misread its fields."""
-    odd = tmp_path / "a)\nb) Z 1 2"
-    odd.symlink_to(shutil.which("sleep") or "/bin/sleep")
-    g = await start(shell, launch("sh", "-c", 'setsid "$0" 300 & wait', str(odd)))
+    names = ["a)\nb) Z 1 2", "x\nE\nZ\nS\nE"]  # fake fields; fake framing lines
+    for name in names:
+        (tmp_path / name).symlink_to(shutil.which("sleep") or "/bin/sleep")
+    g = await start(shell, launch("sh", "-c", 'setsid "$0" 300 & "$1" 300 & wait',
+                                  *(str(tmp_path / n) for n in names)))
     groups.append(g)
-    await settled(lambda: len(marked(g.group_id)) == 2, "the tree")
+    await settled(lambda: len(marked(g.group_id)) == 3, "the tree")
     truth = marked(g.group_id)
+    assert {psutil.Process(p).name() for p in truth} >= set(names)
     assert set(await g.members()) == truth
-    assert await g.kill() == 2
+    assert await g.kill() == 3
     assert not any(pid_alive(p) for p in truth)
 
 
@@ -246,10 +250,11 @@ def test_an_incomplete_scan_is_never_an_empty_group() -> None:
     """Whatever cut the answer short, it raises: it never reads as "no members"."""
     me = Path("/proc/self/stat").read_text().strip()
     scanner = int(me.split()[0])
-    whole = f"P {scanner}\nN 100.00\nS\n{me}\nE\nZ\n"
+    whole = f"P {scanner}\nN 100.00\nS\n{me}\n{TABLE_END}\nZ\n"
     assert parse_scan(ShellResult(0, whole), 100, "t").procs == {}
     for cut in (whole.replace("Z\n", ""), whole.replace(f"{me}\n", ""),
-                whole.replace(f"P {scanner}\n", "")):
+                whole.replace(f"P {scanner}\n", ""), whole.replace(f"{TABLE_END}\n", ""),
+                whole.replace(f"{TABLE_END}\n", "E\n")):
         with pytest.raises(TargetUnreachable, match="incomplete answer"):
             parse_scan(ShellResult(0, cut), 100, "t")
     with pytest.raises(TargetUnreachable):

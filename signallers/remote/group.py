@@ -50,6 +50,7 @@ from tether.signallers.membership import Membership, Proc
 from tether.signallers.remote.wire import (
     OPS,
     RemoteShell,
+    ShellResult,
     TargetGone,
     marks,
     parse_scan,
@@ -225,19 +226,22 @@ class RemoteGroup(GroupHandle):
     async def _until_gone(self, targets: list[str], woke: asyncio.Event, cap: float) -> None:
         """Return once no ``PID:START`` in ``targets`` is alive there."""
         what = f"waiting for group {self.group_id} to end"
-        if await self.shell.follow(OPS, ["watch", "0", *targets], what=what) is not None:
+
+        def gone(result: ShellResult) -> bool:
+            if result.status not in (0, 1):
+                raise TargetUnreachable(self.shell.target, f"{what}: the check failed (status "
+                                        f"{result.status}: {result.first_line()[:200]!r})")
+            return result.status == 0
+
+        followed = await self.shell.follow(OPS, ["watch", "0", *targets], what=what)
+        if followed is not None and gone(followed):
             return
         delay = POLL_FIRST
         while True:
             woke.clear()
-            if not await self.busy(targets):
-                result = await self.shell.run(OPS, ["watch", "1", *targets], what=what)
-                if result.status == 0:
-                    return
-                if result.status != 1:
-                    raise TargetUnreachable(self.shell.target, f"{what}: the check failed "
-                                            f"(status {result.status}: "
-                                            f"{result.first_line()[:200]!r})")
+            if not await self.busy(targets) and gone(
+                    await self.shell.run(OPS, ["watch", "1", *targets], what=what)):
+                return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(woke.wait(), delay)
             delay = POLL_FIRST if woke.is_set() else min(delay * 2, cap)

@@ -9,12 +9,14 @@
 #   scan GROUP_MARK AGENT_MARK CGROUP
 #       P <scanner pid>, N <uptime seconds read before the snapshot>, then S, every
 #       /proc/PID/stat line (a command name may hold newlines: continuation lines follow),
-#       E, then C <pid> per pid in CGROUP/cgroup.procs, M <pid> per process whose
-#       environment holds both marks exactly (G if this host has no grep), and Z.
+#       the line "$TABLE_END" (longer than any piece of a 15-byte command name, and not
+#       starting with a digit, so no process can fake it), then C <pid> per pid in
+#       CGROUP/cgroup.procs, M <pid> per process whose environment holds both marks
+#       exactly (G if this host has no grep), and Z as the last line.
 #   proc PID GROUP_MARK AGENT_MARK
 #       One process: B <btime>, H <clock ticks per second>, S...E as above, then M (both
 #       marks), U (environment unreadable) or nothing, c <its cgroup v2 path>,
-#       m <cgroup2 mount root> <mount point>, Z.
+#       m <cgroup2 mount root> <mount point>, Z as the last line.
 #   signal SIGS CGROUP TARGET...
 #       SIGS: comma-separated names, sent in order. TARGET: PID:START signals PID only if
 #       it still started at START and is not a zombie; -PID:START signals process group
@@ -43,6 +45,8 @@
 #       path may differ from the one searched).
 #   rmcg CGROUP
 #       Removes a group's (empty) cgroup directory.
+
+TABLE_END="E end-of-process-table"
 
 ops_die() { printf '%s\n' "$*" >&2; exit 2; }
 
@@ -106,7 +110,7 @@ stat_lines() {
       done
     fi
   )
-  echo E
+  echo "$TABLE_END"
 }
 
 # M <pid> for every process carrying both marks; G if they cannot be searched here.
@@ -161,7 +165,7 @@ op_proc() {
   { while IFS= read -r pr_l || [ -n "$pr_l" ]; do
       printf '%s\n' "$pr_l"
     done < "/proc/$1/stat"; } 2>/dev/null
-  echo E
+  echo "$TABLE_END"
   zgrep_mode
   if [ $zgrep = 0 ]; then echo G
   elif [ -r "/proc/$1/environ" ]; then has_marks "/proc/$1/environ" "$2" "$3" && echo M

@@ -27,6 +27,8 @@ from tether.signallers.membership import Proc, parse_stat
 OPS: Final = resources.files(__package__).joinpath("ops.sh").read_text(encoding="utf-8")
 
 _SIGNAL_NAME: Final = re.compile(r"[A-Z0-9]+\Z")
+#: Ends the process table in ``scan`` and ``proc`` output (see ops.sh).
+TABLE_END: Final = "E end-of-process-table"
 
 
 class TargetGone(TargetUnreachable):
@@ -86,7 +88,7 @@ class RemoteShell(Protocol):
 
 
 def stat_rows(lines: Sequence[str]) -> list[Proc]:
-    """``/proc/PID/stat`` lines as printed between ``S`` and ``E``. A command name may hold
+    """``/proc/PID/stat`` lines as printed between ``S`` and the table's end. A command name may hold
     newlines: a line that does not parse is joined with the next until it does. A name is
     at most 15 bytes, so a piece of one never parses on its own."""
     rows: list[Proc] = []
@@ -135,11 +137,11 @@ def parse_scan(result: ShellResult, clk: int, target: str) -> Snapshot:
     markers = True
     proven: set[int] = set()
     table: list[str] = []
-    in_table = done = False
+    in_table = ended = False
     for line in lines:
         if in_table:
-            if line == "E":
-                in_table = False
+            if line == TABLE_END:
+                in_table, ended = False, True
             else:
                 table.append(line)
             continue
@@ -154,9 +156,8 @@ def parse_scan(result: ShellResult, clk: int, target: str) -> Snapshot:
             proven.add(int(rest))
         elif tag == "G":
             markers = False
-        elif tag == "Z":
-            done = True
     procs = {p.pid: p for p in stat_rows(table)}
+    done = ended and lines[-1:] == ["Z"]
     if result.status != 0 or not done or scanner is None or scanner not in procs:
         raise TargetUnreachable(target, "the process scan there gave an incomplete answer "
                                         f"(status {result.status}: "
@@ -205,10 +206,11 @@ class ProcInfo:
 
 def parse_proc(result: ShellResult, target: str) -> ProcInfo:
     lines = result.out.splitlines()
-    if result.status != 0 or "Z" not in lines or "S" not in lines or "E" not in lines:
+    if (result.status != 0 or lines[-1:] != ["Z"] or "S" not in lines
+            or TABLE_END not in lines):
         raise TargetUnreachable(target, "looking at a process there gave an incomplete answer "
                                         f"(status {result.status}: {result.first_line()[:200]!r})")
-    start, end = lines.index("S"), lines.index("E")
+    start, end = lines.index("S"), lines.index(TABLE_END)
     rows = stat_rows(lines[start + 1:end])
     info: dict[str, str] = {}
     for line in lines[:start] + lines[end + 1:]:
@@ -238,7 +240,7 @@ def check_spec(spec: LaunchSpec, agent_marker: str, target: str) -> None:
 
     if not spec.argv or not spec.argv[0]:
         raise bad("argv is empty", "argv")
-    values = (*spec.argv, *spec.env, *spec.env.values(), spec.cwd, spec.log_path)
+    values = (*spec.argv, *spec.env, *spec.env.values(), spec.cwd, spec.log_path, spec.where)
     if any("\0" in v for v in values):
         raise bad("a field holds a NUL byte, which no process can receive", "argv")
     if any(not k or "=" in k for k in spec.env):
@@ -280,14 +282,15 @@ class SpawnReply:
 
 
 def parse_spawn(result: ShellResult) -> SpawnReply:
-    rows = result.rows()
-    if not rows or rows[0][:2] != ["tether-spawn", "1"]:
+    """The ``spawn`` reply; whatever a login shell printed before it is skipped."""
+    lines = result.out.splitlines()
+    if "tether-spawn 1" not in lines:
         return SpawnReply(ran=False)
     failed = ok = None
     cgroup = ""
     exited = None
     notes: list[str] = []
-    for line in result.out.splitlines():
+    for line in lines[lines.index("tether-spawn 1") + 1:]:
         tag, _, rest = line.partition(" ")
         if tag == "fail" and failed is None:
             code, _, why = rest.partition(" ")
