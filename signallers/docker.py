@@ -100,20 +100,26 @@ class DockerShell(RemoteShell):
 
     async def run(self, script: str, argv: Sequence[str], *, what: str,
                   timeout: float | None = None, unverified: str = "") -> ShellResult:
-        done = await self.engine.exec(self.target, self.container,
-                                      ["sh", "-c", script, "tether", *argv],
-                                      timeout=TOOL_TIMEOUT if timeout is None else timeout)
-        if done.exit_code is None or done.exit_code >= 126:
-            # Not the script's own status: the exec did not run (no sh), or the container
-            # died under it.
-            await self.ensure_running()
+        for pause in (0.05, 0.2, None):
+            done = await self.engine.exec(self.target, self.container,
+                                          ["sh", "-c", script, "tether", *argv],
+                                          timeout=TOOL_TIMEOUT if timeout is None else timeout)
+            if done.exit_code is not None and done.exit_code < 126:
+                return ShellResult(done.exit_code, done.out.decode(errors="replace"),
+                                   done.err.decode(errors="replace"))
+            # Not the script's status: sh did not run. No sh in the image, or runc lost a
+            # race with a dying container before the Engine's state says so: look again.
             text = done.first_line()
+            if "stopped container" in text or "not running" in text:
+                raise ContainerGone(self.target, self.container.name, "stopped")
+            await self.ensure_running()
             if done.exit_code in (126, 127) and "not found" in text.lower():
                 raise MissingTool(self.target, self.container.name, "sh", text)
-            raise TargetUnreachable(self.target, f"`sh` in container {self.container.name!r} "
-                                                 f"did not run (exit {done.exit_code}): {text}")
-        return ShellResult(done.exit_code, done.out.decode(errors="replace"),
-                           done.err.decode(errors="replace"))
+            if pause is not None:
+                await asyncio.sleep(pause)
+        raise TargetUnreachable(self.target, f"`sh` in container {self.container.name!r} did "
+                                             f"not run while {what} (exit {done.exit_code}): "
+                                             f"{text}; check the container and the Docker engine")
 
     async def ensure_running(self) -> None:
         """Raise ``ContainerGone`` if the container stopped or was removed."""
@@ -136,9 +142,10 @@ class DockerGroup(RemoteGroup):
     def __init__(self, shell: DockerShell, group_id: str, agent_marker: str, leader_pid: int,
                  start: int, btime: int, clk: int, exec_id: str | None,
                  containment: Containment, owns_target: bool, *, claim_pgid: bool = True,
-                 claim_sid: bool = True) -> None:
+                 claim_sid: bool = True, boot: str = "") -> None:
         super().__init__(shell, group_id, agent_marker, leader_pid, start, btime, clk,
-                         containment=containment, claim_pgid=claim_pgid, claim_sid=claim_sid)
+                         containment=containment, claim_pgid=claim_pgid, claim_sid=claim_sid,
+                         boot=boot)
         self.docker = shell
         self.container = shell.container
         self.target = shell.target
@@ -277,7 +284,7 @@ class DockerSignaller(Signaller):
         marked = await self._confirm_exec(shell, pid, start, done.exec_id, spec)
         return DockerGroup(shell, spec.group_id, self.context.marker, pid, start, btime, clk,
                            done.exec_id, Containment.PGID if marked == "unknown"
-                           else Containment.SUBREAPER, spec.owns_target)
+                           else Containment.SUBREAPER, spec.owns_target, boot=reply.boot)
 
     async def _confirm_exec(self, shell: DockerShell, pid: int, start: int, exec_id: str,
                             spec: LaunchSpec) -> str:
@@ -338,7 +345,7 @@ class DockerSignaller(Signaller):
         return DockerGroup(shell, group_id, self.context.marker, pid, p.start, info.btime,
                            info.clk, None, Containment.SUBREAPER if info.marked == "yes"
                            else Containment.PGID, False, claim_pgid=p.pgid == pid,
-                           claim_sid=p.sid == pid)
+                           claim_sid=p.sid == pid, boot=info.boot)
 
     async def aclose(self) -> None:
         await self.engine.aclose()

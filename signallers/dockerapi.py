@@ -70,6 +70,10 @@ class ExecGone(TargetUnreachable):
     """The Engine forgot an exec instance (its container was removed)."""
 
 
+class _TooMuchOutput(Exception):
+    """An exec wrote more than ``MAX_OUTPUT`` bytes."""
+
+
 def translate(exc: BaseException, target: str, container: str, host: str,
               *, known: bool) -> TetherError | None:
     """The one place where Docker SDK and transport errors become tether errors.
@@ -81,6 +85,9 @@ def translate(exc: BaseException, target: str, container: str, host: str,
 
     text = str(getattr(exc, "explanation", None) or exc).strip()
     lowered = text.lower()
+    if isinstance(exc, _TooMuchOutput):
+        return TargetUnreachable(target, f"an exec in container {container!r} wrote more than "
+                                         f"{MAX_OUTPUT} bytes; its answer was not used")
     if isinstance(exc, docker.errors.NotFound):
         if "exec instance" in lowered:
             return ExecGone(target, f"the Engine no longer knows an exec in {container!r}: {text}")
@@ -220,7 +227,7 @@ def _run_exec(api: Any, container_id: str, argv: list[str], until: bytes,
                         cut = True
                         break
                 if len(out) + len(err) > MAX_OUTPUT:
-                    raise RuntimeError(f"exec {argv[0]!r} wrote more than {MAX_OUTPUT} bytes")
+                    raise _TooMuchOutput(argv[0])
     finally:
         attached.close()
     return ExecOutcome(exec_id, bytes(out), bytes(err), None if cut else exit_code(api, exec_id))

@@ -103,13 +103,13 @@ class SSHGroup(RemoteGroup):
                  leader_pid: int, start_ticks: int, btime: int = 0, clk: int = 100,
                  cgroup: str = "", *, leader_status: LeaderStatus | None = None,
                  notes: Sequence[str] = (), claim_pgid: bool = True,
-                 claim_sid: bool = True) -> None:
+                 claim_sid: bool = True, boot: str = "") -> None:
         kept = list(notes)
         super().__init__(SSHShell(signaller.pool, target, kept), group_id,
                          signaller.context.marker, leader_pid, start_ticks, btime, clk,
                          containment=Containment.CGROUP if cgroup else Containment.PGID,
                          cgroup=cgroup, claim_pgid=claim_pgid, claim_sid=claim_sid,
-                         leader_status=leader_status, notes=kept)
+                         leader_status=leader_status, notes=kept, boot=boot)
         self.target = target
         self._opts = signaller.opts
 
@@ -231,7 +231,7 @@ class SSHSignaller(Signaller):
                 raise failed
             status = status_from_code(reply.exited)
         group = SSHGroup(self, target, spec.group_id, pid, ticks, btime, clk, reply.cgroup,
-                         leader_status=status, notes=notes)
+                         leader_status=status, notes=notes, boot=reply.boot)
         log.info("ssh %s: started group %s: %r", target, spec.group_id, group)
         return group
 
@@ -268,7 +268,7 @@ class SSHSignaller(Signaller):
         # Not the leader of its own process group: only the marks (and cgroup) hold it.
         return SSHGroup(self, target, group_id, pid, p.start, info.btime, info.clk, cgroup,
                         notes=[f"adopted pid {pid}"], claim_pgid=p.pgid == pid,
-                        claim_sid=p.sid == pid)
+                        claim_sid=p.sid == pid, boot=info.boot)
 
     async def aclose(self) -> None:
         await self.pool.aclose()

@@ -28,6 +28,7 @@ from tether.signallers.remote.wire import (
     OPS,
     TABLE_END,
     ShellResult,
+    TargetGone,
     exec_failure,
     parse_scan,
     parse_spawn,
@@ -259,3 +260,22 @@ def test_an_incomplete_scan_is_never_an_empty_group() -> None:
             parse_scan(ShellResult(0, cut), 100, "t")
     with pytest.raises(TargetUnreachable):
         parse_scan(ShellResult(1, whole), 100, "t")
+
+
+async def test_a_group_from_another_boot_is_never_signalled(shell: LocalShell) -> None:
+    """After a reboot every pid and start tick is new, and boots are much alike: a process
+    with the leader's pid and start tick is somebody else. The boot id tells."""
+    child = await outsider("sleep", "300")
+    try:
+        tick = start_tick(child.pid)
+        g = RemoteGroup(shell, f"g-{uuid.uuid4().hex[:12]}", AGENT, child.pid, tick, 0, 100,
+                        containment=Containment.PGID, boot="00000000-0000-0000-0000-000000000000")
+        with pytest.raises(TargetGone, match="rebooted"):
+            await g.members()
+        with pytest.raises(TargetGone):
+            await g.send_signal(signal.SIGKILL)
+        assert await g.wait(5)  # everything of that boot ended with it
+        assert pid_alive(child.pid)
+        assert "rebooted" in g.detail
+    finally:
+        await end(child)

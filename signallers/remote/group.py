@@ -78,7 +78,7 @@ class RemoteGroup(GroupHandle):
                  leader_start: int, btime: int, clk: int, *, containment: Containment,
                  cgroup: str = "", claim_pgid: bool = True, claim_sid: bool = True,
                  leader_status: LeaderStatus | None = None,
-                 notes: list[str] | None = None) -> None:
+                 notes: list[str] | None = None, boot: str = "") -> None:
         self.shell = shell
         self.group_id = group_id
         self.leader_pid = leader_pid
@@ -91,6 +91,9 @@ class RemoteGroup(GroupHandle):
         self._cgroup = cgroup
         self._membership = Membership(leader_pid, leader_start, claim_pgid, claim_sid)
         self._leader_status = leader_status
+        #: The target's boot id when the group started: after a reboot, a pid with the
+        #: leader's number and start tick is somebody else (boots are much alike).
+        self._boot = boot
         self.notes: list[str] = notes if notes is not None else []
         # One scan at a time, results applied in order; a closed group scans no more, so a
         # stop reported done leaves no scan of ours running there.
@@ -146,6 +149,12 @@ class RemoteGroup(GroupHandle):
             result = await self.shell.run(OPS, ["scan", *self._marks, self._cgroup],
                                           what=f"listing the members of group {self.group_id}")
             snap = parse_scan(result, self.clk, self.shell.target)
+            if snap.boot and self._boot and snap.boot != self._boot:
+                note(self.notes, "the target rebooted: every process of the group ended")
+                raise TargetGone(self.shell.target, f"it rebooted (boot id {snap.boot}, not "
+                                 f"{self._boot}); every process of group {self.group_id} "
+                                 "ended with it")
+            self._boot = self._boot or snap.boot
             return self._membership.members(snap.procs, snap.now)
 
     async def _settled(self) -> dict[int, Proc]:

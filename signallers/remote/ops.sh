@@ -7,14 +7,15 @@
 #
 # Operations (the Python side, signallers/remote/, is the only caller and the only parser):
 #   scan GROUP_MARK AGENT_MARK CGROUP
-#       P <scanner pid>, N <uptime seconds read before the snapshot>, then S, every
+#       P <scanner pid>, I <boot id> (a reboot makes every pid and start time new),
+#       N <uptime seconds read before the snapshot>, then S, every
 #       /proc/PID/stat line (a command name may hold newlines: continuation lines follow),
 #       the line "$TABLE_END" (longer than any piece of a 15-byte command name, and not
 #       starting with a digit, so no process can fake it), then C <pid> per pid in
 #       CGROUP/cgroup.procs, M <pid> per process whose environment holds both marks
 #       exactly (G if this host has no grep), and Z as the last line.
 #   proc PID GROUP_MARK AGENT_MARK
-#       One process: B <btime>, H <clock ticks per second>, S...E as above, then M (both
+#       One process: I <boot id>, B <btime>, H <clock ticks per second>, S... as above, then M (both
 #       marks), U (environment unreadable) or nothing, c <its cgroup v2 path>,
 #       m <cgroup2 mount root> <mount point>, Z as the last line.
 #   signal SIGS CGROUP TARGET...
@@ -41,6 +42,7 @@
 #                    background, waits until GROUP_MARK shows in its environment (the exec
 #                    happened) and prints "ok PID START BTIME CLK", "cgroup DIR",
 #                    "exited STATUS" if it died first (ssh).
+#       Both print "boot ID" (the boot id) before "ok".
 #       Without HASPATH the command runs by its resolved path (execvp's default search
 #       path may differ from the one searched).
 #   rmcg CGROUP
@@ -62,6 +64,11 @@ stat_of() {
   set -- ${st_line##*) }
   [ $# -ge 20 ] || return 1
   st_state=$1 st_ppid=$2 st_pgid=$3 st_sid=$4 st_start=${20}
+}
+
+boot_id() {
+  bi=
+  { IFS= read -r bi < /proc/sys/kernel/random/boot_id; } 2>/dev/null
 }
 
 # alive_as PID START: PID is alive (not a zombie) and started at START.
@@ -134,6 +141,8 @@ marked() {
 op_scan() {
   [ $# -eq 3 ] || ops_die "scan: wants GROUP_MARK AGENT_MARK CGROUP"
   echo "P $$"
+  boot_id
+  [ -n "$bi" ] && printf 'I %s\n' "$bi"
   IFS=' ' read -r sc_up sc_rest < /proc/uptime && echo "N $sc_up"
   stat_lines
   if [ -n "$3" ] && [ -r "$3/cgroup.procs" ]; then
@@ -159,6 +168,8 @@ op_proc() {
   [ $# -eq 3 ] || ops_die "proc: wants PID GROUP_MARK AGENT_MARK"
   case $1 in ''|*[!0-9]*) ops_die "proc: bad pid" ;; esac
   btime_clk
+  boot_id
+  [ -n "$bi" ] && printf 'I %s\n' "$bi"
   echo "B $btime"
   echo "H $clk"
   echo S
@@ -367,6 +378,8 @@ op_spawn() {
     done
   fi
   btime_clk
+  boot_id
+  printf 'boot %s\n' "$bi"
   if [ "$sp_mode" = exec ]; then
     stat_of $$ || fail 119 "cannot read /proc/$$/stat"
     echo "ok $$ $st_start $btime $clk"

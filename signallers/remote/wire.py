@@ -124,6 +124,8 @@ class Snapshot:
     now: int | None
     #: Whether the marker search could run there (no grep: it could not).
     markers: bool
+    #: The target's boot id ("" if it has none): pids and start times hold within one boot.
+    boot: str = ""
 
 
 def parse_scan(result: ShellResult, clk: int, target: str) -> Snapshot:
@@ -135,6 +137,7 @@ def parse_scan(result: ShellResult, clk: int, target: str) -> Snapshot:
     lines = result.out.splitlines()
     scanner = now = None
     markers = True
+    boot = ""
     proven: set[int] = set()
     table: list[str] = []
     in_table = ended = False
@@ -150,6 +153,8 @@ def parse_scan(result: ShellResult, clk: int, target: str) -> Snapshot:
             scanner = int(rest)
         elif tag == "N":
             now = uptime_ticks(rest, clk)
+        elif tag == "I":
+            boot = rest
         elif tag == "S":
             in_table = True
         elif tag in ("M", "C") and rest.isdigit():
@@ -175,7 +180,7 @@ def parse_scan(result: ShellResult, clk: int, target: str) -> Snapshot:
             continue
         out[pid] = Proc(p.pid, p.ppid, p.pgid, p.sid, p.start, p.state, p.comm,
                         pid in proven)
-    return Snapshot(out, now, markers)
+    return Snapshot(out, now, markers, boot)
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,7 @@ class ProcInfo:
     marked: str
     cgroup: str = ""
     mount: tuple[str, str] | None = None
+    boot: str = ""
 
     def epoch(self, ticks: int) -> float:
         return self.btime + ticks / max(self.clk, 1)
@@ -221,7 +227,7 @@ def parse_proc(result: ShellResult, target: str) -> ProcInfo:
     root, _, point = info.get("m", "").partition(" ")
     return ProcInfo(rows[0] if rows else None, int(info.get("B", "0") or 0),
                     int(info.get("H", "100") or 100), marked, info.get("c", ""),
-                    (root, point) if point else None)
+                    (root, point) if point else None, info.get("I", ""))
 
 
 # ---------------------------------------------------------------- specs and starts
@@ -279,6 +285,7 @@ class SpawnReply:
     cgroup: str = ""
     exited: int | None = None
     notes: list[str] = field(default_factory=list)
+    boot: str = ""
 
 
 def parse_spawn(result: ShellResult) -> SpawnReply:
@@ -287,7 +294,7 @@ def parse_spawn(result: ShellResult) -> SpawnReply:
     if "tether-spawn 1" not in lines:
         return SpawnReply(ran=False)
     failed = ok = None
-    cgroup = ""
+    cgroup = boot = ""
     exited = None
     notes: list[str] = []
     for line in lines[lines.index("tether-spawn 1") + 1:]:
@@ -303,7 +310,9 @@ def parse_spawn(result: ShellResult) -> SpawnReply:
             exited = int(rest)
         elif tag == "note":
             notes.append(rest)
-    return SpawnReply(True, failed, ok, cgroup, exited, notes)
+        elif tag == "boot":
+            boot = rest
+    return SpawnReply(True, failed, ok, cgroup, exited, notes, boot)
 
 
 _FAILURES: Final[Mapping[int, tuple[FailureClass, str]]] = {
