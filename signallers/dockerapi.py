@@ -83,7 +83,8 @@ def translate(exc: BaseException, target: str, container: str, host: str,
     """
     import docker.errors
 
-    text = str(getattr(exc, "explanation", None) or exc).strip()
+    text = str(exc.explanation if isinstance(exc, docker.errors.APIError) and exc.explanation
+               else exc).strip()
     lowered = text.lower()
     if isinstance(exc, _TooMuchOutput):
         return TargetUnreachable(target, f"an exec in container {container!r} wrote more than "
