@@ -100,7 +100,7 @@ class DockerShell(RemoteShell):
 
     async def run(self, script: str, argv: Sequence[str], *, what: str,
                   timeout: float | None = None, unverified: str = "") -> ShellResult:
-        for pause in (0.05, 0.2, None):
+        for pause in (0.05, 0.25, 1.0, None):
             done = await self.engine.exec(self.target, self.container,
                                           ["sh", "-c", script, "tether", *argv],
                                           timeout=TOOL_TIMEOUT if timeout is None else timeout)

@@ -100,7 +100,9 @@ def translate(exc: BaseException, target: str, container: str, host: str,
         if exc.status_code == 409 and "paused" in lowered:
             return TargetUnreachable(target, f"container {container!r} is paused; unpause it "
                                              f"with `docker unpause {container}`")
-        if exc.status_code == 409 and ("not running" in lowered or "restarting" in lowered):
+        # 409 from most calls; an exec started as the container dies gets a 500 saying so.
+        if exc.status_code in (409, 500) and ("not running" in lowered
+                                              or "restarting" in lowered):
             if known:
                 return ContainerGone(target, container, "stopped")
             return TargetUnreachable(target, f"container {container!r} is not running; start it "

@@ -145,7 +145,7 @@ async def test_the_child_gets_exactly_the_spec(shell: LocalShell, tmp_path: Path
 async def test_start_failures_are_classified(shell: LocalShell, argv: tuple[str, ...],
                                              kw: dict[str, str], failure: FailureClass) -> None:
     with pytest.raises(StartFailed) as caught:
-        await start(shell, launch(*argv, **kw))
+        await start(shell, launch(*argv, cwd=kw.get("cwd", ""), log=kw.get("log", "")))
     assert caught.value.failure is failure
 
 

@@ -27,6 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import psutil
 import pytest
@@ -136,9 +137,13 @@ async def ssh_authority(own_sshd: Restartable) -> AsyncIterator[Authority]:
         await auth.shutdown()
         await signallers.aclose()
         # agent/watch.py leaves one of its two failed waits unretrieved when both fail in
-        # the same outage; finalize those tasks here, not in a later random GC (on CPython
-        # 3.11.7 a finalizer running inside ast.parse raises SystemError in pytest).
-        gc.collect()
+        # the same outage (reported), and pytest's captured log records keep that task
+        # alive, so it is finalized by some later garbage collection; on CPython 3.11.7 a
+        # finalizer that logs while ast.parse runs makes pytest itself fail with
+        # "SystemError: AST constructor recursion depth mismatch". Retrieve them here.
+        for task in gc.get_objects():
+            if isinstance(task, asyncio.Task) and task.done() and not task.cancelled():
+                task.exception()
         for pid in marked_alive(agent=name):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -168,7 +173,7 @@ async def test_exit_during_an_outage_is_recorded_once_the_host_is_back(
     go = own_sshd.base.tmp / f"go-{uuid.uuid4().hex[:8]}"
     view = await ssh_authority.spawn(GroupSpec(
         argv=("sh", "-c", 'while [ ! -e "$0" ]; do sleep 0.05; done', str(go)),
-        env={"PATH": PATH}, target=f"ssh:{own_sshd.where}"))
+        env=MappingProxyType({"PATH": PATH}), target=f"ssh:{own_sshd.where}"))
     gid = view.group_id
     assert view.state is GroupState.RUNNING
     events = ssh_authority.watch(lambda e: e.group.group_id == gid)
@@ -201,7 +206,7 @@ async def test_an_outage_during_a_stop_is_reported_as_not_verified(
     view = await ssh_authority.spawn(GroupSpec(
         argv=("sh", "-c", 'trap "echo term >> $0" TERM; while :; do sleep 0.1; done',
               str(termed)),
-        env={"PATH": PATH}, target=f"ssh:{own_sshd.where}"))
+        env=MappingProxyType({"PATH": PATH}), target=f"ssh:{own_sshd.where}"))
     gid = view.group_id
     events = ssh_authority.watch(lambda e: e.group.group_id == gid)
     stopping = asyncio.create_task(ssh_authority.stop(gid, StopOverride(grace=30.0)))

@@ -231,6 +231,10 @@ class RemoteGroup(GroupHandle):
             raise
         except TargetGone:
             return True
+        finally:
+            # The scope holds this task: kept in a traceback, task -> exception -> frame ->
+            # scope -> task would be a cycle that only a later garbage collection frees.
+            del scope
 
     async def _until_gone(self, targets: list[str], woke: asyncio.Event, cap: float) -> None:
         """Return once no ``PID:START`` in ``targets`` is alive there."""
