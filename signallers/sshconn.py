@@ -332,7 +332,10 @@ class Pool:
             try:
                 conn = await self.link(target)
                 async with self.channels(target):
-                    proc = await conn.create_process(command, encoding="utf-8", errors="replace")
+                    # A frozen server never answers a channel open: bound it like the rest.
+                    async with asyncio.timeout(HEARTBEAT_STALL if follow else timeout):
+                        proc = await conn.create_process(command, encoding="utf-8",
+                                                         errors="replace")
                     sent = True
                     try:
                         out, err = await (_follow(proc, script) if follow

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from tests.plugins.processes import pid_alive
-from tether.core.errors import StartFailed, TargetUnreachable
+from tether.core.errors import InvalidSpec, StartFailed, TargetUnreachable
 from tether.core.model import AGENT_ENV, MARKER_ENV, Containment, FailureClass
 from tether.signallers.base import LaunchSpec
 from tether.signallers.remote.group import RemoteGroup
@@ -29,6 +29,7 @@ from tether.signallers.remote.wire import (
     TABLE_END,
     ShellResult,
     TargetGone,
+    check_spec,
     exec_failure,
     parse_scan,
     parse_spawn,
@@ -279,3 +280,22 @@ async def test_a_group_from_another_boot_is_never_signalled(shell: LocalShell) -
         assert "rebooted" in g.detail
     finally:
         await end(child)
+
+
+@pytest.mark.parametrize(("argv", "cwd", "marked", "agent", "words"), [
+    (("sleep", "1\0"), "", True, AGENT, "NUL"),
+    (("sleep", "1"), "relative/dir", True, AGENT, "absolute"),
+    (("A=B", "x"), "", True, AGENT, "'='"),
+    (("sleep", "1"), "", False, AGENT, "TETHER_GROUP"),
+    (("sleep", "1"), "", True, "another-agent/1", "TETHER_AGENT"),
+])
+def test_specs_a_remote_target_cannot_run_are_refused(argv: tuple[str, ...], cwd: str,
+                                                      marked: bool, agent: str,
+                                                      words: str) -> None:
+    """Refused before anything starts: a NUL cannot travel, a relative cwd means nothing
+    there, `env` would eat a command holding '=', and without both marks the group's
+    processes could not be found."""
+    base = launch("sleep", "1")
+    env = dict(base.env) if marked else {"PATH": PATH}
+    with pytest.raises(InvalidSpec, match=words):
+        check_spec(LaunchSpec(base.group_id, argv, env, cwd=cwd), agent, "ssh:host")

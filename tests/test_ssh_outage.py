@@ -9,6 +9,7 @@ client sees its connection drop and every new one refused, as when a host reboot
   back it ends ``exited`` with reason ``natural``: not lost, not running forever.
 * The same outage during a stop: the record says honestly that the end could not be
   verified (reason ``lost``, "not verified"), instead of guessing.
+* A peer that stalls (sessions frozen, TCP up): a wait drops it and goes on.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from tests.plugins.processes import async_wait_until, make_authority, marked_ali
 from tests.plugins.sshd import SSHServer
 from tether.agent.authority import Authority
 from tether.core.model import (
+    AGENT_ENV,
+    MARKER_ENV,
     EventKind,
     ExitReason,
     GroupEvent,
@@ -43,7 +46,8 @@ from tether.core.model import (
     GroupState,
     StopOverride,
 )
-from tether.signallers.base import SignallerContext
+from tether.signallers import sshconn
+from tether.signallers.base import LaunchSpec, SignallerContext
 from tether.signallers.ssh import SSHSignaller
 
 pytestmark = [pytest.mark.ssh, pytest.mark.slow]
@@ -224,3 +228,46 @@ async def test_an_outage_during_a_stop_is_reported_as_not_verified(
         assert not record.clean
     assert result.state is GroupState.STOPPED
     assert marked_alive(gid), "the process lives on: the record must not claim otherwise"
+
+
+async def test_a_stalled_peer_is_dropped_and_the_wait_goes_on(
+        own_sshd: Restartable, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sshd sessions freeze (SIGSTOP: TCP stays up, nothing moves): a wait notices the
+    missing heartbeats, drops the connection, goes on over a new one, and still sees the
+    group end. It never hangs on the frozen one."""
+    monkeypatch.setattr(sshconn, "HEARTBEAT_STALL", 1.0)
+    signaller = SSHSignaller(SignallerContext("stall", "", {**own_sshd.options(),
+                                                            "ssh_command_timeout": "3"}))
+    gid = f"{own_sshd.base.group_prefix}{uuid.uuid4().hex[:8]}"
+    frozen: list[int] = []
+    try:
+        h = await signaller.spawn(LaunchSpec(
+            gid, ("sleep", "300"), {"PATH": PATH, MARKER_ENV: gid, AGENT_ENV: "stall"},
+            where=own_sshd.where))
+        waiting = asyncio.ensure_future(h.wait())
+
+        def watching() -> bool:  # the wait's long `watch` runs there
+            return any(p.info["cmdline"][:4] == ["sh", "-s", "--", "watch"]
+                       for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"])
+
+        await async_wait_until(watching, EVENT_TIMEOUT, "the remote watch")
+        assert own_sshd.proc is not None
+        # Every sshd process serving the connection, and the helper shells under them.
+        frozen = [p.pid for p in psutil.Process(own_sshd.proc.pid).children(recursive=True)]
+        assert frozen
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+
+        def reconnected() -> bool:
+            return signaller.connections_opened(own_sshd.where) >= 2
+
+        await async_wait_until(reconnected, EVENT_TIMEOUT, "a new connection")
+        assert not waiting.done()
+        os.kill(h.leader_pid, signal.SIGKILL)
+        assert await asyncio.wait_for(waiting, EVENT_TIMEOUT)
+        assert "retried on a new connection" in h.detail
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        await signaller.aclose()
