@@ -281,7 +281,12 @@ class DockerSignaller(Signaller):
                               f"the start wrapper {where} ended without a handshake (exit "
                               f"{done.exit_code}): {done.first_line()!r}")
         pid, start, btime, clk = reply.ok
-        marked = await self._confirm_exec(shell, pid, start, done.exec_id, spec)
+        try:
+            marked = await self._confirm_exec(shell, pid, start, done.exec_id, spec)
+        except (TargetUnreachable, asyncio.CancelledError):
+            with contextlib.suppress(TetherError):  # started, but nobody will hold it
+                await asyncio.shield(self._sweep(shell, spec.group_id))
+            raise
         return DockerGroup(shell, spec.group_id, self.context.marker, pid, start, btime, clk,
                            done.exec_id, Containment.PGID if marked == "unknown"
                            else Containment.SUBREAPER, spec.owns_target, boot=reply.boot)
