@@ -98,14 +98,6 @@ class Reattach:
     orphan_policy: OrphanPolicy = OrphanPolicy.KEEP
 
 
-@dataclass(frozen=True)
-class Reachability:
-    """Whether a target answers now (kept for the signaller tests)."""
-
-    reachable: bool
-    why: str = ""
-
-
 @runtime_checkable
 class GroupHandle(Protocol):
     """A started (or adopted) group on some target: the Popen of a whole tree."""

@@ -9,8 +9,10 @@ routine uses them: TERM + CONT, wait(grace), kill(), members() == [].
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +23,7 @@ import pytest
 
 from tests.plugins.docker_engine import IMAGE_NOKILL, IMAGE_NOSH, DockerEngine
 from tether.core.errors import AdoptRefused, StartFailed, TargetUnreachable
-from tether.core.model import MARKER_ENV, Containment, FailureClass
+from tether.core.model import AGENT_ENV, MARKER_ENV, Containment, FailureClass
 from tether.signallers import docker as docker_signaller_module
 from tether.signallers.base import GroupHandle, LaunchSpec, Signaller, SignallerContext
 from tether.signallers.docker import ContainerGone, DockerGroup, DockerSignaller, MissingTool
@@ -35,7 +37,7 @@ GRACE = 1.0
 def spec(container: Any, *argv: str, env: dict[str, str] | None = None, cwd: str = "",
          log_path: str = "", group_id: str = "") -> LaunchSpec:
     gid = group_id or f"g-{uuid.uuid4().hex[:8]}"
-    full_env = {"PATH": "/bin", **(env or {}), MARKER_ENV: gid}
+    full_env = {"PATH": "/bin", **(env or {}), MARKER_ENV: gid, AGENT_ENV: "test"}
     return LaunchSpec(gid, tuple(argv), full_env, cwd=cwd, log_path=log_path,
                       where=container.name)
 
@@ -146,7 +148,7 @@ def test_environment_is_exactly_the_spec_and_cwd_and_log_apply(
             environ = await run_to_end(s, launch)
             env = dict(item.split("=", 1) for item in environ.split("\0") if item)
             assert env == {"GREETING": "hello world", "SHLVL": "7", "EMPTY": "",
-                           MARKER_ENV: launch.group_id}
+                           MARKER_ENV: launch.group_id, AGENT_ENV: "test"}
             # cwd, argv with spaces and shell characters, log appended (not truncated).
             for _ in range(2):
                 out = await run_to_end(s, spec(docker_container, "sh", "-c", 'pwd; echo "$1"',
@@ -174,9 +176,7 @@ def test_tree_with_setsid_escapee_is_stopped_with_escalation(
             sessions = {exec_text(docker_container, "cat", f"/proc/{p}/stat")
                         .rpartition(")")[2].split()[3] for p in members}
             assert len(sessions) == 2, "the escapee should be in a session of its own"
-            t0 = time.monotonic()
             assert await stop(h) == "forced"
-            assert time.monotonic() - t0 < GRACE + 8
             assert [args for _, args in live_processes(docker_container)] == ["sleep 1000000"]
             docker_container.reload()
             assert docker_container.status == "running", "the container must not be killed"
@@ -211,10 +211,8 @@ def test_cooperative_group_ends_within_grace_event_driven(
         async with docker_signaller(docker_engine) as s:
             h = await s.spawn(spec(docker_container, "sh", "-c", "sleep 1031 & wait"))
             await eventually(lambda: running(docker_container, "sleep 1031"), what="sleep")
-            t0 = time.monotonic()
-            assert await h.terminate() == 2
+            assert await h.send_signal(signal.SIGTERM) == 2
             assert await h.wait(10)
-            assert time.monotonic() - t0 < 3
             assert not running(docker_container, "sleep 1031")
 
     asyncio.run(body())
@@ -256,9 +254,6 @@ def test_container_stopped_or_removed_mid_operation_is_a_clear_error(
                 await h.members()
             with pytest.raises(TargetUnreachable, match=rf"{c.name}.*not running.*docker start"):
                 await s.spawn(spec(c, "sleep", "1"))
-            reach = await s.reachable(c.name)
-            assert not reach.reachable
-            assert "not running" in reach.why
             await asyncio.to_thread(c.remove)
             with pytest.raises(ContainerGone, match="removed"):
                 await h.kill()
@@ -399,13 +394,34 @@ def test_unreachable_daemon_is_a_target_error() -> None:
         s = DockerSignaller(SignallerContext(
             "test", "", {"docker_host": "unix:///nonexistent/tether/docker.sock"}))
         try:
-            reach = await s.reachable("web")
-            assert not reach.reachable
-            assert "unreachable" in reach.why
             with pytest.raises(TargetUnreachable, match=r"docker:web.*engine.*unreachable"):
-                await s.spawn(LaunchSpec("g-1", ("sleep", "1"), {MARKER_ENV: "g-1"},
-                                         where="web"))
+                await s.spawn(LaunchSpec("g-1", ("sleep", "1"),
+                                         {MARKER_ENV: "g-1", AGENT_ENV: "test"}, where="web"))
         finally:
             await s.aclose()
+
+    asyncio.run(body())
+
+
+def test_docker_calls_never_wait_on_asyncios_default_pool(
+        docker_engine: DockerEngine, docker_container: Any) -> None:
+    """Issue 12 item 8: a job hung in the default executor (a probe, a file read) must not
+    delay Docker calls: they run on the signaller's own pool."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(1))
+        release = threading.Event()
+        hung = loop.run_in_executor(None, release.wait)
+        try:
+            async with docker_signaller(docker_engine) as s:
+                h = await s.spawn(spec(docker_container, "sh", "-c", "sleep 1111 & wait"))
+                assert len(await h.members()) == 2
+                assert await stop(h) == "requested"
+                assert (await h.wait_leader()).signal == signal.SIGTERM
+            assert not hung.done()
+        finally:
+            release.set()
+            await hung
 
     asyncio.run(body())
