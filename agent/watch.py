@@ -92,8 +92,12 @@ class Watcher:
                 backoff = min(backoff * 2, RETRY_MAX)
             finally:
                 for t in (leader, empty):
-                    if t is not None and not t.done():
+                    if t is None:
+                        continue
+                    if not t.done():
                         t.cancel()
+                    elif not t.cancelled():
+                        t.exception()  # read: a second failure of one outage is not news
         self._reachable(g)
         g.empty.set()
         if g.state is GroupState.RUNNING:
@@ -112,6 +116,8 @@ class Watcher:
             if outage:
                 notes.append(f"its target was unreachable for about {outage:.0f} s; the exit "
                              "was seen after it answered again")
+                if h.detail:
+                    notes.append(h.detail)  # what the handle saw on the way (reconnects, ...)
             if oom:
                 notes.append(f"the kernel's OOM killer ended {oom} process(es) at the group's "
                              f"memory limit ({g.context.limits or 'see --memory'})")
