@@ -65,7 +65,7 @@ async def find_orphans(agent_marker: str, tree: CgroupTree | None, live: set[str
         for d in tree.group_dirs():
             if base_group(d.name) in live:
                 continue
-            for pid in cgroups.procs(d):
+            for pid in cgroups.tree_procs(d):
                 if pid not in found:
                     orphan = _describe(pid, base_group(d.name), "cgroup", now, str(d))
                     if orphan is not None:

@@ -69,6 +69,24 @@ def procs(cgroup: Path | str) -> list[int]:
         return []
 
 
+def subtree(cgroup: Path | str) -> list[Path]:
+    """The cgroup and every cgroup below it, parents first. A program may make cgroups of
+    its own inside its group's (a nested tether, a container runtime): they are the
+    group's too."""
+    out = [Path(cgroup)]
+    for root, dirs, _ in os.walk(cgroup):
+        out.extend(Path(root) / d for d in sorted(dirs))
+    return out
+
+
+def tree_procs(cgroup: Path | str) -> list[int]:
+    """PIDs in the cgroup and in every cgroup below it."""
+    found: list[int] = []
+    for c in subtree(cgroup):
+        found.extend(procs(c))
+    return found
+
+
 def write(path: Path | str, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
@@ -94,9 +112,11 @@ def populated(cgroup: Path | str) -> bool:
 
 
 def remove(cgroup: Path | str) -> bool:
-    """rmdir an empty cgroup; True if it is gone. A busy one is left (and logged)."""
+    """rmdir an empty cgroup and the (empty) cgroups a program made inside it, deepest
+    first; True if it is gone. A busy one is left (and logged)."""
     try:
-        os.rmdir(cgroup)
+        for c in reversed(subtree(cgroup)):
+            os.rmdir(c)
     except FileNotFoundError:
         return True
     except OSError as exc:
@@ -159,7 +179,7 @@ class CgroupTree:
         for d in list(self.group_dirs()):
             if not populated(d):
                 with contextlib.suppress(OSError):
-                    d.rmdir()
+                    remove(d)
         for sub in POLICY_DIRS.values():
             with contextlib.suppress(OSError):
                 (self.base / sub).rmdir()

@@ -60,7 +60,7 @@ from tether.signallers.membership import Membership
 log = logging.getLogger(__name__)
 
 PR_SET_CHILD_SUBREAPER: Final = 36
-LAUNCH_THREADS: Final = 4
+LAUNCH_THREADS: Final = 16  # a stuck filesystem holds a thread per launch that touches it
 
 
 def make_subreaper() -> bool:
@@ -284,6 +284,8 @@ class LocalSignaller(Signaller):
         """After an agent restart: take back a group that survived, or None if it is gone.
         The leader counts as alive only if its start time still matches (PID reuse)."""
         self._install_sigchld()
+        if record.leader_pid <= 0:
+            return await self._reattach_unlaunched(record)
         start = procfs.epoch_to_ticks(record.leader_start_time)
         leader = procfs.stat(record.leader_pid)
         leader_alive = leader is not None and leader.start == start and leader.alive
@@ -303,6 +305,25 @@ class LocalSignaller(Signaller):
                             leader_alive=leader_alive, placement=placement)
         if not membership.claim_pgid:
             handle.pgid = -1
+        if not await handle.members():
+            await handle.close()
+            return None
+        return handle
+
+    async def _reattach_unlaunched(self, record: Reattach) -> GroupHandle | None:
+        """The agent died between the durable record and writing the leader's pid: only
+        the group's cgroup (its path follows from the id) can say what, if anything,
+        was launched. Without cgroups nothing proves membership: not re-adopted (the
+        orphan sweep finds such processes by marker)."""
+        if self.tree is None or self._containment is not Containment.CGROUP:
+            return None
+        cgroup = self.tree.group_dir(record.group_id, record.orphan_policy)
+        if not cgroup.is_dir():
+            return None
+        handle = LocalGroup(self, record.group_id, 0, Containment.CGROUP, cgroup, 0,
+                            child=False, leader_alive=False,
+                            membership=Membership(0, 0, claim_pgid=False, claim_sid=False))
+        handle.pgid = -1
         if not await handle.members():
             await handle.close()
             return None

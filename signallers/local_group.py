@@ -146,7 +146,7 @@ class LocalGroup(GroupHandle):
 
     async def members(self) -> list[int]:
         if self._cgroup is not None:
-            return [pid for pid in cgroups.procs(self._cgroup) if procfs.alive(pid)]
+            return [pid for pid in cgroups.tree_procs(self._cgroup) if procfs.alive(pid)]
         return sorted(self._scan_settled())
 
     # -- signals
@@ -168,13 +168,13 @@ class LocalGroup(GroupHandle):
         while its pidfd is held is a member (a pid reused inside the cgroup is a member
         too), so no signal reaches a process that merely inherited a member's pid."""
         assert self._cgroup is not None
-        listed = cgroups.procs(self._cgroup)
+        listed = cgroups.tree_procs(self._cgroup)
         fds: dict[int, int] = {}
         try:
             for pid in listed:
                 with contextlib.suppress(OSError):
                     fds[pid] = os.pidfd_open(pid)
-            still = set(cgroups.procs(self._cgroup)) if fds else set()
+            still = set(cgroups.tree_procs(self._cgroup)) if fds else set()
             sent = 0
             for pid, fd in fds.items():
                 if pid in still:
@@ -199,10 +199,10 @@ class LocalGroup(GroupHandle):
                 # A batch of groups reaching their grace together is killed in one loop
                 # turn: two small syscalls per group, no per-member work.
                 assert self._cgroup is not None
-                listed = len(cgroups.procs(self._cgroup))
-                if listed == 0 or not cgroups.kill_all(self._cgroup):
+                # cgroup.kill takes the whole subtree; "populated" speaks for it too.
+                if not cgroups.populated(self._cgroup) or not cgroups.kill_all(self._cgroup):
                     return total
-                total += listed
+                total += len(cgroups.tree_procs(self._cgroup))
             else:
                 n = await self.send_signal(signal.SIGKILL)
                 if n == 0 and not await self.members():

@@ -57,10 +57,14 @@ def epoch_to_ticks(seconds: float) -> int:
 
 
 def stat(pid: int) -> Proc | None:
-    """One process's row, or None if it does not exist."""
+    """One process's row, or None if it does not exist.
+
+    Only "no such process" means gone: any other failure (no fds left, /proc not
+    mounted) raises, because reading it as "gone" would let a stop report an empty
+    group that still runs."""
     try:
         return parse_stat(read_small(f"/proc/{pid}/stat"))
-    except OSError:
+    except (FileNotFoundError, ProcessLookupError):
         return None
 
 
