@@ -116,7 +116,7 @@ def sweep_cgroups(base: Path) -> int:
         for d in kill.iterdir():
             if d.is_dir():
                 with contextlib.suppress(OSError):
-                    d.rmdir()
+                    cgroups.remove(d)  # with any cgroups its program made inside
     # The tree itself, once nothing is left in it (a keep group keeps it for the next agent).
     for d in (kill, base / "keep", base):
         with contextlib.suppress(OSError):
@@ -181,6 +181,26 @@ def sweep_marked(marker: str, state: str) -> int:
     return total
 
 
+def take_over(path: str) -> int | None:
+    """Take the dead agent's lock (a new run of the same instance waits for it), or None if
+    a new run already holds it: then sweeping would kill that run's fresh groups."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        log.error("cannot open the agent's lock %s (%s); sweeping anyway", path, exc)
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"guardian {os.getpid()}\n".encode(), 0)
+    return fd  # held until this process exits
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tether-guardian", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", required=True)
     parser.add_argument("--cgroup-base", default="")
     parser.add_argument("--v1-tree", action="append", default=[])
+    parser.add_argument("--lock", default="")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s tether.guardian: %(message)s")
@@ -196,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_IGN)
     wait_for_exit(args.agent_pid)
+    lock = take_over(args.lock) if args.lock else None
+    if args.lock and lock is None:
+        log.info("agent %s (pid %d) is gone, but a new run of it already holds %s: it owns "
+                 "the tree now; nothing to sweep", args.agent_marker, args.agent_pid, args.lock)
+        return 0
     n = sweep_cgroups(Path(args.cgroup_base)) if args.cgroup_base else 0
     n += sweep_marked(args.agent_marker, args.state)
     for tree in args.v1_tree:

@@ -216,6 +216,8 @@ class AgentRuntime:
         assert self.store is not None
         args = [sys.executable, "-m", "tether.agent.guardian", "--agent-pid", str(os.getpid()),
                 "--agent-marker", self.instance.marker, "--state", self.store.path]
+        if self.instance.lock_path:
+            args += ["--lock", self.instance.lock_path]
         if self.local.tree is not None:
             args += ["--cgroup-base", str(self.local.tree.base)]
         if self.local.limiter is not None:
@@ -329,7 +331,13 @@ class AgentRuntime:
                     await self.store.aclose()
             finally:
                 self.instance.release()
-                if self._guardian is not None:
+                left = [g.group_id for g in self.authority.groups() if not g.state.ended
+                        and g.spec.orphan_policy is OrphanPolicy.KILL]
+                if left:
+                    log.error("%d kill-policy group(s) could not be stopped (%s); the guardian "
+                              "stays and ends them when this agent has exited", len(left),
+                              ", ".join(left[:5]))
+                elif self._guardian is not None:
                     # Every `kill` group is stopped; the guardian would find nothing.
                     self._guardian.terminate()
                     with contextlib.suppress(subprocess.TimeoutExpired):
