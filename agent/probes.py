@@ -108,7 +108,7 @@ async def _http(probe: Probe) -> ProbeAttempt:
 
 #: Reads of log files for log: probes (a file on a stuck network mount must not hold the
 #: event loop, nor threads that other work needs).
-FILE_READS = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="tether-logprobe")
+FILE_READS = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="tether-logprobe")
 
 
 def read_from(path: str, offset: int, limit: int = 1 << 20) -> bytes:

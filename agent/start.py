@@ -15,6 +15,7 @@ import contextlib
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import TypeVar
 
 from tether.agent import users
 from tether.agent.capacity import Capacity
@@ -55,6 +56,8 @@ from tether.signallers.registry import split_target
 
 #: How long a start waits for its record to be stored before it gives up.
 STATE_DEADLINE = 10.0
+
+T = TypeVar("T")
 
 StopNow = Callable[[Group, str], Awaitable[None]]
 
@@ -204,10 +207,35 @@ class Starter:
             return
         survivors = 0
         if g.handle is not None:
-            with contextlib.suppress(TetherError):
+            try:
                 await asyncio.shield(g.handle.kill())
                 survivors = len(await g.handle.members())
+            except Exception as exc:  # cannot verify: say so; the orphan sweep follows up
+                survivors = 1
+                message += f" (its processes could not be verified gone: {exc})"
         self.lc.fail(g, failure, message, survivors=survivors)
+
+    async def _bounded(self, g: Group, work: Awaitable[T], what: str) -> T | None:
+        """``work``, unless a stop comes first (None: the stop takes over) or it outlasts
+        the start timeout (the group fails, naming what blocked). Whatever ``work`` starts
+        after it was given up is ended by its owner (the signaller kills a launch that
+        completes after its caller left)."""
+        task = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(g.stop_requested.wait())
+        try:
+            done, _ = await asyncio.wait({task, stop}, timeout=g.spec.start_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        if stop not in done:
+            self.lc.fail(g, FailureClass.READINESS_TIMEOUT,
+                         f"{g.spec.argv[0]!r} did not start within {g.spec.start_timeout:g} s: "
+                         f"{what} blocked (a working directory, log or program on a stuck "
+                         "filesystem?); fix the path, or raise --start-timeout")
+        return None
 
     async def _prepare(self, g: Group, signaller: Signaller, where: str) -> bool:
         """The steps between the durable record and the launch: toolchain plugins, ports,
@@ -246,10 +274,17 @@ class Starter:
                          f"{spec.argv[0]!r} started; stop whatever listens there (`tether ports "
                          f"{ready.port}` shows who) or pick another port")
             return
-        log_start = await log_size(spec.log_path) if spec.log_path else 0
         launch = g.launch or self.launch_spec(g.group_id, spec, where)
         try:
-            handle = await signaller.spawn(launch)
+            # Both may block on a stuck filesystem (a log, cwd or program on a dead NFS
+            # server): bounded by the start timeout, and given up at once for a stop.
+            log_start = (await self._bounded(g, log_size(spec.log_path), "reading its log's "
+                                             "size") if spec.log_path else 0)
+            if log_start is None:
+                return
+            handle = await self._bounded(g, signaller.spawn(launch), "launching it")
+            if handle is None:
+                return
         except StartFailed as exc:
             self.lc.fail(g, exc.failure, exc.message)
             return

@@ -30,6 +30,7 @@ from tether.core.model import (
     MARKER_ENV,
     ExitReason,
     ExitRecord,
+    GroupState,
     GroupView,
     Limits,
     OrphanPolicy,
@@ -44,6 +45,15 @@ from tether.signallers.base import GroupHandle
 from tether.signallers.registry import split_target
 
 Signals = signal.Signals
+
+
+class StopFailed(TetherError):
+    """A stop could not run to its end (the agent ran out of something); retry it."""
+
+    def __init__(self, group_id: str, cause: BaseException) -> None:
+        super().__init__(f"stopping group {group_id} failed before it finished ({cause}); "
+                         "it is still stopping: ask again (the coordinator retries by itself)")
+        self.group_id = group_id
 
 
 class Stopper:
@@ -158,14 +168,24 @@ class Stopper:
             if not g.state.ended:
                 await self._stop_group(g, (override or StopOverride()).apply(g.policy), t0,
                                        detail)
+        except Exception as exc:
+            # Not a stop that could not be verified (that ends with a record): the stop
+            # itself could not run (EMFILE...). The group stays `stopping`, the caller is
+            # told, and the next stop request tries again from the start.
+            g.log.error("the stop failed before it finished (%s); it is retried on the next "
+                        "stop request", exc)
+            raise StopFailed(g.group_id, exc) from exc
         finally:
+            if g.stop_task is asyncio.current_task() and not g.state.ended:
+                g.stop_task = None  # a failed stop is not cached: the next one runs anew
             self._running -= 1
             if not self._running:
                 self._idle.set()
 
     async def _stop_group(self, g: Group, policy: StopPolicy, t0: float, detail: str) -> None:
         h = g.handle
-        self.lc.transition(g, Transition.STOP)
+        if g.state is not GroupState.STOPPING:  # a retried stop is already there
+            self.lc.transition(g, Transition.STOP)
         if h is None:  # stopped before anything ran
             skipped = None
             if g.spec.pre_stop is not None:

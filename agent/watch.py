@@ -112,6 +112,10 @@ class Watcher:
                           else ExitReason.EXTERNAL_SIGNAL)
             if oom and status.signal == signal.SIGKILL and reason is not ExitReason.REQUESTED:
                 reason = ExitReason.OOM_KILLED
+            if g.state is not GroupState.RUNNING:
+                # A stop began while the exit status was read: the stop writes the
+                # record (it knows it asked), this watcher must not write a second.
+                return
             notes = []
             if outage:
                 notes.append(f"its target was unreachable for about {outage:.0f} s; the exit "
