@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from tether.coordinator.agent_client import AgentClient
 from tether.core.errors import (
     AgentNotFound,
+    Conflict,
     InvalidSpec,
     NotFound,
     PermissionDenied,
@@ -129,6 +130,16 @@ class Agents:
             log.warning("agent %r: taken over by credential %s from %s, silent for %.0f s",
                         info.name, info.credential, old.info.credential,
                         time.time() - old.info.last_seen)
+        if old is not None and old.info.instance and info.instance and not always_up \
+                and old.info.instance != info.instance and (old.always_up or self.up(old)):
+            # Two live agents with one name (cloned hosts, two state directories): taking
+            # turns would make each registration look like a restart of the other, and the
+            # other's live groups would be recorded lost.
+            raise Conflict(
+                f"agent name {info.name!r} is held by another live agent (instance "
+                f"{old.info.instance} at {old.info.address}); give this agent another --name, "
+                f"or stop the other: its name is free once it has been silent for "
+                f"{self.c.config.agent_ttl:g} s")
         restarted = old is not None and old.info.epoch != info.epoch
         if old is not None and old.info.address == info.address and client is None \
                 and not old.always_up:
@@ -148,6 +159,29 @@ class Agents:
         if restarted:
             self.c.tasks.spawn(self._reconcile(link), f"reconcile-{info.name}")
         return restarted
+
+    def forget(self, name: str, force: bool = False) -> list[str]:
+        """Give up an agent gone for good: its live groups are recorded lost (stops waiting
+        on it finish), its registration is dropped. Returns the groups recorded lost."""
+        link = self.links.get(name)
+        if link is None:
+            raise AgentNotFound(name, list(self.links))
+        if link.always_up:
+            raise Conflict(f"agent {name!r} runs inside this coordinator (tether serve); it "
+                           "cannot be forgotten")
+        if self.up(link) and not force:
+            raise Conflict(f"agent {name!r} is up (seen {time.time() - link.info.last_seen:.0f} "
+                           "s ago); stop it first, or force it")
+        del self.links[name]
+        self._drop(link)
+        self.c.persist.put(("agent", name), None)
+        lost = []
+        for t in [t for t in self.c.groups.values() if t.agent == name and not t.ended]:
+            self.c.mark_lost(t, f"agent {name!r} was forgotten by an operator (gone for good); "
+                                "what ran there was not verified")
+            lost.append(t.group_id)
+        log.warning("agent %r forgotten; %d group(s) recorded lost", name, len(lost))
+        return lost
 
     def _drop(self, link: AgentLink) -> None:
         if link.watch_task is not None:

@@ -90,7 +90,8 @@ class Coordinator:
         self.groups: dict[tuple[str, str], TrackedGroup] = {}
         # Indexes over ``groups`` (sessions and keys never change once a group is tracked).
         self._by_session: dict[str, dict[tuple[str, str], TrackedGroup]] = {}
-        self._by_key: dict[tuple[str, str], TrackedGroup] = {}
+        #: Idempotency keys are global: a key names one spawn whichever agent it went to.
+        self._by_key: dict[str, TrackedGroup] = {}
         self.inflight: dict[str, dict[str, InFlight]] = {}
         self.events: Broadcaster[SessionEvent] = Broadcaster()
         self.tasks = TaskSet(log)
@@ -118,6 +119,11 @@ class Coordinator:
         self.sessions.start()
         self.agents.start()
         for intent in self._intents:
+            if not self.sessions.has(intent.session_id):
+                log.warning("dropping the stop intent of session %r (%s): the session is not "
+                            "in the store any more", intent.session_id, intent.cause)
+                self.persist.put(("intent", intent.session_id), None)
+                continue
             log.info("resuming the stop of session %r (%s) left by a previous run",
                      intent.session_id, intent.cause)
             self.fanout.begin_stop(intent.session_id, intent.grace, intent.cause, resumed=True)
@@ -146,24 +152,24 @@ class Coordinator:
         self.groups[t.key] = t
         self._by_session.setdefault(t.session_id, {})[t.key] = t
         if t.idempotency_key:
-            self._by_key[(t.agent, t.idempotency_key)] = t
+            self._by_key[t.idempotency_key] = t
         return t
 
     def forget(self, t: TrackedGroup) -> None:
         self.groups.pop(t.key, None)
         self._by_session.get(t.session_id, {}).pop(t.key, None)
-        if t.idempotency_key:
-            self._by_key.pop((t.agent, t.idempotency_key), None)
+        if t.idempotency_key and self._by_key.get(t.idempotency_key) is t:
+            del self._by_key[t.idempotency_key]
         self.persist.put(("group", t.agent, t.group_id), None)
 
     def bind_key(self, t: TrackedGroup, key: str, fingerprint: str) -> None:
         t.fingerprint = t.fingerprint or fingerprint
         if key and not t.idempotency_key:
             t.idempotency_key = key
-            self._by_key[(t.agent, key)] = t
+            self._by_key[key] = t
 
-    def by_key(self, agent: str, key: str) -> TrackedGroup | None:
-        return self._by_key.get((agent, key))
+    def by_key(self, key: str) -> TrackedGroup | None:
+        return self._by_key.get(key)
 
     def session_groups(self, session_id: str) -> list[TrackedGroup]:
         return list(self._by_session.get(session_id, {}).values())

@@ -36,6 +36,7 @@ from tether.core.model import (
     PortOwner,
     StopOverride,
     check_grace,
+    key_fingerprint,
     new_group_id,
     parse_signal,
     spec_fingerprint,
@@ -62,6 +63,8 @@ class Fanout:
     def __init__(self, c: Coordinator) -> None:
         self.c = c
         self._stops: dict[str, asyncio.Task[SessionReport]] = {}
+        #: Idempotency keys whose first spawn is in flight: (fingerprint, landed).
+        self._keys: dict[str, tuple[str, asyncio.Future[None]]] = {}
 
     # ------------------------------------------------------------ spawn / adopt
 
@@ -73,13 +76,37 @@ class Fanout:
         # Resolve the agent and check the key before touching any session: bad input
         # changes nothing.
         link = self.c.agents.resolve(agent)
-        fingerprint = spec_fingerprint(spec)
-        if key:
-            seen = self.c.by_key(link.name, key)
+        # The agent is part of what a key is bound to: the same key sent to another
+        # agent is another request, refused, not a second group.
+        fingerprint = key_fingerprint(link.name, spec)
+        if not key:
+            return await self._spawn(link, spec, key, fingerprint)
+        while True:
+            seen = self.c.by_key(key)
             if seen is not None:
-                if seen.fingerprint and seen.fingerprint != fingerprint:
+                # (Keys recorded by 0.1.0 hold the spec's fingerprint alone.)
+                legacy = seen.agent == link.name and seen.fingerprint == spec_fingerprint(spec)
+                if seen.fingerprint and seen.fingerprint != fingerprint and not legacy:
                     raise IdempotencyConflict(key, seen.group_id)
                 return seen.agent, seen.view
+            pending = self._keys.get(key)
+            if pending is None:
+                break
+            # A retry racing the first attempt waits for it rather than starting a
+            # second group; if the first failed, the retry makes its own attempt.
+            if pending[0] != fingerprint:
+                raise IdempotencyConflict(key, "")
+            await asyncio.wait([pending[1]])
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._keys[key] = (fingerprint, done)
+        try:
+            return await self._spawn(link, spec, key, fingerprint)
+        finally:
+            del self._keys[key]
+            done.set_result(None)
+
+    async def _spawn(self, link: AgentLink, spec: GroupSpec, key: str,
+                     fingerprint: str) -> tuple[str, GroupView]:
         self._refuse_if_stopping(spec.session_id)
         s, previous = self.c.sessions.create(spec.session_id, spec.window)
         gid = new_group_id()
@@ -219,9 +246,11 @@ class Fanout:
                 await self._phase(session_id, order, override)
             for f in flying:  # the agent stopped or refused it; wait for the spawn to say
                 await f.done.wait()
-        s = self.c.session(session_id)
-        self.c.sessions.set_state(s, SessionState.STOPPED)
         self.c.persist.put(("intent", session_id), None)
+        s = self.c.sessions.find(session_id)
+        if s is None:  # dropped meanwhile (retention): nothing is left to report on
+            return SessionReport(session_id, (), True)
+        self.c.sessions.set_state(s, SessionState.STOPPED)
         report = self.c.session_report(session_id, complete=True)
         self.c.hooks.session_stopped("clean" if report.clean else "unclean")
         self.c.hooks.fanout("stop", time.monotonic() - t0)
@@ -259,7 +288,7 @@ class Fanout:
             link = self.c.agents.links.get(agent)
             if link is None:
                 for t in pending:
-                    if isinstance(t, TrackedGroup):
+                    if isinstance(t, TrackedGroup) and not t.ended:
                         self.c.mark_lost(t, f"agent {agent!r} is not registered any more")
                 return
             pending = await self._stop_batch(link, pending, override)

@@ -84,6 +84,13 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
             request.name, request.epoch, current_caller().credential))
 
     @unary
+    async def ForgetAgent(self, request: cpb.ForgetAgentRequest, context: Any
+                          ) -> cpb.ForgetAgentResponse:
+        lost = self.c.agents.forget(request.name, request.force)
+        await self.c.durable()
+        return cpb.ForgetAgentResponse(lost_group_ids=lost)
+
+    @unary
     async def ListAgents(self, request: cpb.ListAgentsRequest, context: Any
                          ) -> cpb.ListAgentsResponse:
         return cpb.ListAgentsResponse(agents=[agent_to_pb(a) for a in self.c.agents.states()])

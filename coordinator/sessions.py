@@ -54,6 +54,9 @@ class Sessions:
     def has(self, session_id: str) -> bool:
         return session_id in self._sessions
 
+    def find(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
     def get(self, session_id: str) -> Session:
         s = self._sessions.get(session_id)
         if s is None:
@@ -119,8 +122,8 @@ class Sessions:
     def undo(self, s: Session, previous: Session | None) -> None:
         """A spawn that created ``s`` was refused outright: put back what was there."""
         if self._sessions.get(s.session_id) is not s or self.c.session_groups(s.session_id) \
-                or self.c.inflight.get(s.session_id):
-            return  # a concurrent spawn put something in it meanwhile: keep it
+                or self.c.inflight.get(s.session_id) or s.state is not SessionState.ACTIVE:
+            return  # a concurrent spawn put something in it, or a stop runs on it: keep it
         if previous is None:
             del self._sessions[s.session_id]
             self.c.persist.put(("session", s.session_id), None)

@@ -59,6 +59,8 @@ LET_THROUGH: dict[str, set[str]] = {
     "CoordinatorService/WatchSession": {"operator", "reader"},
     "CoordinatorService/ListOrphans": {"operator"},
     "CoordinatorService/ReadAudit": set(),
+    "CoordinatorService/ListPorts": {"operator", "reader"},
+    "CoordinatorService/ForgetAgent": set(),
     "AgentService/Spawn": {"coordinator"},
     "AgentService/Adopt": {"coordinator"},
     "AgentService/Signal": {"coordinator"},
@@ -69,6 +71,7 @@ LET_THROUGH: dict[str, set[str]] = {
     "AgentService/Watch": {"coordinator", "operator", "reader"},
     "AgentService/ListOrphans": {"coordinator"},
     "AgentService/Info": {"coordinator", "operator", "reader"},
+    "AgentService/ListPorts": {"coordinator", "operator", "reader"},
 }
 #: Callers that hold a role: (name in the matrix, role).
 ROLE_CALLERS = [("admin", "admin"), ("operator", "operator"), ("reader", "reader"),

@@ -469,9 +469,10 @@ HELP_MENTIONS = {
     "completion": ["bash", "zsh", "fish"],
     "audit": ["--since", "--limit"],
     "ports": ["port", "--agent"],
+    "forget-agent": ["name", "--force"],
 }
 CLIENT = {"spawn", "adopt", "signal", "stop", "sessions", "show", "agents", "orphans", "watch",
-          "keepalive", "up", "audit", "ports"}
+          "keepalive", "up", "audit", "ports", "forget-agent"}
 
 
 def tether(*args: str) -> subprocess.CompletedProcess[str]:

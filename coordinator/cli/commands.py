@@ -145,6 +145,14 @@ async def cmd_agents(c: AsyncClient, args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+async def cmd_forget_agent(c: AsyncClient, args: argparse.Namespace) -> int:
+    lost = await c.forget_agent(args.name, force=args.force, timeout=args.timeout)
+    emit(args.output, {"agent": args.name, "lost": lost},
+         f"agent {args.name} forgotten; {len(lost)} group(s) recorded lost"
+         + (f": {' '.join(lost)}" if lost else ""))
+    return ExitCode.OK
+
+
 async def cmd_orphans(c: AsyncClient, args: argparse.Namespace) -> int:
     report = await c.orphans(sweep=args.sweep, timeout=args.timeout)
     orphans = [{"pid": o.pid, "command": o.command, "former_group": o.former_group,
@@ -275,7 +283,7 @@ COMMANDS: dict[str, Command] = {
     "spawn": cmd_spawn, "adopt": cmd_adopt, "signal": cmd_signal, "stop": cmd_stop,
     "sessions": cmd_sessions, "show": cmd_show, "agents": cmd_agents, "orphans": cmd_orphans,
     "watch": cmd_watch, "keepalive": cmd_keepalive, "up": cmd_up, "audit": cmd_audit,
-    "ports": cmd_ports,
+    "ports": cmd_ports, "forget-agent": cmd_forget_agent,
 }
 
 

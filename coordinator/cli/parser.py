@@ -16,7 +16,7 @@ from tether.coordinator.cli.options import DAEMONS, add_daemon, positive_float
 
 DEFAULT_COORDINATOR = "127.0.0.1:7400"
 CLIENT_COMMANDS = ("spawn", "adopt", "signal", "stop", "sessions", "show", "agents", "orphans",
-                   "watch", "keepalive", "up", "audit", "ports")
+                   "watch", "keepalive", "up", "audit", "ports", "forget-agent")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -180,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--all", action="store_true", help="include stopped sessions")
     client("show", "Show a session and its groups.").add_argument("session", help="session name")
     client("agents", "List agents and whether they are up.")
+    sp = client("forget-agent", "Give up an agent that is gone for good (admin): its live "
+                "groups are recorded lost, and stops waiting on it finish.")
+    sp.add_argument("name", help="the agent's name")
+    sp.add_argument("--force", action="store_true",
+                    help="even though it is up (it registers again on its next heartbeat)")
     client("orphans", "List orphans (marked processes of no live group) on every agent.") \
         .add_argument("--sweep", action="store_true", help="reap them now (per agent policy)")
     client("watch", "Stream a session's state changes and exit records.").add_argument(

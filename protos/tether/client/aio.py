@@ -236,6 +236,14 @@ class AsyncClient:
                                  timeout or 10)
         return [agent_from_pb(a) for a in reply.agents]
 
+    async def forget_agent(self, name: str, *, force: bool = False,
+                           timeout: float | None = None) -> list[str]:
+        """Give up an agent gone for good (admin): its live groups are recorded lost, and
+        stops waiting on it finish. Returns the ids of the groups recorded lost."""
+        reply = await self._call("ForgetAgent", self._stub.ForgetAgent,
+                                 cpb.ForgetAgentRequest(name=name, force=force), timeout or 30)
+        return list(reply.lost_group_ids)
+
     async def orphans(self, *, sweep: bool = False, timeout: float | None = None
                       ) -> OrphanReport:
         reply = await self._call("ListOrphans", self._stub.ListOrphans,

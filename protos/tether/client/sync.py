@@ -84,6 +84,9 @@ class Client:
     def agents(self, **kw: Any) -> list[AgentState]:
         return self._run(self._async.agents(**kw))
 
+    def forget_agent(self, name: str, **kw: Any) -> list[str]:
+        return self._run(self._async.forget_agent(name, **kw))
+
     def orphans(self, **kw: Any) -> OrphanReport:
         return self._run(self._async.orphans(**kw))
 

@@ -122,9 +122,11 @@ class IdempotencyConflict(AlreadyExists):
     """An idempotency key was used before for a different request."""
 
     def __init__(self, key: str, first: str) -> None:
+        where = f"group {first}" if first else "still starting"
         super().__init__(
-            f"idempotency key {key!r} was already used for another request (group {first}); "
-            "a retry must repeat the request exactly, a new request needs a new key")
+            f"idempotency key {key!r} was already used for another request ({where}); "
+            "a retry must repeat the request exactly, to the same agent; a new request "
+            "needs a new key")
         self.key = key
         self.first = first
 

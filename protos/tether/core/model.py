@@ -755,6 +755,12 @@ def spec_fingerprint(spec: GroupSpec) -> str:
     return hashlib.sha256(text.encode(errors="surrogateescape")).hexdigest()[:32]
 
 
+def key_fingerprint(agent: str, spec: GroupSpec) -> str:
+    """What an idempotency key is bound to: the spec and the agent it was sent to."""
+    text = agent + "\0" + spec_fingerprint(spec)
+    return hashlib.sha256(text.encode(errors="surrogateescape")).hexdigest()[:32]
+
+
 # ---------------------------------------------------------------- records and views
 
 

@@ -211,6 +211,8 @@ RULES: Mapping[str, Rule] = {
     _C + "WatchSession": _r(_OPERATOR, _READER),
     _C + "ListOrphans": _r(_OPERATOR, audit=_sweeps),
     _C + "ReadAudit": _r(),
+    _C + "ListPorts": _r(_OPERATOR, _READER),
+    _C + "ForgetAgent": _r(audit=True),
     # An agent: lifecycle calls from its coordinator (and admins) only.
     _A + "Spawn": _r(_COORD, audit=True),
     _A + "Adopt": _r(_COORD, audit=True),
@@ -222,6 +224,7 @@ RULES: Mapping[str, Rule] = {
     _A + "Watch": _r(_COORD, _OPERATOR, _READER),
     _A + "ListOrphans": _r(_COORD, audit=_sweeps),
     _A + "Info": _r(_COORD, _OPERATOR, _READER),
+    _A + "ListPorts": _r(_COORD, _OPERATOR, _READER),
 }
 
 #: A method ``RULES`` does not list (a new RPC, before someone decided who may call it).

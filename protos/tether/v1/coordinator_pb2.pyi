@@ -359,3 +359,17 @@ class CoordinatorListPortsResponse(_message.Message):
     ports: _containers.RepeatedCompositeFieldContainer[_common_pb2.PortOwner]
     unreachable: _containers.ScalarMap[str, str]
     def __init__(self, ports: _Optional[_Iterable[_Union[_common_pb2.PortOwner, _Mapping]]] = ..., unreachable: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ForgetAgentRequest(_message.Message):
+    __slots__ = ("name", "force")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    force: bool
+    def __init__(self, name: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class ForgetAgentResponse(_message.Message):
+    __slots__ = ("lost_group_ids",)
+    LOST_GROUP_IDS_FIELD_NUMBER: _ClassVar[int]
+    lost_group_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, lost_group_ids: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -110,6 +110,11 @@ class CoordinatorServiceStub:
                 request_serializer=tether_dot_v1_dot_coordinator__pb2.CoordinatorListPortsRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_coordinator__pb2.CoordinatorListPortsResponse.FromString,
                 _registered_method=True)
+        self.ForgetAgent = channel.unary_unary(
+                '/tether.v1.CoordinatorService/ForgetAgent',
+                request_serializer=tether_dot_v1_dot_coordinator__pb2.ForgetAgentRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_coordinator__pb2.ForgetAgentResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -208,6 +213,14 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForgetAgent(self, request, context):
+        """Give up an agent that is gone for good (admin): its live groups are recorded lost,
+        and stops waiting on it finish. A live agent is refused unless forced.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -285,6 +298,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ListPorts,
                     request_deserializer=tether_dot_v1_dot_coordinator__pb2.CoordinatorListPortsRequest.FromString,
                     response_serializer=tether_dot_v1_dot_coordinator__pb2.CoordinatorListPortsResponse.SerializeToString,
+            ),
+            'ForgetAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetAgent,
+                    request_deserializer=tether_dot_v1_dot_coordinator__pb2.ForgetAgentRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_coordinator__pb2.ForgetAgentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -692,6 +710,33 @@ class CoordinatorService:
             '/tether.v1.CoordinatorService/ListPorts',
             tether_dot_v1_dot_coordinator__pb2.CoordinatorListPortsRequest.SerializeToString,
             tether_dot_v1_dot_coordinator__pb2.CoordinatorListPortsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.CoordinatorService/ForgetAgent',
+            tether_dot_v1_dot_coordinator__pb2.ForgetAgentRequest.SerializeToString,
+            tether_dot_v1_dot_coordinator__pb2.ForgetAgentResponse.FromString,
             options,
             channel_credentials,
             insecure,
