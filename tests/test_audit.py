@@ -72,7 +72,7 @@ def test_serve_audits_mutating_calls_with_who_what_and_result(tmp_path: Path) ->
         assert [json.loads(line) for line in text.splitlines()] == entries
         for where in (text, d.log()):
             assert SECRET not in where and "API_KEY" not in where
-        assert d.log().count("INFO tether.audit: audit {") == len(entries)
+        assert d.log().count("INFO tether.core.audit: audit {") == len(entries)
 
         # --since: a duration, or a time (here: that of the signal, keeping what followed).
         assert len(audit(d, admin, "--since", "1h")) == len(entries)

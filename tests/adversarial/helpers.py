@@ -63,7 +63,11 @@ def kill_leftovers(*agents: str) -> None:
 def trees(agent: str) -> list[Path]:
     """cgroup trees of an agent's instances (tether.<name>.<instance>), wherever they are."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in agent)
-    return sorted(UNIFIED.rglob(f"tether.{safe}.*"))
+    prefix = f"tether.{safe}."
+    found: list[Path] = []
+    for root, dirs, _ in os.walk(UNIFIED):  # other tests' trees come and go meanwhile
+        found += [Path(root, d) for d in dirs if d.startswith(prefix)]
+    return sorted(found)
 
 
 @contextlib.contextmanager
