@@ -27,12 +27,14 @@ CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (e.AdoptRefused, grpc.StatusCode.FAILED_PRECONDITION),
     (e.Conflict, grpc.StatusCode.FAILED_PRECONDITION),
     (e.TargetUnreachable, grpc.StatusCode.UNAVAILABLE),
+    (e.NotLeader, grpc.StatusCode.UNAVAILABLE),
+    (e.StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (e.Fenced, grpc.StatusCode.FAILED_PRECONDITION),
     (e.AgentUnreachable, grpc.StatusCode.UNAVAILABLE),
     (e.StartFailed, grpc.StatusCode.FAILED_PRECONDITION),
     (IllegalTransition, grpc.StatusCode.FAILED_PRECONDITION),
     (e.TetherError, grpc.StatusCode.INTERNAL),
 ]
-
 
 
 #: The other way: what a caller of a tether daemon makes of a status code.
