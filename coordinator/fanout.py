@@ -18,6 +18,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from tether.coordinator import spawns
 from tether.coordinator.agents import AgentLink
 from tether.coordinator.model import InFlight, TrackedGroup
 from tether.core.errors import (
@@ -75,6 +76,9 @@ class Fanout:
         fingerprint = spec_fingerprint(spec)
         if key:
             seen = self.c.by_key(link.name, key)
+            while seen is None and (flying := spawns.pending_by_key(self.c, link.name, key)):
+                await flying.done.wait()  # the same request in flight (a retry): its outcome
+                seen = self.c.by_key(link.name, key)
             if seen is not None:
                 if seen.fingerprint and seen.fingerprint != fingerprint:
                     raise IdempotencyConflict(key, seen.group_id)
@@ -82,14 +86,25 @@ class Fanout:
         self._refuse_if_stopping(spec.session_id)
         s, previous = self.c.sessions.create(spec.session_id, spec.window)
         gid = new_group_id()
-        flight = InFlight(gid, link.name, spec.stop_order)
+        flight = InFlight(gid, link.name, spec.stop_order, key)
         self.c.inflight.setdefault(s.session_id, {})[gid] = flight
+        intent = spawns.record(self.c, flight, s.session_id, fingerprint)
+        try:
+            await self.c.durable()  # whoever leads next knows of it before the agent does
+        except TetherError:
+            spawns.forget(self.c, gid)
+            self._landed(flight, s.session_id)
+            raise
         try:
             view = await self.c.agents.client(link).spawn(
                 spec, key=key, group_id=gid, timeout=_spawn_deadline(spec))
         except REFUSED:
+            spawns.forget(self.c, gid)
             self._landed(flight, s.session_id)
             self.c.sessions.undo(s, previous)
+            raise
+        except TetherError:
+            spawns.follow_up(self.c, intent)  # no answer: it may have started, find out
             raise
         finally:
             self._landed(flight, s.session_id)
@@ -100,6 +115,7 @@ class Fanout:
             tracked.absorb(view)
             self.c.bind_key(tracked, key, fingerprint)
         self.c.save_group(tracked)
+        spawns.forget(self.c, gid)
         self.c.publish(tracked, EventKind.STATE)
         try:
             await self.c.durable()
@@ -134,7 +150,9 @@ class Fanout:
         return tracked.agent, tracked.view
 
     def _landed(self, flight: InFlight, session_id: str) -> None:
-        self.c.inflight.get(session_id, {}).pop(flight.group_id, None)
+        flights = self.c.inflight.get(session_id, {})
+        if flights.get(flight.group_id) is flight:
+            del flights[flight.group_id]
         flight.done.set()
 
     def _refuse_if_stopping(self, session_id: str) -> None:
@@ -206,6 +224,11 @@ class Fanout:
 
     async def _run_stop(self, session_id: str, grace: float | None) -> SessionReport:
         t0 = time.monotonic()
+        try:
+            await self.c.durable()  # the intent is stored before any agent stops anything
+        except StateUnwritable as exc:
+            log.error("session %r: stopping it without its stop intent on record: %s",
+                      session_id, exc)
         override = StopOverride(grace=grace) if grace is not None else None
         while True:
             live = [t for t in self.c.session_groups(session_id) if not t.ended]

@@ -40,6 +40,8 @@ from tether.core.private import private_dir, touch_private
 from tether.core.sessions import AgentInfo, Session, SessionEvent, StopIntent
 
 T = TypeVar("T")
+#: The expiry of a lone coordinator's lease (year 5138).
+NEVER = 1e11
 
 # Each migration takes the schema from version N-1 to N.
 MIGRATIONS: Sequence[str] = (
@@ -261,6 +263,22 @@ class SQLiteStore:
                 "epoch = leader.epoch + 1, expires_at = excluded.expires_at "
                 "WHERE leader.expires_at <= ?", (holder, address, now + ttl, now))
             return self._lease(now)
+
+    async def take(self, holder: str, address: str) -> Term:
+        """One coordinator per file (its state directory is locked, so any earlier holder
+        is gone): the lease is taken whatever its expiry, for a new epoch, and never
+        lapses."""
+        def take() -> Term:
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                r = self.db.execute(
+                    "INSERT INTO leader VALUES (1, ?, ?, 1, ?) ON CONFLICT (id) DO UPDATE SET "
+                    "holder = excluded.holder, address = excluded.address, "
+                    "epoch = leader.epoch + 1, expires_at = excluded.expires_at RETURNING epoch",
+                    (holder, address, NEVER)).fetchone()
+                return Term(holder, int(r[0]))
+
+        return await self._run(take)
 
     def _lease(self, now: float) -> Lease:
         r = self.db.execute("SELECT holder, address, epoch, expires_at FROM leader").fetchone()

@@ -4,12 +4,25 @@ Typed values in, typed values out (``tether.core`` dataclasses, no protobuf), an
 errors as exceptions (``tether.core.errors`` plus ``CoordinatorUnreachable`` and
 ``TimedOut``). The `tether` CLI is built on this client; so can editors and
 orchestrators be.
+
+Several coordinators (``"a:7400,b:7400,c:7400"``): calls go to the leader. A standby
+answers with the leader's address and the client goes there; a coordinator that does
+not answer (the leader died) makes the client try the others, for up to ``failover``
+seconds, while a standby takes over. What is safe to send again is sent again (spawns
+carry an idempotency key, made up if the caller gave none; stops, keepalives and reads
+are idempotent); a signal or an adoption cut off mid-way is not, and raises
+``Interrupted`` saying so. ``watch`` resumes on the new leader from the last event it
+delivered, losing none and repeating none.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -43,6 +56,7 @@ from tether.rpc.convert import (
     spec_to_pb,
     ts,
 )
+from tether.rpc.leader import addresses, redirect_of
 from tether.rpc.security import ClientSecurity
 from tether.rpc.status import error_from_rpc
 from tether.v1 import coordinator_pb2 as cpb
@@ -61,6 +75,28 @@ class CoordinatorUnreachable(TetherError):
         self.why = why
 
 
+class Interrupted(CoordinatorUnreachable):
+    """A call that is not safe to repeat was cut off: it may or may not have been done."""
+
+    def __init__(self, address: str, what: str, why: str) -> None:
+        TetherError.__init__(
+            self, f"{what} on coordinator {address} was cut off ({why}); it may or may not "
+            "have been done: check (e.g. `tether show SESSION`) and retry if needed")
+        self.address = address
+        self.why = why
+        self.what = what
+
+
+#: Calls that may be sent again after a break, whatever happened to the first one.
+IDEMPOTENT = frozenset({"Spawn", "StopSession", "KeepAlive", "CreateSession", "GetSession",
+                        "ListSessions", "ListAgents", "ListOrphans", "GetLeader",
+                        "WatchSession", "ReadAudit"})
+#: Connection failures that mean the call never left.
+NOT_SENT = ("failed to connect", "connection refused", "name resolution", "dns resolution",
+            "no route to host")
+RETRY_MAX = 1.0
+
+
 class TimedOut(TetherError):
     def __init__(self, address: str, what: str, timeout: float | None) -> None:
         after = f" within {timeout:g} s" if timeout else ""
@@ -70,23 +106,60 @@ class TimedOut(TetherError):
         self.what = what
 
 
+@dataclass(frozen=True)
+class Leader:
+    """One coordinator's view of who leads (``AsyncClient.leader``)."""
+
+    #: The leader's address; empty while none leads.
+    leader: str
+    epoch: int
+    #: The coordinator that answered, and whether it leads.
+    address: str
+    leading: bool
+    lease_remaining: float
+    store: str
+    #: Why none leads, if none does.
+    problem: str = ""
+
+
 def default_address() -> str:
     return os.environ.get("TETHER_COORDINATOR") or DEFAULT_ADDRESS
 
 
 class AsyncClient:
-    """``async with AsyncClient() as c: await c.spawn(["sleep", "60"], session="s")``."""
+    """``async with AsyncClient() as c: await c.spawn(["sleep", "60"], session="s")``.
+
+    ``address``: one coordinator, or several comma-separated (they share a store and
+    elect a leader); ``failover``: how long to look for a leader among them."""
 
     def __init__(self, address: str | None = None, *, token: str = "", token_file: str = "",
                  tls_ca: str = "", tls_cert: str = "", tls_key: str = "",
-                 server_name: str = "", timeout: float | None = None) -> None:
-        self.address = address or default_address()
+                 server_name: str = "", timeout: float | None = None,
+                 failover: float = 30.0) -> None:
+        self.addresses = addresses(address or default_address()) or [DEFAULT_ADDRESS]
+        #: The coordinator calls go to (the leader, once found).
+        self.address = self.addresses[0]
         self.timeout = timeout
-        security = ClientSecurity(ca=tls_ca, cert=tls_cert, key=tls_key, token_file=token_file,
-                                  server_name=server_name, token=token,
-                                  options=[("grpc.max_receive_message_length", MAX_MESSAGE)])
-        self._channel = security.channel(self.address)
-        self._stub = cgrpc.CoordinatorServiceStub(self._channel)
+        self.failover = failover
+        self._security = ClientSecurity(
+            ca=tls_ca, cert=tls_cert, key=tls_key, token_file=token_file,
+            server_name=server_name, token=token,
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE)])
+        self._stubs: dict[str, cgrpc.CoordinatorServiceStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+        self._stub_at(self.address)  # a bad TLS file fails here, not at the first call
+
+    def _stub_at(self, address: str) -> cgrpc.CoordinatorServiceStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = self._security.channel(address)
+            self._channels.append(channel)
+            stub = self._stubs[address] = cgrpc.CoordinatorServiceStub(channel)
+        return stub
+
+    @property
+    def _stub(self) -> cgrpc.CoordinatorServiceStub:
+        return self._stub_at(self.address)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -95,15 +168,27 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
     async def _call(self, what: str, call: Callable[..., Awaitable[T]], request: Any,
                     timeout: float | None) -> T:
+        """One call to the leader: method ``what`` of whichever coordinator leads (``call``,
+        the current one's, names the same method)."""
         timeout = timeout if timeout is not None else self.timeout
-        try:
-            return await call(request, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise self._error(exc, what, timeout) from exc
+        deadline = None if timeout is None else time.monotonic() + timeout
+        route = _Route(self, what)
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimedOut(self.address, what, timeout)
+            try:
+                method: Callable[..., Awaitable[T]] = getattr(self._stub, what)
+                return await method(request, timeout=left)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise self._error(exc, what, timeout) from exc
+                await route.next(exc)
 
     def _error(self, exc: grpc.aio.AioRpcError, what: str, timeout: float | None
                ) -> TetherError:
@@ -126,8 +211,11 @@ class AsyncClient:
                                                                     **options)
         if not spec.session_id:
             raise InvalidSpec("spawn needs a session", field="session")
+        # A key even if the caller gave none: a retry through a failover then returns the
+        # group the first attempt started instead of starting a second one.
         req = cpb.CoordinatorSpawnRequest(agent=agent, spec=spec_to_pb(spec),
-                                          idempotency_key=idempotency_key)
+                                          idempotency_key=idempotency_key or
+                                          f"auto-{secrets.token_hex(12)}")
         deadline = timeout if timeout is not None else self.timeout or spec.start_timeout + 60
         entry = entry_from_pb(await self._call("Spawn", self._stub.Spawn, req, deadline))
         if entry.state is GroupState.FAILED and entry.view.exit is not None:
@@ -206,19 +294,33 @@ class AsyncClient:
     async def watch(self, session: str, *, initial: bool = True, since: int = 0,
                     epoch: str = "", timeout: float | None = None
                     ) -> AsyncIterator[SessionEvent]:
-        """A session's events as they happen (first its current groups, with ``initial``)."""
-        req = cpb.WatchSessionRequest(session_id=session, initial=initial, since_seq=since,
-                                      epoch=epoch)
-        stream = self._stub.WatchSession(req, timeout=timeout)
-        try:
-            async for msg in stream:
-                yield session_event_from_pb(msg)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise SessionNotFound(session) from exc
-            raise self._error(exc, "WatchSession", timeout) from exc
-        finally:
-            stream.cancel()
+        """A session's events as they happen (first its current groups, with ``initial``).
+        When the leader changes, the stream resumes on the new one after the last event
+        delivered (with a snapshot instead, marked ``initial``, if those are gone)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        route = _Route(self, "WatchSession")
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimedOut(self.address, "WatchSession", timeout)
+            req = cpb.WatchSessionRequest(session_id=session, initial=initial, since_seq=since,
+                                          epoch=epoch)
+            stream = self._stub.WatchSession(req, timeout=left)
+            try:
+                async for msg in stream:
+                    event = session_event_from_pb(msg)
+                    since, epoch, initial = event.seq, event.epoch, True
+                    route = _Route(self, "WatchSession")  # it works here: start afresh
+                    yield event
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    raise SessionNotFound(session) from exc
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise self._error(exc, "WatchSession", timeout) from exc
+                await route.next(exc)
+            finally:
+                stream.cancel()
 
     async def _session_call(self, what: str, call: Callable[..., Awaitable[T]], request: Any,
                             session: str, timeout: float | None) -> T:
@@ -241,6 +343,22 @@ class AsyncClient:
         return OrphanReport(tuple(orphan_from_pb(o) for o in reply.orphans),
                             dict(reply.unreachable))
 
+    # ------------------------------------------------------------ coordinators
+
+    async def leader(self, *, address: str = "", timeout: float | None = None) -> Leader:
+        """Which coordinator leads, as coordinator ``address`` (default: the current one)
+        sees it; asked there and nowhere else."""
+        at = address or self.address
+        try:
+            msg = await self._stub_at(at).GetLeader(cpb.GetLeaderRequest(),
+                                                    timeout=timeout or 10)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                raise CoordinatorUnreachable(at, exc.details() or "UNAVAILABLE") from exc
+            raise self._error(exc, "GetLeader", timeout) from exc
+        return Leader(msg.leader, msg.epoch, msg.address or at, msg.leading,
+                      msg.lease_remaining_seconds, msg.store, msg.problem)
+
     # ------------------------------------------------------------ audit
 
     async def audit(self, *, since: float = 0.0, limit: int = 0,
@@ -260,3 +378,41 @@ class AsyncClient:
         finally:
             stream.cancel()
 
+
+
+class _Route:
+    """Where a call goes next after ``UNAVAILABLE``: to the leader a coordinator named, to
+    the next address, or nowhere (raises)."""
+
+    def __init__(self, client: AsyncClient, what: str) -> None:
+        self.client = client
+        self.what = what
+        self.tried: set[str] = set()
+        self.backoff = 0.1
+        self.give_up = time.monotonic() + client.failover
+
+    async def next(self, exc: grpc.aio.AioRpcError) -> None:
+        c = self.client
+        address = c.address
+        details = exc.details() or exc.code().name
+        answered, leader, interrupted = redirect_of(exc)
+        sent = (answered and interrupted) or (not answered and not any(
+            hint in details.lower() for hint in NOT_SENT))
+        if sent and self.what not in IDEMPOTENT:
+            raise Interrupted(address, self.what, details)
+        self.tried.add(address)
+        if answered and leader and leader not in self.tried:
+            c.address = leader
+            return
+        if c.addresses == [address] and not answered:  # one coordinator, and it is gone
+            raise CoordinatorUnreachable(address, details)
+        if time.monotonic() >= self.give_up:
+            names = ", ".join(c.addresses)
+            raise CoordinatorUnreachable(names, f"no leader found within {c.failover:g} s; "
+                                         f"last: {address}: {details}; retry")
+        ring = c.addresses if address in c.addresses else [*c.addresses, address]
+        c.address = ring[(ring.index(address) + 1) % len(ring)]
+        if c.address in self.tried:  # a full round: give the standbys time to take over
+            self.tried.clear()
+            await asyncio.sleep(self.backoff)
+            self.backoff = min(self.backoff * 2, RETRY_MAX)

@@ -336,3 +336,25 @@ class AuditEvent(_message.Message):
     agent: str
     details: _containers.ScalarMap[str, str]
     def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., method: _Optional[str] = ..., role: _Optional[str] = ..., credential: _Optional[str] = ..., proof: _Optional[str] = ..., peer: _Optional[str] = ..., result: _Optional[str] = ..., message: _Optional[str] = ..., session_id: _Optional[str] = ..., group_id: _Optional[str] = ..., agent: _Optional[str] = ..., details: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class GetLeaderRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LeaderInfo(_message.Message):
+    __slots__ = ("leader", "epoch", "address", "leading", "lease_remaining_seconds", "store", "problem")
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LEADING_FIELD_NUMBER: _ClassVar[int]
+    LEASE_REMAINING_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    leader: str
+    epoch: int
+    address: str
+    leading: bool
+    lease_remaining_seconds: float
+    store: str
+    problem: str
+    def __init__(self, leader: _Optional[str] = ..., epoch: _Optional[int] = ..., address: _Optional[str] = ..., leading: _Optional[bool] = ..., lease_remaining_seconds: _Optional[float] = ..., store: _Optional[str] = ..., problem: _Optional[str] = ...) -> None: ...

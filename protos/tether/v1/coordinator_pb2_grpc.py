@@ -105,6 +105,11 @@ class CoordinatorServiceStub:
                 request_serializer=tether_dot_v1_dot_coordinator__pb2.ReadAuditRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_coordinator__pb2.AuditEvent.FromString,
                 _registered_method=True)
+        self.GetLeader = channel.unary_unary(
+                '/tether.v1.CoordinatorService/GetLeader',
+                request_serializer=tether_dot_v1_dot_coordinator__pb2.GetLeaderRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_coordinator__pb2.LeaderInfo.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -196,6 +201,16 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLeader(self, request, context):
+        """Which coordinator leads, as this one knows it (standbys answer too). With several
+        coordinators on one store, a standby answers every call but GetSession, ListSessions,
+        ListAgents and this one with UNAVAILABLE and the leader's address in the trailer
+        `tether-leader`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -268,6 +283,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ReadAudit,
                     request_deserializer=tether_dot_v1_dot_coordinator__pb2.ReadAuditRequest.FromString,
                     response_serializer=tether_dot_v1_dot_coordinator__pb2.AuditEvent.SerializeToString,
+            ),
+            'GetLeader': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLeader,
+                    request_deserializer=tether_dot_v1_dot_coordinator__pb2.GetLeaderRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_coordinator__pb2.LeaderInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -648,6 +668,33 @@ class CoordinatorService:
             '/tether.v1.CoordinatorService/ReadAudit',
             tether_dot_v1_dot_coordinator__pb2.ReadAuditRequest.SerializeToString,
             tether_dot_v1_dot_coordinator__pb2.AuditEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLeader(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.CoordinatorService/GetLeader',
+            tether_dot_v1_dot_coordinator__pb2.GetLeaderRequest.SerializeToString,
+            tether_dot_v1_dot_coordinator__pb2.LeaderInfo.FromString,
             options,
             channel_credentials,
             insecure,
