@@ -15,13 +15,15 @@ from typing import Any
 from tether.coordinator.model import TrackedGroup
 from tether.coordinator.sessions import MAX_PAGE, _order, _parse_token, _token
 from tether.coordinator.store import Snapshot, Store
-from tether.core.errors import InvalidSpec, SessionNotFound
+from tether.core.errors import InvalidSpec, SessionNotFound, StoreUnavailable
 from tether.core.sessions import AgentState, GroupEntry, Session, SessionState, SessionView
 from tether.rpc.convert import agent_to_pb, session_to_pb
 from tether.rpc.status import unary
 from tether.v1 import coordinator_pb2 as cpb
 
 FRESH = 1.0
+#: A read the store does not answer this fast fails (the client tries elsewhere).
+READ_TIMEOUT = 3.0
 
 
 class StoreView:
@@ -83,7 +85,13 @@ class StandbyReads:
         async with self._lock:
             if self._view is None or time.monotonic() - self._at > self.fresh:
                 at = time.monotonic()
-                self._view = StoreView(await self.store.load(), self.agent_ttl)
+                try:
+                    async with asyncio.timeout(READ_TIMEOUT):
+                        snap = await self.store.load()
+                except TimeoutError:
+                    raise StoreUnavailable(self.store.where, f"no answer within "
+                                           f"{READ_TIMEOUT:g} s") from None
+                self._view = StoreView(snap, self.agent_ttl)
                 self._at = at
             return self._view
 

@@ -59,6 +59,7 @@ LET_THROUGH: dict[str, set[str]] = {
     "CoordinatorService/WatchSession": {"operator", "reader"},
     "CoordinatorService/ListOrphans": {"operator"},
     "CoordinatorService/ReadAudit": set(),
+    "CoordinatorService/GetLeader": {"operator", "reader"},
     "AgentService/Spawn": {"coordinator"},
     "AgentService/Adopt": {"coordinator"},
     "AgentService/Signal": {"coordinator"},

@@ -464,6 +464,7 @@ HELP_MENTIONS = {
     "up": ["file", "--session", "--add", "--parallel"],
     "config": ["check", "file"],
     "audit": ["--since", "--limit"],
+    "coordinators": [],
 }
 CLIENT = {"spawn", "adopt", "signal", "stop", "sessions", "show", "agents", "orphans", "watch",
           "keepalive", "up", "audit"}

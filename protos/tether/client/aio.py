@@ -23,7 +23,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -75,6 +75,14 @@ class CoordinatorUnreachable(TetherError):
         self.why = why
 
 
+class LeaderMoved(Exception):
+    """Raised inside the client: another coordinator leads now than the one being called."""
+
+    def __init__(self, leader: str) -> None:
+        super().__init__(leader)
+        self.leader = leader
+
+
 class Interrupted(CoordinatorUnreachable):
     """A call that is not safe to repeat was cut off: it may or may not have been done."""
 
@@ -95,6 +103,9 @@ IDEMPOTENT = frozenset({"Spawn", "StopSession", "KeepAlive", "CreateSession", "G
 NOT_SENT = ("failed to connect", "connection refused", "name resolution", "dns resolution",
             "no route to host")
 RETRY_MAX = 1.0
+#: A call to one of several coordinators taking longer than this makes the client ask the
+#: others who leads (a paused leader answers nothing, not even HTTP/2 pings).
+PROBE_EVERY = 2.0
 
 
 class TimedOut(TetherError):
@@ -141,10 +152,17 @@ class AsyncClient:
         self.address = self.addresses[0]
         self.timeout = timeout
         self.failover = failover
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", MAX_MESSAGE)]
+        if len(self.addresses) > 1:
+            # HTTP/2 pings: a leader that stops answering (paused, cut off) fails the call
+            # in seconds, and the client looks for the next leader, instead of waiting out
+            # the whole deadline.
+            options += [("grpc.keepalive_time_ms", 2000), ("grpc.keepalive_timeout_ms", 2000),
+                        ("grpc.keepalive_permit_without_calls", 1),
+                        ("grpc.http2.max_pings_without_data", 0)]
         self._security = ClientSecurity(
             ca=tls_ca, cert=tls_cert, key=tls_key, token_file=token_file,
-            server_name=server_name, token=token,
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE)])
+            server_name=server_name, token=token, options=options)
         self._stubs: dict[str, cgrpc.CoordinatorServiceStub] = {}
         self._channels: list[grpc.aio.Channel] = []
         self._stub_at(self.address)  # a bad TLS file fails here, not at the first call
@@ -181,14 +199,52 @@ class AsyncClient:
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise TimedOut(self.address, what, timeout)
+                route.timed_out(timeout)
+            address = self.address
             try:
-                method: Callable[..., Awaitable[T]] = getattr(self._stub, what)
-                return await method(request, timeout=left)
+                method: Callable[..., Any] = getattr(self._stub, what)
+                pending = method(request, timeout=left)
+                if len(self.addresses) == 1:
+                    return await pending  # type: ignore[no-any-return]
+                return await self._watched(pending, address)  # type: ignore[no-any-return]
             except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    route.timed_out(timeout)
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise self._error(exc, what, timeout) from exc
                 await route.next(exc)
+            except LeaderMoved as moved:
+                route.moved(address, moved.leader)
+
+    async def _watched(self, call: Any, address: str) -> Any:
+        """Await a call to ``address``; while it takes long, ask the other coordinators
+        whether another one leads now (``address`` paused or cut off: its lease lapsed and
+        a standby took over), and if so give up on it (``LeaderMoved``)."""
+        task = asyncio.ensure_future(call)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=PROBE_EVERY)
+                if done:
+                    return task.result()
+                leader = await self._leader_elsewhere(address)
+                if leader:
+                    raise LeaderMoved(leader)  # the task (and with it the call) is cancelled
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def _leader_elsewhere(self, address: str) -> str:
+        """Another leader than ``address``, as some other coordinator names it, or ""."""
+        async def ask(other: str) -> str:
+            try:
+                info = await self._stub_at(other).GetLeader(cpb.GetLeaderRequest(),
+                                                            timeout=PROBE_EVERY / 2)
+            except grpc.aio.AioRpcError:
+                return ""
+            return str(info.leader) if info.leader and info.leader != address else ""
+
+        found = await asyncio.gather(*(ask(a) for a in self.addresses if a != address))
+        return next((f for f in found if f), "")
 
     def _error(self, exc: grpc.aio.AioRpcError, what: str, timeout: float | None
                ) -> TetherError:
@@ -302,17 +358,22 @@ class AsyncClient:
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise TimedOut(self.address, "WatchSession", timeout)
+                route.timed_out(timeout)
             req = cpb.WatchSessionRequest(session_id=session, initial=initial, since_seq=since,
                                           epoch=epoch)
+            address = self.address
             stream = self._stub.WatchSession(req, timeout=left)
             try:
-                async for msg in stream:
+                while True:
+                    msg = await self._next_message(stream, address)
+                    if msg is None:
+                        return
                     event = session_event_from_pb(msg)
                     since, epoch, initial = event.seq, event.epoch, True
                     route = _Route(self, "WatchSession")  # it works here: start afresh
                     yield event
-                return
+            except LeaderMoved as moved:
+                route.moved(address, moved.leader)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     raise SessionNotFound(session) from exc
@@ -321,6 +382,16 @@ class AsyncClient:
                 await route.next(exc)
             finally:
                 stream.cancel()
+
+    async def _next_message(self, stream: Any, address: str) -> Any:
+        """The next message of a stream from ``address`` (None at its end). With several
+        coordinators, a quiet stream makes the client check that ``address`` still leads
+        (``LeaderMoved`` if not: a paused leader's stream is quiet forever)."""
+        if len(self.addresses) == 1:
+            msg = await stream.read()
+        else:
+            msg = await self._watched(stream.read(), address)
+        return None if msg is grpc.aio.EOF else msg
 
     async def _session_call(self, what: str, call: Callable[..., Awaitable[T]], request: Any,
                             session: str, timeout: float | None) -> T:
@@ -390,11 +461,27 @@ class _Route:
         self.tried: set[str] = set()
         self.backoff = 0.1
         self.give_up = time.monotonic() + client.failover
+        self.last = ""
+
+    def timed_out(self, timeout: float | None) -> NoReturn:
+        if self.last:  # looking for a leader all along: say why none answered
+            raise CoordinatorUnreachable(", ".join(self.client.addresses),
+                                         f"no leader answered within {timeout:g} s; last: "
+                                         f"{self.last}")
+        raise TimedOut(self.client.address, self.what, timeout)
+
+    def moved(self, address: str, leader: str) -> None:
+        """The call to ``address`` was abandoned: ``leader`` leads now."""
+        self.last = f"{address}: another coordinator ({leader}) leads now"
+        if self.what not in IDEMPOTENT:
+            raise Interrupted(address, self.what, f"{leader} leads now")
+        self.client.address = leader
 
     async def next(self, exc: grpc.aio.AioRpcError) -> None:
         c = self.client
         address = c.address
         details = exc.details() or exc.code().name
+        self.last = f"{address}: {details}"
         answered, leader, interrupted = redirect_of(exc)
         sent = (answered and interrupted) or (not answered and not any(
             hint in details.lower() for hint in NOT_SENT))
