@@ -26,10 +26,6 @@ from typing import Any
 import grpc
 import pytest
 
-from tether.client import Client
-from tether.core.errors import TetherError
-from tether.v1 import agent_pb2 as apb
-from tether.v1 import agent_pb2_grpc as agrpc
 from tests.plugins.postgres import PASSWORD, PgCluster, private_cluster
 from tests.plugins.processes import (
     Daemon,
@@ -38,6 +34,10 @@ from tests.plugins.processes import (
     stop_daemon,
     wait_until,
 )
+from tether.client import Client
+from tether.core.errors import TetherError
+from tether.v1 import agent_pb2 as apb
+from tether.v1 import agent_pb2_grpc as agrpc
 
 LEASE = 2.0
 AGENT_TTL = 3.0
@@ -247,7 +247,7 @@ def test_a_stop_of_1000_groups_survives_the_leader_killed_in_its_middle(ha: HA) 
     seqs = [e.seq for e in watched if e.kind.value != "initial"]
     assert seqs == sorted(set(seqs)), "events in order, none twice"
     assert ended_ids(watched) >= set(groups), "every group's end reached the watcher"
-    assert f"resuming the stop of session 'big'" in second.log()
+    assert "resuming the stop of session 'big'" in second.log()
 
 
 def ended_ids(events: list[Any]) -> set[str]:
