@@ -102,7 +102,8 @@ IDEMPOTENT = frozenset({"Spawn", "StopSession", "KeepAlive", "CreateSession", "G
 #: Connection failures that mean the call never left.
 NOT_SENT = ("failed to connect", "connection refused", "name resolution", "dns resolution",
             "no route to host")
-RETRY_MAX = 1.0
+#: Between rounds over every address while none leads: a takeover is found within this.
+RETRY_MAX = 0.25
 #: A call to one of several coordinators taking longer than this makes the client ask the
 #: others who leads (a paused leader answers nothing, not even HTTP/2 pings).
 PROBE_EVERY = 2.0
@@ -459,7 +460,7 @@ class _Route:
         self.client = client
         self.what = what
         self.tried: set[str] = set()
-        self.backoff = 0.1
+        self.backoff = 0.05
         self.give_up = time.monotonic() + client.failover
         self.last = ""
 
