@@ -75,7 +75,7 @@ async def leader_of(addresses: str) -> str:
             for a in addresses.split(","):
                 try:
                     info = await c.leader(address=a, timeout=2)
-                except Exception:  # noqa: BLE001 - a dead one: ask the next
+                except Exception:  # a dead one: ask the next
                     continue
                 if info.leading:
                     return a
@@ -151,7 +151,7 @@ async def compare(root: Path, url: str, rounds: int, n: int, ttl: float
     setups["PostgreSQL"] = (pg, agent(root, "tp", addresses), "tp")
     out: dict[str, list[tuple[float, float]]] = {k: [] for k in setups}
     try:
-        for kind, (cs, _, name) in setups.items():
+        for cs, _, name in setups.values():
             await wait_agent(",".join(d.address for d in cs), name)
         for r in range(rounds):
             for kind, (cs, _, name) in setups.items():
@@ -200,7 +200,7 @@ def main() -> None:
     for i, what in ((0, "spawns"), (1, "stops")):
         sq, pg = med("SQLite", i), med("PostgreSQL", i)
         print(f"| {what} per second, {n} groups, SQLite / PostgreSQL (median of {rounds}) | "
-              f"{sq:.0f} / {pg:.0f} ({pg / sq:.2f}×) |")
+              f"{sq:.0f} / {pg:.0f} ({pg / sq:.2f}x) |")
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] = {"lease": args.lease, "failover_seconds": fo,
