@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.plugins.postgres import PASSWORD, PgCluster, private_cluster
+from tests.plugins.postgres import PASSWORD, Bouncer, PgCluster, private_cluster
 from tests.plugins.processes import (
     Daemon,
     marked_alive,
@@ -499,6 +499,28 @@ def test_postgresql_restarted_under_load_loses_nothing_acknowledged(tmp_path: Pa
             assert failures == [], failures
         finally:
             ha.close()
+
+
+def test_coordinators_behind_pgbouncer_in_transaction_mode_fail_over(
+        tmp_path: Path, pg_cluster: PgCluster, pg_url: str, pg_bouncer: Bouncer) -> None:
+    """Every transaction may land on another server connection: leadership, fenced
+    writes and a takeover work without any session state."""
+    ha = HA(tmp_path, pg_cluster, pg_bouncer.url(pg_url.rsplit("/", 1)[1]))
+    try:
+        first = ha.start_coordinator()
+        ha.start_coordinator()
+        assert ha.wait_leader() is first
+        ha.start_agent("a")
+        ha.wait_agents_up()
+        res = ha.cli("spawn", "--session", "b", "--", "sleep", "300")
+        assert res.returncode == 0, res.stderr
+        ha.kill(first)
+        res = ha.cli("stop", "b", "-o", "json")
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["groups"][0]["survivors"] == 0
+        assert live(ha) == set()
+    finally:
+        ha.close()
 
 
 def test_a_store_url_with_a_password_is_never_logged(ha: HA) -> None:

@@ -25,7 +25,8 @@ from tether.core.errors import NotLeader, StateFileError, StoreUnavailable
 from tether.core.model import Containment, EventKind, GroupSpec, GroupState, GroupView
 from tether.core.sessions import AgentInfo, GroupEntry, Session, SessionEvent, StopIntent
 
-KINDS = ["sqlite", "postgresql"]
+#: PostgreSQL directly, and behind PgBouncer in transaction mode (no session state).
+KINDS = ["sqlite", "postgresql", "pgbouncer"]
 
 
 @pytest.fixture(params=KINDS)
@@ -45,6 +46,8 @@ def open_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest
 
         return sqlite  # type: ignore[return-value]
     url = request.getfixturevalue("pg_url")
+    if kind == "pgbouncer":
+        url = request.getfixturevalue("pg_bouncer").url(url.rsplit("/", 1)[1])
     from tether.coordinator.postgres_store import PostgresStore
 
     async def postgres() -> Store:

@@ -180,3 +180,69 @@ def pg_url(pg_cluster: PgCluster) -> Iterator[str]:
         yield pg_cluster.url(name)
     finally:
         pg_cluster.drop_database(name)
+
+
+@dataclass
+class Bouncer:
+    """PgBouncer in transaction mode in front of a cluster: every transaction may run on
+    another server connection, so nothing may rely on session state."""
+
+    cluster: PgCluster
+    root: Path
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    def url(self, database: str) -> str:
+        return f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{self.port}/{database}"
+
+
+def start_bouncer(cluster: PgCluster) -> Bouncer:
+    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    require(os.path.exists(binary), "needs pgbouncer (Debian package pgbouncer; "
+            ".ci/install-deps installs it)")
+    root = cluster.root / "bouncer"
+    root.mkdir()
+    port = _free_port()
+    (root / "users.txt").write_text(f'"{USER}" "{PASSWORD}"\n')
+    (root / "pgbouncer.ini").write_text(f"""[databases]
+* = host=127.0.0.1 port={cluster.port}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = {root / "users.txt"}
+pool_mode = transaction
+default_pool_size = 4
+logfile = {root / "pgbouncer.log"}
+""")
+    if cluster.run_as:
+        for path in (root, root / "users.txt", root / "pgbouncer.ini"):
+            os.chown(path, cluster.run_as["user"], cluster.run_as["group"])
+    proc = subprocess.Popen([binary, str(root / "pgbouncer.ini")], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            **cluster.run_as)
+    import socket
+    import time
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return Bouncer(cluster, root, port, proc)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    log = (root / "pgbouncer.log")
+    raise AssertionError(f"pgbouncer did not start: {log.read_text() if log.exists() else ''}")
+
+
+@pytest.fixture(scope="session")
+def pg_bouncer(pg_cluster: PgCluster) -> Iterator[Bouncer]:
+    bouncer = start_bouncer(pg_cluster)
+    try:
+        yield bouncer
+    finally:
+        bouncer.proc.terminate()
+        bouncer.proc.wait(10)
