@@ -146,8 +146,8 @@ class AgentRuntime:
         path = (Path(config.state_dir) / f"coordinator-epoch-{safe_name(config.name)}.json"
                 if config.state_dir else None)
         fence = Fence(config.name, path, on_refused=refused.inc)
-        Gauge("tether_coordinator_epoch", "The newest coordinator epoch this agent obeys (0: "
-              "none seen).", registry=self.registry).set_function(lambda: fence.newest)
+        Gauge("tether_obeyed_coordinator_epoch", "The newest coordinator epoch this agent "
+              "obeys (0: none seen).", registry=self.registry).set_function(lambda: fence.newest)
         return fence
 
     @property
