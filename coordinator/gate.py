@@ -1,10 +1,11 @@
 """Which coordinator answers a call: the leader serves, a standby redirects.
 
 A server interceptor in front of CoordinatorService, after authentication. While this
-coordinator leads (and has loaded the state), calls go through. Otherwise reads
-(``GetSession``, ``ListSessions``, ``ListAgents``) are answered from the store
-(``standby.py``) and every other call gets ``UNAVAILABLE`` with the leader's address in
-the ``tether-leader`` trailer: clients go there (``tether.rpc.leader``).
+coordinator leads (and has loaded the state), calls go through. Otherwise every call
+gets ``UNAVAILABLE`` with the leader's address in the ``tether-leader`` trailer, and
+clients go there (``tether.rpc.leader``); reads (``GetSession``, ``ListSessions``,
+``ListAgents``) from a client that could not reach the leader (``tether-stale-ok``)
+are answered from the store (``standby.py``).
 
 Redirect, not forward: a forwarded call would reach the leader under the standby's
 credential, not the caller's (roles, name bindings and the audit log are per caller,
@@ -27,7 +28,12 @@ from typing import Any, Protocol
 import grpc
 
 from tether.coordinator.leader import Leadership
-from tether.rpc.leader import INTERRUPTED_TRAILER, LEADER_TRAILER, REDIRECTED
+from tether.rpc.leader import (
+    INTERRUPTED_TRAILER,
+    LEADER_TRAILER,
+    REDIRECTED,
+    STALE_OK_HEADER,
+)
 from tether.rpc.security import handler_kind
 from tether.v1 import coordinator_pb2 as cpb
 
@@ -105,7 +111,10 @@ class LeaderGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return grpc.unary_unary_rpc_method_handler(
                 leader_info, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
-        read = control.reads.get(name)
+        # A standby answers a read itself only for a client that could not reach the
+        # leader: everyone else reads from the leader what they just wrote there.
+        stale_ok = any(k == STALE_OK_HEADER for k, _ in details.invocation_metadata or ())
+        read = control.reads.get(name) if stale_ok else None
 
         if kind == "unary_unary":
             inner = handler.unary_unary

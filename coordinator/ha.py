@@ -114,6 +114,7 @@ class Controller:
             log.error("taking over as leader (epoch %d): cannot load the state: %s",
                       lead.epoch, exc)
             self.campaign.lose(lead, f"cannot load the state: {exc}", release=True)
+            self.campaign.hold_off(2 * self.campaign.ttl)  # let another one try
             return
         if not lead.valid():
             return

@@ -138,6 +138,7 @@ class Campaign:
         self._wake = asyncio.Event()
         self._lost: list[tuple[Leadership, str, bool]] = []
         self._error_logged = 0.0
+        self._not_before = 0.0
 
     @property
     def leader_address(self) -> str:
@@ -178,7 +179,14 @@ class Campaign:
             log.error("%s: %s", what, exc)
             self._error_logged = now
 
+    def hold_off(self, seconds: float) -> None:
+        """Do not campaign for ``seconds`` (this coordinator could not take over)."""
+        self._not_before = time.monotonic() + seconds
+
     async def _campaign(self) -> None:
+        if time.monotonic() < self._not_before:
+            await self._nap(self._not_before - time.monotonic())
+            return
         t0 = time.monotonic()
         try:
             async with asyncio.timeout(self.ttl):

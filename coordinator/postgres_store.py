@@ -241,6 +241,14 @@ class PostgresStore:
     async def load(self) -> Snapshot:
         async def read(conn: psycopg.AsyncConnection[Any]) -> Snapshot:
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            cur = await conn.execute("SELECT value FROM tether_meta "
+                                     "WHERE key = 'schema_version'")
+            version = int(((await cur.fetchone()) or ("0",))[0])
+            if version > VERSION:  # a newer tether migrated it since this one started
+                raise SchemaTooNew(
+                    self.where, f"its schema version {version} is newer than this tether "
+                    f"knows ({VERSION})", "upgrade this coordinator: a newer one migrated "
+                    "the database since it started")
 
             async def all_of(sql: str, *args: Any) -> list[Any]:
                 cur = await conn.execute(sql, args or None)

@@ -56,7 +56,7 @@ from tether.rpc.convert import (
     spec_to_pb,
     ts,
 )
-from tether.rpc.leader import addresses, redirect_of
+from tether.rpc.leader import READS, STALE_OK_HEADER, addresses, redirect_of
 from tether.rpc.security import ClientSecurity
 from tether.rpc.status import error_from_rpc
 from tether.v1 import coordinator_pb2 as cpb
@@ -81,6 +81,10 @@ class LeaderMoved(Exception):
     def __init__(self, leader: str) -> None:
         super().__init__(leader)
         self.leader = leader
+
+
+class Unresponsive(Exception):
+    """Raised inside the client: a coordinator did not answer a read in time."""
 
 
 class Interrupted(CoordinatorUnreachable):
@@ -204,10 +208,11 @@ class AsyncClient:
             address = self.address
             try:
                 method: Callable[..., Any] = getattr(self._stub, what)
-                pending = method(request, timeout=left)
-                if len(self.addresses) == 1:
+                pending = method(request, timeout=left, metadata=route.metadata())
+                if not self._several(address):
                     return await pending  # type: ignore[no-any-return]
-                return await self._watched(pending, address)  # type: ignore[no-any-return]
+                return await self._watched(  # type: ignore[no-any-return]
+                    pending, address, impatient=what in READS)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     route.timed_out(timeout)
@@ -216,17 +221,26 @@ class AsyncClient:
                 await route.next(exc)
             except LeaderMoved as moved:
                 route.moved(address, moved.leader)
+            except Unresponsive:
+                await route.unresponsive(address)
 
-    async def _watched(self, call: Any, address: str) -> Any:
+    def _several(self, address: str) -> bool:
+        """Whether another coordinator than ``address`` could answer."""
+        return len(self.addresses) > 1 or address not in self.addresses
+
+    async def _watched(self, call: Any, address: str, impatient: bool = False) -> Any:
         """Await a call to ``address``; while it takes long, ask the other coordinators
         whether another one leads now (``address`` paused or cut off: its lease lapsed and
-        a standby took over), and if so give up on it (``LeaderMoved``)."""
+        a standby took over), and if so give up on it (``LeaderMoved``). ``impatient``
+        (a read): give up after ``PROBE_EVERY`` (``Unresponsive``): a standby answers it."""
         task = asyncio.ensure_future(call)
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=PROBE_EVERY)
                 if done:
                     return task.result()
+                if impatient:
+                    raise Unresponsive(address)
                 leader = await self._leader_elsewhere(address)
                 if leader:
                     raise LeaderMoved(leader)  # the task (and with it the call) is cancelled
@@ -388,7 +402,7 @@ class AsyncClient:
         """The next message of a stream from ``address`` (None at its end). With several
         coordinators, a quiet stream makes the client check that ``address`` still leads
         (``LeaderMoved`` if not: a paused leader's stream is quiet forever)."""
-        if len(self.addresses) == 1:
+        if not self._several(address):
             msg = await stream.read()
         else:
             msg = await self._watched(stream.read(), address)
@@ -463,6 +477,11 @@ class _Route:
         self.backoff = 0.05
         self.give_up = time.monotonic() + client.failover
         self.last = ""
+        #: The leader could not be reached: a standby may answer a read from the store.
+        self.stale_ok = False
+
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return ((STALE_OK_HEADER, "1"),) if self.stale_ok and self.what in READS else None
 
     def timed_out(self, timeout: float | None) -> NoReturn:
         if self.last:  # looking for a leader all along: say why none answered
@@ -474,9 +493,18 @@ class _Route:
     def moved(self, address: str, leader: str) -> None:
         """The call to ``address`` was abandoned: ``leader`` leads now."""
         self.last = f"{address}: another coordinator ({leader}) leads now"
+        self.stale_ok = True
         if self.what not in IDEMPOTENT:
             raise Interrupted(address, self.what, f"{leader} leads now")
         self.client.address = leader
+
+    async def unresponsive(self, address: str) -> None:
+        """``address`` did not answer a read in time: any coordinator may answer it."""
+        self.last = f"{address}: no answer within {PROBE_EVERY:g} s"
+        self.stale_ok = True
+        if time.monotonic() >= self.give_up:
+            raise CoordinatorUnreachable(", ".join(self.client.addresses), self.last)
+        await self._rotate(address)
 
     async def next(self, exc: grpc.aio.AioRpcError) -> None:
         c = self.client
@@ -489,6 +517,8 @@ class _Route:
         if sent and self.what not in IDEMPOTENT:
             raise Interrupted(address, self.what, details)
         self.tried.add(address)
+        if not answered or not leader:
+            self.stale_ok = True
         if answered and leader and leader not in self.tried:
             c.address = leader
             return
@@ -498,6 +528,11 @@ class _Route:
             names = ", ".join(c.addresses)
             raise CoordinatorUnreachable(names, f"no leader found within {c.failover:g} s; "
                                          f"last: {address}: {details}; retry")
+        await self._rotate(address)
+
+    async def _rotate(self, address: str) -> None:
+        c = self.client
+        self.tried.add(address)
         ring = c.addresses if address in c.addresses else [*c.addresses, address]
         c.address = ring[(ring.index(address) + 1) % len(ring)]
         if c.address in self.tried:  # a full round: give the standbys time to take over

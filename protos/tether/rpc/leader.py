@@ -7,6 +7,8 @@
   coordinator that answered knows it (empty: none leads right now). A standby answers
   so instead of serving the call; a leader that stepped down mid-call too, with
   ``tether-interrupted: 1`` (the call may have been partly done).
+* ``tether-stale-ok: 1`` (request header of a read): the client could not reach the
+  leader; a standby may answer from the store (at most a second old).
 
 Clients (the SDK, the CLI, agents registering) follow ``tether-leader``; given several
 coordinator addresses they also try the others when one does not answer.
@@ -22,6 +24,12 @@ EPOCH_HEADER = "tether-epoch"
 FENCE_TRAILER = "tether-fence"
 LEADER_TRAILER = "tether-leader"
 INTERRUPTED_TRAILER = "tether-interrupted"
+#: Request header of a read a client may have answered from the store by a standby
+#: (it could not reach the leader): without it, a standby sends reads to the leader too,
+#: so a client reads what it just wrote.
+STALE_OK_HEADER = "tether-stale-ok"
+#: The reads a standby answers from the store (with ``STALE_OK_HEADER``).
+READS = frozenset({"GetSession", "ListSessions", "ListAgents"})
 
 #: Set while serving a call that a standby turned away: the audit log skips it (nothing
 #: was done here; the leader audits the call when the client makes it there).
