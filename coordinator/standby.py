@@ -22,8 +22,9 @@ from tether.rpc.status import unary
 from tether.v1 import coordinator_pb2 as cpb
 
 FRESH = 1.0
-#: A read the store does not answer this fast fails (the client tries elsewhere).
-READ_TIMEOUT = 3.0
+#: A read the store does not answer this fast fails, naming the store (well within the
+#: 2 s a client waits for a read before it asks another coordinator).
+READ_TIMEOUT = 1.5
 
 
 class StoreView:

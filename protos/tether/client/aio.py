@@ -69,8 +69,12 @@ T = TypeVar("T")
 
 class CoordinatorUnreachable(TetherError):
     def __init__(self, address: str, why: str) -> None:
-        super().__init__(f"coordinator {address} is unreachable ({why}); start it with "
-                         "`tether serve` or point --coordinator / TETHER_COORDINATOR at it")
+        if "," in address:  # several coordinators sharing a store
+            super().__init__(f"no leader among coordinators {address} ({why}); see "
+                             "`tether coordinators` for each one's view, and retry")
+        else:
+            super().__init__(f"coordinator {address} is unreachable ({why}); start it with "
+                             "`tether serve` or point --coordinator / TETHER_COORDINATOR at it")
         self.address = address
         self.why = why
 
