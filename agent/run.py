@@ -15,18 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 import tether
 from tether.agent import identity, users
 from tether.agent import plugins as plugin_registry
 from tether.agent.authority import Authority
 from tether.agent.capacity import Capacity, raise_fd_limit
+from tether.agent.fence import Fence, FenceInterceptor
 from tether.agent.hooks import HookChain, Hooks
 from tether.agent.metrics import AgentMetrics, serve_metrics
 from tether.agent.orphans import OrphanReaper
 from tether.agent.plugins import Plugins
 from tether.agent.ports import PortBook
+from tether.agent.registration import Registration
 from tether.agent.service import AgentServicer, add_to_server
 from tether.agent.state import AgentStore
 from tether.core.audit import AuditLog
@@ -116,6 +118,7 @@ class AgentRuntime:
                                             instance=self.instance.marker)
             self.signallers = Signallers(self.context)
             self.local = LocalSignaller(self.context)
+            self.fence = self._fence(config)
         except BaseException:
             if self.store is not None:
                 self.store.close_now()
@@ -154,6 +157,17 @@ class AgentRuntime:
         self.metrics_port = 0
         self._metrics_server: Any = None
         self._register_task: asyncio.Task[None] | None = None
+
+    def _fence(self, config: AgentConfig) -> Fence:
+        refused = Counter("tether_fenced_calls", "Calls refused because they came from a "
+                          "coordinator epoch older than the newest this agent obeys (a "
+                          "replaced leader).", registry=self.registry)
+        path = (Path(config.state_dir) / f"coordinator-epoch-{safe_name(config.name)}.json"
+                if config.state_dir else None)
+        fence = Fence(config.name, path, on_refused=refused.inc)
+        Gauge("tether_obeyed_coordinator_epoch", "The newest coordinator epoch this agent "
+              "obeys (0: none seen).", registry=self.registry).set_function(lambda: fence.newest)
+        return fence
 
     @property
     def address(self) -> str:
@@ -255,36 +269,18 @@ class AgentRuntime:
                 self._register_loop(), name="register")
 
     async def _register_loop(self) -> None:
+        """Register with the coordinator (the leader, when several are given) and beat."""
         from tether.v1 import coordinator_pb2 as cpb
-        from tether.v1 import coordinator_pb2_grpc as cgrpc
 
-        advertise = self.config.advertise or self.address
         request = cpb.RegisterAgentRequest(
-            name=self.config.name, address=advertise, version=tether.__version__,
-            containment=CONTAINMENT_TO_PB[self.local.containment], epoch=self.epoch,
-            instance=self.instance.marker)
-        backoff = 0.2
-        dial = self.config.dial.loaded()  # read the token once, checked as a daemon's
-        async with dial.channel(self.config.coordinator) as channel:
-            stub = cgrpc.CoordinatorServiceStub(channel)
-            while True:
-                try:
-                    reply = await stub.RegisterAgent(request, timeout=5)
-                    log.info("registered with coordinator %s as %r (%s)", self.config.coordinator,
-                             self.config.name, advertise)
-                    backoff = 0.2
-                    while True:
-                        await asyncio.sleep(reply.heartbeat_interval_seconds)
-                        beat = await stub.Heartbeat(
-                            cpb.HeartbeatRequest(name=self.config.name, epoch=self.epoch),
-                            timeout=5)
-                        if not beat.known:
-                            break
-                except grpc.aio.AioRpcError as exc:
-                    log.warning("coordinator %s: %s; retrying in %.1f s", self.config.coordinator,
-                                exc.details() or exc.code().name, backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
+            name=self.config.name, address=self.config.advertise or self.address,
+            version=tether.__version__, containment=CONTAINMENT_TO_PB[self.local.containment],
+            epoch=self.epoch, instance=self.instance.marker)
+        registration = Registration(self.config.coordinator, self.config.dial, request)
+        try:
+            await registration.run()
+        finally:
+            await registration.close()
 
     async def shutdown(self, server: grpc.aio.Server | None) -> None:
         """Ordered: stop RPCs, stop kill-policy groups, stop watchers, close, stop metrics.
@@ -355,7 +351,8 @@ async def run_agent(config: AgentConfig, shutdown: Shutdown,
         audit = AuditLog(Path(config.state_dir) / "audit.jsonl" if config.state_dir else None)
         server, runtime.port, _ = await start_server(
             config.listen, runtime.registrations(), ["tether.v1.AgentService"], config.tls,
-            config.insecure, auth=config.auth, audit=audit, label="this agent")
+            config.insecure, [FenceInterceptor(runtime.fence)], auth=config.auth, audit=audit,
+            label="this agent")
         await runtime.start_metrics()
         # Recover and sweep before announcing: a client must not race the first sweep.
         await runtime.start_background()

@@ -21,7 +21,8 @@ from tether.coordinator.agents import Agents
 from tether.coordinator.fanout import Fanout
 from tether.coordinator.model import InFlight, TrackedGroup
 from tether.coordinator.sessions import Sessions
-from tether.coordinator.store import Key, Store, Value
+from tether.coordinator.spawns import adopt_spawns
+from tether.coordinator.store import Batch, Key, SpawnIntent, Store, Term, Value
 from tether.core.errors import AgentUnreachable
 from tether.core.events import Broadcaster
 from tether.core.model import (
@@ -80,13 +81,20 @@ class CoordinatorHooks:
 
 
 class Coordinator:
+    """The state and parts of one coordinator while it leads. Under a ``term`` (several
+    coordinators on one store) every write is fenced by the store: it commits only while
+    this coordinator's lease holds."""
+
     def __init__(self, config: CoordinatorConfig, store: Store,
-                 hooks: CoordinatorHooks | None = None) -> None:
+                 hooks: CoordinatorHooks | None = None, term: Term | None = None) -> None:
         self.config = config
         self.store = store
         self.hooks = hooks or CoordinatorHooks()
-        #: Changes each time the coordinator starts: event sequences are per epoch.
+        self.term = term
+        #: The epoch of event sequences: the store's lineage once loaded, so a watcher
+        #: resumes on whichever coordinator leads (and across restarts).
         self.epoch = os.urandom(6).hex()
+        self._seq = 0
         self.groups: dict[tuple[str, str], TrackedGroup] = {}
         # Indexes over ``groups`` (sessions and keys never change once a group is tracked).
         self._by_session: dict[str, dict[tuple[str, str], TrackedGroup]] = {}
@@ -96,11 +104,13 @@ class Coordinator:
         self.events: Broadcaster[SessionEvent] = Broadcaster()
         self.tasks = TaskSet(log)
         self.persist: WriteBehind[Key, Value] = WriteBehind(
-            store.write, where=store.where, on_error=self.hooks.state_write_error)
+            self._write, where=store.where, on_error=self.hooks.state_write_error,
+            on_written=self._written)
         self.agents = Agents(self)
         self.sessions = Sessions(self)
         self.fanout = Fanout(self)
         self._intents: list[StopIntent] = []
+        self._spawns: list[SpawnIntent] = []
 
     # ------------------------------------------------------------ lifecycle
 
@@ -111,13 +121,22 @@ class Coordinator:
         for t in snap.groups:
             self.track(t)
         self._intents = snap.intents
-        log.info("loaded state: %d agents, %d sessions, %d groups", len(snap.agents),
-                 len(snap.sessions), len(snap.groups))
+        self._spawns = snap.spawns
+        self.epoch = snap.lineage or self.epoch
+        self._seq = max(snap.last_seq, self._seq)
+        self.events.seed(snap.events, snap.last_seq)
+        log.info("loaded state: %d agents, %d sessions, %d groups, %d spawn(s) in flight, "
+                 "events up to %d", len(snap.agents), len(snap.sessions), len(snap.groups),
+                 len(snap.spawns), snap.last_seq)
 
     def start(self) -> None:
-        """Resume persisted stop intents, start lease timers and agent watches."""
+        """Resume persisted stop intents and spawns in flight, start lease timers and agent
+        watches."""
         self.sessions.start()
         self.agents.start()
+        # Spawns first: a resumed stop must wait for them too.
+        adopt_spawns(self, self._spawns)
+        self._spawns = []
         for intent in self._intents:
             if not self.sessions.has(intent.session_id):
                 log.warning("dropping the stop intent of session %r (%s): the session is not "
@@ -137,6 +156,19 @@ class Coordinator:
 
     async def durable(self) -> None:
         await self.persist.durable(STATE_DEADLINE)
+
+    async def _write(self, batch: Batch) -> None:
+        await self.store.write(batch, self.term)
+
+    def _written(self, batch: Batch) -> None:
+        """Events go out once they are in the store: a watcher never sees what the next
+        leader would not know, and resumes there exactly where it was."""
+        events = sorted((v for k, v in batch.items() if k[0] == "event"),
+                        key=lambda e: e.seq if isinstance(e, SessionEvent) else 0)
+        for ev in events:
+            assert isinstance(ev, SessionEvent)
+            self.events.seq = max(self.events.seq, ev.seq)
+            self.events.publish(ev)
 
     # ------------------------------------------------------------ persistence
 
@@ -225,8 +257,10 @@ class Coordinator:
     # ------------------------------------------------------------ events
 
     def publish(self, tracked: TrackedGroup, kind: EventKind | str) -> None:
-        self.events.publish(SessionEvent(self.events.next_seq(), EventKind(kind),
-                                         self.entry(tracked), time.time()))
+        """An event for the session's watchers, numbered now, sent once it is stored."""
+        self._seq += 1
+        self.persist.put(("event", str(self._seq)), SessionEvent(
+            self._seq, EventKind(kind), self.entry(tracked), time.time()))
 
     def watch_session(self, session_id: str, initial: bool, since: int = 0
                       ) -> AsyncIterator[SessionEvent]:

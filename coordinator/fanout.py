@@ -18,6 +18,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from tether.coordinator import spawns
 from tether.coordinator.agents import AgentLink
 from tether.coordinator.model import InFlight, TrackedGroup
 from tether.core.errors import (
@@ -63,8 +64,6 @@ class Fanout:
     def __init__(self, c: Coordinator) -> None:
         self.c = c
         self._stops: dict[str, asyncio.Task[SessionReport]] = {}
-        #: Idempotency keys whose first spawn is in flight: (fingerprint, landed).
-        self._keys: dict[str, tuple[str, asyncio.Future[None]]] = {}
 
     # ------------------------------------------------------------ spawn / adopt
 
@@ -79,45 +78,39 @@ class Fanout:
         # The agent is part of what a key is bound to: the same key sent to another
         # agent is another request, refused, not a second group.
         fingerprint = key_fingerprint(link.name, spec)
-        if not key:
-            return await self._spawn(link, spec, key, fingerprint)
-        while True:
+        if key:
             seen = self.c.by_key(key)
+            while seen is None and (flying := spawns.pending_by_key(self.c, key)):
+                await flying.done.wait()  # the same key in flight (a retry): its outcome
+                seen = self.c.by_key(key)
             if seen is not None:
                 # (Keys recorded by 0.1.0 hold the spec's fingerprint alone.)
                 legacy = seen.agent == link.name and seen.fingerprint == spec_fingerprint(spec)
                 if seen.fingerprint and seen.fingerprint != fingerprint and not legacy:
                     raise IdempotencyConflict(key, seen.group_id)
                 return seen.agent, seen.view
-            pending = self._keys.get(key)
-            if pending is None:
-                break
-            # A retry racing the first attempt waits for it rather than starting a
-            # second group; if the first failed, the retry makes its own attempt.
-            if pending[0] != fingerprint:
-                raise IdempotencyConflict(key, "")
-            await asyncio.wait([pending[1]])
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._keys[key] = (fingerprint, done)
-        try:
-            return await self._spawn(link, spec, key, fingerprint)
-        finally:
-            del self._keys[key]
-            done.set_result(None)
-
-    async def _spawn(self, link: AgentLink, spec: GroupSpec, key: str,
-                     fingerprint: str) -> tuple[str, GroupView]:
         self._refuse_if_stopping(spec.session_id)
         s, previous = self.c.sessions.create(spec.session_id, spec.window)
         gid = new_group_id()
-        flight = InFlight(gid, link.name, spec.stop_order)
+        flight = InFlight(gid, link.name, spec.stop_order, key)
         self.c.inflight.setdefault(s.session_id, {})[gid] = flight
+        intent = spawns.record(self.c, flight, s.session_id, fingerprint)
+        try:
+            await self.c.durable()  # whoever leads next knows of it before the agent does
+        except TetherError:
+            spawns.forget(self.c, gid)
+            self._landed(flight, s.session_id)
+            raise
         try:
             view = await self.c.agents.client(link).spawn(
                 spec, key=key, group_id=gid, timeout=_spawn_deadline(spec))
         except REFUSED:
+            spawns.forget(self.c, gid)
             self._landed(flight, s.session_id)
             self.c.sessions.undo(s, previous)
+            raise
+        except TetherError:
+            spawns.follow_up(self.c, intent)  # no answer: it may have started, find out
             raise
         finally:
             self._landed(flight, s.session_id)
@@ -128,6 +121,7 @@ class Fanout:
             tracked.absorb(view)
             self.c.bind_key(tracked, key, fingerprint)
         self.c.save_group(tracked)
+        spawns.forget(self.c, gid)
         self.c.publish(tracked, EventKind.STATE)
         try:
             await self.c.durable()
@@ -162,7 +156,9 @@ class Fanout:
         return tracked.agent, tracked.view
 
     def _landed(self, flight: InFlight, session_id: str) -> None:
-        self.c.inflight.get(session_id, {}).pop(flight.group_id, None)
+        flights = self.c.inflight.get(session_id, {})
+        if flights.get(flight.group_id) is flight:
+            del flights[flight.group_id]
         flight.done.set()
 
     def _refuse_if_stopping(self, session_id: str) -> None:
@@ -234,6 +230,11 @@ class Fanout:
 
     async def _run_stop(self, session_id: str, grace: float | None) -> SessionReport:
         t0 = time.monotonic()
+        try:
+            await self.c.durable()  # the intent is stored before any agent stops anything
+        except StateUnwritable as exc:
+            log.error("session %r: stopping it without its stop intent on record: %s",
+                      session_id, exc)
         override = StopOverride(grace=grace) if grace is not None else None
         while True:
             live = [t for t in self.c.session_groups(session_id) if not t.ended]

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 
 import grpc
 
 from tether.coordinator.agent_client import AgentClient
-from tether.core.errors import TetherError
+from tether.core.errors import Fenced, TetherError
 from tether.core.model import (
     GroupEvent,
     GroupSpec,
@@ -40,6 +40,7 @@ from tether.rpc.convert import (
     spec_to_pb,
 )
 from tether.rpc.daemon import is_loopback
+from tether.rpc.leader import EPOCH_HEADER, FENCE_TRAILER, trailer
 from tether.rpc.security import ClientSecurity
 from tether.rpc.status import error_from_rpc
 from tether.v1 import agent_pb2 as apb
@@ -83,16 +84,29 @@ def toward_agent(dial: ClientSecurity, name: str, address: str) -> tuple[ClientS
 
 
 class GrpcAgentClient(AgentClient):
-    def __init__(self, name: str, address: str, dial: ClientSecurity) -> None:
+    """``epoch``: the leader's epoch, sent with every call (``tether-epoch``) when
+    coordinators share a store; an agent refuses calls from an epoch older than the
+    newest it has obeyed (``Fenced``)."""
+
+    def __init__(self, name: str, address: str, dial: ClientSecurity,
+                 epoch: Callable[[], int] | None = None) -> None:
         self.name = name
         self.address = address
+        self._epoch = epoch
         security, self._held_back = toward_agent(dial, name, address)
         self._tls = security.tls
         self._channel = security.channel(address)
         self._stub = agrpc.AgentServiceStub(self._channel)
 
+    def _md(self) -> tuple[tuple[str, str], ...] | None:
+        return None if self._epoch is None else ((EPOCH_HEADER, str(self._epoch())),)
+
     def _error(self, exc: grpc.aio.AioRpcError) -> TetherError:
         details = exc.details() or exc.code().name
+        newest = trailer(exc.trailing_metadata(), FENCE_TRAILER) \
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION else None
+        if newest is not None and newest.isdigit() and self._epoch is not None:
+            return Fenced(self.name, self._epoch(), int(newest))
         if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) \
                 and self._held_back:
             details = f"{details}; {self._held_back}"
@@ -108,7 +122,7 @@ class GrpcAgentClient(AgentClient):
                     timeout: float) -> GroupView:
         req = apb.SpawnRequest(spec=spec_to_pb(spec), idempotency_key=key, group_id=group_id)
         try:
-            reply = await self._stub.Spawn(req, timeout=timeout)
+            reply = await self._stub.Spawn(req, timeout=timeout, metadata=self._md())
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
         return group_from_pb(reply.group)
@@ -119,7 +133,7 @@ class GrpcAgentClient(AgentClient):
         if start_time is not None:
             req.start_time = start_time
         try:
-            reply = await self._stub.Adopt(req, timeout=timeout)
+            reply = await self._stub.Adopt(req, timeout=timeout, metadata=self._md())
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
         return group_from_pb(reply.group)
@@ -128,7 +142,8 @@ class GrpcAgentClient(AgentClient):
                      timeout: float) -> SignalOutcome:
         try:
             reply = await self._stub.Signal(apb.SignalRequest(group_id=group_id,
-                                                              signal=sig.name), timeout=timeout)
+                                                              signal=sig.name), timeout=timeout,
+                                            metadata=self._md())
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
         return SignalOutcome(reply.members_signalled, reply.already_gone,
@@ -140,20 +155,22 @@ class GrpcAgentClient(AgentClient):
         if override is not None:
             req.policy.CopyFrom(override_to_pb(override))
         try:
-            reply = await self._stub.StopGroups(req, timeout=timeout)
+            reply = await self._stub.StopGroups(req, timeout=timeout, metadata=self._md())
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
         return [group_from_pb(g) for g in reply.groups], dict(reply.errors)
 
     async def get(self, group_id: str, *, timeout: float) -> GroupView:
         try:
-            reply = await self._stub.Get(apb.GetRequest(group_id=group_id), timeout=timeout)
+            reply = await self._stub.Get(apb.GetRequest(group_id=group_id), timeout=timeout,
+                                         metadata=self._md())
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
         return group_from_pb(reply.group)
 
     async def watch(self, since: int, epoch: str) -> AsyncIterator[tuple[str, GroupEvent]]:
-        stream = self._stub.Watch(apb.WatchRequest(initial=True, since_seq=since, epoch=epoch))
+        stream = self._stub.Watch(apb.WatchRequest(initial=True, since_seq=since, epoch=epoch),
+                                  metadata=self._md())
         try:
             async for msg in stream:
                 yield msg.epoch, event_from_pb(msg)
@@ -165,7 +182,7 @@ class GrpcAgentClient(AgentClient):
     async def list_orphans(self, sweep: bool, *, timeout: float) -> list[Orphan]:
         try:
             reply = await self._stub.ListOrphans(apb.ListOrphansRequest(sweep=sweep),
-                                                 timeout=timeout)
+                                                 timeout=timeout, metadata=self._md())
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
         found = [orphan_from_pb(o) for o in reply.orphans]

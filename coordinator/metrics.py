@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -14,19 +14,24 @@ from tether.core.sessions import SessionState
 
 
 class CoordinatorCollector(Collector):
-    def __init__(self, coordinator: Coordinator) -> None:
-        self._c = coordinator
+    """Reads the coordinator that serves now (none while a standby: the leader counts)."""
+
+    def __init__(self, coordinator: Callable[[], Coordinator | None]) -> None:
+        self._current = coordinator
 
     def collect(self) -> Iterable[Metric]:
+        c = self._current()
+        if c is None:
+            return
         agents = GaugeMetricFamily("tether_agents", "Registered agents by state.",
                                    labels=["state"])
-        states = self._c.agents.states()
+        states = c.agents.states()
         up = sum(1 for a in states if a.up)
         agents.add_metric(["up"], up)
         agents.add_metric(["unreachable"], len(states) - up)
         yield agents
         sessions = GaugeMetricFamily("tether_sessions", "Sessions by state.", labels=["state"])
-        tally = Tally(s.state for s in self._c.sessions.all())
+        tally = Tally(s.state for s in c.sessions.all())
         for state in SessionState:
             sessions.add_metric([state.value], tally.get(state, 0))
         yield sessions
@@ -51,8 +56,9 @@ class CoordinatorMetrics(CoordinatorHooks):
             registry=registry)
         self.state_write_errors = state_write_errors or state_write_counter(registry)
 
-    def attach(self, coordinator: Coordinator) -> None:
-        self.registry.register(CoordinatorCollector(coordinator))
+    def attach(self, coordinator: Coordinator | Callable[[], Coordinator | None]) -> None:
+        current = coordinator if callable(coordinator) else (lambda: coordinator)
+        self.registry.register(CoordinatorCollector(current))
 
     def session_stopped(self, result: str) -> None:
         self.stops.labels(result).inc()

@@ -58,6 +58,8 @@ class InFlight:
     group_id: str
     agent: str
     stop_order: int
+    #: The spawn's idempotency key: a retry with it waits for this spawn's outcome.
+    key: str = ""
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -16,11 +19,13 @@ from tether.agent.metrics import serve_metrics
 from tether.coordinator.agent_client import AgentClient
 from tether.coordinator.core import Coordinator, CoordinatorConfig
 from tether.coordinator.grpc_agent import GrpcAgentClient
+from tether.coordinator.leader import LeaderAgentClient, Leadership, Sole
 from tether.coordinator.metrics import CoordinatorMetrics
 from tether.coordinator.service import CoordinatorServicer, add_to_server
 from tether.coordinator.sqlite_store import SQLiteStore
 from tether.coordinator.store import Store
 from tether.core.audit import AuditLog
+from tether.core.errors import TetherError
 from tether.core.private import StateDirBusy, exposed, lock_private, private_dir
 from tether.core.sessions import AgentInfo
 from tether.rpc.auth import IN_PROCESS_CREDENTIAL, ServerAuth
@@ -48,6 +53,13 @@ class CoordinatorDaemonConfig:
     auth: ServerAuth = field(default_factory=ServerAuth)
     dial: ClientSecurity = field(default_factory=ClientSecurity)
     retain_stopped: float = 7 * 24 * 3600.0
+    #: A PostgreSQL URL shared by several coordinators (one leads); empty: SQLite in
+    #: state_dir, this coordinator alone.
+    store: str = ""
+    #: HOST:PORT clients and agents are sent to while this coordinator leads.
+    advertise: str = ""
+    #: The leader's lease, renewed every third of it; a standby takes over once it lapses.
+    leader_ttl: float = 3.0
 
 
 def claim_state_dir(path: str) -> int:
@@ -72,27 +84,62 @@ def audit_log(state_dir: str) -> AuditLog:
     return AuditLog(Path(state_dir) / "audit.jsonl")
 
 
-async def build_coordinator(cfg: CoordinatorDaemonConfig, registry: CollectorRegistry,
-                            local_agent: str = "", store: Store | None = None,
-                            write_errors: Counter | None = None) -> Coordinator:
-    store = store or SQLiteStore(Path(cfg.state_dir) / "coordinator.sqlite3")
-    metrics = CoordinatorMetrics(registry, write_errors)
+async def open_store(cfg: CoordinatorDaemonConfig) -> Store:
+    """The store ``cfg`` names: PostgreSQL for ``--store``, else SQLite in the state dir."""
+    if not cfg.store:
+        return SQLiteStore(Path(cfg.state_dir) / "coordinator.sqlite3")
+    if not cfg.store.startswith(("postgresql://", "postgres://")):
+        raise TetherError("--store takes a PostgreSQL URL (postgresql://USER@HOST:PORT/DB); "
+                          "leave it out for SQLite in --state-dir")
+    try:
+        from tether.coordinator.postgres_store import PostgresStore
+    except ImportError as exc:
+        raise TetherError(f"--store postgresql://... needs psycopg ({exc}): install tether "
+                          "with its postgresql extra, `pip install 'tether[postgresql]'`") \
+            from None
+    return await PostgresStore.open(cfg.store)
+
+
+def dial_settings(cfg: CoordinatorDaemonConfig) -> ClientSecurity:
     # The token is read once, here: never a file read on the event loop per agent dialed.
     dial = cfg.dial.loaded()
     if dial.server_name:
         log.warning("--tls-server-name %s: every agent's certificate is checked for that one "
                     "name, not for the agent's own; any holder of it can pose as any agent",
                     dial.server_name)
+    return dial
+
+
+def make_coordinator(cfg: CoordinatorDaemonConfig, store: Store, metrics: CoordinatorMetrics,
+                     dial: ClientSecurity, lead: Leadership | None,
+                     local_agent: str = "") -> Coordinator:
+    """A coordinator for one term: its calls to agents carry the term's epoch and are made
+    only while the term holds."""
 
     def connect(info: AgentInfo) -> AgentClient:
-        return GrpcAgentClient(info.name, info.address, dial)
+        if lead is None:
+            return GrpcAgentClient(info.name, info.address, dial)
+        inner = GrpcAgentClient(info.name, info.address, dial, epoch=lambda: lead.epoch)
+        return LeaderAgentClient(inner, lead, info.name)
 
-    coordinator = Coordinator(
+    return Coordinator(
         CoordinatorConfig(state_dir=cfg.state_dir, heartbeat_interval=cfg.heartbeat_interval,
                           agent_ttl=cfg.agent_ttl, local_agent=local_agent, connect=connect,
                           retain_stopped=cfg.retain_stopped),
-        store, metrics)
+        store, metrics, lead.term if lead is not None else None)
+
+
+async def build_coordinator(cfg: CoordinatorDaemonConfig, registry: CollectorRegistry,
+                            local_agent: str = "", store: Store | None = None,
+                            write_errors: Counter | None = None) -> Coordinator:
+    """A coordinator alone on its store (SQLite): it takes the lease once, for an epoch
+    above its previous run's, so agents obey this run and never the one before."""
+    store = store or await open_store(cfg)
+    metrics = CoordinatorMetrics(registry, write_errors)
     try:
+        lead = await Sole(store).take() if isinstance(store, SQLiteStore) else None
+        coordinator = make_coordinator(cfg, store, metrics, dial_settings(cfg), lead,
+                                       local_agent)
         await coordinator.load()
     except BaseException:
         await store.close()
@@ -121,6 +168,9 @@ def _stop_metrics(server: Any) -> Callable[[], Awaitable[None]]:
 
 
 async def run_coordinator(cfg: CoordinatorDaemonConfig, shutdown: Shutdown) -> None:
+    if cfg.store:
+        await run_shared(cfg, shutdown)
+        return
     registry = CollectorRegistry()
     lock = claim_state_dir(cfg.state_dir)
     audit = audit_log(cfg.state_dir)
@@ -157,6 +207,90 @@ async def run_coordinator(cfg: CoordinatorDaemonConfig, shutdown: Shutdown) -> N
             ("no longer accepting RPCs", stop_rpcs),
             ("stopping watchers, closing agent channels, writing state", coordinator.close),
             ("closing the store", coordinator.store.close),
+            ("stopping metrics", _stop_metrics(metrics_server)),
+            ("closing the audit log, releasing the state directory", release),
+        ])
+
+
+def advertised(cfg: CoordinatorDaemonConfig, port: int) -> str:
+    """Where clients and agents are sent while this coordinator leads."""
+    if cfg.advertise:
+        return cfg.advertise
+    host = cfg.listen.rsplit(":", 1)[0]
+    if host.strip("[]") in ("0.0.0.0", "::", ""):
+        host = socket.getfqdn()
+        log.warning("no --advertise: clients will be sent to %s:%d while this coordinator "
+                    "leads; give --advertise HOST:PORT if they reach it by another name",
+                    host, port)
+    return f"{host}:{port}"
+
+
+async def run_shared(cfg: CoordinatorDaemonConfig, shutdown: Shutdown) -> None:
+    """A coordinator among several on one PostgreSQL store: it leads or stands by."""
+    from tether.coordinator.gate import LeaderGate
+    from tether.coordinator.ha import Controller
+
+    registry = CollectorRegistry()
+    lock = claim_state_dir(cfg.state_dir)
+    audit = audit_log(cfg.state_dir)
+    try:
+        store = await open_store(cfg)
+    except BaseException:
+        await audit.aclose()
+        os.close(lock)
+        raise
+    metrics = CoordinatorMetrics(registry)
+    server: Any = None
+    metrics_server: Any = None
+    campaign: asyncio.Task[None] | None = None
+    # No coordinator yet: the gate lets no call through to the servicer until one leads.
+    servicer = CoordinatorServicer(cast(Coordinator, None), audit)
+
+    def serve_with(coordinator: Coordinator | None) -> None:
+        if coordinator is not None:
+            servicer.c = coordinator
+
+    try:
+        dial = dial_settings(cfg)
+        controller = Controller(
+            store, cfg.advertise, cfg.leader_ttl, cfg.agent_ttl,
+            lambda lead: make_coordinator(cfg, store, metrics, dial, lead), serve_with,
+            registry)
+        servicer.leader = controller.leader_info
+        metrics.attach(lambda: controller.coordinator)
+        server, port, health = await start_server(
+            cfg.listen, [lambda s: add_to_server(s, servicer)], ["tether.v1.CoordinatorService"],
+            cfg.tls, cfg.insecure, [LeaderGate(controller)], auth=cfg.auth, audit=audit,
+            label="this coordinator")
+        controller.address = controller.campaign.address = advertised(cfg, port)
+        if cfg.metrics_listen:
+            metrics_server, _ = serve_metrics(registry, cfg.metrics_listen)
+        campaign = asyncio.get_running_loop().create_task(controller.run(health),
+                                                          name="campaign")
+        host = cfg.listen.rsplit(":", 1)[0]
+        print(f"tether coordinator listening on {host}:{port} (store {store.where}, "
+              f"advertised as {controller.address}, state in {cfg.state_dir})", flush=True)
+        await shutdown.requested.wait()
+    finally:
+        async def resign() -> None:
+            if campaign is not None:
+                campaign.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await campaign
+                await controller.resign()
+
+        async def stop_rpcs() -> None:
+            if server is not None:
+                await server.stop(grace=1.0)
+
+        async def release() -> None:
+            await audit.aclose()
+            os.close(lock)
+
+        await _phases([
+            ("stepping down, handing the lease to a standby", resign),
+            ("no longer accepting RPCs", stop_rpcs),
+            ("closing the store", store.close),
             ("stopping metrics", _stop_metrics(metrics_server)),
             ("closing the audit log, releasing the state directory", release),
         ])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -62,9 +62,16 @@ def agent_info(req: cpb.RegisterAgentRequest, credential: str) -> AgentInfo:
 
 
 class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
-    def __init__(self, coordinator: Coordinator, audit: AuditLog | None = None) -> None:
+    """``leader``: what GetLeader answers (several coordinators: ``gate.py`` answers it);
+    by default, this coordinator leads alone."""
+
+    def __init__(self, coordinator: Coordinator, audit: AuditLog | None = None,
+                 leader: Callable[[], cpb.LeaderInfo] | None = None) -> None:
         self.c = coordinator
         self.audit = audit
+        self.leader = leader or (lambda: cpb.LeaderInfo(
+            leading=True, epoch=self.c.term.epoch if self.c.term else 0,
+            store=self.c.store.where))
 
     @unary
     async def RegisterAgent(self, request: cpb.RegisterAgentRequest, context: Any
@@ -188,6 +195,10 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
                 yield audit_event_to_pb(AuditEntry.from_dict(entry))
             except (KeyError, ValueError, TypeError):
                 continue  # a line written by hand, or by a newer tether
+
+    @unary
+    async def GetLeader(self, request: cpb.GetLeaderRequest, context: Any) -> cpb.LeaderInfo:
+        return self.leader()
 
 
     @unary

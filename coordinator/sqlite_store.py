@@ -1,33 +1,47 @@
 """The coordinator's state in SQLite: one file in --state-dir (the default store).
 
-Tables: agents, sessions, groups (with their exit records), stop_intents, and
-``meta`` with the schema version. The schema is created and migrated by the
-coordinator (``MIGRATIONS``, applied in order, each in one transaction), from an
-empty file or from any earlier version. Groups keep the agent's view as a
-protobuf ``Group`` (the agent's own words, with environment values: a restarted
-coordinator must be able to start a group again).
+Tables: agents, sessions, groups (with their exit records), stop_intents,
+spawn_intents, events (the newest, for watchers that resume), leader (one row: the
+lease, which a lone coordinator takes once per start, so agents see its epoch rise)
+and ``meta`` with the schema version and the store's lineage. The schema is created
+and migrated by the coordinator (``MIGRATIONS``, applied in order, each in one
+transaction), from an empty file or from any earlier version. Rows are laid out by
+``rows.py``, as in the PostgreSQL store.
 
-SQLite runs on a thread of the store's own, never on the event loop. The file and
-its directory are private (0600/0700).
+One coordinator uses the file (its state directory is locked), so the lease's clock is
+this host's. SQLite runs on a thread of the store's own, never on the event loop. The
+file and its directory are private (0600/0700).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import sqlite3
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
+from tether.coordinator import rows
 from tether.coordinator.model import TrackedGroup
-from tether.coordinator.store import Batch, Key, Snapshot, Value
-from tether.core.errors import StateFileError
-from tether.core.model import Containment
+from tether.coordinator.store import (
+    EVENTS_KEPT,
+    Batch,
+    Key,
+    Lease,
+    Snapshot,
+    SpawnIntent,
+    Term,
+    Value,
+)
+from tether.core.errors import NotLeader, StateFileError
 from tether.core.private import private_dir, touch_private
-from tether.core.sessions import AgentInfo, Session, SessionState, StopIntent
-from tether.rpc.convert import group_from_pb, group_to_pb
-from tether.v1 import common_pb2 as pb
+from tether.core.sessions import AgentInfo, Session, SessionEvent, StopIntent
+
+T = TypeVar("T")
+#: The expiry of a lone coordinator's lease (year 5138).
+NEVER = 1e11
 
 # Each migration takes the schema from version N-1 to N.
 MIGRATIONS: Sequence[str] = (
@@ -59,6 +73,24 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE sessions ADD COLUMN stopped_at REAL NOT NULL DEFAULT 0;
     ALTER TABLE groups ADD COLUMN fingerprint TEXT NOT NULL DEFAULT '';
     ALTER TABLE groups ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 3: several coordinators' worth of state: spawns recorded before they are sent,
+    # events kept for watchers that resume, the leadership lease, the store's lineage.
+    """
+    CREATE TABLE IF NOT EXISTS spawn_intents (
+        group_id TEXT PRIMARY KEY, agent TEXT NOT NULL, session_id TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL, fingerprint TEXT NOT NULL, stop_order INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS events (
+        seq INTEGER PRIMARY KEY, session_id TEXT NOT NULL, event_pb BLOB NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS leader (
+        id INTEGER PRIMARY KEY CHECK (id = 1), holder TEXT NOT NULL, address TEXT NOT NULL,
+        epoch INTEGER NOT NULL, expires_at REAL NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+    INSERT OR IGNORE INTO meta VALUES ('lineage', lower(hex(randomblob(8))));
     """,
 )
 VERSION = len(MIGRATIONS)
@@ -95,9 +127,13 @@ def migrate(db: sqlite3.Connection) -> int:
 
 
 class SQLiteStore:
+    shared = False
+
     def __init__(self, path: Path | str) -> None:
         self.path = str(path)
         self.where = f"state file {self.path}"
+        self.lineage = ""
+        self._pruned = 0
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tether-store")
         try:
             self.db = self._io.submit(self._open).result()
@@ -114,55 +150,59 @@ class SQLiteStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             migrate(db)
+            self.lineage = db.execute("SELECT value FROM meta WHERE key='lineage'").fetchone()[0]
         except sqlite3.DatabaseError:
             db.close()
             raise
         return db
 
-    async def _run(self, fn: object, *args: object) -> object:
-        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)  # type: ignore[arg-type]
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
     # -- reading
 
     async def load(self) -> Snapshot:
         try:
-            snap = await self._run(self._load)
+            return await self._run(self._load)
         except (sqlite3.DatabaseError, ValueError, KeyError) as exc:
             raise StateFileError(self.path, str(exc), ADVICE.format(path=self.path)) from exc
-        assert isinstance(snap, Snapshot)
-        return snap
 
     def _load(self) -> Snapshot:
         db = self.db
-        agents = [AgentInfo(r[0], r[1], _containment(r[2]), r[3], r[4], r[5], r[6], r[7])
-                  for r in db.execute("SELECT name, address, containment, version, epoch, "
-                                      "last_seen, instance, credential FROM agents")]
-        sessions = [Session(r[0], r[1], json.loads(r[2]), SessionState(r[3]), r[4], r[5], r[6],
-                            r[7], r[8])
-                    for r in db.execute("SELECT session_id, window, labels, state, ttl, "
-                                        "lease_expires_at, stop_cause, created_at, stopped_at "
-                                        "FROM sessions ORDER BY created_at")]
-        groups = []
-        for agent, key, blob, error, fingerprint, attempts in db.execute(
+        with db:
+            db.execute("BEGIN")
+            agents = [rows.agent_of(r) for r in db.execute(
+                f"SELECT {', '.join(rows.AGENT_COLUMNS)} FROM agents")]
+            sessions = [rows.session_of(r) for r in db.execute(
+                f"SELECT {', '.join(rows.SESSION_COLUMNS)} FROM sessions ORDER BY created_at")]
+            groups = [rows.group_of(r) for r in db.execute(
                 "SELECT agent, idempotency_key, group_pb, error, fingerprint, attempts "
-                "FROM groups"):
-            msg = pb.Group()
-            msg.ParseFromString(blob)
-            groups.append(TrackedGroup(agent, group_from_pb(msg), key, fingerprint, error,
-                                       attempts))
-        intents = [StopIntent(*r) for r in db.execute(
-            "SELECT session_id, grace, cause, created_at FROM stop_intents")]
-        return Snapshot(agents, sessions, groups, intents)
+                "FROM groups")]
+            intents = [rows.intent_of(r) for r in db.execute(
+                f"SELECT {', '.join(rows.INTENT_COLUMNS)} FROM stop_intents")]
+            spawns = [rows.spawn_of(r) for r in db.execute(
+                f"SELECT {', '.join(rows.SPAWN_COLUMNS)} FROM spawn_intents")]
+            tail = db.execute("SELECT event_pb FROM events ORDER BY seq DESC LIMIT ?",
+                              (EVENTS_KEPT,)).fetchall()
+            last = db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+        events = [rows.event_of(r[0]) for r in reversed(tail)]
+        return Snapshot(agents, sessions, groups, intents, spawns, events, int(last),
+                        self.lineage)
 
     # -- writing
 
-    async def write(self, batch: Batch) -> None:
-        await self._run(self._write, dict(batch))
+    async def write(self, batch: Batch, term: Term | None = None) -> None:
+        await self._run(self._write, dict(batch), term)
 
-    def _write(self, batch: dict[Key, Value]) -> None:
+    def _write(self, batch: dict[Key, Value], term: Term | None) -> None:
         db = self.db
         with db:
-            db.execute("BEGIN")
+            db.execute("BEGIN IMMEDIATE")
+            if term is not None and db.execute(
+                    "SELECT 1 FROM leader WHERE id = 1 AND holder = ? AND epoch = ?",
+                    (term.holder, term.epoch)).fetchone() is None:
+                raise NotLeader(f"this coordinator's lease (epoch {term.epoch}) is gone")
+            newest = 0
             for key, value in batch.items():
                 kind = key[0]
                 if kind == "agent":
@@ -170,57 +210,124 @@ class SQLiteStore:
                         db.execute("DELETE FROM agents WHERE name = ?", (key[1],))
                     else:
                         assert isinstance(value, AgentInfo)
-                        db.execute(
-                            "INSERT OR REPLACE INTO agents (name, address, containment, "
-                            "version, epoch, last_seen, instance, credential) "
-                            "VALUES (?,?,?,?,?,?,?,?)",
-                            (value.name, value.address, _CONTAINMENT_NUM[value.containment],
-                             value.version, value.epoch, value.last_seen, value.instance,
-                             value.credential))
+                        db.execute(_upsert("agents", rows.AGENT_COLUMNS), rows.agent_row(value))
                 elif kind == "session":
                     if value is None:
                         db.execute("DELETE FROM sessions WHERE session_id = ?", (key[1],))
                     else:
                         assert isinstance(value, Session)
-                        db.execute(
-                            "INSERT OR REPLACE INTO sessions (session_id, window, labels, "
-                            "state, ttl, lease_expires_at, stop_cause, created_at, stopped_at) "
-                            "VALUES (?,?,?,?,?,?,?,?,?)",
-                            (value.session_id, value.window, json.dumps(value.labels),
-                             value.state.value, value.ttl, value.lease_expires_at,
-                             value.stop_cause, value.created_at, value.stopped_at))
+                        db.execute(_upsert("sessions", rows.SESSION_COLUMNS),
+                                   rows.session_row(value))
                 elif kind == "group":
                     if value is None:
                         db.execute("DELETE FROM groups WHERE agent = ? AND group_id = ?",
                                    (key[1], key[2]))
                     else:
                         assert isinstance(value, TrackedGroup)
-                        msg = group_to_pb(value.view, redact=False)
-                        msg.agent = value.agent
-                        db.execute(
-                            "INSERT OR REPLACE INTO groups (agent, group_id, session_id, "
-                            "idempotency_key, group_pb, error, fingerprint, attempts) "
-                            "VALUES (?,?,?,?,?,?,?,?)",
-                            (value.agent, value.group_id, value.session_id,
-                             value.idempotency_key, msg.SerializeToString(), value.error,
-                             value.fingerprint, value.attempts))
+                        db.execute(_upsert("groups", rows.GROUP_COLUMNS), rows.group_row(value))
                 elif kind == "intent":
                     if value is None:
                         db.execute("DELETE FROM stop_intents WHERE session_id = ?", (key[1],))
                     else:
                         assert isinstance(value, StopIntent)
-                        db.execute("INSERT OR REPLACE INTO stop_intents VALUES (?,?,?,?)",
-                                   (value.session_id, value.grace, value.cause,
-                                    value.created_at))
+                        db.execute(_upsert("stop_intents", rows.INTENT_COLUMNS),
+                                   rows.intent_row(value))
+                elif kind == "spawn":
+                    if value is None:
+                        db.execute("DELETE FROM spawn_intents WHERE group_id = ?", (key[1],))
+                    else:
+                        assert isinstance(value, SpawnIntent)
+                        db.execute(_upsert("spawn_intents", rows.SPAWN_COLUMNS),
+                                   rows.spawn_row(value))
+                elif kind == "event":
+                    assert isinstance(value, SessionEvent)
+                    db.execute(_upsert("events", rows.EVENT_COLUMNS),
+                               rows.event_row(value, self.lineage))
+                    newest = max(newest, value.seq)
+            if newest - self._pruned >= EVENTS_KEPT // 10:
+                db.execute("DELETE FROM events WHERE seq <= ?", (newest - EVENTS_KEPT,))
+                self._pruned = newest
+
+    # -- leadership: one coordinator per file, this host's clock
+
+    async def acquire(self, holder: str, address: str, ttl: float) -> Lease:
+        return await self._run(self._acquire, holder, address, ttl)
+
+    def _acquire(self, holder: str, address: str, ttl: float) -> Lease:
+        now = time.time()
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute(
+                "INSERT INTO leader VALUES (1, ?, ?, 1, ?) ON CONFLICT (id) DO UPDATE SET "
+                "holder = excluded.holder, address = excluded.address, "
+                "epoch = leader.epoch + 1, expires_at = excluded.expires_at "
+                "WHERE leader.expires_at <= ?", (holder, address, now + ttl, now))
+            return self._lease(now)
+
+    async def take(self, holder: str, address: str) -> Term:
+        """One coordinator per file (its state directory is locked, so any earlier holder
+        is gone): the lease is taken whatever its expiry, for a new epoch, and never
+        lapses."""
+        def take() -> Term:
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                r = self.db.execute(
+                    "INSERT INTO leader VALUES (1, ?, ?, 1, ?) ON CONFLICT (id) DO UPDATE SET "
+                    "holder = excluded.holder, address = excluded.address, "
+                    "epoch = leader.epoch + 1, expires_at = excluded.expires_at RETURNING epoch",
+                    (holder, address, NEVER)).fetchone()
+                return Term(holder, int(r[0]))
+
+        return await self._run(take)
+
+    def _lease(self, now: float) -> Lease:
+        r = self.db.execute("SELECT holder, address, epoch, expires_at FROM leader").fetchone()
+        return Lease(r[0], r[1], int(r[2]), r[3] - now)
+
+    async def renew(self, term: Term, ttl: float) -> bool:
+        def renew() -> bool:
+            now = time.time()
+            with self.db:
+                cur = self.db.execute(
+                    "UPDATE leader SET expires_at = ? WHERE holder = ? AND epoch = ? "
+                    "AND expires_at > ?", (now + ttl, term.holder, term.epoch, now))
+                return cur.rowcount == 1
+
+        return await self._run(renew)
+
+    async def raise_epoch(self, term: Term, above: int) -> int | None:
+        def bump() -> int | None:
+            now = time.time()
+            with self.db:
+                r = self.db.execute(
+                    "UPDATE leader SET epoch = max(epoch, ?) + 1 WHERE holder = ? AND epoch = ? "
+                    "AND expires_at > ? RETURNING epoch",
+                    (above, term.holder, term.epoch, now)).fetchone()
+                return None if r is None else int(r[0])
+
+        return await self._run(bump)
+
+    async def release(self, term: Term) -> None:
+        def release() -> None:
+            with self.db:
+                self.db.execute("UPDATE leader SET expires_at = 0 WHERE holder = ? AND epoch = ?",
+                                (term.holder, term.epoch))
+
+        await self._run(release)
+
+    async def lease(self) -> Lease | None:
+        def read() -> Lease | None:
+            if self.db.execute("SELECT 1 FROM leader").fetchone() is None:
+                return None
+            return self._lease(time.time())
+
+        return await self._run(read)
 
     async def close(self) -> None:
         await self._run(self.db.close)
         self._io.shutdown()
 
 
-_CONTAINMENT_NUM = {Containment.CGROUP: 1, Containment.SUBREAPER: 2, Containment.PGID: 3}
-_CONTAINMENT_BY_NUM = {v: k for k, v in _CONTAINMENT_NUM.items()}
-
-
-def _containment(n: int) -> Containment:
-    return _CONTAINMENT_BY_NUM.get(n, Containment.PGID)
+def _upsert(table: str, columns: Sequence[str]) -> str:
+    return (f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) "
+            f"VALUES ({rows.placeholders(columns, '?')})")

@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.plugins.processes",
     "tests.plugins.docker_engine",
     "tests.plugins.sshd",
+    "tests.plugins.postgres",
 ]

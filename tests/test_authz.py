@@ -61,6 +61,7 @@ LET_THROUGH: dict[str, set[str]] = {
     "CoordinatorService/ReadAudit": set(),
     "CoordinatorService/ListPorts": {"operator", "reader"},
     "CoordinatorService/ForgetAgent": set(),
+    "CoordinatorService/GetLeader": {"operator", "reader"},
     "AgentService/Spawn": {"coordinator"},
     "AgentService/Adopt": {"coordinator"},
     "AgentService/Signal": {"coordinator"},

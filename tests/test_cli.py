@@ -470,6 +470,7 @@ HELP_MENTIONS = {
     "audit": ["--since", "--limit"],
     "ports": ["port", "--agent"],
     "forget-agent": ["name", "--force"],
+    "coordinators": [],
 }
 CLIENT = {"spawn", "adopt", "signal", "stop", "sessions", "show", "agents", "orphans", "watch",
           "keepalive", "up", "audit", "ports", "forget-agent"}

@@ -153,6 +153,28 @@ async def cmd_forget_agent(c: AsyncClient, args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+async def cmd_coordinators(c: AsyncClient, args: argparse.Namespace) -> int:
+    """Each address's own answer (no redirect): who leads, as it sees it."""
+    out: list[dict[str, Any]] = []
+    for address in c.addresses:
+        try:
+            info = await c.leader(address=address, timeout=args.timeout or 5)
+        except TetherError as exc:
+            out.append({"address": address, "role": "unreachable", "leader": "", "epoch": 0,
+                        "error": str(exc)})
+            continue
+        out.append({"address": address, "role": "leader" if info.leading else "standby",
+                    "leader": info.leader, "epoch": info.epoch,
+                    "lease_remaining_seconds": round(info.lease_remaining, 2),
+                    "store": info.store, "error": info.problem})
+    rows = [[o["address"], o["role"], o["leader"] or "-", o["epoch"], o["error"] or ""]
+            for o in out]
+    emit(args.output, {"coordinators": out},
+         table(rows, ["address", "role", "leader", "epoch", "problem"]))
+    leaders = {o["leader"] for o in out if o["leader"]}
+    return ExitCode.OK if len(leaders) == 1 else ExitCode.UNREACHABLE
+
+
 async def cmd_orphans(c: AsyncClient, args: argparse.Namespace) -> int:
     report = await c.orphans(sweep=args.sweep, timeout=args.timeout)
     orphans = [{"pid": o.pid, "command": o.command, "former_group": o.former_group,
@@ -284,6 +306,7 @@ COMMANDS: dict[str, Command] = {
     "sessions": cmd_sessions, "show": cmd_show, "agents": cmd_agents, "orphans": cmd_orphans,
     "watch": cmd_watch, "keepalive": cmd_keepalive, "up": cmd_up, "audit": cmd_audit,
     "ports": cmd_ports, "forget-agent": cmd_forget_agent,
+    "coordinators": cmd_coordinators,
 }
 
 

@@ -97,6 +97,20 @@ def _agent_config(args: argparse.Namespace, name: str, state_dir: str) -> Any:
                        dial=_dial(args))
 
 
+def _warn_password_on_command_line() -> None:
+    """A store URL with a password among the arguments: every local user can read it."""
+    import urllib.parse
+
+    for n, arg in enumerate(sys.argv):
+        url = arg.partition("=")[2] if arg.startswith("--store=") else (
+            sys.argv[n + 1] if arg == "--store" and n + 1 < len(sys.argv) else "")
+        if url and urllib.parse.urlsplit(url).password:
+            logging.getLogger("tether.coordinator").warning(
+                "the --store URL on the command line holds a password: every local user can "
+                "read it (ps, /proc); give it in TETHER_STORE, the config file (private) or "
+                "a PGPASSFILE instead")
+
+
 def run_daemon(args: argparse.Namespace) -> int:
     # gRPC's fork handlers are for processes that use gRPC on both sides of a fork; ours
     # exec at once, and the handlers only log noise on every spawn.
@@ -132,6 +146,11 @@ def run_daemon(args: argparse.Namespace) -> int:
                                           retain_stopped=args.retain_stopped)
             if args.command == "coordinator":
                 cfg.agent_ttl = args.agent_ttl
+                cfg.store, cfg.advertise, cfg.leader_ttl = (args.store, args.advertise,
+                                                            args.leader_ttl)
+                if cfg.leader_ttl < 0.5:
+                    raise CLIError(f"--leader-ttl {cfg.leader_ttl:g}: give 0.5 s or more")
+                _warn_password_on_command_line()
                 await run_coordinator(cfg, shutdown)
             else:
                 agent_cfg = _agent_config(args, args.agent_name, "")

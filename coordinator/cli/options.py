@@ -146,11 +146,25 @@ DAEMONS: Mapping[str, tuple[str, list[Option]]] = {
     "coordinator": ("Run the coordinator alone (foreground).",
                     [*_common("127.0.0.1:7400"), *_COORDINATOR,
                      Option("--agent-ttl", "an agent silent this long is unreachable "
-                            "(default 5 s)", 5.0, type=positive_float)]),
+                            "(default 5 s)", 5.0, type=positive_float),
+                     Option("--store", "PostgreSQL URL (postgresql://USER@HOST:PORT/DB) of a "
+                            "store shared by several coordinators: one leads, the others "
+                            "stand by and take over (default: SQLite in --state-dir, this "
+                            "coordinator alone). A password in it is visible to every local "
+                            "user on a command line: use TETHER_STORE, the config file or "
+                            "PGPASSFILE", metavar="URL"),
+                     Option("--advertise", "HOST:PORT clients and agents are sent to while "
+                            "this coordinator leads (default: --listen; its host name if "
+                            "--listen is 0.0.0.0)"),
+                     Option("--leader-ttl", "with --store: the leader's lease, renewed every "
+                            "third of it; a standby takes over once it lapses (default 3 s)",
+                            3.0, type=positive_float)]),
     "agent": ("Run an agent (foreground), registered with a coordinator.",
               [*_common("127.0.0.1:7401"),
-               Option("--coordinator", "coordinator HOST:PORT to register with (default: "
-                      "$TETHER_COORDINATOR, else none: standalone)", ""),
+               Option("--coordinator", "coordinator HOST:PORT to register with; several, "
+                      "comma-separated, for coordinators sharing a store: the agent "
+                      "registers with whichever leads (default: $TETHER_COORDINATOR, else "
+                      "none: standalone)", ""),
                Option("--name", "agent name (default: the host name)", None),
                Option("--advertise", "HOST:PORT the coordinator should dial (default: "
                       "--listen)"),
@@ -203,7 +217,7 @@ def check_table(command: str, table: Any, path: str) -> list[str]:
             problems.append(f"{path}: [{command}] {key}: no such file {value!r}")
         elif value and key in ("token_file", "allow_identity"):
             problems += _check_credentials(key, value, f"{path}: [{command}] {key}")
-        if key in ("listen", "metrics_listen", "coordinator", "advertise") and value \
+        if key in ("listen", "metrics_listen", "advertise") and value \
                 and ":" not in str(value):
             problems.append(f"{path}: [{command}] {key}: {value!r} is not HOST:PORT")
         if key == "plugin":
@@ -212,6 +226,15 @@ def check_table(command: str, table: Any, path: str) -> list[str]:
                     plugin_switch(item)
                 except CLIError as exc:
                     problems.append(f"{path}: [{command}] {key}: {exc}")
+        if key == "coordinator" and value and not all(
+                ":" in a for a in str(value).split(",") if a.strip()):
+            problems.append(f"{path}: [{command}] {key}: {value!r} is not "
+                            "HOST:PORT[,HOST:PORT...]")
+        if key == "store" and value and not str(value).startswith(("postgresql://",
+                                                                   "postgres://")):
+            # Never echoed: it may hold a password.
+            problems.append(f"{path}: [{command}] store: not a PostgreSQL URL "
+                            "(postgresql://USER@HOST:PORT/DB)")
     return problems
 
 

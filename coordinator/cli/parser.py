@@ -16,7 +16,8 @@ from tether.coordinator.cli.options import DAEMONS, add_daemon, positive_float
 
 DEFAULT_COORDINATOR = "127.0.0.1:7400"
 CLIENT_COMMANDS = ("spawn", "adopt", "signal", "stop", "sessions", "show", "agents", "orphans",
-                   "watch", "keepalive", "up", "audit", "ports", "forget-agent")
+                   "watch", "keepalive", "up", "audit", "ports", "forget-agent",
+                   "coordinators")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -44,8 +45,9 @@ def since_time(text: str, now: float | None = None) -> float:
 def _client_options(p: argparse.ArgumentParser) -> None:
     s = argparse.SUPPRESS
     p.add_argument("--coordinator", default=s,
-                   help="coordinator HOST:PORT (default: $TETHER_COORDINATOR or "
-                   f"{DEFAULT_COORDINATOR})")
+                   help="coordinator HOST:PORT, or several comma-separated (coordinators "
+                   "sharing a store: calls go to whichever leads, and survive a failover) "
+                   f"(default: $TETHER_COORDINATOR or {DEFAULT_COORDINATOR})")
     p.add_argument("-o", "--output", choices=["table", "json"], default=s,
                    help="output format (default: table)")
     p.add_argument("--timeout", type=positive_float, default=s,
@@ -185,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name", help="the agent's name")
     sp.add_argument("--force", action="store_true",
                     help="even though it is up (it registers again on its next heartbeat)")
+    client("coordinators", "Ask each --coordinator address which coordinator leads.")
     client("orphans", "List orphans (marked processes of no live group) on every agent.") \
         .add_argument("--sweep", action="store_true", help="reap them now (per agent policy)")
     client("watch", "Stream a session's state changes and exit records.").add_argument(

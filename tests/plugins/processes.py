@@ -138,16 +138,17 @@ class Daemon:
 
 
 def start_daemon(kind: str, args: list[str], state_dir: Path, name: str = "",
-                 timeout: float = 20, umask: int = -1) -> Daemon:
+                 timeout: float = 20, umask: int = -1,
+                 env: dict[str, str] | None = None) -> Daemon:
     """Start `tether KIND ...` and wait for its "listening on" line (stdout). ``umask``:
-    the daemon's (default: inherited)."""
+    the daemon's (default: inherited); ``env``: variables added to the daemon's."""
     log_path = state_dir / f"{name or kind}.log"
     state_dir.mkdir(parents=True, exist_ok=True)
     out = open(log_path, "a")  # noqa: SIM115 - owned by the Daemon
     proc = subprocess.Popen(
         [sys.executable, "-m", "tether.coordinator.cli", kind, *args],
         stdout=subprocess.PIPE, stderr=out, stdin=subprocess.DEVNULL, text=True,
-        start_new_session=True, umask=umask)
+        start_new_session=True, umask=umask, env={**os.environ, **env} if env else None)
     out.close()
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout

@@ -10,8 +10,15 @@ coordinator, typed values in and out (``tether.core``), errors as exceptions.
         assert report.clean
 """
 
-from tether.client.aio import AsyncClient, CoordinatorUnreachable, TimedOut
+from tether.client.aio import (
+    AsyncClient,
+    CoordinatorUnreachable,
+    Interrupted,
+    Leader,
+    TimedOut,
+)
 from tether.client.spec import build_spec
 from tether.client.sync import Client
 
-__all__ = ["AsyncClient", "Client", "CoordinatorUnreachable", "TimedOut", "build_spec"]
+__all__ = ["AsyncClient", "Client", "CoordinatorUnreachable", "Interrupted", "Leader",
+           "TimedOut", "build_spec"]

@@ -4,13 +4,26 @@ Typed values in, typed values out (``tether.core`` dataclasses, no protobuf), an
 errors as exceptions (``tether.core.errors`` plus ``CoordinatorUnreachable`` and
 ``TimedOut``). The `tether` CLI is built on this client; so can editors and
 orchestrators be.
+
+Several coordinators (``"a:7400,b:7400,c:7400"``): calls go to the leader. A standby
+answers with the leader's address and the client goes there; a coordinator that does
+not answer (the leader died) makes the client try the others, for up to ``failover``
+seconds, while a standby takes over. What is safe to send again is sent again (spawns
+carry an idempotency key, made up if the caller gave none; stops, keepalives and reads
+are idempotent); a signal or an adoption cut off mid-way is not, and raises
+``Interrupted`` saying so. ``watch`` resumes on the new leader from the last event it
+delivered, losing none and repeating none.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -45,6 +58,7 @@ from tether.rpc.convert import (
     spec_to_pb,
     ts,
 )
+from tether.rpc.leader import READS, STALE_OK_HEADER, addresses, redirect_of
 from tether.rpc.security import ClientSecurity
 from tether.rpc.status import error_from_rpc
 from tether.v1 import coordinator_pb2 as cpb
@@ -57,10 +71,52 @@ T = TypeVar("T")
 
 class CoordinatorUnreachable(TetherError):
     def __init__(self, address: str, why: str) -> None:
-        super().__init__(f"coordinator {address} is unreachable ({why}); start it with "
-                         "`tether serve` or point --coordinator / TETHER_COORDINATOR at it")
+        if "," in address:  # several coordinators sharing a store
+            super().__init__(f"no leader among coordinators {address} ({why}); see "
+                             "`tether coordinators` for each one's view, and retry")
+        else:
+            super().__init__(f"coordinator {address} is unreachable ({why}); start it with "
+                             "`tether serve` or point --coordinator / TETHER_COORDINATOR at it")
         self.address = address
         self.why = why
+
+
+class LeaderMoved(Exception):
+    """Raised inside the client: another coordinator leads now than the one being called."""
+
+    def __init__(self, leader: str) -> None:
+        super().__init__(leader)
+        self.leader = leader
+
+
+class Unresponsive(Exception):
+    """Raised inside the client: a coordinator did not answer a read in time."""
+
+
+class Interrupted(CoordinatorUnreachable):
+    """A call that is not safe to repeat was cut off: it may or may not have been done."""
+
+    def __init__(self, address: str, what: str, why: str) -> None:
+        TetherError.__init__(
+            self, f"{what} on coordinator {address} was cut off ({why}); it may or may not "
+            "have been done: check (e.g. `tether show SESSION`) and retry if needed")
+        self.address = address
+        self.why = why
+        self.what = what
+
+
+#: Calls that may be sent again after a break, whatever happened to the first one.
+IDEMPOTENT = frozenset({"Spawn", "StopSession", "KeepAlive", "CreateSession", "GetSession",
+                        "ListSessions", "ListAgents", "ListOrphans", "GetLeader", "ListPorts",
+                        "WatchSession", "ReadAudit"})
+#: Connection failures that mean the call never left.
+NOT_SENT = ("failed to connect", "connection refused", "name resolution", "dns resolution",
+            "no route to host")
+#: Between rounds over every address while none leads: a takeover is found within this.
+RETRY_MAX = 0.25
+#: A call to one of several coordinators taking longer than this makes the client ask the
+#: others who leads (a paused leader answers nothing, not even HTTP/2 pings).
+PROBE_EVERY = 2.0
 
 
 class TimedOut(TetherError):
@@ -72,23 +128,67 @@ class TimedOut(TetherError):
         self.what = what
 
 
+@dataclass(frozen=True)
+class Leader:
+    """One coordinator's view of who leads (``AsyncClient.leader``)."""
+
+    #: The leader's address; empty while none leads.
+    leader: str
+    epoch: int
+    #: The coordinator that answered, and whether it leads.
+    address: str
+    leading: bool
+    lease_remaining: float
+    store: str
+    #: Why none leads, if none does.
+    problem: str = ""
+
+
 def default_address() -> str:
     return os.environ.get("TETHER_COORDINATOR") or DEFAULT_ADDRESS
 
 
 class AsyncClient:
-    """``async with AsyncClient() as c: await c.spawn(["sleep", "60"], session="s")``."""
+    """``async with AsyncClient() as c: await c.spawn(["sleep", "60"], session="s")``.
+
+    ``address``: one coordinator, or several comma-separated (they share a store and
+    elect a leader); ``failover``: how long to look for a leader among them."""
 
     def __init__(self, address: str | None = None, *, token: str = "", token_file: str = "",
                  tls_ca: str = "", tls_cert: str = "", tls_key: str = "",
-                 server_name: str = "", timeout: float | None = None) -> None:
-        self.address = address or default_address()
+                 server_name: str = "", timeout: float | None = None,
+                 failover: float = 30.0) -> None:
+        self.addresses = addresses(address or default_address()) or [DEFAULT_ADDRESS]
+        #: The coordinator calls go to (the leader, once found).
+        self.address = self.addresses[0]
         self.timeout = timeout
-        security = ClientSecurity(ca=tls_ca, cert=tls_cert, key=tls_key, token_file=token_file,
-                                  server_name=server_name, token=token,
-                                  options=[("grpc.max_receive_message_length", MAX_MESSAGE)])
-        self._channel = security.channel(self.address)
-        self._stub = cgrpc.CoordinatorServiceStub(self._channel)
+        self.failover = failover
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", MAX_MESSAGE)]
+        if len(self.addresses) > 1:
+            # HTTP/2 pings: a leader that stops answering (paused, cut off) fails the call
+            # in seconds, and the client looks for the next leader, instead of waiting out
+            # the whole deadline.
+            options += [("grpc.keepalive_time_ms", 2000), ("grpc.keepalive_timeout_ms", 2000),
+                        ("grpc.keepalive_permit_without_calls", 1),
+                        ("grpc.http2.max_pings_without_data", 0)]
+        self._security = ClientSecurity(
+            ca=tls_ca, cert=tls_cert, key=tls_key, token_file=token_file,
+            server_name=server_name, token=token, options=options)
+        self._stubs: dict[str, cgrpc.CoordinatorServiceStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+        self._stub_at(self.address)  # a bad TLS file fails here, not at the first call
+
+    def _stub_at(self, address: str) -> cgrpc.CoordinatorServiceStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = self._security.channel(address)
+            self._channels.append(channel)
+            stub = self._stubs[address] = cgrpc.CoordinatorServiceStub(channel)
+        return stub
+
+    @property
+    def _stub(self) -> cgrpc.CoordinatorServiceStub:
+        return self._stub_at(self.address)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -97,15 +197,75 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
     async def _call(self, what: str, call: Callable[..., Awaitable[T]], request: Any,
                     timeout: float | None) -> T:
+        """One call to the leader: method ``what`` of whichever coordinator leads (``call``,
+        the current one's, names the same method)."""
         timeout = timeout if timeout is not None else self.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        route = _Route(self, what)
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                route.timed_out(timeout)
+            address = self.address
+            try:
+                method: Callable[..., Any] = getattr(self._stub, what)
+                pending = method(request, timeout=left, metadata=route.metadata())
+                if not self._several(address):
+                    return await pending  # type: ignore[no-any-return]
+                return await self._watched(  # type: ignore[no-any-return]
+                    pending, address, impatient=what in READS)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    route.timed_out(timeout)
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise self._error(exc, what, timeout) from exc
+                await route.next(exc)
+            except LeaderMoved as moved:
+                route.moved(address, moved.leader)
+            except Unresponsive:
+                await route.unresponsive(address)
+
+    def _several(self, address: str) -> bool:
+        """Whether another coordinator than ``address`` could answer."""
+        return len(self.addresses) > 1 or address not in self.addresses
+
+    async def _watched(self, call: Any, address: str, impatient: bool = False) -> Any:
+        """Await a call to ``address``; while it takes long, ask the other coordinators
+        whether another one leads now (``address`` paused or cut off: its lease lapsed and
+        a standby took over), and if so give up on it (``LeaderMoved``). ``impatient``
+        (a read): give up after ``PROBE_EVERY`` (``Unresponsive``): a standby answers it."""
+        task = asyncio.ensure_future(call)
         try:
-            return await call(request, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise self._error(exc, what, timeout) from exc
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=PROBE_EVERY)
+                if done:
+                    return task.result()
+                if impatient:
+                    raise Unresponsive(address)
+                leader = await self._leader_elsewhere(address)
+                if leader:
+                    raise LeaderMoved(leader)  # the task (and with it the call) is cancelled
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def _leader_elsewhere(self, address: str) -> str:
+        """Another leader than ``address``, as some other coordinator names it, or ""."""
+        async def ask(other: str) -> str:
+            try:
+                info = await self._stub_at(other).GetLeader(cpb.GetLeaderRequest(),
+                                                            timeout=PROBE_EVERY / 2)
+            except grpc.aio.AioRpcError:
+                return ""
+            return str(info.leader) if info.leader and info.leader != address else ""
+
+        found = await asyncio.gather(*(ask(a) for a in self.addresses if a != address))
+        return next((f for f in found if f), "")
 
     def _error(self, exc: grpc.aio.AioRpcError, what: str, timeout: float | None
                ) -> TetherError:
@@ -128,8 +288,11 @@ class AsyncClient:
                                                                     **options)
         if not spec.session_id:
             raise InvalidSpec("spawn needs a session", field="session")
+        # A key even if the caller gave none: a retry through a failover then returns the
+        # group the first attempt started instead of starting a second one.
         req = cpb.CoordinatorSpawnRequest(agent=agent, spec=spec_to_pb(spec),
-                                          idempotency_key=idempotency_key)
+                                          idempotency_key=idempotency_key or
+                                          f"auto-{secrets.token_hex(12)}")
         deadline = timeout if timeout is not None else self.timeout or spec.start_timeout + 60
         entry = entry_from_pb(await self._call("Spawn", self._stub.Spawn, req, deadline))
         if entry.state is GroupState.FAILED and entry.view.exit is not None:
@@ -208,19 +371,48 @@ class AsyncClient:
     async def watch(self, session: str, *, initial: bool = True, since: int = 0,
                     epoch: str = "", timeout: float | None = None
                     ) -> AsyncIterator[SessionEvent]:
-        """A session's events as they happen (first its current groups, with ``initial``)."""
-        req = cpb.WatchSessionRequest(session_id=session, initial=initial, since_seq=since,
-                                      epoch=epoch)
-        stream = self._stub.WatchSession(req, timeout=timeout)
-        try:
-            async for msg in stream:
-                yield session_event_from_pb(msg)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise SessionNotFound(session) from exc
-            raise self._error(exc, "WatchSession", timeout) from exc
-        finally:
-            stream.cancel()
+        """A session's events as they happen (first its current groups, with ``initial``).
+        When the leader changes, the stream resumes on the new one after the last event
+        delivered (with a snapshot instead, marked ``initial``, if those are gone)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        route = _Route(self, "WatchSession")
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                route.timed_out(timeout)
+            req = cpb.WatchSessionRequest(session_id=session, initial=initial, since_seq=since,
+                                          epoch=epoch)
+            address = self.address
+            stream = self._stub.WatchSession(req, timeout=left)
+            try:
+                while True:
+                    msg = await self._next_message(stream, address)
+                    if msg is None:
+                        return
+                    event = session_event_from_pb(msg)
+                    since, epoch, initial = event.seq, event.epoch, True
+                    route = _Route(self, "WatchSession")  # it works here: start afresh
+                    yield event
+            except LeaderMoved as moved:
+                route.moved(address, moved.leader)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    raise SessionNotFound(session) from exc
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise self._error(exc, "WatchSession", timeout) from exc
+                await route.next(exc)
+            finally:
+                stream.cancel()
+
+    async def _next_message(self, stream: Any, address: str) -> Any:
+        """The next message of a stream from ``address`` (None at its end). With several
+        coordinators, a quiet stream makes the client check that ``address`` still leads
+        (``LeaderMoved`` if not: a paused leader's stream is quiet forever)."""
+        if not self._several(address):
+            msg = await stream.read()
+        else:
+            msg = await self._watched(stream.read(), address)
+        return None if msg is grpc.aio.EOF else msg
 
     async def _session_call(self, what: str, call: Callable[..., Awaitable[T]], request: Any,
                             session: str, timeout: float | None) -> T:
@@ -251,6 +443,22 @@ class AsyncClient:
         return OrphanReport(tuple(orphan_from_pb(o) for o in reply.orphans),
                             dict(reply.unreachable))
 
+    # ------------------------------------------------------------ coordinators
+
+    async def leader(self, *, address: str = "", timeout: float | None = None) -> Leader:
+        """Which coordinator leads, as coordinator ``address`` (default: the current one)
+        sees it; asked there and nowhere else."""
+        at = address or self.address
+        try:
+            msg = await self._stub_at(at).GetLeader(cpb.GetLeaderRequest(),
+                                                    timeout=timeout or 10)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                raise CoordinatorUnreachable(at, exc.details() or "UNAVAILABLE") from exc
+            raise self._error(exc, "GetLeader", timeout) from exc
+        return Leader(msg.leader, msg.epoch, msg.address or at, msg.leading,
+                      msg.lease_remaining_seconds, msg.store, msg.problem)
+
     # ------------------------------------------------------------ audit
 
     async def audit(self, *, since: float = 0.0, limit: int = 0,
@@ -270,7 +478,6 @@ class AsyncClient:
         finally:
             stream.cancel()
 
-
     async def ports(self, port: int = 0, *, agent: str = "", timeout: float | None = None
                     ) -> PortReport:
         """Who holds TCP ports: listening ports (or ``port``) on every agent (or ``agent``),
@@ -280,3 +487,78 @@ class AsyncClient:
                                  timeout or 30)
         return PortReport(tuple(port_owner_from_pb(o) for o in reply.ports),
                           dict(reply.unreachable))
+
+
+class _Route:
+    """Where a call goes next after ``UNAVAILABLE``: to the leader a coordinator named, to
+    the next address, or nowhere (raises)."""
+
+    def __init__(self, client: AsyncClient, what: str) -> None:
+        self.client = client
+        self.what = what
+        self.tried: set[str] = set()
+        self.backoff = 0.05
+        self.give_up = time.monotonic() + client.failover
+        self.last = ""
+        #: The leader could not be reached: a standby may answer a read from the store.
+        self.stale_ok = False
+
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return ((STALE_OK_HEADER, "1"),) if self.stale_ok and self.what in READS else None
+
+    def timed_out(self, timeout: float | None) -> NoReturn:
+        if self.last:  # looking for a leader all along: say why none answered
+            raise CoordinatorUnreachable(", ".join(self.client.addresses),
+                                         f"no leader answered within {timeout:g} s; last: "
+                                         f"{self.last}")
+        raise TimedOut(self.client.address, self.what, timeout)
+
+    def moved(self, address: str, leader: str) -> None:
+        """The call to ``address`` was abandoned: ``leader`` leads now."""
+        self.last = f"{address}: another coordinator ({leader}) leads now"
+        self.stale_ok = True
+        if self.what not in IDEMPOTENT:
+            raise Interrupted(address, self.what, f"{leader} leads now")
+        self.client.address = leader
+
+    async def unresponsive(self, address: str) -> None:
+        """``address`` did not answer a read in time: any coordinator may answer it."""
+        self.last = f"{address}: no answer within {PROBE_EVERY:g} s"
+        self.stale_ok = True
+        if time.monotonic() >= self.give_up:
+            raise CoordinatorUnreachable(", ".join(self.client.addresses), self.last)
+        await self._rotate(address)
+
+    async def next(self, exc: grpc.aio.AioRpcError) -> None:
+        c = self.client
+        address = c.address
+        details = exc.details() or exc.code().name
+        self.last = f"{address}: {details}"
+        answered, leader, interrupted = redirect_of(exc)
+        sent = (answered and interrupted) or (not answered and not any(
+            hint in details.lower() for hint in NOT_SENT))
+        if sent and self.what not in IDEMPOTENT:
+            raise Interrupted(address, self.what, details)
+        self.tried.add(address)
+        if not answered or not leader:
+            self.stale_ok = True
+        if answered and leader and leader not in self.tried:
+            c.address = leader
+            return
+        if c.addresses == [address] and not answered:  # one coordinator, and it is gone
+            raise CoordinatorUnreachable(address, details)
+        if time.monotonic() >= self.give_up:
+            names = ", ".join(c.addresses)
+            raise CoordinatorUnreachable(names, f"no leader found within {c.failover:g} s; "
+                                         f"last: {address}: {details}; retry")
+        await self._rotate(address)
+
+    async def _rotate(self, address: str) -> None:
+        c = self.client
+        self.tried.add(address)
+        ring = c.addresses if address in c.addresses else [*c.addresses, address]
+        c.address = ring[(ring.index(address) + 1) % len(ring)]
+        if c.address in self.tried:  # a full round: give the standbys time to take over
+            self.tried.clear()
+            await asyncio.sleep(self.backoff)
+            self.backoff = min(self.backoff * 2, RETRY_MAX)

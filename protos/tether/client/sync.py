@@ -11,7 +11,7 @@ import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
-from tether.client.aio import AsyncClient
+from tether.client.aio import AsyncClient, Leader
 from tether.core.audit import AuditEntry
 from tether.core.model import GroupSpec
 from tether.core.sessions import (
@@ -89,6 +89,9 @@ class Client:
 
     def orphans(self, **kw: Any) -> OrphanReport:
         return self._run(self._async.orphans(**kw))
+
+    def leader(self, **kw: Any) -> Leader:
+        return self._run(self._async.leader(**kw))
 
     def audit(self, **kw: Any) -> list[AuditEntry]:
         return self._run(self._async.audit(**kw))

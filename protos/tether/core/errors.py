@@ -157,3 +157,40 @@ class PermissionDenied(TetherError):
 
 class Unauthenticated(TetherError):
     """The caller presented no credential this daemon accepts."""
+
+
+class StoreUnavailable(TetherError):
+    """The shared store (PostgreSQL) does not answer, or refuses this coordinator."""
+
+    def __init__(self, where: str, why: str, advice: str = "") -> None:
+        super().__init__(f"the store {where} is unavailable: {why}; "
+                         + (advice or "check that the database runs and this host can reach "
+                            "it; the coordinator keeps trying"))
+        self.where = where
+        self.why = why
+
+
+class NotLeader(TetherError):
+    """This coordinator does not lead (a standby, or one that lost its lease): the call
+    must go to the leader, at ``leader`` if known."""
+
+    def __init__(self, why: str, leader: str = "") -> None:
+        where = (f"the leader is at {leader}: retry there (clients given several "
+                 "--coordinator addresses follow it)") if leader else \
+            "no coordinator leads right now: retry in a few seconds"
+        super().__init__(f"{why}; {where}")
+        self.why = why
+        self.leader = leader
+
+
+class Fenced(TetherError):
+    """An agent refused a command from a coordinator epoch older than the newest it saw."""
+
+    def __init__(self, agent: str, epoch: int, newest: int) -> None:
+        super().__init__(
+            f"agent {agent!r} refused a command of coordinator epoch {epoch}: it has obeyed "
+            f"epoch {newest} since, so another coordinator leads (fencing); the coordinator "
+            "that sent it must step down")
+        self.agent = agent
+        self.epoch = epoch
+        self.newest = newest

@@ -91,6 +91,11 @@ class Broadcaster(Generic[E]):
                 sub.queue.append(event)
             sub.wake.set()
 
+    def seed(self, history: Iterable[E], seq: int) -> None:
+        """Start from events published elsewhere (a previous leader's, from the store)."""
+        self._history.extend(history)
+        self.seq = max(self.seq, seq)
+
     def missed(self, since: int) -> list[E] | None:
         """Kept events after ``since``, or None if some of them are no longer kept."""
         if since >= self.seq:

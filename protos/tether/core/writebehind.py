@@ -7,6 +7,8 @@ once every change put so far is written, so a caller acknowledges only what is o
 disk. A failed write keeps the batch (a later change of the same key replaces it),
 is reported through ``on_error`` and retried with capped backoff; whoever waits on
 ``durable()`` gets ``StateUnwritable`` at their deadline, with the store's error.
+``on_written`` sees each batch once it is written (what may now be told to others);
+``abandon`` gives up (the writer lost the right to write): waiters get its error.
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ RETRY_MAX = 5.0
 
 class WriteBehind(Generic[K, V]):
     def __init__(self, write: Callable[[Mapping[K, V]], Awaitable[None]], *, where: str,
-                 on_error: Callable[[], None] = lambda: None) -> None:
+                 on_error: Callable[[], None] = lambda: None,
+                 on_written: Callable[[Mapping[K, V]], None] = lambda batch: None) -> None:
         self._write = write
         self.where = where
         self.on_error = on_error
+        self.on_written = on_written
+        self._abandoned: BaseException | None = None
         self._pending: dict[K, tuple[int, V]] = {}
         self._version = 0
         self._written = 0
@@ -46,6 +51,8 @@ class WriteBehind(Generic[K, V]):
 
     def put(self, key: K, value: V) -> None:
         """Queue a change; a later one with the same key replaces it."""
+        if self._abandoned is not None:
+            return  # nothing more is written: the writer lost its right to write
         self._version += 1
         self._pending[key] = (self._version, value)
         self._schedule()
@@ -59,6 +66,8 @@ class WriteBehind(Generic[K, V]):
             self._task = loop.create_task(self._loop(), name=f"write-behind {self.where}")
 
     async def durable(self, timeout: float) -> None:
+        if self._abandoned is not None:
+            raise self._abandoned
         target = self._version
         if self._written >= target:
             return
@@ -96,11 +105,27 @@ class WriteBehind(Generic[K, V]):
                 if self._pending.get(key, (0, None))[0] == version:
                     del self._pending[key]
             self._written = upto
+            try:
+                self.on_written({k: v for k, (_, v) in batch.items()})
+            except Exception:
+                log.exception("%s: after a write", self.where)
             done = [f for t, f in self._waiters if t <= upto]
             self._waiters = [(t, f) for t, f in self._waiters if t > upto]
             for fut in done:
                 if not fut.done():
                     fut.set_result(None)
+
+    def abandon(self, error: BaseException) -> None:
+        """Write nothing more: drop what is pending, fail every waiter with ``error``."""
+        self._abandoned = error
+        if self._task is not None:
+            self._task.cancel()
+        self._pending.clear()
+        for _, fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()  # retrieved: a waiter that timed out already is not an error
+        self._waiters = []
 
     async def drain(self) -> None:
         """One last write of what is pending (shutdown); an error is logged, not raised."""

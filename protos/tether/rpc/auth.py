@@ -42,6 +42,7 @@ import grpc
 from tether.core.audit import AuditLog, timestamp
 from tether.core.errors import InvalidSpec, PermissionDenied, Unauthenticated
 from tether.core.model import check_name
+from tether.rpc.leader import REDIRECTED
 from tether.rpc.security import (
     MAX_TOKEN,
     OPEN_PREFIXES,
@@ -213,6 +214,7 @@ RULES: Mapping[str, Rule] = {
     _C + "ReadAudit": _r(),
     _C + "ListPorts": _r(_OPERATOR, _READER),
     _C + "ForgetAgent": _r(audit=True),
+    _C + "GetLeader": _r(_OPERATOR, _READER),
     # An agent: lifecycle calls from its coordinator (and admins) only.
     _A + "Spawn": _r(_COORD, audit=True),
     _A + "Adopt": _r(_COORD, audit=True),
@@ -605,7 +607,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return wrap_handler(handler, admit, handler.request_deserializer)
 
         def finish(request: Any, response: Any, exc: BaseException | None, context: Any) -> None:
-            if not rule.audited(request):
+            if not rule.audited(request) or REDIRECTED.get():
                 return
             caller = CALLER.get()
             if caller is None:  # refused before admission: recorded there

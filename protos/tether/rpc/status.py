@@ -27,12 +27,14 @@ CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (e.AdoptRefused, grpc.StatusCode.FAILED_PRECONDITION),
     (e.Conflict, grpc.StatusCode.FAILED_PRECONDITION),
     (e.TargetUnreachable, grpc.StatusCode.UNAVAILABLE),
+    (e.NotLeader, grpc.StatusCode.UNAVAILABLE),
+    (e.StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (e.Fenced, grpc.StatusCode.FAILED_PRECONDITION),
     (e.AgentUnreachable, grpc.StatusCode.UNAVAILABLE),
     (e.StartFailed, grpc.StatusCode.FAILED_PRECONDITION),
     (IllegalTransition, grpc.StatusCode.FAILED_PRECONDITION),
     (e.TetherError, grpc.StatusCode.INTERNAL),
 ]
-
 
 
 #: The other way: what a caller of a tether daemon makes of a status code.
@@ -66,6 +68,16 @@ def error_from_rpc(code: grpc.StatusCode, details: str,
     return e.TetherError(f"{code.name}: {details}")
 
 
+def trailers_for(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """A coordinator that stopped leading during a call names the leader (see
+    ``tether.rpc.leader``): the client retries there."""
+    from tether.rpc.leader import INTERRUPTED_TRAILER, LEADER_TRAILER
+
+    if isinstance(exc, e.NotLeader):
+        return ((LEADER_TRAILER, exc.leader), (INTERRUPTED_TRAILER, "1"))
+    return ()
+
+
 def status_for(exc: BaseException) -> grpc.StatusCode:
     for cls, code in CODES:
         if isinstance(exc, cls):
@@ -84,7 +96,7 @@ def unary(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
         try:
             return await fn(self, request, context)
         except (e.TetherError, IllegalTransition) as exc:
-            await context.abort(status_for(exc), str(exc))
+            await context.abort(status_for(exc), str(exc), trailing_metadata=trailers_for(exc))
             raise  # unreachable: abort raises
         except ValueError as exc:  # e.g. protobuf field range errors from our conversions
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {exc}")
@@ -101,7 +113,7 @@ def stream(fn: Callable[..., AsyncIterator[R]]) -> Callable[..., AsyncIterator[R
             async for item in fn(self, request, context):
                 yield item
         except (e.TetherError, IllegalTransition) as exc:
-            await context.abort(status_for(exc), str(exc))
+            await context.abort(status_for(exc), str(exc), trailing_metadata=trailers_for(exc))
 
     return wrapper
 

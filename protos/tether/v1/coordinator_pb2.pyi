@@ -373,3 +373,25 @@ class ForgetAgentResponse(_message.Message):
     LOST_GROUP_IDS_FIELD_NUMBER: _ClassVar[int]
     lost_group_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, lost_group_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetLeaderRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LeaderInfo(_message.Message):
+    __slots__ = ("leader", "epoch", "address", "leading", "lease_remaining_seconds", "store", "problem")
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LEADING_FIELD_NUMBER: _ClassVar[int]
+    LEASE_REMAINING_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    leader: str
+    epoch: int
+    address: str
+    leading: bool
+    lease_remaining_seconds: float
+    store: str
+    problem: str
+    def __init__(self, leader: _Optional[str] = ..., epoch: _Optional[int] = ..., address: _Optional[str] = ..., leading: _Optional[bool] = ..., lease_remaining_seconds: _Optional[float] = ..., store: _Optional[str] = ..., problem: _Optional[str] = ...) -> None: ...

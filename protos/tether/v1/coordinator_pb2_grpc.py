@@ -115,6 +115,11 @@ class CoordinatorServiceStub:
                 request_serializer=tether_dot_v1_dot_coordinator__pb2.ForgetAgentRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_coordinator__pb2.ForgetAgentResponse.FromString,
                 _registered_method=True)
+        self.GetLeader = channel.unary_unary(
+                '/tether.v1.CoordinatorService/GetLeader',
+                request_serializer=tether_dot_v1_dot_coordinator__pb2.GetLeaderRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_coordinator__pb2.LeaderInfo.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -221,6 +226,16 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLeader(self, request, context):
+        """Which coordinator leads, as this one knows it (standbys answer too). With several
+        coordinators on one store, a standby answers every call but GetSession, ListSessions,
+        ListAgents and this one with UNAVAILABLE and the leader's address in the trailer
+        `tether-leader`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -303,6 +318,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ForgetAgent,
                     request_deserializer=tether_dot_v1_dot_coordinator__pb2.ForgetAgentRequest.FromString,
                     response_serializer=tether_dot_v1_dot_coordinator__pb2.ForgetAgentResponse.SerializeToString,
+            ),
+            'GetLeader': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLeader,
+                    request_deserializer=tether_dot_v1_dot_coordinator__pb2.GetLeaderRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_coordinator__pb2.LeaderInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -737,6 +757,33 @@ class CoordinatorService:
             '/tether.v1.CoordinatorService/ForgetAgent',
             tether_dot_v1_dot_coordinator__pb2.ForgetAgentRequest.SerializeToString,
             tether_dot_v1_dot_coordinator__pb2.ForgetAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLeader(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.CoordinatorService/GetLeader',
+            tether_dot_v1_dot_coordinator__pb2.GetLeaderRequest.SerializeToString,
+            tether_dot_v1_dot_coordinator__pb2.LeaderInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,102 @@
+"""The coordinator's records as table rows, for every store (SQLite, PostgreSQL).
+
+One column order per table, the same in both stores; each store writes its own SQL
+around these tuples. Groups keep the agent's view as a protobuf ``Group`` (the agent's
+own words, with environment values: a coordinator that takes over must be able to
+start a group again); events keep what watchers are sent (environment values left out).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from tether.coordinator.model import TrackedGroup
+from tether.coordinator.store import SpawnIntent
+from tether.core.model import Containment
+from tether.core.sessions import AgentInfo, Session, SessionEvent, SessionState, StopIntent
+from tether.rpc.convert import group_from_pb, group_to_pb, session_event_from_pb, session_event_to_pb
+from tether.v1 import common_pb2 as pb
+
+AGENT_COLUMNS = ("name", "address", "containment", "version", "epoch", "last_seen", "instance",
+                 "credential")
+SESSION_COLUMNS = ("session_id", "window", "labels", "state", "ttl", "lease_expires_at",
+                   "stop_cause", "created_at", "stopped_at")
+GROUP_COLUMNS = ("agent", "group_id", "session_id", "idempotency_key", "group_pb", "error",
+                 "fingerprint", "attempts")
+INTENT_COLUMNS = ("session_id", "grace", "cause", "created_at")
+SPAWN_COLUMNS = ("group_id", "agent", "session_id", "idempotency_key", "fingerprint",
+                 "stop_order", "created_at")
+EVENT_COLUMNS = ("seq", "session_id", "event_pb")
+
+_CONTAINMENT_NUM = {Containment.CGROUP: 1, Containment.SUBREAPER: 2, Containment.PGID: 3}
+_CONTAINMENT_BY_NUM = {v: k for k, v in _CONTAINMENT_NUM.items()}
+
+Row = tuple[Any, ...]
+
+
+def agent_row(a: AgentInfo) -> Row:
+    return (a.name, a.address, _CONTAINMENT_NUM[a.containment], a.version, a.epoch,
+            a.last_seen, a.instance, a.credential)
+
+
+def agent_of(r: Sequence[Any]) -> AgentInfo:
+    return AgentInfo(r[0], r[1], _CONTAINMENT_BY_NUM.get(r[2], Containment.PGID), r[3], r[4],
+                     r[5], r[6], r[7])
+
+
+def session_row(s: Session) -> Row:
+    return (s.session_id, s.window, json.dumps(s.labels), s.state.value, s.ttl,
+            s.lease_expires_at, s.stop_cause, s.created_at, s.stopped_at)
+
+
+def session_of(r: Sequence[Any]) -> Session:
+    return Session(r[0], r[1], json.loads(r[2]), SessionState(r[3]), r[4], r[5], r[6], r[7],
+                   r[8])
+
+
+def group_row(t: TrackedGroup) -> Row:
+    msg = group_to_pb(t.view, redact=False)
+    msg.agent = t.agent
+    return (t.agent, t.group_id, t.session_id, t.idempotency_key, msg.SerializeToString(),
+            t.error, t.fingerprint, t.attempts)
+
+
+def group_of(r: Sequence[Any]) -> TrackedGroup:
+    """From (agent, idempotency_key, group_pb, error, fingerprint, attempts)."""
+    msg = pb.Group()
+    msg.ParseFromString(bytes(r[2]))
+    return TrackedGroup(r[0], group_from_pb(msg), r[1], r[4], r[3], r[5])
+
+
+def intent_row(i: StopIntent) -> Row:
+    return (i.session_id, i.grace, i.cause, i.created_at)
+
+
+def intent_of(r: Sequence[Any]) -> StopIntent:
+    return StopIntent(r[0], r[1], r[2], r[3])
+
+
+def spawn_row(s: SpawnIntent) -> Row:
+    return (s.group_id, s.agent, s.session_id, s.idempotency_key, s.fingerprint, s.stop_order,
+            s.created_at)
+
+
+def spawn_of(r: Sequence[Any]) -> SpawnIntent:
+    return SpawnIntent(r[0], r[1], r[2], r[3], r[4], r[5], r[6])
+
+
+def event_row(e: SessionEvent, lineage: str) -> Row:
+    return (e.seq, e.group.view.spec.session_id,
+            session_event_to_pb(e, lineage).SerializeToString())
+
+
+def event_of(blob: bytes) -> SessionEvent:
+    msg = pb.GroupEvent()
+    msg.ParseFromString(bytes(blob))
+    return session_event_from_pb(msg)
+
+
+def placeholders(columns: Sequence[str], mark: str) -> str:
+    return ", ".join([mark] * len(columns))
