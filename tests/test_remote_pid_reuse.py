@@ -48,8 +48,9 @@ def spec(gid: str, where: str, go: str, path: str) -> LaunchSpec:
 
 
 async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """The outside world settles (a reap, a fork): bounded re-checks, test side only."""
-    for _ in range(400):
+    """The outside world settles (a reap, a fork): bounded re-checks, test side only. The
+    bound is generous: init reaps orphans late, later still on a loaded machine."""
+    for _ in range(2400):
         if await check():
             return
         await asyncio.sleep(0.025)
