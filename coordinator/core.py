@@ -199,7 +199,7 @@ class Coordinator:
         spec = t.view.spec
         return GroupReport(t.group_id, spec.label, t.agent, spec.target or "local", e.state,
                            t.view.exit, t.error, members_signalled, spec.stop_order, t.attempts,
-                           e.unreachable)
+                           e.unreachable, t.view.restarts)
 
     def session_report(self, session_id: str, complete: bool) -> SessionReport:
         groups = sorted(self.session_groups(session_id),
@@ -212,14 +212,15 @@ class Coordinator:
 
     def publish(self, tracked: TrackedGroup, kind: EventKind | str) -> None:
         self.events.publish(SessionEvent(self.events.next_seq(), EventKind(kind),
-                                         self.entry(tracked), time.time()))
+                                         self.entry(tracked), time.time(),
+                                         session_id=tracked.session_id))
 
     def watch_session(self, session_id: str, initial: bool, since: int = 0
                       ) -> AsyncIterator[SessionEvent]:
         self.session(session_id)
 
         def accept(ev: SessionEvent) -> bool:
-            return ev.group.view.spec.session_id == session_id
+            return ev.session_id == session_id
 
         first: list[SessionEvent] | None = None
         if since:
@@ -227,6 +228,7 @@ class Coordinator:
             first = [e for e in missed if accept(e)] if missed is not None else None
         if first is None:
             now = time.time()
-            first = [SessionEvent(self.events.seq, EventKind.INITIAL, self.entry(t), now)
+            first = [SessionEvent(self.events.seq, EventKind.INITIAL, self.entry(t), now,
+                                  session_id=session_id)
                      for t in self.session_groups(session_id)] if initial else []
         return self.events.subscribe(accept, first)

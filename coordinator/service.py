@@ -127,7 +127,7 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
 
     @stream
     async def WatchSession(self, request: cpb.WatchSessionRequest, context: Any
-                           ) -> AsyncIterator[pb.GroupEvent]:
+                           ) -> AsyncIterator[cpb.SessionEvent]:
         since = request.since_seq if request.epoch == self.c.epoch else 0
         async for event in self.c.watch_session(request.session_id, request.initial, since):
             yield session_event_to_pb(event, self.c.epoch)

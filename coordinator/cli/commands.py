@@ -27,6 +27,7 @@ from tether.coordinator.cli.output import (
     table,
 )
 from tether.core.errors import NotFound, StartFailed, TetherError, Unauthenticated
+from tether.core.model import EventKind
 from tether.core.sessions import GroupEntry
 
 Command = Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]
@@ -155,13 +156,32 @@ async def cmd_orphans(c: AsyncClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_watch(c: AsyncClient, args: argparse.Namespace) -> int:
+    """Print a session's events as they come; ends after ``session_stopped`` (the session
+    is done: every group has its record)."""
     try:
         async for ev in c.watch(args.session, timeout=args.timeout):
+            if ev.group is None:  # a session-level event
+                rep = ev.report
+                d: dict[str, Any] = {"seq": ev.seq, "kind": ev.kind.value,
+                                     "session": ev.session_id}
+                if rep is not None:
+                    d["report"] = report_dict(rep)
+                if args.output == "json":
+                    print(json.dumps(d), flush=True)
+                elif rep is not None:
+                    print(f"{ev.kind.value:<11} {ev.session_id} "
+                          f"{'clean' if rep.clean else 'NOT clean'}, {len(rep.groups)} "
+                          f"group(s) with a record", flush=True)
+                if ev.kind is EventKind.SESSION_STOPPED:
+                    return ExitCode.OK
+                continue
             d = {"seq": ev.seq, "kind": ev.kind.value, **group_dict(ev.group)}
             if args.output == "json":
                 print(json.dumps(d), flush=True)
             else:
                 extra = f" {d['reason']}" if d.get("reason") else ""
+                if ev.group.view.unhealthy:
+                    extra += f" unhealthy ({ev.group.view.health})"
                 print(f"{ev.kind.value:<11} {ev.group.view.group_id} {d['label'] or '-'} "
                       f"{d['agent']} {d['state']}{extra}", flush=True)
     except TimedOut:

@@ -93,12 +93,27 @@ class CoordinatorServiceStub:
         self.WatchSession = channel.unary_stream(
                 '/tether.v1.CoordinatorService/WatchSession',
                 request_serializer=tether_dot_v1_dot_coordinator__pb2.WatchSessionRequest.SerializeToString,
-                response_deserializer=tether_dot_v1_dot_common__pb2.GroupEvent.FromString,
+                response_deserializer=tether_dot_v1_dot_coordinator__pb2.SessionEvent.FromString,
                 _registered_method=True)
         self.ListOrphans = channel.unary_unary(
                 '/tether.v1.CoordinatorService/ListOrphans',
                 request_serializer=tether_dot_v1_dot_coordinator__pb2.CoordinatorListOrphansRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_coordinator__pb2.CoordinatorListOrphansResponse.FromString,
+                _registered_method=True)
+        self.RestartGroups = channel.unary_unary(
+                '/tether.v1.CoordinatorService/RestartGroups',
+                request_serializer=tether_dot_v1_dot_coordinator__pb2.RestartGroupsRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_coordinator__pb2.SessionReport.FromString,
+                _registered_method=True)
+        self.ForgetGroups = channel.unary_unary(
+                '/tether.v1.CoordinatorService/ForgetGroups',
+                request_serializer=tether_dot_v1_dot_coordinator__pb2.ForgetGroupsRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_coordinator__pb2.ForgetGroupsResponse.FromString,
+                _registered_method=True)
+        self.Wait = channel.unary_unary(
+                '/tether.v1.CoordinatorService/Wait',
+                request_serializer=tether_dot_v1_dot_coordinator__pb2.WaitRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_coordinator__pb2.SessionReport.FromString,
                 _registered_method=True)
 
 
@@ -172,13 +187,37 @@ class CoordinatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchSession(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Group events of a session, and once a stopping session is done, one session_stopped
+        event carrying the stop report. SessionEvent is wire-compatible with GroupEvent.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListOrphans(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestartGroups(self, request, context):
+        """Restart groups of an active session in place (stop, then start with the same spec).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgetGroups(self, request, context):
+        """Drop ended groups from a session's listing; refused (nothing dropped) if any is live.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Wait(self, request, context):
+        """Return once the session has no live group (nor a spawn in flight), or at the timeout
+        (complete false). The report holds every group of the session with its record.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -244,12 +283,27 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
             'WatchSession': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchSession,
                     request_deserializer=tether_dot_v1_dot_coordinator__pb2.WatchSessionRequest.FromString,
-                    response_serializer=tether_dot_v1_dot_common__pb2.GroupEvent.SerializeToString,
+                    response_serializer=tether_dot_v1_dot_coordinator__pb2.SessionEvent.SerializeToString,
             ),
             'ListOrphans': grpc.unary_unary_rpc_method_handler(
                     servicer.ListOrphans,
                     request_deserializer=tether_dot_v1_dot_coordinator__pb2.CoordinatorListOrphansRequest.FromString,
                     response_serializer=tether_dot_v1_dot_coordinator__pb2.CoordinatorListOrphansResponse.SerializeToString,
+            ),
+            'RestartGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestartGroups,
+                    request_deserializer=tether_dot_v1_dot_coordinator__pb2.RestartGroupsRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_coordinator__pb2.SessionReport.SerializeToString,
+            ),
+            'ForgetGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetGroups,
+                    request_deserializer=tether_dot_v1_dot_coordinator__pb2.ForgetGroupsRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_coordinator__pb2.ForgetGroupsResponse.SerializeToString,
+            ),
+            'Wait': grpc.unary_unary_rpc_method_handler(
+                    servicer.Wait,
+                    request_deserializer=tether_dot_v1_dot_coordinator__pb2.WaitRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_coordinator__pb2.SessionReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -575,7 +629,7 @@ class CoordinatorService:
             target,
             '/tether.v1.CoordinatorService/WatchSession',
             tether_dot_v1_dot_coordinator__pb2.WatchSessionRequest.SerializeToString,
-            tether_dot_v1_dot_common__pb2.GroupEvent.FromString,
+            tether_dot_v1_dot_coordinator__pb2.SessionEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -603,6 +657,87 @@ class CoordinatorService:
             '/tether.v1.CoordinatorService/ListOrphans',
             tether_dot_v1_dot_coordinator__pb2.CoordinatorListOrphansRequest.SerializeToString,
             tether_dot_v1_dot_coordinator__pb2.CoordinatorListOrphansResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestartGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.CoordinatorService/RestartGroups',
+            tether_dot_v1_dot_coordinator__pb2.RestartGroupsRequest.SerializeToString,
+            tether_dot_v1_dot_coordinator__pb2.SessionReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.CoordinatorService/ForgetGroups',
+            tether_dot_v1_dot_coordinator__pb2.ForgetGroupsRequest.SerializeToString,
+            tether_dot_v1_dot_coordinator__pb2.ForgetGroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Wait(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.CoordinatorService/Wait',
+            tether_dot_v1_dot_coordinator__pb2.WaitRequest.SerializeToString,
+            tether_dot_v1_dot_coordinator__pb2.SessionReport.FromString,
             options,
             channel_credentials,
             insecure,
