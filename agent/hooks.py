@@ -27,6 +27,13 @@ class Hooks:
     def group_forgotten(self, group_id: str) -> None:
         """An ended group left the agent's memory (retention)."""
 
+    def restarted(self, reason: str) -> None:
+        """A new run of a group is starting (reason: exited, failed, unhealthy, requested,
+        start_failed)."""
+
+    def became_unhealthy(self) -> None:
+        """A group's liveness probe failed its limit of checks in a row."""
+
     async def durable(self, timeout: float) -> None:
         """Return once every change reported so far is stored; raise ``StateUnwritable``
         if that did not happen within ``timeout`` seconds."""
@@ -57,6 +64,14 @@ class HookChain(Hooks):
     def group_forgotten(self, group_id: str) -> None:
         for h in self.hooks:
             h.group_forgotten(group_id)
+
+    def restarted(self, reason: str) -> None:
+        for h in self.hooks:
+            h.restarted(reason)
+
+    def became_unhealthy(self) -> None:
+        for h in self.hooks:
+            h.became_unhealthy()
 
     async def durable(self, timeout: float) -> None:
         for h in self.hooks:

@@ -9,12 +9,16 @@ Names are a contract (README, deploy/prometheus/rules.yml):
 * ``tether_signals_total{signaller,signal,result}``
 * ``tether_start_failures_total{reason}``
 * ``tether_state_write_errors_total``: failed writes of the state file (each retried)
+* ``tether_restarts_total{reason}``: exited | failed | unhealthy | requested | start_failed
+* ``tether_unhealthy_groups`` gauge (read at scrape time), ``tether_unhealthy_total``
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter as TallyCounter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -25,6 +29,7 @@ from tether.agent.hooks import Hooks
 from tether.core.model import Containment, FailureClass, GroupState, GroupView
 
 CLEANUP_RESULTS = ("success", "forced", "failed", "timeout")
+RESTART_REASONS = ("exited", "failed", "unhealthy", "requested", "start_failed")
 #: LOST is the coordinator's word, never an agent state.
 AGENT_STATES = [s for s in GroupState if s is not GroupState.LOST]
 
@@ -47,9 +52,22 @@ class GroupsCollector(Collector):
                 family.add_metric([state.value, containment.value],
                                   tally.get((state.value, containment.value), 0))
         yield family
+        yield GaugeMetricFamily("tether_unhealthy_groups", "Running groups whose liveness "
+                                "probe failed --live-failures times in a row.",
+                                value=sum(1 for g in self._authority.groups()
+                                          if g.unhealthy and not g.state.ended))
         yield GaugeMetricFamily("tether_orphans", "Orphans detected now: processes with the "
                                 "tether marker or in a tether cgroup that belong to no live group.",
                                 value=self._orphans_now())
+
+
+@dataclass(frozen=True)
+class LastCleanup:
+    """The latest group stop, for /status."""
+
+    at: float
+    result: str
+    seconds: float
 
 
 class AgentMetrics(Hooks):
@@ -80,7 +98,18 @@ class AgentMetrics(Hooks):
             "database down), by store; the changes are kept and retried.", ["store"],
             registry=registry)
         self.state_write_errors.labels("agent")
+        self.restarts = Counter("tether_restarts", "New runs of groups after a run ended, by "
+                                "why: exited (code 0, --restart always), failed, unhealthy "
+                                "(--on-unhealthy restart), requested (tether restart), "
+                                "start_failed (the previous restart did not become ready).",
+                                ["reason"], registry=registry)
+        for r in RESTART_REASONS:
+            self.restarts.labels(r)
+        self.unhealthy = Counter("tether_unhealthy", "Times a group became unhealthy (its "
+                                 "liveness probe failed --live-failures times in a row).",
+                                 registry=registry)
         self._orphans_now = 0
+        self.last_cleanup: LastCleanup | None = None
 
     def attach(self, authority: Authority) -> None:
         self.registry.register(GroupsCollector(authority, lambda: self._orphans_now))
@@ -88,10 +117,21 @@ class AgentMetrics(Hooks):
     def set_orphans_now(self, n: int) -> None:
         self._orphans_now = n
 
+    @property
+    def orphans_now(self) -> int:
+        return self._orphans_now
+
     # Hooks
     def cleanup(self, result: str, seconds: float) -> None:
         self.cleanups.labels(result).inc()
         self.cleanup_duration.observe(seconds)
+        self.last_cleanup = LastCleanup(time.time(), result, seconds)
+
+    def restarted(self, reason: str) -> None:
+        self.restarts.labels(reason).inc()
+
+    def became_unhealthy(self) -> None:
+        self.unhealthy.inc()
 
     def signal_sent(self, signaller: str, sig: str, result: str) -> None:
         self.signals.labels(signaller, sig, result).inc()

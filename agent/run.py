@@ -27,7 +27,7 @@ from tether.agent.orphans import OrphanReaper
 from tether.agent.service import AgentServicer, add_to_server
 from tether.agent.state import AgentStore
 from tether.core.errors import TetherError
-from tether.core.model import Containment, GroupView, OrphanPolicy, spec_from_dict
+from tether.core.model import Containment, GroupState, GroupView, OrphanPolicy, spec_from_dict
 from tether.core.sessions import Orphan
 from tether.core.tasks import TaskSet
 from tether.rpc.convert import CONTAINMENT_TO_PB
@@ -167,7 +167,8 @@ class AgentRuntime:
             signaller = self.signallers.get(kind)
             keep = r.orphan_policy == OrphanPolicy.KEEP.value
             handle = None
-            if keep and signaller.features.reattach:
+            between = r.state == GroupState.RESTARTING.value
+            if keep and signaller.features.reattach and not between:
                 try:
                     handle = await signaller.reattach(Reattach(
                         r.group_id, r.leader_pid, r.leader_start_time, where, r.cgroup))
@@ -180,6 +181,9 @@ class AgentRuntime:
                    "the agent died while it ran; its guardian or the orphan sweep ended it")
             if keep and not signaller.features.reattach:
                 why = f"{kind} groups are not re-adopted after an agent restart"
+            if between:
+                why = ("the agent stopped while the group waited to restart (no run was "
+                       "alive); a new agent does not restart it: spawn it again")
             self.authority.restore_lost(r.group_id, spec, Containment(r.containment), why)
 
     def _start_guardian(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 
 from tether.agent.groups import Group
 from tether.agent.lifecycle import Lifecycle, leader_status
@@ -33,6 +34,9 @@ RETRY_MAX = 15.0
 class Watcher:
     def __init__(self, lc: Lifecycle) -> None:
         self.lc = lc
+        #: Set by the supervisor: a run ended on its own; True when it takes the group over
+        #: (another run starts), False to let the group end ``exited`` here.
+        self.run_ended: Callable[[Group, ExitRecord], bool] | None = None
 
     def start(self, g: Group) -> None:
         self.lc.tasks.spawn(self._watch(g), f"watch-{g.group_id}")
@@ -97,14 +101,19 @@ class Watcher:
         g.empty.set()
         if g.state is GroupState.RUNNING:
             status = await leader_status(h)
+            if g.state is not GroupState.RUNNING or g.handle is not h:
+                return  # a stop took over meanwhile: its record is the one
             reason = ExitReason.NATURAL
             if status.signal is not None:
                 reason = (ExitReason.REQUESTED if status.signal in g.signals_sent
                           else ExitReason.EXTERNAL_SIGNAL)
             detail = (f"its target was unreachable for about {outage:.0f} s; the exit was seen "
                       "after it answered again" if outage else "")
-            g.exit = ExitRecord(reason, exit_code=status.exit_code, signal=status.signal,
+            record = ExitRecord(reason, exit_code=status.exit_code, signal=status.signal,
                                 ended_at=time.time(), detail=detail)
+            if self.run_ended is not None and self.run_ended(g, record):
+                return  # another run starts; the supervisor closes this one's handle
+            g.exit = record
             self.lc.transition(g, Transition.EXITED)
             try:
                 await h.close()
