@@ -61,12 +61,19 @@ async def port_in_use(probe: Probe) -> bool:
     return True
 
 
+def _why(exc: BaseException, probe: Probe) -> str:
+    """An exception as a reason (a timeout's own text is empty)."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return f"no answer within the {probe.timeout:g} s timeout"
+    return str(exc) or type(exc).__name__
+
+
 async def _tcp(probe: Probe) -> ProbeAttempt:
     try:
         async with asyncio.timeout(probe.timeout):
             _, writer = await asyncio.open_connection(probe.host, probe.port)
     except (OSError, TimeoutError) as exc:
-        return ProbeAttempt(False, detail=f"tcp {probe.host}:{probe.port}: {exc or 'timeout'}")
+        return ProbeAttempt(False, detail=f"tcp {probe.host}:{probe.port}: {_why(exc, probe)}")
     writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()
@@ -91,7 +98,7 @@ async def _http(probe: Probe) -> ProbeAttempt:
             await writer.drain()
             line = await reader.readline()
     except (OSError, TimeoutError, ssl.SSLError, UnicodeError) as exc:
-        return ProbeAttempt(False, detail=f"GET {url}: {exc or 'timeout'}")
+        return ProbeAttempt(False, detail=f"GET {url}: {_why(exc, probe)}")
     finally:
         if writer is not None:
             writer.close()

@@ -368,8 +368,15 @@ class LocalSignaller(Signaller):
             cgroup = self.tree.group_dir(spec.group_id, spec.orphan_policy)
         self._launching += 1
         try:
-            popen = await asyncio.get_running_loop().run_in_executor(
+            launching = asyncio.get_running_loop().run_in_executor(
                 self._pool, launch.start, spec, cgroup, self._shell_usable)
+            try:
+                popen = await asyncio.shield(launching)
+            except asyncio.CancelledError:
+                # The caller gave up (a probe cancelled by a stop) while the launch runs on in
+                # its thread: whatever it starts is killed and reaped, never left running.
+                launching.add_done_callback(lambda f: self._abandon_launched(f, cgroup))
+                raise
             # No await from here to the handle: the reaper must see the leader as ours.
             self._leaders.add(popen.pid)
         finally:
@@ -389,6 +396,12 @@ class LocalSignaller(Signaller):
         # subprocess's own reaping, which would steal the status.
         popen.returncode = 0
         return handle
+
+    def _abandon_launched(self, launched: asyncio.Future[subprocess.Popen[bytes]],
+                          cgroup: Path | None) -> None:
+        if launched.cancelled() or launched.exception() is not None:
+            return  # nothing started (the launch reported its own failure)
+        self._pool.submit(self._abandon, launched.result(), cgroup)
 
     def _abandon(self, popen: subprocess.Popen[bytes], cgroup: Path | None) -> None:
         if cgroup is not None:

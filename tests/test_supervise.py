@@ -160,11 +160,13 @@ async def test_a_stop_during_the_backoff_wins_and_nothing_starts_again(
 async def test_a_stop_while_a_restart_is_probing_readiness_wins(
         authority: Authority, tmp_path: Path) -> None:
     """The first run's probe passes (and leaves a flag); the restarted run's probe then
-    never passes, so the group sits in its restart's readiness check when the stop comes."""
-    flag = tmp_path / "ready-once"
-    spec = GroupSpec(argv=("sh", "-c", f"if [ -e {flag} ]; then exec sleep 100; fi; sleep 0.2"),
+    never passes, so the group sits in its restart's readiness check when the stop comes.
+    Each run learns whether it is the first from a file of its own."""
+    ran, probed = tmp_path / "ran", tmp_path / "probed"
+    spec = GroupSpec(argv=("sh", "-c", f"if [ -e {ran} ]; then exec sleep 100; fi; "
+                           f"touch {ran}; sleep 0.2"),
                      stop=GRACE, start_timeout=60,
-                     ready=Probe.parse(f"exec:sh -c 'test ! -e {flag} && touch {flag}'"),
+                     ready=Probe.parse(f"exec:sh -c 'test ! -e {probed} && touch {probed}'"),
                      restart=RestartPolicy(RestartMode.ALWAYS))
     view = await authority.spawn(spec)
     assert view.state is GroupState.RUNNING
@@ -181,11 +183,11 @@ async def test_a_restart_that_never_becomes_ready_counts_until_the_limit(
         authority: Authority, tmp_path: Path) -> None:
     """The first run becomes ready and crashes; every restart then fails its readiness
     probe: each attempt is a run with its own record, and the limit ends the group."""
-    flag = tmp_path / "ran-once"
-    spec = GroupSpec(argv=("sh", "-c", f"if [ -e {flag} ]; then exec sleep 100; fi; "
-                           "sleep 0.3; exit 1"),
+    ran, probed = tmp_path / "ran", tmp_path / "probed"
+    spec = GroupSpec(argv=("sh", "-c", f"if [ -e {ran} ]; then exec sleep 100; fi; "
+                           f"touch {ran}; sleep 0.3; exit 1"),
                      stop=GRACE, start_timeout=1,
-                     ready=Probe.parse(f"exec:sh -c 'test ! -e {flag} && touch {flag}'"),
+                     ready=Probe.parse(f"exec:sh -c 'test ! -e {probed} && touch {probed}'"),
                      restart=RestartPolicy(RestartMode.ON_FAILURE, 2, 60))
     view = await authority.spawn(spec)
     assert view.state is GroupState.RUNNING
