@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter as Tally
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -32,6 +34,16 @@ class CoordinatorCollector(Collector):
         yield sessions
 
 
+@dataclass(frozen=True)
+class LastStop:
+    """The latest session stop, for /status."""
+
+    at: float
+    result: str
+    session_id: str
+    seconds: float
+
+
 class CoordinatorMetrics(CoordinatorHooks):
     """``state_write_errors``: under `tether serve` the agent's counter (one registry, one
     metric; the ``store`` label tells them apart)."""
@@ -50,12 +62,15 @@ class CoordinatorMetrics(CoordinatorHooks):
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=registry)
         self.state_write_errors = state_write_errors or state_write_counter(registry)
+        self.last_stop: LastStop | None = None
 
     def attach(self, coordinator: Coordinator) -> None:
         self.registry.register(CoordinatorCollector(coordinator))
 
-    def session_stopped(self, result: str) -> None:
+    def session_stopped(self, result: str, session_id: str = "", seconds: float = 0.0
+                        ) -> None:
         self.stops.labels(result).inc()
+        self.last_stop = LastStop(time.time(), result, session_id, seconds)
 
     def fanout(self, operation: str, seconds: float) -> None:
         self.fanout_seconds.labels(operation).observe(seconds)
@@ -68,3 +83,4 @@ def state_write_counter(registry: CollectorRegistry) -> Counter:
     return Counter("tether_state_write_errors", "Failed writes of a state store (disk full, "
                    "I/O error, database down), by store; the changes are kept and retried.",
                    ["store"], registry=registry)
+

@@ -9,14 +9,15 @@ import grpc
 
 from tether.coordinator.core import Coordinator
 from tether.core.errors import InvalidSpec
-from tether.core.model import Containment, check_name
-from tether.core.sessions import AgentInfo
+from tether.core.model import Containment, check_name, check_seconds
+from tether.core.sessions import MAX_TTL, AgentInfo
 from tether.rpc.convert import (
     CONTAINMENT_FROM_PB,
     agent_to_pb,
     group_to_pb,
     orphan_to_pb,
     report_to_pb,
+    selector_from_pb,
     session_event_to_pb,
     session_to_pb,
     spec_from_pb,
@@ -113,17 +114,42 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
     @unary
     async def SignalSession(self, request: cpb.SignalSessionRequest, context: Any
                             ) -> cpb.SessionReport:
-        return report_to_pb(await self.c.fanout.signal_session(request.session_id,
-                                                               request.signal))
+        return report_to_pb(await self.c.fanout.signal_session(
+            request.session_id, request.signal, selector_from_pb(request.selector)))
 
     @unary
     async def StopSession(self, request: cpb.StopSessionRequest, context: Any
                           ) -> cpb.SessionReport:
         grace = request.grace_seconds if request.HasField("grace_seconds") else None
-        remaining = context.time_remaining()
-        wait = STOP_ANSWER_WITHIN if remaining is None else max(0.0, min(remaining - 0.5,
-                                                                        STOP_ANSWER_WITHIN))
+        wait = _answer_within(context, STOP_ANSWER_WITHIN)
+        selector = selector_from_pb(request.selector)
+        if not selector.everything:
+            return report_to_pb(await self.c.fanout.stop_groups(request.session_id, selector,
+                                                                grace, wait))
         return report_to_pb(await self.c.fanout.stop_session(request.session_id, grace, wait))
+
+    @unary
+    async def RestartGroups(self, request: cpb.RestartGroupsRequest, context: Any
+                            ) -> cpb.SessionReport:
+        grace = request.grace_seconds if request.HasField("grace_seconds") else None
+        return report_to_pb(await self.c.fanout.restart(
+            request.session_id, selector_from_pb(request.selector), grace))
+
+    @unary
+    async def ForgetGroups(self, request: cpb.ForgetGroupsRequest, context: Any
+                           ) -> cpb.ForgetGroupsResponse:
+        done = await self.c.fanout.forget(request.session_id,
+                                          selector_from_pb(request.selector))
+        return cpb.ForgetGroupsResponse(forgotten=done)
+
+    @unary
+    async def Wait(self, request: cpb.WaitRequest, context: Any) -> cpb.SessionReport:
+        limit = _answer_within(context, None)
+        if request.HasField("timeout_seconds"):
+            asked = check_seconds(request.timeout_seconds, "wait timeout", "timeout",
+                                  high=MAX_TTL)
+            limit = asked if limit is None else min(asked, limit)
+        return report_to_pb(await self.c.wait_idle(request.session_id, limit))
 
     @stream
     async def WatchSession(self, request: cpb.WatchSessionRequest, context: Any
@@ -138,6 +164,16 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
         report = await self.c.fanout.list_orphans(request.sweep)
         return cpb.CoordinatorListOrphansResponse(
             orphans=[orphan_to_pb(o) for o in report.orphans], unreachable=report.unreachable)
+
+
+def _answer_within(context: Any, ceiling: float | None) -> float | None:
+    """How long a call may wait before it answers with what is known: its deadline (less a
+    margin for the answer to travel), at most ``ceiling``."""
+    remaining: float | None = context.time_remaining()
+    if remaining is None:
+        return ceiling
+    left = max(0.0, remaining - 0.5)
+    return left if ceiling is None else min(left, ceiling)
 
 
 def add_to_server(server: grpc.aio.Server, servicer: CoordinatorServicer) -> None:

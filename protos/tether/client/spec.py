@@ -12,11 +12,19 @@ from types import MappingProxyType
 
 from tether.core.errors import InvalidSpec
 from tether.core.model import (
+    DEFAULT_LIVE_FAILURES,
+    DEFAULT_LIVE_INTERVAL,
+    DEFAULT_RESTART_MAX,
+    DEFAULT_RESTART_WINDOW,
     DEFAULT_START_TIMEOUT,
     GroupSpec,
+    Liveness,
     OrphanPolicy,
     Probe,
+    RestartMode,
+    RestartPolicy,
     StopOverride,
+    UnhealthyAction,
     check_grace,
     check_seconds,
     parse_signal,
@@ -29,7 +37,11 @@ def build_spec(argv: Sequence[str], *, session: str = "", window: str = "", labe
                stop_order: int = 0, ready: str = "", start_timeout: float | None = None,
                probe_timeout: float | None = None, target: str = "local",
                orphan_policy: str = "kill", owns_target: bool = False,
-               labels: Mapping[str, str] | None = None) -> GroupSpec:
+               labels: Mapping[str, str] | None = None, live: str = "",
+               live_interval: float | None = None, live_timeout: float | None = None,
+               live_failures: int | None = None, on_unhealthy: str = "none",
+               restart: str = "no", restart_max: int | None = None,
+               restart_window: float | None = None) -> GroupSpec:
     """A validated spec; raises ``InvalidSpec`` naming the field and what to give instead."""
     if isinstance(argv, str):
         raise InvalidSpec("argv must be a list of strings (the command and its arguments), "
@@ -44,6 +56,15 @@ def build_spec(argv: Sequence[str], *, session: str = "", window: str = "", labe
     if probe_timeout is not None:
         check_seconds(probe_timeout, "probe timeout", "probe_timeout", allow_zero=False,
                       high=3600)
+    liveness = _liveness(live, live_interval, live_timeout, live_failures, on_unhealthy)
+    try:
+        mode = RestartMode(restart)
+    except ValueError:
+        raise InvalidSpec(f"restart policy {restart!r} is unknown; use no, on-failure or "
+                          "always", field="restart") from None
+    policy_restart = RestartPolicy(
+        mode, DEFAULT_RESTART_MAX if restart_max is None else restart_max,
+        DEFAULT_RESTART_WINDOW if restart_window is None else restart_window)
     return GroupSpec(
         argv=tuple(argv), cwd=cwd, env=MappingProxyType(dict(env or {})),
         inherit_env=inherit_env, log_path=log,
@@ -52,4 +73,29 @@ def build_spec(argv: Sequence[str], *, session: str = "", window: str = "", labe
         stop=StopOverride(parse_signal(stop_signal) if stop_signal else None, grace),
         orphan_policy=policy, label=label, labels=MappingProxyType(dict(labels or {})),
         session_id=session, window=window, stop_order=stop_order, target=target or "local",
-        owns_target=owns_target)
+        owns_target=owns_target, liveness=liveness, restart=policy_restart)
+
+
+def _liveness(live: str, interval: float | None, timeout: float | None,
+              failures: int | None, on_unhealthy: str) -> Liveness | None:
+    try:
+        action = UnhealthyAction(on_unhealthy)
+    except ValueError:
+        raise InvalidSpec(f"--on-unhealthy {on_unhealthy!r} is unknown; use none, restart or "
+                          "stop", field="on_unhealthy") from None
+    if not live:
+        given = [flag for flag, value in (("--live-interval", interval),
+                                          ("--live-timeout", timeout),
+                                          ("--live-failures", failures)) if value is not None]
+        if action is not UnhealthyAction.NONE:
+            given.append(f"--on-unhealthy {action.value}")
+        if given:
+            raise InvalidSpec(f"{given[0]} needs a liveness probe: without --live SPEC nothing "
+                              "is checked, so nothing can be unhealthy; add --live tcp:PORT, "
+                              "http:URL or exec:COMMAND", field="live")
+        return None
+    if timeout is not None:
+        check_seconds(timeout, "live timeout", "live_timeout", allow_zero=False, high=3600)
+    return Liveness(Probe.parse(live, timeout=timeout, field_="live"),
+                    DEFAULT_LIVE_INTERVAL if interval is None else interval,
+                    DEFAULT_LIVE_FAILURES if failures is None else failures, action)

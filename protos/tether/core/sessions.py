@@ -189,6 +189,10 @@ class GroupSelector:
         return ", ".join(parts) or "every group"
 
 
+#: The empty selector: the whole session.
+EVERY_GROUP = GroupSelector()
+
+
 @dataclass(frozen=True)
 class Orphan:
     pid: int
