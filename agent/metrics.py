@@ -19,6 +19,7 @@ import time
 from collections import Counter as TallyCounter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -27,6 +28,7 @@ from prometheus_client.registry import Collector
 from tether.agent.authority import Authority
 from tether.agent.hooks import Hooks
 from tether.core.model import Containment, FailureClass, GroupState, GroupView
+from tether.rpc.ops import iso
 
 CLEANUP_RESULTS = ("success", "forced", "failed", "timeout")
 RESTART_REASONS = ("exited", "failed", "unhealthy", "requested", "start_failed")
@@ -143,16 +145,21 @@ class AgentMetrics(Hooks):
         pass
 
 
-def serve_metrics(registry: CollectorRegistry, address: str) -> tuple[object, int]:
-    """Start the /metrics HTTP server on HOST:PORT in a daemon thread. Returns (server, port)."""
-    from prometheus_client import start_http_server
+def agent_status(authority: Authority, metrics: AgentMetrics) -> dict[str, Any]:
+    """The agent's part of /status (called on the event loop): groups by state, the
+    unhealthy and restarting ones, orphans now, the last cleanup."""
+    tally = TallyCounter(g.state.value for g in authority.groups())
+    unhealthy = [{"group_id": g.group_id, "session": g.spec.session_id, "label": g.spec.label,
+                  "health": g.health}
+                 for g in authority.groups() if g.unhealthy and not g.state.ended]
+    last = metrics.last_cleanup
+    return {
+        "name": authority.name,
+        "groups": {s.value: tally.get(s.value, 0) for s in AGENT_STATES},
+        "unhealthy": unhealthy,
+        "orphans": metrics.orphans_now,
+        "last_cleanup": None if last is None else {
+            "at": iso(last.at), "result": last.result,
+            "duration_ms": round(last.seconds * 1000, 1)},
+    }
 
-    from tether.rpc.daemon import ListenError
-
-    host, _, port_text = address.rpartition(":")
-    try:
-        server, _thread = start_http_server(int(port_text), addr=host.strip("[]") or "127.0.0.1",
-                                            registry=registry)
-    except (OSError, ValueError) as exc:
-        raise ListenError(address, f"metrics: {exc}; pick another --metrics-listen") from exc
-    return server, int(server.server_port)

@@ -22,7 +22,7 @@ from tether.agent import identity
 from tether.agent.authority import Authority
 from tether.agent.capacity import Capacity, raise_fd_limit
 from tether.agent.hooks import HookChain, Hooks
-from tether.agent.metrics import AgentMetrics, serve_metrics
+from tether.agent.metrics import AgentMetrics, agent_status
 from tether.agent.orphans import OrphanReaper
 from tether.agent.service import AgentServicer, add_to_server
 from tether.agent.state import AgentStore
@@ -32,6 +32,7 @@ from tether.core.sessions import Orphan
 from tether.core.tasks import TaskSet
 from tether.rpc.convert import CONTAINMENT_TO_PB
 from tether.rpc.daemon import Shutdown, TLSFiles, start_server
+from tether.rpc.ops import OpsServer, serve_ops
 from tether.rpc.security import AuthInterceptor, ClientSecurity, ServerAuth
 from tether.signallers.base import Reattach, SignallerContext
 from tether.signallers.cgroups import safe_name
@@ -131,7 +132,7 @@ class AgentRuntime:
         self._closing = False
         self.port = 0
         self.metrics_port = 0
-        self._metrics_server: Any = None
+        self._metrics_server: OpsServer | None = None
         self._register_task: asyncio.Task[None] | None = None
 
     @property
@@ -211,10 +212,16 @@ class AgentRuntime:
     def registrations(self) -> list[Any]:
         return [lambda server: add_to_server(server, self.servicer)]
 
+    def status(self) -> dict[str, Any]:
+        """/status of a standalone agent (on the event loop)."""
+        return {"role": "agent", "epoch": self.epoch,
+                **agent_status(self.authority, self.metrics)}
+
     async def start_metrics(self) -> None:
         if self.config.metrics_listen:
-            self._metrics_server, self.metrics_port = serve_metrics(
-                self.registry, self.config.metrics_listen)
+            self._metrics_server = serve_ops(self.registry, self.config.metrics_listen,
+                                             self.status)
+            self.metrics_port = self._metrics_server.port
             log.info("metrics on http://%s:%d/metrics",
                      self.config.metrics_listen.rsplit(":", 1)[0], self.metrics_port)
 
@@ -259,6 +266,8 @@ class AgentRuntime:
         Each phase runs even if an earlier one failed (logged): the store is always closed,
         the lock released, the guardian let go."""
         self._closing = True
+        if self._metrics_server is not None:
+            self._metrics_server.closing = True  # /healthz answers 503 from now on
         phases: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("no longer accepting RPCs", lambda: self._stop_server(server)),
             ("stopping every group whose orphan policy is kill", self._stop_groups),
@@ -291,8 +300,7 @@ class AgentRuntime:
     async def _close(self) -> None:
         try:
             if self._metrics_server is not None:
-                self._metrics_server.shutdown()
-                self._metrics_server.server_close()
+                self._metrics_server.close()
         finally:
             try:
                 if self.store is not None:

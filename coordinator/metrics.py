@@ -6,13 +6,16 @@ import time
 from collections import Counter as Tally
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from tether.coordinator.core import Coordinator, CoordinatorHooks
+from tether.core.model import GroupState
 from tether.core.sessions import SessionState
+from tether.rpc.ops import iso
 
 
 class CoordinatorCollector(Collector):
@@ -84,3 +87,32 @@ def state_write_counter(registry: CollectorRegistry) -> Counter:
                    "I/O error, database down), by store; the changes are kept and retried.",
                    ["store"], registry=registry)
 
+
+def coordinator_status(c: Coordinator, metrics: CoordinatorMetrics) -> dict[str, Any]:
+    """The coordinator's /status (called on the event loop): sessions and groups by state
+    as `tether show` shows them (``unreachable`` for live groups out of reach), unhealthy
+    groups, agents up and unreachable, the last session stop."""
+    states = c.agents.states()
+    entries = [c.entry(t) for t in c.groups.values()]
+    groups = Tally("unreachable" if e.unreachable and not e.state.ended else e.state.value
+                   for e in entries)
+    sessions = Tally(s.state.value for s in c.sessions.all())
+    last = metrics.last_stop
+    return {
+        "sessions": {s.value: sessions.get(s.value, 0) for s in SessionState},
+        "groups": {name: groups.get(name, 0) for name in GROUP_STATES},
+        "unhealthy": [{"group_id": e.view.group_id, "session": e.view.spec.session_id,
+                       "label": e.view.spec.label, "agent": e.agent, "health": e.view.health}
+                      for e in entries if e.view.unhealthy and not e.state.ended],
+        "agents": {"up": sum(1 for a in states if a.up),
+                   "unreachable": sum(1 for a in states if not a.up),
+                   "list": [{"name": a.info.name, "address": a.info.address,
+                             "state": "up" if a.up else "unreachable"} for a in states]},
+        "last_cleanup": None if last is None else {
+            "at": iso(last.at), "session": last.session_id, "result": last.result,
+            "duration_ms": round(last.seconds * 1000, 1)},
+    }
+
+
+#: Group states as clients see them: the model's, and ``unreachable``.
+GROUP_STATES = [*(s.value for s in GroupState), "unreachable"]

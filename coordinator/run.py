@@ -12,17 +12,17 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 import tether
-from tether.agent.metrics import serve_metrics
 from tether.coordinator.agent_client import AgentClient
 from tether.coordinator.core import Coordinator, CoordinatorConfig
 from tether.coordinator.grpc_agent import GrpcAgentClient
-from tether.coordinator.metrics import CoordinatorMetrics
+from tether.coordinator.metrics import CoordinatorMetrics, coordinator_status
 from tether.coordinator.service import CoordinatorServicer, add_to_server
 from tether.coordinator.sqlite_store import SQLiteStore
 from tether.coordinator.store import Store
 from tether.core.private import exposed, private_dir
 from tether.core.sessions import AgentInfo
 from tether.rpc.daemon import Shutdown, TLSFiles, start_server
+from tether.rpc.ops import OpsServer, Snapshot, serve_ops
 from tether.rpc.security import AuthInterceptor, ClientSecurity, ServerAuth
 
 log = logging.getLogger("tether.coordinator.run")
@@ -86,33 +86,45 @@ async def _phases(phases: list[tuple[str, Callable[[], Awaitable[None]]]]) -> No
             log.exception("shutdown %d/%d (%s) failed; going on", n, len(phases), what)
 
 
-def _stop_metrics(server: Any) -> Callable[[], Awaitable[None]]:
+def _stop_metrics(server: OpsServer | None) -> Callable[[], Awaitable[None]]:
     async def stop() -> None:
         if server is not None:
-            server.shutdown()
-            server.server_close()
+            server.close()
 
     return stop
+
+
+def status_of(coordinator: Coordinator) -> Snapshot:
+    metrics = coordinator.hooks
+    assert isinstance(metrics, CoordinatorMetrics)
+
+    def status() -> dict[str, Any]:
+        return {"role": "coordinator", **coordinator_status(coordinator, metrics)}
+
+    return status
 
 
 async def run_coordinator(cfg: CoordinatorDaemonConfig, shutdown: Shutdown) -> None:
     registry = CollectorRegistry()
     coordinator = await build_coordinator(cfg, registry)
     server: Any = None
-    metrics_server: Any = None
+    metrics_server: OpsServer | None = None
     try:
         servicer = CoordinatorServicer(coordinator)
         server, port, _ = await start_server(
             cfg.listen, [lambda s: add_to_server(s, servicer)], ["tether.v1.CoordinatorService"],
             cfg.tls, cfg.insecure, [AuthInterceptor(cfg.auth, "this coordinator")])
         if cfg.metrics_listen:
-            metrics_server, _ = serve_metrics(registry, cfg.metrics_listen)
+            metrics_server = serve_ops(registry, cfg.metrics_listen, status_of(coordinator))
         coordinator.start()
         host = cfg.listen.rsplit(":", 1)[0]
         print(f"tether coordinator listening on {host}:{port} (state in {cfg.state_dir})",
               flush=True)
         await shutdown.requested.wait()
     finally:
+        if metrics_server is not None:
+            metrics_server.closing = True  # /healthz answers 503 from now on
+
         async def stop_rpcs() -> None:
             if server is not None:
                 await server.stop(grace=1.0)
@@ -136,7 +148,7 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
     runtime = AgentRuntime(agent_cfg, registry)
     coordinator: Coordinator | None = None
     server: Any = None
-    metrics_server: Any = None
+    metrics_server: OpsServer | None = None
     try:
         coordinator = await build_coordinator(
             cfg, registry, local_agent=agent_cfg.name,
@@ -148,7 +160,14 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
             [AuthInterceptor(cfg.auth, "tether serve")])
         runtime.port = port
         if cfg.metrics_listen:
-            metrics_server, _ = serve_metrics(registry, cfg.metrics_listen)
+            coordinator_part = status_of(coordinator)
+
+            def status() -> dict[str, Any]:
+                agent = runtime.status()
+                return {**coordinator_part(), "role": "serve", "orphans": agent["orphans"],
+                        "agent": agent}
+
+            metrics_server = serve_ops(registry, cfg.metrics_listen, status)
         host = cfg.listen.rsplit(":", 1)[0]
         # Recover first: the coordinator reconciles with what the agent knows after it.
         await runtime.start_background()
@@ -165,6 +184,9 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
               flush=True)
         await shutdown.requested.wait()
     finally:
+        if metrics_server is not None:
+            metrics_server.closing = True  # /healthz answers 503 from now on
+
         async def stop_rpcs() -> None:
             if server is not None:
                 await server.stop(grace=1.0)

@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import sys
 import textwrap
+import threading
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.plugins.common import require_binary
 from tests.plugins.processes import (
     Daemon,
     catches,
@@ -330,3 +334,66 @@ def test_an_agent_killed_while_a_group_waits_to_restart_records_it_lost(
         assert marked_alive(gid) == []
     finally:
         stop_daemon(again)
+
+
+# ------------------------------------------------------------------ /healthz, /status
+
+
+def test_status_matches_show_and_healthz_answers(srv: tuple[Daemon, str]) -> None:
+    d, metrics = srv
+    assert get(metrics, "/healthz") == (200, "ok\n")
+    running = spawn(d, "st", "--", "sleep", "300")
+    sick = spawn(d, "st", "--label", "sick", "--live", f"tcp:{free_port()}",
+                 "--live-interval", "0.1", "--live-failures", "1", "--", "sleep", "300")
+    spawn(d, "st", "--", "true")
+    stopped = spawn(d, "st", "--", "sleep", "300")
+    d.cli("stop", "st", "--group", stopped, check=True)
+    next_event(d, "st", lambda g: g.view.unhealthy)
+    wait_until(lambda: not any(g["state"] in ("starting", "running") and g["argv"] == ["true"]
+                               for g in d.json("show", "st")["groups"]), 10, "`true` to end")
+
+    shown = d.json("show", "st")["groups"]
+    code, body = get(metrics, "/status")
+    assert code == 200, body
+    status = json.loads(body)
+    assert status["role"] == "serve"
+    counted = {k: v for k, v in status["groups"].items() if v}
+    assert counted == dict(Counter(g["state"] for g in shown))
+    assert [u["group_id"] for u in status["unhealthy"]] == [sick]
+    assert [g["group_id"] for g in shown if g["unhealthy"]] == [sick]
+    assert status["agents"]["up"] == 1 and status["agents"]["unreachable"] == 0
+    assert status["sessions"]["active"] == 1
+    assert status["orphans"] == 0
+    assert status["agent"]["last_cleanup"]["result"] == "success"
+    assert running in {g["group_id"] for g in shown}
+    assert get(metrics, "/nope")[0] == 404
+
+    promtool = require_binary("promtool", "prometheus")
+    check = subprocess.run([promtool, "check", "metrics"], input=get(metrics, "/metrics")[1],
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    d.cli("stop", "st", check=True)
+    status = json.loads(get(metrics, "/status")[1])
+    assert status["last_cleanup"]["session"] == "st"
+    assert status["last_cleanup"]["result"] == "clean"
+
+
+async def test_healthz_says_503_when_the_event_loop_is_stuck(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from tether.rpc import ops
+
+    monkeypatch.setattr(ops, "ANSWER_WITHIN", 0.2)
+    server = ops.serve_ops(CollectorRegistry(), "127.0.0.1:0", lambda: {"ok": True})
+    try:
+        assert await asyncio.to_thread(get, f"127.0.0.1:{server.port}", "/status") == (
+            200, '{\n  "ok": true\n}\n')
+        answer: list[tuple[int, str]] = []
+        asking = threading.Thread(target=lambda: answer.append(
+            get(f"127.0.0.1:{server.port}", "/healthz")))
+        asking.start()
+        asking.join()  # on the event loop's thread, on purpose: the loop is stuck meanwhile
+        assert answer[0][0] == 503 and "did not answer" in answer[0][1]
+    finally:
+        server.close()
