@@ -58,6 +58,8 @@ class Lifecycle:
         """The only place a group's state changes (through the model's table)."""
         old = g.state
         g.state = next_state(old, event)
+        if g.live_task is not None and (g.state is GroupState.STOPPING or g.state.ended):
+            g.live_task.cancel()  # liveness checks end with the group (a check in flight too)
         if g.state.ended:
             rec = g.exit
             if rec is not None and (not rec.clean or rec.reason not in (

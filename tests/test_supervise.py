@@ -320,3 +320,18 @@ async def test_forget_drops_ended_groups_only(authority: Authority) -> None:
     assert ended.group_id not in {v.group_id for v in authority.views()}
     assert authority.get(running.group_id).state is GroupState.RUNNING
     await authority.stop(running.group_id)
+
+
+async def test_a_check_in_flight_ends_with_its_group(authority: Authority) -> None:
+    view = await authority.spawn(GroupSpec(
+        argv=("sleep", "100"), stop=GRACE,
+        liveness=live("exec:sleep 100", interval=0.1, timeout=60)))
+    await async_wait_until(lambda: marked_alive(prefix=view.group_id + ".live"), 10,
+                           "a liveness check to run")
+    stopped = await authority.stop(view.group_id)
+    assert stopped.state is GroupState.STOPPED
+    task = authority.find(view.group_id).live_task
+    assert task is not None
+    await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled()
+    assert marked_alive(prefix=view.group_id) == [], "the check's tree went with the group"
