@@ -56,10 +56,12 @@ from tether.core.model import (
     EventKind,
     ExitReason,
     ExitRecord,
+    FailureClass,
     GroupState,
     GroupView,
     Liveness,
     ProbeKind,
+    RestartMode,
     RunRecord,
     StopOverride,
     Transition,
@@ -119,11 +121,20 @@ class Supervisor:
         """A restart's start failed (``Lifecycle.fail`` while ``restarting``): the attempt is
         a run of its own; try again after a backoff, or give up at the limit."""
         self._keep_run(g, record, "start_failed")
+        if g.restart_cycle is not None and not g.restart_cycle.done():
+            g.restart_cycle.set_result(None)  # a requester learns this attempt failed
         if g.stop_requested.is_set():
             return  # the stop takes over: nothing runs, its record says so
+        live = g.spec.liveness
+        retries = g.spec.restart.mode is not RestartMode.NO or (
+            live is not None and live.on_unhealthy is UnhealthyAction.RESTART)
         if record.survivors:
             self._give_up(g, record, f"its last start left {record.survivors} member(s) that "
-                          "SIGKILL did not end; no new run is started beside them")
+                          "SIGKILL did not end; no new run is started beside them",
+                          ExitReason.START_FAILED)
+        elif not retries:  # --restart no: a failed start surfaces, as a first start's does
+            self._give_up(g, record, f"its restart did not start: {record.message}",
+                          ExitReason.START_FAILED)
         elif self._limit_reached(g):
             self._give_up(g, record)
         else:
@@ -151,6 +162,7 @@ class Supervisor:
         """Leave the ended run behind and start the next one from an owned task."""
         old, g.handle = g.handle, None
         g.unhealthy, g.health = False, ""
+        g.restart_now.clear()  # a request made during the last attempt was that attempt
         delay = 0.0 if immediate else restart_delay(g.unstable_runs - 1, random.random())
         g.next_restart_at = time.time() + delay if delay else 0.0
         self._cycle(g)
@@ -190,7 +202,8 @@ class Supervisor:
             g.log.exception("restart failed unexpectedly")
             if g.state is GroupState.RESTARTING and g.handle is None \
                     and not g.stop_requested.is_set():
-                self._give_up(g, None, f"the restart failed unexpectedly: {exc}")
+                self._give_up(g, None, f"the restart failed unexpectedly: {exc}",
+                              ExitReason.START_FAILED)
         finally:
             if g.state is not GroupState.RESTARTING and g.restart_cycle is not None \
                     and not g.restart_cycle.done():
@@ -209,7 +222,10 @@ class Supervisor:
             await asyncio.gather(stop, now, return_exceptions=True)
         return g.stop_requested.is_set()
 
-    def _give_up(self, g: Group, last: ExitRecord | None, why: str = "") -> None:
+    def _give_up(self, g: Group, last: ExitRecord | None, why: str = "",
+                 reason: ExitReason = ExitReason.RESTART_LIMIT) -> None:
+        """End the group ``failed``: the restart limit was reached (or no new run can
+        start beside survivors, or the restart broke)."""
         policy = g.spec.restart
         if not why:
             why = (f"{g.spec.argv[0]!r} was restarted {len(g.auto_restarts)} time(s) within "
@@ -219,11 +235,12 @@ class Supervisor:
         g.log.warning("giving up: %s", why)
         h = g.handle
         g.next_restart_at = 0.0
-        g.exit = ExitRecord(ExitReason.RESTART_LIMIT,
-                            exit_code=last.exit_code if last else None,
+        g.exit = ExitRecord(reason, exit_code=last.exit_code if last else None,
                             signal=last.signal if last else None,
                             survivors=last.survivors if last else 0,
-                            failure=last.failure if last else None, message=why,
+                            failure=(last.failure if last else None) or (
+                                None if reason is ExitReason.RESTART_LIMIT
+                                else FailureClass.IMMEDIATE_CRASH), message=why,
                             ended_at=time.time(), detail=last.detail if last else "")
         g.empty.set()
         self.lc.transition(g, Transition.GIVE_UP)
@@ -322,8 +339,9 @@ class Supervisor:
                 continue
             if attempt.ok:
                 failures = 0
+                g.health = ""
                 if g.unhealthy:
-                    g.unhealthy, g.health = False, ""
+                    g.unhealthy = False
                     g.log.info("healthy again: a liveness check passed")
                     self.lc.emit(g, EventKind.HEALTHY)
                 continue

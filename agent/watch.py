@@ -98,7 +98,8 @@ class Watcher:
                     if t is not None and not t.done():
                         t.cancel()
         self._reachable(g)
-        g.empty.set()
+        if g.handle is h:  # not a later run's: a restart may have started one meanwhile
+            g.empty.set()
         if g.state is GroupState.RUNNING:
             status = await leader_status(h)
             if g.state is not GroupState.RUNNING or g.handle is not h:

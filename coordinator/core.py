@@ -263,19 +263,22 @@ class Coordinator:
         or at ``timeout`` with what is known. Event-driven: woken by the group events that
         end its last live group. A caller that goes away leaves nothing behind."""
         self.session(session_id)
-        if self.busy(session_id):
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            waiters = self._idle_waiters.setdefault(session_id, [])
-            waiters.append(fut)
-            try:
-                async with asyncio.timeout(timeout):
-                    await fut
-            except TimeoutError:
-                return self.session_report(session_id, complete=False)
-            finally:
-                waiters.remove(fut)
-                if not waiters:
-                    self._idle_waiters.pop(session_id, None)
+        try:
+            async with asyncio.timeout(timeout):
+                # Again after each wake-up: a spawn that landed may have added a live group
+                # in the same turn that took its in-flight mark away.
+                while self.busy(session_id):
+                    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                    waiters = self._idle_waiters.setdefault(session_id, [])
+                    waiters.append(fut)
+                    try:
+                        await fut
+                    finally:
+                        waiters.remove(fut)
+                        if not waiters:
+                            self._idle_waiters.pop(session_id, None)
+        except TimeoutError:
+            return self.session_report(session_id, complete=False)
         return self.session_report(session_id, complete=True)
 
     def watch_session(self, session_id: str, initial: bool, since: int = 0

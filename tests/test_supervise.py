@@ -335,3 +335,27 @@ async def test_a_check_in_flight_ends_with_its_group(authority: Authority) -> No
     await asyncio.gather(task, return_exceptions=True)
     assert task.cancelled()
     assert marked_alive(prefix=view.group_id) == [], "the check's tree went with the group"
+
+
+@pytest.mark.parametrize("mode", [RestartMode.NO, RestartMode.ON_FAILURE])
+async def test_a_requested_restart_whose_run_never_gets_ready(
+        authority: Authority, tmp_path: Path, mode: RestartMode) -> None:
+    """--restart no: the failed start surfaces (failed, start_failed), as a first start's
+    would; with a restart policy it is retried with backoff (restarting)."""
+    probed = tmp_path / "probed"
+    view = await authority.spawn(GroupSpec(
+        argv=("sleep", "100"), stop=GRACE, start_timeout=1, restart=RestartPolicy(mode),
+        ready=Probe.parse(f"exec:sh -c 'test ! -e {probed} && touch {probed}'")))
+    assert view.state is GroupState.RUNNING
+    after = await authority.restart(view.group_id)
+    assert after.restarts == 1
+    assert after.runs[-1].exit.failure is FailureClass.READINESS_FAILED
+    if mode is RestartMode.NO:
+        assert after.state is GroupState.FAILED and after.exit is not None
+        assert after.exit.reason is ExitReason.START_FAILED
+        assert after.exit.failure is FailureClass.READINESS_FAILED
+    else:
+        assert after.state is GroupState.RESTARTING
+        stopped = await authority.stop(view.group_id)
+        assert stopped.state is GroupState.STOPPED
+    assert marked_alive(prefix=view.group_id) == []

@@ -132,9 +132,16 @@ async def cmd_restart(c: AsyncClient, args: argparse.Namespace) -> int:
     if any(r.unreachable or "unreachable" in r.error for r in rep.groups):
         return ExitCode.UNREACHABLE
     for r in rep.groups:
-        if r.error or r.state is not GroupState.RUNNING:
-            print(f"tether: group {r.group_id} was not restarted: "
-                  f"{r.error or 'it is ' + r.state.value}", file=sys.stderr)
+        if r.error:
+            why = r.error
+        elif r.state is GroupState.RESTARTING:
+            why = ("its new run did not become ready; it is tried again with backoff up to "
+                   f"its restart limit (see `tether show {args.session}`)")
+        elif r.state is not GroupState.RUNNING:
+            why = f"it is {r.state.value}" + (f" ({r.exit.reason.value})" if r.exit else "")
+        else:
+            continue
+        print(f"tether: group {r.group_id} was not restarted: {why}", file=sys.stderr)
     return ExitCode.UNCLEAN
 
 
