@@ -124,6 +124,21 @@ def test_one_group_of_three_is_stopped_signalled_and_restarted_while_the_others_
     assert all(marked_alive(g) == [] for g in ids.values())
 
 
+def test_two_restarts_at_once_share_one(srv: tuple[Daemon, str]) -> None:
+    d, _ = srv
+    gid = spawn(d, "twice", "--label", "web", "--", "sleep", "300")
+
+    async def both() -> list[int]:
+        async with AsyncClient(d.address) as c:
+            reports = await asyncio.gather(c.restart("twice", groups=[gid]),
+                                           c.restart("twice", labels=["web"]))
+        return [r.groups[0].restarts for r in reports if r.complete]
+
+    assert asyncio.run(both()) == [1, 1]
+    assert group(d, "twice", gid)["restarts"] == 1 and len(marked_alive(gid)) == 1
+    assert d.cli("stop", "twice").returncode == 0
+
+
 def test_refused_input_names_the_problem_and_changes_nothing(srv: tuple[Daemon, str]) -> None:
     d, _ = srv
     mine = spawn(d, "mine", "--label", "web", "--", "sleep", "300")
