@@ -18,22 +18,26 @@ then running again" behind the table's back:
 * Automatic restarts (the policy, an unhealthy group) count against ``--restart-max``
   within ``--restart-window``: the run that would need one more ends the group
   ``failed`` with a ``restart_limit`` record. A restart's start that fails (readiness,
-  a crash before ready) is a run too: kept, counted, and retried until the limit.
+  a crash before ready) is a run too: kept, counted, and retried until the limit;
+  under ``--restart no`` (a requested restart) it surfaces as a failed start.
   Requested restarts (``tether restart``) skip the backoff and are not limited.
 * Backoff: ``RESTART_BACKOFF_FIRST`` doubled per run in a row shorter than
   ``RESTART_STABLE_AFTER``, capped at ``RESTART_BACKOFF_MAX``, with jitter; a stable
   run starts it over.
 
-Liveness. One task per group with ``--live`` (nothing at all for the others). Every
-``interval`` (the first check at a random point of the first interval, so 1000
-groups started together are not checked together) it runs one probe attempt, on the
-event loop (tcp, http) or as a contained tree through the signaller (exec, killed at
-its timeout), raced against a stop request and bounded by the probe's timeout: checks
-of one group never overlap and a hung probe holds nothing. Checks run only while the
-group is ``running`` (a restart's readiness probe decides for a new run). ``failures``
-failed checks in a row mark the group unhealthy (flag, event, counter), and
-``--on-unhealthy`` acts: ``none`` keeps it running (a passing check clears the flag),
-``restart`` ends the run and starts another (an automatic restart), ``stop`` stops it.
+Liveness. One task per group with ``--live`` (nothing at all for the others), cheap
+because 1000 of them must be: checks fall due on a grid shared by every group (so the
+loop wakes once per tick, not once per check), the first at a random point of the
+first interval (so groups started together are spread over the ticks). Each check is
+one probe attempt awaited directly, on the event loop (tcp, http: bounded by their
+own timeout) or as a contained tree through the signaller (exec: killed at its
+timeout, and guarded besides); checks of one group never overlap, and the task is
+cancelled when its group leaves ``running`` for good, a check in flight with it.
+Checks count only while the group is ``running`` (a restart's readiness probe decides
+for a new run). ``failures`` failed checks in a row mark the group unhealthy (flag,
+event, counter), and ``--on-unhealthy`` acts: ``none`` keeps it running (a passing
+check clears the flag), ``restart`` ends the run and starts another (an automatic
+restart), ``stop`` stops it.
 """
 
 from __future__ import annotations
