@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import os
 import re
 import socket
@@ -88,24 +89,49 @@ async def _lookup(host: str, port: int) -> tuple[int, Any]:
 
 
 async def _tcp(probe: Probe) -> ProbeAttempt:
-    """Connect and close: a bare non-blocking socket, no streams (liveness checks of many
-    groups run this often; a transport and two stream objects per check cost ten times the
-    connect)."""
-    loop = asyncio.get_running_loop()
-    sock: socket.socket | None = None
+    """Connect and close: a bare non-blocking socket, no streams and no timeout context
+    (liveness checks of many groups run this often; a transport and two stream objects per
+    check cost ten times the connect)."""
     try:
-        async with asyncio.timeout(probe.timeout):
-            family, address = (_literal(probe.host, probe.port)
-                               or await _lookup(probe.host, probe.port))
-            sock = socket.socket(family, socket.SOCK_STREAM)
+        found = _literal(probe.host, probe.port)
+        if found is None:
+            found = await asyncio.wait_for(_lookup(probe.host, probe.port), probe.timeout)
+        family, address = found
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.setblocking(False)
-            await loop.sock_connect(sock, address)
+            await _connect(sock, address, probe.timeout)
     except (OSError, TimeoutError) as exc:
         return ProbeAttempt(False, detail=f"tcp {probe.host}:{probe.port}: {_why(exc, probe)}")
-    finally:
-        if sock is not None:
-            sock.close()
     return ProbeAttempt(True)
+
+
+def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    if not fut.done():
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
+
+
+async def _connect(sock: socket.socket, address: Any, timeout: float) -> None:
+    """A non-blocking connect: done at once, or when the socket turns writable (its
+    SO_ERROR says how), or ``TimeoutError`` after ``timeout``."""
+    err = sock.connect_ex(address)
+    if err in (errno.EINPROGRESS, errno.EAGAIN):
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()
+
+        loop.add_writer(fd, _settle, done, None)
+        timer = loop.call_later(timeout, _settle, done, TimeoutError())
+        try:
+            await done
+        finally:
+            timer.cancel()
+            loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
 
 
 async def _http(probe: Probe) -> ProbeAttempt:

@@ -309,7 +309,8 @@ class Probe:
                     f"{noun} {text!r}: {port_text!r} is not a TCP port (1-65535)",
                     field=field_,
                 )
-            return cls(kind, host=host or "127.0.0.1", port=port, timeout=t)
+            # [::1]:8080 names an IPv6 address (kept without its brackets).
+            return cls(kind, host=host.strip("[]") or "127.0.0.1", port=port, timeout=t)
         if kind is ProbeKind.HTTP:
             try:
                 parts = urlsplit(rest)
@@ -341,7 +342,8 @@ class Probe:
     def __str__(self) -> str:
         match self.kind:
             case ProbeKind.TCP:
-                return f"tcp:{self.host}:{self.port}"
+                host = f"[{self.host}]" if ":" in self.host else self.host
+                return f"tcp:{host}:{self.port}"
             case ProbeKind.HTTP:
                 return f"http:{self.url}"
             case ProbeKind.LOG:
