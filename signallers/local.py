@@ -37,8 +37,10 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -271,6 +273,25 @@ class LocalGroup(GroupHandle):
 # ---------------------------------------------------------------- the signaller
 
 
+@dataclass(eq=False)
+class _Handoff:
+    """Between a launch thread and the coroutine that waits for it: who ends the process
+    if that coroutine is cancelled."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    wanted: bool = True
+    popen: subprocess.Popen[bytes] | None = None
+
+
+class LaunchAbandoned(Exception):
+    """A launch whose caller had gone: its process was killed and reaped in the thread."""
+
+
+def _consume(fut: asyncio.Future[subprocess.Popen[bytes]]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 class LocalSignaller(Signaller):
     """Signaller for this host. One per agent; owns the agent instance's cgroup tree."""
 
@@ -368,14 +389,28 @@ class LocalSignaller(Signaller):
             cgroup = self.tree.group_dir(spec.group_id, spec.orphan_policy)
         self._launching += 1
         try:
+            handoff = _Handoff()
             launching = asyncio.get_running_loop().run_in_executor(
-                self._pool, launch.start, spec, cgroup, self._shell_usable)
+                self._pool, self._launch, spec, cgroup, handoff)
             try:
                 popen = await asyncio.shield(launching)
             except asyncio.CancelledError:
                 # The caller gave up (a probe cancelled by a stop) while the launch runs on in
-                # its thread: whatever it starts is killed and reaped, never left running.
-                launching.add_done_callback(lambda f: self._abandon_launched(f, cgroup))
+                # its thread: whatever it starts is killed and reaped, never left running,
+                # and the caller's cancellation completes only once that is done.
+                launching.add_done_callback(_consume)  # its LaunchAbandoned is expected
+                with handoff.lock:
+                    handoff.wanted = False
+                    started = handoff.popen
+                ending = threading.Thread(target=self._abandon, args=(started, cgroup),
+                                          name="tether-abandon", daemon=True) \
+                    if started is not None else None
+                if ending is not None:
+                    ending.start()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.shield(launching)  # ends with LaunchAbandoned, or launched
+                    if ending is not None:
+                        await asyncio.to_thread(ending.join)
                 raise
             # No await from here to the handle: the reaper must see the leader as ours.
             self._leaders.add(popen.pid)
@@ -397,11 +432,17 @@ class LocalSignaller(Signaller):
         popen.returncode = 0
         return handle
 
-    def _abandon_launched(self, launched: asyncio.Future[subprocess.Popen[bytes]],
-                          cgroup: Path | None) -> None:
-        if launched.cancelled() or launched.exception() is not None:
-            return  # nothing started (the launch reported its own failure)
-        self._pool.submit(self._abandon, launched.result(), cgroup)
+    def _launch(self, spec: LaunchSpec, cgroup: Path | None, handoff: _Handoff
+                ) -> subprocess.Popen[bytes]:
+        """On the launch pool: start, then hand the process over, unless its caller gave
+        up meanwhile: then end it here."""
+        popen = launch.start(spec, cgroup, self._shell_usable)
+        with handoff.lock:
+            if handoff.wanted:
+                handoff.popen = popen
+                return popen
+        self._abandon(popen, cgroup)
+        raise LaunchAbandoned(spec.group_id)
 
     def _abandon(self, popen: subprocess.Popen[bytes], cgroup: Path | None) -> None:
         if cgroup is not None:
