@@ -21,8 +21,9 @@ from tether.agent.plugins import Plugins
 from tether.agent.ports import PortBook
 from tether.agent.start import Starter
 from tether.agent.stop import Stopper
+from tether.agent.supervise import Supervisor
 from tether.agent.watch import Watcher
-from tether.core.errors import TetherError
+from tether.core.errors import InvalidSpec, TetherError
 from tether.core.model import (
     Containment,
     EventKind,
@@ -34,11 +35,13 @@ from tether.core.model import (
     GroupView,
     OrphanPolicy,
     PortOwner,
+    RestartMode,
     RunContext,
     SignalOutcome,
     StopOverride,
     StopPolicy,
     Transition,
+    UnhealthyAction,
 )
 from tether.signallers.base import GroupHandle, RunAs
 from tether.signallers.registry import Signallers
@@ -67,8 +70,10 @@ class Authority:
         self.ports.lookup = self._port_lookup
         self.plugins = plugins if plugins is not None else Plugins()
         self.plugins.on_failure = self.hooks.plugin_failure
-        self.starter = Starter(self.lc, default, capacity, self.watcher.start, self._stop_now,
+        self.starter = Starter(self.lc, default, capacity, self._follow, self._stop_now,
                                self.plugins, self.ports)
+        self.supervisor = Supervisor(self.lc, self.starter, self.stopper)
+        self.watcher.run_ended = self.supervisor.run_ended
         self._expiry: asyncio.Task[None] | None = None
 
     @property
@@ -144,6 +149,12 @@ class Authority:
         return await self.starter.spawn(spec, idempotency_key, group_id)
 
     async def adopt(self, pid: int, start_time: float | None, spec: GroupSpec) -> GroupView:
+        if spec.restart.mode is not RestartMode.NO or (
+                spec.liveness is not None
+                and spec.liveness.on_unhealthy is UnhealthyAction.RESTART):
+            raise InvalidSpec("an adopted group cannot be restarted: tether did not start it, "
+                              "so it cannot start it again; adopt it with --restart no and "
+                              "--on-unhealthy none or stop", field="restart")
         self._start_expiry()
         return await self.starter.adopt(pid, start_time, spec)
 
@@ -171,6 +182,34 @@ class Authority:
         """Stop many groups at once (used by shutdown and session stops)."""
         return await self.stop_many(
             (g.group_id, None) for g in self.lc.table if not g.state.ended and which(g))
+
+    async def restart(self, group_id: str, override: StopOverride | StopPolicy | None = None
+                      ) -> GroupView:
+        """End a running group's run and start it again in place (same id and spec, through
+        its readiness probe); the old run's record stays in ``runs``. Concurrent restarts of
+        one group share one; a stop meanwhile wins."""
+        return await self.supervisor.restart(self.lc.table.find(group_id), _override(override))
+
+    def forget(self, group_ids: Iterable[str]) -> tuple[list[str], dict[str, str]]:
+        """Drop ended groups from memory now (they leave later snapshots too); live or
+        unknown ones are left, with the reason."""
+        done: list[str] = []
+        errors: dict[str, str] = {}
+        for gid in group_ids:
+            g = self.lc.table.find(gid) if gid in self.lc.table else None
+            if g is None:
+                errors[gid] = f"no group {gid!r} on this agent"
+            elif not g.state.ended:
+                errors[gid] = f"group {gid} is {g.state.value}; only ended groups are forgotten"
+            elif self.lc.table.forget(gid):
+                done.append(gid)
+                self.hooks.group_forgotten(gid)
+        return done, errors
+
+    def _follow(self, g: Group) -> None:
+        """A run's handle was attached: watch it, and supervise it (liveness)."""
+        self.watcher.start(g)
+        self.supervisor.follow(g)
 
     async def _stop_now(self, g: Group, detail: str) -> None:
         await asyncio.shield(self.stopper.begin(g, None, time.monotonic(), detail,
@@ -231,7 +270,7 @@ class Authority:
         self.lc.table.add(g)
         g.log.info("re-adopted after agent restart (leader pid %d)", handle.leader_pid)
         self.lc.emit(g, EventKind.STATE)
-        self.watcher.start(g)
+        self._follow(g)
         return g.view()
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from tether.core.errors import GroupNotFound, IdempotencyConflict, TetherError
 from tether.core.model import (
+    RUNS_KEPT,
     Containment,
     ExitRecord,
     GroupSpec,
@@ -24,6 +25,7 @@ from tether.core.model import (
     GroupView,
     Probe,
     RunContext,
+    RunRecord,
     StopPolicy,
 )
 from tether.signallers.base import GroupHandle, LaunchSpec, RunAs
@@ -83,6 +85,30 @@ class Group:
         self.ready: Probe | None = spec.ready
         #: Run once when the group ends (releasing its ports).
         self.on_end: list[Callable[[], None]] = []
+        # Supervision (agent/supervise.py): runs, restarts, liveness.
+        #: Adopted: tether did not start it, so it cannot start it again.
+        self.adopted = False
+        #: ``time.time()`` when the current run was launched.
+        self.run_started_at = self.started_at
+        self.runs: collections.deque[RunRecord] = collections.deque(maxlen=RUNS_KEPT)
+        self.restarts = 0
+        #: ``time.monotonic()`` of recent automatic restarts (the restart limit's window).
+        self.auto_restarts: collections.deque[float] = collections.deque()
+        #: Runs in a row that ended before they were stable (the backoff's exponent).
+        self.unstable_runs = 0
+        #: Why the current run is being ended ("requested", "unhealthy"): it restarts
+        #: whatever the restart policy says.
+        self.restart_reason = ""
+        #: Set to cut a restart's backoff short (a restart request while waiting).
+        self.restart_now = asyncio.Event()
+        #: Resolved when the restart under way is over (running again, or ended).
+        self.restart_cycle: asyncio.Future[None] | None = None
+        #: Why the last requested restart could not end the run (empty: it could).
+        self.restart_error = ""
+        self.next_restart_at = 0.0
+        self.unhealthy = False
+        self.health = ""
+        self.live_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         pid = self.handle.leader_pid if self.handle else "-"
@@ -105,6 +131,8 @@ class Group:
             leader_start_time=h.leader_start_time if h else 0.0,
             cgroup=h.cgroup if h else "",
             context=self.context,
+            unhealthy=self.unhealthy, health=self.health, restarts=self.restarts,
+            runs=tuple(self.runs) if self.runs else (), next_restart_at=self.next_restart_at,
         )
 
 
@@ -192,6 +220,19 @@ class GroupTable:
                 self._keys.pop(key, None)
             dropped.append(gid)
         return dropped
+
+    def forget(self, group_id: str) -> bool:
+        """Drop an ended group now (``tether forget``), as retention would later. A live
+        group is never dropped: returns False."""
+        g = self._groups.get(group_id)
+        if g is None or not g.state.ended:
+            return False
+        self._ended.pop(group_id, None)
+        del self._groups[group_id]
+        key = self._key_of.pop(group_id, None)
+        if key is not None:
+            self._keys.pop(key, None)
+        return True
 
     def restore(self, groups: Iterable[Group]) -> None:
         for g in groups:

@@ -36,6 +36,13 @@ class Hooks:
     def plugin_failure(self, plugin: str) -> None:
         """A toolchain plugin failed (or timed out); the spec went on without it."""
 
+    def restarted(self, reason: str) -> None:
+        """A new run of a group is starting (reason: exited, failed, unhealthy, requested,
+        start_failed)."""
+
+    def became_unhealthy(self) -> None:
+        """A group's liveness probe failed its limit of checks in a row."""
+
     async def durable(self, timeout: float) -> None:
         """Return once every change reported so far is stored; raise ``StateUnwritable``
         if that did not happen within ``timeout`` seconds."""
@@ -78,6 +85,14 @@ class HookChain(Hooks):
     def plugin_failure(self, plugin: str) -> None:
         for h in self.hooks:
             h.plugin_failure(plugin)
+
+    def restarted(self, reason: str) -> None:
+        for h in self.hooks:
+            h.restarted(reason)
+
+    def became_unhealthy(self) -> None:
+        for h in self.hooks:
+            h.became_unhealthy()
 
     async def durable(self, timeout: float) -> None:
         for h in self.hooks:

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 from tether.agent.groups import Group, GroupTable
@@ -23,6 +24,7 @@ from tether.core.model import (
     FailureClass,
     GroupEvent,
     GroupSpec,
+    GroupState,
     LeaderStatus,
     RunContext,
     Transition,
@@ -48,6 +50,9 @@ class Lifecycle:
         self.events: Broadcaster[GroupEvent] = Broadcaster()
         self.tasks = TaskSet(log)
         self.log = logging.LoggerAdapter(log, {"agent": name})
+        #: Set by the supervisor (``supervise.py``): a restart's start failed while the group
+        #: is ``restarting``; it keeps the attempt as a run and tries again or gives up.
+        self.restart_failed: Callable[[Group, ExitRecord], None] | None = None
 
     def emit(self, g: Group, kind: EventKind) -> None:
         view = g.view()
@@ -58,6 +63,8 @@ class Lifecycle:
         """The only place a group's state changes (through the model's table)."""
         old = g.state
         g.state = next_state(old, event)
+        if g.live_task is not None and (g.state is GroupState.STOPPING or g.state.ended):
+            g.live_task.cancel()  # liveness checks end with the group (a check in flight too)
         if g.state.ended:
             self._ended(g)
             rec = g.exit
@@ -93,14 +100,21 @@ class Lifecycle:
     def fail(self, g: Group, failure: FailureClass, message: str,
              status: LeaderStatus | None = None, survivors: int = 0,
              oom_kills: int = 0) -> None:
-        """A start failed: record it and end the group (its containment is already empty)."""
-        g.log.warning("start failed (%s): %s", failure.value, message)
-        g.exit = ExitRecord(ExitReason.START_FAILED,
+        """A start failed: record it and end the group (its containment is already empty).
+        A restart's start that failed is the supervisor's to judge (the group lives on)."""
+        restarting = g.state is GroupState.RESTARTING and self.restart_failed is not None
+        g.log.warning("%s failed (%s): %s", "restart" if restarting else "start",
+                      failure.value, message)
+        record = ExitRecord(ExitReason.START_FAILED,
                             exit_code=status.exit_code if status else None,
                             signal=status.signal if status else None, failure=failure,
                             message=message, ended_at=time.time(), survivors=survivors,
                             oom_kills=oom_kills)
         self.hooks.start_failure(failure.value)
+        if restarting and self.restart_failed is not None:
+            self.restart_failed(g, record)
+            return
+        g.exit = record
         self.transition(g, Transition.START_FAILED)
 
     def amend(self, g: Group, **changes: object) -> None:

@@ -12,12 +12,17 @@ Names are a contract (README, deploy/prometheus/rules.yml):
 * ``tether_oom_kills_total``: processes the kernel's OOM killer ended in groups
 * ``tether_pre_stop_hooks_total{result}``: ok | failed | timeout | error | skipped
 * ``tether_plugin_failures_total{plugin}``: toolchain plugins that failed on a spec
+* ``tether_restarts_total{reason}``: exited | failed | unhealthy | requested | start_failed
+* ``tether_unhealthy_groups`` gauge (read at scrape time), ``tether_unhealthy_total``
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter as TallyCounter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -26,8 +31,10 @@ from prometheus_client.registry import Collector
 from tether.agent.authority import Authority
 from tether.agent.hooks import Hooks
 from tether.core.model import Containment, FailureClass, GroupState, GroupView
+from tether.rpc.ops import iso
 
 CLEANUP_RESULTS = ("success", "forced", "failed", "timeout")
+RESTART_REASONS = ("exited", "failed", "unhealthy", "requested", "start_failed")
 #: LOST is the coordinator's word, never an agent state.
 AGENT_STATES = [s for s in GroupState if s is not GroupState.LOST]
 
@@ -50,9 +57,22 @@ class GroupsCollector(Collector):
                 family.add_metric([state.value, containment.value],
                                   tally.get((state.value, containment.value), 0))
         yield family
+        yield GaugeMetricFamily("tether_unhealthy_groups", "Running groups whose liveness "
+                                "probe failed --live-failures times in a row.",
+                                value=sum(1 for g in self._authority.groups()
+                                          if g.unhealthy and not g.state.ended))
         yield GaugeMetricFamily("tether_orphans", "Orphans detected now: processes with the "
                                 "tether marker or in a tether cgroup that belong to no live group.",
                                 value=self._orphans_now())
+
+
+@dataclass(frozen=True)
+class LastCleanup:
+    """The latest group stop, for /status."""
+
+    at: float
+    result: str
+    seconds: float
 
 
 class AgentMetrics(Hooks):
@@ -96,7 +116,18 @@ class AgentMetrics(Hooks):
         self.plugin_failures = Counter(
             "tether_plugin_failures", "Toolchain plugins that failed or timed out on a spec "
             "(the spec went on without them), by plugin.", ["plugin"], registry=registry)
+        self.restarts = Counter("tether_restarts", "New runs of groups after a run ended, by "
+                                "why: exited (code 0, --restart always), failed, unhealthy "
+                                "(--on-unhealthy restart), requested (tether restart), "
+                                "start_failed (the previous restart did not become ready).",
+                                ["reason"], registry=registry)
+        for r in RESTART_REASONS:
+            self.restarts.labels(r)
+        self.unhealthy = Counter("tether_unhealthy", "Times a group became unhealthy (its "
+                                 "liveness probe failed --live-failures times in a row).",
+                                 registry=registry)
         self._orphans_now = 0
+        self.last_cleanup: LastCleanup | None = None
 
     def attach(self, authority: Authority) -> None:
         self.registry.register(GroupsCollector(authority, lambda: self._orphans_now))
@@ -104,10 +135,21 @@ class AgentMetrics(Hooks):
     def set_orphans_now(self, n: int) -> None:
         self._orphans_now = n
 
+    @property
+    def orphans_now(self) -> int:
+        return self._orphans_now
+
     # Hooks
     def cleanup(self, result: str, seconds: float) -> None:
         self.cleanups.labels(result).inc()
         self.cleanup_duration.observe(seconds)
+        self.last_cleanup = LastCleanup(time.time(), result, seconds)
+
+    def restarted(self, reason: str) -> None:
+        self.restarts.labels(reason).inc()
+
+    def became_unhealthy(self) -> None:
+        self.unhealthy.inc()
 
     def signal_sent(self, signaller: str, sig: str, result: str) -> None:
         self.signals.labels(signaller, sig, result).inc()
@@ -128,16 +170,21 @@ class AgentMetrics(Hooks):
         self.plugin_failures.labels(plugin).inc()
 
 
-def serve_metrics(registry: CollectorRegistry, address: str) -> tuple[object, int]:
-    """Start the /metrics HTTP server on HOST:PORT in a daemon thread. Returns (server, port)."""
-    from prometheus_client import start_http_server
+def agent_status(authority: Authority, metrics: AgentMetrics) -> dict[str, Any]:
+    """The agent's part of /status (called on the event loop): groups by state, the
+    unhealthy and restarting ones, orphans now, the last cleanup."""
+    tally = TallyCounter(g.state.value for g in authority.groups())
+    unhealthy = [{"group_id": g.group_id, "session": g.spec.session_id, "label": g.spec.label,
+                  "health": g.health}
+                 for g in authority.groups() if g.unhealthy and not g.state.ended]
+    last = metrics.last_cleanup
+    return {
+        "name": authority.name,
+        "groups": {s.value: tally.get(s.value, 0) for s in AGENT_STATES},
+        "unhealthy": unhealthy,
+        "orphans": metrics.orphans_now,
+        "last_cleanup": None if last is None else {
+            "at": iso(last.at), "result": last.result,
+            "duration_ms": round(last.seconds * 1000, 1)},
+    }
 
-    from tether.rpc.daemon import ListenError
-
-    host, _, port_text = address.rpartition(":")
-    try:
-        server, _thread = start_http_server(int(port_text), addr=host.strip("[]") or "127.0.0.1",
-                                            registry=registry)
-    except (OSError, ValueError) as exc:
-        raise ListenError(address, f"metrics: {exc}; pick another --metrics-listen") from exc
-    return server, int(server.server_port)

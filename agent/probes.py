@@ -20,12 +20,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import os
 import re
+import socket
 import ssl
 import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from tether.core.model import Probe, ProbeKind
@@ -61,16 +64,74 @@ async def port_in_use(probe: Probe) -> bool:
     return True
 
 
+def _why(exc: BaseException, probe: Probe) -> str:
+    """An exception as a reason (a timeout's own text is empty)."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return f"no answer within the {probe.timeout:g} s timeout"
+    return str(exc) or type(exc).__name__
+
+
+def _literal(host: str, port: int) -> tuple[int, Any] | None:
+    """An IP address as (family, address): no lookup, no thread."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return family, (host, port) if family == socket.AF_INET else (host, port, 0, 0)
+    return None
+
+
+async def _lookup(host: str, port: int) -> tuple[int, Any]:
+    """A host name, looked up off the loop."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return infos[0][0], infos[0][4]
+
+
 async def _tcp(probe: Probe) -> ProbeAttempt:
+    """Connect and close: a bare non-blocking socket, no streams and no timeout context
+    (liveness checks of many groups run this often; a transport and two stream objects per
+    check cost ten times the connect)."""
     try:
-        async with asyncio.timeout(probe.timeout):
-            _, writer = await asyncio.open_connection(probe.host, probe.port)
+        found = _literal(probe.host, probe.port)
+        if found is None:
+            found = await asyncio.wait_for(_lookup(probe.host, probe.port), probe.timeout)
+        family, address = found
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setblocking(False)
+            await _connect(sock, address, probe.timeout)
     except (OSError, TimeoutError) as exc:
-        return ProbeAttempt(False, detail=f"tcp {probe.host}:{probe.port}: {exc or 'timeout'}")
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
+        return ProbeAttempt(False, detail=f"tcp {probe.host}:{probe.port}: {_why(exc, probe)}")
     return ProbeAttempt(True)
+
+
+def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    if not fut.done():
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
+
+
+async def _connect(sock: socket.socket, address: Any, timeout: float) -> None:
+    """A non-blocking connect: done at once, or when the socket turns writable (its
+    SO_ERROR says how), or ``TimeoutError`` after ``timeout``."""
+    err = sock.connect_ex(address)
+    if err in (errno.EINPROGRESS, errno.EAGAIN):
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()
+
+        loop.add_writer(fd, _settle, done, None)
+        timer = loop.call_later(timeout, _settle, done, TimeoutError())
+        try:
+            await done
+        finally:
+            timer.cancel()
+            loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
 
 
 async def _http(probe: Probe) -> ProbeAttempt:
@@ -91,7 +152,7 @@ async def _http(probe: Probe) -> ProbeAttempt:
             await writer.drain()
             line = await reader.readline()
     except (OSError, TimeoutError, ssl.SSLError, UnicodeError) as exc:
-        return ProbeAttempt(False, detail=f"GET {url}: {exc or 'timeout'}")
+        return ProbeAttempt(False, detail=f"GET {url}: {_why(exc, probe)}")
     finally:
         if writer is not None:
             writer.close()

@@ -24,7 +24,7 @@ from tether.agent.authority import Authority
 from tether.agent.capacity import Capacity, raise_fd_limit
 from tether.agent.fence import Fence, FenceInterceptor
 from tether.agent.hooks import HookChain, Hooks
-from tether.agent.metrics import AgentMetrics, serve_metrics
+from tether.agent.metrics import AgentMetrics, agent_status
 from tether.agent.orphans import OrphanReaper
 from tether.agent.plugins import Plugins
 from tether.agent.ports import PortBook
@@ -35,6 +35,7 @@ from tether.core.audit import AuditLog
 from tether.core.errors import TetherError
 from tether.core.model import (
     Containment,
+    GroupState,
     GroupView,
     OrphanPolicy,
     context_from_dict,
@@ -45,6 +46,7 @@ from tether.core.tasks import TaskSet
 from tether.rpc.auth import ServerAuth
 from tether.rpc.convert import CONTAINMENT_TO_PB
 from tether.rpc.daemon import Shutdown, TLSFiles, start_server
+from tether.rpc.ops import OpsServer, serve_ops
 from tether.rpc.security import ClientSecurity
 from tether.signallers.base import Reattach, SignallerContext
 from tether.signallers.cgroups import safe_name
@@ -155,7 +157,7 @@ class AgentRuntime:
         self._closing = False
         self.port = 0
         self.metrics_port = 0
-        self._metrics_server: Any = None
+        self._metrics_server: OpsServer | None = None
         self._register_task: asyncio.Task[None] | None = None
 
     def _fence(self, config: AgentConfig) -> Fence:
@@ -202,7 +204,8 @@ class AgentRuntime:
             signaller = self.signallers.get(kind)
             keep = r.orphan_policy == OrphanPolicy.KEEP.value
             handle = None
-            if keep and signaller.features.reattach:
+            between = r.state == GroupState.RESTARTING.value
+            if keep and signaller.features.reattach and not between:
                 try:
                     handle = await signaller.reattach(Reattach(
                         r.group_id, r.leader_pid, r.leader_start_time, where, r.cgroup))
@@ -224,6 +227,9 @@ class AgentRuntime:
                    "the agent died while it ran; its guardian or the orphan sweep ended it")
             if keep and not signaller.features.reattach:
                 why = f"{kind} groups are not re-adopted after an agent restart"
+            if between:
+                why = ("the agent stopped while the group waited to restart (no run was "
+                       "alive); a new agent does not restart it: spawn it again")
             self.authority.restore_lost(r.group_id, spec, Containment(r.containment), why)
 
     def _start_guardian(self) -> None:
@@ -256,10 +262,16 @@ class AgentRuntime:
     def registrations(self) -> list[Any]:
         return [lambda server: add_to_server(server, self.servicer)]
 
+    def status(self) -> dict[str, Any]:
+        """/status of a standalone agent (on the event loop)."""
+        return {"role": "agent", "epoch": self.epoch,
+                **agent_status(self.authority, self.metrics)}
+
     async def start_metrics(self) -> None:
         if self.config.metrics_listen:
-            self._metrics_server, self.metrics_port = serve_metrics(
-                self.registry, self.config.metrics_listen)
+            self._metrics_server = serve_ops(self.registry, self.config.metrics_listen,
+                                             self.status)
+            self.metrics_port = self._metrics_server.port
             log.info("metrics on http://%s:%d/metrics",
                      self.config.metrics_listen.rsplit(":", 1)[0], self.metrics_port)
 
@@ -287,6 +299,8 @@ class AgentRuntime:
         Each phase runs even if an earlier one failed (logged): the store is always closed,
         the lock released, the guardian let go."""
         self._closing = True
+        if self._metrics_server is not None:
+            self._metrics_server.closing = True  # /healthz answers 503 from now on
         phases: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("no longer accepting RPCs", lambda: self._stop_server(server)),
             ("stopping every group whose orphan policy is kill", self._stop_groups),
@@ -319,8 +333,7 @@ class AgentRuntime:
     async def _close(self) -> None:
         try:
             if self._metrics_server is not None:
-                self._metrics_server.shutdown()
-                self._metrics_server.server_close()
+                self._metrics_server.close()
         finally:
             try:
                 if self.store is not None:

@@ -84,6 +84,17 @@ class AgentServicer(agrpc.AgentServiceServicer):
         return apb.StopGroupsResponse(groups=[group_to_pb(v) for v in views], errors=unknown)
 
     @unary
+    async def Restart(self, request: apb.RestartRequest, context: Any) -> apb.RestartResponse:
+        override = override_from_pb(request.policy) if request.HasField("policy") else None
+        view = await self.authority.restart(request.group_id, override)
+        return apb.RestartResponse(group=group_to_pb(view))
+
+    @unary
+    async def Forget(self, request: apb.ForgetRequest, context: Any) -> apb.ForgetResponse:
+        done, errors = self.authority.forget(request.group_ids)
+        return apb.ForgetResponse(forgotten=done, errors=errors)
+
+    @unary
     async def Get(self, request: apb.GetRequest, context: Any) -> apb.GetResponse:
         view = self.authority.get(request.group_id)
         msg = group_to_pb(view)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TypeVar
@@ -345,7 +346,8 @@ class Starter:
                      f"(probe {ready}: {prober.last.detail}); raise --start-timeout or fix "
                      "the probe", await leader_status(handle), survivors)
 
-    def _exec_runner(self, g: Group, signaller: Signaller, where: str) -> ExecRunner:
+    def _exec_runner(self, g: Group, signaller: Signaller, where: str,
+                     prefix: str = "probe") -> ExecRunner:
         counter = 0
 
         async def run(argv: tuple[str, ...], timeout: float) -> tuple[int | None, str]:
@@ -354,9 +356,10 @@ class Starter:
             base = g.launch or self.launch_spec(g.group_id, g.spec, where)
             # Probes are kill-policy trees whatever the group's policy: none may outlive a
             # dead agent (a keep group's re-adoption would claim it as its own).
-            launch = replace(base, group_id=f"{g.group_id}.probe{counter}", argv=argv,
-                             limits=Limits(), orphan_policy=OrphanPolicy.KILL,
-                             env={**base.env, MARKER_ENV: f"{g.group_id}.probe{counter}"})
+            probe_id = f"{g.group_id}.{prefix}{counter}"
+            launch = replace(base, group_id=probe_id, argv=argv, limits=Limits(),
+                             orphan_policy=OrphanPolicy.KILL,
+                             env={**base.env, MARKER_ENV: probe_id})
             try:
                 handle = await signaller.spawn(launch)
             except StartFailed as exc:
@@ -377,6 +380,42 @@ class Starter:
 
         return run
 
+    # ------------------------------------------------------------ restarts (supervise.py)
+
+    async def relaunch(self, g: Group) -> None:
+        """Start the next run of a ``restarting`` group: same id, spec and markers, through
+        the same launch and readiness probe as its first start (on a cgroup host a new
+        cgroup at the same path: the last run's was removed once it was empty). Ready: the
+        group is ``running`` again. A failed start is the supervisor's to judge
+        (``Lifecycle.fail``); a stop requested meanwhile takes over, as in a first start."""
+        signaller, where = self.signaller_for(g.spec.target)
+        g.empty.clear()
+        g.detached = False
+        g.signals_sent.clear()
+        g.run_started_at = time.time()
+        try:
+            await self._start(g, signaller, where)
+        except asyncio.CancelledError:  # the agent shuts down mid-restart: nothing lives on
+            if g.handle is not None and g.state is GroupState.RESTARTING:
+                await asyncio.shield(dispose(g.handle))
+            raise
+        except Exception as exc:  # whatever it was, the attempt is a run with a record
+            g.log.exception("restart failed unexpectedly")
+            if g.state is GroupState.RESTARTING and not g.stop_requested.is_set():
+                if g.handle is not None:
+                    await asyncio.shield(dispose(g.handle))
+                failure = (FailureClass.INVALID_SPEC if isinstance(exc, InvalidSpec)
+                           else FailureClass.TARGET_UNREACHABLE if isinstance(exc, TetherError)
+                           else FailureClass.IMMEDIATE_CRASH)
+                self.lc.fail(g, failure, f"cannot restart {g.spec.argv[0]!r}: {exc}")
+
+    def live_runner(self, g: Group) -> ExecRunner:
+        """Runs ``exec:`` liveness checks as readiness ones run: in the group's place, with its
+        environment, each check its own contained tree (``g-….liveN``), killed at its
+        timeout."""
+        signaller, where = self.signaller_for(g.spec.target)
+        return self._exec_runner(g, signaller, where, prefix="live")
+
     # ------------------------------------------------------------ adopt
 
     async def adopt(self, pid: int, start_time: float | None, spec: GroupSpec) -> GroupView:
@@ -391,6 +430,7 @@ class Starter:
         handle = await signaller.adopt(gid, pid, start_time, where, spec.orphan_policy)
         g = Group(gid, spec, handle.containment, spec.stop.apply(self.default_policy),
                   spec_fingerprint(spec))
+        g.adopted = True
         g.attach(handle)
         self.lc.table.add(g)
         self.lc.emit(g, EventKind.STATE)

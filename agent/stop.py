@@ -73,7 +73,8 @@ class Stopper:
 
     async def signal(self, group_id: str, sig: Signals) -> SignalOutcome:
         g = self.lc.table.find(group_id)
-        if g.handle is None and g.start_task is not None and not g.start_task.done():
+        if g.handle is None and g.state is GroupState.STARTING and g.start_task is not None \
+                and not g.start_task.done():
             await asyncio.shield(g.start_task)
         if g.state.ended or g.handle is None:
             return SignalOutcome(0, True, g.view())
@@ -187,13 +188,15 @@ class Stopper:
         if g.state is not GroupState.STOPPING:  # a retried stop is already there
             self.lc.transition(g, Transition.STOP)
         if h is None:  # stopped before anything ran
+            between = "stopped while waiting to restart: no run was alive" if g.runs else ""
             skipped = None
             if g.spec.pre_stop is not None:
                 skipped = PreStopOutcome(PreStopResult.SKIPPED,
-                                         detail="the group never started: nothing to prepare")
+                                         detail="no run was alive: nothing to prepare")
             g.exit = ExitRecord(ExitReason.REQUESTED, ended_at=time.time(),
                                 stop_duration=max(0.0, time.monotonic() - t0),
-                                detail=detail or "stopped before it started: nothing ran",
+                                detail=detail or between
+                                or "stopped before it started: nothing ran",
                                 pre_stop=skipped)
             g.empty.set()
             self.lc.transition(g, Transition.EMPTY)
@@ -324,3 +327,32 @@ class Stopper:
                               status.exit_code, status.signal, took,
                               status.describe() + behind, leftovers)
 
+
+    # ------------------------------------------------------------ ending one run (restarts)
+
+    async def end_run(self, g: Group, override: StopOverride | None) -> str:
+        """Steps 2-4 of the stop routine for the current run of a group that lives on (a
+        restart request, an unhealthy group): the stop signal plus SIGCONT to every member,
+        wait up to the grace, SIGKILL every member. No state changes here: the watcher sees
+        the containment empty and the supervisor starts the next run. A stop requested
+        meanwhile takes over and wins (it signals and kills the same members). Returns why
+        the run could not be ended ("" when it was signalled)."""
+        h = g.handle
+        if h is None or g.state is not GroupState.RUNNING or g.stop_requested.is_set():
+            return ""
+        policy = (override or StopOverride()).apply(g.policy)
+        t0 = time.monotonic()
+        try:
+            g.signals_sent.add(int(policy.signal))
+            await self.send(g, policy.signal, also_continue=True)
+            if not await h.wait(max(0.0, t0 + policy.grace - time.monotonic())) \
+                    and g.handle is h and not g.stop_requested.is_set():
+                g.signals_sent.add(int(Signals.SIGKILL))
+                await h.kill()
+                g.log.warning("members ignored %s for %g s; sent SIGKILL to every member to "
+                              "restart it", policy.signal.name, policy.grace)
+                self.lc.hooks.signal_sent(split_target(g.spec.target)[0], "SIGKILL", "sent")
+        except TetherError as exc:
+            g.log.error("could not end its run for a restart: %s", exc)
+            return str(exc)
+        return ""

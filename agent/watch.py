@@ -15,6 +15,7 @@ import asyncio
 import random
 import signal
 import time
+from collections.abc import Callable
 
 from tether.agent.groups import Group
 from tether.agent.lifecycle import Lifecycle, leader_status
@@ -34,6 +35,9 @@ RETRY_MAX = 15.0
 class Watcher:
     def __init__(self, lc: Lifecycle) -> None:
         self.lc = lc
+        #: Set by the supervisor: a run ended on its own; True when it takes the group over
+        #: (another run starts), False to let the group end ``exited`` here.
+        self.run_ended: Callable[[Group, ExitRecord], bool] | None = None
 
     def start(self, g: Group) -> None:
         self.lc.tasks.spawn(self._watch(g), f"watch-{g.group_id}")
@@ -99,23 +103,22 @@ class Watcher:
                     elif not t.cancelled():
                         t.exception()  # read: a second failure of one outage is not news
         self._reachable(g)
-        g.empty.set()
+        if g.handle is h:  # not a later run's: a restart may have started one meanwhile
+            g.empty.set()
         if g.state is GroupState.RUNNING:
             status = await leader_status(h)
             try:
                 oom = await h.oom_kills()
             except TetherError:
                 oom = 0
+            if g.state is not GroupState.RUNNING or g.handle is not h:
+                return  # a stop took over meanwhile: its record is the one
             reason = ExitReason.NATURAL
             if status.signal is not None:
                 reason = (ExitReason.REQUESTED if status.signal in g.signals_sent
                           else ExitReason.EXTERNAL_SIGNAL)
             if oom and status.signal == signal.SIGKILL and reason is not ExitReason.REQUESTED:
                 reason = ExitReason.OOM_KILLED
-            if g.state is not GroupState.RUNNING:
-                # A stop began while the exit status was read: the stop writes the
-                # record (it knows it asked), this watcher must not write a second.
-                return
             notes = []
             if outage:
                 notes.append(f"its target was unreachable for about {outage:.0f} s; the exit "
@@ -125,8 +128,11 @@ class Watcher:
             if oom:
                 notes.append(f"the kernel's OOM killer ended {oom} process(es) at the group's "
                              f"memory limit ({g.context.limits or 'see --memory'})")
-            g.exit = ExitRecord(reason, exit_code=status.exit_code, signal=status.signal,
+            record = ExitRecord(reason, exit_code=status.exit_code, signal=status.signal,
                                 ended_at=time.time(), detail="; ".join(notes), oom_kills=oom)
+            if self.run_ended is not None and self.run_ended(g, record):
+                return  # another run starts; the supervisor closes this one's handle
+            g.exit = record
             self.lc.transition(g, Transition.EXITED)
             try:
                 await h.close()

@@ -31,6 +31,8 @@ def fmt(value: float | None, unit: str) -> str:
         return "-"
     if unit == "ms":
         return f"{value:.1f} ms" if value < 1000 else f"{value / 1000:.2f} s"
+    if unit == "%":
+        return f"{value:.2f} % of a core"
     return f"{value:,.0f} {unit}"
 
 
@@ -38,7 +40,7 @@ def ratio(row: Row) -> str:
     t, b = row.get("tether"), row.get("baseline")
     if t is None or b is None or not b or not t:
         return "-"
-    if row["unit"] == "ms":
+    if row["unit"] in ("ms", "%"):
         return f"{t / b:.1f}x"
     return f"{b / t:.1f}x"  # throughput: how many times slower than baseline
 

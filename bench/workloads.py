@@ -11,9 +11,11 @@ import asyncio
 import collections
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -499,6 +501,98 @@ async def cli_startup(lab: Lab, quick: bool) -> list[Row]:
     ]
 
 
+# ---------------------------------------------------------------- 6. liveness checks
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user+system CPU of the process itself, of its reaped children) from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    # After "(comm)": state is field 3, so utime (14), stime (15), cutime (16), cstime (17)
+    # are at 11..14 here.
+    return ((int(fields[11]) + int(fields[12])) / tick,
+            (int(fields[13]) + int(fields[14])) / tick)
+
+
+class _Listener:
+    """One TCP port that accepts and closes, for tcp: checks of every group."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4096)
+        self.port = int(self.sock.getsockname()[1])
+        self.accepted = 0
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.close()
+            self.accepted += 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def liveness_cost(lab: Lab, quick: bool) -> list[Row]:
+    """CPU of an agent holding N idle groups: without --live, and with a tcp: or an exec:
+    liveness check of each every 10 s, measured over a window in steady state (the first
+    checks are spread over 0.5 to 1.5 intervals)."""
+    n, window, interval = (200, 20.0, 10.0) if quick else (1000, 60.0, 10.0)
+    listener = _Listener()
+    measured: dict[str, tuple[float, float, float]] = {}
+    try:
+        for kind, live in (("none", ""), ("tcp", f"tcp:127.0.0.1:{listener.port}"),
+                           ("exec", "exec:true")):
+            d = lab.agent(f"{RUN_ID}-live-{kind}")
+            try:
+                async with channel(d.address) as ch:
+                    stub = agrpc.AgentServiceStub(ch)
+
+                    def make(i: int, live: str = live) -> pb.GroupSpec:
+                        g = sleeper("live")
+                        if live:
+                            g.live = live
+                            g.live_interval_seconds = interval
+                        return g
+
+                    groups, _, _ = await spawn_many(agent_spawner(stub, make), n, 16)
+                    await asyncio.sleep(1.5 * interval + 1)  # every group checked at least once
+                    own0, kids0 = cpu_seconds(d.proc.pid)
+                    accepted0, t0 = listener.accepted, time.monotonic()
+                    await asyncio.sleep(window)
+                    own1, kids1 = cpu_seconds(d.proc.pid)
+                    elapsed = time.monotonic() - t0
+                    measured[kind] = ((own1 - own0) / elapsed * 100,
+                                      (kids1 - kids0) / elapsed * 100,
+                                      (listener.accepted - accepted0) / elapsed)
+                    await stop_groups(stub, groups)
+            finally:
+                await asyncio.to_thread(lab.stop_daemon, d)
+            await settle()
+    finally:
+        listener.close()
+    idle = measured["none"][0]
+    rows: list[Row] = []
+    for kind in ("tcp", "exec"):
+        own, kids, accepts = measured[kind]
+        rows.append({
+            "workload": "liveness",
+            "metric": f"{n} idle groups, --live {kind}: every {interval:g} s: agent CPU "
+                      f"(baseline: same agent, no --live)",
+            "unit": "%", "tether": round(own + kids, 3), "baseline": round(idle, 3), "n": n,
+            "details": {"agent_process_pct": round(own, 3),
+                        "reaped_children_pct": round(kids, 3),
+                        "checks_expected_per_s": n / interval,
+                        "tcp_accepts_per_s": round(accepts, 1) if kind == "tcp" else None,
+                        "window_s": window}})
+    return rows
+
+
 WORKLOADS: dict[str, tuple[Callable[[Lab, bool], Awaitable[list[Row]]], float, float]] = {
     # name: (function, time budget quick, time budget full) in seconds
     "exit": (exit_detection, 120, 400),
@@ -506,4 +600,5 @@ WORKLOADS: dict[str, tuple[Callable[[Lab, bool], Awaitable[list[Row]]], float, f
     "spawn": (spawn_throughput, 120, 300),
     "fanout": (fan_out, 180, 600),
     "cli": (cli_startup, 120, 120),
+    "liveness": (liveness_cost, 240, 600),
 }

@@ -41,6 +41,17 @@ class AgentClient(Protocol):
 
     async def get(self, group_id: str, *, timeout: float) -> GroupView: ...
 
+    async def restart(self, group_id: str, override: StopOverride | None, *,
+                      timeout: float) -> GroupView:
+        """End the group's run and start it again in place; returns once it runs again (or
+        ended: a stop won)."""
+        ...
+
+    async def forget(self, group_ids: Sequence[str], *,
+                     timeout: float) -> tuple[list[str], dict[str, str]]:
+        """Drop ended groups from the agent's memory: (forgotten, id -> why not)."""
+        ...
+
     def watch(self, since: int, epoch: str) -> AsyncIterator[tuple[str, GroupEvent]]:
         """(epoch, event) pairs: the events after ``since`` of ``epoch`` if the agent still
         has them, else a snapshot of every group first (``INITIAL`` events)."""

@@ -26,7 +26,8 @@ from tether.core.errors import (
     PermissionDenied,
     TetherError,
 )
-from tether.core.sessions import AgentInfo, AgentState
+from tether.core.model import PortOwner
+from tether.core.sessions import AgentInfo, AgentState, Orphan, OrphanReport
 
 if TYPE_CHECKING:
     from tether.coordinator.core import Coordinator
@@ -237,3 +238,37 @@ class Agents:
                 continue
             else:
                 self.c.absorb(link.name, view)
+
+    # ------------------------------------------------------------ orphans
+
+    async def list_orphans(self, sweep: bool) -> OrphanReport:
+        found: list[Orphan] = []
+        unreachable: dict[str, str] = {}
+
+        async def one(link: AgentLink) -> None:
+            try:
+                found.extend(await self.client(link).list_orphans(sweep, timeout=10))
+            except TetherError as exc:
+                unreachable[link.name] = str(exc)
+
+        await asyncio.gather(*(one(link) for link in self.links.values()))
+        return OrphanReport(tuple(found), unreachable)
+
+    # ------------------------------------------------------------ ports
+
+    async def list_ports(self, port: int, agent: str = "") -> tuple[list[PortOwner],
+                                                                     dict[str, str]]:
+        """Listening TCP ports (or one) and their owners on every agent, or on one."""
+        links = ([self.resolve(agent)] if agent
+                 else list(self.links.values()))
+        found: list[PortOwner] = []
+        unreachable: dict[str, str] = {}
+
+        async def one(link: AgentLink) -> None:
+            try:
+                found.extend(await self.client(link).list_ports(port, timeout=10))
+            except TetherError as exc:
+                unreachable[link.name] = str(exc)
+
+        await asyncio.gather(*(one(link) for link in links))
+        return sorted(found, key=lambda o: (o.agent, o.port, o.address)), unreachable

@@ -10,6 +10,8 @@ service converts at the edge.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import os
 import time
@@ -39,6 +41,7 @@ from tether.core.sessions import (
     Session,
     SessionEvent,
     SessionReport,
+    SessionState,
     StopIntent,
 )
 from tether.core.tasks import TaskSet
@@ -48,6 +51,8 @@ log = logging.getLogger(__name__)
 
 #: How long an acknowledged change may take to reach the store.
 STATE_DEADLINE = 10.0
+#: Forgotten groups remembered, so an agent's later snapshot does not bring them back.
+FORGOTTEN_MAX = 10000
 
 
 def _no_transport(info: AgentInfo) -> AgentClient:
@@ -75,7 +80,8 @@ class CoordinatorConfig:
 class CoordinatorHooks:
     """Metrics hooks; no-ops by default."""
 
-    def session_stopped(self, result: str) -> None: ...
+    def session_stopped(self, result: str, session_id: str = "", seconds: float = 0.0
+                        ) -> None: ...
     def fanout(self, operation: str, seconds: float) -> None: ...
     def state_write_error(self) -> None: ...
 
@@ -101,6 +107,11 @@ class Coordinator:
         #: Idempotency keys are global: a key names one spawn whichever agent it went to.
         self._by_key: dict[str, TrackedGroup] = {}
         self.inflight: dict[str, dict[str, InFlight]] = {}
+        #: (agent, group id) of groups dropped with ``tether forget``.
+        self.forgotten: collections.OrderedDict[tuple[str, str], None] = (
+            collections.OrderedDict())
+        #: Callers of ``Wait``, per session: resolved once it has no live group.
+        self._idle_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self.events: Broadcaster[SessionEvent] = Broadcaster()
         self.tasks = TaskSet(log)
         self.persist: WriteBehind[Key, Value] = WriteBehind(
@@ -216,6 +227,8 @@ class Coordinator:
         """Take in what an agent says of a group; written behind with the rest of the turn."""
         tracked = self.groups.get((agent, view.group_id))
         if tracked is None:
+            if (agent, view.group_id) in self.forgotten:
+                return  # dropped from its session on purpose: a snapshot must not restore it
             if not view.spec.session_id or not self.sessions.has(view.spec.session_id):
                 return  # a group started directly on the agent, outside any session we know
             tracked = self.track(TrackedGroup(agent, view))
@@ -245,7 +258,7 @@ class Coordinator:
         spec = t.view.spec
         return GroupReport(t.group_id, spec.label, t.agent, spec.target or "local", e.state,
                            t.view.exit, t.error, members_signalled, spec.stop_order, t.attempts,
-                           e.unreachable)
+                           e.unreachable, t.view.restarts)
 
     def session_report(self, session_id: str, complete: bool) -> SessionReport:
         groups = sorted(self.session_groups(session_id),
@@ -260,14 +273,69 @@ class Coordinator:
         """An event for the session's watchers, numbered now, sent once it is stored."""
         self._seq += 1
         self.persist.put(("event", str(self._seq)), SessionEvent(
-            self._seq, EventKind(kind), self.entry(tracked), time.time()))
+            self._seq, EventKind(kind), self.entry(tracked), time.time(),
+            session_id=tracked.session_id))
+        if self._idle_waiters:
+            self.check_idle(tracked.session_id)
+
+    def publish_stopped(self, report: SessionReport) -> None:
+        """A stopping session is done: one event with the whole report."""
+        self._seq += 1
+        self.persist.put(("event", str(self._seq)), SessionEvent(
+            self._seq, EventKind.SESSION_STOPPED, None, time.time(), report=report,
+            session_id=report.session_id))
+
+    def forget_group(self, t: TrackedGroup) -> None:
+        """Drop an ended group from its session's listing, for good (``tether forget``)."""
+        self.publish(t, EventKind.FORGOTTEN)
+        self.forget(t)
+        self.forgotten[t.key] = None
+        while len(self.forgotten) > FORGOTTEN_MAX:
+            self.forgotten.popitem(last=False)
+
+    # ------------------------------------------------------------ waiting for a session
+
+    def busy(self, session_id: str) -> bool:
+        """Does the session have a live group, or a spawn in flight?"""
+        return bool(self.inflight.get(session_id)) or any(
+            not t.ended for t in self._by_session.get(session_id, {}).values())
+
+    def check_idle(self, session_id: str) -> None:
+        waiters = self._idle_waiters.get(session_id)
+        if waiters and not self.busy(session_id):
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def wait_idle(self, session_id: str, timeout: float | None) -> SessionReport:
+        """Return once the session has no live group and no spawn in flight (``complete``),
+        or at ``timeout`` with what is known. Event-driven: woken by the group events that
+        end its last live group. A caller that goes away leaves nothing behind."""
+        self.session(session_id)
+        try:
+            async with asyncio.timeout(timeout):
+                # Again after each wake-up: a spawn that landed may have added a live group
+                # in the same turn that took its in-flight mark away.
+                while self.busy(session_id):
+                    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                    waiters = self._idle_waiters.setdefault(session_id, [])
+                    waiters.append(fut)
+                    try:
+                        await fut
+                    finally:
+                        waiters.remove(fut)
+                        if not waiters:
+                            self._idle_waiters.pop(session_id, None)
+        except TimeoutError:
+            return self.session_report(session_id, complete=False)
+        return self.session_report(session_id, complete=True)
 
     def watch_session(self, session_id: str, initial: bool, since: int = 0
                       ) -> AsyncIterator[SessionEvent]:
         self.session(session_id)
 
         def accept(ev: SessionEvent) -> bool:
-            return ev.group.view.spec.session_id == session_id
+            return ev.session_id == session_id
 
         first: list[SessionEvent] | None = None
         if since:
@@ -275,6 +343,13 @@ class Coordinator:
             first = [e for e in missed if accept(e)] if missed is not None else None
         if first is None:
             now = time.time()
-            first = [SessionEvent(self.events.seq, EventKind.INITIAL, self.entry(t), now)
+            first = [SessionEvent(self.events.seq, EventKind.INITIAL, self.entry(t), now,
+                                  session_id=session_id)
                      for t in self.session_groups(session_id)] if initial else []
+            s = self.session(session_id)
+            if initial and s.state is SessionState.STOPPED and not self.busy(session_id):
+                # A watcher that comes (back) after the stop still learns the session is done.
+                first.append(SessionEvent(self.events.seq, EventKind.SESSION_STOPPED, None, now,
+                                          report=self.session_report(session_id, True),
+                                          session_id=session_id))
         return self.events.subscribe(accept, first)

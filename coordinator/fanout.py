@@ -13,6 +13,7 @@ whose spawn arrives after the stop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import replace
@@ -25,6 +26,7 @@ from tether.core.errors import (
     Conflict,
     IdempotencyConflict,
     InvalidSpec,
+    NotInSession,
     ResourceExhausted,
     StateUnwritable,
     TetherError,
@@ -33,18 +35,19 @@ from tether.core.model import (
     DEFAULT_START_TIMEOUT,
     EventKind,
     GroupSpec,
+    GroupState,
     GroupView,
-    PortOwner,
     StopOverride,
     check_grace,
+    check_group_id,
     key_fingerprint,
     new_group_id,
     parse_signal,
     spec_fingerprint,
 )
 from tether.core.sessions import (
-    Orphan,
-    OrphanReport,
+    EVERY_GROUP,
+    GroupSelector,
     SessionReport,
     SessionState,
     StopIntent,
@@ -58,6 +61,8 @@ log = logging.getLogger(__name__)
 #: Errors that mean "the agent refused; nothing was started".
 REFUSED = (InvalidSpec, Conflict, IdempotencyConflict, ResourceExhausted)
 SIGNAL_DEADLINE = 10.0
+#: A restart call may take the grace, the start timeout and this much more.
+RESTART_MARGIN = 30.0
 
 
 class Fanout:
@@ -160,6 +165,7 @@ class Fanout:
         if flights.get(flight.group_id) is flight:
             del flights[flight.group_id]
         flight.done.set()
+        self.c.check_idle(session_id)
 
     def _refuse_if_stopping(self, session_id: str) -> None:
         if self.c.sessions.has(session_id) and \
@@ -167,13 +173,44 @@ class Fanout:
             raise Conflict(f"session {session_id!r} is stopping; wait for the stop to finish, "
                            "then spawn into it again")
 
+    # ------------------------------------------------------------ selection
+
+    def select(self, session_id: str, selector: GroupSelector) -> list[TrackedGroup]:
+        """The groups of a session a command names (every group for an empty selector).
+        Checked before anything is done: a group of another session, an unknown id or a
+        label no group has is refused (``NotInSession``), naming it."""
+        self.c.session(session_id)
+        groups = self.c.session_groups(session_id)
+        if selector.everything:
+            return groups
+        chosen: dict[tuple[str, str], TrackedGroup] = {}
+        for gid in selector.group_ids:
+            check_group_id(gid)
+            found = [t for t in groups if t.group_id == gid]
+            if not found:
+                other = sorted({t.session_id for t in self.c.groups.values()
+                                if t.group_id == gid})
+                why = (f"belongs to session {other[0]!r}, not {session_id!r}" if other
+                       else f"is not in session {session_id!r}")
+                raise NotInSession(session_id, f"group {gid}", why)
+            chosen.update((t.key, t) for t in found)
+        for label in selector.labels:
+            found = [t for t in groups if t.view.spec.label == label]
+            if not found:
+                labels = sorted({t.view.spec.label for t in groups if t.view.spec.label})
+                raise NotInSession(session_id, f"label {label!r}",
+                                   f"matches no group of session {session_id!r} (labels there: "
+                                   f"{', '.join(labels) or 'none'})")
+            chosen.update((t.key, t) for t in found)
+        return list(chosen.values())
+
     # ------------------------------------------------------------ signal
 
-    async def signal_session(self, session_id: str, signal_name: str) -> SessionReport:
-        self.c.session(session_id)
+    async def signal_session(self, session_id: str, signal_name: str,
+                             selector: GroupSelector = EVERY_GROUP) -> SessionReport:
         sig = parse_signal(signal_name)
         t0 = time.monotonic()
-        live = [t for t in self.c.session_groups(session_id) if not t.ended]
+        live = [t for t in self.select(session_id, selector) if not t.ended]
 
         async def one(t: TrackedGroup) -> tuple[TrackedGroup, int, str]:
             link = self.c.agents.links.get(t.agent)
@@ -253,21 +290,27 @@ class Fanout:
             return SessionReport(session_id, (), True)
         self.c.sessions.set_state(s, SessionState.STOPPED)
         report = self.c.session_report(session_id, complete=True)
-        self.c.hooks.session_stopped("clean" if report.clean else "unclean")
+        self.c.hooks.session_stopped("clean" if report.clean else "unclean", session_id,
+                                     time.monotonic() - t0)
         self.c.hooks.fanout("stop", time.monotonic() - t0)
+        self.c.publish_stopped(report)
         log.info("session %r stopped (%s) in %.3f s", session_id, s.stop_cause,
                  time.monotonic() - t0)
         return report
 
-    async def _phase(self, session_id: str, order: int, override: StopOverride | None) -> None:
-        todo = [t for t in self.c.session_groups(session_id)
-                if t.view.spec.stop_order == order and not t.ended]
+    async def _phase(self, session_id: str, order: int, override: StopOverride | None,
+                     only: list[TrackedGroup] | None = None) -> None:
+        """Stop one ``stop_order`` phase: the session's live groups of that order (and its
+        spawns in flight), or only those of ``only`` (a group stop), every agent at once."""
+        pool = self.c.session_groups(session_id) if only is None else only
+        todo = [t for t in pool if t.view.spec.stop_order == order and not t.ended]
         by_agent: dict[str, list[TrackedGroup | InFlight]] = {}
         for t in todo:
             by_agent.setdefault(t.agent, []).append(t)
-        for f in self.c.inflight.get(session_id, {}).values():
-            if f.stop_order == order and (f.agent, f.group_id) not in self.c.groups:
-                by_agent.setdefault(f.agent, []).append(f)
+        if only is None:
+            for f in self.c.inflight.get(session_id, {}).values():
+                if f.stop_order == order and (f.agent, f.group_id) not in self.c.groups:
+                    by_agent.setdefault(f.agent, []).append(f)
         if not by_agent:
             return
         log.info("session %r: stopping phase stop_order=%d: %d group(s) on %d agent(s)",
@@ -275,6 +318,110 @@ class Fanout:
         async with asyncio.TaskGroup() as tg:
             for agent, groups in by_agent.items():
                 tg.create_task(self._stop_on_agent(agent, groups, override))
+
+    async def stop_groups(self, session_id: str, selector: GroupSelector,
+                          grace: float | None, wait: float | None = None) -> SessionReport:
+        """Stop some groups of a session (``tether stop S --group ID``), phase by phase in
+        ``stop_order``, through the same per-agent stop and retries as a session stop. The
+        session stays active. Returns once each has a record, or at ``wait`` with what is
+        known (the stop goes on, owned by the coordinator)."""
+        if grace is not None:
+            check_grace(grace)
+        chosen = self.select(session_id, selector)
+        override = StopOverride(grace=grace) if grace is not None else None
+
+        async def run() -> None:
+            t0 = time.monotonic()
+            for order in sorted({t.view.spec.stop_order for t in chosen if not t.ended}):
+                await self._phase(session_id, order, override, chosen)
+            self.c.hooks.fanout("stop_groups", time.monotonic() - t0)
+
+        task = self.c.tasks.spawn(run(), f"stop-groups-{session_id}")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await asyncio.shield(task)
+        groups = sorted(chosen, key=lambda t: (t.view.spec.stop_order, t.group_id))
+        return SessionReport(session_id, tuple(self.c.report(t) for t in groups),
+                             all(t.ended for t in chosen))
+
+    # ------------------------------------------------------------ restart, forget
+
+    async def restart(self, session_id: str, selector: GroupSelector,
+                      grace: float | None) -> SessionReport:
+        """Restart groups of an active session in place, each on its agent (end the run,
+        start it again with the same spec, through its readiness probe). An ended group
+        named explicitly is refused (ended groups are final), before anything is done."""
+        s = self.c.session(session_id)
+        if grace is not None:
+            check_grace(grace)
+        if s.state is not SessionState.ACTIVE:
+            raise Conflict(f"session {session_id!r} is {s.state.value}; its groups are not "
+                           "restarted (start it again with `tether spawn` or `tether up`)")
+        chosen = self.select(session_id, selector)
+        ended = [t for t in chosen if t.ended]
+        if ended and not selector.everything:
+            t = ended[0]
+            raise Conflict(f"group {t.group_id} has ended ({t.view.state.value}): ended groups "
+                           "are final; start it again with `tether spawn`; nothing was "
+                           "restarted")
+        live = [t for t in chosen if not t.ended]
+        if not live:
+            raise Conflict(f"session {session_id!r} has no live group to restart")
+        override = StopOverride(grace=grace) if grace is not None else None
+        t0 = time.monotonic()
+
+        async def one(t: TrackedGroup) -> str:
+            link = self.c.agents.links.get(t.agent)
+            if link is None:
+                return f"agent {t.agent!r} is not registered"
+            limit = (grace if grace is not None else t.view.stop.grace) \
+                + t.view.spec.start_timeout + RESTART_MARGIN
+            try:
+                view = await self.c.agents.client(link).restart(t.group_id, override,
+                                                               timeout=limit)
+            except TetherError as exc:
+                return str(exc)
+            self.c.absorb(t.agent, view)
+            return ""
+
+        errors = await asyncio.gather(*(one(t) for t in live))
+        self.c.hooks.fanout("restart", time.monotonic() - t0)
+        reports = [replace(self.c.report(t), error=e) if e else self.c.report(t)
+                   for t, e in zip(live, errors, strict=True)]
+        return SessionReport(session_id, tuple(reports), all(
+            not r.error and r.state is GroupState.RUNNING for r in reports))
+
+    async def forget(self, session_id: str, selector: GroupSelector) -> list[str]:
+        """Drop ended groups from a session's listing (``tether forget``). Refused, with
+        nothing dropped, when no group is named or one of them is live."""
+        if selector.everything:
+            raise InvalidSpec("name the ended groups to forget with --group ID or --label L",
+                              field="selector")
+        chosen = self.select(session_id, selector)
+        live = [t for t in chosen if not t.ended]
+        if live:
+            t = live[0]
+            raise Conflict(f"group {t.group_id} is {t.view.state.value}: only ended groups are "
+                           f"forgotten; stop it first (`tether stop {session_id} --group "
+                           f"{t.group_id}`); nothing was forgotten")
+        by_agent: dict[str, list[str]] = {}
+        for t in chosen:
+            self.c.forget_group(t)
+            by_agent.setdefault(t.agent, []).append(t.group_id)
+        await self.c.durable()
+
+        async def tell(agent: str, ids: list[str]) -> None:
+            link = self.c.agents.links.get(agent)
+            if link is None:
+                return
+            try:  # best effort: the agent drops ended records on its own after retention
+                await self.c.agents.client(link).forget(ids, timeout=SIGNAL_DEADLINE)
+            except TetherError as exc:
+                log.info("agent %r did not forget %d group(s) now (%s); it drops them after "
+                         "its retention", agent, len(ids), exc)
+
+        await asyncio.gather(*(tell(a, ids) for a, ids in by_agent.items()))
+        return [t.group_id for t in chosen]
 
     async def _stop_on_agent(self, agent: str, groups: list[TrackedGroup | InFlight],
                              override: StopOverride | None) -> None:
@@ -330,41 +477,6 @@ class Fanout:
             if isinstance(gone, TrackedGroup):
                 self.c.mark_lost(gone, f"agent {link.name!r} does not know this group ({why})")
         return [t for t in by_id.values() if t is not None]
-
-    # ------------------------------------------------------------ orphans
-
-    async def list_orphans(self, sweep: bool) -> OrphanReport:
-        found: list[Orphan] = []
-        unreachable: dict[str, str] = {}
-
-        async def one(link: AgentLink) -> None:
-            try:
-                found.extend(await self.c.agents.client(link).list_orphans(sweep, timeout=10))
-            except TetherError as exc:
-                unreachable[link.name] = str(exc)
-
-        await asyncio.gather(*(one(link) for link in self.c.agents.links.values()))
-        return OrphanReport(tuple(found), unreachable)
-
-
-    # ------------------------------------------------------------ ports
-
-    async def list_ports(self, port: int, agent: str = "") -> tuple[list[PortOwner],
-                                                                     dict[str, str]]:
-        """Listening TCP ports (or one) and their owners on every agent, or on one."""
-        links = ([self.c.agents.resolve(agent)] if agent
-                 else list(self.c.agents.links.values()))
-        found: list[PortOwner] = []
-        unreachable: dict[str, str] = {}
-
-        async def one(link: AgentLink) -> None:
-            try:
-                found.extend(await self.c.agents.client(link).list_ports(port, timeout=10))
-            except TetherError as exc:
-                unreachable[link.name] = str(exc)
-
-        await asyncio.gather(*(one(link) for link in links))
-        return sorted(found, key=lambda o: (o.agent, o.port, o.address)), unreachable
 
 
 def _spawn_deadline(spec: GroupSpec) -> float:

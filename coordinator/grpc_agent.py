@@ -168,6 +168,26 @@ class GrpcAgentClient(AgentClient):
             raise self._error(exc) from exc
         return group_from_pb(reply.group)
 
+    async def restart(self, group_id: str, override: StopOverride | None, *,
+                      timeout: float) -> GroupView:
+        req = apb.RestartRequest(group_id=group_id)
+        if override is not None:
+            req.policy.CopyFrom(override_to_pb(override))
+        try:
+            reply = await self._stub.Restart(req, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from exc
+        return group_from_pb(reply.group)
+
+    async def forget(self, group_ids: Sequence[str], *,
+                     timeout: float) -> tuple[list[str], dict[str, str]]:
+        try:
+            reply = await self._stub.Forget(apb.ForgetRequest(group_ids=list(group_ids)),
+                                            timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from exc
+        return list(reply.forgotten), dict(reply.errors)
+
     async def watch(self, since: int, epoch: str) -> AsyncIterator[tuple[str, GroupEvent]]:
         stream = self._stub.Watch(apb.WatchRequest(initial=True, since_seq=since, epoch=epoch),
                                   metadata=self._md())

@@ -77,6 +77,15 @@ class InProcessAgent(AgentClient):
     async def get(self, group_id: str, *, timeout: float) -> GroupView:
         return self._authority.get(group_id)
 
+    async def restart(self, group_id: str, override: StopOverride | None, *,
+                      timeout: float) -> GroupView:
+        return await self._call("Restart", self._authority.restart(group_id, override),
+                                timeout)
+
+    async def forget(self, group_ids: Sequence[str], *,
+                     timeout: float) -> tuple[list[str], dict[str, str]]:
+        return self._authority.forget(group_ids)
+
     async def watch(self, since: int, epoch: str) -> AsyncIterator[tuple[str, GroupEvent]]:
         initial = self._authority.views()
         async for event in self._authority.watch(

@@ -355,6 +355,15 @@ class LeaderAgentClient(AgentClient):
     async def list_orphans(self, sweep: bool, *, timeout: float) -> list[Orphan]:
         return await self._call(lambda: self._inner.list_orphans(sweep, timeout=timeout))
 
+    async def restart(self, group_id: str, override: StopOverride | None, *,
+                      timeout: float) -> GroupView:
+        return await self._call(lambda: self._inner.restart(group_id, override,
+                                                            timeout=timeout))
+
+    async def forget(self, group_ids: Sequence[str], *,
+                     timeout: float) -> tuple[list[str], dict[str, str]]:
+        return await self._call(lambda: self._inner.forget(group_ids, timeout=timeout))
+
     async def list_ports(self, port: int, *, timeout: float) -> list[PortOwner]:
         return await self._call(lambda: self._inner.list_ports(port, timeout=timeout))
 

@@ -18,6 +18,7 @@ from tether.core.model import Containment
 from tether.core.sessions import AgentInfo, Session, SessionEvent, SessionState, StopIntent
 from tether.rpc.convert import group_from_pb, group_to_pb, session_event_from_pb, session_event_to_pb
 from tether.v1 import common_pb2 as pb
+from tether.v1 import coordinator_pb2 as cpb
 
 AGENT_COLUMNS = ("name", "address", "containment", "version", "epoch", "last_seen", "instance",
                  "credential")
@@ -88,12 +89,14 @@ def spawn_of(r: Sequence[Any]) -> SpawnIntent:
 
 
 def event_row(e: SessionEvent, lineage: str) -> Row:
-    return (e.seq, e.group.view.spec.session_id,
-            session_event_to_pb(e, lineage).SerializeToString())
+    session = e.session_id or (e.group.view.spec.session_id if e.group is not None else "")
+    return (e.seq, session, session_event_to_pb(e, lineage).SerializeToString())
 
 
 def event_of(blob: bytes) -> SessionEvent:
-    msg = pb.GroupEvent()
+    # A SessionEvent; rows written before session events existed hold a GroupEvent, whose
+    # fields 1-5 are the same on the wire.
+    msg = cpb.SessionEvent()
     msg.ParseFromString(bytes(blob))
     return session_event_from_pb(msg)
 

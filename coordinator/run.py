@@ -15,12 +15,11 @@ from typing import Any, cast
 from prometheus_client import CollectorRegistry, Counter
 
 import tether
-from tether.agent.metrics import serve_metrics
 from tether.coordinator.agent_client import AgentClient
 from tether.coordinator.core import Coordinator, CoordinatorConfig
 from tether.coordinator.grpc_agent import GrpcAgentClient
 from tether.coordinator.leader import LeaderAgentClient, Leadership, Sole
-from tether.coordinator.metrics import CoordinatorMetrics
+from tether.coordinator.metrics import CoordinatorMetrics, coordinator_status
 from tether.coordinator.service import CoordinatorServicer, add_to_server
 from tether.coordinator.sqlite_store import SQLiteStore
 from tether.coordinator.store import Store
@@ -30,6 +29,7 @@ from tether.core.private import StateDirBusy, exposed, lock_private, private_dir
 from tether.core.sessions import AgentInfo
 from tether.rpc.auth import IN_PROCESS_CREDENTIAL, ServerAuth
 from tether.rpc.daemon import Shutdown, TLSFiles, start_server
+from tether.rpc.ops import OpsServer, Snapshot, serve_ops
 from tether.rpc.security import ClientSecurity
 
 log = logging.getLogger(__name__)
@@ -158,13 +158,22 @@ async def _phases(phases: list[tuple[str, Callable[[], Awaitable[None]]]]) -> No
             log.exception("shutdown %d/%d (%s) failed; going on", n, len(phases), what)
 
 
-def _stop_metrics(server: Any) -> Callable[[], Awaitable[None]]:
+def _stop_metrics(server: OpsServer | None) -> Callable[[], Awaitable[None]]:
     async def stop() -> None:
         if server is not None:
-            server.shutdown()
-            server.server_close()
+            server.close()
 
     return stop
+
+
+def status_of(coordinator: Coordinator) -> Snapshot:
+    metrics = coordinator.hooks
+    assert isinstance(metrics, CoordinatorMetrics)
+
+    def status() -> dict[str, Any]:
+        return {"role": "coordinator", **coordinator_status(coordinator, metrics)}
+
+    return status
 
 
 async def run_coordinator(cfg: CoordinatorDaemonConfig, shutdown: Shutdown) -> None:
@@ -181,20 +190,23 @@ async def run_coordinator(cfg: CoordinatorDaemonConfig, shutdown: Shutdown) -> N
         os.close(lock)
         raise
     server: Any = None
-    metrics_server: Any = None
+    metrics_server: OpsServer | None = None
     try:
         servicer = CoordinatorServicer(coordinator, audit)
         server, port, _ = await start_server(
             cfg.listen, [lambda s: add_to_server(s, servicer)], ["tether.v1.CoordinatorService"],
             cfg.tls, cfg.insecure, auth=cfg.auth, audit=audit, label="this coordinator")
         if cfg.metrics_listen:
-            metrics_server, _ = serve_metrics(registry, cfg.metrics_listen)
+            metrics_server = serve_ops(registry, cfg.metrics_listen, status_of(coordinator))
         coordinator.start()
         host = cfg.listen.rsplit(":", 1)[0]
         print(f"tether coordinator listening on {host}:{port} (state in {cfg.state_dir})",
               flush=True)
         await shutdown.requested.wait()
     finally:
+        if metrics_server is not None:
+            metrics_server.closing = True  # /healthz answers 503 from now on
+
         async def stop_rpcs() -> None:
             if server is not None:
                 await server.stop(grace=1.0)
@@ -241,7 +253,7 @@ async def run_shared(cfg: CoordinatorDaemonConfig, shutdown: Shutdown) -> None:
         raise
     metrics = CoordinatorMetrics(registry)
     server: Any = None
-    metrics_server: Any = None
+    metrics_server: OpsServer | None = None
     campaign: asyncio.Task[None] | None = None
     # No coordinator yet: the gate lets no call through to the servicer until one leads.
     servicer = CoordinatorServicer(cast(Coordinator, None), audit)
@@ -264,7 +276,14 @@ async def run_shared(cfg: CoordinatorDaemonConfig, shutdown: Shutdown) -> None:
             label="this coordinator")
         controller.address = controller.campaign.address = advertised(cfg, port)
         if cfg.metrics_listen:
-            metrics_server, _ = serve_metrics(registry, cfg.metrics_listen)
+            def status() -> dict[str, Any]:
+                c = controller.coordinator
+                if c is None:  # standing by: what it knows of the leader
+                    info = controller.leader_info()
+                    return {"role": "standby", "leader": info.leader, "epoch": info.epoch}
+                return {**status_of(c)(), "role": "leader"}
+
+            metrics_server = serve_ops(registry, cfg.metrics_listen, status)
         campaign = asyncio.get_running_loop().create_task(controller.run(health),
                                                           name="campaign")
         host = cfg.listen.rsplit(":", 1)[0]
@@ -287,6 +306,8 @@ async def run_shared(cfg: CoordinatorDaemonConfig, shutdown: Shutdown) -> None:
             await audit.aclose()
             os.close(lock)
 
+        if metrics_server is not None:
+            metrics_server.closing = True  # /healthz answers 503 from now on
         await _phases([
             ("stepping down, handing the lease to a standby", resign),
             ("no longer accepting RPCs", stop_rpcs),
@@ -316,7 +337,7 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
         raise
     coordinator: Coordinator | None = None
     server: Any = None
-    metrics_server: Any = None
+    metrics_server: OpsServer | None = None
     try:
         coordinator = await build_coordinator(
             cfg, registry, local_agent=agent_cfg.name,
@@ -330,7 +351,14 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
             auth=cfg.auth, audit=audit, label="tether serve")
         runtime.port = port
         if cfg.metrics_listen:
-            metrics_server, _ = serve_metrics(registry, cfg.metrics_listen)
+            coordinator_part = status_of(coordinator)
+
+            def status() -> dict[str, Any]:
+                agent = runtime.status()
+                return {**coordinator_part(), "role": "serve", "orphans": agent["orphans"],
+                        "agent": agent}
+
+            metrics_server = serve_ops(registry, cfg.metrics_listen, status)
         host = cfg.listen.rsplit(":", 1)[0]
         # Recover first: the coordinator reconciles with what the agent knows after it.
         await runtime.start_background()
@@ -349,6 +377,9 @@ async def run_serve(cfg: CoordinatorDaemonConfig, agent_cfg: Any, shutdown: Shut
               flush=True)
         await shutdown.requested.wait()
     finally:
+        if metrics_server is not None:
+            metrics_server.closing = True  # /healthz answers 503 from now on
+
         async def stop_rpcs() -> None:
             if server is not None:
                 await server.stop(grace=1.0)

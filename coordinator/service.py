@@ -11,8 +11,8 @@ import grpc
 from tether.coordinator.core import Coordinator
 from tether.core.audit import MAX_READ, AuditEntry, AuditLog
 from tether.core.errors import InvalidSpec, NotFound
-from tether.core.model import Containment, check_name
-from tether.core.sessions import AgentInfo
+from tether.core.model import Containment, check_name, check_seconds
+from tether.core.sessions import MAX_TTL, AgentInfo
 from tether.rpc.auth import current_caller
 from tether.rpc.convert import (
     CONTAINMENT_FROM_PB,
@@ -22,6 +22,7 @@ from tether.rpc.convert import (
     orphan_to_pb,
     port_owner_to_pb,
     report_to_pb,
+    selector_from_pb,
     session_event_to_pb,
     session_to_pb,
     spec_from_pb,
@@ -153,21 +154,46 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
     @unary
     async def SignalSession(self, request: cpb.SignalSessionRequest, context: Any
                             ) -> cpb.SessionReport:
-        return report_to_pb(await self.c.fanout.signal_session(request.session_id,
-                                                               request.signal))
+        return report_to_pb(await self.c.fanout.signal_session(
+            request.session_id, request.signal, selector_from_pb(request.selector)))
 
     @unary
     async def StopSession(self, request: cpb.StopSessionRequest, context: Any
                           ) -> cpb.SessionReport:
         grace = request.grace_seconds if request.HasField("grace_seconds") else None
-        remaining = context.time_remaining()
-        wait = STOP_ANSWER_WITHIN if remaining is None else max(0.0, min(remaining - 0.5,
-                                                                        STOP_ANSWER_WITHIN))
+        wait = _answer_within(context, STOP_ANSWER_WITHIN)
+        selector = selector_from_pb(request.selector)
+        if not selector.everything:
+            return report_to_pb(await self.c.fanout.stop_groups(request.session_id, selector,
+                                                                grace, wait))
         return report_to_pb(await self.c.fanout.stop_session(request.session_id, grace, wait))
+
+    @unary
+    async def RestartGroups(self, request: cpb.RestartGroupsRequest, context: Any
+                            ) -> cpb.SessionReport:
+        grace = request.grace_seconds if request.HasField("grace_seconds") else None
+        return report_to_pb(await self.c.fanout.restart(
+            request.session_id, selector_from_pb(request.selector), grace))
+
+    @unary
+    async def ForgetGroups(self, request: cpb.ForgetGroupsRequest, context: Any
+                           ) -> cpb.ForgetGroupsResponse:
+        done = await self.c.fanout.forget(request.session_id,
+                                          selector_from_pb(request.selector))
+        return cpb.ForgetGroupsResponse(forgotten=done)
+
+    @unary
+    async def Wait(self, request: cpb.WaitRequest, context: Any) -> cpb.SessionReport:
+        limit = _answer_within(context, None)
+        if request.HasField("timeout_seconds"):
+            asked = check_seconds(request.timeout_seconds, "wait timeout", "timeout",
+                                  high=MAX_TTL)
+            limit = asked if limit is None else min(asked, limit)
+        return report_to_pb(await self.c.wait_idle(request.session_id, limit))
 
     @stream
     async def WatchSession(self, request: cpb.WatchSessionRequest, context: Any
-                           ) -> AsyncIterator[pb.GroupEvent]:
+                           ) -> AsyncIterator[cpb.SessionEvent]:
         since = request.since_seq if request.epoch == self.c.epoch else 0
         events = self.c.watch_session(request.session_id, request.initial, since)
         await subscribed(context, self.c.events.seq, self.c.epoch)
@@ -177,7 +203,7 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
     @unary
     async def ListOrphans(self, request: cpb.CoordinatorListOrphansRequest, context: Any
                           ) -> cpb.CoordinatorListOrphansResponse:
-        report = await self.c.fanout.list_orphans(request.sweep)
+        report = await self.c.agents.list_orphans(request.sweep)
         return cpb.CoordinatorListOrphansResponse(
             orphans=[orphan_to_pb(o) for o in report.orphans], unreachable=report.unreachable)
 
@@ -207,9 +233,19 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
         if not 0 <= request.port < 65536:
             raise InvalidSpec(f"port {request.port} is not a TCP port; give 1-65535 (or 0 for "
                               "every port)", field="port")
-        found, unreachable = await self.c.fanout.list_ports(request.port, request.agent)
+        found, unreachable = await self.c.agents.list_ports(request.port, request.agent)
         return cpb.CoordinatorListPortsResponse(ports=[port_owner_to_pb(o) for o in found],
                                                 unreachable=unreachable)
+
+
+def _answer_within(context: Any, ceiling: float | None) -> float | None:
+    """How long a call may wait before it answers with what is known: its deadline (less a
+    margin for the answer to travel), at most ``ceiling``."""
+    remaining: float | None = context.time_remaining()
+    if remaining is None:
+        return ceiling
+    left = max(0.0, remaining - 0.5)
+    return left if ceiling is None else min(left, ceiling)
 
 
 def add_to_server(server: grpc.aio.Server, servicer: CoordinatorServicer) -> None:

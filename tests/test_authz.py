@@ -62,6 +62,9 @@ LET_THROUGH: dict[str, set[str]] = {
     "CoordinatorService/ListPorts": {"operator", "reader"},
     "CoordinatorService/ForgetAgent": set(),
     "CoordinatorService/GetLeader": {"operator", "reader"},
+    "CoordinatorService/RestartGroups": {"operator"},
+    "CoordinatorService/ForgetGroups": {"operator"},
+    "CoordinatorService/Wait": {"operator", "reader"},
     "AgentService/Spawn": {"coordinator"},
     "AgentService/Adopt": {"coordinator"},
     "AgentService/Signal": {"coordinator"},
@@ -73,6 +76,8 @@ LET_THROUGH: dict[str, set[str]] = {
     "AgentService/ListOrphans": {"coordinator"},
     "AgentService/Info": {"coordinator", "operator", "reader"},
     "AgentService/ListPorts": {"coordinator", "operator", "reader"},
+    "AgentService/Restart": {"coordinator"},
+    "AgentService/Forget": {"coordinator"},
 }
 #: Callers that hold a role: (name in the matrix, role).
 ROLE_CALLERS = [("admin", "admin"), ("operator", "operator"), ("reader", "reader"),

@@ -265,9 +265,13 @@ def test_watch_streams_state_changes_and_exit_records(srv: Daemon) -> None:
         if watch.poll() is None:
             watch.kill()
             watch.wait()
-    assert watch.returncode == 0, f"--timeout ends a watch cleanly: {err}"
-    events = [initial] + [json.loads(line) for line in rest.splitlines() if line.strip()]
-    seqs = [e["seq"] for e in events]
+    assert watch.returncode == 0, f"the session's end ends a watch cleanly: {err}"
+    *events, done = [initial] + [json.loads(line) for line in rest.splitlines() if line.strip()]
+    # The last event says the session is done, with the whole stop report.
+    assert done["kind"] == "session_stopped" and done["session"] == "wt"
+    assert done["report"]["complete"] is True
+    assert {g["group_id"] for g in done["report"]["groups"]} == {first, second}
+    seqs = [e["seq"] for e in [*events, done]]
     assert seqs == sorted(seqs), "events arrive in order"
     seen = {(e["group_id"], e["state"]) for e in events}
     assert (second, "running") in seen, "the new group's start is streamed"
@@ -454,10 +458,15 @@ HELP_MENTIONS = {
     "spawn": ["--session", "--window", "--label", "--env", "--inherit-env", "--cwd", "--log",
               "--grace", "--stop-order", "--ready", "--target", "--agent", "--orphan-policy",
               "--idempotency-key", "--user", "--port", "--memory", "--cpus", "--pids",
-              "--pre-stop", "--pre-stop-timeout", "--no-plugins", "COMMAND"],
+              "--pre-stop", "--pre-stop-timeout", "--no-plugins", "--live", "--live-interval",
+              "--live-timeout", "--live-failures", "--on-unhealthy", "--restart",
+              "--restart-max", "--restart-window", "COMMAND"],
     "adopt": ["--session", "--agent", "--pid", "--label"],
-    "signal": ["session", "signal"],
-    "stop": ["session", "--grace"],
+    "signal": ["session", "signal", "--group", "--label"],
+    "stop": ["session", "--grace", "--group", "--label"],
+    "restart": ["session", "--group", "--label", "--grace"],
+    "forget": ["session", "--group", "--label"],
+    "wait": ["session", "--timeout"],
     "sessions": ["--all"],
     "show": ["session"],
     "agents": [],
@@ -473,7 +482,7 @@ HELP_MENTIONS = {
     "coordinators": [],
 }
 CLIENT = {"spawn", "adopt", "signal", "stop", "sessions", "show", "agents", "orphans", "watch",
-          "keepalive", "up", "audit", "ports", "forget-agent"}
+          "keepalive", "up", "audit", "ports", "forget-agent", "restart", "forget", "wait"}
 
 
 def tether(*args: str) -> subprocess.CompletedProcess[str]:

@@ -135,7 +135,29 @@ def test_bad_port_requests_are_refused(ports: list[str], says: str) -> None:
         build_spec(["true"], ports=ports)
 
 
+#: Listens on $PORT until the readiness probe has connected once, then stops listening.
+ONE_ANSWER = ["sh", "-c", f"exec {sys.executable} -c '"
+              "import os, socket, time\n"
+              "s = socket.create_server((\"127.0.0.1\", int(os.environ[\"PORT\"])))\n"
+              "s.accept()[0].close(); s.close()\n"
+              "time.sleep(300)'"]
+
+
+async def test_a_liveness_probe_checks_the_assigned_port(auth: Authority) -> None:
+    from tests.plugins.processes import async_wait_until
+
+    view = await auth.spawn(build_spec(ONE_ANSWER, ports=["http"], ready="tcp:$PORT",
+                                       live="tcp:$PORT", live_interval=0.2, live_failures=1))
+    assert view.state is GroupState.RUNNING, view.exit
+    (http,) = view.context.ports
+    g = auth.find(view.group_id)
+    await async_wait_until(lambda: g.unhealthy, 30, "the liveness check to fail")
+    assert f":{http.port}" in g.health, g.health  # the assigned port, not a stand-in
+
+
 def test_ports_and_env_or_probes_must_agree() -> None:
+    with pytest.raises(InvalidSpec, match=r"liveness probe .* refers to \$PORT"):
+        build_spec(["true"], live="tcp:$PORT")
     with pytest.raises(InvalidSpec, match="--env PORT conflicts with --port"):
         build_spec(["true"], ports=["http"], env={"PORT": "80"})
     with pytest.raises(InvalidSpec, match=r"refers to \$TETHER_PORT_API"):

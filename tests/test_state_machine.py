@@ -1,4 +1,5 @@
-"""Property test of the lifecycle table: only declared transitions happen, ends are final."""
+"""Property test of the lifecycle table: only declared transitions happen, ends are final,
+and a restart is a state of its own (never "ended, then running again")."""
 
 from __future__ import annotations
 
@@ -50,7 +51,13 @@ class Lifecycle(RuleBasedStateMachine):
             if after is GroupState.STOPPED:
                 assert before is GroupState.STOPPING
             if after is GroupState.FAILED:
-                assert before is GroupState.STARTING
+                # A start failed, or restarting gave up (limit reached).
+                assert before in (GroupState.STARTING, GroupState.RUNNING,
+                                  GroupState.RESTARTING)
+            if after is GroupState.RESTARTING:
+                assert before is GroupState.RUNNING, "only a run that ended restarts"
+            if before is GroupState.RESTARTING:
+                assert after in (GroupState.RUNNING, GroupState.STOPPING, GroupState.FAILED)
 
 
 TestLifecycle = Lifecycle.TestCase
@@ -66,3 +73,11 @@ def test_every_state_can_reach_an_end() -> None:
                     seen.add(dst)
                     frontier.append(dst)
         assert seen & ENDED_STATES, f"{start} can never end"
+
+
+def test_every_live_state_can_be_stopped() -> None:
+    """Guarantee 2: whatever a group is doing (starting, running, restarting), a stop
+    request has a transition, so no state exists from which a group cannot be ended."""
+    for state in GroupState:
+        if not state.ended and state is not GroupState.STOPPING:
+            assert (state, Transition.STOP) in TRANSITIONS, state

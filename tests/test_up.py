@@ -75,6 +75,14 @@ stop_order = 1
      ["group 1", "tcp:http"]),
     ('session = "s"\n[[group]]\nargv = ["sleep", "1"]\ncwd = "relative/dir"\n',
      ["group 1", "absolute"]),
+    ('session = "s"\n[[group]]\nlabel = "w"\nargv = ["sleep", "1"]\nrestart = "always"\n'
+     'restart_max = 0\n', ["group 1 (w)", "restart max 0"]),
+    ('session = "s"\n[[group]]\nargv = ["sleep", "1"]\non_unhealthy = "restart"\n',
+     ["group 1", "needs a liveness probe"]),
+    ('session = "s"\n[[group]]\nargv = ["sleep", "1"]\nlive = "tcp:1"\nlive_failures = 0\n',
+     ["group 1", "live failures"]),
+    ('session = "s"\n[[group]]\nargv = ["sleep", "1"]\nrestart = "sometimes"\n',
+     ["group 1", "sometimes"]),
     ('[[group]]\nargv = ["sleep", "1"]\n', ["session"]),
     ('session = "s"\n', ["no groups"]),
     ('session = "s"\n[[group]\n', ["TOML"]),
@@ -139,3 +147,33 @@ def test_parallel_must_be_positive(srv: Daemon, tmp_path: Path) -> None:  # noqa
     path = write(tmp_path, 'session = "p"\n[[group]]\nargv = ["sleep", "1"]\n')
     res = srv.cli("up", path, "--parallel", "0")
     assert res.returncode == 2 and "--parallel" in res.stderr
+
+
+def test_supervision_keys_reach_the_group(srv: Daemon, tmp_path: Path) -> None:  # noqa: F811
+    path = write(tmp_path, """
+session = "sup"
+
+[[group]]
+label = "web"
+argv = ["sleep", "300"]
+live = "exec:true"
+live_interval = 5
+live_timeout = 2
+live_failures = 4
+on_unhealthy = "restart"
+restart = "on-failure"
+restart_max = 3
+restart_window = 30
+""")
+    assert srv.cli("up", path).returncode == 0
+    from tether.client import Client
+
+    with Client(srv.address) as c:
+        (g,) = c.session("sup").groups
+    spec = g.view.spec
+    assert spec.liveness is not None and str(spec.liveness.probe) == "exec:true"
+    assert (spec.liveness.interval, spec.liveness.probe.timeout, spec.liveness.failures,
+            spec.liveness.on_unhealthy.value) == (5, 2, 4, "restart")
+    assert (spec.restart.mode.value, spec.restart.limit, spec.restart.window) == (
+        "on-failure", 3, 30)
+    assert srv.cli("stop", "sup").returncode == 0

@@ -29,7 +29,8 @@ from tether.coordinator.cli.output import (
     table,
 )
 from tether.core.errors import NotFound, StartFailed, TetherError, Unauthenticated
-from tether.core.sessions import GroupEntry
+from tether.core.model import EventKind, GroupState
+from tether.core.sessions import GroupEntry, SessionReport
 
 Command = Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]
 
@@ -58,7 +59,11 @@ async def cmd_spawn(c: AsyncClient, args: argparse.Namespace) -> int:
         target=args.target, orphan_policy=args.orphan_policy, owns_target=args.owns_target,
         labels=pairs(args.meta, "--meta"), user=args.user, ports=args.port,
         memory=args.memory, cpus=args.cpus, pids=args.pids, pre_stop=args.pre_stop,
-        pre_stop_timeout=args.pre_stop_timeout, plugins=not args.no_plugins)
+        pre_stop_timeout=args.pre_stop_timeout, plugins=not args.no_plugins, live=args.live,
+        live_interval=args.live_interval, live_timeout=args.live_timeout,
+        live_failures=args.live_failures, on_unhealthy=args.on_unhealthy,
+        restart=args.restart, restart_max=args.restart_max,
+        restart_window=args.restart_window)
     try:
         g = await c.spawn(spec, agent=args.agent, idempotency_key=args.idempotency_key,
                           timeout=args.timeout or spec.start_timeout + 60)
@@ -80,7 +85,8 @@ async def cmd_adopt(c: AsyncClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_signal(c: AsyncClient, args: argparse.Namespace) -> int:
-    rep = await c.signal(args.session, args.signal, timeout=args.timeout)
+    rep = await c.signal(args.session, args.signal, groups=args.groups, labels=args.labels,
+                         timeout=args.timeout)
     d = report_dict(rep)
     for g, r in zip(d["groups"], rep.groups, strict=True):
         g["members_signalled"] = r.members_signalled
@@ -91,18 +97,80 @@ async def cmd_signal(c: AsyncClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_stop(c: AsyncClient, args: argparse.Namespace) -> int:
-    rep = await c.stop(args.session, grace=args.grace, timeout=args.timeout)
+    rep = await c.stop(args.session, grace=args.grace, groups=args.groups, labels=args.labels,
+                       timeout=args.timeout)
     emit(args.output, report_dict(rep), report_table(rep))
+    return _report_status(rep, args.session, "stop")
+
+
+def _report_status(rep: SessionReport, session: str, what: str) -> int:
+    """`stop` and `wait` exit alike: 0 every group ended clean, 1 not clean or not done,
+    4 some agent did not answer."""
     if not rep.complete:
-        if any(r.error for r in rep.groups):
-            print("tether: some agents did not answer; the stop goes on in the coordinator "
-                  f"(see `tether show {args.session}`)", file=sys.stderr)
+        if any(r.error or r.unreachable for r in rep.groups):
+            print(f"tether: some agents did not answer; the {what} goes on in the coordinator "
+                  f"(see `tether show {session}`)", file=sys.stderr)
             return ExitCode.UNREACHABLE
-        print("tether: the stop did not finish within --timeout; it goes on in the coordinator "
-              f"(see `tether show {args.session}` or `tether watch {args.session}`)",
+        if what == "wait":
+            live = sum(1 for r in rep.groups if not r.state.ended)
+            print(f"tether: session {session!r} still has {live} live group(s) after --timeout "
+                  f"(see `tether show {session}`)", file=sys.stderr)
+            return ExitCode.UNCLEAN
+        print(f"tether: the {what} did not finish within --timeout; it goes on in the "
+              f"coordinator (see `tether show {session}` or `tether watch {session}`)",
               file=sys.stderr)
         return ExitCode.UNCLEAN
     return ExitCode.OK if rep.clean else ExitCode.UNCLEAN
+
+
+async def cmd_restart(c: AsyncClient, args: argparse.Namespace) -> int:
+    rep = await c.restart(args.session, groups=args.groups, labels=args.labels, grace=args.grace,
+                          timeout=args.timeout)
+    d = report_dict(rep)
+    for g, r in zip(d["groups"], rep.groups, strict=True):
+        g["restarts"] = r.restarts
+    rows = [[r.group_id, r.label or "-", r.agent, g["state"], r.restarts, r.error or ""]
+            for r, g in zip(rep.groups, d["groups"], strict=True)]
+    emit(args.output, d, table(rows, ["group", "label", "agent", "state", "restarts", "error"]))
+    if rep.complete:
+        return ExitCode.OK
+    if any(r.unreachable or "unreachable" in r.error for r in rep.groups):
+        return ExitCode.UNREACHABLE
+    for r in rep.groups:
+        if r.error:
+            why = r.error
+        elif r.state is GroupState.RESTARTING:
+            why = ("its new run did not become ready; it is tried again with backoff up to "
+                   f"its restart limit (see `tether show {args.session}`)")
+        elif r.state is not GroupState.RUNNING:
+            why = f"it is {r.state.value}" + (f" ({r.exit.reason.value})" if r.exit else "")
+        else:
+            continue
+        print(f"tether: group {r.group_id} was not restarted: {why}", file=sys.stderr)
+    return ExitCode.UNCLEAN
+
+
+async def cmd_forget(c: AsyncClient, args: argparse.Namespace) -> int:
+    if not args.groups and not args.labels:
+        raise CLIError("forget needs the groups to drop: --group ID or --label L")
+    done = await c.forget(args.session, groups=args.groups, labels=args.labels,
+                          timeout=args.timeout)
+    emit(args.output, {"session": args.session, "forgotten": done},
+         "\n".join(f"forgot {gid}" for gid in done))
+    return ExitCode.OK
+
+
+async def cmd_wait(c: AsyncClient, args: argparse.Namespace) -> int:
+    rep = await c.wait(args.session, timeout=args.timeout)
+    d = report_dict(rep)
+    if args.output != "json":
+        live = sum(1 for r in rep.groups if not r.state.ended)
+        head = (f"session {args.session}: no live group" if rep.complete
+                else f"session {args.session}: {live} live group(s)")
+        print(head + ("\n" + report_table(rep) if rep.groups else ""))
+    else:
+        emit(args.output, d, "")
+    return _report_status(rep, args.session, "wait")
 
 
 async def cmd_sessions(c: AsyncClient, args: argparse.Namespace) -> int:
@@ -119,13 +187,14 @@ async def cmd_sessions(c: AsyncClient, args: argparse.Namespace) -> int:
 async def cmd_show(c: AsyncClient, args: argparse.Namespace) -> int:
     v = await c.session(args.session, timeout=args.timeout)
     d = session_dict(v)
-    rows = [[g["group_id"], g["label"] or "-", g["agent"], g["target"], g["state"],
-             g["containment"], g["pid"], g.get("reason") or "-", " ".join(g["argv"])[:40]]
+    rows = [[g["group_id"], g["label"] or "-", g["agent"], g["target"],
+             g["state"] + (",unhealthy" if g["unhealthy"] else ""), g["containment"], g["pid"],
+             g["restarts"], g.get("reason") or "-", " ".join(g["argv"])[:40]]
             for g in d["groups"]]
     head = f"session {d['session']}: {d['state']}" + (f" ({d['stop_cause']})"
                                                       if d["stop_cause"] else "")
     text = head + "\n" + table(rows, ["group", "label", "agent", "target", "state",
-                                      "containment", "pid", "reason", "command"])
+                                      "containment", "pid", "restarts", "reason", "command"])
     more = details(v.groups)
     emit(args.output, d, text + ("\n\n" + more if more else ""))
     return ExitCode.OK
@@ -190,13 +259,32 @@ async def cmd_orphans(c: AsyncClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_watch(c: AsyncClient, args: argparse.Namespace) -> int:
+    """Print a session's events as they come; ends after ``session_stopped`` (the session
+    is done: every group has its record)."""
     try:
         async for ev in c.watch(args.session, timeout=args.timeout):
+            if ev.group is None:  # a session-level event
+                rep = ev.report
+                d: dict[str, Any] = {"seq": ev.seq, "kind": ev.kind.value,
+                                     "session": ev.session_id}
+                if rep is not None:
+                    d["report"] = report_dict(rep)
+                if args.output == "json":
+                    print(json.dumps(d), flush=True)
+                elif rep is not None:
+                    print(f"{ev.kind.value:<11} {ev.session_id} "
+                          f"{'clean' if rep.clean else 'NOT clean'}, {len(rep.groups)} "
+                          f"group(s) with a record", flush=True)
+                if ev.kind is EventKind.SESSION_STOPPED:
+                    return ExitCode.OK
+                continue
             d = {"seq": ev.seq, "kind": ev.kind.value, **group_dict(ev.group)}
             if args.output == "json":
                 print(json.dumps(d), flush=True)
             else:
                 extra = f" {d['reason']}" if d.get("reason") else ""
+                if ev.group.view.unhealthy:
+                    extra += f" unhealthy ({ev.group.view.health})"
                 print(f"{ev.kind.value:<11} {ev.group.view.group_id} {d['label'] or '-'} "
                       f"{d['agent']} {d['state']}{extra}", flush=True)
     except TimedOut:
@@ -305,8 +393,8 @@ COMMANDS: dict[str, Command] = {
     "spawn": cmd_spawn, "adopt": cmd_adopt, "signal": cmd_signal, "stop": cmd_stop,
     "sessions": cmd_sessions, "show": cmd_show, "agents": cmd_agents, "orphans": cmd_orphans,
     "watch": cmd_watch, "keepalive": cmd_keepalive, "up": cmd_up, "audit": cmd_audit,
-    "ports": cmd_ports, "forget-agent": cmd_forget_agent,
-    "coordinators": cmd_coordinators,
+    "ports": cmd_ports, "forget-agent": cmd_forget_agent, "coordinators": cmd_coordinators,
+    "restart": cmd_restart, "forget": cmd_forget, "wait": cmd_wait,
 }
 
 

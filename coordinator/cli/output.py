@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from tether.core.model import ExitRecord, PortOwner, PreStopOutcome, RunContext
+from tether.core.model import ExitRecord, PortOwner, PreStopOutcome, RunContext, RunRecord
 from tether.core.sessions import GroupEntry, SessionReport, SessionView
 
 #: Columns that may be cut to make a table fit the terminal (widest first).
@@ -129,6 +129,11 @@ def details(groups: Iterable[GroupEntry]) -> str:
     return "\n".join(blocks)
 
 
+def run_dict(r: RunRecord) -> dict[str, Any]:
+    return {"started_at": round(r.started_at, 3), "duration_ms": round(r.duration * 1000, 1),
+            **{k: v for k, v in exit_fields(r.exit).items() if k != "duration_ms"}}
+
+
 def shown_state(e: GroupEntry) -> str:
     return "unreachable" if e.unreachable and not e.state.ended else e.state.value
 
@@ -141,6 +146,11 @@ def group_dict(e: GroupEntry) -> dict[str, Any]:
         "containment": v.containment.value, "pid": v.leader_pid,
         "stop_order": v.spec.stop_order, "detached": v.detached, "argv": list(v.spec.argv),
         **({"context": context_dict(v.context)} if v.context else {}),
+        "unhealthy": v.unhealthy, "restarts": v.restarts,
+        **({"health": v.health} if v.health else {}),
+        **({"runs": [run_dict(r) for r in v.runs]} if v.runs else {}),
+        **({"next_restart_in_seconds": round(max(0.0, v.next_restart_at - time.time()), 2)}
+           if v.next_restart_at else {}),
         **(exit_fields(v.exit) if v.exit is not None else {}),
     }
 

@@ -17,7 +17,7 @@ from tether.coordinator.cli.options import DAEMONS, add_daemon, positive_float
 DEFAULT_COORDINATOR = "127.0.0.1:7400"
 CLIENT_COMMANDS = ("spawn", "adopt", "signal", "stop", "sessions", "show", "agents", "orphans",
                    "watch", "keepalive", "up", "audit", "ports", "forget-agent",
-                   "coordinators")
+                   "coordinators", "restart", "forget", "wait")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -76,6 +76,13 @@ def client_defaults(args: argparse.Namespace) -> None:
     for key, value in defaults.items():
         if not hasattr(args, key):
             setattr(args, key, value)
+
+
+def _selection(p: argparse.ArgumentParser, verb: str, note: str = "") -> None:
+    p.add_argument("--group", action="append", default=[], metavar="ID", dest="groups",
+                   help=f"{verb} this group (repeatable){note}")
+    p.add_argument("--label", action="append", default=[], metavar="L", dest="labels",
+                   help=f"{verb} the groups labelled L (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +162,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the pre-stop hook's own timeout (default: the grace)")
     sp.add_argument("--no-plugins", action="store_true",
                     help="do not apply the agent's toolchain plugins (nvm, pyenv, jenv, asdf)")
+    sp.add_argument("--live", default="", metavar="SPEC",
+                    help="liveness probe while running: tcp:PORT, http://URL or exec:COMMAND "
+                    "(default: none, no checks)")
+    sp.add_argument("--live-interval", type=positive_float, default=None, metavar="S",
+                    help="seconds between liveness checks (default 10)")
+    sp.add_argument("--live-timeout", type=positive_float, default=None, metavar="S",
+                    help="timeout of one liveness check (default 5)")
+    sp.add_argument("--live-failures", type=int, default=None, metavar="N",
+                    help="failed checks in a row that make the group unhealthy (default 3)")
+    sp.add_argument("--on-unhealthy", choices=["none", "restart", "stop"], default="none",
+                    help="what an unhealthy group gets: none (flagged only; default), "
+                    "restart (a new run), stop")
+    sp.add_argument("--restart", choices=["no", "on-failure", "always"], default="no",
+                    help="start a run that ended again: no (default: a crash is reported), "
+                    "on-failure (non-zero exit or a foreign signal), always")
+    sp.add_argument("--restart-max", type=int, default=None, metavar="N",
+                    help="at most N automatic restarts within --restart-window, then the "
+                    "group fails (default 5)")
+    sp.add_argument("--restart-window", type=positive_float, default=None, metavar="S",
+                    help="the window of --restart-max, in seconds (default 60)")
     sp.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
 
     sp = client("adopt", "Hand a running process tree to an agent.")
@@ -169,14 +196,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--orphan-policy", choices=["kill", "keep"], default="kill",
                     help="if the agent dies: kill the group (default) or keep it for re-adoption")
 
-    sp = client("signal", "Send a signal to every process of a session.")
+    sp = client("signal", "Send a signal to every process of a session (or of some groups).")
     sp.add_argument("session", help="session name")
     sp.add_argument("signal", help="TERM, INT, HUP, USR1, ... or a number")
+    _selection(sp, "signal only")
 
-    sp = client("stop", "Stop a session; blocks until every group has an exit record.")
+    sp = client("stop", "Stop a session (or some of its groups); blocks until each has an "
+                "exit record.")
     sp.add_argument("session", help="session name")
     sp.add_argument("--grace", type=positive_float, default=None,
                     help="override every group's grace (seconds)")
+    _selection(sp, "stop only", "; the session stays active")
+
+    sp = client("restart", "Restart live groups in place: end each run, start it again with "
+                "the same spec and id; the old run's record is kept.")
+    sp.add_argument("session", help="session name")
+    sp.add_argument("--grace", type=positive_float, default=None,
+                    help="grace for ending the current runs (default: each group's own)")
+    _selection(sp, "restart only", " (default: every live group)")
+
+    sp = client("forget", "Drop ended groups from a session's listing.")
+    sp.add_argument("session", help="session name")
+    _selection(sp, "forget", " (at least one; live groups are refused)")
+
+    client("wait", "Block until a session has no live group; exits like `stop` (0: every "
+           "group ended clean). Give up after --timeout S.").add_argument(
+        "session", help="session name")
 
     client("sessions", "List sessions.").add_argument(
         "--all", action="store_true", help="include stopped sessions")

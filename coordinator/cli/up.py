@@ -17,11 +17,12 @@ A session file is TOML::
 A group takes the keys of `tether spawn`'s options, with underscores: label,
 argv, cwd, env, inherit_env, log, grace, stop_signal, stop_order, ready,
 start_timeout, probe_timeout, target, agent, orphan_policy, owns_target, meta,
-user, ports, memory, cpus, pids, pre_stop, pre_stop_timeout, plugins, plus replicas.
-The whole file is checked before anything starts: a mistake is
-reported with the file, the group and the key, and nothing runs. Then every
-group is spawned over one connection, many in flight, and the command prints
-one line per group.
+user, ports, memory, cpus, pids, pre_stop, pre_stop_timeout, plugins, live,
+live_interval, live_timeout, live_failures, on_unhealthy, restart, restart_max,
+restart_window, plus replicas. The whole file is checked before anything starts: a
+mistake is reported with the file, the group and the key, and nothing runs. Then every
+group is spawned over one connection, many in flight, and the command prints one line
+per group.
 """
 
 from __future__ import annotations
@@ -67,6 +68,14 @@ GROUP_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "pre_stop": ((str,), "\"exec:COMMAND ARGS\""),
     "pre_stop_timeout": ((int, float), "seconds, a number"),
     "plugins": ((bool,), "true or false"),
+    "live": ((str,), "a liveness probe: tcp:PORT, http:URL or exec:COMMAND"),
+    "live_interval": ((int, float), "seconds, a number"),
+    "live_timeout": ((int, float), "seconds, a number"),
+    "live_failures": ((int,), "a whole number of checks"),
+    "on_unhealthy": ((str,), "\"none\", \"restart\" or \"stop\""),
+    "restart": ((str,), "\"no\", \"on-failure\" or \"always\""),
+    "restart_max": ((int,), "a whole number of restarts"),
+    "restart_window": ((int, float), "seconds, a number"),
 }
 TOP_KEYS = {"session", "window", "group"}
 
@@ -172,7 +181,11 @@ def _group(path: str, index: int, g: Any, session: str, window: str) -> PlannedG
             owns_target=g.get("owns_target", False), user=g.get("user", ""),
             ports=_port_list(path, where, g.get("ports", [])), memory=g.get("memory"),
             cpus=g.get("cpus"), pids=g.get("pids"), pre_stop=g.get("pre_stop", ""),
-            pre_stop_timeout=g.get("pre_stop_timeout"), plugins=g.get("plugins", True))
+            pre_stop_timeout=g.get("pre_stop_timeout"), plugins=g.get("plugins", True),
+            live=g.get("live", ""), live_interval=g.get("live_interval"),
+            live_timeout=g.get("live_timeout"), live_failures=g.get("live_failures"),
+            on_unhealthy=g.get("on_unhealthy", "none"), restart=g.get("restart", "no"),
+            restart_max=g.get("restart_max"), restart_window=g.get("restart_window"))
     except InvalidSpec as exc:
         raise _fail(path, f"{where}: {exc}") from None
     return PlannedGroup(where, g.get("agent", ""), replicas, spec)

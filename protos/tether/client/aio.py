@@ -40,6 +40,7 @@ from tether.core.model import FailureClass, GroupSpec, GroupState
 from tether.core.sessions import (
     AgentState,
     GroupEntry,
+    GroupSelector,
     OrphanReport,
     PortReport,
     SessionEvent,
@@ -53,6 +54,7 @@ from tether.rpc.convert import (
     orphan_from_pb,
     port_owner_from_pb,
     report_from_pb,
+    selector_to_pb,
     session_event_from_pb,
     session_from_pb,
     spec_to_pb,
@@ -65,6 +67,8 @@ from tether.v1 import coordinator_pb2 as cpb
 from tether.v1 import coordinator_pb2_grpc as cgrpc
 
 DEFAULT_ADDRESS = "127.0.0.1:7400"
+#: The coordinator answers a Wait at its timeout; the call's deadline leaves it this long.
+WAIT_MARGIN = 10.0
 MAX_MESSAGE = 64 * 1024 * 1024
 T = TypeVar("T")
 
@@ -108,7 +112,7 @@ class Interrupted(CoordinatorUnreachable):
 #: Calls that may be sent again after a break, whatever happened to the first one.
 IDEMPOTENT = frozenset({"Spawn", "StopSession", "KeepAlive", "CreateSession", "GetSession",
                         "ListSessions", "ListAgents", "ListOrphans", "GetLeader", "ListPorts",
-                        "WatchSession", "ReadAudit"})
+                        "Wait", "WatchSession", "ReadAudit"})
 #: Connection failures that mean the call never left.
 NOT_SENT = ("failed to connect", "connection refused", "name resolution", "dns resolution",
             "no route to host")
@@ -142,6 +146,13 @@ class Leader:
     store: str
     #: Why none leads, if none does.
     problem: str = ""
+
+
+def _selector(groups: Sequence[str], labels: Sequence[str]) -> cpb.GroupSelector:
+    if isinstance(groups, str) or isinstance(labels, str):
+        raise InvalidSpec("groups and labels are lists of names, not one string",
+                          field="selector")
+    return selector_to_pb(GroupSelector(tuple(groups), tuple(labels)))
 
 
 def default_address() -> str:
@@ -318,21 +329,57 @@ class AsyncClient:
 
     # ------------------------------------------------------------ sessions
 
-    async def signal(self, session: str, signal: str, *, timeout: float | None = None
+    async def signal(self, session: str, signal: str, *, groups: Sequence[str] = (),
+                     labels: Sequence[str] = (), timeout: float | None = None
                      ) -> SessionReport:
-        req = cpb.SignalSessionRequest(session_id=session, signal=signal)
+        """Signal every live group of a session, or only ``groups`` (ids) and the groups
+        with one of ``labels``."""
+        req = cpb.SignalSessionRequest(session_id=session, signal=signal,
+                                       selector=_selector(groups, labels))
         return report_from_pb(await self._session_call(
             "SignalSession", self._stub.SignalSession, req, session, timeout or 30))
 
     async def stop(self, session: str, *, grace: float | None = None,
+                   groups: Sequence[str] = (), labels: Sequence[str] = (),
                    timeout: float | None = None) -> SessionReport:
         """Stop a session; returns once every group has a record (``complete``), or with
-        what is known when ``timeout`` ends (the stop goes on in the coordinator)."""
-        req = cpb.StopSessionRequest(session_id=session)
+        what is known when ``timeout`` ends (the stop goes on in the coordinator). With
+        ``groups``/``labels``, stop only those groups: the session stays active."""
+        req = cpb.StopSessionRequest(session_id=session, selector=_selector(groups, labels))
         if grace is not None:
             req.grace_seconds = grace
         return report_from_pb(await self._session_call("StopSession", self._stub.StopSession,
                                                        req, session, timeout))
+
+    async def restart(self, session: str, *, groups: Sequence[str] = (),
+                      labels: Sequence[str] = (), grace: float | None = None,
+                      timeout: float | None = None) -> SessionReport:
+        """Restart live groups in place (all of the session's, or the ones named): each ends
+        its run and starts again with the same spec and id; the old run's record stays in
+        the group's ``runs``. Returns once each runs again (``complete``)."""
+        req = cpb.RestartGroupsRequest(session_id=session, selector=_selector(groups, labels))
+        if grace is not None:
+            req.grace_seconds = grace
+        return report_from_pb(await self._session_call(
+            "RestartGroups", self._stub.RestartGroups, req, session, timeout))
+
+    async def forget(self, session: str, *, groups: Sequence[str] = (),
+                     labels: Sequence[str] = (), timeout: float | None = None) -> list[str]:
+        """Drop ended groups from a session's listing; returns their ids."""
+        req = cpb.ForgetGroupsRequest(session_id=session, selector=_selector(groups, labels))
+        reply = await self._session_call("ForgetGroups", self._stub.ForgetGroups, req,
+                                         session, timeout or 30)
+        return list(reply.forgotten)
+
+    async def wait(self, session: str, *, timeout: float | None = None) -> SessionReport:
+        """Return once the session has no live group (``complete``), with every group's
+        record; or after ``timeout`` seconds with what is known (``complete`` false)."""
+        req = cpb.WaitRequest(session_id=session)
+        if timeout is not None:
+            req.timeout_seconds = timeout
+        deadline = None if timeout is None else timeout + WAIT_MARGIN
+        return report_from_pb(await self._session_call("Wait", self._stub.Wait, req, session,
+                                                       deadline))
 
     async def session(self, session: str, *, timeout: float | None = None) -> SessionView:
         req = cpb.GetSessionRequest(session_id=session)
@@ -419,6 +466,8 @@ class AsyncClient:
         try:
             return await self._call(what, call, request, timeout)
         except NotFound as exc:
+            if str(exc) != str(SessionNotFound(session)):
+                raise  # something else was not found (a group or label of the session)
             raise SessionNotFound(session) from exc
 
     # ------------------------------------------------------------ agents

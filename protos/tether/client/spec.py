@@ -12,14 +12,22 @@ from types import MappingProxyType
 
 from tether.core.errors import InvalidSpec
 from tether.core.model import (
+    DEFAULT_LIVE_FAILURES,
+    DEFAULT_LIVE_INTERVAL,
+    DEFAULT_RESTART_MAX,
+    DEFAULT_RESTART_WINDOW,
     DEFAULT_START_TIMEOUT,
     GroupSpec,
     Limits,
+    Liveness,
     OrphanPolicy,
     PortRequest,
     PreStop,
     Probe,
+    RestartMode,
+    RestartPolicy,
     StopOverride,
+    UnhealthyAction,
     check_cpus,
     check_grace,
     check_pids,
@@ -38,11 +46,16 @@ def build_spec(argv: Sequence[str], *, session: str = "", window: str = "", labe
                labels: Mapping[str, str] | None = None, user: str = "",
                ports: Sequence[str | PortRequest] = (), memory: str | int | None = None,
                cpus: float | None = None, pids: int | None = None, pre_stop: str = "",
-               pre_stop_timeout: float | None = None, plugins: bool = True) -> GroupSpec:
+               pre_stop_timeout: float | None = None, plugins: bool = True, live: str = "",
+               live_interval: float | None = None, live_timeout: float | None = None,
+               live_failures: int | None = None, on_unhealthy: str = "none",
+               restart: str = "no", restart_max: int | None = None,
+               restart_window: float | None = None) -> GroupSpec:
     """A validated spec; raises ``InvalidSpec`` naming the field and what to give instead.
 
     ``ports`` are ``"NAME"`` (the agent picks a free port) or ``"NAME=PORT"``; ``memory``
-    is bytes or a size like ``"512M"``; ``pre_stop`` is ``"exec:COMMAND ARGS"``."""
+    is bytes or a size like ``"512M"``; ``pre_stop`` is ``"exec:COMMAND ARGS"``; ``live``
+    is a liveness probe like ``ready``; ``restart`` is ``no``, ``on-failure`` or ``always``."""
     if isinstance(argv, str):
         raise InvalidSpec("argv must be a list of strings (the command and its arguments), "
                           "not one string: no shell parses it", field="argv")
@@ -67,6 +80,15 @@ def build_spec(argv: Sequence[str], *, session: str = "", window: str = "", labe
         raise InvalidSpec("a pre-stop timeout needs a pre-stop hook (--pre-stop exec:...)",
                           field="pre_stop_timeout")
     hook = PreStop.parse(pre_stop, timeout=pre_stop_timeout) if pre_stop else None
+    liveness = _liveness(live, live_interval, live_timeout, live_failures, on_unhealthy)
+    try:
+        mode = RestartMode(restart)
+    except ValueError:
+        raise InvalidSpec(f"restart policy {restart!r} is unknown; use no, on-failure or "
+                          "always", field="restart") from None
+    policy_restart = RestartPolicy(
+        mode, DEFAULT_RESTART_MAX if restart_max is None else restart_max,
+        DEFAULT_RESTART_WINDOW if restart_window is None else restart_window)
     return GroupSpec(
         argv=tuple(argv), cwd=cwd, env=MappingProxyType(dict(env or {})),
         inherit_env=inherit_env, log_path=log,
@@ -76,4 +98,29 @@ def build_spec(argv: Sequence[str], *, session: str = "", window: str = "", labe
         orphan_policy=policy, label=label, labels=MappingProxyType(dict(labels or {})),
         session_id=session, window=window, stop_order=stop_order, target=target or "local",
         owns_target=owns_target, user=user, ports=port_requests, limits=limits,
-        pre_stop=hook, plugins=plugins)
+        pre_stop=hook, plugins=plugins, liveness=liveness, restart=policy_restart)
+
+
+def _liveness(live: str, interval: float | None, timeout: float | None,
+              failures: int | None, on_unhealthy: str) -> Liveness | None:
+    try:
+        action = UnhealthyAction(on_unhealthy)
+    except ValueError:
+        raise InvalidSpec(f"--on-unhealthy {on_unhealthy!r} is unknown; use none, restart or "
+                          "stop", field="on_unhealthy") from None
+    if not live:
+        given = [flag for flag, value in (("--live-interval", interval),
+                                          ("--live-timeout", timeout),
+                                          ("--live-failures", failures)) if value is not None]
+        if action is not UnhealthyAction.NONE:
+            given.append(f"--on-unhealthy {action.value}")
+        if given:
+            raise InvalidSpec(f"{given[0]} needs a liveness probe: without --live SPEC nothing "
+                              "is checked, so nothing can be unhealthy; add --live tcp:PORT, "
+                              "http:URL or exec:COMMAND", field="live")
+        return None
+    if timeout is not None:
+        check_seconds(timeout, "live timeout", "live_timeout", allow_zero=False, high=3600)
+    return Liveness(Probe.parse(live, timeout=timeout, field_="live"),
+                    DEFAULT_LIVE_INTERVAL if interval is None else interval,
+                    DEFAULT_LIVE_FAILURES if failures is None else failures, action)

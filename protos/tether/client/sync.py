@@ -69,6 +69,15 @@ class Client:
     def stop(self, session: str, **kw: Any) -> SessionReport:
         return self._run(self._async.stop(session, **kw))
 
+    def restart(self, session: str, **kw: Any) -> SessionReport:
+        return self._run(self._async.restart(session, **kw))
+
+    def forget(self, session: str, **kw: Any) -> list[str]:
+        return self._run(self._async.forget(session, **kw))
+
+    def wait(self, session: str, **kw: Any) -> SessionReport:
+        return self._run(self._async.wait(session, **kw))
+
     def session(self, session: str, **kw: Any) -> SessionView:
         return self._run(self._async.session(session, **kw))
 

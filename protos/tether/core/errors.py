@@ -89,6 +89,16 @@ class SessionNotFound(NotFound):
         self.session_id = session_id
 
 
+class NotInSession(NotFound):
+    """A ``--group`` or ``--label`` names nothing in the session; nothing was done."""
+
+    def __init__(self, session_id: str, what: str, why: str) -> None:
+        super().__init__(f"{what} {why}; nothing was done (list the session's groups with "
+                         f"`tether show {session_id}`)")
+        self.session_id = session_id
+        self.what = what
+
+
 class AgentNotFound(NotFound):
     """No agent registered under this name."""
     def __init__(self, name: str, known: list[str]) -> None:

@@ -58,6 +58,9 @@ class GroupState(enum.Enum):
 
     STARTING = "starting"
     RUNNING = "running"
+    #: A run ended and the group's restart policy (or a restart request) starts another, in
+    #: the same place under the same id: waiting out the backoff, then starting and probing.
+    RESTARTING = "restarting"
     STOPPING = "stopping"
     STOPPED = "stopped"
     EXITED = "exited"
@@ -82,6 +85,10 @@ class Transition(enum.Enum):
     STOP = "stop"
     EMPTY = "empty"
     EXITED = "exited"
+    #: A run ended and another one will start (restart policy, liveness, a restart request).
+    RUN_ENDED = "run_ended"
+    #: Restarting stopped for good: the restart limit was reached (or a run left survivors).
+    GIVE_UP = "give_up"
 
 
 # The only place a state may change. (state, event) -> new state.
@@ -93,6 +100,12 @@ TRANSITIONS: Final = MappingProxyType(
         (GroupState.RUNNING, Transition.STOP): GroupState.STOPPING,
         (GroupState.RUNNING, Transition.EXITED): GroupState.EXITED,
         (GroupState.STOPPING, Transition.EMPTY): GroupState.STOPPED,
+        # Supervision: a restart is a state of its own, never "exited, then running again".
+        (GroupState.RUNNING, Transition.RUN_ENDED): GroupState.RESTARTING,
+        (GroupState.RUNNING, Transition.GIVE_UP): GroupState.FAILED,
+        (GroupState.RESTARTING, Transition.READY): GroupState.RUNNING,
+        (GroupState.RESTARTING, Transition.STOP): GroupState.STOPPING,
+        (GroupState.RESTARTING, Transition.GIVE_UP): GroupState.FAILED,
     }
 )
 
@@ -125,6 +138,9 @@ class ExitReason(enum.Enum):
     LOST = "lost"
     #: The kernel's OOM killer ended the leader under the group's memory limit.
     OOM_KILLED = "oom_killed"
+    #: The group kept ending and was restarted ``--restart-max`` times within
+    #: ``--restart-window``: it is failed now (its ``runs`` say how each ended).
+    RESTART_LIMIT = "restart_limit"
 
 
 class FailureClass(enum.Enum):
@@ -299,41 +315,43 @@ class Probe:
     template: str = ""
 
     @classmethod
-    def parse(cls, text: str, *, timeout: float | None = None) -> Probe:
+    def parse(cls, text: str, *, timeout: float | None = None, field_: str = "ready") -> Probe:
         """Parse ``tcp:PORT``, ``tcp:HOST:PORT``, ``http:URL`` (or a bare ``http://`` URL),
         ``log:REGEX``, ``exec:ARGV``; any of them may refer to assigned ports as ``$PORT`` or
-        ``$TETHER_PORT_<NAME>`` (checked here with a stand-in port, filled in by ``resolve``)."""
-        check_text(text, "ready")
+        ``$TETHER_PORT_<NAME>`` (checked here with a stand-in port, filled in by ``resolve``).
+        ``field_`` names the option in errors: ``ready`` (readiness) or ``live`` (liveness)."""
+        check_text(text, field_)
         if PORT_REF.search(text):
-            probe = cls._parse(PORT_REF.sub("1", text), timeout)
+            probe = cls._parse(PORT_REF.sub("1", text), timeout, field_)
             return replace(probe, template=text)
-        return cls._parse(text, timeout)
+        return cls._parse(text, timeout, field_)
 
     @property
     def port_refs(self) -> frozenset[str]:
         """The variables the probe refers to (``PORT``, ``TETHER_PORT_API``)."""
         return frozenset((m.group(1) or m.group(2)) for m in PORT_REF.finditer(self.template))
 
-    def resolve(self, values: Mapping[str, str]) -> Probe:
+    def resolve(self, values: Mapping[str, str], field_: str = "ready") -> Probe:
         """The probe with its port references filled in from ``values``."""
         if not self.template:
             return self
         text = PORT_REF.sub(lambda m: values[m.group(1) or m.group(2)], self.template)
-        return Probe.parse(text, timeout=self.timeout)
+        return Probe.parse(text, timeout=self.timeout, field_=field_)
 
     @classmethod
-    def _parse(cls, text: str, timeout: float | None) -> Probe:
+    def _parse(cls, text: str, timeout: float | None, field_: str) -> Probe:
+        noun = "liveness probe" if field_ == "live" else "readiness probe"
         if text.startswith(("http://", "https://")):
             text = "http:" + text
         kind_text, sep, rest = text.partition(":")
         hint = "use tcp:PORT, http:URL, log:REGEX or exec:COMMAND ARGS"
         if not sep or not rest:
-            raise InvalidSpec(f"readiness probe {text!r} is not understood; {hint}", field="ready")
+            raise InvalidSpec(f"{noun} {text!r} is not understood; {hint}", field=field_)
         try:
             kind = ProbeKind(kind_text.lower())
         except ValueError:
             raise InvalidSpec(
-                f"readiness probe kind {kind_text!r} is unknown; {hint}", field="ready"
+                f"{noun} kind {kind_text!r} is unknown; {hint}", field=field_
             ) from None
         t = DEFAULT_PROBE_TIMEOUT if timeout is None else timeout
         check_seconds(t, "probe timeout", "probe_timeout", allow_zero=False, high=3600)
@@ -345,20 +363,21 @@ class Probe:
                 port = -1
             if not 0 < port < 65536:
                 raise InvalidSpec(
-                    f"readiness probe {text!r}: {port_text!r} is not a TCP port (1-65535)",
-                    field="ready",
+                    f"{noun} {text!r}: {port_text!r} is not a TCP port (1-65535)",
+                    field=field_,
                 )
-            return cls(kind, host=host or "127.0.0.1", port=port, timeout=t)
+            # [::1]:8080 names an IPv6 address (kept without its brackets).
+            return cls(kind, host=host.strip("[]") or "127.0.0.1", port=port, timeout=t)
         if kind is ProbeKind.HTTP:
             try:
                 parts = urlsplit(rest)
                 port = parts.port or (443 if parts.scheme == "https" else 80)
             except ValueError as exc:
-                raise InvalidSpec(f"readiness probe {text!r}: {exc}", field="ready") from None
+                raise InvalidSpec(f"{noun} {text!r}: {exc}", field=field_) from None
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise InvalidSpec(
-                    f"readiness probe {text!r}: give a full URL, e.g. http://127.0.0.1:8080/health",
-                    field="ready",
+                    f"{noun} {text!r}: give a full URL, e.g. http://127.0.0.1:8080/health",
+                    field=field_,
                 )
             return cls(kind, host=parts.hostname, port=port, url=rest, timeout=t)
         if kind is ProbeKind.LOG:
@@ -366,15 +385,15 @@ class Probe:
                 re.compile(rest)
             except re.error as exc:
                 raise InvalidSpec(
-                    f"readiness probe {text!r}: bad regular expression ({exc})", field="ready"
+                    f"{noun} {text!r}: bad regular expression ({exc})", field=field_
                 ) from None
             return cls(kind, pattern=rest, timeout=t)
         try:
             argv = tuple(shlex.split(rest))
         except ValueError as exc:
-            raise InvalidSpec(f"readiness probe {text!r}: {exc}", field="ready") from None
+            raise InvalidSpec(f"{noun} {text!r}: {exc}", field=field_) from None
         if not argv:
-            raise InvalidSpec(f"readiness probe {text!r} has no command", field="ready")
+            raise InvalidSpec(f"{noun} {text!r} has no command", field=field_)
         return cls(kind, argv=argv, timeout=t)
 
     def __str__(self) -> str:
@@ -382,7 +401,8 @@ class Probe:
             return self.template
         match self.kind:
             case ProbeKind.TCP:
-                return f"tcp:{self.host}:{self.port}"
+                host = f"[{self.host}]" if ":" in self.host else self.host
+                return f"tcp:{host}:{self.port}"
             case ProbeKind.HTTP:
                 return f"http:{self.url}"
             case ProbeKind.LOG:
@@ -576,6 +596,101 @@ def check_user(text: str) -> str:
     return text
 
 
+# ---------------------------------------------------------------- supervision
+
+DEFAULT_LIVE_INTERVAL: Final = 10.0
+DEFAULT_LIVE_FAILURES: Final = 3
+MIN_LIVE_INTERVAL: Final = 0.1
+MAX_LIVE_FAILURES: Final = 1000
+DEFAULT_RESTART_MAX: Final = 5
+DEFAULT_RESTART_WINDOW: Final = 60.0
+MAX_RESTART_MAX: Final = 10000
+#: Restart backoff: the first pause, doubled per run that ended before it was stable, capped.
+RESTART_BACKOFF_FIRST: Final = 0.5
+RESTART_BACKOFF_MAX: Final = 30.0
+#: A run that lasted this long was stable: the next restart starts the backoff over.
+RESTART_STABLE_AFTER: Final = 10.0
+#: Runs kept per group (the oldest are dropped; ``restarts`` keeps counting).
+RUNS_KEPT: Final = 50
+
+
+class UnhealthyAction(enum.Enum):
+    """What the agent does once a group's liveness probe failed ``failures`` times in a row."""
+
+    NONE = "none"
+    RESTART = "restart"
+    STOP = "stop"
+
+
+class RestartMode(enum.Enum):
+    NO = "no"
+    ON_FAILURE = "on-failure"
+    ALWAYS = "always"
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """``--live``: is a running group still answering? Checked every ``interval`` seconds;
+    ``failures`` failed checks in a row mark it unhealthy, and ``on_unhealthy`` acts."""
+
+    probe: Probe
+    interval: float = DEFAULT_LIVE_INTERVAL
+    failures: int = DEFAULT_LIVE_FAILURES
+    on_unhealthy: UnhealthyAction = UnhealthyAction.NONE
+
+    def __post_init__(self) -> None:
+        if self.probe.kind is ProbeKind.LOG:
+            raise InvalidSpec("a log: probe cannot tell whether a running program still "
+                              "answers; give --live tcp:PORT, http:URL or exec:COMMAND",
+                              field="live")
+        check_seconds(self.interval, "live interval", "live_interval", allow_zero=False)
+        if self.interval < MIN_LIVE_INTERVAL:
+            raise InvalidSpec(f"live interval {self.interval:g} s is too short; give "
+                              f"{MIN_LIVE_INTERVAL:g} s or more", field="live_interval")
+        if isinstance(self.failures, bool) or not 1 <= self.failures <= MAX_LIVE_FAILURES:
+            raise InvalidSpec(f"live failures {self.failures!r} is out of range; give 1 to "
+                              f"{MAX_LIVE_FAILURES} failed checks in a row",
+                              field="live_failures")
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """``--restart``: whether a run that ended starts again, and how often at most."""
+
+    mode: RestartMode = RestartMode.NO
+    #: At most this many automatic restarts within ``window`` seconds; one more ends the
+    #: group ``failed`` (reason ``restart_limit``).
+    limit: int = DEFAULT_RESTART_MAX
+    window: float = DEFAULT_RESTART_WINDOW
+
+    def __post_init__(self) -> None:
+        if isinstance(self.limit, bool) or not 1 <= self.limit <= MAX_RESTART_MAX:
+            raise InvalidSpec(f"restart max {self.limit!r} is out of range; give 1 to "
+                              f"{MAX_RESTART_MAX} restarts (use --restart no for none)",
+                              field="restart_max")
+        check_seconds(self.window, "restart window", "restart_window", allow_zero=False)
+
+    def wants(self, record: ExitRecord) -> bool:
+        """Does a run that ended like ``record`` start again? ``on-failure``: a non-zero exit
+        code, or a signal nobody here sent (a signal sent through tether is somebody's
+        decision, not a failure)."""
+        if self.mode is RestartMode.ALWAYS:
+            return True
+        if self.mode is RestartMode.ON_FAILURE:
+            return (record.exit_code not in (None, 0)
+                    or record.reason is ExitReason.EXTERNAL_SIGNAL)
+        return False
+
+
+def restart_delay(unstable_runs: int, jitter: float) -> float:
+    """The pause before a restart: ``RESTART_BACKOFF_FIRST`` doubled for each earlier run
+    in a row that ended before it was stable, capped at ``RESTART_BACKOFF_MAX``; ``jitter``
+    in [0, 1) spreads it over 75 % to 125 % (never above the cap), so groups that crash
+    together do not restart together."""
+    base = RESTART_BACKOFF_FIRST * 2.0 ** min(max(unstable_runs, 0), 30)
+    return min(RESTART_BACKOFF_MAX, base * (0.75 + 0.5 * jitter))
+
+
 # ---------------------------------------------------------------- the spec
 
 
@@ -612,6 +727,10 @@ class GroupSpec:
     pre_stop: PreStop | None = None
     #: Apply the agent's toolchain plugins (``--no-plugins`` turns them off).
     plugins: bool = True
+    #: ``--live``: liveness checks while running (None: none, and no cost).
+    liveness: Liveness | None = None
+    #: ``--restart``: whether a run that ended starts again (default: no).
+    restart: RestartPolicy = RestartPolicy()
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, StopPolicy):  # a full policy names both fields
@@ -688,13 +807,17 @@ class GroupSpec:
                 if key in self.env:
                     raise InvalidSpec(f"--env {key} conflicts with --port, which sets {key}; "
                                       "drop one of them", field="env")
-        if self.ready is not None and self.ready.template:
-            known = {"PORT", *names} if self.ports else set()
-            missing = sorted(self.ready.port_refs - known)
+        known = {"PORT", *names} if self.ports else set()
+        live = self.liveness.probe if self.liveness is not None else None
+        for probe, noun, field_ in ((self.ready, "readiness", "ready"),
+                                    (live, "liveness", "live")):
+            if probe is None or not probe.template:
+                continue
+            missing = sorted(probe.port_refs - known)
             if missing:
                 have = ", ".join(sorted(known)) or "none: add --port NAME"
-                raise InvalidSpec(f"readiness probe {str(self.ready)!r} refers to ${missing[0]}, "
-                                  f"which no --port sets (ports: {have})", field="ready")
+                raise InvalidSpec(f"{noun} probe {str(probe)!r} refers to ${missing[0]}, "
+                                  f"which no --port sets (ports: {have})", field=field_)
 
 
 def spec_to_dict(spec: GroupSpec) -> dict[str, Any]:
@@ -710,6 +833,7 @@ def spec_to_dict(spec: GroupSpec) -> dict[str, Any]:
         "orphan_policy": spec.orphan_policy.value, "label": spec.label,
         "labels": dict(spec.labels), "session_id": spec.session_id, "window": spec.window,
         "stop_order": spec.stop_order, "target": spec.target, "owns_target": spec.owns_target,
+        **_supervision_to_dict(spec),
     }
     # Keys of later features only when used: fingerprints of earlier specs stay as they were.
     if spec.user:
@@ -725,6 +849,21 @@ def spec_to_dict(spec: GroupSpec) -> dict[str, Any]:
     if not spec.plugins:
         d["plugins"] = False
     return d
+
+
+def _supervision_to_dict(spec: GroupSpec) -> dict[str, Any]:
+    """Only what differs from the defaults: a spec without supervision keeps the form (and
+    the idempotency fingerprint) it had before supervision existed."""
+    out: dict[str, Any] = {}
+    live = spec.liveness
+    if live is not None:
+        out.update(live=str(live.probe), live_timeout=live.probe.timeout,
+                   live_interval=live.interval, live_failures=live.failures,
+                   on_unhealthy=live.on_unhealthy.value)
+    if spec.restart != RestartPolicy():
+        out.update(restart=spec.restart.mode.value, restart_max=spec.restart.limit,
+                   restart_window=spec.restart.window)
+    return out
 
 
 def spec_from_dict(d: Mapping[str, Any]) -> GroupSpec:
@@ -746,7 +885,12 @@ def spec_from_dict(d: Mapping[str, Any]) -> GroupSpec:
         limits=Limits(**(d.get("limits") or {})),
         pre_stop=(PreStop(tuple(d["pre_stop"]), d.get("pre_stop_timeout"))
                   if d.get("pre_stop") else None),
-        plugins=d.get("plugins", True))
+        plugins=d.get("plugins", True),
+        liveness=Liveness(Probe.parse(d["live"], timeout=d.get("live_timeout"), field_="live"),
+                          d["live_interval"], d["live_failures"],
+                          UnhealthyAction(d["on_unhealthy"])) if d.get("live") else None,
+        restart=RestartPolicy(RestartMode(d["restart"]), d["restart_max"], d["restart_window"])
+        if d.get("restart") else RestartPolicy())
 
 
 def spec_fingerprint(spec: GroupSpec) -> str:
@@ -862,6 +1006,18 @@ class ExitRecord:
 
 
 @dataclass(frozen=True)
+class RunRecord:
+    """One run of a group that was restarted: when it started and how it ended."""
+
+    started_at: float
+    exit: ExitRecord
+
+    @property
+    def duration(self) -> float:
+        return max(0.0, self.exit.ended_at - self.started_at)
+
+
+@dataclass(frozen=True)
 class LeaderStatus:
     """How the leader process ended, from its wait status."""
 
@@ -910,6 +1066,16 @@ class GroupView:
     cgroup: str = ""
     #: What the group runs with beyond its spec (plugin changes, user, ports, limits).
     context: RunContext = RunContext()
+    #: Its liveness probe failed ``failures`` times in a row (cleared by a passing check or
+    #: a new run); ``health`` says what the last failed check saw.
+    unhealthy: bool = False
+    health: str = ""
+    #: Runs started after the first (automatic and requested), and the ended runs kept
+    #: (at most ``RUNS_KEPT``, oldest first).
+    restarts: int = 0
+    runs: tuple[RunRecord, ...] = ()
+    #: While ``restarting`` in a backoff: when (``time.time()``) the next run starts.
+    next_restart_at: float = 0.0
 
     def with_state(self, state: GroupState, exit: ExitRecord | None = None) -> GroupView:
         return replace(self, state=state, exit=exit if exit is not None else self.exit)
@@ -930,6 +1096,14 @@ class EventKind(enum.StrEnum):
     UNREACHABLE = "unreachable"
     #: Its target answers again.
     REACHABLE = "reachable"
+    #: Its liveness probe failed ``--live-failures`` times in a row.
+    UNHEALTHY = "unhealthy"
+    #: A liveness check passed again after it was unhealthy.
+    HEALTHY = "healthy"
+    #: An ended group was dropped from its session's listing (``tether forget``).
+    FORGOTTEN = "forgotten"
+    #: Every group of a stopping session has its record; the event carries the report.
+    SESSION_STOPPED = "session_stopped"
 
 
 @dataclass(frozen=True)

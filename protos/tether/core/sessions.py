@@ -138,6 +138,8 @@ class GroupReport:
     attempts: int = 0
     #: Shown as state ``unreachable``: live, but its agent or target does not answer.
     unreachable: bool = False
+    #: Runs started after the first (restart policy, liveness, restart requests).
+    restarts: int = 0
 
 
 @dataclass(frozen=True)
@@ -168,14 +170,43 @@ class SessionView:
 
 @dataclass(frozen=True)
 class SessionEvent:
-    """A group event as a session's watchers see it."""
+    """An event of a session as its watchers see it: a group's (``group`` set), or the
+    session's own (``session_stopped``: ``group`` is None, ``report`` holds the stop)."""
 
     seq: int
     kind: EventKind
-    group: GroupEntry
+    group: GroupEntry | None
     at: float
     #: The sender's epoch: a watcher resumes with (epoch, seq).
     epoch: str = ""
+    #: ``session_stopped``: the whole stop report, every group with its record.
+    report: SessionReport | None = None
+    session_id: str = ""
+
+
+@dataclass(frozen=True)
+class GroupSelector:
+    """Which groups of a session a command is for: these ids, plus every group with one of
+    these labels. Empty: the whole session."""
+
+    group_ids: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for label in self.labels:
+            check_name(label, "label")
+
+    @property
+    def everything(self) -> bool:
+        return not self.group_ids and not self.labels
+
+    def describe(self) -> str:
+        parts = [*self.group_ids, *(f"label {label!r}" for label in self.labels)]
+        return ", ".join(parts) or "every group"
+
+
+#: The empty selector: the whole session.
+EVERY_GROUP = GroupSelector()
 
 
 @dataclass(frozen=True)

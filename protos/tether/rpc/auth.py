@@ -215,6 +215,9 @@ RULES: Mapping[str, Rule] = {
     _C + "ListPorts": _r(_OPERATOR, _READER),
     _C + "ForgetAgent": _r(audit=True),
     _C + "GetLeader": _r(_OPERATOR, _READER),
+    _C + "RestartGroups": _r(_OPERATOR, audit=True),
+    _C + "ForgetGroups": _r(_OPERATOR, audit=True),
+    _C + "Wait": _r(_OPERATOR, _READER),
     # An agent: lifecycle calls from its coordinator (and admins) only.
     _A + "Spawn": _r(_COORD, audit=True),
     _A + "Adopt": _r(_COORD, audit=True),
@@ -227,6 +230,8 @@ RULES: Mapping[str, Rule] = {
     _A + "ListOrphans": _r(_COORD, audit=_sweeps),
     _A + "Info": _r(_COORD, _OPERATOR, _READER),
     _A + "ListPorts": _r(_COORD, _OPERATOR, _READER),
+    _A + "Restart": _r(_COORD, audit=True),
+    _A + "Forget": _r(_COORD, audit=True),
 }
 
 #: A method ``RULES`` does not list (a new RPC, before someone decided who may call it).

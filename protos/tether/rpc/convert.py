@@ -11,6 +11,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from tether.core.audit import AuditEntry
 from tether.core.errors import InvalidSpec
 from tether.core.model import (
+    DEFAULT_LIVE_FAILURES,
+    DEFAULT_LIVE_INTERVAL,
+    DEFAULT_RESTART_MAX,
+    DEFAULT_RESTART_WINDOW,
     DEFAULT_START_TIMEOUT,
     AssignedPort,
     Containment,
@@ -23,6 +27,7 @@ from tether.core.model import (
     GroupState,
     GroupView,
     Limits,
+    Liveness,
     OrphanPolicy,
     PortOwner,
     PortRequest,
@@ -30,9 +35,13 @@ from tether.core.model import (
     PreStopOutcome,
     PreStopResult,
     Probe,
+    RestartMode,
+    RestartPolicy,
     RunContext,
+    RunRecord,
     StopOverride,
     StopPolicy,
+    UnhealthyAction,
     parse_signal,
 )
 from tether.core.sessions import (
@@ -40,6 +49,7 @@ from tether.core.sessions import (
     AgentState,
     GroupEntry,
     GroupReport,
+    GroupSelector,
     Orphan,
     Session,
     SessionEvent,
@@ -60,6 +70,10 @@ CONTAINMENT_TO_PB = {c: getattr(pb, f"CONTAINMENT_{c.name}") for c in Containmen
 CONTAINMENT_FROM_PB = {v: k for k, v in CONTAINMENT_TO_PB.items()}
 ORPHAN_TO_PB = {o: getattr(pb, f"ORPHAN_POLICY_{o.name}") for o in OrphanPolicy}
 ORPHAN_FROM_PB = {v: k for k, v in ORPHAN_TO_PB.items()}
+UNHEALTHY_TO_PB = {a: getattr(pb, f"UNHEALTHY_ACTION_{a.name}") for a in UnhealthyAction}
+UNHEALTHY_FROM_PB = {v: k for k, v in UNHEALTHY_TO_PB.items()}
+RESTART_TO_PB = {m: getattr(pb, f"RESTART_MODE_{m.name}") for m in RestartMode}
+RESTART_FROM_PB = {v: k for k, v in RESTART_TO_PB.items()}
 
 
 def ts(seconds: float) -> Timestamp:
@@ -127,6 +141,8 @@ def spec_from_pb(msg: pb.GroupSpec) -> GroupSpec:
         limits=limits_from_pb(msg.limits),
         pre_stop=pre_stop_from_pb(msg.pre_stop) if msg.HasField("pre_stop") else None,
         plugins=not msg.no_plugins,
+        liveness=_liveness_from_pb(msg),
+        restart=_restart_from_pb(msg),
     )
 
 
@@ -156,6 +172,43 @@ def pre_stop_from_pb(msg: pb.PreStopHook) -> PreStop:
     return PreStop(tuple(msg.argv), timeout)
 
 
+
+
+def _liveness_from_pb(msg: pb.GroupSpec) -> Liveness | None:
+    if msg.on_unhealthy not in UNHEALTHY_FROM_PB:
+        raise InvalidSpec(f"on_unhealthy {msg.on_unhealthy} is unknown; use none, restart or "
+                          "stop", field="on_unhealthy")
+    action = UNHEALTHY_FROM_PB[msg.on_unhealthy]
+    if not msg.live:
+        given = [name for name in ("live_interval_seconds", "live_timeout_seconds",
+                                   "live_failures") if msg.HasField(name)]
+        if action is not UnhealthyAction.NONE:
+            given.append(f"on_unhealthy {action.value}")
+        if given:
+            raise InvalidSpec(f"{given[0]} needs a liveness probe: without --live SPEC nothing "
+                              "is checked, so nothing can be unhealthy; add --live tcp:PORT, "
+                              "http:URL or exec:COMMAND", field="live")
+        return None
+    timeout = msg.live_timeout_seconds if msg.HasField("live_timeout_seconds") else None
+    return Liveness(
+        Probe.parse(msg.live, timeout=timeout, field_="live"),
+        msg.live_interval_seconds if msg.HasField("live_interval_seconds")
+        else DEFAULT_LIVE_INTERVAL,
+        msg.live_failures if msg.HasField("live_failures") else DEFAULT_LIVE_FAILURES,
+        action)
+
+
+def _restart_from_pb(msg: pb.GroupSpec) -> RestartPolicy:
+    if msg.restart not in RESTART_FROM_PB:
+        raise InvalidSpec(f"restart mode {msg.restart} is unknown; use no, on-failure or "
+                          "always", field="restart")
+    return RestartPolicy(
+        RESTART_FROM_PB[msg.restart],
+        msg.restart_max if msg.HasField("restart_max") else DEFAULT_RESTART_MAX,
+        msg.restart_window_seconds if msg.HasField("restart_window_seconds")
+        else DEFAULT_RESTART_WINDOW)
+
+
 def spec_to_pb(spec: GroupSpec, *, redact: bool = False) -> pb.GroupSpec:
     msg = pb.GroupSpec(
         argv=list(spec.argv), cwd=spec.cwd, env={} if redact else dict(spec.env),
@@ -176,6 +229,17 @@ def spec_to_pb(spec: GroupSpec, *, redact: bool = False) -> pb.GroupSpec:
         msg.pre_stop.argv.extend(spec.pre_stop.argv)
         if spec.pre_stop.timeout is not None:
             msg.pre_stop.timeout_seconds = spec.pre_stop.timeout
+    live = spec.liveness
+    if live is not None:
+        msg.live = str(live.probe)
+        msg.live_interval_seconds = live.interval
+        msg.live_timeout_seconds = live.probe.timeout
+        msg.live_failures = live.failures
+        msg.on_unhealthy = UNHEALTHY_TO_PB[live.on_unhealthy]
+    if spec.restart != RestartPolicy():
+        msg.restart = RESTART_TO_PB[spec.restart.mode]
+        msg.restart_max = spec.restart.limit
+        msg.restart_window_seconds = spec.restart.window
     return msg
 
 
@@ -285,8 +349,11 @@ def group_to_pb(view: GroupView, *, redact: bool = True) -> pb.Group:
         leader_pid=view.leader_pid, pgid=view.pgid, detached=view.detached,
         started_at=ts(view.started_at), member_count=view.member_count,
         stop=pb.StopPolicy(signal=view.stop.signal.name, grace_seconds=view.stop.grace),
-        unreachable=view.unreachable,
+        unreachable=view.unreachable, unhealthy=view.unhealthy, health=view.health,
+        restarts=view.restarts, runs=[run_to_pb(r) for r in view.runs],
     )
+    if view.next_restart_at:
+        msg.next_restart_at.CopyFrom(ts(view.next_restart_at))
     if redact and view.spec.env:
         msg.env_names.extend(sorted(view.spec.env))
     if view.context:
@@ -306,7 +373,20 @@ def group_from_pb(msg: pb.Group) -> GroupView:
         exit=exit_from_pb(msg.exit) if msg.HasField("exit") else None,
         started_at=seconds(msg.started_at), member_count=msg.member_count,
         context=context_from_pb(msg.context),
+        unhealthy=msg.unhealthy, health=msg.health, restarts=msg.restarts,
+        runs=tuple(run_from_pb(r) for r in msg.runs),
+        next_restart_at=seconds(msg.next_restart_at) if msg.HasField("next_restart_at")
+        else 0.0,
     )
+
+
+def run_to_pb(r: RunRecord) -> pb.RunRecord:
+    return pb.RunRecord(started_at=ts(r.started_at), exit=exit_to_pb(r.exit),
+                        duration_seconds=r.duration)
+
+
+def run_from_pb(msg: pb.RunRecord) -> RunRecord:
+    return RunRecord(seconds(msg.started_at), exit_from_pb(msg.exit))
 
 
 def event_to_pb(event: GroupEvent, epoch: str = "") -> pb.GroupEvent:
@@ -387,7 +467,7 @@ def report_to_pb(r: SessionReport) -> cpb.SessionReport:
                               target=g.target, state=_shown_state(g.state, g.unreachable),
                               error=g.error,
                               members_signalled=g.members_signalled, stop_order=g.stop_order,
-                              attempts=g.attempts)
+                              attempts=g.attempts, restarts=g.restarts)
         if g.exit is not None:
             msg.exit.CopyFrom(exit_to_pb(g.exit))
         groups.append(msg)
@@ -401,7 +481,7 @@ def report_from_pb(msg: cpb.SessionReport) -> SessionReport:
                     STATE_FROM_PB.get(g.state, GroupState.RUNNING),
                     exit_from_pb(g.exit) if g.HasField("exit") else None, g.error,
                     g.members_signalled, g.stop_order, g.attempts,
-                    g.state == pb.GROUP_STATE_UNREACHABLE)
+                    g.state == pb.GROUP_STATE_UNREACHABLE, g.restarts)
         for g in msg.groups), msg.complete, msg.stop_cause)
 
 
@@ -420,17 +500,33 @@ def agent_from_pb(msg: cpb.Agent) -> AgentState:
     return AgentState(info, msg.state == cpb.AGENT_STATE_UP)
 
 
-def session_event_to_pb(e: SessionEvent, epoch: str = "") -> pb.GroupEvent:
-    return pb.GroupEvent(seq=e.seq, kind=e.kind.value, group=entry_to_pb(e.group), at=ts(e.at),
-                         epoch=epoch)
+def session_event_to_pb(e: SessionEvent, epoch: str = "") -> cpb.SessionEvent:
+    msg = cpb.SessionEvent(seq=e.seq, kind=e.kind.value, at=ts(e.at), epoch=epoch,
+                           session_id=e.session_id)
+    if e.group is not None:
+        msg.group.CopyFrom(entry_to_pb(e.group))
+    if e.report is not None:
+        msg.report.CopyFrom(report_to_pb(e.report))
+    return msg
 
 
-def session_event_from_pb(msg: pb.GroupEvent) -> SessionEvent:
+def session_event_from_pb(msg: cpb.SessionEvent) -> SessionEvent:
     try:
         kind = EventKind(msg.kind)
     except ValueError:
         kind = EventKind.STATE
-    return SessionEvent(msg.seq, kind, entry_from_pb(msg.group), seconds(msg.at), msg.epoch)
+    group = entry_from_pb(msg.group) if msg.HasField("group") else None
+    report = report_from_pb(msg.report) if msg.HasField("report") else None
+    session = msg.session_id or (group.view.spec.session_id if group is not None else "")
+    return SessionEvent(msg.seq, kind, group, seconds(msg.at), msg.epoch, report, session)
+
+
+def selector_to_pb(sel: GroupSelector) -> cpb.GroupSelector:
+    return cpb.GroupSelector(group_ids=list(sel.group_ids), labels=list(sel.labels))
+
+
+def selector_from_pb(msg: cpb.GroupSelector) -> GroupSelector:
+    return GroupSelector(tuple(msg.group_ids), tuple(msg.labels))
 
 
 def orphan_to_pb(o: Orphan) -> pb.Orphan:

@@ -185,3 +185,38 @@ class ListPortsResponse(_message.Message):
     PORTS_FIELD_NUMBER: _ClassVar[int]
     ports: _containers.RepeatedCompositeFieldContainer[_common_pb2.PortOwner]
     def __init__(self, ports: _Optional[_Iterable[_Union[_common_pb2.PortOwner, _Mapping]]] = ...) -> None: ...
+
+class RestartRequest(_message.Message):
+    __slots__ = ("group_id", "policy")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    policy: _common_pb2.StopPolicy
+    def __init__(self, group_id: _Optional[str] = ..., policy: _Optional[_Union[_common_pb2.StopPolicy, _Mapping]] = ...) -> None: ...
+
+class RestartResponse(_message.Message):
+    __slots__ = ("group",)
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    group: _common_pb2.Group
+    def __init__(self, group: _Optional[_Union[_common_pb2.Group, _Mapping]] = ...) -> None: ...
+
+class ForgetRequest(_message.Message):
+    __slots__ = ("group_ids",)
+    GROUP_IDS_FIELD_NUMBER: _ClassVar[int]
+    group_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, group_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ForgetResponse(_message.Message):
+    __slots__ = ("forgotten", "errors")
+    class ErrorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    FORGOTTEN_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    forgotten: _containers.RepeatedScalarFieldContainer[str]
+    errors: _containers.ScalarMap[str, str]
+    def __init__(self, forgotten: _Optional[_Iterable[str]] = ..., errors: _Optional[_Mapping[str, str]] = ...) -> None: ...

@@ -90,6 +90,16 @@ class AgentServiceStub:
                 request_serializer=tether_dot_v1_dot_agent__pb2.ListPortsRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_agent__pb2.ListPortsResponse.FromString,
                 _registered_method=True)
+        self.Restart = channel.unary_unary(
+                '/tether.v1.AgentService/Restart',
+                request_serializer=tether_dot_v1_dot_agent__pb2.RestartRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_agent__pb2.RestartResponse.FromString,
+                _registered_method=True)
+        self.Forget = channel.unary_unary(
+                '/tether.v1.AgentService/Forget',
+                request_serializer=tether_dot_v1_dot_agent__pb2.ForgetRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_agent__pb2.ForgetResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -168,6 +178,22 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Restart(self, request, context):
+        """End a running group's run (its stop policy) and start it again in place: same id, same
+        spec, through its readiness probe; the old run's record is kept in runs. Returns once it
+        runs again (or ended: a stop wins). A restart already under way is joined.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Forget(self, request, context):
+        """Drop ended groups from memory (and from later snapshots); live ones are refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -225,6 +251,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ListPorts,
                     request_deserializer=tether_dot_v1_dot_agent__pb2.ListPortsRequest.FromString,
                     response_serializer=tether_dot_v1_dot_agent__pb2.ListPortsResponse.SerializeToString,
+            ),
+            'Restart': grpc.unary_unary_rpc_method_handler(
+                    servicer.Restart,
+                    request_deserializer=tether_dot_v1_dot_agent__pb2.RestartRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_agent__pb2.RestartResponse.SerializeToString,
+            ),
+            'Forget': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forget,
+                    request_deserializer=tether_dot_v1_dot_agent__pb2.ForgetRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_agent__pb2.ForgetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -524,6 +560,60 @@ class AgentService:
             '/tether.v1.AgentService/ListPorts',
             tether_dot_v1_dot_agent__pb2.ListPortsRequest.SerializeToString,
             tether_dot_v1_dot_agent__pb2.ListPortsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restart(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.AgentService/Restart',
+            tether_dot_v1_dot_agent__pb2.RestartRequest.SerializeToString,
+            tether_dot_v1_dot_agent__pb2.RestartResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.AgentService/Forget',
+            tether_dot_v1_dot_agent__pb2.ForgetRequest.SerializeToString,
+            tether_dot_v1_dot_agent__pb2.ForgetResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -21,6 +21,7 @@ class GroupState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GROUP_STATE_FAILED: _ClassVar[GroupState]
     GROUP_STATE_UNREACHABLE: _ClassVar[GroupState]
     GROUP_STATE_LOST: _ClassVar[GroupState]
+    GROUP_STATE_RESTARTING: _ClassVar[GroupState]
 
 class ExitReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -32,6 +33,7 @@ class ExitReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXIT_REASON_START_FAILED: _ClassVar[ExitReason]
     EXIT_REASON_LOST: _ClassVar[ExitReason]
     EXIT_REASON_OOM_KILLED: _ClassVar[ExitReason]
+    EXIT_REASON_RESTART_LIMIT: _ClassVar[ExitReason]
 
 class FailureClass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -59,6 +61,18 @@ class OrphanPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ORPHAN_POLICY_KILL: _ClassVar[OrphanPolicy]
     ORPHAN_POLICY_KEEP: _ClassVar[OrphanPolicy]
+
+class UnhealthyAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    UNHEALTHY_ACTION_NONE: _ClassVar[UnhealthyAction]
+    UNHEALTHY_ACTION_RESTART: _ClassVar[UnhealthyAction]
+    UNHEALTHY_ACTION_STOP: _ClassVar[UnhealthyAction]
+
+class RestartMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESTART_MODE_NO: _ClassVar[RestartMode]
+    RESTART_MODE_ON_FAILURE: _ClassVar[RestartMode]
+    RESTART_MODE_ALWAYS: _ClassVar[RestartMode]
 GROUP_STATE_UNSPECIFIED: GroupState
 GROUP_STATE_STARTING: GroupState
 GROUP_STATE_RUNNING: GroupState
@@ -68,6 +82,7 @@ GROUP_STATE_EXITED: GroupState
 GROUP_STATE_FAILED: GroupState
 GROUP_STATE_UNREACHABLE: GroupState
 GROUP_STATE_LOST: GroupState
+GROUP_STATE_RESTARTING: GroupState
 EXIT_REASON_UNSPECIFIED: ExitReason
 EXIT_REASON_NATURAL: ExitReason
 EXIT_REASON_REQUESTED: ExitReason
@@ -76,6 +91,7 @@ EXIT_REASON_EXTERNAL_SIGNAL: ExitReason
 EXIT_REASON_START_FAILED: ExitReason
 EXIT_REASON_LOST: ExitReason
 EXIT_REASON_OOM_KILLED: ExitReason
+EXIT_REASON_RESTART_LIMIT: ExitReason
 FAILURE_CLASS_UNSPECIFIED: FailureClass
 FAILURE_CLASS_COMMAND_NOT_FOUND: FailureClass
 FAILURE_CLASS_PERMISSION_DENIED: FailureClass
@@ -94,6 +110,12 @@ CONTAINMENT_SUBREAPER: Containment
 CONTAINMENT_PGID: Containment
 ORPHAN_POLICY_KILL: OrphanPolicy
 ORPHAN_POLICY_KEEP: OrphanPolicy
+UNHEALTHY_ACTION_NONE: UnhealthyAction
+UNHEALTHY_ACTION_RESTART: UnhealthyAction
+UNHEALTHY_ACTION_STOP: UnhealthyAction
+RESTART_MODE_NO: RestartMode
+RESTART_MODE_ON_FAILURE: RestartMode
+RESTART_MODE_ALWAYS: RestartMode
 
 class StopPolicy(_message.Message):
     __slots__ = ("signal", "grace_seconds")
@@ -104,7 +126,7 @@ class StopPolicy(_message.Message):
     def __init__(self, signal: _Optional[str] = ..., grace_seconds: _Optional[float] = ...) -> None: ...
 
 class GroupSpec(_message.Message):
-    __slots__ = ("argv", "cwd", "env", "inherit_env", "log_path", "ready", "start_timeout_seconds", "stop", "orphan_policy", "label", "labels", "session_id", "stop_order", "target", "window", "owns_target", "probe_timeout_seconds", "user", "ports", "limits", "pre_stop", "no_plugins")
+    __slots__ = ("argv", "cwd", "env", "inherit_env", "log_path", "ready", "start_timeout_seconds", "stop", "orphan_policy", "label", "labels", "session_id", "stop_order", "target", "window", "owns_target", "probe_timeout_seconds", "user", "ports", "limits", "pre_stop", "no_plugins", "live", "live_interval_seconds", "live_timeout_seconds", "live_failures", "on_unhealthy", "restart", "restart_max", "restart_window_seconds")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +163,14 @@ class GroupSpec(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     PRE_STOP_FIELD_NUMBER: _ClassVar[int]
     NO_PLUGINS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    LIVE_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    ON_UNHEALTHY_FIELD_NUMBER: _ClassVar[int]
+    RESTART_FIELD_NUMBER: _ClassVar[int]
+    RESTART_MAX_FIELD_NUMBER: _ClassVar[int]
+    RESTART_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     argv: _containers.RepeatedScalarFieldContainer[str]
     cwd: str
     env: _containers.ScalarMap[str, str]
@@ -163,7 +193,15 @@ class GroupSpec(_message.Message):
     limits: ResourceLimits
     pre_stop: PreStopHook
     no_plugins: bool
-    def __init__(self, argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., inherit_env: _Optional[bool] = ..., log_path: _Optional[str] = ..., ready: _Optional[str] = ..., start_timeout_seconds: _Optional[float] = ..., stop: _Optional[_Union[StopPolicy, _Mapping]] = ..., orphan_policy: _Optional[_Union[OrphanPolicy, str]] = ..., label: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., session_id: _Optional[str] = ..., stop_order: _Optional[int] = ..., target: _Optional[str] = ..., window: _Optional[str] = ..., owns_target: _Optional[bool] = ..., probe_timeout_seconds: _Optional[float] = ..., user: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[PortRequest, _Mapping]]] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., pre_stop: _Optional[_Union[PreStopHook, _Mapping]] = ..., no_plugins: _Optional[bool] = ...) -> None: ...
+    live: str
+    live_interval_seconds: float
+    live_timeout_seconds: float
+    live_failures: int
+    on_unhealthy: UnhealthyAction
+    restart: RestartMode
+    restart_max: int
+    restart_window_seconds: float
+    def __init__(self, argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., inherit_env: _Optional[bool] = ..., log_path: _Optional[str] = ..., ready: _Optional[str] = ..., start_timeout_seconds: _Optional[float] = ..., stop: _Optional[_Union[StopPolicy, _Mapping]] = ..., orphan_policy: _Optional[_Union[OrphanPolicy, str]] = ..., label: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., session_id: _Optional[str] = ..., stop_order: _Optional[int] = ..., target: _Optional[str] = ..., window: _Optional[str] = ..., owns_target: _Optional[bool] = ..., probe_timeout_seconds: _Optional[float] = ..., user: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[PortRequest, _Mapping]]] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., pre_stop: _Optional[_Union[PreStopHook, _Mapping]] = ..., no_plugins: _Optional[bool] = ..., live: _Optional[str] = ..., live_interval_seconds: _Optional[float] = ..., live_timeout_seconds: _Optional[float] = ..., live_failures: _Optional[int] = ..., on_unhealthy: _Optional[_Union[UnhealthyAction, str]] = ..., restart: _Optional[_Union[RestartMode, str]] = ..., restart_max: _Optional[int] = ..., restart_window_seconds: _Optional[float] = ...) -> None: ...
 
 class PortRequest(_message.Message):
     __slots__ = ("name", "port")
@@ -190,6 +228,16 @@ class PreStopHook(_message.Message):
     argv: _containers.RepeatedScalarFieldContainer[str]
     timeout_seconds: float
     def __init__(self, argv: _Optional[_Iterable[str]] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class RunRecord(_message.Message):
+    __slots__ = ("started_at", "exit", "duration_seconds")
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    started_at: _timestamp_pb2.Timestamp
+    exit: ExitRecord
+    duration_seconds: float
+    def __init__(self, started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit: _Optional[_Union[ExitRecord, _Mapping]] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
 
 class ExitRecord(_message.Message):
     __slots__ = ("reason", "exit_code", "signal", "survivors", "failure", "message", "stop_duration_seconds", "ended_at", "detail", "clean", "context", "pre_stop", "oom_kills")
@@ -260,7 +308,7 @@ class PreStopOutcome(_message.Message):
     def __init__(self, result: _Optional[str] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., detail: _Optional[str] = ..., leftovers: _Optional[int] = ...) -> None: ...
 
 class Group(_message.Message):
-    __slots__ = ("group_id", "spec", "state", "containment", "leader_pid", "pgid", "detached", "exit", "started_at", "member_count", "agent", "stop", "unreachable", "env_names", "context")
+    __slots__ = ("group_id", "spec", "state", "containment", "leader_pid", "pgid", "detached", "exit", "started_at", "member_count", "agent", "stop", "unreachable", "env_names", "context", "unhealthy", "health", "restarts", "runs", "next_restart_at")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +324,11 @@ class Group(_message.Message):
     UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
     ENV_NAMES_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    UNHEALTHY_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_RESTART_AT_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     spec: GroupSpec
     state: GroupState
@@ -291,7 +344,12 @@ class Group(_message.Message):
     unreachable: bool
     env_names: _containers.RepeatedScalarFieldContainer[str]
     context: RunContext
-    def __init__(self, group_id: _Optional[str] = ..., spec: _Optional[_Union[GroupSpec, _Mapping]] = ..., state: _Optional[_Union[GroupState, str]] = ..., containment: _Optional[_Union[Containment, str]] = ..., leader_pid: _Optional[int] = ..., pgid: _Optional[int] = ..., detached: _Optional[bool] = ..., exit: _Optional[_Union[ExitRecord, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., member_count: _Optional[int] = ..., agent: _Optional[str] = ..., stop: _Optional[_Union[StopPolicy, _Mapping]] = ..., unreachable: _Optional[bool] = ..., env_names: _Optional[_Iterable[str]] = ..., context: _Optional[_Union[RunContext, _Mapping]] = ...) -> None: ...
+    unhealthy: bool
+    health: str
+    restarts: int
+    runs: _containers.RepeatedCompositeFieldContainer[RunRecord]
+    next_restart_at: _timestamp_pb2.Timestamp
+    def __init__(self, group_id: _Optional[str] = ..., spec: _Optional[_Union[GroupSpec, _Mapping]] = ..., state: _Optional[_Union[GroupState, str]] = ..., containment: _Optional[_Union[Containment, str]] = ..., leader_pid: _Optional[int] = ..., pgid: _Optional[int] = ..., detached: _Optional[bool] = ..., exit: _Optional[_Union[ExitRecord, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., member_count: _Optional[int] = ..., agent: _Optional[str] = ..., stop: _Optional[_Union[StopPolicy, _Mapping]] = ..., unreachable: _Optional[bool] = ..., env_names: _Optional[_Iterable[str]] = ..., context: _Optional[_Union[RunContext, _Mapping]] = ..., unhealthy: _Optional[bool] = ..., health: _Optional[str] = ..., restarts: _Optional[int] = ..., runs: _Optional[_Iterable[_Union[RunRecord, _Mapping]]] = ..., next_restart_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GroupEvent(_message.Message):
     __slots__ = ("seq", "group", "kind", "at", "epoch")

@@ -209,24 +209,68 @@ class CoordinatorAdoptRequest(_message.Message):
     spec: _common_pb2.GroupSpec
     def __init__(self, agent: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[float] = ..., spec: _Optional[_Union[_common_pb2.GroupSpec, _Mapping]] = ...) -> None: ...
 
+class GroupSelector(_message.Message):
+    __slots__ = ("group_ids", "labels")
+    GROUP_IDS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    group_ids: _containers.RepeatedScalarFieldContainer[str]
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, group_ids: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class SignalSessionRequest(_message.Message):
-    __slots__ = ("session_id", "signal")
+    __slots__ = ("session_id", "signal", "selector")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     signal: str
-    def __init__(self, session_id: _Optional[str] = ..., signal: _Optional[str] = ...) -> None: ...
+    selector: GroupSelector
+    def __init__(self, session_id: _Optional[str] = ..., signal: _Optional[str] = ..., selector: _Optional[_Union[GroupSelector, _Mapping]] = ...) -> None: ...
 
 class StopSessionRequest(_message.Message):
-    __slots__ = ("session_id", "grace_seconds")
+    __slots__ = ("session_id", "grace_seconds", "selector")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     grace_seconds: float
-    def __init__(self, session_id: _Optional[str] = ..., grace_seconds: _Optional[float] = ...) -> None: ...
+    selector: GroupSelector
+    def __init__(self, session_id: _Optional[str] = ..., grace_seconds: _Optional[float] = ..., selector: _Optional[_Union[GroupSelector, _Mapping]] = ...) -> None: ...
+
+class RestartGroupsRequest(_message.Message):
+    __slots__ = ("session_id", "selector", "grace_seconds")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    selector: GroupSelector
+    grace_seconds: float
+    def __init__(self, session_id: _Optional[str] = ..., selector: _Optional[_Union[GroupSelector, _Mapping]] = ..., grace_seconds: _Optional[float] = ...) -> None: ...
+
+class ForgetGroupsRequest(_message.Message):
+    __slots__ = ("session_id", "selector")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    selector: GroupSelector
+    def __init__(self, session_id: _Optional[str] = ..., selector: _Optional[_Union[GroupSelector, _Mapping]] = ...) -> None: ...
+
+class ForgetGroupsResponse(_message.Message):
+    __slots__ = ("forgotten",)
+    FORGOTTEN_FIELD_NUMBER: _ClassVar[int]
+    forgotten: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, forgotten: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class WaitRequest(_message.Message):
+    __slots__ = ("session_id", "timeout_seconds")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    timeout_seconds: float
+    def __init__(self, session_id: _Optional[str] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class GroupReport(_message.Message):
-    __slots__ = ("group_id", "label", "agent", "target", "state", "exit", "error", "members_signalled", "stop_order", "attempts")
+    __slots__ = ("group_id", "label", "agent", "target", "state", "exit", "error", "members_signalled", "stop_order", "attempts", "restarts")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +281,7 @@ class GroupReport(_message.Message):
     MEMBERS_SIGNALLED_FIELD_NUMBER: _ClassVar[int]
     STOP_ORDER_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     label: str
     agent: str
@@ -247,7 +292,8 @@ class GroupReport(_message.Message):
     members_signalled: int
     stop_order: int
     attempts: int
-    def __init__(self, group_id: _Optional[str] = ..., label: _Optional[str] = ..., agent: _Optional[str] = ..., target: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.GroupState, str]] = ..., exit: _Optional[_Union[_common_pb2.ExitRecord, _Mapping]] = ..., error: _Optional[str] = ..., members_signalled: _Optional[int] = ..., stop_order: _Optional[int] = ..., attempts: _Optional[int] = ...) -> None: ...
+    restarts: int
+    def __init__(self, group_id: _Optional[str] = ..., label: _Optional[str] = ..., agent: _Optional[str] = ..., target: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.GroupState, str]] = ..., exit: _Optional[_Union[_common_pb2.ExitRecord, _Mapping]] = ..., error: _Optional[str] = ..., members_signalled: _Optional[int] = ..., stop_order: _Optional[int] = ..., attempts: _Optional[int] = ..., restarts: _Optional[int] = ...) -> None: ...
 
 class SessionReport(_message.Message):
     __slots__ = ("session_id", "groups", "complete", "stop_cause")
@@ -272,6 +318,24 @@ class WatchSessionRequest(_message.Message):
     since_seq: int
     epoch: str
     def __init__(self, session_id: _Optional[str] = ..., initial: _Optional[bool] = ..., since_seq: _Optional[int] = ..., epoch: _Optional[str] = ...) -> None: ...
+
+class SessionEvent(_message.Message):
+    __slots__ = ("seq", "group", "kind", "at", "epoch", "report", "session_id")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    group: _common_pb2.Group
+    kind: str
+    at: _timestamp_pb2.Timestamp
+    epoch: str
+    report: SessionReport
+    session_id: str
+    def __init__(self, seq: _Optional[int] = ..., group: _Optional[_Union[_common_pb2.Group, _Mapping]] = ..., kind: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., epoch: _Optional[str] = ..., report: _Optional[_Union[SessionReport, _Mapping]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class CoordinatorListOrphansRequest(_message.Message):
     __slots__ = ("sweep",)

@@ -93,7 +93,7 @@ class CoordinatorServiceStub:
         self.WatchSession = channel.unary_stream(
                 '/tether.v1.CoordinatorService/WatchSession',
                 request_serializer=tether_dot_v1_dot_coordinator__pb2.WatchSessionRequest.SerializeToString,
-                response_deserializer=tether_dot_v1_dot_common__pb2.GroupEvent.FromString,
+                response_deserializer=tether_dot_v1_dot_coordinator__pb2.SessionEvent.FromString,
                 _registered_method=True)
         self.ListOrphans = channel.unary_unary(
                 '/tether.v1.CoordinatorService/ListOrphans',
@@ -119,6 +119,21 @@ class CoordinatorServiceStub:
                 '/tether.v1.CoordinatorService/GetLeader',
                 request_serializer=tether_dot_v1_dot_coordinator__pb2.GetLeaderRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_coordinator__pb2.LeaderInfo.FromString,
+                _registered_method=True)
+        self.RestartGroups = channel.unary_unary(
+                '/tether.v1.CoordinatorService/RestartGroups',
+                request_serializer=tether_dot_v1_dot_coordinator__pb2.RestartGroupsRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_coordinator__pb2.SessionReport.FromString,
+                _registered_method=True)
+        self.ForgetGroups = channel.unary_unary(
+                '/tether.v1.CoordinatorService/ForgetGroups',
+                request_serializer=tether_dot_v1_dot_coordinator__pb2.ForgetGroupsRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_coordinator__pb2.ForgetGroupsResponse.FromString,
+                _registered_method=True)
+        self.Wait = channel.unary_unary(
+                '/tether.v1.CoordinatorService/Wait',
+                request_serializer=tether_dot_v1_dot_coordinator__pb2.WaitRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_coordinator__pb2.SessionReport.FromString,
                 _registered_method=True)
 
 
@@ -192,7 +207,9 @@ class CoordinatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchSession(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Group events of a session, and once a stopping session is done, one session_stopped
+        event carrying the stop report. SessionEvent is wire-compatible with GroupEvent.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -231,6 +248,28 @@ class CoordinatorServiceServicer:
         coordinators on one store, a standby answers every call but GetSession, ListSessions,
         ListAgents and this one with UNAVAILABLE and the leader's address in the trailer
         `tether-leader`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestartGroups(self, request, context):
+        """Restart groups of an active session in place (stop, then start with the same spec).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgetGroups(self, request, context):
+        """Drop ended groups from a session's listing; refused (nothing dropped) if any is live.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Wait(self, request, context):
+        """Return once the session has no live group (nor a spawn in flight), or at the timeout
+        (complete false). The report holds every group of the session with its record.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -297,7 +336,7 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
             'WatchSession': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchSession,
                     request_deserializer=tether_dot_v1_dot_coordinator__pb2.WatchSessionRequest.FromString,
-                    response_serializer=tether_dot_v1_dot_common__pb2.GroupEvent.SerializeToString,
+                    response_serializer=tether_dot_v1_dot_coordinator__pb2.SessionEvent.SerializeToString,
             ),
             'ListOrphans': grpc.unary_unary_rpc_method_handler(
                     servicer.ListOrphans,
@@ -323,6 +362,21 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.GetLeader,
                     request_deserializer=tether_dot_v1_dot_coordinator__pb2.GetLeaderRequest.FromString,
                     response_serializer=tether_dot_v1_dot_coordinator__pb2.LeaderInfo.SerializeToString,
+            ),
+            'RestartGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestartGroups,
+                    request_deserializer=tether_dot_v1_dot_coordinator__pb2.RestartGroupsRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_coordinator__pb2.SessionReport.SerializeToString,
+            ),
+            'ForgetGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetGroups,
+                    request_deserializer=tether_dot_v1_dot_coordinator__pb2.ForgetGroupsRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_coordinator__pb2.ForgetGroupsResponse.SerializeToString,
+            ),
+            'Wait': grpc.unary_unary_rpc_method_handler(
+                    servicer.Wait,
+                    request_deserializer=tether_dot_v1_dot_coordinator__pb2.WaitRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_coordinator__pb2.SessionReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -648,7 +702,7 @@ class CoordinatorService:
             target,
             '/tether.v1.CoordinatorService/WatchSession',
             tether_dot_v1_dot_coordinator__pb2.WatchSessionRequest.SerializeToString,
-            tether_dot_v1_dot_common__pb2.GroupEvent.FromString,
+            tether_dot_v1_dot_coordinator__pb2.SessionEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -784,6 +838,87 @@ class CoordinatorService:
             '/tether.v1.CoordinatorService/GetLeader',
             tether_dot_v1_dot_coordinator__pb2.GetLeaderRequest.SerializeToString,
             tether_dot_v1_dot_coordinator__pb2.LeaderInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestartGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.CoordinatorService/RestartGroups',
+            tether_dot_v1_dot_coordinator__pb2.RestartGroupsRequest.SerializeToString,
+            tether_dot_v1_dot_coordinator__pb2.SessionReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.CoordinatorService/ForgetGroups',
+            tether_dot_v1_dot_coordinator__pb2.ForgetGroupsRequest.SerializeToString,
+            tether_dot_v1_dot_coordinator__pb2.ForgetGroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Wait(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.CoordinatorService/Wait',
+            tether_dot_v1_dot_coordinator__pb2.WaitRequest.SerializeToString,
+            tether_dot_v1_dot_coordinator__pb2.SessionReport.FromString,
             options,
             channel_credentials,
             insecure,
