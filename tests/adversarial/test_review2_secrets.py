@@ -19,7 +19,9 @@ import os
 import pwd
 import secrets
 import shutil
+import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,12 +31,15 @@ import pytest
 from tests.plugins.common import require, require_root
 from tests.plugins.processes import (
     Daemon,
+    free_port,
+    make_authority,
     start_daemon,
     stop_daemon,
+    wait_until,
 )
 from tether.agent.toolchains import Jenv, Nvm, Pyenv, ToolchainMissing, ToolVersions
 from tether.client.spec import build_spec
-from tether.core.model import GroupSpec
+from tether.core.model import FailureClass, GroupSpec, GroupState
 
 NOBODY = "nobody"
 
@@ -229,4 +234,111 @@ def test_a_link_planted_in_a_shared_parent_leaks_nothing_to_a_reader(public: Pat
         assert not group.get("context", {}).get("plugins"), "the planted file was not used"
     finally:
         tether_as(d, files["operator"], "stop", "ed")
+        stop_daemon(d)
+
+
+# ------------------------------------------------------------------ status_leak
+
+
+HEALTH_SERVER = """
+import base64, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+EXPECTED = "Basic " + base64.b64encode("svc:p@ss word".encode()).decode()
+
+
+class Health(BaseHTTPRequestHandler):
+    def do_GET(self):
+        ok = self.headers.get("Authorization") == EXPECTED and self.path == sys.argv[2]
+        self.send_response(200 if ok else 401)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+"""
+
+
+async def test_http_probes_send_url_credentials_as_basic_auth_and_never_repeat_them(
+        tmp_path: Path) -> None:
+    """The group answers 200 only to the right Basic credentials and the full query."""
+    script = tmp_path / "health.py"
+    script.write_text(HEALTH_SERVER)
+    auth, signallers = await make_authority(f"r2b-{os.getpid()}-{tmp_path.name[-6:]}")
+    try:
+        port = free_port()
+        good = f"http://svc:p%40ss%20word@127.0.0.1:{port}/ready?key=qs-secret"
+        view = await auth.spawn(build_spec(
+            [sys.executable, str(script), str(port), "/ready?key=qs-secret"], ready=good,
+            start_timeout=20))
+        assert view.state is GroupState.RUNNING, view.exit
+        port = free_port()
+        bad = f"http://svc:wrong-pw@127.0.0.1:{port}/ready?key=qs-secret"
+        view = await auth.spawn(build_spec(
+            [sys.executable, str(script), str(port), "/ready?key=qs-secret"], ready=bad,
+            start_timeout=3))
+        assert view.exit is not None
+        assert view.exit.failure is FailureClass.READINESS_FAILED, view.exit
+        message = view.exit.message
+        assert "401" in message
+        assert "wrong-pw" not in message and "qs-secret" not in message, message
+        assert f"http://127.0.0.1:{port}/ready" in message, message
+    finally:
+        await auth.stop_all()
+        await auth.shutdown()
+        await signallers.aclose()
+
+
+def get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return str(reply.read().decode())
+
+
+def test_status_tells_an_anonymous_reader_counts_not_names_nor_secrets(tmp_path: Path) -> None:
+    admin = "ad" + secrets.token_hex(20)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{admin} admin\n")
+    tokens.chmod(0o600)
+    mport = free_port()
+    d = start_daemon("serve", ["--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "st"),
+                               "--agent-name", f"r2s-{tmp_path.name[-6:]}", "--token-file",
+                               str(tokens), "--metrics-listen", f"127.0.0.1:{mport}"],
+                     tmp_path / "st")
+    d.env["TETHER_TOKEN_FILE"] = str(tokens)
+    try:
+        pw = "pw" + secrets.token_hex(6)
+        gid = d.cli("spawn", "--session", "payments-prod", "--label", "webhook", "--live",
+                    f"http://svc:{pw}@127.0.0.1:1/health?sig=qs{pw}", "--live-interval", "0.2",
+                    "--live-failures", "1", "--", "sleep", "60", check=True).stdout.strip()
+        wait_until(lambda: json.loads(get(f"http://127.0.0.1:{mport}/status"))["unhealthy"],
+                   30, "the group to be unhealthy")
+        body = get(f"http://127.0.0.1:{mport}/status")
+        for secret in (pw, "payments-prod", "webhook", d.address, "svc:"):
+            assert secret not in body, (secret, body)
+        status = json.loads(body)
+        assert [u["group_id"] for u in status["unhealthy"]] == [gid]
+        assert status["unhealthy"][0]["health"].startswith("GET http://127.0.0.1:1/health:")
+        assert status["groups"]["running"] == 1 and status["sessions"]["active"] == 1
+        assert status["agents"] == {"up": 1, "unreachable": 0}
+        # Records and logs carry the check's detail without the URL's secrets too.
+        shown = d.json("show", "payments-prod")["groups"][0]
+        assert shown["unhealthy"] and pw not in shown["health"], shown["health"]
+        assert pw not in d.log()
+    finally:
+        d.cli("stop", "payments-prod")
+        stop_daemon(d)
+
+
+def test_a_metrics_listener_on_a_public_address_is_warned_about(tmp_path: Path) -> None:
+    d = start_daemon("serve", ["--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "st"),
+                               "--agent-name", f"r2m-{tmp_path.name[-6:]}", "--metrics-listen",
+                               f"0.0.0.0:{free_port()}"], tmp_path / "st")
+    try:
+        warned = [line for line in d.log().splitlines()
+                  if "WARNING" in line and "/status" in line]
+        assert warned and "0.0.0.0" in warned[0] and "/metrics" in warned[0], d.log()
+    finally:
         stop_daemon(d)
