@@ -19,6 +19,7 @@ import os
 import pwd
 import secrets
 import shutil
+import stat
 import sys
 import tempfile
 import urllib.request
@@ -40,6 +41,8 @@ from tests.plugins.processes import (
 from tether.agent.toolchains import Jenv, Nvm, Pyenv, ToolchainMissing, ToolVersions
 from tether.client.spec import build_spec
 from tether.core.model import FailureClass, GroupSpec, GroupState
+from tether.rpc.auth import load_tokens
+from tether.rpc.security import SecurityConfigError
 
 NOBODY = "nobody"
 
@@ -342,3 +345,36 @@ def test_a_metrics_listener_on_a_public_address_is_warned_about(tmp_path: Path) 
         assert warned and "0.0.0.0" in warned[0] and "/metrics" in warned[0], d.log()
     finally:
         stop_daemon(d)
+
+
+# ------------------------------------------------------------------ token_owner
+
+
+def test_a_daemon_refuses_a_token_file_another_user_owns(tmp_path: Path) -> None:
+    other = nobody()
+    f = tmp_path / "tokens"
+    f.write_text(f"{secrets.token_hex(20)} admin\n")
+    f.chmod(0o600)
+    os.chown(f, other.pw_uid, other.pw_gid)
+    with pytest.raises(SecurityConfigError) as caught:
+        load_tokens(str(f))
+    assert str(f) in str(caught.value) and NOBODY in str(caught.value)
+    assert "chown" in str(caught.value)
+
+
+@pytest.mark.parametrize(("mode", "refused"), [(0o777, True), (0o1777, False), (0o755, False)])
+def test_a_daemon_refuses_a_token_file_others_could_replace(tmp_path: Path, mode: int,
+                                                            refused: bool) -> None:
+    """In a directory others may write without the sticky bit, anyone may swap the file."""
+    d = tmp_path / "dir"
+    d.mkdir()
+    d.chmod(mode)
+    f = d / "tokens"
+    f.write_text(f"{secrets.token_hex(20)} admin\n")
+    f.chmod(0o600)
+    if refused:
+        with pytest.raises(SecurityConfigError, match="other users may write"):
+            load_tokens(str(f))
+    else:
+        assert len(load_tokens(str(f))) == 1
+    assert stat.S_IMODE(d.stat().st_mode) == mode
