@@ -378,3 +378,30 @@ def test_a_daemon_refuses_a_token_file_others_could_replace(tmp_path: Path, mode
     else:
         assert len(load_tokens(str(f))) == 1
     assert stat.S_IMODE(d.stat().st_mode) == mode
+
+
+# ------------------------------------------------------------------ open_serve_local_root
+
+
+def test_a_root_daemon_without_credentials_warns_that_every_local_user_is_root(
+        tmp_path: Path) -> None:
+    require_root()
+    d = start_daemon("serve", ["--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "st"),
+                               "--agent-name", f"r2o-{tmp_path.name[-6:]}"], tmp_path / "st")
+    try:
+        warned = [line for line in d.log().splitlines() if "WITHOUT AUTHENTICATION" in line]
+        assert warned and "WARNING" in warned[0], d.log()
+        assert "any local user can run commands as root" in warned[0].lower(), warned[0]
+        assert "--token-file" in warned[0] and ":0 " not in warned[0], "the real port"
+    finally:
+        stop_daemon(d)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{secrets.token_hex(20)} admin\n")
+    tokens.chmod(0o600)
+    d = start_daemon("serve", ["--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "st2"),
+                               "--agent-name", f"r2p-{tmp_path.name[-6:]}", "--token-file",
+                               str(tokens)], tmp_path / "st2")
+    try:
+        assert "WITHOUT AUTHENTICATION" not in d.log()
+    finally:
+        stop_daemon(d)
