@@ -376,7 +376,7 @@ class Starter:
             survivors = len(await handle.members())
         self.lc.fail(g, failure,
                      f"{spec.argv[0]!r} was not ready within {spec.start_timeout:g} s "
-                     f"(probe {ready}: {prober.last.detail}); raise --start-timeout or fix "
+                     f"(probe {ready.shown}: {prober.last.detail}); raise --start-timeout or fix "
                      "the probe", await leader_status(handle), survivors)
 
     def _exec_runner(self, g: Group, signaller: Signaller, where: str,
