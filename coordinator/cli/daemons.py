@@ -143,7 +143,8 @@ def run_daemon(args: argparse.Namespace) -> int:
                                           metrics_listen=args.metrics_listen, tls=_tls(args),
                                           insecure=args.insecure, auth=_auth(args),
                                           dial=_dial(args),
-                                          retain_stopped=args.retain_stopped)
+                                          retain_stopped=args.retain_stopped,
+                                          max_lease_streams=args.max_lease_streams)
             if args.command == "coordinator":
                 cfg.agent_ttl = args.agent_ttl
                 cfg.store, cfg.advertise, cfg.leader_ttl = (args.store, args.advertise,

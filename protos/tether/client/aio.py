@@ -27,6 +27,7 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from tether.client.lease import AsyncWindow
 from tether.client.spec import build_spec
 from tether.core.audit import AuditEntry
 from tether.core.errors import (
@@ -112,7 +113,7 @@ class Interrupted(CoordinatorUnreachable):
 #: Calls that may be sent again after a break, whatever happened to the first one.
 IDEMPOTENT = frozenset({"Spawn", "StopSession", "KeepAlive", "CreateSession", "GetSession",
                         "ListSessions", "ListAgents", "ListOrphans", "GetLeader", "ListPorts",
-                        "Wait", "WatchSession", "ReadAudit"})
+                        "Wait", "WatchSession", "ReadAudit", "OpenLease"})
 #: Connection failures that mean the call never left.
 NOT_SENT = ("failed to connect", "connection refused", "name resolution", "dns resolution",
             "no route to host")
@@ -408,6 +409,21 @@ class AsyncClient:
                                        ttl_seconds=ttl)
         return session_from_pb(await self._call("CreateSession", self._stub.CreateSession, req,
                                                 timeout or 10))
+
+    def window(self, session: str, *, window: str = "", labels: dict[str, str] | None = None,
+               lease_grace: float | None = None, resume_token: str = "",
+               stop_grace: float | None = None, stop_timeout: float | None = None
+               ) -> AsyncWindow:
+        """A session held by a lease stream while ``async with c.window(...) as w`` lasts:
+        ``w.spawn(...)`` starts groups in it; leaving the block stops the session and
+        waits for its report (``w.report``); if this process dies, the coordinator stops
+        it ``lease_grace`` seconds later (cause ``lease_lost``). The lease is renewed on
+        this event loop and reconnected after a break, within the grace. ``resume_token``
+        (another window's ``resume_token``) takes an existing lease back: an editor window
+        that reloads keeps its processes."""
+        return AsyncWindow(self, session, window=window, labels=labels,
+                           lease_grace=lease_grace, resume_token=resume_token,
+                           stop_grace=stop_grace, stop_timeout=stop_timeout)
 
     async def keepalive(self, session: str, ttl: float, *, timeout: float | None = None
                         ) -> SessionView:

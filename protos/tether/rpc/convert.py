@@ -50,6 +50,7 @@ from tether.core.sessions import (
     GroupEntry,
     GroupReport,
     GroupSelector,
+    LeaseState,
     Orphan,
     Session,
     SessionEvent,
@@ -443,7 +444,8 @@ def session_to_pb(v: SessionView) -> cpb.Session:
                       state=SESSION_STATE_TO_PB[s.state], ttl_seconds=s.ttl,
                       stop_cause=s.stop_cause, created_at=ts(s.created_at),
                       groups=[entry_to_pb(e) for e in v.groups], group_count=v.group_count,
-                      live_count=v.live_count)
+                      live_count=v.live_count, lease_grace_seconds=s.lease_grace,
+                      lease_held=v.lease_held)
     if s.lease_expires_at:
         msg.lease_expires_at.CopyFrom(ts(s.lease_expires_at))
     if s.stopped_at:
@@ -455,9 +457,25 @@ def session_from_pb(msg: cpb.Session) -> SessionView:
     s = Session(msg.session_id, msg.window, dict(msg.labels),
                 SESSION_STATE_FROM_PB.get(msg.state, SessionState.ACTIVE), msg.ttl_seconds,
                 seconds(msg.lease_expires_at) if msg.HasField("lease_expires_at") else 0.0,
-                msg.stop_cause, seconds(msg.created_at), seconds(msg.stopped_at))
+                msg.stop_cause, seconds(msg.created_at), seconds(msg.stopped_at),
+                msg.lease_grace_seconds)
     return SessionView(s, tuple(entry_from_pb(g) for g in msg.groups), msg.group_count,
-                       msg.live_count)
+                       msg.live_count, msg.lease_held)
+
+
+def lease_state_to_pb(st: LeaseState) -> cpb.LeaseState:
+    return cpb.LeaseState(
+        session_id=st.session_id,
+        status=cpb.LEASE_STATUS_HELD if st.held else cpb.LEASE_STATUS_ENDED,
+        resume_token=st.resume_token, lease_grace_seconds=st.grace,
+        renew_interval_seconds=st.renew_interval, renew_timeout_seconds=st.renew_timeout,
+        resumed=st.resumed, renewals=st.renewals, stop_cause=st.stop_cause)
+
+
+def lease_state_from_pb(msg: cpb.LeaseState) -> LeaseState:
+    return LeaseState(msg.session_id, msg.status == cpb.LEASE_STATUS_HELD, msg.resume_token,
+                      msg.lease_grace_seconds, msg.renew_interval_seconds,
+                      msg.renew_timeout_seconds, msg.resumed, msg.renewals, msg.stop_cause)
 
 
 def report_to_pb(r: SessionReport) -> cpb.SessionReport:
