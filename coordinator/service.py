@@ -254,8 +254,8 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
             why = holder.why
             if why == lease_reasons.STOPPED:
                 yield lease_state_to_pb(c.leases.state(holder))
-            elif why == lease_reasons.TAKEN_OVER:
-                await context.abort(grpc.StatusCode.ABORTED,
+            elif why == lease_reasons.TAKEN_OVER:  # final: the client must not take it back
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"the lease of session {holder.session_id!r} was taken "
                                     "over by another stream with its resume token")
             elif why == lease_reasons.TIMED_OUT:

@@ -188,4 +188,7 @@ def session_dict(v: SessionView) -> dict[str, Any]:
     }
     if s.lease_expires_at:
         out["lease_expires_in_seconds"] = round(s.lease_expires_at - time.time(), 1)
+    if s.lease_grace:  # a stream lease (OpenLease): its grace, and whether a stream holds it
+        out["lease_grace_seconds"] = s.lease_grace
+        out["lease_held"] = v.lease_held
     return out
