@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 RECONNECT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                        grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
                        grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
+#: Codes of a stream that broke without a verdict: tried again like an unreachable one.
+BROKEN = frozenset({grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
+                    grpc.StatusCode.INTERNAL})
 #: How long one attempt to open a stream may take.
 OPEN_TIMEOUT = 5.0
 BACKOFF_MAX = 0.5
@@ -177,14 +180,18 @@ class AsyncWindow:
 
     async def _connect(self) -> tuple[Any, LeaseState]:
         """One stream, through to its first answer; follows the leader like other calls."""
-        from tether.client.aio import _Route
+        from tether.client.aio import CoordinatorUnreachable, _Route
 
         route = _Route(self.client, "OpenLease")
         while True:
             try:
                 return await self._open_once(self.client._stub)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                code = exc.code()
+                if code in BROKEN:  # e.g. a write that met a standby's refusal (#36066)
+                    raise CoordinatorUnreachable(self.client.address,
+                                                 f"{code.name}: {exc.details()}") from exc
+                if code != grpc.StatusCode.UNAVAILABLE:
                     raise self.client._error(exc, "OpenLease", OPEN_TIMEOUT) from exc
                 await route.next(exc)
 
@@ -199,7 +206,9 @@ class AsyncWindow:
                 headers = await call.initial_metadata()
                 # Write only into an admitted call (grpc/grpc#36066).
                 if any(k == ADMITTED_HEADER for k, _ in headers or ()):
-                    await call.write(req)
+                    # Admitted, then perhaps turned away (a standby): read says how.
+                    with contextlib.suppress(asyncio.InvalidStateError):
+                        await call.write(req)
                 msg = await call.read()
         except TimeoutError:
             call.cancel()
@@ -228,6 +237,8 @@ class AsyncWindow:
                     return
                 log.info("window %r: lease stream broke (%s: %s); reconnecting",
                          self.session, exc.code().name, exc.details())
+            except (asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
+                log.info("window %r: lease stream broke (%s); reconnecting", self.session, exc)
             if self.lost or self._closing:
                 return
             if not await self._reconnect(self._heard + self.state.grace):
@@ -262,8 +273,8 @@ class AsyncWindow:
                     return
         finally:
             writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError,
-                                     grpc.aio.UsageError):
+            with contextlib.suppress(asyncio.CancelledError, asyncio.InvalidStateError,
+                                     grpc.aio.AioRpcError, grpc.aio.UsageError):
                 await writer
 
     async def _reconnect(self, deadline: float) -> bool:
