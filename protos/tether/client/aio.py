@@ -75,6 +75,8 @@ T = TypeVar("T")
 
 
 class CoordinatorUnreachable(TetherError):
+    """No coordinator answered (``address``: the one, or the several, tried; ``why``)."""
+
     def __init__(self, address: str, why: str) -> None:
         if "," in address:  # several coordinators sharing a store
             super().__init__(f"no leader among coordinators {address} ({why}); see "
@@ -125,6 +127,8 @@ PROBE_EVERY = 2.0
 
 
 class TimedOut(TetherError):
+    """A call did not answer within its timeout; the coordinator may still be at it."""
+
     def __init__(self, address: str, what: str, timeout: float | None) -> None:
         after = f" within {timeout:g} s" if timeout else ""
         super().__init__(f"{what} on coordinator {address} did not answer{after}; it may "
@@ -209,6 +213,7 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        """Close the client's channels (``async with`` does it on leaving)."""
         for channel in self._channels:
             await channel.close()
 
@@ -318,6 +323,8 @@ class AsyncClient:
                     grace: float | None = None, orphan_policy: str = "kill",
                     start_time: float | None = None, timeout: float | None = None
                     ) -> GroupEntry:
+        """Put a running process tree (``pid``, its leader) under tether's care, in
+        ``session``, on ``agent``; ``start_time`` guards against a reused pid."""
         if not 0 < pid < 2**31:
             raise InvalidSpec(f"pid {pid} is not a process id; give the pid of the tree's "
                               "leader (1 to 2147483647)", field="pid")
@@ -383,12 +390,15 @@ class AsyncClient:
                                                        deadline))
 
     async def session(self, session: str, *, timeout: float | None = None) -> SessionView:
+        """One session with its groups (``SessionNotFound`` if unknown)."""
         req = cpb.GetSessionRequest(session_id=session)
         return session_from_pb(await self._session_call("GetSession", self._stub.GetSession,
                                                         req, session, timeout or 10))
 
     async def sessions(self, *, include_stopped: bool = False, include_groups: bool = False,
                        timeout: float | None = None) -> list[SessionView]:
+        """Every session (active ones, or all with ``include_stopped``), fetched page by
+        page; with ``include_groups``, each with its groups."""
         out: list[SessionView] = []
         token = ""
         while True:  # page by page: a long history never needs one huge message
@@ -405,6 +415,7 @@ class AsyncClient:
     async def create_session(self, session: str, *, window: str = "",
                              labels: dict[str, str] | None = None, ttl: float = 0.0,
                              timeout: float | None = None) -> SessionView:
+        """Create a session (or a new run of a stopped one), with a TTL lease if ``ttl``."""
         req = cpb.CreateSessionRequest(session_id=session, window=window, labels=labels or {},
                                        ttl_seconds=ttl)
         return session_from_pb(await self._call("CreateSession", self._stub.CreateSession, req,
@@ -427,6 +438,9 @@ class AsyncClient:
 
     async def keepalive(self, session: str, ttl: float, *, timeout: float | None = None
                         ) -> SessionView:
+        """Renew (or set) a session's TTL lease: it is stopped if not renewed within
+        ``ttl`` seconds (cause ``lease_expired``). For clients that cannot hold a stream;
+        ``window`` is the lease that ends with the client's connection."""
         req = cpb.KeepAliveRequest(session_id=session, ttl_seconds=ttl)
         return session_from_pb(await self._session_call("KeepAlive", self._stub.KeepAlive,
                                                         req, session, timeout or 10))
@@ -489,6 +503,7 @@ class AsyncClient:
     # ------------------------------------------------------------ agents
 
     async def agents(self, *, timeout: float | None = None) -> list[AgentState]:
+        """The registered agents, each with whether it is up."""
         reply = await self._call("ListAgents", self._stub.ListAgents, cpb.ListAgentsRequest(),
                                  timeout or 10)
         return [agent_from_pb(a) for a in reply.agents]
@@ -503,6 +518,7 @@ class AsyncClient:
 
     async def orphans(self, *, sweep: bool = False, timeout: float | None = None
                       ) -> OrphanReport:
+        """Live processes of agents that belong to no live group (``sweep``: kill them)."""
         reply = await self._call("ListOrphans", self._stub.ListOrphans,
                                  cpb.CoordinatorListOrphansRequest(sweep=sweep), timeout or 30)
         return OrphanReport(tuple(orphan_from_pb(o) for o in reply.orphans),

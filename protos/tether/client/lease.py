@@ -106,6 +106,7 @@ class AsyncWindow:
 
     @property
     def lost(self) -> bool:
+        """The lease is over (``lost_why`` says why): spawns raise ``LeaseLost``."""
         return self._lost.is_set()
 
     async def __aenter__(self) -> AsyncWindow:
@@ -126,6 +127,7 @@ class AsyncWindow:
         return await self.client.spawn(argv, session=self.session, **options)
 
     async def view(self) -> SessionView:
+        """The window's session as the coordinator shows it (``lease_held``, groups)."""
         return await self.client.session(self.session)
 
     async def wait_lost(self) -> str:

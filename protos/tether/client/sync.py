@@ -57,6 +57,7 @@ class Client:
 
     @property
     def aio(self) -> AsyncClient:
+        """The ``AsyncClient`` underneath (its calls run on this client's thread)."""
         return self._async
 
     def spawn(self, argv: Sequence[str] | GroupSpec, **kw: Any) -> GroupEntry:
@@ -155,6 +156,7 @@ class Window:
 
     @property
     def session(self) -> str:
+        """The session this window holds."""
         return self.aio.session
 
     @property
@@ -164,6 +166,7 @@ class Window:
 
     @property
     def state(self) -> LeaseState | None:
+        """The last lease state the coordinator sent."""
         return self.aio.state
 
     @property
