@@ -264,7 +264,7 @@ class Coordinator:
         spec = t.view.spec
         return GroupReport(t.group_id, spec.label, t.agent, spec.target or "local", e.state,
                            t.view.exit, t.error, members_signalled, spec.stop_order, t.attempts,
-                           e.unreachable, t.view.restarts)
+                           e.unreachable, t.view.restarts, spec.traceparent)
 
     def session_report(self, session_id: str, complete: bool) -> SessionReport:
         groups = sorted(self.session_groups(session_id),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
@@ -13,9 +14,10 @@ import grpc
 from tether.coordinator import leases as lease_reasons
 from tether.coordinator.core import Coordinator
 from tether.coordinator.leases import OPEN_WITHIN, Holder
+from tether.core import trace
 from tether.core.audit import MAX_READ, AuditEntry, AuditLog
 from tether.core.errors import InvalidSpec, NotFound, TetherError
-from tether.core.model import Containment, check_name, check_seconds
+from tether.core.model import Containment, GroupSpec, check_name, check_seconds
 from tether.core.sessions import MAX_TTL, AgentInfo
 from tether.rpc.auth import Caller, audit_entry, current_caller
 from tether.rpc.convert import (
@@ -135,8 +137,14 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
 
     @unary
     async def Spawn(self, request: cpb.CoordinatorSpawnRequest, context: Any) -> pb.Group:
-        agent, view = await self.c.fanout.spawn(request.agent, spec_from_pb(request.spec),
-                                                request.idempotency_key)
+        spec = traced(spec_from_pb(request.spec), context)
+        with trace.span("tether.spawn", spec.traceparent, session=spec.session_id,
+                        label=spec.label, agent=request.agent) as sp:
+            agent, view = await self.c.fanout.spawn(request.agent, spec,
+                                                    request.idempotency_key)
+            if sp is not None:
+                sp.set_attributes({"tether.group_id": view.group_id, "tether.agent": agent,
+                                   "tether.state": view.state.value})
         msg = group_to_pb(view, redact=False)  # the caller sent the environment
         msg.agent = agent
         return msg
@@ -168,10 +176,13 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
         grace = request.grace_seconds if request.HasField("grace_seconds") else None
         wait = _answer_within(context, STOP_ANSWER_WITHIN)
         selector = selector_from_pb(request.selector)
-        if not selector.everything:
-            return report_to_pb(await self.c.fanout.stop_groups(request.session_id, selector,
-                                                                grace, wait))
-        return report_to_pb(await self.c.fanout.stop_session(request.session_id, grace, wait))
+        tp = trace.from_metadata(context.invocation_metadata(), "a StopSession call")
+        with trace.span("tether.stop.request", tp, session=request.session_id):
+            if not selector.everything:
+                return report_to_pb(await self.c.fanout.stop_groups(
+                    request.session_id, selector, grace, wait))
+            return report_to_pb(await self.c.fanout.stop_session(request.session_id, grace,
+                                                                 wait))
 
     @unary
     async def RestartGroups(self, request: cpb.RestartGroupsRequest, context: Any
@@ -342,6 +353,13 @@ async def _renewals(holder: Holder, requests: AsyncIterator[cpb.LeaseRequest]
                 yield None
     finally:
         ended.cancel()
+
+
+def traced(spec: GroupSpec, context: Any) -> GroupSpec:
+    """The spec with the caller's traceparent (gRPC metadata ``traceparent``, checked; a
+    malformed one is logged and dropped), which wins over one inside the spec."""
+    tp = trace.from_metadata(context.invocation_metadata(), "a Spawn call")
+    return dataclasses.replace(spec, traceparent=tp) if tp else spec
 
 
 def _answer_within(context: Any, ceiling: float | None) -> float | None:

@@ -128,6 +128,9 @@ def run_daemon(args: argparse.Namespace) -> int:
     from tether.rpc.daemon import Shutdown, capture_signals
 
     setup_logging(args.log_level, args.log_format)
+    from tether.core import trace
+
+    trace.setup(f"tether-{args.command}")  # spans, only with the extra tether[otel]
     state_dir = os.path.abspath(args.state_dir or default_state_dir())
 
     async def main() -> None:

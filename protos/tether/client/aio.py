@@ -29,6 +29,7 @@ import grpc
 
 from tether.client.lease import AsyncWindow
 from tether.client.spec import build_spec
+from tether.core import trace
 from tether.core.audit import AuditEntry
 from tether.core.errors import (
     InvalidSpec,
@@ -160,6 +161,18 @@ def _selector(groups: Sequence[str], labels: Sequence[str]) -> cpb.GroupSelector
     return selector_to_pb(GroupSelector(tuple(groups), tuple(labels)))
 
 
+def _traceparent(given: str | None) -> str:
+    """The traceparent a call carries: the one given (checked: a malformed one is refused
+    here, the caller's mistake), else this process's TRACEPARENT if valid, else none."""
+    if given is None:
+        env = os.environ.get(trace.ENV, "")
+        return env if trace.valid(env) else ""
+    if given and not trace.valid(given):
+        raise InvalidSpec(f"traceparent {given[:80]!r} is not a W3C traceparent "
+                          "(00-<32 hex>-<16 hex>-<2 hex>, lower case)", field="traceparent")
+    return given
+
+
 def default_address() -> str:
     return os.environ.get("TETHER_COORDINATOR") or DEFAULT_ADDRESS
 
@@ -218,7 +231,7 @@ class AsyncClient:
             await channel.close()
 
     async def _call(self, what: str, call: Callable[..., Awaitable[T]], request: Any,
-                    timeout: float | None) -> T:
+                    timeout: float | None, traceparent: str = "") -> T:
         """One call to the leader: method ``what`` of whichever coordinator leads (``call``,
         the current one's, names the same method)."""
         timeout = timeout if timeout is not None else self.timeout
@@ -231,7 +244,10 @@ class AsyncClient:
             address = self.address
             try:
                 method: Callable[..., Any] = getattr(self._stub, what)
-                pending = method(request, timeout=left, metadata=route.metadata())
+                md = route.metadata() or ()
+                if traceparent:
+                    md = (*md, (trace.HEADER, traceparent))
+                pending = method(request, timeout=left, metadata=md or None)
                 if not self._several(address):
                     return await pending  # type: ignore[no-any-return]
                 return await self._watched(  # type: ignore[no-any-return]
@@ -298,9 +314,14 @@ class AsyncClient:
 
     async def spawn(self, argv: Sequence[str] | GroupSpec, *, session: str = "",
                     agent: str = "", idempotency_key: str = "", timeout: float | None = None,
-                    **options: Any) -> GroupEntry:
+                    traceparent: str | None = None, **options: Any) -> GroupEntry:
         """Start a group; returns it once running. A start failure raises ``StartFailed``
-        (``.failure``, ``.message``, and ``.group``: the failed group's entry)."""
+        (``.failure``, ``.message``, and ``.group``: the failed group's entry).
+
+        ``options`` go to ``build_spec``. ``traceparent``: the W3C trace context the
+        group is started under (its processes get it as ``TRACEPARENT``; it is on the
+        group's events and records); default: this process's ``TRACEPARENT`` variable,
+        ``""`` for none. A malformed one raises ``InvalidSpec`` here."""
         spec = argv if isinstance(argv, GroupSpec) else build_spec(argv, session=session,
                                                                     **options)
         if not spec.session_id:
@@ -311,7 +332,8 @@ class AsyncClient:
                                           idempotency_key=idempotency_key or
                                           f"auto-{secrets.token_hex(12)}")
         deadline = timeout if timeout is not None else self.timeout or spec.start_timeout + 60
-        entry = entry_from_pb(await self._call("Spawn", self._stub.Spawn, req, deadline))
+        entry = entry_from_pb(await self._call("Spawn", self._stub.Spawn, req, deadline,
+                                               _traceparent(traceparent)))
         if entry.state is GroupState.FAILED and entry.view.exit is not None:
             rec = entry.view.exit
             failed = StartFailed(rec.failure or FailureClass.IMMEDIATE_CRASH, rec.message)
@@ -349,15 +371,18 @@ class AsyncClient:
 
     async def stop(self, session: str, *, grace: float | None = None,
                    groups: Sequence[str] = (), labels: Sequence[str] = (),
-                   timeout: float | None = None) -> SessionReport:
+                   timeout: float | None = None, traceparent: str | None = None
+                   ) -> SessionReport:
         """Stop a session; returns once every group has a record (``complete``), or with
         what is known when ``timeout`` ends (the stop goes on in the coordinator). With
-        ``groups``/``labels``, stop only those groups: the session stays active."""
+        ``groups``/``labels``, stop only those groups: the session stays active.
+        ``traceparent``: as for ``spawn`` (the stop's spans join that trace)."""
         req = cpb.StopSessionRequest(session_id=session, selector=_selector(groups, labels))
         if grace is not None:
             req.grace_seconds = grace
         return report_from_pb(await self._session_call("StopSession", self._stub.StopSession,
-                                                       req, session, timeout))
+                                                       req, session, timeout,
+                                                       _traceparent(traceparent)))
 
     async def restart(self, session: str, *, groups: Sequence[str] = (),
                       labels: Sequence[str] = (), grace: float | None = None,
@@ -492,9 +517,9 @@ class AsyncClient:
         return None if msg is grpc.aio.EOF else msg
 
     async def _session_call(self, what: str, call: Callable[..., Awaitable[T]], request: Any,
-                            session: str, timeout: float | None) -> T:
+                            session: str, timeout: float | None, traceparent: str = "") -> T:
         try:
-            return await self._call(what, call, request, timeout)
+            return await self._call(what, call, request, timeout, traceparent)
         except NotFound as exc:
             if str(exc) != str(SessionNotFound(session)):
                 raise  # something else was not found (a group or label of the session)

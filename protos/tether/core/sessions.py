@@ -155,6 +155,8 @@ class GroupReport:
     unreachable: bool = False
     #: Runs started after the first (restart policy, liveness, restart requests).
     restarts: int = 0
+    #: The W3C traceparent the group was started under ("" if none).
+    traceparent: str = ""
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from tether.core import trace
 from tether.core.audit import AuditEntry
 from tether.core.errors import InvalidSpec
 from tether.core.model import (
@@ -144,6 +145,7 @@ def spec_from_pb(msg: pb.GroupSpec) -> GroupSpec:
         plugins=not msg.no_plugins,
         liveness=_liveness_from_pb(msg),
         restart=_restart_from_pb(msg),
+        traceparent=trace.checked(msg.traceparent, "a request's spec"),
     )
 
 
@@ -241,6 +243,7 @@ def spec_to_pb(spec: GroupSpec, *, redact: bool = False) -> pb.GroupSpec:
         msg.restart = RESTART_TO_PB[spec.restart.mode]
         msg.restart_max = spec.restart.limit
         msg.restart_window_seconds = spec.restart.window
+    msg.traceparent = spec.traceparent
     return msg
 
 
@@ -485,7 +488,8 @@ def report_to_pb(r: SessionReport) -> cpb.SessionReport:
                               target=g.target, state=_shown_state(g.state, g.unreachable),
                               error=g.error,
                               members_signalled=g.members_signalled, stop_order=g.stop_order,
-                              attempts=g.attempts, restarts=g.restarts)
+                              attempts=g.attempts, restarts=g.restarts,
+                              traceparent=g.traceparent)
         if g.exit is not None:
             msg.exit.CopyFrom(exit_to_pb(g.exit))
         groups.append(msg)
@@ -499,7 +503,7 @@ def report_from_pb(msg: cpb.SessionReport) -> SessionReport:
                     STATE_FROM_PB.get(g.state, GroupState.RUNNING),
                     exit_from_pb(g.exit) if g.HasField("exit") else None, g.error,
                     g.members_signalled, g.stop_order, g.attempts,
-                    g.state == pb.GROUP_STATE_UNREACHABLE, g.restarts)
+                    g.state == pb.GROUP_STATE_UNREACHABLE, g.restarts, g.traceparent)
         for g in msg.groups), msg.complete, msg.stop_cause)
 
 
