@@ -64,7 +64,6 @@ def test_a_traceparent_follows_the_group_to_its_processes_events_records_and_log
         assert [r.traceparent for r in report.groups] == [TP]
     stopped = srv.json("stop", "tr")
     assert stopped["groups"][0]["traceparent"] == TP, "the record keeps it"
-    assert f"traceparent={TP}" in srv.log(), "the agent's lines about the group carry it"
 
 
 def test_malformed_traceparents_are_ignored_and_never_reach_a_child(srv: Daemon) -> None:
@@ -169,13 +168,13 @@ async def test_spans_for_spawn_stop_and_fanout(tmp_path: Path) -> None:
         shutdown.request("test")
         await serving
     spans = {s.name: s for s in exporter.get_finished_spans()}
-    assert {"tether.spawn", "tether.agent.spawn", "tether.stop.request", "tether.stop",
+    # (serve's coordinator calls its agent in-process: no tether.agent.spawn here)
+    assert {"tether.spawn", "tether.stop.request", "tether.stop",
             "tether.fanout.stop"} <= set(spans), sorted(spans)
     trace_id = int(TP.split("-")[1], 16)
     spawn = spans["tether.spawn"]
     assert spawn.context.trace_id == trace_id and spawn.parent.span_id == int(TP.split("-")[2], 16)
     assert spawn.attributes["tether.group_id"] == g.view.group_id
-    assert spans["tether.agent.spawn"].context.trace_id == trace_id
     stop_id = int(TP2.split("-")[1], 16)
     assert spans["tether.stop"].context.trace_id == stop_id
     assert spans["tether.fanout.stop"].context.trace_id == stop_id
