@@ -154,6 +154,11 @@ class AsyncWindow:
             if not self.lost and self.state is not None:
                 self.report = await self.client.stop(self.session, grace=self.stop_grace,
                                                      timeout=self.stop_timeout)
+                holding = self._holding
+                if holding is not None:  # the stream's last answer ("stopped") and its end
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.state.renew_timeout):
+                            await asyncio.shield(holding)
         except TetherError as exc:
             error = exc
             log.warning("window %r: could not stop the session (%s); its lease stream ends "
@@ -272,6 +277,13 @@ class AsyncWindow:
                 self.state = lease_state_from_pb(msg)
                 if not self.state.held:
                     self._mark_lost(f"the session stopped ({self.state.stop_cause or 'stopped'})")
+                    # Read to the stream's end: once it came, the coordinator has let the
+                    # stream go (it no longer counts against this credential's streams).
+                    with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError,
+                                             asyncio.InvalidStateError, grpc.aio.UsageError):
+                        async with asyncio.timeout(state.renew_timeout):
+                            while await call.read() is not grpc.aio.EOF:
+                                pass
                     return
         finally:
             writer.cancel()
