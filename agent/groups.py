@@ -74,7 +74,8 @@ class Group:
         self.stop_requested = asyncio.Event()
         self.empty = asyncio.Event()
         self.ended = asyncio.Event()
-        self.log = GroupLog(log, {"group": group_id, "session": spec.session_id})
+        self.log = GroupLog(log, {"group": group_id, "session": spec.session_id,
+                                  "traceparent": spec.traceparent})
         #: What it runs with beyond its spec (plugin changes, user, ports, limits).
         self.context = RunContext()
         #: The user it runs as (``--user``), resolved on this host.
@@ -118,7 +119,8 @@ class Group:
         self.handle = handle
         self.containment = handle.containment
         self.log = GroupLog(log, {"group": self.group_id, "session": self.spec.session_id,
-                                  "pid": handle.leader_pid})
+                                  "pid": handle.leader_pid,
+                                  "traceparent": self.spec.traceparent})
 
     def view(self, member_count: int = 0) -> GroupView:
         h = self.handle

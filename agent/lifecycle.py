@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from tether.agent.groups import Group, GroupTable
 from tether.agent.hooks import Hooks
+from tether.core import trace
 from tether.core.errors import TetherError
 from tether.core.events import Broadcaster
 from tether.core.model import (
@@ -133,6 +134,7 @@ def build_launch(marker: str, group_id: str, spec: GroupSpec, where: str,
     if user is not None:
         env.update(HOME=user.home, USER=user.name, LOGNAME=user.name)
     env.update(spec.env)
+    env.update(trace.child_env(spec.env, spec.traceparent))
     if context is not None:
         env.update(context.port_env())
     env[MARKER_ENV] = group_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -11,6 +12,7 @@ import grpc
 
 import tether
 from tether.agent.authority import Authority
+from tether.core import trace
 from tether.core.errors import InvalidSpec
 from tether.core.model import GroupEvent, StopOverride, parse_signal
 from tether.core.sessions import Orphan
@@ -46,8 +48,13 @@ class AgentServicer(agrpc.AgentServiceServicer):
 
     @unary
     async def Spawn(self, request: apb.SpawnRequest, context: Any) -> apb.SpawnResponse:
-        view = await self.authority.spawn(spec_from_pb(request.spec), request.idempotency_key,
-                                          request.group_id)
+        spec = spec_from_pb(request.spec)
+        tp = trace.from_metadata(context.invocation_metadata(), "a Spawn call")
+        if tp:
+            spec = dataclasses.replace(spec, traceparent=tp)
+        with trace.span("tether.agent.spawn", spec.traceparent, session=spec.session_id,
+                        label=spec.label, group_id=request.group_id):
+            view = await self.authority.spawn(spec, request.idempotency_key, request.group_id)
         # The caller sent the environment: it may have it back.
         return apb.SpawnResponse(group=group_to_pb(view, redact=False))
 

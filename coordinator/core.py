@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from tether.coordinator.agent_client import AgentClient
 from tether.coordinator.agents import Agents
 from tether.coordinator.fanout import Fanout
+from tether.coordinator.leases import Leases
 from tether.coordinator.model import InFlight, TrackedGroup
 from tether.coordinator.sessions import Sessions
 from tether.coordinator.spawns import adopt_spawns
@@ -75,6 +76,9 @@ class CoordinatorConfig:
     retain_stopped: float = 7 * 24 * 3600.0
     #: At most this many stopped sessions are kept (oldest dropped first).
     retain_max_stopped: int = 10000
+    #: Lease streams (OpenLease) open at once: per credential, and in all.
+    max_lease_streams_per_credential: int = 1000
+    max_lease_streams: int = 10000
 
 
 class CoordinatorHooks:
@@ -119,6 +123,7 @@ class Coordinator:
             on_written=self._written)
         self.agents = Agents(self)
         self.sessions = Sessions(self)
+        self.leases = Leases(self)
         self.fanout = Fanout(self)
         self._intents: list[StopIntent] = []
         self._spawns: list[SpawnIntent] = []
@@ -160,6 +165,7 @@ class Coordinator:
         self._intents = []
 
     async def close(self) -> None:
+        self.leases.close()
         await self.tasks.cancel_all()
         await self.agents.close()
         self.events.close()
@@ -266,7 +272,7 @@ class Coordinator:
         spec = t.view.spec
         return GroupReport(t.group_id, spec.label, t.agent, spec.target or "local", e.state,
                            t.view.exit, t.error, members_signalled, spec.stop_order, t.attempts,
-                           e.unreachable, t.view.restarts)
+                           e.unreachable, t.view.restarts, spec.traceparent)
 
     def session_report(self, session_id: str, complete: bool) -> SessionReport:
         groups = sorted(self.session_groups(session_id),

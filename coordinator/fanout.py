@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from tether.coordinator import spawns
 from tether.coordinator.agents import AgentLink
 from tether.coordinator.model import InFlight, TrackedGroup
+from tether.core import trace
 from tether.core.errors import (
     Conflict,
     IdempotencyConflict,
@@ -267,6 +268,16 @@ class Fanout:
             return self.c.session_report(session_id, complete=False)
 
     async def _run_stop(self, session_id: str, grace: float | None) -> SessionReport:
+        s = self.c.sessions.find(session_id)
+        with trace.span("tether.stop", session=session_id,
+                        cause=s.stop_cause if s is not None else "") as sp:
+            report = await self._run_stop_traced(session_id, grace)
+            if sp is not None:
+                sp.set_attributes({"tether.groups": len(report.groups),
+                                   "tether.clean": report.clean})
+            return report
+
+    async def _run_stop_traced(self, session_id: str, grace: float | None) -> SessionReport:
         t0 = time.monotonic()
         try:
             await self.c.durable()  # the intent is stored before any agent stops anything
@@ -442,7 +453,9 @@ class Fanout:
                     if isinstance(t, TrackedGroup) and not t.ended:
                         self.c.mark_lost(t, f"agent {agent!r} is not registered any more")
                 return
-            pending = await self._stop_batch(link, pending, override)
+            with trace.span("tether.fanout.stop", agent=agent, groups=len(pending),
+                            attempt=attempts):
+                pending = await self._stop_batch(link, pending, override)
             if not pending:
                 return
             tracked = [t for t in pending if isinstance(t, TrackedGroup)]

@@ -86,6 +86,12 @@ MIGRATIONS: Sequence[str] = (
     INSERT INTO tether_meta VALUES ('lineage', substr(md5(random()::text ||
                                                          clock_timestamp()::text), 1, 16))
     """,
+    # 2: stream leases (OpenLease): the grace and the resume token's hash, so the next
+    # leader gives the owner its grace to come back.
+    """
+    ALTER TABLE tether_sessions ADD COLUMN lease_grace double precision NOT NULL DEFAULT 0;
+    ALTER TABLE tether_sessions ADD COLUMN lease_token text NOT NULL DEFAULT ''
+    """,
 )
 VERSION = len(MIGRATIONS)
 #: pg_advisory_xact_lock key for migrations ("tether" in ASCII).

@@ -23,7 +23,7 @@ from tether.v1 import coordinator_pb2 as cpb
 AGENT_COLUMNS = ("name", "address", "containment", "version", "epoch", "last_seen", "instance",
                  "credential")
 SESSION_COLUMNS = ("session_id", "window", "labels", "state", "ttl", "lease_expires_at",
-                   "stop_cause", "created_at", "stopped_at")
+                   "stop_cause", "created_at", "stopped_at", "lease_grace", "lease_token")
 GROUP_COLUMNS = ("agent", "group_id", "session_id", "idempotency_key", "group_pb", "error",
                  "fingerprint", "attempts")
 INTENT_COLUMNS = ("session_id", "grace", "cause", "created_at")
@@ -49,12 +49,13 @@ def agent_of(r: Sequence[Any]) -> AgentInfo:
 
 def session_row(s: Session) -> Row:
     return (s.session_id, s.window, json.dumps(s.labels), s.state.value, s.ttl,
-            s.lease_expires_at, s.stop_cause, s.created_at, s.stopped_at)
+            s.lease_expires_at, s.stop_cause, s.created_at, s.stopped_at, s.lease_grace,
+            s.lease_token)
 
 
 def session_of(r: Sequence[Any]) -> Session:
     return Session(r[0], r[1], json.loads(r[2]), SessionState(r[3]), r[4], r[5], r[6], r[7],
-                   r[8])
+                   r[8], r[9], r[10])
 
 
 def group_row(t: TrackedGroup) -> Row:

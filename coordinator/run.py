@@ -53,6 +53,8 @@ class CoordinatorDaemonConfig:
     auth: ServerAuth = field(default_factory=ServerAuth)
     dial: ClientSecurity = field(default_factory=ClientSecurity)
     retain_stopped: float = 7 * 24 * 3600.0
+    #: Lease streams one credential may hold open at once (ten times this in all).
+    max_lease_streams: int = 1000
     #: A PostgreSQL URL shared by several coordinators (one leads); empty: SQLite in
     #: state_dir, this coordinator alone.
     store: str = ""
@@ -125,7 +127,9 @@ def make_coordinator(cfg: CoordinatorDaemonConfig, store: Store, metrics: Coordi
     return Coordinator(
         CoordinatorConfig(state_dir=cfg.state_dir, heartbeat_interval=cfg.heartbeat_interval,
                           agent_ttl=cfg.agent_ttl, local_agent=local_agent, connect=connect,
-                          retain_stopped=cfg.retain_stopped),
+                          retain_stopped=cfg.retain_stopped,
+                          max_lease_streams_per_credential=cfg.max_lease_streams,
+                          max_lease_streams=10 * cfg.max_lease_streams),
         store, metrics, lead.term if lead is not None else None)
 
 

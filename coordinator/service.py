@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import grpc
 
+from tether.coordinator import leases as lease_reasons
 from tether.coordinator.core import Coordinator
+from tether.coordinator.leases import OPEN_WITHIN, Holder
+from tether.core import trace
 from tether.core.audit import MAX_READ, AuditEntry, AuditLog
-from tether.core.errors import InvalidSpec, NotFound
-from tether.core.model import Containment, check_name, check_seconds
+from tether.core.errors import InvalidSpec, NotFound, TetherError
+from tether.core.model import Containment, GroupSpec, check_name, check_seconds
 from tether.core.sessions import MAX_TTL, AgentInfo
-from tether.rpc.auth import current_caller
+from tether.rpc.auth import Caller, audit_entry, current_caller
 from tether.rpc.convert import (
     CONTAINMENT_FROM_PB,
     agent_to_pb,
     audit_event_to_pb,
     group_to_pb,
+    lease_state_to_pb,
     orphan_to_pb,
     port_owner_to_pb,
     report_to_pb,
@@ -27,7 +34,7 @@ from tether.rpc.convert import (
     session_to_pb,
     spec_from_pb,
 )
-from tether.rpc.status import stream, subscribed, unary
+from tether.rpc.status import status_for, stream, subscribed, unary
 from tether.v1 import common_pb2 as pb
 from tether.v1 import coordinator_pb2 as cpb
 from tether.v1 import coordinator_pb2_grpc as cgrpc
@@ -130,8 +137,14 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
 
     @unary
     async def Spawn(self, request: cpb.CoordinatorSpawnRequest, context: Any) -> pb.Group:
-        agent, view = await self.c.fanout.spawn(request.agent, spec_from_pb(request.spec),
-                                                request.idempotency_key)
+        spec = traced(spec_from_pb(request.spec), context)
+        with trace.span("tether.spawn", spec.traceparent, session=spec.session_id,
+                        label=spec.label, agent=request.agent) as sp:
+            agent, view = await self.c.fanout.spawn(request.agent, spec,
+                                                    request.idempotency_key)
+            if sp is not None:
+                sp.set_attributes({"tether.group_id": view.group_id, "tether.agent": agent,
+                                   "tether.state": view.state.value})
         msg = group_to_pb(view, redact=False)  # the caller sent the environment
         msg.agent = agent
         return msg
@@ -163,10 +176,13 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
         grace = request.grace_seconds if request.HasField("grace_seconds") else None
         wait = _answer_within(context, STOP_ANSWER_WITHIN)
         selector = selector_from_pb(request.selector)
-        if not selector.everything:
-            return report_to_pb(await self.c.fanout.stop_groups(request.session_id, selector,
-                                                                grace, wait))
-        return report_to_pb(await self.c.fanout.stop_session(request.session_id, grace, wait))
+        tp = trace.from_metadata(context.invocation_metadata(), "a StopSession call")
+        with trace.span("tether.stop.request", tp, session=request.session_id):
+            if not selector.everything:
+                return report_to_pb(await self.c.fanout.stop_groups(
+                    request.session_id, selector, grace, wait))
+            return report_to_pb(await self.c.fanout.stop_session(request.session_id, grace,
+                                                                 wait))
 
     @unary
     async def RestartGroups(self, request: cpb.RestartGroupsRequest, context: Any
@@ -199,6 +215,78 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
         await subscribed(context, self.c.events.seq, self.c.epoch)
         async for event in events:
             yield session_event_to_pb(event, self.c.epoch)
+
+    @stream
+    async def OpenLease(self, requests: AsyncIterator[cpb.LeaseRequest], context: Any
+                        ) -> AsyncIterator[cpb.LeaseState]:
+        c = self.c  # the coordinator of this term, even if another one serves later
+        caller = current_caller()
+        c.leases.admit(caller.credential)
+        try:
+            async with contextlib.aclosing(self._lease(c, requests, context, caller)) as out:
+                async for msg in out:
+                    yield msg
+        finally:
+            c.leases.leave(caller.credential)
+
+    async def _lease(self, c: Coordinator, requests: AsyncIterator[cpb.LeaseRequest],
+                     context: Any, caller: Caller) -> AsyncGenerator[cpb.LeaseState, None]:
+        it = aiter(requests)
+        try:
+            async with asyncio.timeout(OPEN_WITHIN):
+                first = await anext(it)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"OpenLease: no opening message within {OPEN_WITHIN:g} s; send "
+                                "the session_id (and resume_token) first")
+        grace = first.lease_grace_seconds if first.HasField("lease_grace_seconds") else None
+        try:
+            holder, state = c.leases.open(first.session_id, window=first.window,
+                                          labels=dict(first.labels), grace=grace,
+                                          token=first.resume_token,
+                                          credential=caller.credential)
+        except TetherError as exc:
+            self._audit_lease(caller, first, exc)
+            raise
+        self._audit_lease(caller, first, None)
+        holder.task = asyncio.current_task()
+        try:
+            await c.durable()  # the lease (and its token's hash) survives a restart
+            holder.writing = True
+            yield lease_state_to_pb(state)
+            holder.writing = False
+            async for _ in _renewals(holder, it):
+                c.leases.renew(holder)
+                holder.writing = True
+                yield lease_state_to_pb(c.leases.state(holder))
+                holder.writing = False
+            why = holder.why
+            if why == lease_reasons.STOPPED:
+                yield lease_state_to_pb(c.leases.state(holder))
+            elif why == lease_reasons.TAKEN_OVER:  # final: the client must not take it back
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"the lease of session {holder.session_id!r} was taken "
+                                    "over by another stream with its resume token")
+            elif why == lease_reasons.TIMED_OUT:
+                await context.abort(grpc.StatusCode.ABORTED,
+                                    f"no renewal within {holder.timeout:g} s: this stream lost "
+                                    f"the lease; reconnect with the resume token within "
+                                    f"{holder.grace:g} s to take it back")
+            # closing: the stream just ends (with several coordinators the gate says where
+            # the leader is); the client reconnects with its token.
+        finally:
+            c.leases.release(holder)
+
+    def _audit_lease(self, caller: Caller, request: cpb.LeaseRequest,
+                     exc: TetherError | None) -> None:
+        if self.audit is None:
+            return
+        result, message = ("OK", "") if exc is None else (status_for(exc).name, str(exc))
+        self.audit.record(audit_entry(
+            "/tether.v1.CoordinatorService/OpenLease", caller, request, None, result, message,
+            {"resume": "true" if request.resume_token else "false"}))
 
     @unary
     async def ListOrphans(self, request: cpb.CoordinatorListOrphansRequest, context: Any
@@ -236,6 +324,42 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
         found, unreachable = await self.c.agents.list_ports(request.port, request.agent)
         return cpb.CoordinatorListPortsResponse(ports=[port_owner_to_pb(o) for o in found],
                                                 unreachable=unreachable)
+
+
+async def _renewals(holder: Holder, requests: AsyncIterator[cpb.LeaseRequest]
+                    ) -> AsyncIterator[None]:
+    """One item per renewal, until the client ends its stream or the holder is told to end
+    (``holder.why``): taken over, session stopped, coordinator closing, renewals late."""
+    ended = asyncio.ensure_future(holder.ended.wait())
+    try:
+        while not holder.why:
+            read = asyncio.ensure_future(anext(requests))
+            done, _ = await asyncio.wait({read, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if read not in done:
+                read.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await read
+                return
+            try:
+                msg = read.result()
+            except StopAsyncIteration:
+                return  # the client closed its side: the stream is over
+            if msg.session_id and msg.session_id != holder.session_id:
+                raise InvalidSpec(f"a renewal names session {msg.session_id!r}, but this "
+                                  f"stream holds the lease of {holder.session_id!r}; open one "
+                                  "stream per session", field="session_id")
+            if not holder.why:
+                holder.renewals += 1
+                yield None
+    finally:
+        ended.cancel()
+
+
+def traced(spec: GroupSpec, context: Any) -> GroupSpec:
+    """The spec with the caller's traceparent (gRPC metadata ``traceparent``, checked; a
+    malformed one is logged and dropped), which wins over one inside the spec."""
+    tp = trace.from_metadata(context.invocation_metadata(), "a Spawn call")
+    return dataclasses.replace(spec, traceparent=tp) if tp else spec
 
 
 def _answer_within(context: Any, ceiling: float | None) -> float | None:

@@ -1,9 +1,13 @@
 """Sessions: creation, leases, listing in pages, and how long stopped ones are kept.
 
-A session may carry a lease (a TTL its owner renews). The lease loop sleeps until
-the earliest expiry (woken early when a lease changes) and stops an expired
-session with cause ``lease_expired``. The coordinator's own downtime never counts
-against a lease: on load, every active lease gets at least a fresh TTL.
+A session may carry a lease: a TTL its owner renews (``KeepAlive``), or a stream
+lease (``OpenLease``, ``leases.py``) that holds while its stream does and for its
+grace after. The lease loop sleeps until the earliest expiry (woken early when a
+lease changes) and stops an expired session with cause ``lease_expired`` (TTL) or
+``lease_lost`` (stream). The coordinator's own downtime never counts against a
+lease: on load, every active TTL lease gets at least a fresh TTL, and every stream
+lease its whole grace (no stream survives a restart or a failover; the owner has the
+grace to reconnect with its resume token).
 
 Stopped sessions and their groups' records are kept ``retain_stopped`` seconds
 (at most ``retain_max_stopped`` of them), then dropped from memory and the store.
@@ -43,6 +47,10 @@ class Sessions:
                 # Our downtime is not the owner's silence: a fresh TTL before expiring.
                 s.lease_expires_at = now + s.ttl
                 self.c.save_session(s)
+            elif s.state is SessionState.ACTIVE and s.lease_grace:
+                # The stream died with the previous process: the grace runs from now.
+                s.lease_expires_at = now + s.lease_grace
+                self.c.save_session(s)
             self._sessions[s.session_id] = s
 
     def start(self) -> None:
@@ -69,7 +77,8 @@ class Sessions:
     def view(self, s: Session, with_groups: bool = True) -> SessionView:
         groups = self.c.session_groups(s.session_id)
         entries = tuple(self.c.entry(t) for t in groups) if with_groups else ()
-        return SessionView(s, entries, len(groups), sum(1 for t in groups if not t.ended))
+        return SessionView(s, entries, len(groups), sum(1 for t in groups if not t.ended),
+                           self.c.leases.held(s.session_id))
 
     def page(self, include_stopped: bool, size: int, token: str, with_groups: bool
              ) -> tuple[list[SessionView], str]:
@@ -102,11 +111,13 @@ class Sessions:
         previous = self._sessions.get(session_id)
         s = previous
         if s is not None and s.state is SessionState.STOPPED and not explicit \
-                and s.stop_cause == "lease_expired":
+                and s.stop_cause in ("lease_expired", "lease_lost"):
             raise Conflict(
-                f"session {session_id!r} was stopped because its lease expired (its owner "
+                f"session {session_id!r} was stopped because its lease "
+                f"{'expired' if s.stop_cause == 'lease_expired' else 'was lost'} (its owner "
                 "stopped renewing it); a late spawn does not start it again. Start a new run "
-                "explicitly (CreateSession, SDK create_session) or use another session name")
+                "explicitly (CreateSession, OpenLease, SDK create_session or window) or use "
+                "another session name")
         if s is None or s.state is SessionState.STOPPED:
             # A stopped session's name may be reused: a new run of the same workspace.
             s = Session(session_id, window, dict(labels or {}))
@@ -139,6 +150,9 @@ class Sessions:
         if s.state is not SessionState.ACTIVE:
             raise Conflict(f"session {session_id!r} is {s.state.value}; a stopped session "
                            "cannot be kept alive, start a new one")
+        if s.lease_grace:
+            raise Conflict(f"session {session_id!r} has a stream lease (OpenLease); it is "
+                           "renewed through its stream, not with KeepAlive")
         s.renew(ttl)
         self.c.save_session(s)
         self._lease_changed.set()
@@ -152,6 +166,12 @@ class Sessions:
             s.stopped_at = time.time()
         self.c.save_session(s)
         self._lease_changed.set()
+        if state is not SessionState.ACTIVE:
+            self.c.leases.session_ended(s)
+
+    def lease_changed(self) -> None:
+        """Wake the lease loop: an expiry moved earlier."""
+        self._lease_changed.set()
 
     # ------------------------------------------------------------ background
 
@@ -161,13 +181,21 @@ class Sessions:
             self._lease_changed.clear()
             now = time.time()
             leased = [s for s in self._sessions.values()
-                      if s.state is SessionState.ACTIVE and s.ttl > 0]
+                      if s.state is SessionState.ACTIVE and (s.ttl > 0 or s.lease_grace > 0)]
             for s in leased:
-                if s.lease_expires_at <= now:
+                if s.lease_expires_at > now or self.c.leases.held(s.session_id):
+                    continue  # (a held stream lease is ended by its stream's watchdog)
+                if s.lease_grace:
+                    log.warning("session %r: its lease stream was lost and not taken back "
+                                "within its grace of %g s; stopping it", s.session_id,
+                                s.lease_grace)
+                    self.c.fanout.begin_stop(s.session_id, None, "lease_lost")
+                else:
                     log.warning("session %r: lease of %g s expired without keepalive; "
                                 "stopping it", s.session_id, s.ttl)
                     self.c.fanout.begin_stop(s.session_id, None, "lease_expired")
-            pending = [s.lease_expires_at - now for s in leased if s.lease_expires_at > now]
+            pending = [s.lease_expires_at - now for s in leased
+                       if s.lease_expires_at > now and not self.c.leases.held(s.session_id)]
             timeout = min(pending) if pending else None
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):

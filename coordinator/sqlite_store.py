@@ -92,6 +92,12 @@ MIGRATIONS: Sequence[str] = (
     CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
     INSERT OR IGNORE INTO meta VALUES ('lineage', lower(hex(randomblob(8))));
     """,
+    # 4: stream leases (OpenLease): the grace and the resume token's hash, so a restarted
+    # coordinator (or the next leader) gives the owner its grace to come back.
+    """
+    ALTER TABLE sessions ADD COLUMN lease_grace REAL NOT NULL DEFAULT 0;
+    ALTER TABLE sessions ADD COLUMN lease_token TEXT NOT NULL DEFAULT '';
+    """,
 )
 VERSION = len(MIGRATIONS)
 

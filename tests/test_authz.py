@@ -65,6 +65,7 @@ LET_THROUGH: dict[str, set[str]] = {
     "CoordinatorService/RestartGroups": {"operator"},
     "CoordinatorService/ForgetGroups": {"operator"},
     "CoordinatorService/Wait": {"operator", "reader"},
+    "CoordinatorService/OpenLease": {"operator"},
     "AgentService/Spawn": {"coordinator"},
     "AgentService/Adopt": {"coordinator"},
     "AgentService/Signal": {"coordinator"},
@@ -125,7 +126,20 @@ async def first_reply(channel: grpc.aio.Channel, name: str, method: Any) -> grpc
     request = request_for(name, method)
     deserialize = GetMessageClass(method.output_type).FromString
     try:
-        if method.server_streaming:
+        if method.client_streaming:
+            # A request stream (OpenLease): written once admitted (grpc/grpc#36066); an
+            # empty opening message names no session, so a let-through call is refused
+            # for its content and changes nothing.
+            both = channel.stream_stream(path, request_serializer=type(request).SerializeToString,
+                                         response_deserializer=deserialize)(timeout=20)
+            try:
+                headers = await both.initial_metadata()
+                if any(key == ADMITTED_HEADER for key, _ in headers or ()):
+                    await both.write(request)
+                await both.read()
+            finally:
+                both.cancel()
+        elif method.server_streaming:
             stream = channel.unary_stream(path, request_serializer=type(request).SerializeToString,
                                           response_deserializer=deserialize)(request, timeout=20)
             try:

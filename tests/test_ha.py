@@ -34,6 +34,7 @@ from tests.plugins.processes import (
     stop_daemon,
     wait_until,
 )
+from tests.test_lease import WindowClient
 from tether.client import Client
 from tether.core.errors import TetherError
 from tether.v1 import agent_pb2 as apb
@@ -319,6 +320,37 @@ def test_a_lease_held_by_an_editor_survives_a_failover(ha: HA) -> None:
     assert marked_alive(gone) == []
     assert "session 'abandoned': lease of 3 s expired" in second.log()
     assert "session 'held': lease" not in second.log()
+
+
+def test_a_window_follows_the_leader_through_a_failover(ha: HA) -> None:
+    """A stream lease lives on the leader; when it dies, the window reconnects to the new
+    leader with its resume token, within the grace, by itself. The new leader gave the
+    lease its whole grace from the takeover; a lease nobody comes back for still ends."""
+    first = ha.start_coordinator()
+    ha.start_coordinator()
+    assert ha.wait_leader() is first
+    ha.start_agent("a")
+    ha.wait_agents_up()
+    with ha.client() as editor, editor.window("win", lease_grace=15) as w:
+        kept = w.spawn(["sleep", "300"]).view.group_id
+        gone = WindowClient(ha.addresses, "abandoned", 1.0)
+        try:
+            (lost,) = gone.first["ids"]
+            gone.kill()  # with the leader: nobody comes back for this one
+            ha.kill(first)
+        finally:
+            gone.close()
+        second = ha.wait_leader(other_than=first)
+        wait_until(lambda: editor.session("win").lease_held, 60,
+                   "the window to take its lease back on the new leader")
+        wait_until(lambda: editor.session("abandoned").session.stop_cause == "lease_lost", 60,
+                   "the abandoned window's session to be stopped after its grace")
+        assert not w.lost and editor.session("win").session.state.value == "active"
+        assert marked_alive(kept), "the held window's group runs on"
+        assert marked_alive(lost) == []
+    assert w.report is not None and w.report.clean and w.report.stop_cause == "requested"
+    assert marked_alive(kept) == []
+    assert "session 'win': lease taken back by a stream" in second.log()
 
 
 def test_standbys_serve_reads_and_redirect_the_rest(ha: HA) -> None:

@@ -300,3 +300,37 @@ def test_agent_cut_off_during_stop_is_reported_retried_and_finished(
     assert netlab.json("show", "part")["state"] == "stopped"
     wait_until(lambda: netlab.agent_states().get(a2.name) == "up", 30,
                "a2 to be up again once its heartbeats get through")
+
+
+def test_a_client_cut_off_from_the_coordinator_loses_its_window_like_a_lost_stream(
+        netlab: Netlab) -> None:
+    """No FIN, no RST: the client's cable is pulled. Its renewals stop arriving, the
+    coordinator counts the stream as lost, waits out the grace, and stops the session
+    (cause lease_lost); the client, unable to come back within the grace, says so."""
+    from tests.test_lease import WindowClient
+
+    coord = netlab.start_coordinator()
+    a1 = netlab.start_agent("a1")
+    wait_until(lambda: netlab.agent_states() == {a1.name: "up"}, 30, "the agent to register")
+    # The editor runs on host a2 (its own namespace and address; no agent there).
+    client = WindowClient(coord.address, "cut", 1.0, n=2,
+                          prefix=[netlab.ip, "netns", "exec", netlab.hosts["a2"][0]])
+    try:
+        ids = client.first["ids"]
+        assert all(marked_alive(g) for g in ids)
+        assert netlab.json("show", "cut")["lease_held"] is True
+        assert client.proc.stdin is not None
+        client.proc.stdin.write("lost\n")  # it waits until its window says the lease is lost
+        client.proc.stdin.flush()
+        netlab.link("a2", "down")
+        report = netlab.json("wait", "cut", "--timeout", "120")
+        assert report["complete"] and report["stop_cause"] == "lease_lost", report
+        assert all(g["survivors"] == 0 for g in report["groups"])
+        assert all(marked_alive(g) == [] for g in ids)
+        assert "no lease renewal within" in coord.log()
+        assert client.proc.stdout is not None
+        lost = json.loads(client.proc.stdout.readline())
+        assert "grace ran out" in lost["lost"], lost
+    finally:
+        client.close()
+        netlab.link("a2", "up")

@@ -79,10 +79,12 @@ def event(seq: int, t: TrackedGroup) -> SessionEvent:
 async def test_a_batch_reads_back_as_written(store: Store) -> None:
     t = group("g-000000000001", env={"SECRET": "v"})
     s = Session("s", "w", {"team": "x"}, ttl=30.0, lease_expires_at=time.time() + 30)
+    leased = Session("l", lease_grace=7.5, lease_token="ab" * 32, lease_expires_at=1.0)
     batch = {
         ("agent", "a1"): AgentInfo("a1", "127.0.0.1:1", Containment.CGROUP, "1", "e1", 5.0,
                                    "a1/x", "token:ab"),
         ("session", "s"): s,
+        ("session", "l"): leased,
         ("group", "a1", t.group_id): t,
         ("intent", "s"): StopIntent("s", 2.5, "requested", 7.0),
         ("spawn", "g-000000000002"): SpawnIntent("g-000000000002", "a1", "s", "key", "fp", 3,
@@ -93,7 +95,8 @@ async def test_a_batch_reads_back_as_written(store: Store) -> None:
     await store.write(batch)
     snap = await store.load()
     assert snap.agents == [batch[("agent", "a1")]]
-    assert snap.sessions == [s]
+    assert sorted(snap.sessions, key=lambda x: x.session_id) == [leased, s], \
+        "a stream lease keeps its grace and its token's hash"
     (back,) = snap.groups
     assert back.view.spec.env == {"SECRET": "v"}, "groups keep environment values"
     assert (back.agent, back.group_id, back.idempotency_key, back.fingerprint) == \
@@ -106,6 +109,7 @@ async def test_a_batch_reads_back_as_written(store: Store) -> None:
 
     await store.write({("group", "a1", t.group_id): None, ("intent", "s"): None,
                        ("spawn", "g-000000000002"): None, ("session", "s"): None,
+                       ("session", "l"): None,
                        ("agent", "a1"): None})
     snap = await store.load()
     assert (snap.agents, snap.sessions, snap.groups, snap.intents, snap.spawns) == \

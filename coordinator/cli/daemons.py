@@ -128,6 +128,9 @@ def run_daemon(args: argparse.Namespace) -> int:
     from tether.rpc.daemon import Shutdown, capture_signals
 
     setup_logging(args.log_level, args.log_format)
+    from tether.core import trace
+
+    trace.setup(f"tether-{args.command}")  # spans, only with the extra tether[otel]
     state_dir = os.path.abspath(args.state_dir or default_state_dir())
 
     async def main() -> None:
@@ -143,7 +146,8 @@ def run_daemon(args: argparse.Namespace) -> int:
                                           metrics_listen=args.metrics_listen, tls=_tls(args),
                                           insecure=args.insecure, auth=_auth(args),
                                           dial=_dial(args),
-                                          retain_stopped=args.retain_stopped)
+                                          retain_stopped=args.retain_stopped,
+                                          max_lease_streams=args.max_lease_streams)
             if args.command == "coordinator":
                 cfg.agent_ttl = args.agent_ttl
                 cfg.store, cfg.advertise, cfg.leader_ttl = (args.store, args.advertise,

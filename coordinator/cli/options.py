@@ -19,6 +19,16 @@ from typing import Any
 from tether.coordinator.cli.exitcodes import CLIError
 
 
+def count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1 to 1000000")
+    return value
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -136,6 +146,8 @@ _AGENT = [
 _COORDINATOR = [
     Option("--retain-stopped", "keep stopped sessions and their groups' records this many "
            "seconds (default 604800: a week)", 7 * 24 * 3600.0, type=positive_float),
+    Option("--max-lease-streams", "lease streams (OpenLease) one credential may hold open at "
+           "once (default 1000); ten times this in all", 1000, type=count),
 ]
 
 DAEMONS: Mapping[str, tuple[str, list[Option]]] = {

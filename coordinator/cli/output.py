@@ -148,6 +148,7 @@ def group_dict(e: GroupEntry) -> dict[str, Any]:
         **({"context": context_dict(v.context)} if v.context else {}),
         "unhealthy": v.unhealthy, "restarts": v.restarts,
         **({"health": v.health} if v.health else {}),
+        **({"traceparent": v.spec.traceparent} if v.spec.traceparent else {}),
         **({"runs": [run_dict(r) for r in v.runs]} if v.runs else {}),
         **({"next_restart_in_seconds": round(max(0.0, v.next_restart_at - time.time()), 2)}
            if v.next_restart_at else {}),
@@ -163,6 +164,8 @@ def report_dict(rep: SessionReport) -> dict[str, Any]:
                              "target": r.target, "state": state, **exit_fields(r.exit)}
         if r.error:
             d["error"] = r.error
+        if r.traceparent:
+            d["traceparent"] = r.traceparent
         groups.append(d)
     return {"session": rep.session_id, "complete": rep.complete,
             "stop_cause": rep.stop_cause, "groups": groups}
@@ -188,4 +191,7 @@ def session_dict(v: SessionView) -> dict[str, Any]:
     }
     if s.lease_expires_at:
         out["lease_expires_in_seconds"] = round(s.lease_expires_at - time.time(), 1)
+    if s.lease_grace:  # a stream lease (OpenLease): its grace, and whether a stream holds it
+        out["lease_grace_seconds"] = s.lease_grace
+        out["lease_held"] = v.lease_held
     return out

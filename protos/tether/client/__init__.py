@@ -17,8 +17,9 @@ from tether.client.aio import (
     Leader,
     TimedOut,
 )
+from tether.client.lease import AsyncWindow, LeaseLost
 from tether.client.spec import build_spec
-from tether.client.sync import Client
+from tether.client.sync import Client, Window
 
-__all__ = ["AsyncClient", "Client", "CoordinatorUnreachable", "Interrupted", "Leader",
-           "TimedOut", "build_spec"]
+__all__ = ["AsyncClient", "AsyncWindow", "Client", "CoordinatorUnreachable", "Interrupted",
+           "Leader", "LeaseLost", "TimedOut", "Window", "build_spec"]

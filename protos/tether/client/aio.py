@@ -27,7 +27,9 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from tether.client.lease import AsyncWindow
 from tether.client.spec import build_spec
+from tether.core import trace
 from tether.core.audit import AuditEntry
 from tether.core.errors import (
     InvalidSpec,
@@ -74,6 +76,8 @@ T = TypeVar("T")
 
 
 class CoordinatorUnreachable(TetherError):
+    """No coordinator answered (``address``: the one, or the several, tried; ``why``)."""
+
     def __init__(self, address: str, why: str) -> None:
         if "," in address:  # several coordinators sharing a store
             super().__init__(f"no leader among coordinators {address} ({why}); see "
@@ -112,7 +116,7 @@ class Interrupted(CoordinatorUnreachable):
 #: Calls that may be sent again after a break, whatever happened to the first one.
 IDEMPOTENT = frozenset({"Spawn", "StopSession", "KeepAlive", "CreateSession", "GetSession",
                         "ListSessions", "ListAgents", "ListOrphans", "GetLeader", "ListPorts",
-                        "Wait", "WatchSession", "ReadAudit"})
+                        "Wait", "WatchSession", "ReadAudit", "OpenLease"})
 #: Connection failures that mean the call never left.
 NOT_SENT = ("failed to connect", "connection refused", "name resolution", "dns resolution",
             "no route to host")
@@ -124,6 +128,8 @@ PROBE_EVERY = 2.0
 
 
 class TimedOut(TetherError):
+    """A call did not answer within its timeout; the coordinator may still be at it."""
+
     def __init__(self, address: str, what: str, timeout: float | None) -> None:
         after = f" within {timeout:g} s" if timeout else ""
         super().__init__(f"{what} on coordinator {address} did not answer{after}; it may "
@@ -153,6 +159,18 @@ def _selector(groups: Sequence[str], labels: Sequence[str]) -> cpb.GroupSelector
         raise InvalidSpec("groups and labels are lists of names, not one string",
                           field="selector")
     return selector_to_pb(GroupSelector(tuple(groups), tuple(labels)))
+
+
+def _traceparent(given: str | None) -> str:
+    """The traceparent a call carries: the one given (checked: a malformed one is refused
+    here, the caller's mistake), else this process's TRACEPARENT if valid, else none."""
+    if given is None:
+        env = os.environ.get(trace.ENV, "")
+        return env if trace.valid(env) else ""
+    if given and not trace.valid(given):
+        raise InvalidSpec(f"traceparent {given[:80]!r} is not a W3C traceparent "
+                          "(00-<32 hex>-<16 hex>-<2 hex>, lower case)", field="traceparent")
+    return given
 
 
 def default_address() -> str:
@@ -208,11 +226,12 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        """Close the client's channels (``async with`` does it on leaving)."""
         for channel in self._channels:
             await channel.close()
 
     async def _call(self, what: str, call: Callable[..., Awaitable[T]], request: Any,
-                    timeout: float | None) -> T:
+                    timeout: float | None, traceparent: str = "") -> T:
         """One call to the leader: method ``what`` of whichever coordinator leads (``call``,
         the current one's, names the same method)."""
         timeout = timeout if timeout is not None else self.timeout
@@ -225,7 +244,10 @@ class AsyncClient:
             address = self.address
             try:
                 method: Callable[..., Any] = getattr(self._stub, what)
-                pending = method(request, timeout=left, metadata=route.metadata())
+                md = route.metadata() or ()
+                if traceparent:
+                    md = (*md, (trace.HEADER, traceparent))
+                pending = method(request, timeout=left, metadata=md or None)
                 if not self._several(address):
                     return await pending  # type: ignore[no-any-return]
                 return await self._watched(  # type: ignore[no-any-return]
@@ -292,9 +314,14 @@ class AsyncClient:
 
     async def spawn(self, argv: Sequence[str] | GroupSpec, *, session: str = "",
                     agent: str = "", idempotency_key: str = "", timeout: float | None = None,
-                    **options: Any) -> GroupEntry:
+                    traceparent: str | None = None, **options: Any) -> GroupEntry:
         """Start a group; returns it once running. A start failure raises ``StartFailed``
-        (``.failure``, ``.message``, and ``.group``: the failed group's entry)."""
+        (``.failure``, ``.message``, and ``.group``: the failed group's entry).
+
+        ``options`` go to ``build_spec``. ``traceparent``: the W3C trace context the
+        group is started under (its processes get it as ``TRACEPARENT``; it is on the
+        group's events and records); default: this process's ``TRACEPARENT`` variable,
+        ``""`` for none. A malformed one raises ``InvalidSpec`` here."""
         spec = argv if isinstance(argv, GroupSpec) else build_spec(argv, session=session,
                                                                     **options)
         if not spec.session_id:
@@ -305,7 +332,8 @@ class AsyncClient:
                                           idempotency_key=idempotency_key or
                                           f"auto-{secrets.token_hex(12)}")
         deadline = timeout if timeout is not None else self.timeout or spec.start_timeout + 60
-        entry = entry_from_pb(await self._call("Spawn", self._stub.Spawn, req, deadline))
+        entry = entry_from_pb(await self._call("Spawn", self._stub.Spawn, req, deadline,
+                                               _traceparent(traceparent)))
         if entry.state is GroupState.FAILED and entry.view.exit is not None:
             rec = entry.view.exit
             failed = StartFailed(rec.failure or FailureClass.IMMEDIATE_CRASH, rec.message)
@@ -317,6 +345,8 @@ class AsyncClient:
                     grace: float | None = None, orphan_policy: str = "kill",
                     start_time: float | None = None, timeout: float | None = None
                     ) -> GroupEntry:
+        """Put a running process tree (``pid``, its leader) under tether's care, in
+        ``session``, on ``agent``; ``start_time`` guards against a reused pid."""
         if not 0 < pid < 2**31:
             raise InvalidSpec(f"pid {pid} is not a process id; give the pid of the tree's "
                               "leader (1 to 2147483647)", field="pid")
@@ -341,15 +371,18 @@ class AsyncClient:
 
     async def stop(self, session: str, *, grace: float | None = None,
                    groups: Sequence[str] = (), labels: Sequence[str] = (),
-                   timeout: float | None = None) -> SessionReport:
+                   timeout: float | None = None, traceparent: str | None = None
+                   ) -> SessionReport:
         """Stop a session; returns once every group has a record (``complete``), or with
         what is known when ``timeout`` ends (the stop goes on in the coordinator). With
-        ``groups``/``labels``, stop only those groups: the session stays active."""
+        ``groups``/``labels``, stop only those groups: the session stays active.
+        ``traceparent``: as for ``spawn`` (the stop's spans join that trace)."""
         req = cpb.StopSessionRequest(session_id=session, selector=_selector(groups, labels))
         if grace is not None:
             req.grace_seconds = grace
         return report_from_pb(await self._session_call("StopSession", self._stub.StopSession,
-                                                       req, session, timeout))
+                                                       req, session, timeout,
+                                                       _traceparent(traceparent)))
 
     async def restart(self, session: str, *, groups: Sequence[str] = (),
                       labels: Sequence[str] = (), grace: float | None = None,
@@ -382,12 +415,15 @@ class AsyncClient:
                                                        deadline))
 
     async def session(self, session: str, *, timeout: float | None = None) -> SessionView:
+        """One session with its groups (``SessionNotFound`` if unknown)."""
         req = cpb.GetSessionRequest(session_id=session)
         return session_from_pb(await self._session_call("GetSession", self._stub.GetSession,
                                                         req, session, timeout or 10))
 
     async def sessions(self, *, include_stopped: bool = False, include_groups: bool = False,
                        timeout: float | None = None) -> list[SessionView]:
+        """Every session (active ones, or all with ``include_stopped``), fetched page by
+        page; with ``include_groups``, each with its groups."""
         out: list[SessionView] = []
         token = ""
         while True:  # page by page: a long history never needs one huge message
@@ -404,13 +440,32 @@ class AsyncClient:
     async def create_session(self, session: str, *, window: str = "",
                              labels: dict[str, str] | None = None, ttl: float = 0.0,
                              timeout: float | None = None) -> SessionView:
+        """Create a session (or a new run of a stopped one), with a TTL lease if ``ttl``."""
         req = cpb.CreateSessionRequest(session_id=session, window=window, labels=labels or {},
                                        ttl_seconds=ttl)
         return session_from_pb(await self._call("CreateSession", self._stub.CreateSession, req,
                                                 timeout or 10))
 
+    def window(self, session: str, *, window: str = "", labels: dict[str, str] | None = None,
+               lease_grace: float | None = None, resume_token: str = "",
+               stop_grace: float | None = None, stop_timeout: float | None = None
+               ) -> AsyncWindow:
+        """A session held by a lease stream while ``async with c.window(...) as w`` lasts:
+        ``w.spawn(...)`` starts groups in it; leaving the block stops the session and
+        waits for its report (``w.report``); if this process dies, the coordinator stops
+        it ``lease_grace`` seconds later (cause ``lease_lost``). The lease is renewed on
+        this event loop and reconnected after a break, within the grace. ``resume_token``
+        (another window's ``resume_token``) takes an existing lease back: an editor window
+        that reloads keeps its processes."""
+        return AsyncWindow(self, session, window=window, labels=labels,
+                           lease_grace=lease_grace, resume_token=resume_token,
+                           stop_grace=stop_grace, stop_timeout=stop_timeout)
+
     async def keepalive(self, session: str, ttl: float, *, timeout: float | None = None
                         ) -> SessionView:
+        """Renew (or set) a session's TTL lease: it is stopped if not renewed within
+        ``ttl`` seconds (cause ``lease_expired``). For clients that cannot hold a stream;
+        ``window`` is the lease that ends with the client's connection."""
         req = cpb.KeepAliveRequest(session_id=session, ttl_seconds=ttl)
         return session_from_pb(await self._session_call("KeepAlive", self._stub.KeepAlive,
                                                         req, session, timeout or 10))
@@ -462,9 +517,9 @@ class AsyncClient:
         return None if msg is grpc.aio.EOF else msg
 
     async def _session_call(self, what: str, call: Callable[..., Awaitable[T]], request: Any,
-                            session: str, timeout: float | None) -> T:
+                            session: str, timeout: float | None, traceparent: str = "") -> T:
         try:
-            return await self._call(what, call, request, timeout)
+            return await self._call(what, call, request, timeout, traceparent)
         except NotFound as exc:
             if str(exc) != str(SessionNotFound(session)):
                 raise  # something else was not found (a group or label of the session)
@@ -473,6 +528,7 @@ class AsyncClient:
     # ------------------------------------------------------------ agents
 
     async def agents(self, *, timeout: float | None = None) -> list[AgentState]:
+        """The registered agents, each with whether it is up."""
         reply = await self._call("ListAgents", self._stub.ListAgents, cpb.ListAgentsRequest(),
                                  timeout or 10)
         return [agent_from_pb(a) for a in reply.agents]
@@ -487,6 +543,7 @@ class AsyncClient:
 
     async def orphans(self, *, sweep: bool = False, timeout: float | None = None
                       ) -> OrphanReport:
+        """Live processes of agents that belong to no live group (``sweep``: kill them)."""
         reply = await self._call("ListOrphans", self._stub.ListOrphans,
                                  cpb.CoordinatorListOrphansRequest(sweep=sweep), timeout or 30)
         return OrphanReport(tuple(orphan_from_pb(o) for o in reply.orphans),

@@ -12,11 +12,13 @@ from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 from tether.client.aio import AsyncClient, Leader
+from tether.client.lease import AsyncWindow
 from tether.core.audit import AuditEntry
 from tether.core.model import GroupSpec
 from tether.core.sessions import (
     AgentState,
     GroupEntry,
+    LeaseState,
     OrphanReport,
     PortReport,
     SessionEvent,
@@ -55,6 +57,7 @@ class Client:
 
     @property
     def aio(self) -> AsyncClient:
+        """The ``AsyncClient`` underneath (its calls run on this client's thread)."""
         return self._async
 
     def spawn(self, argv: Sequence[str] | GroupSpec, **kw: Any) -> GroupEntry:
@@ -86,6 +89,11 @@ class Client:
 
     def create_session(self, session: str, **kw: Any) -> SessionView:
         return self._run(self._async.create_session(session, **kw))
+
+    def window(self, session: str, **kw: Any) -> Window:
+        """``with c.window("editor-window-1", lease_grace=5) as w: w.spawn([...])``: see
+        ``AsyncClient.window``; the lease is renewed on this client's background thread."""
+        return Window(self, self._async.window(session, **kw))
 
     def keepalive(self, session: str, ttl: float, **kw: Any) -> SessionView:
         return self._run(self._async.keepalive(session, ttl, **kw))
@@ -126,6 +134,64 @@ class Client:
                     return
         finally:
             self._run(close())
+
+
+class Window:
+    """A session held by a lease stream while the ``with`` block lasts (``Client.window``).
+    The lease is renewed on the client's background thread: nothing to call."""
+
+    def __init__(self, client: Client, inner: AsyncWindow) -> None:
+        self._client = client
+        self.aio = inner
+
+    def __repr__(self) -> str:
+        return repr(self.aio).replace("AsyncWindow", "Window", 1)
+
+    def __enter__(self) -> Window:
+        self._client._run(self.aio.open())
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._client._run(self.aio.close(raise_errors=exc_type is None))
+
+    @property
+    def session(self) -> str:
+        """The session this window holds."""
+        return self.aio.session
+
+    @property
+    def resume_token(self) -> str:
+        """The token that takes this lease back (keep it like a password)."""
+        return self.aio.resume_token
+
+    @property
+    def state(self) -> LeaseState | None:
+        """The last lease state the coordinator sent."""
+        return self.aio.state
+
+    @property
+    def report(self) -> SessionReport | None:
+        """The session's stop report, once the block was left."""
+        return self.aio.report
+
+    @property
+    def lost(self) -> bool:
+        return self.aio.lost
+
+    def spawn(self, argv: Sequence[str] | GroupSpec, **kw: Any) -> GroupEntry:
+        """``Client.spawn`` into this window's session."""
+        return self._client._run(self.aio.spawn(argv, **kw))
+
+    def view(self) -> SessionView:
+        return self._client._run(self.aio.view())
+
+    def wait_lost(self, timeout: float | None = None) -> str:
+        """Block until the lease is lost (returns why), or raise ``TimeoutError``."""
+        async def wait() -> str:
+            async with asyncio.timeout(timeout):
+                return await self.aio.wait_lost()
+
+        return self._client._run(wait())
 
 
 async def _make(address: str | None, options: dict[str, Any]) -> AsyncClient:

@@ -747,6 +747,9 @@ class GroupSpec:
     liveness: Liveness | None = None
     #: ``--restart``: whether a run that ended starts again (default: no).
     restart: RestartPolicy = RestartPolicy()
+    #: The W3C traceparent of the call that started the group (``tether.core.trace``):
+    #: in the child's environment as TRACEPARENT, on its events, records and log lines.
+    traceparent: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, StopPolicy):  # a full policy names both fields
@@ -864,6 +867,8 @@ def spec_to_dict(spec: GroupSpec) -> dict[str, Any]:
         d["pre_stop_timeout"] = spec.pre_stop.timeout
     if not spec.plugins:
         d["plugins"] = False
+    if spec.traceparent:
+        d["traceparent"] = spec.traceparent
     return d
 
 
@@ -906,12 +911,16 @@ def spec_from_dict(d: Mapping[str, Any]) -> GroupSpec:
                           d["live_interval"], d["live_failures"],
                           UnhealthyAction(d["on_unhealthy"])) if d.get("live") else None,
         restart=RestartPolicy(RestartMode(d["restart"]), d["restart_max"], d["restart_window"])
-        if d.get("restart") else RestartPolicy())
+        if d.get("restart") else RestartPolicy(),
+        traceparent=d.get("traceparent", ""))
 
 
 def spec_fingerprint(spec: GroupSpec) -> str:
-    """Equal for equal specs: what an idempotency key is bound to."""
-    text = json.dumps(spec_to_dict(spec), sort_keys=True, separators=(",", ":"))
+    """Equal for equal specs: what an idempotency key is bound to. The trace context is
+    not part of the request (a retry may come under another trace)."""
+    d = spec_to_dict(spec)
+    d.pop("traceparent", None)
+    text = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode(errors="surrogateescape")).hexdigest()[:32]
 
 

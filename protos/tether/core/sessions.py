@@ -23,6 +23,9 @@ from tether.core.model import (
 )
 
 MAX_TTL = 30 * 24 * 3600.0
+#: A stream lease's grace (``OpenLease``): how long a session outlives its lost stream.
+DEFAULT_LEASE_GRACE = 10.0
+MAX_LEASE_GRACE = 24 * 3600.0
 
 
 class SessionState(enum.StrEnum):
@@ -38,6 +41,12 @@ def check_ttl(ttl: float, *, allow_zero: bool = True) -> float:
     return check_seconds(ttl, "ttl", "ttl", allow_zero=allow_zero, high=MAX_TTL)
 
 
+def check_lease_grace(grace: float) -> float:
+    """A stream lease's grace: more than 0, at most a day."""
+    return check_seconds(grace, "lease grace", "lease_grace", allow_zero=False,
+                         high=MAX_LEASE_GRACE)
+
+
 @dataclass
 class Session:
     """What a user thinks of as one unit of work (an editor window, a dev-server run)."""
@@ -49,15 +58,21 @@ class Session:
     #: Lease time-to-live in seconds; 0: no lease.
     ttl: float = 0.0
     lease_expires_at: float = 0.0
-    #: Why it stopped: "requested", "lease_expired".
+    #: Why it stopped: "requested", "lease_expired" (TTL), "lease_lost" (stream lease).
     stop_cause: str = ""
     created_at: float = field(default_factory=time.time)
     stopped_at: float = 0.0
+    #: Stream lease (``OpenLease``): seconds the session outlives a lost stream; 0: none.
+    lease_grace: float = 0.0
+    #: SHA-256 (hex) of the stream lease's resume token; the token itself is never kept.
+    lease_token: str = ""
 
     def __post_init__(self) -> None:
         check_name(self.session_id, "session")
         check_name(self.window, "window", allow_empty=True)
         check_ttl(self.ttl)
+        if self.lease_grace:
+            check_lease_grace(self.lease_grace)
         for key, value in self.labels.items():
             check_name(key, "label name")
             check_name(value, f"label {key!r}", allow_empty=True)
@@ -140,6 +155,8 @@ class GroupReport:
     unreachable: bool = False
     #: Runs started after the first (restart policy, liveness, restart requests).
     restarts: int = 0
+    #: The W3C traceparent the group was started under ("" if none).
+    traceparent: str = ""
 
 
 @dataclass(frozen=True)
@@ -166,6 +183,8 @@ class SessionView:
     groups: tuple[GroupEntry, ...] = ()
     group_count: int = 0
     live_count: int = 0
+    #: A stream holds the session's lease right now (``OpenLease``).
+    lease_held: bool = False
 
 
 @dataclass(frozen=True)
@@ -251,3 +270,25 @@ class PortReport:
     ports: tuple[PortOwner, ...]
     #: Agents that could not be asked, with the reason.
     unreachable: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    """What the coordinator says of a stream lease (``OpenLease``), in answer to its opening
+    and to each renewal."""
+
+    session_id: str
+    #: True while this stream holds the lease; False once the session stopped.
+    held: bool
+    #: Given in the first answer only: present it to take the lease back after a reconnect.
+    resume_token: str = ""
+    grace: float = 0.0
+    #: Renew at least every ``renew_interval`` s; silence for ``renew_timeout`` s counts as
+    #: a lost stream (the grace starts then).
+    renew_interval: float = 0.0
+    renew_timeout: float = 0.0
+    #: This stream took an existing lease back with its token.
+    resumed: bool = False
+    renewals: int = 0
+    #: Why the session stopped (when ``held`` is False).
+    stop_cause: str = ""

@@ -148,6 +148,10 @@ class Rule:
     audit: bool | Callable[[Any], bool] = False
     #: The agent name a request acts as; an ``agent:NAME`` caller must match it.
     agent_name: Callable[[Any], str] | None = None
+    #: A request stream whose servicer audits the call itself, when it has read what the
+    #: stream is about (``OpenLease``: on open, with its outcome); refusals are audited
+    #: here as for every call.
+    audit_by_servicer: bool = False
 
     def audited(self, request: Any) -> bool:
         if callable(self.audit):
@@ -183,8 +187,9 @@ _ADMIN, _OPERATOR, _READER, _AGENT, _COORD = (RoleKind.ADMIN, RoleKind.OPERATOR,
 
 
 def _r(*roles: RoleKind, audit: bool | Callable[[Any], bool] = False,
-       agent_name: Callable[[Any], str] | None = None) -> Rule:
-    return Rule(frozenset((_ADMIN, *roles)), audit, agent_name)
+       agent_name: Callable[[Any], str] | None = None, audit_by_servicer: bool = False
+       ) -> Rule:
+    return Rule(frozenset((_ADMIN, *roles)), audit, agent_name, audit_by_servicer)
 
 
 def _sweeps(request: Any) -> bool:
@@ -218,6 +223,8 @@ RULES: Mapping[str, Rule] = {
     _C + "RestartGroups": _r(_OPERATOR, audit=True),
     _C + "ForgetGroups": _r(_OPERATOR, audit=True),
     _C + "Wait": _r(_OPERATOR, _READER),
+    # A lease holds a session's processes alive: an operator's call, audited on open.
+    _C + "OpenLease": _r(_OPERATOR, audit=True, audit_by_servicer=True),
     # An agent: lifecycle calls from its coordinator (and admins) only.
     _A + "Spawn": _r(_COORD, audit=True),
     _A + "Adopt": _r(_COORD, audit=True),
@@ -460,7 +467,7 @@ def current_caller() -> Caller:
 
 _TOP_FIELDS = {"session_id": "session", "group_id": "group", "agent": "agent", "name": "agent"}
 _DETAIL_FIELDS = ("address", "signal", "pid", "start_time", "sweep", "idempotency_key",
-                  "ttl_seconds", "grace_seconds", "epoch")
+                  "ttl_seconds", "grace_seconds", "epoch", "lease_grace_seconds")
 _MAX_VALUE = 256
 
 
@@ -612,7 +619,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return wrap_handler(handler, admit, handler.request_deserializer)
 
         def finish(request: Any, response: Any, exc: BaseException | None, context: Any) -> None:
-            if not rule.audited(request) or REDIRECTED.get():
+            if not rule.audited(request) or REDIRECTED.get() or rule.audit_by_servicer:
                 return
             caller = CALLER.get()
             if caller is None:  # refused before admission: recorded there
@@ -625,16 +632,25 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _record(self, method: str, caller: Caller, request: Any, response: Any, result: str,
                 message: str) -> None:
         assert self.audit is not None
-        entry: dict[str, Any] = {
-            "time": timestamp(time.time()),
-            "method": method.lstrip("/").removeprefix("tether.v1."),
-            "role": str(caller.role), "credential": caller.credential,
-            "proof": caller.proof.value, "peer": caller.peer, "result": result,
-        }
-        try:
-            entry.update(audit_fields(request, response))
-        except Exception:  # never let the audit break a call it describes
-            log.exception("audit: cannot describe a %s call", method)
-        if message:
-            entry["message"] = message[:1000]
-        self.audit.record(entry)
+        self.audit.record(audit_entry(method, caller, request, response, result, message))
+
+
+def audit_entry(method: str, caller: Caller, request: Any, response: Any, result: str,
+                message: str, details: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """One audit log line: who called ``method`` (``/tether.v1.Service/Method``), about
+    what (a whitelist of the request's fields, plus ``details``), and how it ended."""
+    entry: dict[str, Any] = {
+        "time": timestamp(time.time()),
+        "method": method.lstrip("/").removeprefix("tether.v1."),
+        "role": str(caller.role), "credential": caller.credential,
+        "proof": caller.proof.value, "peer": caller.peer, "result": result,
+    }
+    try:
+        entry.update(audit_fields(request, response))
+    except Exception:  # never let the audit break a call it describes
+        log.exception("audit: cannot describe a %s call", method)
+    if details:
+        entry.setdefault("details", {}).update(details)
+    if message:
+        entry["message"] = message[:1000]
+    return entry

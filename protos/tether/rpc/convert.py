@@ -8,6 +8,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from tether.core import trace
 from tether.core.audit import AuditEntry
 from tether.core.errors import InvalidSpec
 from tether.core.model import (
@@ -50,6 +51,7 @@ from tether.core.sessions import (
     GroupEntry,
     GroupReport,
     GroupSelector,
+    LeaseState,
     Orphan,
     Session,
     SessionEvent,
@@ -143,6 +145,7 @@ def spec_from_pb(msg: pb.GroupSpec) -> GroupSpec:
         plugins=not msg.no_plugins,
         liveness=_liveness_from_pb(msg),
         restart=_restart_from_pb(msg),
+        traceparent=trace.checked(msg.traceparent, "a request's spec"),
     )
 
 
@@ -240,6 +243,7 @@ def spec_to_pb(spec: GroupSpec, *, redact: bool = False) -> pb.GroupSpec:
         msg.restart = RESTART_TO_PB[spec.restart.mode]
         msg.restart_max = spec.restart.limit
         msg.restart_window_seconds = spec.restart.window
+    msg.traceparent = spec.traceparent
     return msg
 
 
@@ -443,7 +447,8 @@ def session_to_pb(v: SessionView) -> cpb.Session:
                       state=SESSION_STATE_TO_PB[s.state], ttl_seconds=s.ttl,
                       stop_cause=s.stop_cause, created_at=ts(s.created_at),
                       groups=[entry_to_pb(e) for e in v.groups], group_count=v.group_count,
-                      live_count=v.live_count)
+                      live_count=v.live_count, lease_grace_seconds=s.lease_grace,
+                      lease_held=v.lease_held)
     if s.lease_expires_at:
         msg.lease_expires_at.CopyFrom(ts(s.lease_expires_at))
     if s.stopped_at:
@@ -455,9 +460,25 @@ def session_from_pb(msg: cpb.Session) -> SessionView:
     s = Session(msg.session_id, msg.window, dict(msg.labels),
                 SESSION_STATE_FROM_PB.get(msg.state, SessionState.ACTIVE), msg.ttl_seconds,
                 seconds(msg.lease_expires_at) if msg.HasField("lease_expires_at") else 0.0,
-                msg.stop_cause, seconds(msg.created_at), seconds(msg.stopped_at))
+                msg.stop_cause, seconds(msg.created_at), seconds(msg.stopped_at),
+                msg.lease_grace_seconds)
     return SessionView(s, tuple(entry_from_pb(g) for g in msg.groups), msg.group_count,
-                       msg.live_count)
+                       msg.live_count, msg.lease_held)
+
+
+def lease_state_to_pb(st: LeaseState) -> cpb.LeaseState:
+    return cpb.LeaseState(
+        session_id=st.session_id,
+        status=cpb.LEASE_STATUS_HELD if st.held else cpb.LEASE_STATUS_ENDED,
+        resume_token=st.resume_token, lease_grace_seconds=st.grace,
+        renew_interval_seconds=st.renew_interval, renew_timeout_seconds=st.renew_timeout,
+        resumed=st.resumed, renewals=st.renewals, stop_cause=st.stop_cause)
+
+
+def lease_state_from_pb(msg: cpb.LeaseState) -> LeaseState:
+    return LeaseState(msg.session_id, msg.status == cpb.LEASE_STATUS_HELD, msg.resume_token,
+                      msg.lease_grace_seconds, msg.renew_interval_seconds,
+                      msg.renew_timeout_seconds, msg.resumed, msg.renewals, msg.stop_cause)
 
 
 def report_to_pb(r: SessionReport) -> cpb.SessionReport:
@@ -467,7 +488,8 @@ def report_to_pb(r: SessionReport) -> cpb.SessionReport:
                               target=g.target, state=_shown_state(g.state, g.unreachable),
                               error=g.error,
                               members_signalled=g.members_signalled, stop_order=g.stop_order,
-                              attempts=g.attempts, restarts=g.restarts)
+                              attempts=g.attempts, restarts=g.restarts,
+                              traceparent=g.traceparent)
         if g.exit is not None:
             msg.exit.CopyFrom(exit_to_pb(g.exit))
         groups.append(msg)
@@ -481,7 +503,7 @@ def report_from_pb(msg: cpb.SessionReport) -> SessionReport:
                     STATE_FROM_PB.get(g.state, GroupState.RUNNING),
                     exit_from_pb(g.exit) if g.HasField("exit") else None, g.error,
                     g.members_signalled, g.stop_order, g.attempts,
-                    g.state == pb.GROUP_STATE_UNREACHABLE, g.restarts)
+                    g.state == pb.GROUP_STATE_UNREACHABLE, g.restarts, g.traceparent)
         for g in msg.groups), msg.complete, msg.stop_cause)
 
 

@@ -126,7 +126,7 @@ class StopPolicy(_message.Message):
     def __init__(self, signal: _Optional[str] = ..., grace_seconds: _Optional[float] = ...) -> None: ...
 
 class GroupSpec(_message.Message):
-    __slots__ = ("argv", "cwd", "env", "inherit_env", "log_path", "ready", "start_timeout_seconds", "stop", "orphan_policy", "label", "labels", "session_id", "stop_order", "target", "window", "owns_target", "probe_timeout_seconds", "user", "ports", "limits", "pre_stop", "no_plugins", "live", "live_interval_seconds", "live_timeout_seconds", "live_failures", "on_unhealthy", "restart", "restart_max", "restart_window_seconds")
+    __slots__ = ("argv", "cwd", "env", "inherit_env", "log_path", "ready", "start_timeout_seconds", "stop", "orphan_policy", "label", "labels", "session_id", "stop_order", "target", "window", "owns_target", "probe_timeout_seconds", "user", "ports", "limits", "pre_stop", "no_plugins", "live", "live_interval_seconds", "live_timeout_seconds", "live_failures", "on_unhealthy", "restart", "restart_max", "restart_window_seconds", "traceparent")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class GroupSpec(_message.Message):
     RESTART_FIELD_NUMBER: _ClassVar[int]
     RESTART_MAX_FIELD_NUMBER: _ClassVar[int]
     RESTART_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     argv: _containers.RepeatedScalarFieldContainer[str]
     cwd: str
     env: _containers.ScalarMap[str, str]
@@ -201,7 +202,8 @@ class GroupSpec(_message.Message):
     restart: RestartMode
     restart_max: int
     restart_window_seconds: float
-    def __init__(self, argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., inherit_env: _Optional[bool] = ..., log_path: _Optional[str] = ..., ready: _Optional[str] = ..., start_timeout_seconds: _Optional[float] = ..., stop: _Optional[_Union[StopPolicy, _Mapping]] = ..., orphan_policy: _Optional[_Union[OrphanPolicy, str]] = ..., label: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., session_id: _Optional[str] = ..., stop_order: _Optional[int] = ..., target: _Optional[str] = ..., window: _Optional[str] = ..., owns_target: _Optional[bool] = ..., probe_timeout_seconds: _Optional[float] = ..., user: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[PortRequest, _Mapping]]] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., pre_stop: _Optional[_Union[PreStopHook, _Mapping]] = ..., no_plugins: _Optional[bool] = ..., live: _Optional[str] = ..., live_interval_seconds: _Optional[float] = ..., live_timeout_seconds: _Optional[float] = ..., live_failures: _Optional[int] = ..., on_unhealthy: _Optional[_Union[UnhealthyAction, str]] = ..., restart: _Optional[_Union[RestartMode, str]] = ..., restart_max: _Optional[int] = ..., restart_window_seconds: _Optional[float] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., inherit_env: _Optional[bool] = ..., log_path: _Optional[str] = ..., ready: _Optional[str] = ..., start_timeout_seconds: _Optional[float] = ..., stop: _Optional[_Union[StopPolicy, _Mapping]] = ..., orphan_policy: _Optional[_Union[OrphanPolicy, str]] = ..., label: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., session_id: _Optional[str] = ..., stop_order: _Optional[int] = ..., target: _Optional[str] = ..., window: _Optional[str] = ..., owns_target: _Optional[bool] = ..., probe_timeout_seconds: _Optional[float] = ..., user: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[PortRequest, _Mapping]]] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., pre_stop: _Optional[_Union[PreStopHook, _Mapping]] = ..., no_plugins: _Optional[bool] = ..., live: _Optional[str] = ..., live_interval_seconds: _Optional[float] = ..., live_timeout_seconds: _Optional[float] = ..., live_failures: _Optional[int] = ..., on_unhealthy: _Optional[_Union[UnhealthyAction, str]] = ..., restart: _Optional[_Union[RestartMode, str]] = ..., restart_max: _Optional[int] = ..., restart_window_seconds: _Optional[float] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class PortRequest(_message.Message):
     __slots__ = ("name", "port")

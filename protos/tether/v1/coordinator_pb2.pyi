@@ -23,6 +23,12 @@ class SessionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SESSION_STATE_ACTIVE: _ClassVar[SessionState]
     SESSION_STATE_STOPPING: _ClassVar[SessionState]
     SESSION_STATE_STOPPED: _ClassVar[SessionState]
+
+class LeaseStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LEASE_STATUS_UNSPECIFIED: _ClassVar[LeaseStatus]
+    LEASE_STATUS_HELD: _ClassVar[LeaseStatus]
+    LEASE_STATUS_ENDED: _ClassVar[LeaseStatus]
 AGENT_STATE_UNSPECIFIED: AgentState
 AGENT_STATE_UP: AgentState
 AGENT_STATE_UNREACHABLE: AgentState
@@ -30,6 +36,9 @@ SESSION_STATE_UNSPECIFIED: SessionState
 SESSION_STATE_ACTIVE: SessionState
 SESSION_STATE_STOPPING: SessionState
 SESSION_STATE_STOPPED: SessionState
+LEASE_STATUS_UNSPECIFIED: LeaseStatus
+LEASE_STATUS_HELD: LeaseStatus
+LEASE_STATUS_ENDED: LeaseStatus
 
 class Agent(_message.Message):
     __slots__ = ("name", "address", "containment", "version", "state", "last_seen", "epoch", "instance")
@@ -100,7 +109,7 @@ class ListAgentsResponse(_message.Message):
     def __init__(self, agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "window", "labels", "state", "ttl_seconds", "lease_expires_at", "stop_cause", "groups", "created_at", "group_count", "live_count", "stopped_at")
+    __slots__ = ("session_id", "window", "labels", "state", "ttl_seconds", "lease_expires_at", "stop_cause", "groups", "created_at", "group_count", "live_count", "stopped_at", "lease_grace_seconds", "lease_held")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +129,8 @@ class Session(_message.Message):
     GROUP_COUNT_FIELD_NUMBER: _ClassVar[int]
     LIVE_COUNT_FIELD_NUMBER: _ClassVar[int]
     STOPPED_AT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_HELD_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     window: str
     labels: _containers.ScalarMap[str, str]
@@ -132,7 +143,9 @@ class Session(_message.Message):
     group_count: int
     live_count: int
     stopped_at: _timestamp_pb2.Timestamp
-    def __init__(self, session_id: _Optional[str] = ..., window: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[SessionState, str]] = ..., ttl_seconds: _Optional[float] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stop_cause: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[_common_pb2.Group, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_count: _Optional[int] = ..., live_count: _Optional[int] = ..., stopped_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    lease_grace_seconds: float
+    lease_held: bool
+    def __init__(self, session_id: _Optional[str] = ..., window: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[SessionState, str]] = ..., ttl_seconds: _Optional[float] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stop_cause: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[_common_pb2.Group, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_count: _Optional[int] = ..., live_count: _Optional[int] = ..., stopped_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_grace_seconds: _Optional[float] = ..., lease_held: _Optional[bool] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("session_id", "window", "labels", "ttl_seconds")
@@ -270,7 +283,7 @@ class WaitRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class GroupReport(_message.Message):
-    __slots__ = ("group_id", "label", "agent", "target", "state", "exit", "error", "members_signalled", "stop_order", "attempts", "restarts")
+    __slots__ = ("group_id", "label", "agent", "target", "state", "exit", "error", "members_signalled", "stop_order", "attempts", "restarts", "traceparent")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +295,7 @@ class GroupReport(_message.Message):
     STOP_ORDER_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     label: str
     agent: str
@@ -293,7 +307,8 @@ class GroupReport(_message.Message):
     stop_order: int
     attempts: int
     restarts: int
-    def __init__(self, group_id: _Optional[str] = ..., label: _Optional[str] = ..., agent: _Optional[str] = ..., target: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.GroupState, str]] = ..., exit: _Optional[_Union[_common_pb2.ExitRecord, _Mapping]] = ..., error: _Optional[str] = ..., members_signalled: _Optional[int] = ..., stop_order: _Optional[int] = ..., attempts: _Optional[int] = ..., restarts: _Optional[int] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, group_id: _Optional[str] = ..., label: _Optional[str] = ..., agent: _Optional[str] = ..., target: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.GroupState, str]] = ..., exit: _Optional[_Union[_common_pb2.ExitRecord, _Mapping]] = ..., error: _Optional[str] = ..., members_signalled: _Optional[int] = ..., stop_order: _Optional[int] = ..., attempts: _Optional[int] = ..., restarts: _Optional[int] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class SessionReport(_message.Message):
     __slots__ = ("session_id", "groups", "complete", "stop_cause")
@@ -459,3 +474,46 @@ class LeaderInfo(_message.Message):
     store: str
     problem: str
     def __init__(self, leader: _Optional[str] = ..., epoch: _Optional[int] = ..., address: _Optional[str] = ..., leading: _Optional[bool] = ..., lease_remaining_seconds: _Optional[float] = ..., store: _Optional[str] = ..., problem: _Optional[str] = ...) -> None: ...
+
+class LeaseRequest(_message.Message):
+    __slots__ = ("session_id", "window", "labels", "lease_grace_seconds", "resume_token")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    window: str
+    labels: _containers.ScalarMap[str, str]
+    lease_grace_seconds: float
+    resume_token: str
+    def __init__(self, session_id: _Optional[str] = ..., window: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., lease_grace_seconds: _Optional[float] = ..., resume_token: _Optional[str] = ...) -> None: ...
+
+class LeaseState(_message.Message):
+    __slots__ = ("session_id", "status", "resume_token", "lease_grace_seconds", "renew_interval_seconds", "renew_timeout_seconds", "resumed", "renewals", "stop_cause")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LEASE_GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RENEW_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RENEW_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
+    RENEWALS_FIELD_NUMBER: _ClassVar[int]
+    STOP_CAUSE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    status: LeaseStatus
+    resume_token: str
+    lease_grace_seconds: float
+    renew_interval_seconds: float
+    renew_timeout_seconds: float
+    resumed: bool
+    renewals: int
+    stop_cause: str
+    def __init__(self, session_id: _Optional[str] = ..., status: _Optional[_Union[LeaseStatus, str]] = ..., resume_token: _Optional[str] = ..., lease_grace_seconds: _Optional[float] = ..., renew_interval_seconds: _Optional[float] = ..., renew_timeout_seconds: _Optional[float] = ..., resumed: _Optional[bool] = ..., renewals: _Optional[int] = ..., stop_cause: _Optional[str] = ...) -> None: ...

@@ -135,6 +135,11 @@ class CoordinatorServiceStub:
                 request_serializer=tether_dot_v1_dot_coordinator__pb2.WaitRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_coordinator__pb2.SessionReport.FromString,
                 _registered_method=True)
+        self.OpenLease = channel.stream_stream(
+                '/tether.v1.CoordinatorService/OpenLease',
+                request_serializer=tether_dot_v1_dot_coordinator__pb2.LeaseRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_coordinator__pb2.LeaseState.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -275,6 +280,16 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenLease(self, request_iterator, context):
+        """A lease that lives as long as this stream: the first message opens (or, with the
+        resume token, takes back) the lease on a session; later messages renew it, each
+        answered with the lease state. When the stream ends or renewals stop, the session's
+        lease_grace starts; when it runs out, the session is stopped (cause "lease_lost").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -377,6 +392,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.Wait,
                     request_deserializer=tether_dot_v1_dot_coordinator__pb2.WaitRequest.FromString,
                     response_serializer=tether_dot_v1_dot_coordinator__pb2.SessionReport.SerializeToString,
+            ),
+            'OpenLease': grpc.stream_stream_rpc_method_handler(
+                    servicer.OpenLease,
+                    request_deserializer=tether_dot_v1_dot_coordinator__pb2.LeaseRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_coordinator__pb2.LeaseState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -919,6 +939,33 @@ class CoordinatorService:
             '/tether.v1.CoordinatorService/Wait',
             tether_dot_v1_dot_coordinator__pb2.WaitRequest.SerializeToString,
             tether_dot_v1_dot_coordinator__pb2.SessionReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenLease(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tether.v1.CoordinatorService/OpenLease',
+            tether_dot_v1_dot_coordinator__pb2.LeaseRequest.SerializeToString,
+            tether_dot_v1_dot_coordinator__pb2.LeaseState.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,350 @@
+"""Stream leases (issue 17, item 1) and the SDK's window (item 4), through real daemons and
+real client processes: a client killed with SIGKILL loses its session (cause lease_lost,
+every process gone); a client that comes back with its resume token within the grace
+keeps everything (another process, as an editor window that reloads; the same process
+after a coordinator restart); and what a hostile or careless client may try.
+
+No test measures wall time: each waits for the event (the session stopped with its
+cause, the lease held again). bench/lease.py measures kill -> every process gone."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.plugins.processes import (
+    Daemon,
+    free_port,
+    marked_alive,
+    start_daemon,
+    stop_daemon,
+    wait_until,
+)
+from tether.client import AsyncClient, LeaseLost
+from tether.core.errors import Conflict, InvalidSpec, PermissionDenied, ResourceExhausted
+from tether.rpc.auth import ADMITTED_HEADER
+from tether.v1 import coordinator_pb2 as cpb
+from tether.v1 import coordinator_pb2_grpc as cgrpc
+
+pytestmark = pytest.mark.slow
+
+#: A client process holding a window: spawns N trees (each with a setsid escapee), prints
+#: {"ids", "token", "resumed"}, then waits for a line on stdin: "exit" leaves the block
+#: (prints the report), "lost" waits until the lease is lost (prints why).
+CLIENT = r"""
+import json, sys
+from tether.client import Client
+addr, session, grace, token, n = sys.argv[1:6]
+with Client(addr, failover=60) as c, c.window(session, lease_grace=float(grace),
+                                              resume_token=token) as w:
+    ids = [w.spawn(["sh", "-c", "setsid sleep 600 & exec sleep 600"], label=f"p{i}").view.group_id
+           for i in range(int(n))]
+    print(json.dumps({"ids": ids, "token": w.resume_token, "resumed": w.state.resumed}),
+          flush=True)
+    line = sys.stdin.readline().strip()
+    if line == "lost":
+        print(json.dumps({"lost": w.wait_lost(timeout=300)}), flush=True)
+if w.report is not None:
+    print(json.dumps({"cause": w.report.stop_cause, "clean": w.report.clean}), flush=True)
+"""
+
+
+class WindowClient:
+    """A separate Python process holding a window through the SDK."""
+
+    def __init__(self, address: str, session: str, grace: float, token: str = "", n: int = 1,
+                 prefix: list[str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [*(prefix or []), sys.executable, "-c", CLIENT, address, session, str(grace), token,
+             str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"the window client failed: {self.proc.stderr.read()}")  # type: ignore[union-attr]
+        self.first: dict[str, Any] = json.loads(line)
+
+    def say(self, line: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        out = self.proc.stdout.readline()
+        if not out:
+            raise AssertionError(f"the window client ended: {self.proc.stderr.read()}")  # type: ignore[union-attr]
+        return json.loads(out)  # type: ignore[no-any-return]
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
+
+
+@pytest.fixture
+def clients() -> Iterator[list[WindowClient]]:
+    made: list[WindowClient] = []
+    yield made
+    for c in made:
+        c.close()
+
+
+def serve(tmp_path: Path, *extra: str) -> Daemon:
+    return start_daemon("serve", ["--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "st"),
+                                  "--agent-name", f"ls-{tmp_path.name[-10:]}", *extra], tmp_path)
+
+
+@pytest.fixture
+def srv(tmp_path: Path) -> Iterator[Daemon]:
+    d = serve(tmp_path)
+    try:
+        yield d
+    finally:
+        stop_daemon(d)
+
+
+def test_a_client_killed_with_sigkill_loses_its_session_and_every_process(
+        srv: Daemon, clients: list[WindowClient]) -> None:
+    c = WindowClient(srv.address, "ed-1", 1.0, n=2)
+    clients.append(c)
+    ids = c.first["ids"]
+    assert all(len(marked_alive(g)) == 2 for g in ids), "each tree and its setsid escapee"
+    shown = srv.json("show", "ed-1")
+    assert (shown["lease_held"], shown["lease_grace_seconds"]) == (True, 1.0)
+
+    c.kill()
+    # The event: the session stops with cause lease_lost (Wait returns once no group lives).
+    report = srv.json("wait", "ed-1", "--timeout", "120")
+    assert report["complete"] and report["stop_cause"] == "lease_lost", report
+    assert {g["group_id"] for g in report["groups"]} == set(ids)
+    assert all(g["survivors"] == 0 and g["reason"] == "requested" for g in report["groups"])
+    assert all(marked_alive(g) == [] for g in ids)
+    shown = srv.json("show", "ed-1")
+    assert (shown["state"], shown["stop_cause"]) == ("stopped", "lease_lost")
+    log = srv.log()
+    assert "session 'ed-1': lease stream gone (stream_ended)" in log
+    assert "not taken back within its grace of 1 s; stopping it" in log
+
+    # A spawn the dead client sent late never revives the session.
+    late = srv.cli("spawn", "--session", "ed-1", "--", "sleep", "300")
+    assert late.returncode == 1 and "lease was lost" in late.stderr, late.stderr
+    assert srv.json("show", "ed-1")["state"] == "stopped"
+    # Its token does not take a lease that is over back.
+    res = subprocess.run([sys.executable, "-c", CLIENT, srv.address, "ed-1", "1",
+                          c.first["token"], "0"], capture_output=True, text=True, timeout=60,
+                         stdin=subprocess.DEVNULL)
+    assert res.returncode == 1 and "lease_lost" in res.stderr and "cannot be taken back" \
+        in res.stderr, res.stderr
+
+    lines = srv.cli("audit", "-o", "json", check=True).stdout.splitlines()
+    audit = [e for e in map(json.loads, lines) if e["method"].endswith("/OpenLease")]
+    assert [(e["session"], e["result"], e["details"]["resume"]) for e in audit] == \
+        [("ed-1", "OK", "false"), ("ed-1", "FAILED_PRECONDITION", "true")]
+    assert c.first["token"] not in srv.log() and c.first["token"] not in json.dumps(audit)
+
+
+def test_a_reload_within_the_grace_keeps_everything(
+        srv: Daemon, clients: list[WindowClient]) -> None:
+    """An editor window that reloads: a new process takes the lease back with the token the
+    old one was given, and the session (every process of it) carries on."""
+    old = WindowClient(srv.address, "ed-2", 60.0, n=2)
+    clients.append(old)
+    ids, token = old.first["ids"], old.first["token"]
+    old.kill()
+    wait_until(lambda: srv.json("show", "ed-2")["lease_held"] is False, 30,
+               "the coordinator to see the stream gone")
+    assert srv.json("show", "ed-2")["state"] == "active", "within the grace"
+
+    new = WindowClient(srv.address, "ed-2", 60.0, token=token, n=0)
+    clients.append(new)
+    assert new.first == {"ids": [], "token": token, "resumed": True}
+    shown = srv.json("show", "ed-2")
+    assert (shown["state"], shown["lease_held"]) == ("active", True)
+    assert {g["group_id"] for g in shown["groups"]} == set(ids)
+    assert all(len(marked_alive(g)) == 2 for g in ids), "nothing was stopped"
+    assert "session 'ed-2': lease taken back by a stream" in srv.log()
+
+    # Leaving the block stops the session cleanly and waits for its report.
+    assert new.say("exit") == {"cause": "requested", "clean": True}
+    assert all(marked_alive(g) == [] for g in ids)
+
+
+def test_a_coordinator_restart_keeps_the_lease_and_gives_the_grace_from_the_restart(
+        tmp_path: Path, clients: list[WindowClient]) -> None:
+    """The stream dies with the coordinator; the client reconnects by itself with its token
+    (same address) and the restarted coordinator, which knows the lease from its store,
+    hands it back. Processes live on their agent all along."""
+    port = free_port()
+    args = ["--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path / "c")]
+    coord = start_daemon("coordinator", args, tmp_path / "c")
+    agent = start_daemon("agent", ["--listen", "127.0.0.1:0", "--coordinator", coord.address,
+                                   "--name", f"la-{tmp_path.name[-8:]}", "--state-dir",
+                                   str(tmp_path / "a")], tmp_path / "a")
+    try:
+        wait_until(lambda: any(a["state"] == "up" for a in coord.json("agents")["agents"]), 30,
+                   "the agent to register")
+        c = WindowClient(coord.address, "ed-3", 20.0, n=1)
+        clients.append(c)
+        ids = c.first["ids"]
+        stop_daemon(coord)
+        coord = start_daemon("coordinator", args, tmp_path / "c", name="coordinator2")
+        wait_until(lambda: coord.json("show", "ed-3").get("lease_held") is True, 60,
+                   "the client to take its lease back from the restarted coordinator")
+        assert coord.json("show", "ed-3")["state"] == "active"
+        assert all(len(marked_alive(g)) == 2 for g in ids)
+        assert "session 'ed-3': lease taken back" in coord.log()
+        assert c.say("exit") == {"cause": "requested", "clean": True}
+        assert all(marked_alive(g) == [] for g in ids)
+    finally:
+        stop_daemon(coord)
+        stop_daemon(agent)
+
+
+# ------------------------------------------------------------------ what a client may try
+
+
+async def test_one_holder_per_lease_and_only_its_token_takes_it_over(srv: Daemon) -> None:
+    async with AsyncClient(srv.address) as c, c.window("ed-4", lease_grace=30) as first:
+        g = (await first.spawn(["sleep", "300"])).view.group_id
+        with pytest.raises(Conflict, match="already has a stream lease"):
+            await c.window("ed-4").open()
+        last = first.resume_token[-1]
+        for wrong in ("x" * 43, first.resume_token[:-1] + ("B" if last == "A" else "A")):
+            with pytest.raises(PermissionDenied, match="resume token does not match"):
+                await c.window("ed-4", resume_token=wrong).open()
+        with pytest.raises(InvalidSpec, match="resume token is longer"):
+            await c.window("ed-4", resume_token="y" * 5000).open()
+        with pytest.raises(Conflict, match="stream lease"):
+            await c.keepalive("ed-4", 60)
+
+        # The token takes it over; the first stream is told, and does not take it back.
+        second = c.window("ed-4", resume_token=first.resume_token)
+        await second.open()
+        assert "taken over" in await first.wait_lost()
+        with pytest.raises(LeaseLost):
+            await first.spawn(["sleep", "1"])
+        assert (await c.session("ed-4")).lease_held
+        assert marked_alive(g)
+        await second.close()
+        assert second.report is not None and second.report.clean
+        assert second.report.stop_cause == "requested"
+        await first.close()  # a lost window stops nothing (the session may be another's)
+
+
+async def test_a_stop_by_someone_else_ends_the_window(srv: Daemon) -> None:
+    async with AsyncClient(srv.address) as c, AsyncClient(srv.address) as other:
+        w = c.window("ed-5", lease_grace=30)
+        await w.open()
+        g = (await w.spawn(["sleep", "300"])).view.group_id
+        await other.stop("ed-5")
+        assert "session stopped (requested)" in await w.wait_lost()
+        assert marked_alive(g) == []
+        await w.close()
+
+
+@pytest.mark.parametrize("grace", [-1.0, 0.0, math.nan, math.inf, 1e9])
+async def test_a_bad_grace_is_refused_and_changes_nothing(srv: Daemon, grace: float) -> None:
+    async with AsyncClient(srv.address) as c:
+        with pytest.raises(InvalidSpec, match="lease grace"):
+            await c.window("ed-6", lease_grace=grace).open()
+        assert all(v.session.session_id != "ed-6" for v in await c.sessions())
+
+
+async def test_names_with_control_characters_and_strange_streams_are_refused(
+        srv: Daemon) -> None:
+    async with AsyncClient(srv.address) as c:
+        for name in ("a\x00b", "a\nb", "", "x" * 5000):
+            with pytest.raises(InvalidSpec):
+                await c.window(name).open()
+    async with grpc.aio.insecure_channel(srv.address) as channel:
+        stub = cgrpc.CoordinatorServiceStub(channel)
+        call = stub.OpenLease(timeout=30)
+        assert ADMITTED_HEADER in dict(await call.initial_metadata() or ())
+        await call.write(cpb.LeaseRequest(session_id="ed-7", lease_grace_seconds=30))
+        first = await call.read()
+        assert first.status == cpb.LEASE_STATUS_HELD and first.resume_token
+        await call.write(cpb.LeaseRequest())
+        assert (await call.read()).renewals == 1
+        await call.write(cpb.LeaseRequest(session_id="another"))
+        assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "one stream per session" in await call.details()
+    # That stream is gone: its session waits out its grace, then stops (not at once).
+    shown = srv.json("show", "ed-7")
+    assert shown["state"] == "active" and shown["lease_held"] is False
+
+
+def test_lease_streams_are_bounded_per_credential(tmp_path: Path) -> None:
+    d = serve(tmp_path, "--max-lease-streams", "2")
+    script = r"""
+import asyncio, sys
+from tether.client import AsyncClient
+from tether.core.errors import ResourceExhausted
+async def main():
+    async with AsyncClient(sys.argv[1]) as c:
+        a, b = c.window("b-1"), c.window("b-2")
+        await a.open(); await b.open()
+        try:
+            await c.window("b-3").open()
+        except ResourceExhausted as exc:
+            print("refused:", exc)
+        await a.close()
+        third = c.window("b-3")
+        await third.open()
+        print("after one closed:", third.state.held)
+        await b.close(); await third.close()
+asyncio.run(main())
+"""
+    try:
+        res = subprocess.run([sys.executable, "-c", script, d.address], capture_output=True,
+                             text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert res.returncode == 0, res.stderr
+        assert "refused: this credential (open) already has 2 lease streams open" in res.stdout
+        assert "--max-lease-streams 2" in res.stdout
+        assert "after one closed: True" in res.stdout
+    finally:
+        stop_daemon(d)
+    assert ResourceExhausted  # the SDK maps RESOURCE_EXHAUSTED to it (used above)
+
+
+def test_the_lease_survives_in_the_store(tmp_path: Path) -> None:
+    """What a restarted coordinator needs to honour a token: the grace and the token's
+    hash, never the token."""
+    import sqlite3
+
+    d = serve(tmp_path)
+    try:
+        c = WindowClient(d.address, "ed-8", 30.0, n=0)
+        token = c.first["token"]
+        stop_daemon(d)
+        c.close()
+    finally:
+        stop_daemon(d)
+    db = sqlite3.connect(tmp_path / "st" / "coordinator.sqlite3")
+    try:
+        (grace, stored), = db.execute("SELECT lease_grace, lease_token FROM sessions "
+                                      "WHERE session_id = 'ed-8'")
+    finally:
+        db.close()
+    import hashlib
+
+    assert grace == 30.0 and stored == hashlib.sha256(token.encode()).hexdigest()
+    assert token not in (tmp_path / "st" / "coordinator.sqlite3").read_bytes().decode(
+        errors="replace")
+    assert os.path.exists(tmp_path / "st")
