@@ -21,6 +21,7 @@ from tether.core.model import (
     RESTART_BACKOFF_MAX,
     EventKind,
     ExitReason,
+    ExitRecord,
     FailureClass,
     GroupSpec,
     GroupState,
@@ -90,6 +91,24 @@ def test_bad_supervision_input_is_refused_naming_the_field(make: Callable[[], ob
     with pytest.raises(InvalidSpec) as info:
         make()
     assert info.value.field == field
+
+
+@pytest.mark.parametrize(("record", "restarts"), [
+    (ExitRecord(ExitReason.NATURAL, exit_code=0), False),
+    (ExitRecord(ExitReason.NATURAL, exit_code=3), True),
+    (ExitRecord(ExitReason.EXTERNAL_SIGNAL, signal=9), True),
+    # The OOM killer's SIGKILL at the --memory limit: the commonest crash of a limited service.
+    (ExitRecord(ExitReason.OOM_KILLED, signal=9, oom_kills=1), True),
+    # A re-adopted leader's status cannot be read: a crash must not pass for a clean exit.
+    (ExitRecord(ExitReason.UNKNOWN), True),
+    (ExitRecord(ExitReason.REQUESTED, signal=15), False),
+    (ExitRecord(ExitReason.FORCED_KILL, signal=9), False),
+])
+def test_on_failure_restarts_every_end_but_a_clean_or_requested_one(record: ExitRecord,
+                                                                    restarts: bool) -> None:
+    assert RestartPolicy(RestartMode.ON_FAILURE).wants(record) is restarts
+    assert RestartPolicy(RestartMode.ALWAYS).wants(record)
+    assert not RestartPolicy(RestartMode.NO).wants(record)
 
 
 # ------------------------------------------------------------------ restart policies

@@ -141,6 +141,9 @@ class ExitReason(enum.Enum):
     #: The group kept ending and was restarted ``--restart-max`` times within
     #: ``--restart-window``: it is failed now (its ``runs`` say how each ended).
     RESTART_LIMIT = "restart_limit"
+    #: The run ended but its leader's status could not be read (a group re-adopted after an
+    #: agent restart is not the new agent's child): neither a clean exit nor a known failure.
+    UNKNOWN = "unknown"
 
 
 class FailureClass(enum.Enum):
@@ -671,15 +674,24 @@ class RestartPolicy:
         check_seconds(self.window, "restart window", "restart_window", allow_zero=False)
 
     def wants(self, record: ExitRecord) -> bool:
-        """Does a run that ended like ``record`` start again? ``on-failure``: a non-zero exit
-        code, or a signal nobody here sent (a signal sent through tether is somebody's
-        decision, not a failure)."""
+        """Does a run that ended like ``record`` start again? ``on-failure``: anything but a
+        clean exit 0 or an end somebody asked for through tether (a signal sent through
+        tether is somebody's decision, not a failure). So a non-zero exit code, a signal
+        nobody here sent, the OOM killer, and an end whose status is unknown (a re-adopted
+        leader: a crash cannot be told from a clean exit, and a service that stays down is
+        the worse mistake) all restart it."""
         if self.mode is RestartMode.ALWAYS:
             return True
         if self.mode is RestartMode.ON_FAILURE:
-            return (record.exit_code not in (None, 0)
-                    or record.reason is ExitReason.EXTERNAL_SIGNAL)
+            if record.reason in _DECIDED_ENDS:
+                return False
+            return (record.reason is not ExitReason.NATURAL
+                    or record.exit_code not in (None, 0) or record.signal is not None)
         return False
+
+
+#: Ends somebody decided through tether: never a failure for ``--restart on-failure``.
+_DECIDED_ENDS = frozenset({ExitReason.REQUESTED, ExitReason.FORCED_KILL})
 
 
 def restart_delay(unstable_runs: int, jitter: float) -> float:
