@@ -212,7 +212,9 @@ RULES: Mapping[str, Rule] = {
     _C + "WatchSession": _r(_OPERATOR, _READER),
     _C + "ListOrphans": _r(_OPERATOR, audit=_sweeps),
     _C + "ReadAudit": _r(),
-    _C + "ListPorts": _r(_OPERATOR, _READER),
+    # Every listening process on the host: pid, user and command line (secrets in argv):
+    # for the credentials that may spawn there, never a read-only one.
+    _C + "ListPorts": _r(_OPERATOR),
     _C + "ForgetAgent": _r(audit=True),
     _C + "GetLeader": _r(_OPERATOR, _READER),
     _C + "RestartGroups": _r(_OPERATOR, audit=True),
@@ -229,7 +231,7 @@ RULES: Mapping[str, Rule] = {
     _A + "Watch": _r(_COORD, _OPERATOR, _READER),
     _A + "ListOrphans": _r(_COORD, audit=_sweeps),
     _A + "Info": _r(_COORD, _OPERATOR, _READER),
-    _A + "ListPorts": _r(_COORD, _OPERATOR, _READER),
+    _A + "ListPorts": _r(_COORD, _OPERATOR),
     _A + "Restart": _r(_COORD, audit=True),
     _A + "Forget": _r(_COORD, audit=True),
 }
