@@ -338,7 +338,7 @@ class Supervisor:
                 failures = 0  # between runs or being restarted: the next run's readiness decides
                 continue
             run = g.restarts
-            attempt = await self._check(prober, live, limit)
+            attempt = await self._check(g, prober, live, limit)
             if g.state is not GroupState.RUNNING or g.restarts != run or g.restart_reason \
                     or g.stop_requested.is_set():
                 failures = 0
@@ -357,19 +357,26 @@ class Supervisor:
                 self._unhealthy(g, live, failures)
 
     @staticmethod
-    async def _check(prober: Prober, live: Liveness, limit: float) -> ProbeAttempt:
+    async def _check(g: Group, prober: Prober, live: Liveness, limit: float) -> ProbeAttempt:
         """One probe attempt, bounded in time: a hung probe is cancelled (an exec probe's
         tree is killed by its runner either way). tcp: and http: attempts bound themselves
-        (their own timeout); an exec launch through a signaller gets this guard too."""
-        if live.probe.kind is not ProbeKind.EXEC:
-            return await prober.attempt()
+        (their own timeout); an exec launch through a signaller gets this guard too.
+        Whatever one check raises is that check failing, logged: the group's liveness task
+        must outlive any answer the checked service can give."""
         try:
+            if live.probe.kind is not ProbeKind.EXEC:
+                return await prober.attempt()
             async with asyncio.timeout(limit):
                 return await prober.attempt()
         except TimeoutError:
             return ProbeAttempt(False, detail=f"{live.probe} did not answer within {limit:g} s")
         except TetherError as exc:
             return ProbeAttempt(False, detail=f"{live.probe}: the check failed: {exc}")
+        except Exception as exc:
+            g.log.exception("liveness check %s failed unexpectedly; counted as a failed check",
+                            live.probe)
+            return ProbeAttempt(False, detail=f"{live.probe}: the check failed unexpectedly: "
+                                f"{type(exc).__name__}: {exc}"[:500])
 
     def _unhealthy(self, g: Group, live: Liveness, failures: int) -> None:
         g.unhealthy = True
