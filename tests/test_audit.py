@@ -13,10 +13,13 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from tests.plugins.creds import Tokens
+import grpc
+
+from tests.plugins.creds import Tokens, call
 from tests.plugins.processes import Daemon, start_daemon, stop_daemon, wait_until
 from tether.core.audit import AuditLog, read_entries
 from tether.rpc.security import ClientSecurity, load_token
+from tether.v1 import coordinator_pb2 as cpb
 
 SECRET = "hunter2-do-not-log-me"
 
@@ -88,6 +91,34 @@ def test_serve_audits_mutating_calls_with_who_what_and_result(tmp_path: Path) ->
         assert res.returncode == 2 and "ReadAudit" in res.stderr and "admin" in res.stderr
         bad = d.cli("audit", "--since", "yesterday-ish", "--token-file", admin.token_file)
         assert bad.returncode == 2 and "neither a duration" in bad.stderr
+    finally:
+        stop_daemon(d)
+
+
+#: A line as `tether audit` prints one, smuggled inside a session name.
+FORGED = "2024-01-01T00:00:00.000Z  admin   token:00000000  StopSession  prod  -  OK"
+
+
+async def test_a_hostile_field_reaches_the_audit_table_escaped(tmp_path: Path) -> None:
+    """A refused call is audited before its request is validated: its session name may
+    hold anything. The admin's table must not carry raw control characters (erase the
+    line, move the cursor) nor let a newline start a forged row."""
+    t = Tokens(tmp_path)
+    admin, reader = t.add("admin"), t.add("reader")
+    d = start_daemon("serve", ["--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "st"),
+                               "--agent-name", f"au-{tmp_path.name[-8:]}",
+                               "--token-file", t.file()], tmp_path)
+    try:
+        hostile = "x\r\x1b[2K\x1b[1A\x00\u202e\n" + FORGED
+        code, _ = await call(d.address, "/tether.v1.CoordinatorService/StopSession",
+                             cpb.StopSessionRequest(session_id=hostile), reader)
+        assert code is grpc.StatusCode.PERMISSION_DENIED
+        res = await asyncio.to_thread(d.cli, "audit", "--token-file", admin.token_file)
+        assert res.returncode == 0, res.stderr
+        lines = res.stdout.splitlines()
+        assert len(lines) == 2, lines  # the header and the one refused call
+        assert not any(c in res.stdout for c in "\r\x1b\x00\u202e")
+        assert "\\x1b[2K" in lines[1] and "\\n" + FORGED[:20] in lines[1]
     finally:
         stop_daemon(d)
 
