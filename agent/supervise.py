@@ -260,7 +260,7 @@ class Supervisor:
         A restart already under way is joined (two requests, one restart); one waiting out
         a backoff starts now. Returns once the group runs again, or has ended (a stop
         requested meanwhile wins)."""
-        if g.adopted or g.spec.argv[0].startswith("adopted:"):
+        if g.adopted or g.spec.adopted:
             raise Conflict(f"group {g.group_id} was adopted: tether did not start it and "
                            "cannot start it again; stop it, then spawn the command yourself")
         if g.state.ended or g.stop_requested.is_set():

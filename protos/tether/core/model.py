@@ -710,6 +710,10 @@ def _frozen(mapping: Mapping[str, str] | None = None) -> MappingProxyType[str, s
     return MappingProxyType(dict(mapping or {}))
 
 
+#: An adopted group's argv is this and the adopted pid: nothing tether could run again.
+ADOPTED_PREFIX = "adopted:"
+
+
 @dataclass(frozen=True)
 class GroupSpec:
     """What to start, and how to treat it. Validated on construction: every field that
@@ -795,6 +799,12 @@ class GroupSpec:
         if self.pre_stop is not None and not isinstance(self.pre_stop, PreStop):
             raise InvalidSpec("pre_stop must be a PreStop value", field="pre_stop")
         self._check_ports()
+
+    @property
+    def adopted(self) -> bool:
+        """A tree tether took over (``tether adopt``) rather than started: it cannot be
+        started again, so it is never restarted."""
+        return bool(self.argv) and self.argv[0].startswith(ADOPTED_PREFIX)
 
     def _check_ports(self) -> None:
         if len(self.ports) > MAX_PORTS:
