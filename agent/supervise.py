@@ -128,7 +128,14 @@ class Supervisor:
         if g.restart_cycle is not None and not g.restart_cycle.done():
             g.restart_cycle.set_result(None)  # a requester learns this attempt failed
         if g.stop_requested.is_set():
-            return  # the stop takes over: nothing runs, its record says so
+            # The stop takes over: nothing runs, its record says so. The failed attempt's
+            # handle goes (unless members survived: the stop must end them), so the stop
+            # records a requested end between runs, not the attempt's leftovers as a
+            # "natural" exit.
+            if not record.survivors and g.handle is not None:
+                h, g.handle = g.handle, None
+                self.lc.tasks.spawn(_close(g, h), f"close-{g.group_id}")
+            return
         live = g.spec.liveness
         retries = g.spec.restart.mode is not RestartMode.NO or (
             live is not None and live.on_unhealthy is UnhealthyAction.RESTART)

@@ -19,6 +19,7 @@ import pytest
 from tests.plugins.certs import CA
 from tests.plugins.processes import async_wait_until, marked_alive
 from tether.agent.authority import Authority
+from tether.agent.hooks import Hooks
 from tether.agent.probes import HTTP_LINE_MAX, Prober
 from tether.agent.supervise import CHECK_SLACK
 from tether.core.errors import Conflict, InvalidSpec
@@ -40,6 +41,9 @@ from tether.core.model import (
     UnhealthyAction,
     restart_delay,
 )
+from tether.signallers.base import SignallerContext
+from tether.signallers.local import LocalSignaller
+from tether.signallers.registry import Signallers
 
 GRACE = StopPolicy(grace=1.0)
 
@@ -263,6 +267,52 @@ async def test_restart_is_refused_for_ended_starting_and_adopted_groups(
     with pytest.raises(InvalidSpec, match="adopted group cannot be restarted"):
         await authority.adopt(1, None, GroupSpec(argv=("adopted:1",),
                                                  restart=RestartPolicy(RestartMode.ALWAYS)))
+
+
+class StopAtStartFailure(Hooks):
+    """Requests a stop of every restarting group the moment a start fails: the window
+    between a restart attempt failing and the supervisor judging it, made certain."""
+
+    def __init__(self) -> None:
+        self.authority: Authority | None = None
+        self.stops: list[asyncio.Task[None]] = []
+
+    def start_failure(self, failure: str) -> None:
+        assert self.authority is not None
+        for g in self.authority.lc.table:
+            if g.state is GroupState.RESTARTING:
+                self.stops.append(self.authority.stopper.begin(g, None, time.monotonic()))
+
+
+async def test_a_stop_as_a_restart_attempt_fails_is_recorded_requested(tmp_path: Path) -> None:
+    """The failed attempt's (empty) handle stayed attached, so the stop found nothing to
+    signal and recorded the end as ``natural``, as if the program had exited on its own."""
+    hooks = StopAtStartFailure()
+    ctx = SignallerContext(f"sup-{tmp_path.name[-8:]}", "", {"containment": "auto"})
+    signallers = Signallers(ctx)
+    signallers.add(LocalSignaller(ctx))
+    authority = hooks.authority = Authority(ctx.agent_name, signallers, hooks)
+    ready, ran = tmp_path / "ready", tmp_path / "ran"
+    program = f"if [ -e {ran} ]; then exit 3; fi; touch {ran} {ready}; exec sleep 300"
+    try:
+        view = await authority.spawn(GroupSpec(
+            argv=("sh", "-c", program), stop=GRACE,
+            ready=Probe.parse(f"exec:test -e {ready}", field_="ready"),
+            restart=RestartPolicy(RestartMode.ON_FAILURE)))
+        assert view.state is GroupState.RUNNING
+        ready.unlink()  # the next run crashes before it is ready
+        await authority.restart(view.group_id)
+        assert len(hooks.stops) == 1
+        await hooks.stops[0]
+        final = authority.get(view.group_id)
+        assert final.state is GroupState.STOPPED and final.exit is not None
+        assert final.exit.reason is ExitReason.REQUESTED, final.exit
+        assert final.runs[-1].exit.reason is ExitReason.START_FAILED
+        assert marked_alive(view.group_id) == []
+    finally:
+        await authority.stop_all()
+        await authority.shutdown()
+        await signallers.aclose()
 
 
 async def test_a_stop_during_a_requested_restart_wins(authority: Authority) -> None:
