@@ -712,8 +712,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         entry: dict[str, Any] = {
             "time": timestamp(time.time()),
             "method": method.lstrip("/").removeprefix("tether.v1."),
-            "role": str(caller.role), "credential": caller.credential,
-            "proof": caller.proof.value, "peer": caller.peer, "result": result,
+            "role": str(caller.role), "credential": _short(caller.credential),
+            "proof": caller.proof.value, "peer": _short(caller.peer), "result": result,
         }
         try:
             entry.update(audit_fields(request, response))
