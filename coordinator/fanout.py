@@ -369,7 +369,8 @@ class Fanout:
         if not live:
             raise Conflict(f"session {session_id!r} has no live group to restart")
         for t in live:  # what its agent would refuse, refused for all before any is asked
-            self._check_restartable(t)
+            if why := t.view.not_restartable():
+                raise Conflict(f"group {t.group_id} {why}; nothing was restarted")
         override = StopOverride(grace=grace) if grace is not None else None
         t0 = time.monotonic()
 
@@ -395,22 +396,6 @@ class Fanout:
         self.c.hooks.fanout("restart", time.monotonic() - t0)
         return SessionReport(session_id, tuple(reports), all(
             not r.error and r.state is GroupState.RUNNING for r in reports))
-
-    @staticmethod
-    def _check_restartable(t: TrackedGroup) -> None:
-        """Refuse, naming the group, what its agent would refuse (agent/supervise.py
-        ``Supervisor.restart``): asked one by one, the others would be restarted already."""
-        state = t.view.state
-        if t.view.spec.adopted:
-            why = ("was adopted: tether did not start it and cannot start it again; leave it "
-                   "out (--group/--label) or stop it")
-        elif state is GroupState.STARTING:
-            why = "is still starting; restart it once it runs"
-        elif state is GroupState.STOPPING:
-            why = "is being stopped"
-        else:
-            return
-        raise Conflict(f"group {t.group_id} {why}; nothing was restarted")
 
     async def forget(self, session_id: str, selector: GroupSelector) -> list[str]:
         """Drop ended groups from a session's listing (``tether forget``). Refused, with

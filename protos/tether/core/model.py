@@ -1102,6 +1102,19 @@ class GroupView:
     def with_state(self, state: GroupState, exit: ExitRecord | None = None) -> GroupView:
         return replace(self, state=state, exit=exit if exit is not None else self.exit)
 
+    def not_restartable(self) -> str:
+        """Why ``tether restart`` refuses this live group (the agent's own rules, so a
+        coordinator can refuse a multi-group restart whole, before any group is touched);
+        empty: it may be restarted."""
+        if self.spec.adopted:
+            return ("was adopted: tether did not start it and cannot start it again; leave it "
+                    "out (--group/--label) or stop it")
+        if self.state is GroupState.STARTING:
+            return "is still starting; restart it once it runs"
+        if self.state is GroupState.STOPPING:
+            return "is being stopped"
+        return ""
+
 
 class EventKind(enum.StrEnum):
     """What a group event reports."""
