@@ -36,6 +36,11 @@ from tether.core.model import Probe, ProbeKind, public_url
 
 BACKOFF_START = 0.01
 BACKOFF_MAX = 0.2
+#: An HTTP probe reads one status line; a longer "line" is not an HTTP answer.
+HTTP_LINE_MAX = 8192
+#: After an http(s) attempt, at most this long for the connection to close (a TLS peer that
+#: never answers close_notify would otherwise hold the check for ssl's 30 s default).
+CLOSE_WAIT = 1.0
 
 
 @dataclass
@@ -159,7 +164,9 @@ async def _http(probe: Probe) -> ProbeAttempt:
         async with asyncio.timeout(probe.timeout):
             context = ssl.create_default_context() if parts.scheme == "https" else None
             reader, writer = await asyncio.open_connection(
-                host, probe.port, ssl=context, server_hostname=host if context else None)
+                host, probe.port, ssl=context, server_hostname=host if context else None,
+                limit=HTTP_LINE_MAX,
+                ssl_shutdown_timeout=CLOSE_WAIT if context else None)
             netloc = parts.netloc.rpartition("@")[2]
             request = (f"GET {path} HTTP/1.1\r\nHost: {netloc}\r\nConnection: close\r\n"
                        "User-Agent: tether-probe\r\n").encode("latin-1", "replace")
@@ -169,11 +176,13 @@ async def _http(probe: Probe) -> ProbeAttempt:
             line = await reader.readline()
     except (OSError, TimeoutError, ssl.SSLError, UnicodeError) as exc:
         return ProbeAttempt(False, detail=f"GET {shown}: {_why(exc, probe)}")
+    except ValueError:
+        # readline past the limit (caught after UnicodeError, a subclass of ValueError).
+        return ProbeAttempt(False, answered=True, detail=f"GET {shown}: not an HTTP answer (no "
+                            f"status line within {HTTP_LINE_MAX} bytes)")
     finally:
         if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError, ssl.SSLError):
-                await writer.wait_closed()
+            await _close(writer)
     words = line.split()
     if len(words) < 2 or not words[0].startswith(b"HTTP/") or not words[1].isdigit():
         return ProbeAttempt(False, detail=f"GET {shown}: not an HTTP answer ({line[:60]!r})")
@@ -181,6 +190,18 @@ async def _http(probe: Probe) -> ProbeAttempt:
     if 200 <= status < 400:
         return ProbeAttempt(True)
     return ProbeAttempt(False, answered=True, detail=f"GET {shown} answered {status}")
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close a probe's connection, waiting at most ``CLOSE_WAIT`` for it; then drop it."""
+    writer.close()
+    try:
+        async with asyncio.timeout(CLOSE_WAIT):
+            await writer.wait_closed()
+    except TimeoutError:
+        writer.transport.abort()
+    except (OSError, ssl.SSLError):
+        pass
 
 
 #: Reads of log files for log: probes (a file on a stuck network mount must not hold the

@@ -255,6 +255,12 @@ class Starter:
         try:
             done, _ = await asyncio.wait({task, stop}, timeout=g.spec.start_timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            # The caller was cancelled (a shutdown ending its start): the launch goes with
+            # it, so that what it starts is ended by the signaller, not left running as
+            # nobody's group.
+            task.cancel()
+            raise
         finally:
             stop.cancel()
         if task in done:

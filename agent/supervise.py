@@ -128,7 +128,14 @@ class Supervisor:
         if g.restart_cycle is not None and not g.restart_cycle.done():
             g.restart_cycle.set_result(None)  # a requester learns this attempt failed
         if g.stop_requested.is_set():
-            return  # the stop takes over: nothing runs, its record says so
+            # The stop takes over: nothing runs, its record says so. The failed attempt's
+            # handle goes (unless members survived: the stop must end them), so the stop
+            # records a requested end between runs, not the attempt's leftovers as a
+            # "natural" exit.
+            if not record.survivors and g.handle is not None:
+                h, g.handle = g.handle, None
+                self.lc.tasks.spawn(_close(g, h), f"close-{g.group_id}")
+            return
         live = g.spec.liveness
         retries = g.spec.restart.mode is not RestartMode.NO or (
             live is not None and live.on_unhealthy is UnhealthyAction.RESTART)
@@ -260,7 +267,7 @@ class Supervisor:
         A restart already under way is joined (two requests, one restart); one waiting out
         a backoff starts now. Returns once the group runs again, or has ended (a stop
         requested meanwhile wins)."""
-        if g.adopted or g.spec.argv[0].startswith("adopted:"):
+        if g.adopted or g.spec.adopted:
             raise Conflict(f"group {g.group_id} was adopted: tether did not start it and "
                            "cannot start it again; stop it, then spawn the command yourself")
         if g.state.ended or g.stop_requested.is_set():
@@ -338,7 +345,7 @@ class Supervisor:
                 failures = 0  # between runs or being restarted: the next run's readiness decides
                 continue
             run = g.restarts
-            attempt = await self._check(prober, live, limit)
+            attempt = await self._check(g, prober, live, limit)
             if g.state is not GroupState.RUNNING or g.restarts != run or g.restart_reason \
                     or g.stop_requested.is_set():
                 failures = 0
@@ -357,19 +364,26 @@ class Supervisor:
                 self._unhealthy(g, live, failures)
 
     @staticmethod
-    async def _check(prober: Prober, live: Liveness, limit: float) -> ProbeAttempt:
+    async def _check(g: Group, prober: Prober, live: Liveness, limit: float) -> ProbeAttempt:
         """One probe attempt, bounded in time: a hung probe is cancelled (an exec probe's
         tree is killed by its runner either way). tcp: and http: attempts bound themselves
-        (their own timeout); an exec launch through a signaller gets this guard too."""
-        if live.probe.kind is not ProbeKind.EXEC:
-            return await prober.attempt()
+        (their own timeout); an exec launch through a signaller gets this guard too.
+        Whatever one check raises is that check failing, logged: the group's liveness task
+        must outlive any answer the checked service can give."""
         try:
+            if live.probe.kind is not ProbeKind.EXEC:
+                return await prober.attempt()
             async with asyncio.timeout(limit):
                 return await prober.attempt()
         except TimeoutError:
             return ProbeAttempt(False, detail=f"{live.probe.shown} did not answer within {limit:g} s")
         except TetherError as exc:
             return ProbeAttempt(False, detail=f"{live.probe.shown}: the check failed: {exc}")
+        except Exception as exc:
+            g.log.exception("liveness check %s failed unexpectedly; counted as a failed check",
+                            live.probe.shown)
+            return ProbeAttempt(False, detail=f"{live.probe.shown}: the check failed "
+                                f"unexpectedly: {type(exc).__name__}: {exc}"[:500])
 
     def _unhealthy(self, g: Group, live: Liveness, failures: int) -> None:
         g.unhealthy = True

@@ -120,6 +120,12 @@ class Watcher:
             if oom and status.signal == signal.SIGKILL and reason is not ExitReason.REQUESTED:
                 reason = ExitReason.OOM_KILLED
             notes = []
+            if status.exit_code is None and status.signal is None:
+                # A re-adopted leader is not this agent's child: how it ended is unknown, and
+                # a crash must not be recorded as a clean, natural end.
+                reason = ExitReason.UNKNOWN
+                notes.append("its leader's exit status could not be read (a leader adopted or "
+                             "re-adopted after an agent restart is not this agent's child)")
             if outage:
                 notes.append(f"its target was unreachable for about {outage:.0f} s; the exit "
                              "was seen after it answered again")

@@ -379,6 +379,9 @@ class Fanout:
         live = [t for t in chosen if not t.ended]
         if not live:
             raise Conflict(f"session {session_id!r} has no live group to restart")
+        for t in live:  # what its agent would refuse, refused for all before any is asked
+            if why := t.view.not_restartable():
+                raise Conflict(f"group {t.group_id} {why}; nothing was restarted")
         override = StopOverride(grace=grace) if grace is not None else None
         t0 = time.monotonic()
 

@@ -8,15 +8,23 @@ import asyncio
 import datetime
 import hashlib
 import json
+import logging
 import os
 import stat
 from pathlib import Path
 from typing import Any
 
-from tests.plugins.creds import Tokens
+import grpc
+import pytest
+
+from tests.plugins.creds import Tokens, call
 from tests.plugins.processes import Daemon, start_daemon, stop_daemon, wait_until
-from tether.core.audit import AuditLog, read_entries
-from tether.rpc.security import ClientSecurity, load_token
+from tether.core.audit import MAX_ENTRY, AuditLog, read_entries
+from tether.rpc.auth import REFUSED_RECORDED, AuthInterceptor, ServerAuth, load_tokens
+from tether.rpc.security import ClientSecurity, MalformedRequestInterceptor, load_token
+from tether.v1 import agent_pb2 as apb
+from tether.v1 import agent_pb2_grpc
+from tether.v1 import coordinator_pb2 as cpb
 
 SECRET = "hunter2-do-not-log-me"
 
@@ -72,7 +80,10 @@ def test_serve_audits_mutating_calls_with_who_what_and_result(tmp_path: Path) ->
         assert [json.loads(line) for line in text.splitlines()] == entries
         for where in (text, d.log()):
             assert SECRET not in where and "API_KEY" not in where
-        assert d.log().count("INFO tether.core.audit: audit {") == len(entries)
+        # Admitted calls are logged as their entry; a refused one as a short summary.
+        assert d.log().count("INFO tether.core.audit: audit {") == len(entries) - 1
+        assert d.log().count("INFO tether.core.audit: audit refused CoordinatorService/Spawn "
+                             f"for reader {credential_of(reader)} from ipv4:127.0.0.1:") == 1
 
         # --since: a duration, or a time (here: that of the signal, keeping what followed).
         assert len(audit(d, admin, "--since", "1h")) == len(entries)
@@ -89,6 +100,113 @@ def test_serve_audits_mutating_calls_with_who_what_and_result(tmp_path: Path) ->
         bad = d.cli("audit", "--since", "yesterday-ish", "--token-file", admin.token_file)
         assert bad.returncode == 2 and "neither a duration" in bad.stderr
     finally:
+        stop_daemon(d)
+
+
+#: A line as `tether audit` prints one, smuggled inside a session name.
+FORGED = "2024-01-01T00:00:00.000Z  admin   token:00000000  StopSession  prod  -  OK"
+
+
+async def test_a_hostile_field_reaches_the_audit_table_escaped(tmp_path: Path) -> None:
+    """A refused call is audited before its request is validated: its session name may
+    hold anything. The admin's table must not carry raw control characters (erase the
+    line, move the cursor) nor let a newline start a forged row."""
+    t = Tokens(tmp_path)
+    admin, reader = t.add("admin"), t.add("reader")
+    d = start_daemon("serve", ["--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "st"),
+                               "--agent-name", f"au-{tmp_path.name[-8:]}",
+                               "--token-file", t.file()], tmp_path)
+    try:
+        hostile = "x\r\x1b[2K\x1b[1A\x00\u202e\n" + FORGED
+        code, _ = await call(d.address, "/tether.v1.CoordinatorService/StopSession",
+                             cpb.StopSessionRequest(session_id=hostile), reader)
+        assert code is grpc.StatusCode.PERMISSION_DENIED
+        res = await asyncio.to_thread(d.cli, "audit", "--token-file", admin.token_file)
+        assert res.returncode == 0, res.stderr
+        lines = res.stdout.splitlines()
+        assert len(lines) == 2, lines  # the header and the one refused call
+        assert not any(c in res.stdout for c in "\r\x1b\x00\u202e")
+        assert "\\x1b[2K" in lines[1] and "\\n" + FORGED[:20] in lines[1]
+    finally:
+        stop_daemon(d)
+
+
+async def test_a_credential_hammering_refused_calls_cannot_rotate_real_entries_away(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A reader's refused calls were audited whole (20 group ids of any length in one
+    line): about 30 calls rotated every real entry out of the log. Now every entry is cut
+    to MAX_ENTRY, a credential's refused calls past the first few of a window are one
+    summary entry, and their INFO line holds nothing the caller sent."""
+    t = Tokens(tmp_path)
+    admin, reader = t.add("admin"), t.add("reader")
+    log = AuditLog(tmp_path / "audit" / "audit.jsonl", max_bytes=64 * 1024, backups=1)
+    server = grpc.aio.server(interceptors=[
+        MalformedRequestInterceptor(),
+        AuthInterceptor(ServerAuth(load_tokens(t.file())), "test agent", log,
+                        refused_window=0.5)])
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(agent_pb2_grpc.AgentServiceServicer(),
+                                                      server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    address = f"127.0.0.1:{port}"
+    huge = [f"g-{'x' * 10_000}{n}" for n in range(20)]
+    calls = 30
+    try:
+        code, _ = await call(address, "/tether.v1.AgentService/Stop",
+                             apb.StopRequest(group_id="g-evidence"), admin)
+        assert code is grpc.StatusCode.UNIMPLEMENTED  # admitted (and audited): no servicer
+        with caplog.at_level(logging.INFO, logger="tether.core.audit"):
+            for _ in range(calls):
+                code, _ = await call(address, "/tether.v1.AgentService/StopGroups",
+                                     apb.StopGroupsRequest(group_ids=huge), reader)
+                assert code is grpc.StatusCode.PERMISSION_DENIED
+            summary: list[dict[str, Any]] = []
+            async with asyncio.timeout(30):  # the window's end records the rest as one
+                while not summary:
+                    entries = await log.read()
+                    summary = [e for e in entries if e["method"] == "(refused calls)"]
+                    await asyncio.sleep(0.1)
+        lines = [line for p in log.files() for line in p.read_text().splitlines()]
+        assert all(len(line) <= MAX_ENTRY for line in lines), max(map(len, lines))
+        assert len(log.files()) == 1, "nothing was rotated"
+        entries = await log.read()
+        assert [e["group"] for e in entries if e["role"] == "admin"] == ["g-evidence"]
+        refused = [e for e in entries if e["method"] == "AgentService/StopGroups"]
+        assert len(refused) == REFUSED_RECORDED
+        assert all(len(e["group"]) < 1200 and "(20 in all)" in e["group"] for e in refused)
+        assert summary[0]["details"]["refused"] == str(calls - REFUSED_RECORDED)
+        assert summary[0]["credential"] == credential_of(reader)
+        assert "StopGroups x25" in summary[0]["message"]
+        said = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert len(said) == REFUSED_RECORDED + 1, said
+        assert all("xxxxxxxxxx" not in line and len(line) < 400 for line in said), said
+    finally:
+        await server.stop(None)
+        await log.aclose()
+
+
+def test_selector_calls_record_their_groups_and_labels_and_what_was_forgotten(
+        tmp_path: Path) -> None:
+    d = start_daemon("serve", ["--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "st"),
+                               "--agent-name", f"au-{tmp_path.name[-8:]}"], tmp_path)
+    try:
+        g1, g2 = (d.cli("spawn", "--session", "s", "--label", label, "--", "sleep", "300",
+                        check=True).stdout.strip() for label in ("one", "two"))
+        d.cli("stop", "s", "--group", g1, check=True)
+        d.cli("forget", "s", "--group", g1, check=True)
+        d.cli("signal", "s", "CONT", "--label", "two", check=True)
+        d.cli("restart", "s", "--label", "two", check=True)
+        lines = d.cli("audit", "-o", "json", check=True).stdout.splitlines()
+        entries = {e["method"].split("/")[-1]: e for e in map(json.loads, lines)
+                   if e["method"].startswith("CoordinatorService/")}
+        assert entries["StopSession"]["group"] == g1
+        assert entries["ForgetGroups"]["group"] == g1
+        assert entries["ForgetGroups"]["details"]["forgotten"] == g1
+        assert entries["SignalSession"]["details"]["labels"] == "two"
+        assert entries["RestartGroups"]["details"]["labels"] == "two"
+        assert g2 not in json.dumps(entries["StopSession"])
+    finally:
+        d.cli("stop", "s")
         stop_daemon(d)
 
 
@@ -155,6 +273,28 @@ async def test_the_audit_log_rotates_by_size_and_stays_private(tmp_path: Path) -
     with open(files[-1], "a") as f:
         f.write('{"time": "2024-')
     assert len(list(read_entries(files))) == len(numbers)
+
+
+async def test_every_entry_is_cut_to_the_entry_size_whatever_its_fields_hold(
+        tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    try:
+        big = "\u202e\x1b\U0001f600" * 20_000
+        log.record({"method": "X/Y", "role": "reader", "credential": "token:1", "result":
+                    "PERMISSION_DENIED", "session": big, "group": big, "agent": big,
+                    "peer": big, "message": big, **{f"extra{n}": big for n in range(30)},
+                    "details": {f"k{n}{big}": big for n in range(50)}})
+        log.record({"method": "X/Y", "role": "admin", "credential": "open", "result": "OK"})
+        entries = await log.read()
+    finally:
+        await log.aclose()
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all(len(line) <= MAX_ENTRY for line in lines)
+    cut, whole = entries
+    assert cut["method"] == "X/Y" and cut["role"] == "reader" and cut["credential"] == "token:1"
+    assert cut["session"].endswith("...") and "truncated" in cut["details"]
+    assert whole == {"time": whole["time"], "method": "X/Y", "role": "admin",
+                     "credential": "open", "result": "OK"}
 
 
 async def test_reading_waits_for_what_was_recorded_before(tmp_path: Path) -> None:

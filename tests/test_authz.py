@@ -59,7 +59,7 @@ LET_THROUGH: dict[str, set[str]] = {
     "CoordinatorService/WatchSession": {"operator", "reader"},
     "CoordinatorService/ListOrphans": {"operator"},
     "CoordinatorService/ReadAudit": set(),
-    "CoordinatorService/ListPorts": {"operator", "reader"},
+    "CoordinatorService/ListPorts": {"operator"},
     "CoordinatorService/ForgetAgent": set(),
     "CoordinatorService/GetLeader": {"operator", "reader"},
     "CoordinatorService/RestartGroups": {"operator"},
@@ -76,7 +76,7 @@ LET_THROUGH: dict[str, set[str]] = {
     "AgentService/Watch": {"coordinator", "operator", "reader"},
     "AgentService/ListOrphans": {"coordinator"},
     "AgentService/Info": {"coordinator", "operator", "reader"},
-    "AgentService/ListPorts": {"coordinator", "operator", "reader"},
+    "AgentService/ListPorts": {"coordinator", "operator"},
     "AgentService/Restart": {"coordinator"},
     "AgentService/Forget": {"coordinator"},
 }

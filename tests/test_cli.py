@@ -30,6 +30,7 @@ from tests.plugins.processes import (
     stop_daemon,
     wait_until,
 )
+from tether.coordinator.cli.output import table
 
 GROUP_ID = re.compile(r"^g-[0-9a-f]+$")
 # The documented per-group keys of `tether stop -o json` (issue 3, CLI contract).
@@ -40,6 +41,17 @@ STOP_KEYS = {"group_id", "label", "agent", "target", "reason", "exit_code", "sig
 STOP_OPTIONAL = {"state", "error", "failure", "message", "detail", "oom_kills", "pre_stop",
                  "context"}
 LOOP = ["sh", "-c", "while :; do sleep 0.1; done"]
+
+
+def test_every_table_cell_is_printed_escaped() -> None:
+    """A field with control characters (a label, a command, a message) is shown escaped:
+    one row stays one line, and nothing in it moves the cursor or erases a line."""
+    out = table([["a\nb", "\x1b[2K\rerased", "tab\there", "\u202eevil"], ["ok", "é", "-", ""]],
+                ["label", "command", "message", "group"], width=200)
+    lines = out.splitlines()
+    assert len(lines) == 3
+    assert lines[1].split() == ["a\\nb", "\\x1b[2K\\rerased", "tab\\there", "\\u202eevil"]
+    assert lines[2].split() == ["ok", "é", "-"]
 
 
 def kill_agent_leftovers(*agents: str) -> list[int]:

@@ -87,6 +87,37 @@ def test_serve_sigkilled_leaves_nothing_and_keep_group_is_readopted(tmp_path: Pa
             os.kill(pid, signal.SIGKILL)
 
 
+def test_a_readopted_on_failure_group_that_ends_is_recorded_unknown_and_restarted(
+        tmp_path: Path) -> None:
+    """A re-adopted leader is not the new agent's child: its exit status cannot be read.
+    Unknown is not clean: the run is recorded ``unknown`` and on-failure restarts it."""
+    go, second = tmp_path / "go", tmp_path / "second-run"
+    program = (f"if [ -e {second} ]; then exec sleep 300; fi; touch {second}; "
+               f"while [ ! -e {go} ]; do sleep 0.05; done; exit 1")
+    d = serve_on(tmp_path)
+    gid = ""
+    try:
+        gid = spawn(d, "svc", ["sh", "-c", program], "--orphan-policy", "keep",
+                    "--restart", "on-failure")
+        stop_daemon(d)  # keep groups survive the agent
+        d2 = serve_on(tmp_path)
+        try:
+            assert d2.json("show", "svc")["groups"][0]["state"] == "running"
+            go.touch()  # the re-adopted run now fails
+            wait_until(lambda: d2.json("show", "svc")["groups"][0].get("restarts"), 30,
+                       "the re-adopted group to be restarted")
+            group = d2.json("show", "svc")["groups"][0]
+            assert group["state"] in ("running", "restarting"), group
+            assert group["runs"][0]["reason"] == "unknown", group
+        finally:
+            d2.cli("stop", "svc")
+            stop_daemon(d2)
+    finally:
+        stop_daemon(d)
+        for pid in marked_alive(gid) if gid else []:
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT])
 def test_shutdown_signal_stops_every_kill_group_before_exit(tmp_path: Path, sig: int) -> None:
     d = serve_on(tmp_path)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import stat
+import threading
 from pathlib import Path
 from types import MappingProxyType
 
@@ -31,7 +33,7 @@ from tether.core.model import (
     new_group_id,
 )
 from tether.signallers.base import LaunchSpec
-from tether.signallers.local import LocalSignaller
+from tether.signallers.local import LAUNCH_THREADS, LocalSignaller
 
 pytestmark = pytest.mark.parametrize("authority", ["cgroup"], indirect=True)
 
@@ -114,6 +116,34 @@ async def test_path_search_uses_the_specs_path(authority: Authority, tmp_path: P
     # A relative path runs from the spec's cwd.
     rel = await authority.spawn(GroupSpec(argv=("./tether-only-here",), cwd=str(tmp_path)))
     assert rel.state is GroupState.RUNNING
+
+
+async def test_a_start_cancelled_mid_launch_takes_its_launch_with_it(
+        authority: Authority) -> None:
+    """A start task cancelled while its launch waits (a shutdown cancelling stragglers):
+    the launch used to go on and start a program that was nobody's group."""
+    local = authority.signallers.get("local")
+    assert isinstance(local, LocalSignaller)
+    gate = threading.Event()
+    busy = [local._pool.submit(gate.wait) for _ in range(LAUNCH_THREADS)]  # launches queue
+    gid = ""
+    try:
+        spawning = asyncio.ensure_future(authority.spawn(GroupSpec(argv=("sleep", "300"))))
+        await async_wait_until(lambda: local._launching == 1, 10, "the launch to be queued")
+        (g,) = [g for g in authority.lc.table if g.state is GroupState.STARTING]
+        gid = g.group_id
+        assert g.start_task is not None
+        g.start_task.cancel()
+        await asyncio.gather(g.start_task, spawning, return_exceptions=True)
+        gate.set()
+        await async_wait_until(lambda: local._launching == 0, 10, "the launch to finish")
+        assert marked_alive(gid) == [], "a cancelled start left its program running"
+    finally:
+        gate.set()
+        for f in busy:
+            f.result(10)
+        for pid in marked_alive(gid) if gid else []:
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("limited", [False, True])

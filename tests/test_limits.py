@@ -28,6 +28,7 @@ from tests.plugins.processes import (
     wait_until,
 )
 from tests.test_metrics import scrape, value
+from tests.test_supervise import until
 from tether.agent.authority import Authority
 from tether.client.spec import build_spec
 from tether.core.errors import InvalidSpec
@@ -88,6 +89,22 @@ async def test_an_allocation_loop_is_oom_killed_at_its_memory_limit(auth: Author
     assert rec.signal == 9 and rec.oom_kills >= 1
     assert "memory 64M" in rec.context.limits and "OOM" in rec.detail
     assert not file.parent.exists(), "its cgroups are removed once it ended"
+
+
+async def test_an_oom_killed_run_is_restarted_under_on_failure(auth: Authority,
+                                                               tmp_path: Path) -> None:
+    """The OOM killer ending a run at its --memory limit is a failure, not a clean end."""
+    flag = tmp_path / "second-run"
+    program = ("import os, sys, time\n"
+               "if os.path.exists(sys.argv[1]):\n    time.sleep(300)\n"
+               "open(sys.argv[1], 'w').close()\n" + HOG[2])
+    view = await auth.spawn(build_spec([sys.executable, "-c", program, str(flag)],
+                                       memory="64M", restart="on-failure", session="m"))
+    assert view.state is GroupState.RUNNING, view.exit
+    again = await until(auth, view.group_id,
+                        lambda v: v.restarts >= 1 and v.state is GroupState.RUNNING)
+    assert again.runs[0].exit.reason is ExitReason.OOM_KILLED, again.runs[0].exit
+    assert flag.exists()
 
 
 async def test_pids_and_cpus_are_set_and_enforced(auth: Authority, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -122,6 +123,44 @@ def test_one_group_of_three_is_stopped_signalled_and_restarted_while_the_others_
 
     assert d.cli("stop", "win").returncode == 0
     assert all(marked_alive(g) == [] for g in ids.values())
+
+
+def test_a_restart_naming_an_unrestartable_group_restarts_none(
+        srv: tuple[Daemon, str], tmp_path: Path) -> None:
+    """Each agent refused only its own groups, after the others had been restarted: a
+    refused multi-group restart was half done. Now it is refused before any call."""
+    d, _ = srv
+    agent = d.json("agents")["agents"][0]["name"]
+    a = spawn(d, "mix", "--", "sleep", "300")
+    pid_a = group(d, "mix", a)["pid"]
+    outsider = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    starting = None
+    try:
+        b = str(d.cli("adopt", "--session", "mix", "--agent", agent, "--pid",
+                      str(outsider.pid), check=True).stdout.strip())
+        res = d.cli("restart", "mix", "--group", a, "--group", b)
+        assert res.returncode == 1 and b in res.stderr and "adopted" in res.stderr, res.stderr
+        assert group(d, "mix", a)["restarts"] == 0 and group(d, "mix", a)["pid"] == pid_a
+
+        # A group still starting (its readiness never passes) is refused the same way.
+        starting = subprocess.Popen(
+            [sys.executable, "-m", "tether.coordinator.cli", "spawn", "--session", "mix",
+             "--label", "slow", "--ready", f"tcp:127.0.0.1:{free_port()}", "--start-timeout",
+             "120", "--", "sleep", "300"],
+            env={**os.environ, "TETHER_COORDINATOR": d.address, **d.env},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: any(g["label"] == "slow" and g["state"] == "starting"
+                               for g in d.json("show", "mix")["groups"]), 30,
+                   "the slow group to be starting")
+        res = d.cli("restart", "mix", "--group", a, "--label", "slow")
+        assert res.returncode == 1 and "still starting" in res.stderr, res.stderr
+        assert group(d, "mix", a)["restarts"] == 0 and group(d, "mix", a)["pid"] == pid_a
+    finally:
+        d.cli("stop", "mix")
+        if starting is not None:
+            starting.wait(60)
+        outsider.kill()
+        outsider.wait()
 
 
 def test_two_restarts_at_once_share_one(srv: tuple[Daemon, str]) -> None:

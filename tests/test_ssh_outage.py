@@ -6,7 +6,8 @@ client sees its connection drop and every new one refused, as when a host reboot
 
 * A group whose remote process exits while the host is down: the group says
   ``unreachable`` while it cannot be asked (the UNREACHABLE event), and after the host is
-  back it ends ``exited`` with reason ``natural``: not lost, not running forever.
+  back it ends ``exited`` with reason ``unknown`` (its exit status was not seen; not
+  ``natural``, which would pass a crash for a clean exit): not lost, not running forever.
 * The same outage during a stop: the record says honestly that the end could not be
   verified (reason ``lost``, "not verified"), instead of guessing.
 * A peer that stalls (sessions frozen, TCP up): a wait drops it and goes on.
@@ -196,7 +197,7 @@ async def test_exit_during_an_outage_is_recorded_once_the_host_is_back(
     ended = await next_event(events, EventKind.EXIT)
     assert ended.group.state is GroupState.EXITED
     assert ended.group.exit is not None
-    assert ended.group.exit.reason is ExitReason.NATURAL
+    assert ended.group.exit.reason is ExitReason.UNKNOWN  # the exit status was not seen
     assert ended.group.exit.survivors == 0
     assert "unreachable" in ended.group.exit.detail
     assert marked_alive(gid) == []

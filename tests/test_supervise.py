@@ -6,21 +6,29 @@ Every wait is for an event of the authority's own Watch stream (``until``), neve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import ssl
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.plugins.certs import CA
 from tests.plugins.processes import async_wait_until, marked_alive
 from tether.agent.authority import Authority
+from tether.agent.hooks import Hooks
+from tether.agent.probes import HTTP_LINE_MAX, Prober
+from tether.agent.supervise import CHECK_SLACK
 from tether.core.errors import Conflict, InvalidSpec
 from tether.core.model import (
     RESTART_BACKOFF_FIRST,
     RESTART_BACKOFF_MAX,
     EventKind,
     ExitReason,
+    ExitRecord,
     FailureClass,
     GroupSpec,
     GroupState,
@@ -33,6 +41,9 @@ from tether.core.model import (
     UnhealthyAction,
     restart_delay,
 )
+from tether.signallers.base import SignallerContext
+from tether.signallers.local import LocalSignaller
+from tether.signallers.registry import Signallers
 
 GRACE = StopPolicy(grace=1.0)
 
@@ -90,6 +101,24 @@ def test_bad_supervision_input_is_refused_naming_the_field(make: Callable[[], ob
     with pytest.raises(InvalidSpec) as info:
         make()
     assert info.value.field == field
+
+
+@pytest.mark.parametrize(("record", "restarts"), [
+    (ExitRecord(ExitReason.NATURAL, exit_code=0), False),
+    (ExitRecord(ExitReason.NATURAL, exit_code=3), True),
+    (ExitRecord(ExitReason.EXTERNAL_SIGNAL, signal=9), True),
+    # The OOM killer's SIGKILL at the --memory limit: the commonest crash of a limited service.
+    (ExitRecord(ExitReason.OOM_KILLED, signal=9, oom_kills=1), True),
+    # A re-adopted leader's status cannot be read: a crash must not pass for a clean exit.
+    (ExitRecord(ExitReason.UNKNOWN), True),
+    (ExitRecord(ExitReason.REQUESTED, signal=15), False),
+    (ExitRecord(ExitReason.FORCED_KILL, signal=9), False),
+])
+def test_on_failure_restarts_every_end_but_a_clean_or_requested_one(record: ExitRecord,
+                                                                    restarts: bool) -> None:
+    assert RestartPolicy(RestartMode.ON_FAILURE).wants(record) is restarts
+    assert RestartPolicy(RestartMode.ALWAYS).wants(record)
+    assert not RestartPolicy(RestartMode.NO).wants(record)
 
 
 # ------------------------------------------------------------------ restart policies
@@ -240,6 +269,52 @@ async def test_restart_is_refused_for_ended_starting_and_adopted_groups(
                                                  restart=RestartPolicy(RestartMode.ALWAYS)))
 
 
+class StopAtStartFailure(Hooks):
+    """Requests a stop of every restarting group the moment a start fails: the window
+    between a restart attempt failing and the supervisor judging it, made certain."""
+
+    def __init__(self) -> None:
+        self.authority: Authority | None = None
+        self.stops: list[asyncio.Task[None]] = []
+
+    def start_failure(self, failure: str) -> None:
+        assert self.authority is not None
+        for g in self.authority.lc.table:
+            if g.state is GroupState.RESTARTING:
+                self.stops.append(self.authority.stopper.begin(g, None, time.monotonic()))
+
+
+async def test_a_stop_as_a_restart_attempt_fails_is_recorded_requested(tmp_path: Path) -> None:
+    """The failed attempt's (empty) handle stayed attached, so the stop found nothing to
+    signal and recorded the end as ``natural``, as if the program had exited on its own."""
+    hooks = StopAtStartFailure()
+    ctx = SignallerContext(f"sup-{tmp_path.name[-8:]}", "", {"containment": "auto"})
+    signallers = Signallers(ctx)
+    signallers.add(LocalSignaller(ctx))
+    authority = hooks.authority = Authority(ctx.agent_name, signallers, hooks)
+    ready, ran = tmp_path / "ready", tmp_path / "ran"
+    program = f"if [ -e {ran} ]; then exit 3; fi; touch {ran} {ready}; exec sleep 300"
+    try:
+        view = await authority.spawn(GroupSpec(
+            argv=("sh", "-c", program), stop=GRACE,
+            ready=Probe.parse(f"exec:test -e {ready}", field_="ready"),
+            restart=RestartPolicy(RestartMode.ON_FAILURE)))
+        assert view.state is GroupState.RUNNING
+        ready.unlink()  # the next run crashes before it is ready
+        await authority.restart(view.group_id)
+        assert len(hooks.stops) == 1
+        await hooks.stops[0]
+        final = authority.get(view.group_id)
+        assert final.state is GroupState.STOPPED and final.exit is not None
+        assert final.exit.reason is ExitReason.REQUESTED, final.exit
+        assert final.runs[-1].exit.reason is ExitReason.START_FAILED
+        assert marked_alive(view.group_id) == []
+    finally:
+        await authority.stop_all()
+        await authority.shutdown()
+        await signallers.aclose()
+
+
 async def test_a_stop_during_a_requested_restart_wins(authority: Authority) -> None:
     view = await authority.spawn(GroupSpec(
         argv=("sh", "-c", "trap '' TERM; while :; do sleep 0.2; done"),
@@ -274,6 +349,95 @@ async def test_unhealthy_is_flagged_and_cleared_by_a_passing_check(
                            kinds={EventKind.HEALTHY})
     assert well.health == "" and well.restarts == 0
     await authority.stop(view.group_id)
+
+
+async def test_an_over_long_http_answer_is_a_failed_check_and_checks_go_on(
+        authority: Authority) -> None:
+    """A status line longer than the stream's limit made readline raise and ended the
+    group's liveness task for good: the group then passed for healthy whatever it said."""
+    answers: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        first = not answers
+        answers.append(b"long" if first else b"500")
+        writer.write(b"A" * 70000 if first else
+                     b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        view = await authority.spawn(GroupSpec(
+            argv=("sleep", "100"), stop=GRACE,
+            liveness=live(f"http://127.0.0.1:{port}/", failures=3)))
+        sick = await until(authority, view.group_id, lambda v: v.unhealthy,
+                           kinds={EventKind.UNHEALTHY})
+        assert answers[0] == b"long" and len(answers) >= 3, answers
+        assert "answered 500" in sick.health, sick.health
+        task = authority.find(view.group_id).live_task
+        assert task is not None and not task.done()
+        await authority.stop(view.group_id)
+
+
+async def no_exec(argv: tuple[str, ...], timeout: float) -> tuple[int | None, str]:
+    raise AssertionError("an http probe runs nothing")
+
+
+async def test_an_http_answer_without_a_line_end_is_a_definite_no() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"A" * (HTTP_LINE_MAX * 8))
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    async with await asyncio.start_server(serve, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        probe = Probe.parse(f"http://127.0.0.1:{port}/", timeout=5, field_="live")
+        attempt = await Prober(probe, "", no_exec).attempt()
+    assert not attempt.ok and attempt.answered
+    assert "not an HTTP answer" in attempt.detail, attempt.detail
+
+
+async def test_an_https_check_is_not_held_by_a_peer_that_never_closes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TLS server that answers, then never answers the probe's close_notify: closing the
+    connection used to wait out ssl's 30 s shutdown timeout, far past the check's own."""
+    ca = CA(tmp_path / "ca")
+    pair = ca.issue("localhost")
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca.path))  # the probe trusts the test CA
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pair.cert, pair.key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    answered = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        tls = context.wrap_socket(conn, server_side=True)
+        tls.recv(4096)
+        tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        held.append(tls)  # never read again, never closed while the probe runs
+        answered.set()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    probe = Probe.parse(f"https://localhost:{listener.getsockname()[1]}/", timeout=2,
+                        field_="live")
+    try:
+        # Bounded by its own timeout and the check slack, not by ssl's 30 s.
+        async with asyncio.timeout(probe.timeout + CHECK_SLACK):
+            attempt = await Prober(probe, "", no_exec).attempt()
+        assert attempt.ok, attempt.detail
+        assert answered.is_set()
+    finally:
+        thread.join(10)
+        for tls in held:
+            tls.close()
+        listener.close()
 
 
 async def test_a_hung_exec_check_is_killed_and_counts_as_failed(authority: Authority) -> None:

@@ -17,10 +17,22 @@ ELASTIC = ("command", "error", "agent / message", "message", "address", "former_
            "group")
 
 
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on escaped (``\\n``, ``\\r``,
+    ``\\x1b``, ``\\x00``, bidi overrides...): what a cell shows is what it holds, and a
+    hostile field (a refused caller's session name in the audit log) can neither move the
+    cursor, erase a line nor start a fake row."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 def table(rows: Iterable[Iterable[Any]], header: list[str], width: int | None = None) -> str:
     """Aligned columns under an upper-case header; long free-text columns are cut with
-    "…" so a line fits ``width`` (the terminal's, else 80) where that is possible."""
-    data = [[str(c) for c in r] for r in rows]
+    "…" so a line fits ``width`` (the terminal's, else 80) where that is possible. Every
+    cell is ``printable``: one row is one line, and nothing in it reaches the terminal raw."""
+    data = [[printable(str(c)) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in data)) if data else len(h)
               for i, h in enumerate(header)]
     limit = width or (shutil.get_terminal_size((80, 24)).columns if sys.stdout.isatty() else 0)
@@ -125,7 +137,8 @@ def details(groups: Iterable[GroupEntry]) -> str:
                              + (f" ({p.detail})" if p.detail else ""))
         if lines:
             name = f"{v.group_id}" + (f" ({v.spec.label})" if v.spec.label else "")
-            blocks.append(name + ":\n" + "\n".join("  " + line for line in lines))
+            blocks.append(printable(name) + ":\n" + "\n".join("  " + printable(line)
+                                                              for line in lines))
     return "\n".join(blocks)
 
 

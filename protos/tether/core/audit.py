@@ -35,6 +35,11 @@ MAX_BYTES = 16 * 1024 * 1024
 BACKUPS = 5
 #: At most this many entries are returned by one read.
 MAX_READ = 100_000
+#: No entry's line is longer (JSON, ASCII): an entry over it has its fields cut (and says
+#: so in ``details.truncated``), so no call can fill the log with a few huge lines.
+MAX_ENTRY = 4096
+#: When an entry is over ``MAX_ENTRY``: the encoded length each kind of field is cut to.
+_CUT_TEXT, _CUT_MESSAGE, _CUT_KEY, _CUT_DETAIL, _CUT_FIELDS = 128, 600, 32, 96, 12
 
 _STOP = object()
 
@@ -114,11 +119,18 @@ class AuditLog:
 
     # ------------------------------------------------------------ writing (event loop)
 
-    def record(self, entry: dict[str, Any]) -> None:
-        """Queue one entry (``time`` is added if missing). Never blocks."""
+    def record(self, entry: dict[str, Any], summary: str = "") -> None:
+        """Queue one entry (``time`` is added if missing; cut to ``MAX_ENTRY``). Never
+        blocks. Its line is logged at INFO too, or ``summary`` instead when given (a
+        refused call: a short line of what the daemon knows, not the caller's fields)."""
         entry.setdefault("time", timestamp(time.time()))
-        line = json.dumps(entry, separators=(",", ":"), sort_keys=False, ensure_ascii=True)
-        log.info("audit %s", line)
+        line = _line(entry)
+        if len(line) > MAX_ENTRY:
+            line = _line(fit(entry))
+        if summary:
+            log.info("audit %s", summary)
+        else:
+            log.info("audit %s", line)
         if self._thread is not None and not self._closed:
             self._queue.put(line)
 
@@ -236,6 +248,56 @@ class AuditLog:
 
     def _read(self, since: float, limit: int) -> list[dict[str, Any]]:
         return list(collections.deque(read_entries(self.files(), since), maxlen=limit))
+
+
+def _line(entry: Mapping[str, Any]) -> str:
+    return json.dumps(entry, separators=(",", ":"), sort_keys=False, ensure_ascii=True)
+
+
+def clip(text: str, budget: int) -> str:
+    """``text`` cut so that its JSON form (ASCII, escapes included) is at most ``budget``
+    characters, "..." marking a cut."""
+    if len(text) * 12 + 2 <= budget or len(json.dumps(text)) <= budget:
+        return text
+    out, used = [], 5  # the quotes and "..."
+    for ch in text:
+        size = len(json.dumps(ch)) - 2
+        if used + size > budget:
+            break
+        out.append(ch)
+        used += size
+    return "".join(out) + "..."
+
+
+#: What a cut entry always keeps (first): when, what, who, and how it ended.
+_KEPT = ("time", "method", "role", "credential", "result", "details")
+
+
+def fit(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """An entry over ``MAX_ENTRY`` with every field cut (a fixed budget per field, so the
+    result fits whatever the fields held); ``details.truncated`` says it was."""
+    out: dict[str, Any] = {}
+    for key, value in sorted(entry.items(), key=lambda kv: kv[0] not in _KEPT):
+        if key == "details" and isinstance(value, Mapping):
+            continue
+        text = value if isinstance(value, str) else json.dumps(value)
+        out[clip(str(key), _CUT_KEY)] = clip(text, _CUT_MESSAGE if key == "message"
+                                             else _CUT_TEXT)
+        if len(out) >= _CUT_FIELDS:
+            break
+    details = entry.get("details")
+    kept: dict[str, str] = {}
+    if isinstance(details, Mapping):
+        for key, value in list(details.items())[:_CUT_FIELDS]:
+            text = value if isinstance(value, str) else json.dumps(value)
+            kept[clip(str(key), _CUT_KEY)] = clip(text, _CUT_DETAIL)
+    kept["truncated"] = f"the entry was over {MAX_ENTRY} bytes: its fields were cut"
+    out["details"] = kept
+    if len(_line(out)) > MAX_ENTRY:  # many fields, each near its budget: keep the first
+        out["details"] = {"truncated": kept["truncated"]}
+        while len(_line(out)) > MAX_ENTRY:
+            del out[next(k for k in reversed(out) if k not in _KEPT)]
+    return out
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -141,6 +141,9 @@ class ExitReason(enum.Enum):
     #: The group kept ending and was restarted ``--restart-max`` times within
     #: ``--restart-window``: it is failed now (its ``runs`` say how each ended).
     RESTART_LIMIT = "restart_limit"
+    #: The run ended but its leader's status could not be read (a group re-adopted after an
+    #: agent restart is not the new agent's child): neither a clean exit nor a known failure.
+    UNKNOWN = "unknown"
 
 
 class FailureClass(enum.Enum):
@@ -687,15 +690,24 @@ class RestartPolicy:
         check_seconds(self.window, "restart window", "restart_window", allow_zero=False)
 
     def wants(self, record: ExitRecord) -> bool:
-        """Does a run that ended like ``record`` start again? ``on-failure``: a non-zero exit
-        code, or a signal nobody here sent (a signal sent through tether is somebody's
-        decision, not a failure)."""
+        """Does a run that ended like ``record`` start again? ``on-failure``: anything but a
+        clean exit 0 or an end somebody asked for through tether (a signal sent through
+        tether is somebody's decision, not a failure). So a non-zero exit code, a signal
+        nobody here sent, the OOM killer, and an end whose status is unknown (a re-adopted
+        leader: a crash cannot be told from a clean exit, and a service that stays down is
+        the worse mistake) all restart it."""
         if self.mode is RestartMode.ALWAYS:
             return True
         if self.mode is RestartMode.ON_FAILURE:
-            return (record.exit_code not in (None, 0)
-                    or record.reason is ExitReason.EXTERNAL_SIGNAL)
+            if record.reason in _DECIDED_ENDS:
+                return False
+            return (record.reason is not ExitReason.NATURAL
+                    or record.exit_code not in (None, 0) or record.signal is not None)
         return False
+
+
+#: Ends somebody decided through tether: never a failure for ``--restart on-failure``.
+_DECIDED_ENDS = frozenset({ExitReason.REQUESTED, ExitReason.FORCED_KILL})
 
 
 def restart_delay(unstable_runs: int, jitter: float) -> float:
@@ -712,6 +724,10 @@ def restart_delay(unstable_runs: int, jitter: float) -> float:
 
 def _frozen(mapping: Mapping[str, str] | None = None) -> MappingProxyType[str, str]:
     return MappingProxyType(dict(mapping or {}))
+
+
+#: An adopted group's argv is this and the adopted pid: nothing tether could run again.
+ADOPTED_PREFIX = "adopted:"
 
 
 @dataclass(frozen=True)
@@ -802,6 +818,12 @@ class GroupSpec:
         if self.pre_stop is not None and not isinstance(self.pre_stop, PreStop):
             raise InvalidSpec("pre_stop must be a PreStop value", field="pre_stop")
         self._check_ports()
+
+    @property
+    def adopted(self) -> bool:
+        """A tree tether took over (``tether adopt``) rather than started: it cannot be
+        started again, so it is never restarted."""
+        return bool(self.argv) and self.argv[0].startswith(ADOPTED_PREFIX)
 
     def _check_ports(self) -> None:
         if len(self.ports) > MAX_PORTS:
@@ -1104,6 +1126,19 @@ class GroupView:
 
     def with_state(self, state: GroupState, exit: ExitRecord | None = None) -> GroupView:
         return replace(self, state=state, exit=exit if exit is not None else self.exit)
+
+    def not_restartable(self) -> str:
+        """Why ``tether restart`` refuses this live group (the agent's own rules, so a
+        coordinator can refuse a multi-group restart whole, before any group is touched);
+        empty: it may be restarted."""
+        if self.spec.adopted:
+            return ("was adopted: tether did not start it and cannot start it again; leave it "
+                    "out (--group/--label) or stop it")
+        if self.state is GroupState.STARTING:
+            return "is still starting; restart it once it runs"
+        if self.state is GroupState.STOPPING:
+            return "is being stopped"
+        return ""
 
 
 class EventKind(enum.StrEnum):

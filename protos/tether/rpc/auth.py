@@ -26,6 +26,7 @@ may listen on loopback only (or with ``--insecure``): see ``tether.rpc.daemon``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import enum
 import functools
@@ -39,7 +40,7 @@ from typing import Any
 
 import grpc
 
-from tether.core.audit import AuditLog, timestamp
+from tether.core.audit import AuditLog, clip, timestamp
 from tether.core.errors import InvalidSpec, PermissionDenied, Unauthenticated
 from tether.core.model import check_name
 from tether.rpc.leader import REDIRECTED
@@ -217,7 +218,9 @@ RULES: Mapping[str, Rule] = {
     _C + "WatchSession": _r(_OPERATOR, _READER),
     _C + "ListOrphans": _r(_OPERATOR, audit=_sweeps),
     _C + "ReadAudit": _r(),
-    _C + "ListPorts": _r(_OPERATOR, _READER),
+    # Every listening process on the host: pid, user and command line (secrets in argv):
+    # for the credentials that may spawn there, never a read-only one.
+    _C + "ListPorts": _r(_OPERATOR),
     _C + "ForgetAgent": _r(audit=True),
     _C + "GetLeader": _r(_OPERATOR, _READER),
     _C + "RestartGroups": _r(_OPERATOR, audit=True),
@@ -236,7 +239,7 @@ RULES: Mapping[str, Rule] = {
     _A + "Watch": _r(_COORD, _OPERATOR, _READER),
     _A + "ListOrphans": _r(_COORD, audit=_sweeps),
     _A + "Info": _r(_COORD, _OPERATOR, _READER),
-    _A + "ListPorts": _r(_COORD, _OPERATOR, _READER),
+    _A + "ListPorts": _r(_COORD, _OPERATOR),
     _A + "Restart": _r(_COORD, audit=True),
     _A + "Forget": _r(_COORD, audit=True),
 }
@@ -469,6 +472,10 @@ _TOP_FIELDS = {"session_id": "session", "group_id": "group", "agent": "agent", "
 _DETAIL_FIELDS = ("address", "signal", "pid", "start_time", "sweep", "idempotency_key",
                   "ttl_seconds", "grace_seconds", "epoch", "lease_grace_seconds")
 _MAX_VALUE = 256
+#: A list field (group ids, labels, what was forgotten): at most this many items...
+_MAX_ITEMS = 20
+#: ... and this many characters in all, whatever each item holds.
+_MAX_LIST = 1024
 
 
 def _short(value: Any) -> str:
@@ -476,6 +483,18 @@ def _short(value: Any) -> str:
     characters."""
     text = value if isinstance(value, str) else json.dumps(value)
     return text[:_MAX_VALUE] + "..." if len(text) > _MAX_VALUE else text
+
+
+def _short_list(values: Iterable[Any]) -> str:
+    """A list as the audit log keeps it: comma-joined, each item ``_short``, at most
+    ``_MAX_ITEMS`` of them and ``_MAX_LIST`` characters, saying how many there were."""
+    items = [str(v) for v in values]
+    text = ",".join(_short(v) for v in items[:_MAX_ITEMS])
+    if len(text) > _MAX_LIST:
+        text = text[:_MAX_LIST] + "..."
+    if len(items) > _MAX_ITEMS or text.endswith("..."):
+        text += f" ({len(items)} in all)"
+    return text
 
 
 def audit_fields(request: Any, response: Any = None) -> dict[str, Any]:
@@ -491,9 +510,9 @@ def audit_fields(request: Any, response: Any = None) -> dict[str, Any]:
             if name in fields and getattr(msg, name) and key not in out:
                 out[key] = _short(getattr(msg, name))
         if "group_ids" in fields and msg.group_ids and "group" not in out:
-            ids = list(msg.group_ids)
-            out["group"] = ",".join(ids[:20]) + (f",... ({len(ids)} in all)"
-                                                 if len(ids) > 20 else "")
+            out["group"] = _short_list(msg.group_ids)
+        if "forgotten" in fields and msg.forgotten and "forgotten" not in details:
+            details["forgotten"] = _short_list(msg.forgotten)
         for name in _DETAIL_FIELDS:
             if name not in fields or name in details:
                 continue
@@ -511,6 +530,11 @@ def audit_fields(request: Any, response: Any = None) -> dict[str, Any]:
                 details.setdefault("program", _short(spec.argv[0]))
         if "group" in fields and msg.HasField("group"):
             take(msg.group)
+        if "selector" in fields and msg.HasField("selector"):
+            # --group/--label: which groups of the session the call was for.
+            take(msg.selector)
+            if msg.selector.labels and "labels" not in details:
+                details["labels"] = _short_list(msg.selector.labels)
 
     take(request)
     take(response)
@@ -558,6 +582,23 @@ class _Throttle:
         return held
 
 
+#: Refused (PERMISSION_DENIED) calls of one credential recorded one by one per window...
+REFUSED_RECORDED = 5
+#: ... of this many seconds; the rest of the window's are one summary entry at its end, so
+#: a weak credential hammering refused calls cannot rotate the record of real ones away.
+REFUSED_WINDOW = 60.0
+
+
+class _Refusals:
+    """One credential's refused calls in the current window."""
+
+    def __init__(self, caller: Caller) -> None:
+        self.caller = caller
+        self.started = time.time()
+        self.recorded = 0
+        self.held: collections.Counter[str] = collections.Counter()
+
+
 # ---------------------------------------------------------------- the interceptor
 
 
@@ -566,12 +607,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     the mutating ones. Health checking and reflection stay open."""
 
     def __init__(self, auth: ServerAuth, service: str = "this daemon",
-                 audit: AuditLog | None = None, rules: Mapping[str, Rule] = RULES) -> None:
+                 audit: AuditLog | None = None, rules: Mapping[str, Rule] = RULES,
+                 refused_window: float = REFUSED_WINDOW) -> None:
         self.auth = auth
+        self.refused_window = refused_window
         self.service = service
         self.audit = audit
         self.rules = rules
         self._refusals = _Throttle()
+        #: Credential -> its refused calls in the current window (``REFUSED_WINDOW``).
+        self._denied: dict[str, _Refusals] = {}
 
     def _unauthenticated(self, method: str, why: str) -> str:
         ways = "a bearer token from its --token-file" if self.auth.tokens else ""
@@ -604,7 +649,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 raise  # unreachable: abort raises
             except PermissionDenied as exc:
                 if self.audit is not None and rule.audited(request):
-                    self._record(method, caller, request, None, "PERMISSION_DENIED", str(exc))
+                    self._refused(method, caller, request, str(exc))
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
                 raise
             CALLER.set(caller)
@@ -629,10 +674,50 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return wrap_handler(handler, admit, handler.request_deserializer, finish=finish)
 
+    def _refused(self, method: str, caller: Caller, request: Any, message: str) -> None:
+        """A refused call: recorded as any call for the credential's first
+        ``REFUSED_RECORDED`` in a window, then counted; the window's end records one summary
+        entry of what was held back. Its INFO line is a short summary of what the daemon
+        knows (method, role, credential, peer), never the caller's fields."""
+        tally = self._denied.get(caller.credential)
+        if tally is None:
+            tally = self._denied[caller.credential] = _Refusals(caller)
+            asyncio.get_running_loop().call_later(self.refused_window,
+                                                  self._refusals_summary, caller.credential)
+        short = method.lstrip("/").removeprefix("tether.v1.")
+        if tally.recorded < REFUSED_RECORDED:
+            tally.recorded += 1
+            self._record(method, caller, request, None, "PERMISSION_DENIED", message,
+                         summary=f"refused {short} for {caller.role} {caller.credential} "
+                                 f"from {clip(caller.peer, 80)}: PERMISSION_DENIED")
+        else:
+            tally.held[short] += 1
+
+    def _refusals_summary(self, credential: str) -> None:
+        tally = self._denied.pop(credential, None)
+        if tally is None or not tally.held or self.audit is None:
+            return
+        c = tally.caller
+        total = sum(tally.held.values())
+        calls = ", ".join(f"{m} x{n}" for m, n in tally.held.most_common(10))
+        more = len(tally.held) - 10
+        message = (f"{total} more refused call(s) of this credential within "
+                   f"{self.refused_window:g} s were not recorded one by one (the first "
+                   f"{REFUSED_RECORDED} were): {calls}" + (f" and {more} other methods"
+                                                           if more > 0 else ""))
+        self.audit.record({
+            "time": timestamp(time.time()), "method": "(refused calls)", "role": str(c.role),
+            "credential": c.credential, "proof": c.proof.value, "peer": c.peer,
+            "result": "PERMISSION_DENIED", "message": message,
+            "details": {"refused": str(total), "since": timestamp(tally.started)},
+        }, summary=f"refused {total} more call(s) for {c.role} {c.credential} within "
+                   f"{self.refused_window:g} s: {calls}")
+
     def _record(self, method: str, caller: Caller, request: Any, response: Any, result: str,
-                message: str) -> None:
+                message: str, summary: str = "") -> None:
         assert self.audit is not None
-        self.audit.record(audit_entry(method, caller, request, response, result, message))
+        self.audit.record(audit_entry(method, caller, request, response, result, message),
+                          summary=summary)
 
 
 def audit_entry(method: str, caller: Caller, request: Any, response: Any, result: str,
@@ -642,8 +727,8 @@ def audit_entry(method: str, caller: Caller, request: Any, response: Any, result
     entry: dict[str, Any] = {
         "time": timestamp(time.time()),
         "method": method.lstrip("/").removeprefix("tether.v1."),
-        "role": str(caller.role), "credential": caller.credential,
-        "proof": caller.proof.value, "peer": caller.peer, "result": result,
+        "role": str(caller.role), "credential": _short(caller.credential),
+        "proof": caller.proof.value, "peer": _short(caller.peer), "result": result,
     }
     try:
         entry.update(audit_fields(request, response))

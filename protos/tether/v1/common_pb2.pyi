@@ -34,6 +34,7 @@ class ExitReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXIT_REASON_LOST: _ClassVar[ExitReason]
     EXIT_REASON_OOM_KILLED: _ClassVar[ExitReason]
     EXIT_REASON_RESTART_LIMIT: _ClassVar[ExitReason]
+    EXIT_REASON_UNKNOWN: _ClassVar[ExitReason]
 
 class FailureClass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -92,6 +93,7 @@ EXIT_REASON_START_FAILED: ExitReason
 EXIT_REASON_LOST: ExitReason
 EXIT_REASON_OOM_KILLED: ExitReason
 EXIT_REASON_RESTART_LIMIT: ExitReason
+EXIT_REASON_UNKNOWN: ExitReason
 FAILURE_CLASS_UNSPECIFIED: FailureClass
 FAILURE_CLASS_COMMAND_NOT_FOUND: FailureClass
 FAILURE_CLASS_PERMISSION_DENIED: FailureClass
