@@ -22,6 +22,7 @@ from tether.coordinator.agent_client import AgentClient
 from tether.coordinator.agents import Agents
 from tether.coordinator.fanout import Fanout
 from tether.coordinator.model import InFlight, TrackedGroup
+from tether.coordinator.output import OutputRoutes
 from tether.coordinator.sessions import Sessions
 from tether.coordinator.spawns import adopt_spawns
 from tether.coordinator.store import Batch, Key, SpawnIntent, Store, Term, Value
@@ -120,6 +121,7 @@ class Coordinator:
         self.agents = Agents(self)
         self.sessions = Sessions(self)
         self.fanout = Fanout(self)
+        self.output = OutputRoutes(self)
         self._intents: list[StopIntent] = []
         self._spawns: list[SpawnIntent] = []
 

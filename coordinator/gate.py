@@ -158,7 +158,28 @@ class LeaderGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return grpc.unary_stream_rpc_method_handler(
                 streamed, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
-        return handler  # CoordinatorService has no streaming requests
+        if kind == "stream_stream":  # Attach
+            inner_both = handler.stream_stream
+
+            async def both(requests: Any, context: Any) -> AsyncIterator[Any]:
+                lead = await control.serving()
+                if lead is None:
+                    await self._refuse(context, name)
+                assert lead is not None
+                try:
+                    async for item in inner_both(requests, context):
+                        yield item
+                except BaseException:
+                    if self._gone(lead) and not _aborted(context):
+                        await self._interrupted(context, name, lead)
+                    raise
+                if self._gone(lead):
+                    await self._interrupted(context, name, lead)
+
+            return grpc.stream_stream_rpc_method_handler(
+                both, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler  # CoordinatorService has no client-streaming calls
 
 
 def _aborted(context: Any) -> bool:

@@ -65,6 +65,8 @@ LET_THROUGH: dict[str, set[str]] = {
     "CoordinatorService/RestartGroups": {"operator"},
     "CoordinatorService/ForgetGroups": {"operator"},
     "CoordinatorService/Wait": {"operator", "reader"},
+    "CoordinatorService/Logs": {"operator", "reader"},
+    "CoordinatorService/Attach": {"operator"},
     "AgentService/Spawn": {"coordinator"},
     "AgentService/Adopt": {"coordinator"},
     "AgentService/Signal": {"coordinator"},
@@ -78,6 +80,8 @@ LET_THROUGH: dict[str, set[str]] = {
     "AgentService/ListPorts": {"coordinator", "operator", "reader"},
     "AgentService/Restart": {"coordinator"},
     "AgentService/Forget": {"coordinator"},
+    "AgentService/Logs": {"coordinator", "operator", "reader"},
+    "AgentService/Attach": {"coordinator"},
 }
 #: Callers that hold a role: (name in the matrix, role).
 ROLE_CALLERS = [("admin", "admin"), ("operator", "operator"), ("reader", "reader"),
@@ -125,7 +129,16 @@ async def first_reply(channel: grpc.aio.Channel, name: str, method: Any) -> grpc
     request = request_for(name, method)
     deserialize = GetMessageClass(method.output_type).FromString
     try:
-        if method.server_streaming:
+        if method.client_streaming:  # Attach: one message (no group: refused on content)
+            both = channel.stream_stream(path, request_serializer=type(request).SerializeToString,
+                                         response_deserializer=deserialize)(iter([request]),
+                                                                            timeout=20)
+            try:
+                async for _ in both:
+                    break
+            finally:
+                both.cancel()
+        elif method.server_streaming:
             stream = channel.unary_stream(path, request_serializer=type(request).SerializeToString,
                                           response_deserializer=deserialize)(request, timeout=20)
             try:

@@ -12,6 +12,7 @@ coordinator, typed values in and out (``tether.core``), errors as exceptions.
 
 from tether.client.aio import (
     AsyncClient,
+    Attachment,
     CoordinatorUnreachable,
     Interrupted,
     Leader,
@@ -20,5 +21,5 @@ from tether.client.aio import (
 from tether.client.spec import build_spec
 from tether.client.sync import Client
 
-__all__ = ["AsyncClient", "Client", "CoordinatorUnreachable", "Interrupted", "Leader",
-           "TimedOut", "build_spec"]
+__all__ = ["AsyncClient", "Attachment", "Client", "CoordinatorUnreachable", "Interrupted",
+           "Leader", "TimedOut", "build_spec"]

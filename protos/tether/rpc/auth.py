@@ -218,6 +218,9 @@ RULES: Mapping[str, Rule] = {
     _C + "RestartGroups": _r(_OPERATOR, audit=True),
     _C + "ForgetGroups": _r(_OPERATOR, audit=True),
     _C + "Wait": _r(_OPERATOR, _READER),
+    # Output is read-only; Attach may write a program's stdin: operators, audited.
+    _C + "Logs": _r(_OPERATOR, _READER),
+    _C + "Attach": _r(_OPERATOR, audit=True),
     # An agent: lifecycle calls from its coordinator (and admins) only.
     _A + "Spawn": _r(_COORD, audit=True),
     _A + "Adopt": _r(_COORD, audit=True),
@@ -232,6 +235,8 @@ RULES: Mapping[str, Rule] = {
     _A + "ListPorts": _r(_COORD, _OPERATOR, _READER),
     _A + "Restart": _r(_COORD, audit=True),
     _A + "Forget": _r(_COORD, audit=True),
+    _A + "Logs": _r(_COORD, _OPERATOR, _READER),
+    _A + "Attach": _r(_COORD, audit=True),
 }
 
 #: A method ``RULES`` does not list (a new RPC, before someone decided who may call it).
@@ -460,7 +465,8 @@ def current_caller() -> Caller:
 
 _TOP_FIELDS = {"session_id": "session", "group_id": "group", "agent": "agent", "name": "agent"}
 _DETAIL_FIELDS = ("address", "signal", "pid", "start_time", "sweep", "idempotency_key",
-                  "ttl_seconds", "grace_seconds", "epoch")
+                  "ttl_seconds", "grace_seconds", "epoch", "write", "close_stdin_on_detach",
+                  "on_behalf_of")
 _MAX_VALUE = 256
 
 
