@@ -41,6 +41,7 @@ from tether.core.model import (
     context_from_dict,
     spec_from_dict,
 )
+from tether.core.output import DEFAULT_RING, DEFAULT_TOTAL, OutputBook
 from tether.core.sessions import Orphan
 from tether.core.tasks import TaskSet
 from tether.rpc.auth import ServerAuth
@@ -80,6 +81,9 @@ class AgentConfig:
     plugins_off: list[str] = field(default_factory=list)
     # No toolchain plugins at all.
     no_plugins: bool = False
+    # Captured output kept per group, and for all groups together (bytes).
+    output_buffer: int = DEFAULT_RING
+    output_total: int = DEFAULT_TOTAL
 
 
 class _OrphanTrigger(Hooks):
@@ -142,7 +146,8 @@ class AgentRuntime:
                                    capacity=self.capacity, plugins=Plugins(found),
                                    ports=PortBook(self.instance.marker,
                                                   tree.name if tree is not None else "",
-                                                  config.name))
+                                                  config.name),
+                                   output=OutputBook(config.output_buffer, config.output_total))
         self.metrics.attach(self.authority)
         self.reaper = OrphanReaper(
             self.instance.marker, self.local.tree, self.authority.live_ids,
