@@ -192,27 +192,30 @@ class OutputRing:
         self.changed = asyncio.Event()
 
     def trim(self) -> int:
-        """Drop the oldest chunks until the ring fits its capacity; returns bytes freed."""
+        """Drop the oldest bytes until the ring fits its capacity; returns bytes freed. A
+        chunk only partly in the way loses only its oldest bytes (a note never does: it
+        goes whole)."""
         freed = 0
-        while self.size > self.capacity and len(self.chunks) > 1:
-            old = self.chunks.popleft()
+        while self.size > self.capacity and self.chunks:
+            old = self.chunks[0]
+            over = self.size - self.capacity
+            if old.is_output and len(old.data) > over:
+                kept = replace(old, data=old.data[over:], offset=old.offset + over)
+                self.chunks[0] = kept
+                self.size -= over
+                freed += over
+                self.dropped += over
+                self.dropped_until = max(self.dropped_until, old.at)
+                break
+            if len(self.chunks) == 1 and not old.is_output:
+                break  # a lone note bigger than the ring (never, at 64 KiB): keep it
+            self.chunks.popleft()
             cost = len(old.data) + CHUNK_OVERHEAD
             self.size -= cost
             freed += cost
             if old.is_output:
                 self.dropped += len(old.data)
                 self.dropped_until = max(self.dropped_until, old.at)
-        if self.size > self.capacity and self.chunks and self.chunks[0].is_output:
-            # One chunk larger than the whole ring (a 4 MiB write into a 1 MiB ring): keep
-            # its newest bytes.
-            old = self.chunks.popleft()
-            cut = len(old.data) - max(0, self.capacity - CHUNK_OVERHEAD)
-            kept = replace(old, data=old.data[cut:], offset=old.offset + cut)
-            self.chunks.appendleft(kept)
-            self.size -= cut
-            freed += cut
-            self.dropped += cut
-            self.dropped_until = max(self.dropped_until, old.at)
         return freed
 
     def close(self) -> None:
@@ -414,12 +417,9 @@ class OutputBook:
             cursor = _Cursor(ring, seq=ring.chunks[-1].seq if ring.chunks else 0,
                              offset=ring.end)
             cursors[ring.group_id] = cursor
-            if chunks:
-                firsts = next((c for c in chunks if c.is_output), None)
-                if lost and firsts is not None:
-                    chunks = [replace(c, dropped=lost) if c is firsts else c for c in chunks]
-                elif lost:
-                    chunks[0] = replace(chunks[0], dropped=lost)
+            if chunks and lost:
+                # Dropping is oldest-first: every kept chunk is newer than every dropped one.
+                chunks[0] = replace(chunks[0], dropped=lost)
             first.extend(chunks)
         first.sort(key=lambda c: c.seq)
         waiter = _Waiter(query) if query.follow else None
@@ -478,10 +478,9 @@ class OutputBook:
                 continue
             out: list[OutputChunk] = []
             for c in new:
-                if c.is_output:
-                    if c.offset > cur.offset:
-                        c = replace(c, dropped=c.offset - cur.offset)
-                    cur.offset = c.offset + len(c.data)
+                if c.offset > cur.offset:  # a note's offset is the output before it
+                    c = replace(c, dropped=c.offset - cur.offset)
+                cur.offset = max(cur.offset, c.offset + (len(c.data) if c.is_output else 0))
                 out.append(c)
             cur.seq = new[-1].seq
             lists.append(out)
