@@ -24,8 +24,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from tether.agent.groups import Group
+from tether.agent.keeper import PipeKeeper
 from tether.core.errors import Conflict
-from tether.core.model import ExitRecord, StdinMode
+from tether.core.model import ExitRecord, OrphanPolicy, StdinMode
 from tether.core.output import (
     AttachOpen,
     LogQuery,
@@ -77,6 +78,8 @@ class Outputs:
         self.book = book if book is not None else OutputBook()
         #: A group's stdin state changed (a writer came or went): re-emit its view.
         self.changed = changed
+        #: Hands keep groups' pipes to the guardian (``agent/keeper.py``), when there is one.
+        self.keeper: PipeKeeper | None = None
 
     def open(self, g: Group) -> None:
         if g.group_id not in self.book.rings:
@@ -105,9 +108,15 @@ class Outputs:
             return
         g.stdio = stdio
         stdio.start(RunSink(self.book, gid, run))
+        ends = stdio.pipe_ends()
+        if self.keeper is not None and ends is not None \
+                and g.spec.orphan_policy is OrphanPolicy.KEEP:
+            self.keeper.hold(gid, ends)
 
     def _finish(self, g: Group) -> None:
         stdio, g.stdio = g.stdio, None
+        if self.keeper is not None:
+            self.keeper.release(g.group_id)
         if stdio is not None:
             stdio.finish()
         if g.stdin_writer and self.changed is not None:

@@ -124,6 +124,18 @@ class OutputSink(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class PipeEnds:
+    """A local run's pipe ends as the agent holds them (-1: none): what a guardian holds
+    while no agent reads them, so a ``keep`` group is not killed by SIGPIPE at its next
+    write, and its output still reaches its log."""
+
+    stdout: int
+    stderr: int
+    stdin: int = -1
+    log: int = -1
+
+
 class Stdio(Protocol):
     """One run's standard streams as its launch set them up: stdout and stderr captured,
     and with ``--stdin pipe`` its stdin held open for writers."""
@@ -152,6 +164,11 @@ class Stdio(Protocol):
         stop reading (a process that escaped the group may hold a pipe open forever) and
         release everything. Idempotent."""
         ...
+
+    def pipe_ends(self) -> PipeEnds | None:
+        """The local descriptors behind these streams, for the guardian to hold (None: no
+        local pipes, as on remote targets)."""
+        return None
 
 
 @runtime_checkable

@@ -30,7 +30,7 @@ from typing import Final
 
 from tether.core.errors import Conflict
 from tether.core.output import Note, Stream
-from tether.signallers.base import OutputSink, Stdio
+from tether.signallers.base import OutputSink, PipeEnds, Stdio
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,10 @@ class PipeStdio(Stdio):
         if self._stdin >= 0:
             held.append("stdin")
         return f"<PipeStdio {' '.join(held) or 'closed'}>"
+
+    def pipe_ends(self) -> PipeEnds | None:
+        tee = self._tee.fd if self._tee is not None else self._log_fd
+        return PipeEnds(self._fds[Stream.STDOUT], self._fds[Stream.STDERR], self._stdin, tee)
 
     def fds(self) -> list[int]:
         """Every descriptor held (a launch that is abandoned closes them)."""
