@@ -46,7 +46,7 @@ from tether.core.model import (
 )
 from tether.core.output import AttachOpen, LogQuery, OutputBook, OutputChunk
 from tether.signallers.base import GroupHandle, RunAs
-from tether.signallers.registry import Signallers
+from tether.signallers.registry import Signallers, split_target
 
 Signals = signal.Signals
 
@@ -281,11 +281,12 @@ class Authority:
         self.lc.transition(g, Transition.EXITED)
         return g.view()
 
-    def restore_running(self, group_id: str, spec: GroupSpec, handle: GroupHandle,
-                        context: RunContext | None = None, user: RunAs | None = None
-                        ) -> GroupView:
+    async def restore_running(self, group_id: str, spec: GroupSpec, handle: GroupHandle,
+                              context: RunContext | None = None, user: RunAs | None = None
+                              ) -> GroupView:
         """Re-adopt a `keep` group that survived the agent (PID and start time checked),
-        with what it ran with (its ports are reserved again)."""
+        with what it ran with (its ports are reserved again, its next run launches as its
+        first did)."""
         g = Group(group_id, spec, handle.containment,
                   spec.stop.apply(self.starter.default_policy))
         g.state = GroupState.RUNNING  # as it was recorded: loading, not a transition
@@ -296,6 +297,8 @@ class Authority:
         if context.ports:
             self.ports.restore(group_id, context.ports)
             g.on_end.append(lambda: self.ports.release(group_id))
+        kind, where = split_target(spec.target)
+        await self.starter.restore_launch(g, self.lc.signallers.get(kind), where)
         g.attach(handle)
         self.lc.table.add(g)
         g.log.info("re-adopted after agent restart (leader pid %d)", handle.leader_pid)

@@ -172,14 +172,17 @@ class AgentMetrics(Hooks):
 
 def agent_status(authority: Authority, metrics: AgentMetrics) -> dict[str, Any]:
     """The agent's part of /status (called on the event loop): groups by state, the
-    unhealthy and restarting ones, orphans now, the last cleanup."""
+    unhealthy ones (id and what the last check saw), orphans now, the last cleanup.
+
+    /status answers anyone who reaches the metrics listener, without a credential, so it
+    holds counts, states, group ids, times and check details (``Probe.shown``: no URL
+    user, password or query) only: no agent, session or label name, no address, argv or
+    environment. Those are for credentials (``tether show``, ``tether agents``)."""
     tally = TallyCounter(g.state.value for g in authority.groups())
-    unhealthy = [{"group_id": g.group_id, "session": g.spec.session_id, "label": g.spec.label,
-                  "health": g.health}
+    unhealthy = [{"group_id": g.group_id, "health": g.health}
                  for g in authority.groups() if g.unhealthy and not g.state.ended]
     last = metrics.last_cleanup
     return {
-        "name": authority.name,
         "groups": {s.value: tally.get(s.value, 0) for s in AGENT_STATES},
         "unhealthy": unhealthy,
         "orphans": metrics.orphans_now,

@@ -17,7 +17,9 @@ else logs a warning and the spec goes on unchanged, except ``StartFailed`` (a
 version file naming a version that is not installed: ``toolchain_missing``), which
 fails the start. What each plugin changed is recorded as one line per change
 ("pyenv: PATH += /root/.pyenv/versions/3.12.1/bin"): in the group's context, the
-Spawn answer, ``tether show`` and the exit record.
+Spawn answer, ``tether show`` and the exit record. A plugin that reads files of the
+project should find and read them with ``tether.agent.versionfiles`` (the agent is
+usually root, and the project tree may hold files other users planted).
 """
 
 from __future__ import annotations

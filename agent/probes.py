@@ -18,6 +18,7 @@ log match, exec probe timing out) as ``readiness_timeout``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import errno
@@ -29,9 +30,9 @@ import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-from tether.core.model import Probe, ProbeKind
+from tether.core.model import Probe, ProbeKind, public_url
 
 BACKOFF_START = 0.01
 BACKOFF_MAX = 0.2
@@ -134,12 +135,25 @@ async def _connect(sock: socket.socket, address: Any, timeout: float) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def basic_auth(username: str | None, password: str | None) -> str:
+    """The ``Authorization`` header line for a URL's ``user:password@`` (percent-decoded,
+    UTF-8, as RFC 7617 allows), or "" when the URL has none."""
+    if username is None and password is None:
+        return ""
+    pair = f"{unquote(username or '')}:{unquote(password or '')}".encode()
+    return f"Authorization: Basic {base64.b64encode(pair).decode('ascii')}\r\n"
+
+
 async def _http(probe: Probe) -> ProbeAttempt:
-    """GET the probe's URL; any 2xx/3xx status is ready. Runs on the event loop."""
+    """GET the probe's URL; any 2xx/3xx status is ready. Runs on the event loop. A
+    ``user:password@`` in the URL goes out as Basic authentication; details name the URL
+    without it, nor its query string (``public_url``): they end up in records, events,
+    /status and logs."""
     url = probe.url
     parts = urlsplit(url)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     host = parts.hostname or "127.0.0.1"
+    shown = public_url(url)
     writer = None
     try:
         async with asyncio.timeout(probe.timeout):
@@ -147,12 +161,14 @@ async def _http(probe: Probe) -> ProbeAttempt:
             reader, writer = await asyncio.open_connection(
                 host, probe.port, ssl=context, server_hostname=host if context else None)
             netloc = parts.netloc.rpartition("@")[2]
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: {netloc}\r\nConnection: close\r\n"
-                         "User-Agent: tether-probe\r\n\r\n".encode("latin-1", "replace"))
+            request = (f"GET {path} HTTP/1.1\r\nHost: {netloc}\r\nConnection: close\r\n"
+                       "User-Agent: tether-probe\r\n").encode("latin-1", "replace")
+            writer.write(request + basic_auth(parts.username, parts.password).encode()
+                         + b"\r\n")
             await writer.drain()
             line = await reader.readline()
     except (OSError, TimeoutError, ssl.SSLError, UnicodeError) as exc:
-        return ProbeAttempt(False, detail=f"GET {url}: {_why(exc, probe)}")
+        return ProbeAttempt(False, detail=f"GET {shown}: {_why(exc, probe)}")
     finally:
         if writer is not None:
             writer.close()
@@ -160,11 +176,11 @@ async def _http(probe: Probe) -> ProbeAttempt:
                 await writer.wait_closed()
     words = line.split()
     if len(words) < 2 or not words[0].startswith(b"HTTP/") or not words[1].isdigit():
-        return ProbeAttempt(False, detail=f"GET {url}: not an HTTP answer ({line[:60]!r})")
+        return ProbeAttempt(False, detail=f"GET {shown}: not an HTTP answer ({line[:60]!r})")
     status = int(words[1])
     if 200 <= status < 400:
         return ProbeAttempt(True)
-    return ProbeAttempt(False, answered=True, detail=f"GET {url} answered {status}")
+    return ProbeAttempt(False, answered=True, detail=f"GET {shown} answered {status}")
 
 
 #: Reads of log files for log: probes (a file on a stuck network mount must not hold the

@@ -225,9 +225,10 @@ class AgentRuntime:
                     try:
                         user = await users.lookup(spec.user)
                     except TetherError as exc:
-                        log.error("group %s: %s; its pre-stop hook will not run", r.group_id,
-                                  exc)
-                self.authority.restore_running(
+                        log.error("group %s: %s; its pre-stop hook and any restart will not "
+                                  "run (never as the agent's own user in its place)",
+                                  r.group_id, exc)
+                await self.authority.restore_running(
                     r.group_id, spec, handle, context_from_dict(r.spec.get("run_context", {})),
                     user)
                 continue

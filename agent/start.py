@@ -85,6 +85,35 @@ class Starter:
                     ) -> LaunchSpec:
         return build_launch(self.lc.marker, group_id, spec, where, user, context)
 
+    def base_launch(self, g: Group, where: str) -> LaunchSpec:
+        """What a group's next run and its exec checks launch with: as its first run did
+        (user, ports, toolchain environment). Fails closed: a group that asked for a user
+        never runs as the agent's own because that user could not be resolved."""
+        if g.launch is not None:
+            return g.launch
+        if g.spec.user and g.user is None:
+            raise StartFailed(FailureClass.PERMISSION_DENIED,
+                              f"user {g.spec.user!r} could not be resolved on this host; "
+                              "nothing runs as the agent's own user in its place")
+        return self.launch_spec(g.group_id, g.spec, where, g.user, g.context)
+
+    async def restore_launch(self, g: Group, signaller: Signaller, where: str) -> None:
+        """After a re-adoption: rebuild what the first run launched with, so that a restart
+        (or an exec check) runs as the same user, with the same ports and toolchain
+        environment. Plugins are applied again (their files are read anew)."""
+        spec = g.spec
+        if spec.plugins and self.plugins and signaller.features.host_files:
+            try:
+                spec, _ = await self.plugins.apply(spec, g.log)
+            except StartFailed as exc:
+                g.log.warning("toolchain plugins failed on re-adoption (%s); a restart "
+                              "launches the spec as given", exc.message)
+        if spec.user and g.user is None:
+            return  # base_launch refuses: never the agent's user in its place
+        g.launch = self.launch_spec(g.group_id, spec, where, g.user, g.context)
+        if spec.ready is not None and spec.ready.template:
+            g.ready = spec.ready.resolve(g.context.port_env())
+
     def _check(self, spec: GroupSpec, signaller: Signaller) -> None:
         features = signaller.features
         if spec.inherit_env and not features.inherit_env:
@@ -280,7 +309,11 @@ class Starter:
                          f"{spec.argv[0]!r} started; stop whatever listens there (`tether ports "
                          f"{ready.port}` shows who) or pick another port")
             return
-        launch = g.launch or self.launch_spec(g.group_id, spec, where)
+        try:
+            launch = self.base_launch(g, where)
+        except StartFailed as exc:
+            self.lc.fail(g, exc.failure, exc.message)
+            return
         try:
             # Both may block on a stuck filesystem (a log, cwd or program on a dead NFS
             # server): bounded by the start timeout, and given up at once for a stop.
@@ -348,7 +381,7 @@ class Starter:
             survivors = len(await handle.members())
         self.lc.fail(g, failure,
                      f"{spec.argv[0]!r} was not ready within {spec.start_timeout:g} s "
-                     f"(probe {ready}: {prober.last.detail}); raise --start-timeout or fix "
+                     f"(probe {ready.shown}: {prober.last.detail}); raise --start-timeout or fix "
                      "the probe", await leader_status(handle), survivors)
 
     def _exec_runner(self, g: Group, signaller: Signaller, where: str,
@@ -358,7 +391,10 @@ class Starter:
         async def run(argv: tuple[str, ...], timeout: float) -> tuple[int | None, str]:
             nonlocal counter
             counter += 1
-            base = g.launch or self.launch_spec(g.group_id, g.spec, where)
+            try:
+                base = self.base_launch(g, where)
+            except StartFailed as exc:
+                return None, f"exec probe not run: {exc.message}"
             # Probes are kill-policy trees whatever the group's policy: none may outlive a
             # dead agent (a keep group's re-adoption would claim it as its own).
             probe_id = f"{g.group_id}.{prefix}{counter}"

@@ -368,9 +368,9 @@ class Supervisor:
             async with asyncio.timeout(limit):
                 return await prober.attempt()
         except TimeoutError:
-            return ProbeAttempt(False, detail=f"{live.probe} did not answer within {limit:g} s")
+            return ProbeAttempt(False, detail=f"{live.probe.shown} did not answer within {limit:g} s")
         except TetherError as exc:
-            return ProbeAttempt(False, detail=f"{live.probe}: the check failed: {exc}")
+            return ProbeAttempt(False, detail=f"{live.probe.shown}: the check failed: {exc}")
 
     def _unhealthy(self, g: Group, live: Liveness, failures: int) -> None:
         g.unhealthy = True

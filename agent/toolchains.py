@@ -26,76 +26,41 @@ Each follows its tool's documented rules, reading only the tool's own directory 
   installed of the versions listed; ``system`` changes nothing for that tool.
   ``<data dir>/installs/TOOL/VERSION/bin`` goes first on PATH.
 
-Version files are read safely: regular files only (a FIFO or device is refused without
-blocking), at most 4 KiB, version strings from a strict alphabet; a version never
-names a directory outside its tool's versions directory (``../../etc`` is refused).
-A version that is not installed fails the start as ``toolchain_missing`` with the
-file, the version and what is installed. Plugins apply to groups on the local
-target with a working directory (``--cwd``).
+Version files are found and read by ``tether.agent.versionfiles``: from the working
+directory up to a directory others may write, regular files of trusted owners only,
+readable by the group's ``--user``, at most 4 KiB. Versions come from a strict alphabet;
+a version never names a directory outside its tool's versions directory (``../../etc``
+is refused). A version that is not installed fails the start as ``toolchain_missing``
+naming the file and what is installed, never what the file holds (it may be a link to a
+secret). Plugins apply to groups on the local target with a working directory
+(``--cwd``).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import stat
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from tether.agent.plugins import PluginContext, prepend_path
-from tether.core.errors import StartFailed
-from tether.core.model import FailureClass, GroupSpec
+from tether.agent.versionfiles import (
+    ToolchainMissing,
+    VersionFile,
+    find_version_file,
+    read_tool_file,
+    version_files,
+)
+from tether.core.model import GroupSpec
 
-MAX_VERSION_FILE: Final = 4096
 VERSION: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+*/-]{0,127}\Z")
 PRIORITY_TOOL_VERSIONS: Final = 40
 PRIORITY_TOOL: Final = 50
 
 
-class ToolchainMissing(StartFailed):
-    def __init__(self, message: str) -> None:
-        super().__init__(FailureClass.TOOLCHAIN_MISSING, message)
-
-
 # ---------------------------------------------------------------- shared helpers
-
-
-def find_up(start: str, names: Sequence[str]) -> Path | None:
-    """The nearest ``start``/.../``/`` directory holding one of ``names`` (checked in
-    order per directory); the file's path, or None."""
-    if not start or not start.startswith("/"):
-        return None
-    d = Path(os.path.normpath(start))
-    while True:
-        for name in names:
-            candidate = d / name
-            try:
-                if candidate.is_file():
-                    return candidate
-            except OSError:
-                continue
-        if d.parent == d:
-            return None
-        d = d.parent
-
-
-def read_version_file(path: Path) -> str:
-    """A version file's text: a regular file (never blocks on a FIFO), at most 4 KiB."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ToolchainMissing(f"{path} is not a regular file; a version file holds a "
-                                   "version, e.g. 20.11.1")
-        data = os.read(fd, MAX_VERSION_FILE)
-    finally:
-        os.close(fd)
-    try:
-        return data.decode()
-    except UnicodeDecodeError:
-        raise ToolchainMissing(f"{path} is not text; a version file holds a version, e.g. "
-                               "3.12.1") from None
 
 
 def lines(text: str, comments: bool = True) -> Iterator[str]:
@@ -161,6 +126,21 @@ def local_with_cwd(spec: GroupSpec) -> bool:
     return bool(spec.cwd)
 
 
+def origin_of(origin: Path | str) -> str:
+    """Where a version came from, for messages: a file, or a variable of the spec's env."""
+    return str(origin) if isinstance(origin, Path) else f"{origin} in the spec's environment"
+
+
+def not_installed(origin: Path | str, what: str, where: Path, installed: Sequence[str],
+                  how: str) -> ToolchainMissing:
+    """A version that is not installed, without echoing it (what a file holds is not
+    repeated: it may be a link to a secret)."""
+    change = f"change {origin.name}" if isinstance(origin, Path) else f"change {origin}"
+    return ToolchainMissing(
+        f"{origin_of(origin)} names {what} that is not installed under {where} (installed: "
+        f"{shown(installed)}); {how} on the agent's host or {change}")
+
+
 # ---------------------------------------------------------------- nvm
 
 
@@ -177,7 +157,7 @@ class Nvm:
         return self.root / "versions" / "node"
 
     def applies(self, spec: GroupSpec) -> bool:
-        return local_with_cwd(spec) and find_up(spec.cwd, [".nvmrc"]) is not None
+        return local_with_cwd(spec) and find_version_file(spec, [".nvmrc"]) is not None
 
     def installed(self) -> list[str]:
         return [v for v in listing(self.versions_dir)
@@ -185,10 +165,11 @@ class Nvm:
                 and (self.versions_dir / v / "bin" / "node").exists()]
 
     def enhance(self, spec: GroupSpec) -> GroupSpec:
-        path = find_up(spec.cwd, [".nvmrc"])
-        if path is None:
+        found = find_version_file(spec, [".nvmrc"])
+        if found is None:
             return spec
-        wanted = next(lines(read_version_file(path)), "")
+        path = found.path
+        wanted = next(lines(found.text), "")
         if not wanted:
             raise ToolchainMissing(f"{path} is empty; write the node version to use, e.g. 20 "
                                    "or lts/*")
@@ -222,10 +203,11 @@ class Nvm:
                     break
                 current = alias
             if current in seen or len(seen) > 16:
-                raise ToolchainMissing(f"{path} names {wanted!r}, whose nvm aliases loop "
+                # The chain is what $NVM_DIR/alias holds (the tool's files), not the .nvmrc.
+                raise ToolchainMissing(f"{path} names an nvm alias whose aliases loop "
                                        f"({' -> '.join([*seen, current])}); fix the alias")
             seen.append(current)
-        raise self._missing(wanted, path, installed, seen)
+        raise self._missing(path, installed, seen)
 
     def _match(self, version: str, installed: list[str], wanted: str, path: Path) -> str:
         text = version.removeprefix("v").rstrip(".")
@@ -237,7 +219,7 @@ class Nvm:
             matches = [v for v in installed if v[1:].split(".")[:len(parts)] == parts]
             if matches:
                 return matches[-1]
-        raise self._missing(wanted, path, installed, [] if version == wanted else [version])
+        raise self._missing(path, installed, [] if version == wanted else [version])
 
     def _read_alias(self, file: Path) -> str | None:
         alias_dir = self.root / "alias"
@@ -245,7 +227,7 @@ class Nvm:
             real = file.resolve()
             if not real.is_relative_to(alias_dir.resolve()) or not real.is_file():
                 return None
-            text = next(lines(read_version_file(real)), "")
+            text = next(lines(read_tool_file(real)), "")
         except OSError:
             return None
         return check_version(text, file, "node") if text else None
@@ -268,13 +250,11 @@ class Nvm:
             rest = names[-n]
         return self._read_alias(lts_dir / rest)
 
-    def _missing(self, wanted: str, path: Path, installed: list[str],
-                 via: list[str]) -> ToolchainMissing:
-        chain = f" (-> {' -> '.join(via)})" if via else ""
-        return ToolchainMissing(
-            f"{path} asks for node {wanted!r}{chain}, which is not installed under "
-            f"{self.versions_dir} (installed: {shown(installed)}); run `nvm install "
-            f"{wanted}` on the agent's host or change {path.name}")
+    def _missing(self, path: Path, installed: list[str], via: list[str]) -> ToolchainMissing:
+        # ``via``: what nvm's own alias files led to (never the .nvmrc's own text).
+        chain = f" (through nvm aliases to {' -> '.join(via)})" if via else ""
+        return not_installed(path, f"a node version{chain}", self.versions_dir, installed,
+                             "install it with `nvm install`")
 
 
 def nvm(context: PluginContext) -> Nvm | None:
@@ -304,7 +284,7 @@ class Pyenv:
     def applies(self, spec: GroupSpec) -> bool:
         if spec.env.get("PYENV_VERSION"):
             return True
-        return local_with_cwd(spec) and find_up(spec.cwd, [".python-version"]) is not None
+        return local_with_cwd(spec) and find_version_file(spec, [".python-version"]) is not None
 
     def enhance(self, spec: GroupSpec) -> GroupSpec:
         origin: Path | str
@@ -312,18 +292,18 @@ class Pyenv:
             origin = "PYENV_VERSION"
             wanted = spec.env["PYENV_VERSION"].replace(":", " ").split()
         else:
-            path = find_up(spec.cwd, [".python-version"])
-            if path is None:
+            found = find_version_file(spec, [".python-version"])
+            if found is None:
                 return spec
-            origin = path
-            wanted = [line.split()[0] for line in lines(read_version_file(path),
-                                                         comments=False)
+            origin = found.path
+            wanted = [line.split()[0] for line in lines(found.text, comments=False)
                       if not line.startswith("#")]
         if not wanted:
-            raise ToolchainMissing(f"{origin} names no python version; write one, e.g. 3.12")
+            raise ToolchainMissing(f"{origin_of(origin)} names no python version; write one, "
+                                   "e.g. 3.12")
         dirs = []
         for v in wanted:
-            check_version(v, origin, "python")
+            check_version(v, origin_of(origin), "python")
             resolved = self.resolve(v, origin)
             if resolved is not None:
                 dirs.append(str(self.versions_dir / resolved / "bin"))
@@ -346,10 +326,8 @@ class Pyenv:
                        and not _PYENV_SKIP.search(v)]
             if matches:
                 return matches[-1]
-        raise ToolchainMissing(
-            f"{origin} asks for python {version!r}, which is not installed under "
-            f"{self.versions_dir} (installed: {shown(self.installed())}); run `pyenv install "
-            f"{version}` on the agent's host or change it")
+        raise not_installed(origin, "a python version", self.versions_dir, self.installed(),
+                            "install it with `pyenv install`")
 
 
 def pyenv(context: PluginContext) -> Pyenv | None:
@@ -376,33 +354,31 @@ class Jenv:
     def applies(self, spec: GroupSpec) -> bool:
         if spec.env.get("JENV_VERSION"):
             return True
-        return local_with_cwd(spec) and find_up(
-            spec.cwd, [".java-version", ".jenv-version"]) is not None
+        return local_with_cwd(spec) and find_version_file(
+            spec, [".java-version", ".jenv-version"]) is not None
 
     def enhance(self, spec: GroupSpec) -> GroupSpec:
         origin: Path | str
         if spec.env.get("JENV_VERSION"):
             origin, wanted = "JENV_VERSION", spec.env["JENV_VERSION"].strip()
         else:
-            path = find_up(spec.cwd, [".java-version", ".jenv-version"])
-            if path is None:
+            found = find_version_file(spec, [".java-version", ".jenv-version"])
+            if found is None:
                 return spec
-            origin = path
-            wanted = next((line.split()[0] for line in lines(read_version_file(path),
-                                                             comments=False)), "")
+            origin = found.path
+            wanted = next((line.split()[0] for line in lines(found.text, comments=False)), "")
         if not wanted:
-            raise ToolchainMissing(f"{origin} names no java version; write one, e.g. 17")
-        check_version(wanted, origin, "java")
+            raise ToolchainMissing(f"{origin_of(origin)} names no java version; write one, "
+                                   "e.g. 17")
+        check_version(wanted, origin_of(origin), "java")
         if wanted == "system":
             return spec
         for candidate in (wanted, wanted.removeprefix("java-")):
             home = version_dir(self.versions_dir, candidate)
             if home is not None:
                 return prepend_path(spec, str(home / "bin"), JAVA_HOME=str(home))
-        raise ToolchainMissing(
-            f"{origin} asks for java {wanted!r}, which is not installed under "
-            f"{self.versions_dir} (installed: {shown(self.installed())}); add it with "
-            f"`jenv add /path/to/jdk` on the agent's host or change it")
+        raise not_installed(origin, "a java version", self.versions_dir, self.installed(),
+                            "add it with `jenv add /path/to/jdk`")
 
     def installed(self) -> list[str]:
         try:
@@ -430,47 +406,44 @@ class ToolVersions:
     priority: int = PRIORITY_TOOL_VERSIONS
 
     def applies(self, spec: GroupSpec) -> bool:
-        return local_with_cwd(spec) and find_up(spec.cwd, [".tool-versions"]) is not None
-
-    def files(self, start: str) -> Iterator[Path]:
-        d: str | None = start
-        while d:
-            found = find_up(d, [".tool-versions"])
-            if found is None:
-                return
-            yield found
-            parent = found.parent.parent
-            d = str(parent) if parent != found.parent else None
+        return local_with_cwd(spec) and find_version_file(spec, [".tool-versions"]) is not None
 
     def enhance(self, spec: GroupSpec) -> GroupSpec:
-        decided: dict[str, tuple[list[str], Path]] = {}
-        for path in self.files(spec.cwd):
-            for line in lines(read_version_file(path)):
+        decided: dict[str, tuple[list[str], VersionFile]] = {}
+        for found in version_files(spec, [".tool-versions"]):
+            for line in lines(found.text):
                 words = line.split()
                 if len(words) >= 2 and words[0] not in decided:
-                    decided[words[0]] = (words[1:], path)
+                    decided[words[0]] = (words[1:], found)
         dirs = []
-        for tool, (versions, path) in decided.items():
-            if "/" in check_version(tool, path, "tool"):
-                raise ToolchainMissing(f"{path} names tool {tool!r}; a tool name has no '/'")
-            chosen = self.pick(tool, versions, path)
+        for tool, (versions, found) in decided.items():
+            if "/" in check_version(tool, found.path, "tool"):
+                raise ToolchainMissing(f"{found.path} names a tool with a '/' in its name; a "
+                                       "tool name is a directory of installs")
+            chosen = self.pick(tool, versions, found.path)
             if chosen is not None:
                 dirs.append(str(chosen / "bin"))
         return prepend_path(spec, *dirs) if dirs else spec
 
     def pick(self, tool: str, versions: list[str], path: Path) -> Path | None:
-        base = self.root / "installs" / tool
+        installs = self.root / "installs"
+        base = installs / tool
         for v in versions:
             if v == "system":
                 return None
-            check_version(v, path, tool)
+            check_version(v, path, "version")
             found = version_dir(base, v)
             if found is not None:
                 return found
-        raise ToolchainMissing(
-            f"{path} asks for {tool} {' or '.join(versions)}, not installed under {base} "
-            f"(installed: {shown(listing(base))}); run `{self.name} install {tool} "
-            f"{versions[0]}` on the agent's host or change {path.name}")
+        # A tool that is installed is named (its directory says so); anything else the file
+        # holds is not repeated.
+        if version_dir(installs, tool) is None:
+            raise ToolchainMissing(
+                f"{path} names a tool that is not installed under {installs} (installed "
+                f"tools: {shown(listing(installs))}); install it with {self.name} on the agent's "
+                f"host or change {path.name}")
+        raise not_installed(path, f"a {tool} version", base, listing(base),
+                            f"install it with `{self.name} install {tool}`")
 
 
 def _data_dir(env: Mapping[str, str], var: str, default: str) -> Path:

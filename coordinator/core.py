@@ -231,8 +231,16 @@ class Coordinator:
         if tracked is None:
             if (agent, view.group_id) in self.forgotten:
                 return  # dropped from its session on purpose: a snapshot must not restore it
-            if not view.spec.session_id or not self.sessions.has(view.spec.session_id):
-                return  # a group started directly on the agent, outside any session we know
+            flight = self.inflight.get(view.spec.session_id, {}).get(view.group_id)
+            if flight is None or flight.agent != agent:
+                # Not a spawn of ours to that agent (a group started directly on the agent,
+                # or an agent credential naming a session it was never sent): an agent
+                # reports only into sessions that sent it work.
+                if view.spec.session_id and self.sessions.has(view.spec.session_id):
+                    log.warning("agent %r reported group %s in session %r, which never sent "
+                                "it there; ignored", agent, view.group_id,
+                                view.spec.session_id)
+                return
             tracked = self.track(TrackedGroup(agent, view))
         elif not tracked.absorb(view):
             return  # never resurrect

@@ -47,6 +47,7 @@ from tether.core.model import (
 )
 from tether.core.sessions import (
     EVERY_GROUP,
+    GroupReport,
     GroupSelector,
     SessionReport,
     SessionState,
@@ -370,24 +371,26 @@ class Fanout:
         override = StopOverride(grace=grace) if grace is not None else None
         t0 = time.monotonic()
 
-        async def one(t: TrackedGroup) -> str:
+        async def one(t: TrackedGroup) -> GroupReport:
             link = self.c.agents.links.get(t.agent)
             if link is None:
-                return f"agent {t.agent!r} is not registered"
+                return replace(self.c.report(t), error=f"agent {t.agent!r} is not registered")
             limit = (grace if grace is not None else t.view.stop.grace) \
                 + t.view.spec.start_timeout + RESTART_MARGIN
             try:
                 view = await self.c.agents.client(link).restart(t.group_id, override,
                                                                timeout=limit)
             except TetherError as exc:
-                return str(exc)
+                return replace(self.c.report(t), error=str(exc))
             self.c.absorb(t.agent, view)
-            return ""
+            if t.ended:
+                return self.c.report(t)
+            # The answer is this restart's outcome; the watch stream may still be delivering
+            # the restart's earlier events (restarting, starting), which it catches up on.
+            return self.c.report(replace(t, view=replace(view, spec=t.view.spec)))
 
-        errors = await asyncio.gather(*(one(t) for t in live))
+        reports = list(await asyncio.gather(*(one(t) for t in live)))
         self.c.hooks.fanout("restart", time.monotonic() - t0)
-        reports = [replace(self.c.report(t), error=e) if e else self.c.report(t)
-                   for t, e in zip(live, errors, strict=True)]
         return SessionReport(session_id, tuple(reports), all(
             not r.error and r.state is GroupState.RUNNING for r in reports))
 

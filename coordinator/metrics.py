@@ -48,7 +48,6 @@ class LastStop:
 
     at: float
     result: str
-    session_id: str
     seconds: float
 
 
@@ -79,7 +78,7 @@ class CoordinatorMetrics(CoordinatorHooks):
     def session_stopped(self, result: str, session_id: str = "", seconds: float = 0.0
                         ) -> None:
         self.stops.labels(result).inc()
-        self.last_stop = LastStop(time.time(), result, session_id, seconds)
+        self.last_stop = LastStop(time.time(), result, seconds)
 
     def fanout(self, operation: str, seconds: float) -> None:
         self.fanout_seconds.labels(operation).observe(seconds)
@@ -97,7 +96,9 @@ def state_write_counter(registry: CollectorRegistry) -> Counter:
 def coordinator_status(c: Coordinator, metrics: CoordinatorMetrics) -> dict[str, Any]:
     """The coordinator's /status (called on the event loop): sessions and groups by state
     as `tether show` shows them (``unreachable`` for live groups out of reach), unhealthy
-    groups, agents up and unreachable, the last session stop."""
+    groups (id and what the last check saw), agents up and unreachable, the last session
+    stop. Nothing a credential would be needed for (see ``agent_status``): no session,
+    label or agent name, no address."""
     states = c.agents.states()
     entries = [c.entry(t) for t in c.groups.values()]
     groups = Tally("unreachable" if e.unreachable and not e.state.ended else e.state.value
@@ -107,15 +108,12 @@ def coordinator_status(c: Coordinator, metrics: CoordinatorMetrics) -> dict[str,
     return {
         "sessions": {s.value: sessions.get(s.value, 0) for s in SessionState},
         "groups": {name: groups.get(name, 0) for name in GROUP_STATES},
-        "unhealthy": [{"group_id": e.view.group_id, "session": e.view.spec.session_id,
-                       "label": e.view.spec.label, "agent": e.agent, "health": e.view.health}
+        "unhealthy": [{"group_id": e.view.group_id, "health": e.view.health}
                       for e in entries if e.view.unhealthy and not e.state.ended],
         "agents": {"up": sum(1 for a in states if a.up),
-                   "unreachable": sum(1 for a in states if not a.up),
-                   "list": [{"name": a.info.name, "address": a.info.address,
-                             "state": "up" if a.up else "unreachable"} for a in states]},
+                   "unreachable": sum(1 for a in states if not a.up)},
         "last_cleanup": None if last is None else {
-            "at": iso(last.at), "session": last.session_id, "result": last.result,
+            "at": iso(last.at), "result": last.result,
             "duration_ms": round(last.seconds * 1000, 1)},
     }
 

@@ -278,9 +278,10 @@ async def run_shared(cfg: CoordinatorDaemonConfig, shutdown: Shutdown) -> None:
         if cfg.metrics_listen:
             def status() -> dict[str, Any]:
                 c = controller.coordinator
-                if c is None:  # standing by: what it knows of the leader
+                if c is None:  # standing by (the leader's address is for credentials)
                     info = controller.leader_info()
-                    return {"role": "standby", "leader": info.leader, "epoch": info.epoch}
+                    return {"role": "standby", "leader_known": bool(info.leader),
+                            "epoch": info.epoch}
                 return {**status_of(c)(), "role": "leader"}
 
             metrics_server = serve_ops(registry, cfg.metrics_listen, status)

@@ -231,6 +231,50 @@ async def test_2_a_live_agents_name_and_heartbeat_belong_to_its_credential(
         await asyncio.to_thread(stop_daemon, c)
 
 
+async def test_2_an_agent_credential_cannot_put_groups_into_other_sessions(
+        tmp_path: Path) -> None:
+    """Before (review2): an agent:a1 credential's Watch reporting a running group in any
+    session made it part of that session; the session's stop then waited on a1 forever."""
+    import signal as signals
+    import time
+
+    from tether.core.model import Containment, GroupSpec, GroupState, GroupView, StopPolicy
+    from tether.rpc.convert import group_to_pb, ts
+    from tether.v1 import common_pb2
+
+    t = Tokens(tmp_path)
+    op, a1 = t.add("operator"), t.add("agent:a1")
+    d = await asyncio.to_thread(start_daemon, "serve", [
+        "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "st"), "--agent-name",
+        f"inj-{os.getpid()}", "--token-file", t.file()], tmp_path)
+    fake_id = "g-f4ke0000beef"
+    injected = GroupView(group_id=fake_id, spec=GroupSpec(argv=("sleep", "1"),
+                                                          session_id="victim"),
+                         state=GroupState.RUNNING, containment=Containment.CGROUP,
+                         stop=StopPolicy(signals.SIGTERM, 5.0), leader_pid=1,
+                         started_at=time.time())
+    event = common_pb2.GroupEvent(seq=1, kind="initial", group=group_to_pb(injected),
+                                  at=ts(time.time()), epoch="e1")
+    fake = await start_fake_agent(watch=(event.SerializeToString(),))
+    try:
+        cli = ["--token-file", op.token_file]
+        spawned = await asyncio.to_thread(d.cli, "spawn", "--session", "victim", *cli, "--",
+                                          "sleep", "300")
+        assert spawned.returncode == 0, spawned.stderr
+        code, why = await call(d.address, C + "RegisterAgent", cpb.RegisterAgentRequest(
+            name="a1", address=f"127.0.0.1:{fake.port}", epoch="e1", instance="fake-1"), a1)
+        assert code == grpc.StatusCode.OK, why
+        await asyncio.to_thread(wait_until, lambda: f"reported group {fake_id}" in d.log(), 30,
+                                "the coordinator to read a1's report")
+        shown = await asyncio.to_thread(d.cli, "show", "victim", "-o", "json", *cli)
+        assert fake_id not in shown.stdout and spawned.stdout.strip() in shown.stdout
+        stopped = await asyncio.to_thread(d.cli, "stop", "victim", "--timeout", "30", *cli)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    finally:
+        await fake.server.stop(0)
+        await asyncio.to_thread(stop_daemon, d)
+
+
 # ------------------------------------------------------------------ 3: streams
 
 

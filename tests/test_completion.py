@@ -30,7 +30,7 @@ def complete(words: list[str]) -> list[str]:
 def test_bash_completes_commands_options_and_choices() -> None:
     assert complete(["tether", "sto"]) == ["stop"]
     assert "spawn" in complete(["tether", "--coordinator", "h:1", "sp"])
-    assert complete(["tether", "stop", "--gr"]) == ["--grace"]
+    assert complete(["tether", "stop", "--gra"]) == ["--grace"]
     assert complete(["tether", "spawn", "--orphan-policy", ""]) == ["kill", "keep"]
     assert "--retain-stopped" in complete(["tether", "serve", "--re"])
 

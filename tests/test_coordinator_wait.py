@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 
 from tether.coordinator.core import Coordinator, CoordinatorConfig
+from tether.coordinator.model import TrackedGroup
 from tether.coordinator.sqlite_store import SQLiteStore
 from tether.core.model import (
     Containment,
@@ -28,7 +29,7 @@ async def test_wait_answers_when_the_last_group_ends_and_a_gone_caller_leaves_no
     try:
         c.sessions.create("s")
         view = running("s")
-        c.absorb("a1", view)
+        c.track(TrackedGroup("a1", view))  # as a spawn of ours to a1 leaves it
         gone = asyncio.ensure_future(c.wait_idle("s", None))
         waiting = asyncio.ensure_future(c.wait_idle("s", None))
         await asyncio.sleep(0)  # both are registered now

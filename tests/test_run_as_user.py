@@ -238,3 +238,46 @@ def test_cli_spawn_user_show_and_up(srv: Daemon, shared: Path, tmp_path: Path) -
     bad = srv.cli("spawn", "--session", "cu3", "--user", "no-such-user-xyz", "--", "true")
     assert bad.returncode == 2 and "no user 'no-such-user-xyz'" in bad.stderr
     srv.cli("stop", "cu2", check=True)
+
+
+def test_a_readopted_group_restarts_and_is_checked_as_its_user(
+        test_user: pwd.struct_passwd, shared: Path, tmp_path: Path) -> None:
+    """After an agent restart a re-adopted keep group keeps its user: its next run and its
+    exec: liveness checks run as that user, never as the agent's root (review2)."""
+    from tests.plugins.processes import wait_until
+
+    runs, checks = shared / "runs", shared / "checks"
+    name = f"readopt-{os.getpid()}"
+    args = ["--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "st"), "--agent-name",
+            name]
+    d = start_daemon("serve", args, tmp_path, name="first")
+    second = None
+    try:
+        go = shared / "go"
+        # Each run records its uid, then ends with 1 once told to (a file the test makes).
+        script = (f"id -u >> {runs}; while [ ! -e {go} ]; do sleep 0.05; done; "
+                  f"rm -f {go}; exit 1")
+        d.cli("spawn", "--session", "priv", "--user", USER, "--orphan-policy", "keep",
+              "--restart", "always", "--cwd", str(shared), "--live",
+              f"exec:sh -c 'id -u >> {checks}'", "--live-interval", "0.2", "--",
+              "sh", "-c", script, check=True)
+        wait_until(lambda: runs.exists() and runs.read_text().count("\n") == 1, 30,
+                   "the first run")
+        stop_daemon(d)  # SIGTERM: keep groups outlive their agent
+        second = start_daemon("serve", args, tmp_path, name="second")
+        checks.unlink(missing_ok=True)
+        go.touch()  # the re-adopted run ends; the policy starts another
+        wait_until(lambda: runs.read_text().count("\n") == 2, 60, "a run after the restart")
+        wait_until(lambda: checks.exists() and checks.read_text().count("\n") >= 1, 60,
+                   "a liveness check of the new run")
+        uids = {int(u) for u in runs.read_text().split() + checks.read_text().split()}
+        assert uids == {test_user.pw_uid}, uids
+        (g,) = second.json("show", "priv")["groups"]
+        assert g["restarts"] == 1 and g["state"] == "running"
+        assert second.json("stop", "priv")["complete"]
+    finally:
+        for daemon in (second, d):
+            if daemon is not None:
+                stop_daemon(daemon)
+        for pid in marked_alive(agent=name):
+            os.kill(pid, 9)

@@ -105,7 +105,9 @@ class FakeAgent:
 
 
 async def start_fake_agent(host: str = "127.0.0.1",
-                           tls: tuple[bytes, bytes] | None = None) -> FakeAgent:
+                           tls: tuple[bytes, bytes] | None = None,
+                           watch: tuple[bytes, ...] = ()) -> FakeAgent:
+    """``watch``: serialized GroupEvents its Watch stream sends before it falls silent."""
     from tether.v1 import agent_pb2 as apb
 
     replies = {"ListOrphans": apb.ListOrphansResponse, "Info": apb.InfoResponse,
@@ -122,7 +124,9 @@ async def start_fake_agent(host: str = "127.0.0.1",
                 return bytes(replies.get(name, apb.InfoResponse)().SerializeToString())
 
             async def stream(request: bytes, context: Any) -> Any:
-                await asyncio.Event().wait()  # a stream that never says anything
+                for event in watch:
+                    yield event
+                await asyncio.Event().wait()  # then a stream that never says anything
                 yield b""
 
             if name == "Watch":

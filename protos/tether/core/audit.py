@@ -247,6 +247,9 @@ def _write_all(fd: int, data: bytes) -> None:
 def read_entries(files: list[Path], since: float = 0.0) -> Iterator[dict[str, Any]]:
     """Entries of audit files (oldest file first) at or after ``since``; lines that are not
     entries (a torn last line after a crash) are skipped."""
+    # Entries carry millisecond times: compare whole milliseconds, so that a time copied
+    # from an entry (through float seconds and protobuf nanoseconds) still finds it.
+    since_ms = round(since * 1000)
     for path in files:
         try:
             f = open(path, "rb")  # noqa: SIM115 - closed below
@@ -259,5 +262,5 @@ def read_entries(files: list[Path], since: float = 0.0) -> Iterator[dict[str, An
                     at = parse_time(entry["time"]) if isinstance(entry, dict) else None
                 except (ValueError, KeyError, TypeError):
                     continue
-                if at is not None and at >= since:
+                if at is not None and round(at * 1000) >= since_ms:
                     yield entry

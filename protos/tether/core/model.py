@@ -298,6 +298,16 @@ class ProbeKind(enum.Enum):
     EXEC = "exec"
 
 
+_USERINFO: Final = re.compile(r"//[^/?#]*@")
+
+
+def public_url(text: str) -> str:
+    """A URL (or an ``http:URL`` probe) without what may be secret in it: the user and
+    password, the query string and the fragment. For messages, records and logs; the
+    probe itself keeps them (the user and password go out as Basic authentication)."""
+    return re.split(r"[?#]", _USERINFO.sub("//", text, count=1), maxsplit=1)[0]
+
+
 @dataclass(frozen=True)
 class Probe:
     """A parsed probe: ``tcp:``, ``http:``, ``log:`` or ``exec:`` (see ``Probe.parse``)."""
@@ -395,6 +405,12 @@ class Probe:
         if not argv:
             raise InvalidSpec(f"{noun} {text!r} has no command", field=field_)
         return cls(kind, argv=argv, timeout=t)
+
+    @property
+    def shown(self) -> str:
+        """The probe as messages, records and logs show it: an ``http:`` URL without its
+        user, password, query string and fragment (see ``public_url``)."""
+        return public_url(str(self)) if self.kind is ProbeKind.HTTP else str(self)
 
     def __str__(self) -> str:
         if self.template:
@@ -857,7 +873,7 @@ class GroupSpec:
             missing = sorted(probe.port_refs - known)
             if missing:
                 have = ", ".join(sorted(known)) or "none: add --port NAME"
-                raise InvalidSpec(f"{noun} probe {str(probe)!r} refers to ${missing[0]}, "
+                raise InvalidSpec(f"{noun} probe {probe.shown!r} refers to ${missing[0]}, "
                                   f"which no --port sets (ports: {have})", field=field_)
 
 

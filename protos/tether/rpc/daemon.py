@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,10 +113,7 @@ def check_listen(address: str, tls: TLSFiles, insecure: bool, *,
     if ":" not in address:
         raise ListenError(address, "give HOST:PORT, e.g. 127.0.0.1:7400")
     if is_loopback(address):
-        if not authenticated:
-            log.info("no --token-file or --allow-identity: anyone who can connect to %s "
-                     "(every local user) may do everything", address)
-        return
+        return  # without credentials: warned about once the port is known
     if not tls.enabled and not insecure:
         raise ListenError(
             address,
@@ -135,6 +133,20 @@ def check_listen(address: str, tls: TLSFiles, insecure: bool, *,
     if not authenticated:
         log.warning("listening on %s WITHOUT AUTHENTICATION (--insecure): every caller is "
                     "admin", address)
+
+
+def warn_open_loopback(address: str) -> None:
+    """No credentials on a loopback listener (the default, so the quickstart needs no
+    set-up): allowed, but said loudly, and plainly when that hands out root."""
+    if os.geteuid() == 0:
+        who = ("ANY LOCAL USER CAN RUN COMMANDS AS ROOT through it (this daemon runs as "
+               "root; a spawn without --user runs as root)")
+    else:
+        who = "any local user can run commands as this daemon's user through it"
+    log.warning("listening on %s WITHOUT AUTHENTICATION (no --token-file or "
+                "--allow-identity): every caller that can connect is admin, so %s; on a "
+                "host with other users give it --token-file FILE (lines `TOKEN ROLE`, mode "
+                "600; README: Security)", address, who)
 
 
 async def start_server(address: str, register: list[Callable[[grpc.aio.Server], None]],
@@ -186,5 +198,7 @@ async def start_server(address: str, register: list[Callable[[grpc.aio.Server], 
     if port == 0:
         raise ListenError(address, "the port is in use or the address is not on this host; "
                           "pick another --listen port or stop what holds it")
+    if is_loopback(address) and not auth.enforced:
+        warn_open_loopback(f"{address.rsplit(':', 1)[0]}:{port}")
     await server.start()
     return server, port, health_servicer

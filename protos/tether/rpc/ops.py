@@ -8,7 +8,8 @@
   down). For load balancers and liveness probes.
 * ``GET /status``: one JSON object a person can read (groups by state, unhealthy
   groups, orphans now, the last cleanup and its result, agents up and unreachable);
-  see README "Metrics and status".
+  see README "Metrics". No credential is checked here, so it holds counts, states,
+  group ids and check details only: no names, addresses, commands or environments.
 
 The server runs on daemon threads (``http.server``); nothing here touches the
 daemon's state from those threads. ``/status`` hands a snapshot function to the
@@ -173,14 +174,24 @@ def iso(at: float) -> str:
 def serve_ops(registry: CollectorRegistry, address: str, status: Snapshot | None = None
               ) -> OpsServer:
     """Start the listener on HOST:PORT (port 0 picks one) on a daemon thread; call it from
-    the event loop that ``status`` reads."""
-    from tether.rpc.daemon import ListenError
+    the event loop that ``status`` reads. It checks no credential: bound to anything but
+    loopback, it says so at start-up (WARNING), with what it shows."""
+    from tether.rpc.daemon import ListenError, is_loopback
 
     host, _, port_text = address.rpartition(":")
+    bound = host.strip("[]") or "127.0.0.1"
     try:
-        server = OpsServer((host.strip("[]") or "127.0.0.1", int(port_text)), registry,
+        server = OpsServer((bound, int(port_text)), registry,
                            asyncio.get_running_loop(), status)
     except (OSError, ValueError) as exc:
         raise ListenError(address, f"metrics: {exc}; pick another --metrics-listen") from exc
     threading.Thread(target=server.serve_forever, name="tether-ops", daemon=True).start()
+    if not is_loopback(f"{bound}:{port_text}"):
+        log.warning(
+            "metrics listener on %s (not loopback) answers anyone who reaches it, without a "
+            "credential: /metrics (counts by state and class: groups, sessions, agents, "
+            "cleanups, signals, start failures) and /status (the same counts, unhealthy "
+            "group ids with what their last check saw, orphans, the last cleanup; no names, "
+            "addresses, commands or environments); bind it to 127.0.0.1 or keep the port "
+            "to your scrapers (firewall, NetworkPolicy)", address)
     return server

@@ -6,7 +6,9 @@
   unary and streaming alike) and/or its client certificate. Who may call what is
   decided by ``tether.rpc.auth`` (roles, checked per RPC).
 * Token files are secrets: read without blocking, regular files only for daemons,
-  refused when other users may read them.
+  refused when other users may read them, when they belong to another user than the
+  daemon's (or root), or when they sit in a directory others may write without the
+  sticky bit (anyone could swap them for their own before the next start).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pwd
 import stat
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -48,13 +51,55 @@ def read_file(path: str, what: str) -> bytes:
             "config file") from exc
 
 
+def account(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def check_secret_owner(path: str, what: str, st: os.stat_result) -> None:
+    """A daemon's secret file must be its own user's or root's, in directories (the one
+    named and, for a link, the one holding the file) that other users may not write
+    unless sticky: another user who owns the file, or may replace it, could write
+    themselves an admin token for the next start. Group ownership and group-writable
+    directories are left to the administrator (the group-readable warning covers the
+    file)."""
+    euid = os.geteuid()
+    if st.st_uid not in (euid, 0):
+        raise SecurityConfigError(
+            f"{what} {path!r} belongs to {account(st.st_uid)}, not to this daemon's user "
+            f"{account(euid)} or root; its owner could rewrite the tokens: "
+            f"`chown {pwd_name(euid)} {path}` (or root) after checking its lines")
+    for d in dict.fromkeys((os.path.dirname(os.path.abspath(path)),
+                            os.path.dirname(os.path.realpath(path)))):
+        try:
+            mode = os.stat(d).st_mode
+        except OSError:
+            continue
+        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+            raise SecurityConfigError(
+                f"{what} {path!r} is in {d}, which other users may write (mode "
+                f"{stat.S_IMODE(mode):o}, not sticky): anyone could replace the file with "
+                f"their own; move it to a directory only its owner may write (e.g. "
+                f"/etc/tether, mode 755) or `chmod o-w {d}`")
+
+
+def pwd_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 def read_secret(path: str, what: str, *, daemon: bool = True) -> str:
     """Read a token file without ever blocking on it or trusting its kind.
 
     A daemon takes regular files only (a FIFO would hang its start-up), refuses one that
-    other users may read or write, and warns about one its group may read. A client
-    (``daemon=False``) also takes a pipe (``--token-file <(pass show tether)``) and only
-    warns about loose modes."""
+    other users may read or write, that belongs to another user than its own or root, or
+    that other users could replace (``check_secret_owner``), and warns about one its group
+    may read. A client (``daemon=False``) also takes a pipe (``--token-file <(pass show
+    tether)``) and only warns about loose modes."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -79,6 +124,8 @@ def read_secret(path: str, what: str, *, daemon: bool = True) -> str:
         elif not pipe and mode & 0o060:
             log.warning("%s %s is readable by its group (mode %o); chmod 600 it unless every "
                         "member may hold its tokens", what, path, mode)
+        if daemon:
+            check_secret_owner(path, what, st)
         if pipe:
             os.set_blocking(fd, True)
         chunks = []
