@@ -18,6 +18,7 @@ delivered, losing none and repeating none.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import time
@@ -605,6 +606,11 @@ class AsyncClient:
         except grpc.aio.AioRpcError as exc:
             call.cancel()
             raise self._error(exc, "Attach", None) from exc
+        except asyncio.InvalidStateError:
+            # Refused (a reader's credential, an unknown group) in a trailers-only answer:
+            # the call ended before the first write; its status says why.
+            _release_writes(call)
+            raise await attachment._ended() from None
         except BaseException:
             call.cancel()
             raise
@@ -703,6 +709,19 @@ class Attachment:
         """Detach: the writer role goes; stdin stays open unless the attachment said
         ``close_stdin_on_detach`` (or ``close_stdin`` was called)."""
         self._call.cancel()
+        _release_writes(self._call)
+
+
+def _release_writes(call: Any) -> None:
+    """End the task grpc.aio feeds an intercepted stream call's writes through: only
+    ``cancel()`` ends it, and that does nothing once the call has ended by itself (a
+    refused Attach, a group whose output ended), so it would wait forever (and warn
+    "Task was destroyed but it is pending" when the loop closes)."""
+    queue = getattr(call, "_write_to_iterator_queue", None)
+    sentinel = getattr(type(call), "_FINISH_ITERATOR_SENTINEL", None)
+    if isinstance(queue, asyncio.Queue) and sentinel is not None:
+        with contextlib.suppress(asyncio.QueueFull):
+            queue.put_nowait(sentinel)
 
 
 class _Route:
