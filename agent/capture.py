@@ -35,6 +35,7 @@ from tether.core.output import (
     OutputChunk,
     StdinInput,
     Stream,
+    capture_gap,
 )
 from tether.signallers.base import OutputSink
 
@@ -102,7 +103,8 @@ class Outputs:
                    "it was re-adopted after an agent restart: its stdout and stderr pipes "
                    "belonged to the previous agent (its guardian appends them to --log, if "
                    "any)" if g.readopted else
-                   f"target {g.spec.target} does not capture output")
+                   capture_gap(g.spec.target, g.spec.log_path)
+                   or f"target {g.spec.target} does not capture output")
             self.book.note(gid, Note.NOT_CAPTURED, f"output of run {run} is not captured: "
                            f"{why}", run)
             return
@@ -147,6 +149,7 @@ class Outputs:
     # -- attaching
 
     def attach(self, g: Group, opened: AttachOpen) -> Attachment:
+        refuse_uncaptured(g)
         if opened.write:
             if g.spec.stdin is not StdinMode.PIPE:
                 raise Conflict(f"group {g.group_id} was not started with --stdin pipe: its "
@@ -164,6 +167,13 @@ class Outputs:
                 self.changed(g)
         self.open(g)
         return Attachment(self, g, opened)
+
+
+def refuse_uncaptured(g: Group) -> None:
+    """``Conflict`` for a group whose output this agent never captures (its target)."""
+    gap = capture_gap(g.spec.target, g.spec.log_path)
+    if gap:
+        raise Conflict(f"group {g.group_id} ({g.spec.target}): {gap}")
 
 
 def _clock() -> str:

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Final
 
-from tether.core.errors import AgentNotFound, GroupNotFound, InvalidSpec, TetherError
+from tether.core.errors import AgentNotFound, Conflict, GroupNotFound, InvalidSpec, TetherError
 from tether.core.model import EventKind
 from tether.core.output import (
     AttachOpen,
@@ -30,8 +30,9 @@ from tether.core.output import (
     OutputChunk,
     StdinInput,
     Stream,
+    capture_gap,
 )
-from tether.core.sessions import GroupSelector, SessionEvent, SessionState
+from tether.core.sessions import GroupEntry, GroupSelector, SessionEvent, SessionState
 
 if TYPE_CHECKING:
     from tether.coordinator.core import Coordinator
@@ -54,9 +55,16 @@ class OutputRoutes:
         if not query.session_id:
             raise InvalidSpec("Logs through the coordinator needs the session", field="session_id")
         chosen = self.c.fanout.select(query.session_id, selector)
+        # Groups whose output no agent captures (their target): said once, never asked for.
+        gaps = [t for t in chosen if _gap(t)]
+        if gaps and len(gaps) == len(chosen) and not selector.everything:
+            raise Conflict(f"group {gaps[0].group_id} ({gaps[0].spec.target}): {_gap(gaps[0])}")
+        chosen = [t for t in chosen if not _gap(t)]
         if query.follow:
-            return self._follow(query, chosen, selector.everything)
-        return self._backlog(query, chosen)
+            chunks = self._follow(query, chosen, selector.everything)
+        else:
+            chunks = self._backlog(query, chosen)
+        return _prefixed([_uncaptured(t) for t in gaps], chunks) if gaps else chunks
 
     def _ask(self, agent: str, gids: list[str], query: LogQuery
              ) -> AsyncIterator[OutputChunk]:
@@ -150,7 +158,11 @@ class OutputRoutes:
         """Groups spawned into a followed session after the call began, and its end."""
         async for ev in events:
             group = ev.group
-            if group is not None and (group.agent, group.view.group_id) not in asked:
+            if group is not None and (group.agent, group.view.group_id) not in asked \
+                    and capture_gap(group.view.spec.target, group.view.spec.log_path):
+                asked.add((group.agent, group.view.group_id))
+                await queue.put(_uncaptured(group))
+            elif group is not None and (group.agent, group.view.group_id) not in asked:
                 # Everything it wrote: it began after the reader did.
                 ask(group.agent, [group.view.group_id], replace(query, tail=None, since=0.0))
             if ev.kind is EventKind.SESSION_STOPPED or session_done():
@@ -165,6 +177,8 @@ class OutputRoutes:
                               field="session_id")
         found = self.c.fanout.select(opened.session_id, GroupSelector((opened.group_id,)))
         t = found[0]
+        if _gap(t):
+            raise Conflict(f"group {t.group_id} ({t.spec.target}): {_gap(t)}")
         link = self.c.agents.links.get(t.agent)
         if link is None:
             raise AgentNotFound(t.agent, list(self.c.agents.links))
@@ -173,6 +187,29 @@ class OutputRoutes:
 
 
 _STOPPED: Final = object()
+
+
+def _gap(t: TrackedGroup) -> str:
+    return capture_gap(t.spec.target, t.spec.log_path)
+
+
+def _uncaptured(t: TrackedGroup | GroupEntry) -> OutputChunk:
+    view = t.view
+    gap = capture_gap(view.spec.target, view.spec.log_path)
+    return OutputChunk(view.group_id, Stream.TETHER, f"not captured: {gap}".encode(),
+                       time.time(), event=Note.NOT_CAPTURED.value, session_id=view.spec.session_id,
+                       label=view.spec.label, agent=t.agent)
+
+
+async def _prefixed(first: list[OutputChunk], rest: AsyncIterator[OutputChunk]
+                    ) -> AsyncIterator[OutputChunk]:
+    try:
+        for c in first:
+            yield c
+        async for c in rest:
+            yield c
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
 
 
 async def _with_agent(agent: str, chunks: AsyncIterator[OutputChunk]

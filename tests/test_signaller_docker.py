@@ -9,8 +9,10 @@ routine uses them: TERM + CONT, wait(grace), kill(), members() == [].
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
+import json
 import signal
 import threading
 import time
@@ -22,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.plugins.docker_engine import IMAGE_NOKILL, IMAGE_NOSH, DockerEngine
+from tests.plugins.processes import Daemon, start_daemon, stop_daemon
 from tether.core.errors import AdoptRefused, StartFailed, TargetUnreachable
 from tether.core.model import AGENT_ENV, MARKER_ENV, Containment, FailureClass
 from tether.signallers import docker as docker_signaller_module
@@ -425,3 +428,58 @@ def test_docker_calls_never_wait_on_asyncios_default_pool(
             await hung
 
     asyncio.run(body())
+
+
+# ------------------------------------------------------------------ captured output
+
+
+@pytest.fixture
+def serve_docker(tmp_path: Any, docker_engine: DockerEngine) -> Any:
+    d = start_daemon("serve", ["--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "st"),
+                               "--agent-name", f"dout-{tmp_path.name[-8:]}",
+                               "--signaller-option", f"docker_host={docker_engine.url}"],
+                     tmp_path)
+    try:
+        yield d
+    finally:
+        stop_daemon(d)
+
+
+def logs_json(d: Daemon, *args: str) -> list[dict[str, Any]]:
+    res = d.cli("logs", *args, "-o", "json", check=True)
+    return [json.loads(line) for line in res.stdout.splitlines()]
+
+
+def test_a_docker_groups_stdout_and_stderr_reach_tether_logs(
+        serve_docker: Daemon, docker_container: Any) -> None:
+    """The exec's attached stream feeds the group's ring: both streams, tagged, byte for
+    byte (no text in a line ending is lost to the demultiplexer), followed to the end,
+    and a `--log` group says where its output went instead."""
+    d = serve_docker
+    target = f"docker:{docker_container.name}"
+    script = ("echo out-1; echo err-1 >&2; printf 'no newline'; printf '\\000\\377' >&2; "
+              "i=0; while [ $i -lt 2000 ]; do echo line-$i; i=$((i+1)); done; echo last")
+    gid = d.cli("spawn", "--session", "dk", "--target", target, "--", "sh", "-c", script,
+                check=True).stdout.strip()
+    chunks = logs_json(d, "dk", "--group", gid, "--follow")  # ends with the group's output
+    assert chunks[-1]["event"] == "output_ended", chunks[-1]
+    out = "".join(c["data"] for c in chunks if c["stream"] == "stdout")
+    assert out == "out-1\nno newline" + "".join(f"line-{i}\n" for i in range(2000)) + "last\n"
+    err = b"".join(base64.b64decode(c["data_base64"]) if c["data"] is None
+                   else c["data"].encode() for c in chunks if c["stream"] == "stderr")
+    assert err == b"err-1\n\x00\xff"
+    assert not [c for c in chunks if c.get("event") in ("not_captured", "capture_lost")]
+    text = d.cli("logs", "dk", "--group", gid, "--tail", "1", check=True)
+    assert text.stdout == "last\n"
+
+    logged = d.cli("spawn", "--session", "dk", "--target", target, "--log", "/tmp/dk.log",
+                   "--", "sh", "-c", "echo to-the-file", check=True).stdout.strip()
+    d.cli("wait", "dk", check=True)
+    assert exec_text(docker_container, "cat", "/tmp/dk.log") == "to-the-file\n"
+    alone = d.cli("logs", "dk", "--group", logged)
+    assert alone.returncode != 0 and "--log /tmp/dk.log" in alone.stderr, alone.stderr
+    whole = logs_json(d, "dk")
+    (note,) = [c for c in whole if c["group_id"] == logged]
+    assert note["event"] == "not_captured" and "--log /tmp/dk.log" in note["data"]
+    assert [c["data"] for c in whole if c["group_id"] == gid and c["stream"] == "stdout"
+            ][-1].endswith("last\n"), "the captured group is read as before"

@@ -104,6 +104,21 @@ class OutputChunk:
         return self.data.decode("utf-8", errors="replace")
 
 
+def capture_gap(target: str, log_path: str = "") -> str:
+    """Why the agent does not capture the output of a group on ``target`` ("": it does).
+    Local groups always; docker groups without ``--log`` (with one, the program's output
+    goes to that file inside the container); ssh groups not yet."""
+    kind = (target or "local").partition(":")[0]
+    if kind == "local" or (kind == "docker" and not log_path):
+        return ""
+    if kind == "docker":
+        return (f"its output goes to its --log {log_path} inside the container (tether "
+                "captures a docker group's output only when it has no --log)")
+    return (f"output capture is local-only for now (local and docker targets): a group on "
+            f"{target} writes its stdout and stderr to its --log on that host"
+            f"{f' ({log_path})' if log_path else ', and it has none: nowhere'}")
+
+
 def check_tail(tail: int | None) -> int | None:
     if tail is None:
         return None
