@@ -166,6 +166,14 @@ class DockerGroup(RemoteGroup):
     def stdio(self) -> Stdio | None:
         return self._stdio
 
+    async def wait(self, timeout: float | None = None) -> bool:
+        empty = await super().wait(timeout)
+        if empty and isinstance(self._stdio, ExecStdio):
+            # Empty containment: the exec's stream is ending; its last bytes reach the ring
+            # before the group's exit does (at most FINISH_WAIT).
+            await self._stdio.drained()
+        return empty
+
     async def close(self) -> None:
         if self._stdio is not None:
             self._stdio.finish()  # the agent finished it at the run's end; this is a guard

@@ -10,9 +10,10 @@ loop hands it to the sink (the group's ring). Nothing ever waits for a reader: t
 Engine is read as fast as it delivers.
 
 The stream ends by itself once every process holding the exec's stdout and stderr has
-ended, which is, for a group, once its containment is empty: ``finish`` waits a moment
-(``FINISH_WAIT``) for that end so a group's last words reach its ring before its exit
-does, then reads what is queued and closes the connection. The Engine keeps running a
+ended, which is, for a group, once its containment is empty: the handle's ``wait``
+awaits that end (``drained``, at most ``FINISH_WAIT``, never blocking the event loop)
+before it reports the group empty, so a group's last words reach its ring before its
+exit does; ``finish`` then hands over what is queued and closes the connection. The Engine keeps running a
 process whose attached client went away (its output is then discarded), so closing the
 connection never hurts the program.
 
@@ -34,7 +35,7 @@ from tether.signallers.dockerapi import LiveExec
 
 log = logging.getLogger(__name__)
 
-#: How long ``finish`` waits for the stream's own end (its last bytes in flight).
+#: How long ``drained`` waits for the stream's own end (its last bytes in flight).
 FINISH_WAIT: Final = 0.5
 
 
@@ -52,6 +53,8 @@ class ExecStdio(Stdio):
         self._thread: threading.Thread | None = None
         self._lost = ""
         self._eof = threading.Event()
+        #: Set on the loop once the thread saw the stream's end.
+        self._ended: asyncio.Event | None = None
         self._finished = False
         for stream, data in ((Stream.STDOUT, live.out), (Stream.STDERR, live.err)):
             if data:
@@ -66,6 +69,7 @@ class ExecStdio(Stdio):
             return
         self._sink = sink
         self._loop = asyncio.get_running_loop()
+        self._ended = asyncio.Event()
         self._drain()
         self._thread = threading.Thread(target=self._read, name=f"tether-out-{self.group_id}",
                                         daemon=True)
@@ -104,6 +108,8 @@ class ExecStdio(Stdio):
             items = list(self._queue)
             self._queue.clear()
             self._woken = False
+        if self._eof.is_set() and self._ended is not None:
+            self._ended.set()
         if self._sink is None or self._finished:
             return
         for stream, data in items:
@@ -113,12 +119,19 @@ class ExecStdio(Stdio):
             self._sink.note(Note.CAPTURE_LOST, f"the Engine's output stream of this group "
                             f"broke ({lost}); its later output is not captured")
 
+    async def drained(self, timeout: float = FINISH_WAIT) -> bool:
+        """Wait (at most ``timeout``) until the stream ended and everything read was handed
+        to the sink; True if it did."""
+        if self._ended is None:
+            return self._eof.is_set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ended.wait(), timeout)
+        self._drain()
+        return self._eof.is_set()
+
     def finish(self) -> None:
         if self._finished:
             return
-        if self._thread is not None and not self._eof.is_set():
-            # The containment is empty, so the stream is ending: its last bytes are in flight.
-            self._eof.wait(FINISH_WAIT)
         self._drain()
         self._finished = True
         if not self._eof.is_set():
