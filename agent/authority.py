@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 
 from tether.agent.capacity import Capacity
-from tether.agent.capture import Attachment, refuse_uncaptured
+from tether.agent.capture import Attachment, refuse_uncaptured, uncaptured
 from tether.agent.groups import Group
 from tether.agent.hooks import Hooks
 from tether.agent.lifecycle import Lifecycle
@@ -44,7 +44,7 @@ from tether.core.model import (
     Transition,
     UnhealthyAction,
 )
-from tether.core.output import AttachOpen, LogQuery, OutputBook, OutputChunk, capture_gap
+from tether.core.output import AttachOpen, LogQuery, OutputBook, OutputChunk
 from tether.signallers.base import GroupHandle, RunAs
 from tether.signallers.registry import Signallers, split_target
 
@@ -228,7 +228,7 @@ class Authority:
         """Captured output (``tether.core.output.OutputBook.read``). An unknown group id is
         ``GroupNotFound`` now; a known group whose ring is not made yet gets one."""
         groups = [self.lc.table.find(gid) for gid in query.group_ids]
-        if groups and all(capture_gap(g.spec.target, g.spec.log_path) for g in groups):
+        if groups and all(uncaptured(g) for g in groups):
             refuse_uncaptured(groups[0])  # asked for these alone: nothing would ever come
         for g in groups:
             self.lc.outputs.open(g)

@@ -103,7 +103,7 @@ class Outputs:
                    "it was re-adopted after an agent restart: its stdout and stderr pipes "
                    "belonged to the previous agent (its guardian appends them to --log, if "
                    "any)" if g.readopted else
-                   capture_gap(g.spec.target, g.spec.log_path)
+                   uncaptured(g)
                    or f"target {g.spec.target} does not capture output")
             self.book.note(gid, Note.NOT_CAPTURED, f"output of run {run} is not captured: "
                            f"{why}", run)
@@ -169,9 +169,14 @@ class Outputs:
         return Attachment(self, g, opened)
 
 
+def uncaptured(g: Group) -> str:
+    """Why this agent never captures the group's output (its target, ...); "" if it does."""
+    return capture_gap(g.spec.target, g.spec.log_path, g.spec.orphan_policy is OrphanPolicy.KEEP)
+
+
 def refuse_uncaptured(g: Group) -> None:
-    """``Conflict`` for a group whose output this agent never captures (its target)."""
-    gap = capture_gap(g.spec.target, g.spec.log_path)
+    """``Conflict`` for a group whose output this agent never captures."""
+    gap = uncaptured(g)
     if gap:
         raise Conflict(f"group {g.group_id} ({g.spec.target}): {gap}")
 

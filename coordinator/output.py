@@ -22,7 +22,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Final
 
 from tether.core.errors import AgentNotFound, Conflict, GroupNotFound, InvalidSpec, TetherError
-from tether.core.model import EventKind
+from tether.core.model import EventKind, OrphanPolicy
 from tether.core.output import (
     AttachOpen,
     LogQuery,
@@ -159,7 +159,8 @@ class OutputRoutes:
         async for ev in events:
             group = ev.group
             if group is not None and (group.agent, group.view.group_id) not in asked \
-                    and capture_gap(group.view.spec.target, group.view.spec.log_path):
+                    and capture_gap(group.view.spec.target, group.view.spec.log_path,
+                                group.view.spec.orphan_policy is OrphanPolicy.KEEP):
                 asked.add((group.agent, group.view.group_id))
                 await queue.put(_uncaptured(group))
             elif group is not None and (group.agent, group.view.group_id) not in asked:
@@ -190,12 +191,14 @@ _STOPPED: Final = object()
 
 
 def _gap(t: TrackedGroup) -> str:
-    return capture_gap(t.spec.target, t.spec.log_path)
+    return capture_gap(t.spec.target, t.spec.log_path,
+                       t.spec.orphan_policy is OrphanPolicy.KEEP)
 
 
 def _uncaptured(t: TrackedGroup | GroupEntry) -> OutputChunk:
     view = t.view
-    gap = capture_gap(view.spec.target, view.spec.log_path)
+    gap = capture_gap(view.spec.target, view.spec.log_path,
+                      view.spec.orphan_policy is OrphanPolicy.KEEP)
     return OutputChunk(view.group_id, Stream.TETHER, f"not captured: {gap}".encode(),
                        time.time(), event=Note.NOT_CAPTURED.value, session_id=view.spec.session_id,
                        label=view.spec.label, agent=t.agent)

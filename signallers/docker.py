@@ -56,6 +56,7 @@ from tether.core.errors import (
     TetherError,
 )
 from tether.core.model import Containment, FailureClass, LeaderStatus, OrphanPolicy
+from tether.core.output import capture_gap
 from tether.signallers.base import (
     Features,
     GroupHandle,
@@ -286,9 +287,12 @@ class DockerSignaller(Signaller):
         except InvalidSpec as exc:
             raise StartFailed(FailureClass.INVALID_SPEC, str(exc)) from exc
         shell = await self._shell(spec.where)
-        # Captured (a group, not a probe or hook) and without --log: the program's stdout
-        # and stderr stay the exec's, read from its attached stream (``execio.py``).
-        capture = spec.capture and not spec.log_path
+        # Captured (a group, not a probe or hook) without --log: the program's stdout and
+        # stderr stay the exec's, read from its attached stream (``execio.py``). Not for a
+        # keep group: the Engine ends an exec at its next write once its attached reader
+        # is gone, and a keep group must outlive its agent.
+        capture = spec.capture and not capture_gap(f"docker:{spec.where}", spec.log_path,
+                                                   spec.orphan_policy is OrphanPolicy.KEEP)
         argv = ["sh", "-c", OPS, "tether",
                 *spawn_argv(spec, mode="attach" if capture else "exec", default_search="-")]
         try:

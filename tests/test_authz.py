@@ -131,11 +131,16 @@ async def first_reply(channel: grpc.aio.Channel, name: str, method: Any) -> grpc
     try:
         if method.client_streaming:  # Attach: one message (no group: refused on content)
             both = channel.stream_stream(path, request_serializer=type(request).SerializeToString,
-                                         response_deserializer=deserialize)(iter([request]),
-                                                                            timeout=20)
+                                         response_deserializer=deserialize)(timeout=20)
             try:
-                async for _ in both:
-                    break
+                # Admitted or refused first, as the SDK does: a request written into a
+                # refused call may end it INTERNAL instead (grpc/grpc#36066).
+                await both.initial_metadata()
+                try:
+                    await both.write(request)
+                except asyncio.InvalidStateError:
+                    return await both.code()  # refused before anything was written
+                await both.read()
             finally:
                 both.cancel()
         elif method.server_streaming:

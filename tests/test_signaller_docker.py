@@ -26,7 +26,7 @@ import pytest
 from tests.plugins.docker_engine import IMAGE_NOKILL, IMAGE_NOSH, DockerEngine
 from tests.plugins.processes import Daemon, start_daemon, stop_daemon
 from tether.core.errors import AdoptRefused, StartFailed, TargetUnreachable
-from tether.core.model import AGENT_ENV, MARKER_ENV, Containment, FailureClass
+from tether.core.model import AGENT_ENV, MARKER_ENV, Containment, FailureClass, OrphanPolicy
 from tether.signallers import docker as docker_signaller_module
 from tether.signallers.base import GroupHandle, LaunchSpec, Signaller, SignallerContext
 from tether.signallers.docker import ContainerGone, DockerGroup, DockerSignaller, MissingTool
@@ -483,3 +483,33 @@ def test_a_docker_groups_stdout_and_stderr_reach_tether_logs(
     assert note["event"] == "not_captured" and "--log /tmp/dk.log" in note["data"]
     assert [c["data"] for c in whole if c["group_id"] == gid and c["stream"] == "stdout"
             ][-1].endswith("last\n"), "the captured group is read as before"
+
+
+def test_a_keep_group_is_not_captured_so_it_outlives_the_agent_and_writes_on(
+        docker_engine: DockerEngine, docker_container: Any) -> None:
+    """The Engine ends an exec at its next write once the client attached to its output
+    went away (status 126): a captured group could not outlive its agent. So a `kill`
+    group is captured (it ends with its agent anyway) and a `keep` group is not: with
+    no reader at all it writes far more than any pipe holds and ends on its own."""
+
+    async def body() -> None:
+        async with docker_signaller(docker_engine) as s:
+            exec_text(docker_container, "mkfifo", "/tmp/gate")
+            script = ("read _ < /tmp/gate; i=0; while [ $i -lt 20000 ]; do "
+                      "echo 0123456789012345678901234567890123456789012345678; "
+                      "i=$((i+1)); done; exit 0")
+            killed = await s.spawn(replace(spec(docker_container, "sh", "-c", "exec sleep 300"),
+                                           capture=True))
+            assert killed.stdio is not None, "a kill group's output is captured"
+            kept = await s.spawn(replace(spec(docker_container, "sh", "-c", script),
+                                         capture=True, orphan_policy=OrphanPolicy.KEEP))
+            assert kept.stdio is None, "a keep group's output is not held by the agent"
+            exec_text(docker_container, "sh", "-c", "echo go > /tmp/gate")
+            status = await asyncio.wait_for(kept.wait_leader(), 60)
+            assert status.exit_code == 0, status
+            assert await stop(killed) == "requested"
+            for h in (killed, kept):
+                assert await h.wait(10)
+                await h.close()
+
+    asyncio.run(body())

@@ -104,16 +104,22 @@ class OutputChunk:
         return self.data.decode("utf-8", errors="replace")
 
 
-def capture_gap(target: str, log_path: str = "") -> str:
+def capture_gap(target: str, log_path: str = "", keep: bool = False) -> str:
     """Why the agent does not capture the output of a group on ``target`` ("": it does).
     Local groups always; docker groups without ``--log`` (with one, the program's output
-    goes to that file inside the container); ssh groups not yet."""
+    goes to that file inside the container) whose orphan policy is kill (``keep``: the
+    Engine ends an exec at its next write once its attached reader is gone, so a group
+    whose output the agent read could not outlive the agent); ssh groups not yet."""
     kind = (target or "local").partition(":")[0]
-    if kind == "local" or (kind == "docker" and not log_path):
+    if kind == "local" or (kind == "docker" and not log_path and not keep):
         return ""
     if kind == "docker":
-        return (f"its output goes to its --log {log_path} inside the container (tether "
-                "captures a docker group's output only when it has no --log)")
+        where = (f"its output goes to its --log {log_path} inside the container" if log_path
+                 else "its output is discarded (give it a --log inside the container)")
+        why = ("tether captures a docker group's output only when it has no --log"
+               if log_path else "a keep group must outlive its agent, and the Engine ends "
+               "an exec at its next write once its attached reader is gone")
+        return f"{where}; {why}"
     return (f"output capture is local-only for now (local and docker targets): a group on "
             f"{target} writes its stdout and stderr to its --log on that host"
             f"{f' ({log_path})' if log_path else ', and it has none: nowhere'}")
