@@ -11,6 +11,11 @@ their live output in the order it arrives. Between the agents and one reader sit
 most ``QUEUE`` chunks: a reader that does not keep up makes the agents' streams wait,
 and the agents drop that reader's oldest output (telling it how much) without slowing
 any group. An agent that cannot be asked is said so, per group, in a ``tether`` note.
+
+Groups whose output no agent captures (``tether.core.output.capture_gap``: ssh targets,
+docker groups with ``--log`` or orphan policy ``keep``) are never asked for: a read of
+only such groups, and an Attach to one, is refused (``Conflict``) saying why; a wider
+read gives one ``not_captured`` note for each, so silence is never mistaken for output.
 """
 
 from __future__ import annotations
