@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 
 from tether.agent.capacity import Capacity
+from tether.agent.capture import Attachment, refuse_uncaptured, uncaptured
 from tether.agent.groups import Group
 from tether.agent.hooks import Hooks
 from tether.agent.lifecycle import Lifecycle
@@ -23,7 +24,7 @@ from tether.agent.start import Starter
 from tether.agent.stop import Stopper
 from tether.agent.supervise import Supervisor
 from tether.agent.watch import Watcher
-from tether.core.errors import InvalidSpec, TetherError
+from tether.core.errors import GroupNotFound, InvalidSpec, TetherError
 from tether.core.model import (
     Containment,
     EventKind,
@@ -43,6 +44,7 @@ from tether.core.model import (
     Transition,
     UnhealthyAction,
 )
+from tether.core.output import AttachOpen, LogQuery, OutputBook, OutputChunk
 from tether.signallers.base import GroupHandle, RunAs
 from tether.signallers.registry import Signallers, split_target
 
@@ -58,12 +60,14 @@ class Authority:
     def __init__(self, name: str, signallers: Signallers, hooks: Hooks | None = None,
                  default_grace: float | None = None, *, marker: str = "",
                  capacity: Capacity | None = None, plugins: Plugins | None = None,
-                 ports: PortBook | None = None) -> None:
+                 ports: PortBook | None = None, output: OutputBook | None = None) -> None:
         self.name = name
         self.signallers = signallers
         self.hooks = hooks or Hooks()
         default = StopPolicy() if default_grace is None else StopPolicy(grace=default_grace)
         self.lc = Lifecycle(name, signallers, self.hooks, marker or name)
+        if output is not None:
+            self.lc.outputs.book = output
         self.watcher = Watcher(self.lc)
         self.stopper = Stopper(self.lc)
         self.ports = ports if ports is not None else PortBook(marker or name, agent=name)
@@ -203,13 +207,40 @@ class Authority:
                 errors[gid] = f"group {gid} is {g.state.value}; only ended groups are forgotten"
             elif self.lc.table.forget(gid):
                 done.append(gid)
+                self.lc.outputs.forget(gid)
                 self.hooks.group_forgotten(gid)
         return done, errors
 
     def _follow(self, g: Group) -> None:
-        """A run's handle was attached: watch it, and supervise it (liveness)."""
+        """A run's handle was attached: capture its output, watch it, and supervise it
+        (liveness)."""
+        self.lc.outputs.begin(g)
         self.watcher.start(g)
         self.supervisor.follow(g)
+
+    # ------------------------------------------------------------ output and stdin
+
+    @property
+    def output(self) -> OutputBook:
+        return self.lc.outputs.book
+
+    def logs(self, query: LogQuery) -> AsyncIterator[OutputChunk]:
+        """Captured output (``tether.core.output.OutputBook.read``). An unknown group id is
+        ``GroupNotFound`` now; a known group whose ring is not made yet gets one."""
+        groups = [self.lc.table.find(gid) for gid in query.group_ids]
+        if groups and all(uncaptured(g) for g in groups):
+            refuse_uncaptured(groups[0])  # asked for these alone: nothing would ever come
+        for g in groups:
+            self.lc.outputs.open(g)
+        return self.lc.outputs.read(query)
+
+    def attach(self, opened: AttachOpen) -> Attachment:
+        """Attach to a group's stdio (see ``agent/capture.py``): raises ``Conflict`` for a
+        second writer (naming the holder) or a group without ``--stdin pipe``."""
+        g = self.lc.table.find(opened.group_id)
+        if opened.session_id and g.spec.session_id != opened.session_id:
+            raise GroupNotFound(opened.group_id)
+        return self.lc.outputs.attach(g, opened)
 
     async def _stop_now(self, g: Group, detail: str) -> None:
         await asyncio.shield(self.stopper.begin(g, None, time.monotonic(), detail,
@@ -238,6 +269,7 @@ class Authority:
         while True:
             await asyncio.sleep(EXPIRE_EVERY)
             for gid in self.lc.table.expire():
+                self.lc.outputs.forget(gid)
                 self.hooks.group_forgotten(gid)
 
     # ------------------------------------------------------------ restart recovery
@@ -264,6 +296,7 @@ class Authority:
         context = context or RunContext()
         g.context = context
         g.user = user
+        g.readopted = True
         if context.ports:
             self.ports.restore(group_id, context.ports)
             g.on_end.append(lambda: self.ports.release(group_id))

@@ -1,9 +1,11 @@
 """File descriptors: the one resource an agent runs out of first.
 
 Each live group holds a few descriptors (a pidfd on its leader, its
-``cgroup.events``; SSH and Docker groups share connections), and a start needs a
-few more for a moment (pipes, the log). Under the common soft limit of 1024 the
-agent would fit about 500 groups and then misreport starts as crashes. So the
+``cgroup.events``, the read ends of its stdout and stderr pipes, with ``--stdin
+pipe`` its stdin, with ``--log`` its log file; SSH and Docker groups share
+connections), and a start needs a few more for a moment (the launch's pipes). Under
+the common soft limit of 1024 the agent would fit about 120 groups and then misreport
+starts as crashes. So the
 agent raises its soft limit to the hard limit at start, reports what fits in
 ``Info``, and refuses a start with ``RESOURCE_EXHAUSTED`` and a clear message
 before it runs out.
@@ -22,8 +24,9 @@ log = logging.getLogger(__name__)
 
 #: Descriptors kept free for the agent itself (gRPC, the state file, metrics, a start).
 RESERVE = 64
-#: What one more live group costs, at most (pidfd, cgroup.events, a start's pipes).
-PER_GROUP = 4
+#: What one more live group costs, at most: pidfd, cgroup.events, stdout, stderr, stdin,
+#: log (6), plus a start's pipes for a moment (2).
+PER_GROUP = 8
 
 
 def raise_fd_limit() -> tuple[int, int]:

@@ -28,7 +28,7 @@ from tether.core.model import (
     RunRecord,
     StopPolicy,
 )
-from tether.signallers.base import GroupHandle, LaunchSpec, RunAs
+from tether.signallers.base import GroupHandle, LaunchSpec, RunAs, Stdio
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,13 @@ class Group:
         self.unhealthy = False
         self.health = ""
         self.live_task: asyncio.Task[None] | None = None
+        # Standard streams (agent/capture.py).
+        #: The current run's captured stdio (None between runs, or when not captured).
+        self.stdio: Stdio | None = None
+        #: Who holds the stdin writer role (an Attach), if anybody.
+        self.stdin_writer = ""
+        #: Taken back after an agent restart (its output pipes died with that agent).
+        self.readopted = False
 
     def __repr__(self) -> str:
         pid = self.handle.leader_pid if self.handle else "-"
@@ -135,6 +142,8 @@ class Group:
             context=self.context,
             unhealthy=self.unhealthy, health=self.health, restarts=self.restarts,
             runs=tuple(self.runs) if self.runs else (), next_restart_at=self.next_restart_at,
+            stdin_open=self.stdio is not None and self.stdio.stdin_open,
+            stdin_writer=self.stdin_writer,
         )
 
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from tether.agent.capture import Outputs
 from tether.agent.groups import Group, GroupTable
 from tether.agent.hooks import Hooks
 from tether.core import trace
@@ -54,6 +55,8 @@ class Lifecycle:
         #: Set by the supervisor (``supervise.py``): a restart's start failed while the group
         #: is ``restarting``; it keeps the attempt as a run and tries again or gives up.
         self.restart_failed: Callable[[Group, ExitRecord], None] | None = None
+        #: Captured output: a ring per group, a sink per run, the stdin writers.
+        self.outputs = Outputs(changed=lambda g: self.emit(g, EventKind.STATE))
 
     def emit(self, g: Group, kind: EventKind) -> None:
         view = g.view()
@@ -91,6 +94,8 @@ class Lifecycle:
                 g.exit = replace(g.exit, context=g.context)
             if g.exit.oom_kills:
                 self.hooks.oom_kills(g.exit.oom_kills)
+        # The last output first: it is in the ring before the exit event goes out.
+        self.outputs.end(g)
         releases, g.on_end = g.on_end, []
         for release in releases:
             try:
@@ -144,7 +149,8 @@ def build_launch(marker: str, group_id: str, spec: GroupSpec, where: str,
     switch = user if user is not None and os.geteuid() == 0 else None
     return LaunchSpec(group_id=group_id, argv=spec.argv, env=env, cwd=spec.cwd,
                       log_path=spec.log_path, where=where, owns_target=spec.owns_target,
-                      orphan_policy=spec.orphan_policy, user=switch, limits=spec.limits)
+                      orphan_policy=spec.orphan_policy, user=switch, limits=spec.limits,
+                      capture=True, stdin=spec.stdin)
 
 
 async def dispose(handle: GroupHandle) -> None:

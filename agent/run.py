@@ -24,6 +24,7 @@ from tether.agent.authority import Authority
 from tether.agent.capacity import Capacity, raise_fd_limit
 from tether.agent.fence import Fence, FenceInterceptor
 from tether.agent.hooks import HookChain, Hooks
+from tether.agent.keeper import PipeKeeper
 from tether.agent.metrics import AgentMetrics, agent_status
 from tether.agent.orphans import OrphanReaper
 from tether.agent.plugins import Plugins
@@ -41,6 +42,7 @@ from tether.core.model import (
     context_from_dict,
     spec_from_dict,
 )
+from tether.core.output import DEFAULT_RING, DEFAULT_TOTAL, OutputBook
 from tether.core.sessions import Orphan
 from tether.core.tasks import TaskSet
 from tether.rpc.auth import ServerAuth
@@ -80,6 +82,9 @@ class AgentConfig:
     plugins_off: list[str] = field(default_factory=list)
     # No toolchain plugins at all.
     no_plugins: bool = False
+    # Captured output kept per group, and for all groups together (bytes).
+    output_buffer: int = DEFAULT_RING
+    output_total: int = DEFAULT_TOTAL
 
 
 class _OrphanTrigger(Hooks):
@@ -142,7 +147,10 @@ class AgentRuntime:
                                    capacity=self.capacity, plugins=Plugins(found),
                                    ports=PortBook(self.instance.marker,
                                                   tree.name if tree is not None else "",
-                                                  config.name))
+                                                  config.name),
+                                   output=OutputBook(config.output_buffer, config.output_total))
+        self.keeper = PipeKeeper()
+        self.authority.lc.outputs.keeper = self.keeper
         self.metrics.attach(self.authority)
         self.reaper = OrphanReaper(
             self.instance.marker, self.local.tree, self.authority.live_ids,
@@ -235,8 +243,10 @@ class AgentRuntime:
 
     def _start_guardian(self) -> None:
         assert self.store is not None
+        theirs = self.keeper.connect()
         args = [sys.executable, "-m", "tether.agent.guardian", "--agent-pid", str(os.getpid()),
-                "--agent-marker", self.instance.marker, "--state", self.store.path]
+                "--agent-marker", self.instance.marker, "--state", self.store.path,
+                "--control-fd", str(theirs.fileno())]
         if self.instance.lock_path:
             args += ["--lock", self.instance.lock_path]
         if self.local.tree is not None:
@@ -245,8 +255,12 @@ class AgentRuntime:
             for tree in self.local.limiter.v1_trees():
                 args += ["--v1-tree", str(tree)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
-        self._guardian = subprocess.Popen(args, start_new_session=True, env=env,
-                                          stdin=subprocess.DEVNULL)
+        try:
+            self._guardian = subprocess.Popen(args, start_new_session=True, env=env,
+                                              stdin=subprocess.DEVNULL,
+                                              pass_fds=(theirs.fileno(),))
+        finally:
+            theirs.close()
         log.info("guardian started (pid %d)", self._guardian.pid)
         self._tasks.spawn(self._watch_guardian(self._guardian), "guardian-watch")
 
@@ -347,6 +361,9 @@ class AgentRuntime:
                     log.error("%d kill-policy group(s) could not be stopped (%s); the guardian "
                               "stays and ends them when this agent has exited", len(left),
                               ", ".join(left[:5]))
+                elif self._guardian is not None and self.keeper.held:
+                    log.info("the guardian stays: it keeps the output of %d keep group(s) "
+                             "flowing once this agent has exited", self.keeper.held)
                 elif self._guardian is not None:
                     # Every `kill` group is stopped; the guardian would find nothing.
                     self._guardian.terminate()

@@ -12,17 +12,24 @@ import grpc
 
 import tether
 from tether.agent.authority import Authority
+from tether.agent.capture import attach_stream
 from tether.core import trace
 from tether.core.errors import InvalidSpec
 from tether.core.model import GroupEvent, StopOverride, parse_signal
+from tether.core.output import StdinInput
 from tether.core.sessions import Orphan
+from tether.rpc.auth import RoleKind, current_caller
 from tether.rpc.convert import (
     CONTAINMENT_TO_PB,
+    attach_open_from_pb,
+    chunk_to_pb,
     event_to_pb,
     group_to_pb,
     override_from_pb,
     port_owner_to_pb,
+    query_from_pb,
     spec_from_pb,
+    stdin_from_pb,
 )
 from tether.rpc.status import stream, subscribed, unary
 from tether.v1 import agent_pb2 as apb
@@ -131,6 +138,37 @@ class AgentServicer(agrpc.AgentServiceServicer):
         async for event in events:
             yield event_to_pb(event, self.epoch)
 
+    @stream
+    async def Logs(self, request: pb.LogsRequest, context: Any) -> AsyncIterator[pb.OutputChunk]:
+        chunks = self.authority.logs(query_from_pb(request))
+        try:
+            async for chunk in chunks:
+                yield chunk_to_pb(chunk)
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    @stream
+    async def Attach(self, requests: AsyncIterator[pb.AttachRequest], context: Any
+                     ) -> AsyncIterator[pb.OutputChunk]:
+        first = await anext(aiter(requests), None)
+        if first is None:
+            raise InvalidSpec("Attach: send the group first (an AttachRequest with group_id)",
+                              field="group_id")
+        attachment = self.authority.attach(attach_open_from_pb(first, attacher(first)))
+
+        async def inputs() -> AsyncIterator[StdinInput]:
+            if first.stdin or first.close_stdin:
+                yield stdin_from_pb(first)
+            async for msg in requests:
+                yield stdin_from_pb(msg)
+
+        chunks = attach_stream(attachment, inputs())
+        try:
+            async for chunk in chunks:
+                yield chunk_to_pb(chunk)
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
     @unary
     async def ListOrphans(self, request: apb.ListOrphansRequest, context: Any
                           ) -> apb.ListOrphansResponse:
@@ -161,6 +199,15 @@ class AgentServicer(agrpc.AgentServiceServicer):
             reply.fds_open = extra["fds_open"]
             reply.groups_left = extra["groups_left"]
         return reply
+
+
+def attacher(first: pb.AttachRequest) -> str:
+    """Who attaches, as others are told: the caller, or, for a coordinator (or an admin)
+    passing it on, the caller it attaches for."""
+    caller = current_caller()
+    if first.on_behalf_of and caller.role.kind in (RoleKind.COORDINATOR, RoleKind.ADMIN):
+        return first.on_behalf_of
+    return f"{caller.credential} at {caller.peer or 'an unknown peer'}"
 
 
 def check_port(port: int) -> int:

@@ -45,6 +45,7 @@ from tether.core.model import (
     OrphanPolicy,
     ProbeKind,
     RunContext,
+    StdinMode,
     StopPolicy,
     Transition,
     check_group_id,
@@ -132,6 +133,10 @@ class Starter:
             raise refuse("--port", spec.target,
                          "the agent picks ports on its own 127.0.0.1, which is not the "
                          "target's network; give the program a fixed port with --env PORT=N")
+        if spec.stdin is StdinMode.PIPE and not features.stdin_pipe:
+            raise refuse("--stdin pipe", spec.target,
+                         "the agent holds a piped stdin only for groups it can reach with one "
+                         "(this host); run it locally, or without --stdin pipe")
         if spec.limits and not features.limits:
             flags = "/".join(f"--{c}" for c in ("memory", "cpus", "pids")
                              if getattr(spec.limits, c) is not None)
@@ -400,8 +405,8 @@ class Starter:
             # dead agent (a keep group's re-adoption would claim it as its own).
             probe_id = f"{g.group_id}.{prefix}{counter}"
             launch = replace(base, group_id=probe_id, argv=argv, limits=Limits(),
-                             orphan_policy=OrphanPolicy.KILL,
-                             env={**base.env, MARKER_ENV: probe_id})
+                             orphan_policy=OrphanPolicy.KILL, capture=False,
+                             stdin=StdinMode.NULL, env={**base.env, MARKER_ENV: probe_id})
             try:
                 handle = await signaller.spawn(launch)
             except StartFailed as exc:
@@ -462,7 +467,8 @@ class Starter:
 
     async def adopt(self, pid: int, start_time: float | None, spec: GroupSpec) -> GroupView:
         for given, flag in ((spec.user, "--user"), (spec.ports, "--port"),
-                            (spec.limits, "limits")):
+                            (spec.limits, "limits"),
+                            (spec.stdin is StdinMode.PIPE, "--stdin pipe")):
             if given:
                 raise InvalidSpec(f"adopt takes over a tree that already runs: {flag} applies "
                                   "to spawns only; spawn it through tether instead",

@@ -3,7 +3,9 @@
 1. Mark stopping (a start in progress hands over: its probes are killed).
    A group with a pre-stop hook runs it now, inside the grace (its own timeout,
    the grace's end at the latest; its whole tree is killed then), and its outcome
-   goes into the record.
+   goes into the record. A ``--stdin pipe`` group then has its stdin closed and
+   gets up to ``--stop-stdin-grace`` to end by itself (the MCP stdio shutdown
+   convention); that time is added to the grace that follows.
 2. Send the stop signal, plus SIGCONT so stopped processes can act on it, to
    every member of the containment.
 3. Wait, event-driven, until the containment is empty or the grace ends; the
@@ -37,6 +39,7 @@ from tether.core.model import (
     PreStopOutcome,
     PreStopResult,
     SignalOutcome,
+    StdinMode,
     StopOverride,
     StopPolicy,
     Transition,
@@ -211,9 +214,16 @@ class Stopper:
             if g.spec.pre_stop is not None:
                 pre_stop = await self._pre_stop(g, h, t0, policy)
                 self.lc.hooks.pre_stop(pre_stop.result.value)
-            g.signals_sent.add(int(policy.signal))
-            sent = await self.send(g, policy.signal, also_continue=True)
-            if sent == 0 and await h.wait(0):
+            step = await self._close_stdin_first(g, h)
+            if step is not None:
+                ended, took = step
+                notes.append(f"its stdin was closed first; it ended within {took:.2f} s"
+                             if ended else f"its stdin was closed first; it still ran "
+                             f"after {took:.3g} s (--stop-stdin-grace)")
+                t0 += took  # the stop signal gets its whole grace
+            if step is not None and step[0]:
+                reason = ExitReason.REQUESTED
+            elif await self._signal_stop(g, policy) == 0 and await h.wait(0):
                 reason = ExitReason.NATURAL
             elif await h.wait(max(0.0, t0 + policy.grace - time.monotonic())):
                 reason = ExitReason.REQUESTED
@@ -254,6 +264,23 @@ class Stopper:
         except TetherError as exc:
             g.log.warning("closing its handle: %s", exc)
 
+    async def _signal_stop(self, g: Group, policy: StopPolicy) -> int:
+        g.signals_sent.add(int(policy.signal))
+        return await self.send(g, policy.signal, also_continue=True)
+
+    async def _close_stdin_first(self, g: Group, h: GroupHandle) -> tuple[bool, float] | None:
+        """The first step for a ``--stdin pipe`` group (the MCP stdio convention): close its
+        stdin and wait up to ``--stop-stdin-grace`` for it to end by itself. Returns
+        (ended, seconds taken), or None when there was no open stdin to close."""
+        stdio = g.stdio
+        if g.spec.stdin is not StdinMode.PIPE or stdio is None or not stdio.stdin_open:
+            return None
+        begun = time.monotonic()
+        stdio.close_stdin()
+        grace = g.spec.stdin_grace
+        ended = await h.wait(grace) if grace > 0 else await h.wait(0)
+        return ended, time.monotonic() - begun
+
     async def _pre_stop(self, g: Group, h: GroupHandle, t0: float,
                         policy: StopPolicy) -> PreStopOutcome:
         """Run the group's pre-stop hook on its target, as its own contained tree, with the
@@ -283,7 +310,7 @@ class Stopper:
         # Always a kill-policy tree: a hook must not outlive an agent that dies meanwhile.
         launch = replace(base, group_id=hook_id, argv=hook.argv, limits=Limits(),
                          env={**base.env, MARKER_ENV: hook_id},
-                         orphan_policy=OrphanPolicy.KILL)
+                         orphan_policy=OrphanPolicy.KILL, capture=False, stdin=StdinMode.NULL)
         try:
             handle = await self.lc.signallers.get(kind).spawn(launch)
         except StartFailed as exc:
@@ -343,6 +370,12 @@ class Stopper:
         policy = (override or StopOverride()).apply(g.policy)
         t0 = time.monotonic()
         try:
+            step = await self._close_stdin_first(g, h)
+            if step is not None and step[0]:
+                return ""  # it ended: the watcher sees it and the next run starts
+            t0 += step[1] if step is not None else 0.0
+            if g.handle is not h or g.stop_requested.is_set():
+                return ""
             g.signals_sent.add(int(policy.signal))
             await self.send(g, policy.signal, also_continue=True)
             if not await h.wait(max(0.0, t0 + policy.grace - time.monotonic())) \

@@ -158,6 +158,7 @@ class Supervisor:
             record = replace(record, detail="; ".join(
                 x for x in (record.detail, f"ended to restart it: {why}") if x))
         g.runs.append(RunRecord(g.run_started_at, record))
+        self.lc.outputs.end_run(g, record)
         if reason != REQUESTED:
             stable = record.ended_at - g.run_started_at >= RESTART_STABLE_AFTER
             g.unstable_runs = 0 if stable else g.unstable_runs + 1

@@ -21,6 +21,7 @@ from tether.core.model import (
     SignalOutcome,
     StopOverride,
 )
+from tether.core.output import AttachOpen, LogQuery, OutputChunk, StdinInput
 from tether.core.sessions import Orphan
 
 
@@ -61,6 +62,18 @@ class AgentClient(Protocol):
 
     async def list_ports(self, port: int, *, timeout: float) -> list[PortOwner]:
         """Listening TCP ports on the agent's host (or one) and their owners."""
+        ...
+
+    def logs(self, query: LogQuery) -> AsyncIterator[OutputChunk]:
+        """Captured output of the agent's groups (``AgentService.Logs``); raises
+        ``AgentUnreachable`` when the agent cannot be asked, ``GroupNotFound`` for an id it
+        does not hold."""
+        ...
+
+    def attach(self, opened: AttachOpen, inputs: AsyncIterator[StdinInput]
+               ) -> AsyncIterator[OutputChunk]:
+        """A group's stdio (``AgentService.Attach``): ``inputs`` go to its stdin (writer),
+        its output comes back."""
         ...
 
     async def close(self) -> None: ...

@@ -23,6 +23,7 @@ from tether.coordinator.agents import Agents
 from tether.coordinator.fanout import Fanout
 from tether.coordinator.leases import Leases
 from tether.coordinator.model import InFlight, TrackedGroup
+from tether.coordinator.output import OutputRoutes
 from tether.coordinator.sessions import Sessions
 from tether.coordinator.spawns import adopt_spawns
 from tether.coordinator.store import Batch, Key, SpawnIntent, Store, Term, Value
@@ -125,6 +126,7 @@ class Coordinator:
         self.sessions = Sessions(self)
         self.leases = Leases(self)
         self.fanout = Fanout(self)
+        self.output = OutputRoutes(self)
         self._intents: list[StopIntent] = []
         self._spawns: list[SpawnIntent] = []
 

@@ -158,7 +158,7 @@ class LeaderGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return grpc.unary_stream_rpc_method_handler(
                 streamed, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
-        if kind == "stream_stream":  # OpenLease: a lease lives on the leader only
+        if kind == "stream_stream":  # OpenLease (a lease lives on the leader only), Attach
             inner_both = handler.stream_stream
 
             async def both(requests: Any, context: Any) -> AsyncIterator[Any]:

@@ -17,6 +17,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 import grpc
 
@@ -30,14 +31,19 @@ from tether.core.model import (
     SignalOutcome,
     StopOverride,
 )
+from tether.core.output import AttachOpen, LogQuery, OutputChunk, StdinInput
 from tether.core.sessions import Orphan
 from tether.rpc.convert import (
+    attach_open_to_pb,
+    chunk_from_pb,
     event_from_pb,
     group_from_pb,
     orphan_from_pb,
     override_to_pb,
     port_owner_from_pb,
+    query_to_pb,
     spec_to_pb,
+    stdin_to_pb,
 )
 from tether.rpc.daemon import is_loopback
 from tether.rpc.leader import EPOCH_HEADER, FENCE_TRAILER, trailer
@@ -215,6 +221,32 @@ class GrpcAgentClient(AgentClient):
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
         return [replace(port_owner_from_pb(o), agent=self.name) for o in reply.ports]
+
+    async def logs(self, query: LogQuery) -> AsyncIterator[OutputChunk]:
+        stream = self._stub.Logs(query_to_pb(query), metadata=self._md())
+        try:
+            async for msg in stream:
+                yield chunk_from_pb(msg)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from exc
+        finally:
+            stream.cancel()
+
+    async def attach(self, opened: AttachOpen, inputs: AsyncIterator[StdinInput]
+                     ) -> AsyncIterator[OutputChunk]:
+        async def requests() -> AsyncIterator[Any]:
+            yield attach_open_to_pb(opened)
+            async for item in inputs:
+                yield stdin_to_pb(item)
+
+        stream = self._stub.Attach(requests(), metadata=self._md())
+        try:
+            async for msg in stream:
+                yield chunk_from_pb(msg)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from exc
+        finally:
+            stream.cancel()
 
     async def close(self) -> None:
         await self._channel.close()

@@ -29,6 +29,7 @@ from tether.core.model import (
     SignalOutcome,
     StopOverride,
 )
+from tether.core.output import AttachOpen, LogQuery, OutputChunk, StdinInput
 from tether.core.sessions import Orphan
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,25 @@ class InProcessAgent(AgentClient):
 
         found = await self._call("ListPorts", self._authority.list_ports(port), timeout)
         return [replace(o, agent=self._authority.name) for o in found]
+
+    async def logs(self, query: LogQuery) -> AsyncIterator[OutputChunk]:
+        chunks = self._authority.logs(query)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    async def attach(self, opened: AttachOpen, inputs: AsyncIterator[StdinInput]
+                     ) -> AsyncIterator[OutputChunk]:
+        from tether.agent.capture import attach_stream
+
+        chunks = attach_stream(self._authority.attach(opened), inputs)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
 
     async def close(self) -> None:
         return None

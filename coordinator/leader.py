@@ -40,6 +40,7 @@ from tether.core.model import (
     SignalOutcome,
     StopOverride,
 )
+from tether.core.output import AttachOpen, LogQuery, OutputChunk, StdinInput
 from tether.core.sessions import Orphan
 
 if TYPE_CHECKING:
@@ -354,6 +355,27 @@ class LeaderAgentClient(AgentClient):
 
     async def list_orphans(self, sweep: bool, *, timeout: float) -> list[Orphan]:
         return await self._call(lambda: self._inner.list_orphans(sweep, timeout=timeout))
+
+    async def logs(self, query: LogQuery) -> AsyncIterator[OutputChunk]:
+        async for chunk in self._stream(self._inner.logs(query)):
+            yield chunk
+
+    async def attach(self, opened: AttachOpen, inputs: AsyncIterator[StdinInput]
+                     ) -> AsyncIterator[OutputChunk]:
+        async for chunk in self._stream(self._inner.attach(opened, inputs)):
+            yield chunk
+
+    async def _stream(self, chunks: AsyncIterator[OutputChunk]) -> AsyncIterator[OutputChunk]:
+        self._lead.check()
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except Fenced as exc:
+            await self._lead.contest(self._agent, exc.newest)
+            raise NotLeader(f"agent {self._agent!r} refused epoch {exc.epoch}",
+                            self._lead.campaign.leader_address) from exc
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
 
     async def restart(self, group_id: str, override: StopOverride | None, *,
                       timeout: float) -> GroupView:

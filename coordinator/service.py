@@ -18,21 +18,26 @@ from tether.core import trace
 from tether.core.audit import MAX_READ, AuditEntry, AuditLog
 from tether.core.errors import InvalidSpec, NotFound, TetherError
 from tether.core.model import Containment, GroupSpec, check_name, check_seconds
-from tether.core.sessions import MAX_TTL, AgentInfo
+from tether.core.output import StdinInput
+from tether.core.sessions import MAX_TTL, AgentInfo, GroupSelector
 from tether.rpc.auth import Caller, audit_entry, current_caller
 from tether.rpc.convert import (
     CONTAINMENT_FROM_PB,
     agent_to_pb,
+    attach_open_from_pb,
     audit_event_to_pb,
+    chunk_to_pb,
     group_to_pb,
     lease_state_to_pb,
     orphan_to_pb,
     port_owner_to_pb,
+    query_from_pb,
     report_to_pb,
     selector_from_pb,
     session_event_to_pb,
     session_to_pb,
     spec_from_pb,
+    stdin_from_pb,
 )
 from tether.rpc.status import status_for, stream, subscribed, unary
 from tether.v1 import common_pb2 as pb
@@ -287,6 +292,39 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
         self.audit.record(audit_entry(
             "/tether.v1.CoordinatorService/OpenLease", caller, request, None, result, message,
             {"resume": "true" if request.resume_token else "false"}))
+
+    async def Logs(self, request: pb.LogsRequest, context: Any) -> AsyncIterator[pb.OutputChunk]:
+        query = query_from_pb(request)
+        chunks = self.c.output.logs(query, GroupSelector(query.group_ids))
+        try:
+            async for chunk in chunks:
+                yield chunk_to_pb(chunk)
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    @stream
+    async def Attach(self, requests: AsyncIterator[pb.AttachRequest], context: Any
+                     ) -> AsyncIterator[pb.OutputChunk]:
+        first = await anext(aiter(requests), None)
+        if first is None:
+            raise InvalidSpec("Attach: send the group first (an AttachRequest with group_id "
+                              "and session_id)", field="group_id")
+        caller = current_caller()
+        opened = attach_open_from_pb(first, f"{caller.credential} at "
+                                            f"{caller.peer or 'an unknown peer'}")
+
+        async def inputs() -> AsyncIterator[StdinInput]:
+            if first.stdin or first.close_stdin:
+                yield stdin_from_pb(first)
+            async for msg in requests:
+                yield stdin_from_pb(msg)
+
+        chunks = self.c.output.attach(opened, inputs())
+        try:
+            async for chunk in chunks:
+                yield chunk_to_pb(chunk)
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
 
     @unary
     async def ListOrphans(self, request: cpb.CoordinatorListOrphansRequest, context: Any

@@ -22,8 +22,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from tether.core.errors import AdoptRefused, InvalidSpec
-from tether.core.model import Containment, LeaderStatus, Limits, OrphanPolicy
+from tether.core.errors import AdoptRefused, Conflict, InvalidSpec
+from tether.core.model import Containment, LeaderStatus, Limits, OrphanPolicy, StdinMode
+from tether.core.output import Note, Stream
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,12 @@ class LaunchSpec:
     user: RunAs | None = None
     #: cgroup limits of the group.
     limits: Limits = field(default_factory=Limits)
+    #: Capture stdout and stderr for the agent (``GroupHandle.stdio``), appending them to
+    #: ``log_path`` too; False (probes, hooks): straight to ``log_path`` or /dev/null.
+    capture: bool = False
+    #: ``PIPE``: the program's stdin is a pipe the handle's ``stdio`` writes (needs
+    #: ``capture``); ``NULL``: /dev/null.
+    stdin: StdinMode = StdinMode.NULL
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,8 @@ class Features:
     #: Toolchain plugins read version files and toolchain directories on the agent's host:
     #: they apply only where the group sees that filesystem.
     host_files: bool = False
+    #: ``stdin``: a pipe the agent holds as the program's stdin (``--stdin pipe``).
+    stdin_pipe: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,70 @@ class Reattach:
     where: str
     cgroup: str = ""
     orphan_policy: OrphanPolicy = OrphanPolicy.KEEP
+
+
+class OutputSink(Protocol):
+    """Where a run's captured output goes (the agent's ring for the group)."""
+
+    def output(self, stream: Stream, data: bytes) -> None:
+        """Bytes the program wrote, as read (called on the event loop, never blocking)."""
+        ...
+
+    def note(self, event: Note, text: str) -> None:
+        """Something a reader should know (capture lost, the log tee fell behind)."""
+        ...
+
+    def ended(self) -> None:
+        """No more output comes from this run: every stream reached its end (or capture
+        was given up, said with ``note`` first)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PipeEnds:
+    """A local run's pipe ends as the agent holds them (-1: none): what a guardian holds
+    while no agent reads them, so a ``keep`` group is not killed by SIGPIPE at its next
+    write, and its output still reaches its log."""
+
+    stdout: int
+    stderr: int
+    stdin: int = -1
+    log: int = -1
+
+
+class Stdio(Protocol):
+    """One run's standard streams as its launch set them up: stdout and stderr captured,
+    and with ``--stdin pipe`` its stdin held open for writers."""
+
+    def start(self, sink: OutputSink) -> None:
+        """Deliver output to ``sink`` from now on (once per run)."""
+        ...
+
+    @property
+    def stdin_open(self) -> bool:
+        """The program's stdin is a pipe this side still holds open."""
+        return False
+
+    async def write(self, data: bytes) -> None:
+        """Write to the program's stdin, in order; waits while its pipe is full (a program
+        that does not read slows its writer, nobody else). Raises ``Conflict`` when stdin
+        is closed (by ``close_stdin``, or by the program)."""
+        raise Conflict("this group's stdin is not a pipe; spawn it with --stdin pipe")
+
+    def close_stdin(self) -> None:
+        """Close the program's stdin (it reads end-of-file once it drained the pipe)."""
+        return None
+
+    def finish(self) -> None:
+        """The run is over (its containment is empty): deliver what is still buffered,
+        stop reading (a process that escaped the group may hold a pipe open forever) and
+        release everything. Idempotent."""
+        ...
+
+    def pipe_ends(self) -> PipeEnds | None:
+        """The local descriptors behind these streams, for the guardian to hold (None: no
+        local pipes, as on remote targets)."""
+        return None
 
 
 @runtime_checkable
@@ -157,6 +230,12 @@ class GroupHandle(Protocol):
         """Members the kernel's OOM killer ended (where the handle can tell); read before
         ``close``."""
         return 0
+
+    @property
+    def stdio(self) -> Stdio | None:
+        """The run's captured standard streams (``LaunchSpec.capture``); None for groups
+        whose output this handle cannot reach (adopted, re-adopted after a restart)."""
+        return None
 
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait until the containment is empty. True if empty, False on timeout. Raises

@@ -56,17 +56,27 @@ from tether.core.errors import (
     TetherError,
 )
 from tether.core.model import Containment, FailureClass, LeaderStatus, OrphanPolicy
-from tether.signallers.base import Features, GroupHandle, LaunchSpec, Signaller, SignallerContext
+from tether.core.output import capture_gap
+from tether.signallers.base import (
+    Features,
+    GroupHandle,
+    LaunchSpec,
+    Signaller,
+    SignallerContext,
+    Stdio,
+)
 from tether.signallers.dockerapi import (
     TOOL_TIMEOUT,
     ContainerGone,
     ContainerRef,
     Engine,
     ExecGone,
+    ExecOutcome,
     MissingTool,
     exit_code,
     log,
 )
+from tether.signallers.execio import ExecStdio
 from tether.signallers.remote.group import POLL_FIRST, POLL_MAX_UNBOUNDED, RemoteGroup
 from tether.signallers.remote.wire import (
     OPS,
@@ -142,15 +152,33 @@ class DockerGroup(RemoteGroup):
     def __init__(self, shell: DockerShell, group_id: str, agent_marker: str, leader_pid: int,
                  start: int, btime: int, clk: int, exec_id: str | None,
                  containment: Containment, owns_target: bool, *, claim_pgid: bool = True,
-                 claim_sid: bool = True, boot: str = "") -> None:
+                 claim_sid: bool = True, boot: str = "", stdio: Stdio | None = None) -> None:
         super().__init__(shell, group_id, agent_marker, leader_pid, start, btime, clk,
                          containment=containment, claim_pgid=claim_pgid, claim_sid=claim_sid,
                          boot=boot)
+        self._stdio = stdio
         self.docker = shell
         self.container = shell.container
         self.target = shell.target
         self.exec_id = exec_id
         self.owns_target = owns_target
+
+    @property
+    def stdio(self) -> Stdio | None:
+        return self._stdio
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        empty = await super().wait(timeout)
+        if empty and isinstance(self._stdio, ExecStdio):
+            # Empty containment: the exec's stream is ending; its last bytes reach the ring
+            # before the group's exit does (at most FINISH_WAIT).
+            await self._stdio.drained()
+        return empty
+
+    async def close(self) -> None:
+        if self._stdio is not None:
+            self._stdio.finish()  # the agent finished it at the run's end; this is a guard
+        await super().close()
 
     def kill_deadline(self) -> float:
         return KILL_SWEEP_DEADLINE
@@ -259,16 +287,32 @@ class DockerSignaller(Signaller):
         except InvalidSpec as exc:
             raise StartFailed(FailureClass.INVALID_SPEC, str(exc)) from exc
         shell = await self._shell(spec.where)
-        name = shell.container.name
-        argv = ["sh", "-c", OPS, "tether", *spawn_argv(spec, mode="exec", default_search="-")]
+        # Captured (a group, not a probe or hook) without --log: the program's stdout and
+        # stderr stay the exec's, read from its attached stream (``execio.py``). Not for a
+        # keep group: the Engine ends an exec at its next write once its attached reader
+        # is gone, and a keep group must outlive its agent.
+        capture = spec.capture and not capture_gap(f"docker:{spec.where}", spec.log_path,
+                                                   spec.orphan_policy is OrphanPolicy.KEEP)
+        argv = ["sh", "-c", OPS, "tether",
+                *spawn_argv(spec, mode="attach" if capture else "exec", default_search="-")]
         try:
             done = await self.engine.exec(shell.target, shell.container, argv, until=b"ok ",
-                                          timeout=HANDSHAKE_TIMEOUT)
+                                          timeout=HANDSHAKE_TIMEOUT, keep=capture)
         except (TargetUnreachable, asyncio.CancelledError):
             # The start may have happened anyway: nothing of an abandoned start may live on.
             with contextlib.suppress(TetherError):
                 await asyncio.shield(self._sweep(shell, spec.group_id))
             raise
+        try:
+            return await self._spawned(shell, spec, done)
+        except BaseException:
+            if done.live is not None:
+                done.live.attached.close()
+            raise
+
+    async def _spawned(self, shell: DockerShell, spec: LaunchSpec, done: ExecOutcome
+                       ) -> DockerGroup:
+        name = shell.container.name
         reply = parse_spawn(ShellResult(done.exit_code, done.out.decode(errors="replace")))
         where = f"in container {name!r}"
         if reply.failed is not None:
@@ -289,7 +333,9 @@ class DockerSignaller(Signaller):
             raise
         return DockerGroup(shell, spec.group_id, self.context.marker, pid, start, btime, clk,
                            done.exec_id, Containment.PGID if marked == "unknown"
-                           else Containment.SUBREAPER, spec.owns_target, boot=reply.boot)
+                           else Containment.SUBREAPER, spec.owns_target, boot=reply.boot,
+                           stdio=None if done.live is None
+                           else ExecStdio(spec.group_id, done.live))
 
     async def _confirm_exec(self, shell: DockerShell, pid: int, start: int, exec_id: str,
                             spec: LaunchSpec) -> str:

@@ -140,12 +140,26 @@ class ContainerRef:
 
 
 @dataclass(frozen=True)
+class LiveExec:
+    """An exec left running after its handshake with its output stream still attached
+    (``Engine.exec(keep=True)``): what followed the handshake in the same reads, and the
+    rest of the demultiplexed stream, (stdout, stderr) pairs, for one reader thread."""
+
+    stream: Any
+    attached: _Attached
+    out: bytes = b""
+    err: bytes = b""
+
+
+@dataclass(frozen=True)
 class ExecOutcome:
     exec_id: str
     out: bytes
     err: bytes
     # None when the exec was left running (a handshake) or the Engine did not say.
     exit_code: int | None
+    #: ``keep``: the stream after the handshake (None when the exec ended before it).
+    live: LiveExec | None = None
 
     def first_line(self) -> str:
         """The first line of output (stdout, else stderr): context for a message."""
@@ -209,15 +223,17 @@ def exit_code(api: Any, exec_id: str) -> int | None:
 
 
 def _run_exec(api: Any, container_id: str, argv: list[str], until: bytes,
-              attached: _Attached) -> ExecOutcome:
+              attached: _Attached, keep: bool = False) -> ExecOutcome:
     """Blocking, on the engine pool: create and start an exec and read its output to the
     end, or, with ``until``, only until a complete line starting with it (the process
-    keeps running: a start's handshake)."""
+    keeps running: a start's handshake). ``keep``: leave the stream attached after the
+    handshake (``ExecOutcome.live``) for the caller to read the process's output."""
     created = api.exec_create(container_id, argv, stdout=True, stderr=True)
     exec_id = str(created["Id"])
     out = bytearray()
     err = bytearray()
     cut = False
+    live = None
     stream = attached.set(api.exec_start(exec_id, stream=True, demux=True))
     try:
         if stream is not None:
@@ -228,12 +244,19 @@ def _run_exec(api: Any, container_id: str, argv: list[str], until: bytes,
                     at = (b"\n" + out).find(b"\n" + until)
                     if at >= 0 and b"\n" in out[at:]:
                         cut = True
+                        if keep:
+                            end = out.index(b"\n", at) + 1
+                            live = LiveExec(stream, attached, bytes(out[end:]), bytes(err))
+                            del out[end:]
+                            err.clear()
                         break
                 if len(out) + len(err) > MAX_OUTPUT:
                     raise _TooMuchOutput(argv[0])
     finally:
-        attached.close()
-    return ExecOutcome(exec_id, bytes(out), bytes(err), None if cut else exit_code(api, exec_id))
+        if live is None:
+            attached.close()
+    return ExecOutcome(exec_id, bytes(out), bytes(err), None if cut else exit_code(api, exec_id),
+                       live)
 
 
 # ---------------------------------------------------------------- events
@@ -407,15 +430,17 @@ class Engine:
 
     async def exec(self, target: str, container: ContainerRef, argv: list[str], *,
                    until: bytes = b"", timeout: float = TOOL_TIMEOUT,
-                   known: bool = True) -> ExecOutcome:
-        """One exec in the container; its socket is closed on timeout or cancellation."""
+                   known: bool = True, keep: bool = False) -> ExecOutcome:
+        """One exec in the container; its socket is closed on timeout or cancellation.
+        ``keep`` (with ``until``): its stream stays attached after the handshake
+        (``ExecOutcome.live``; the caller closes it)."""
         api = await self.api(target, container.name)
         attached = _Attached()
         with mapped_errors(target, container.name, self.host, known=known):
             try:
                 async with asyncio.timeout(timeout):
                     return await self._blocking(_run_exec, api, container.id, argv, until,
-                                                attached)
+                                                attached, keep)
             except TimeoutError:
                 attached.abort()
                 raise TargetUnreachable(

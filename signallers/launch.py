@@ -26,6 +26,7 @@ import errno
 import fcntl
 import os
 import shlex
+import socket
 import stat
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tether.core.errors import InvalidSpec, StartFailed
-from tether.core.model import FailureClass
+from tether.core.model import FailureClass, StdinMode
 from tether.signallers import cgroups
 from tether.signallers.base import LaunchSpec, RunAs
 from tether.signallers.limits import Limiter, Placement, remove_v1
@@ -42,6 +43,10 @@ SHELL = "/bin/sh"
 
 #: Read the go-ahead on stdin; without it (the agent gave up), exit without running anything.
 _GATE = 'read -r go && [ "$go" = go ] && exec "$@" </dev/null'
+#: With ``--stdin pipe`` the gate pipe is the program's stdin: the agent writes the
+#: go-ahead into it first (``read`` takes one line, byte by byte, and not a byte more),
+#: then keeps it open for writers.
+_GATE_KEEP_STDIN = 'read -r go && [ "$go" = go ] && exec "$@"'
 GO = b"go\n"
 
 
@@ -95,7 +100,8 @@ def shim_safe(path: str) -> bool:
     return os.path.isabs(interp) and os.path.isfile(interp) and os.access(interp, os.X_OK)
 
 
-def shim_argv(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+def shim_argv(argv: Sequence[str], env: Mapping[str, str], keep_stdin: bool = False
+              ) -> list[str]:
     """``sh -c GATE tether-launch argv...``: the shell's ``exec "$@"`` runs ``argv`` as given
     (argv[0] unchanged), with the spec's environment and nothing added."""
     prelude = []
@@ -103,7 +109,7 @@ def shim_argv(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
         prelude.append("unset PWD")
     if "PATH" not in env:
         prelude.append("PATH=" + shlex.quote(os.defpath))  # not exported: the search path only
-    script = "; ".join([*prelude, _GATE])
+    script = "; ".join([*prelude, _GATE_KEEP_STDIN if keep_stdin else _GATE])
     return [SHELL, "-c", script, "tether-launch", *argv]
 
 
@@ -189,13 +195,15 @@ def _not_a_file(path: str, kind: str) -> StartFailed:
 # ---------------------------------------------------------------- run as another user
 
 
-def _as_user(spec: LaunchSpec, user: RunAs, procs_fds: Sequence[int], err: int
-             ) -> Callable[[], None]:
+def _as_user(spec: LaunchSpec, user: RunAs, procs_fds: Sequence[int], err: int,
+             log_to: socket.socket | None = None) -> Callable[[], None]:
     """The child's last steps before exec (after fork, so only plain syscalls): join the
     cgroups (while still root: the files were opened by the agent), then setgroups,
     setresgid, setresuid, and only then, as the user, enter the working directory and open
     the log, so both are checked with the user's permissions and the log is the user's.
-    A failure writes ``stage:errno`` to ``err`` for the agent to name it."""
+    With ``log_to`` (output captured by the agent) the log is sent there (SCM_RIGHTS)
+    for the agent to append to, never reopened by path as root. A failure writes
+    ``stage:errno`` to ``err`` for the agent to name it."""
     cwd, log_path = spec.cwd, spec.log_path
     groups = list(user.groups)
 
@@ -219,8 +227,11 @@ def _as_user(spec: LaunchSpec, user: RunAs, procs_fds: Sequence[int], err: int
                     stage = f"notfile:{mode}"
                     raise OSError(errno.EINVAL, "not a regular file")
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-                os.dup2(fd, 1)
-                os.dup2(fd, 2)
+                if log_to is not None:
+                    socket.send_fds(log_to, [b"log"], [fd])
+                else:
+                    os.dup2(fd, 1)
+                    os.dup2(fd, 2)
                 os.close(fd)
         except OSError as exc:
             with contextlib.suppress(OSError):
@@ -278,6 +289,15 @@ class Launched:
     popen: subprocess.Popen[bytes]
     #: Where the group's limits live (v1 cgroups to remove when it ends).
     placement: Placement = field(default_factory=Placement)
+    #: ``LaunchSpec.capture``: the agent's ends, (stdout, stderr, stdin or -1, log or -1).
+    pipes: tuple[int, int, int, int] | None = None
+
+    def close_pipes(self) -> None:
+        for fd in self.pipes or ():
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.pipes = None
 
 
 def _discard(cgroup: Path | None, placement: Placement) -> None:
@@ -327,18 +347,34 @@ def start(spec: LaunchSpec, cgroup: Path | None, shell_ok: bool,
     procs_fds: list[int] = []
     out: int | None = None
     gate_r = gate_w = err_r = err_w = -1
+    piped = spec.capture and spec.stdin is StdinMode.PIPE
+    ours: list[int] = []  # the agent's pipe ends (kept on success)
+    theirs: list[int] = []  # the child's (closed here once it has them)
+    log_back: tuple[socket.socket, socket.socket] | None = None
+    started = False
     try:
         if cgroup is not None and not gated:
             for f in (*placement.procs_files, cgroup / "cgroup.procs"):
                 procs_fds.append(os.open(f, os.O_WRONLY | os.O_CLOEXEC))
         if spec.log_path and spec.user is None:
-            out = open_log(spec.log_path)
-        if gated:
+            out = open_log(spec.log_path)  # captured: the agent's tee appends to it
+        if spec.capture:
+            for _ in range(2):
+                r, w = os.pipe2(os.O_CLOEXEC)
+                ours.append(r)
+                theirs.append(w)
+            if spec.log_path and spec.user is not None:
+                log_back = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if piped:
+            # The program's stdin; when gated, the gate reads its go-ahead from it first.
+            gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
+        elif gated:
             gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
         preexec: Callable[[], None] | None = None
         if spec.user is not None:
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
-            preexec = _as_user(spec, spec.user, procs_fds, err_w)
+            preexec = _as_user(spec, spec.user, procs_fds, err_w,
+                               log_back[1] if log_back is not None else None)
         elif procs_fds:
             def join_cgroup() -> None:  # runs in the child, between fork and exec (slow path)
                 for fd in procs_fds:
@@ -347,20 +383,22 @@ def start(spec: LaunchSpec, cgroup: Path | None, shell_ok: bool,
             preexec = join_cgroup
 
         popen = subprocess.Popen(
-            shim_argv(argv, env) if gated else argv,
+            shim_argv(argv, env, keep_stdin=piped) if gated else argv,
             # As another user, the child enters its cwd itself, after dropping privileges.
             cwd=(spec.cwd or None) if spec.user is None else None,
             env=env,
-            stdin=gate_r if gated else subprocess.DEVNULL,
-            stdout=out if out is not None else subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
+            stdin=gate_r if gate_r >= 0 else subprocess.DEVNULL,
+            stdout=theirs[0] if theirs else out if out is not None else subprocess.DEVNULL,
+            stderr=theirs[1] if theirs else subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=preexec,
             close_fds=True,
         )
+        started = True
     except BaseException as exc:
-        if gate_w >= 0:
-            os.close(gate_w)
+        for fd in (gate_w, *ours, *([out] if spec.capture and out is not None else [])):
+            if fd >= 0:
+                os.close(fd)
         reported = None
         if err_r >= 0:
             os.close(err_w)
@@ -373,19 +411,46 @@ def start(spec: LaunchSpec, cgroup: Path | None, shell_ok: bool,
             raise classify_exec_error(exc, spec) from exc
         raise
     finally:
-        for fd in (*procs_fds, out, gate_r, err_r, err_w):
-            if fd is not None and fd >= 0:
-                os.close(fd)
+        kept = out if spec.capture else None
+        done: list[int | None] = [*procs_fds, *theirs, out if out is not kept else None,
+                                  gate_r, err_r, err_w]
+        for end in done:
+            if end is not None and end >= 0:
+                os.close(end)
+        if log_back is not None:
+            if started and out is None:
+                out = _received_log(log_back[0])
+            for sock in log_back:
+                sock.close()
+    launched = Launched(popen, placement)
+    if spec.capture:
+        launched.pipes = (ours[0], ours[1], gate_w if piped else -1,
+                          out if out is not None else -1)
     if gated:
         assert cgroup is not None
-        release(popen, cgroup, gate_w, placement)
-    return Launched(popen, placement)
+        try:
+            release(popen, cgroup, gate_w, placement, keep=piped)
+        except BaseException:
+            launched.close_pipes()
+            raise
+    return launched
+
+
+def _received_log(sock: socket.socket) -> int | None:
+    """The log file a ``--user`` child opened as that user and sent back (the child has
+    run its preexec by now: it is there, or the start failed)."""
+    try:
+        _, fds, _, _ = socket.recv_fds(sock, 16, 1, socket.MSG_DONTWAIT)
+    except OSError:
+        return None
+    return fds[0] if fds else None
 
 
 def release(popen: subprocess.Popen[bytes], cgroup: Path, gate: int,
-            placement: Placement | None = None) -> None:
+            placement: Placement | None = None, keep: bool = False) -> None:
     """Move the waiting shell into its cgroups (v1 limits first, then its v2 cgroup), then
-    let it exec the program."""
+    let it exec the program. ``keep``: the gate pipe is the program's stdin (the caller
+    keeps it open)."""
     placement = placement or Placement()
     try:
         try:
@@ -404,4 +469,5 @@ def release(popen: subprocess.Popen[bytes], cgroup: Path, gate: int,
         with contextlib.suppress(BrokenPipeError):  # it died already: its exit tells
             os.write(gate, GO)
     finally:
-        os.close(gate)
+        if not keep:
+            os.close(gate)

@@ -56,11 +56,13 @@ from tether.signallers.cgroups import CgroupEventWatcher, CgroupTree
 from tether.signallers.limits import Limiter, Placement
 from tether.signallers.local_group import LocalGroup
 from tether.signallers.membership import Membership
+from tether.signallers.stdio import PipeStdio
 
 log = logging.getLogger(__name__)
 
 PR_SET_CHILD_SUBREAPER: Final = 36
 LAUNCH_THREADS: Final = 16  # a stuck filesystem holds a thread per launch that touches it
+TEE_THREADS: Final = 4
 
 
 def make_subreaper() -> bool:
@@ -73,7 +75,7 @@ class LocalSignaller(Signaller):
 
     kind = "local"
     features = Features(inherit_env=True, log_probe=True, reattach=True, run_as_user=True,
-                        ports=True, limits=True, host_files=True)
+                        ports=True, limits=True, host_files=True, stdin_pipe=True)
 
     def __init__(self, context: SignallerContext | None = None) -> None:
         self.context = context or SignallerContext()
@@ -87,6 +89,9 @@ class LocalSignaller(Signaller):
         self._sigchld_loop: asyncio.AbstractEventLoop | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(LAUNCH_THREADS,
                                                            thread_name_prefix="tether-launch")
+        # Appends captured output to --log files: a stuck filesystem holds one of these.
+        self._tee_pool = concurrent.futures.ThreadPoolExecutor(TEE_THREADS,
+                                                               thread_name_prefix="tether-log")
         self._shell_usable = launch.shell_usable()
         self.subreaper = opts.get("subreaper", "1") != "0" and make_subreaper()
         wanted = opts.get("containment", "auto")
@@ -200,12 +205,18 @@ class LocalSignaller(Signaller):
         self._launch_done()
         leader = procfs.stat(popen.pid)
         start = leader.start if leader is not None else procfs.now_ticks()
+        stdio = None
+        if launched.pipes is not None:
+            stdio = PipeStdio(*launched.pipes, log_path=spec.log_path, pool=self._tee_pool)
+            launched.pipes = None  # the handle's now
         try:
             handle = LocalGroup(self, spec.group_id, popen.pid, self._containment, cgroup,
-                                start, child=True, placement=launched.placement)
+                                start, child=True, placement=launched.placement, stdio=stdio)
         except OSError as exc:  # EMFILE from pidfd_open: nothing of this start may live on
             self._abandon(popen, cgroup)
             limits.remove_v1(launched.placement.v1)
+            for fd in stdio.fds() if stdio is not None else ():
+                os.close(fd)
             raise launch.classify_exec_error(exc, spec) from exc
         # The handle reaps the leader (pidfd, waitpid) and keeps its status; the Popen object
         # must not: marked done, its destructor neither warns nor queues the pid for
@@ -225,6 +236,7 @@ class LocalSignaller(Signaller):
                 launched = fut.result()
                 self._abandon(launched.popen, cgroup)
                 limits.remove_v1(launched.placement.v1)
+                launched.close_pipes()
         finally:
             self._launch_done()
 
@@ -336,6 +348,7 @@ class LocalSignaller(Signaller):
         self.events.close()
         self.events = CgroupEventWatcher()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._tee_pool.shutdown(wait=False)  # queued appends still run
         if self.tree is not None:
             # Empty unless `keep` groups still run (then the guardian/next agent needs it).
             self.tree.remove()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Final
 
 from tether.core.model import Containment, LeaderStatus
 from tether.signallers import cgroups, limits, procfs
-from tether.signallers.base import GroupHandle
+from tether.signallers.base import GroupHandle, Stdio
 from tether.signallers.limits import Placement
 from tether.signallers.membership import Membership, Proc
 
@@ -49,8 +49,10 @@ class LocalGroup(GroupHandle):
         membership: Membership | None = None,
         leader_alive: bool = True,
         placement: Placement | None = None,
+        stdio: Stdio | None = None,
     ) -> None:
         self._signaller = signaller
+        self._stdio = stdio
         self._placement = placement or Placement()
         self.group_id = group_id
         self.leader_pid = leader_pid
@@ -94,6 +96,10 @@ class LocalGroup(GroupHandle):
 
     async def oom_kills(self) -> int:
         return limits.oom_kills(self._placement, self._cgroup)
+
+    @property
+    def stdio(self) -> Stdio | None:
+        return self._stdio
 
     # -- leader
 
@@ -234,6 +240,8 @@ class LocalGroup(GroupHandle):
             await procfs.wait_pidfds(found, remaining)
 
     async def close(self) -> None:
+        if self._stdio is not None:
+            self._stdio.finish()  # the agent finished it at the run's end; this is a guard
         if self._pidfd is not None and not procfs.alive(self.leader_pid):
             self._leader_exited()  # reap now; otherwise the SIGCHLD reaper collects it later
         if self._cgroup is not None:

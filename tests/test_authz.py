@@ -66,6 +66,8 @@ LET_THROUGH: dict[str, set[str]] = {
     "CoordinatorService/ForgetGroups": {"operator"},
     "CoordinatorService/Wait": {"operator", "reader"},
     "CoordinatorService/OpenLease": {"operator"},
+    "CoordinatorService/Logs": {"operator", "reader"},
+    "CoordinatorService/Attach": {"operator"},
     "AgentService/Spawn": {"coordinator"},
     "AgentService/Adopt": {"coordinator"},
     "AgentService/Signal": {"coordinator"},
@@ -79,6 +81,8 @@ LET_THROUGH: dict[str, set[str]] = {
     "AgentService/ListPorts": {"coordinator", "operator"},
     "AgentService/Restart": {"coordinator"},
     "AgentService/Forget": {"coordinator"},
+    "AgentService/Logs": {"coordinator", "operator", "reader"},
+    "AgentService/Attach": {"coordinator"},
 }
 #: Callers that hold a role: (name in the matrix, role).
 ROLE_CALLERS = [("admin", "admin"), ("operator", "operator"), ("reader", "reader"),
@@ -127,15 +131,18 @@ async def first_reply(channel: grpc.aio.Channel, name: str, method: Any) -> grpc
     deserialize = GetMessageClass(method.output_type).FromString
     try:
         if method.client_streaming:
-            # A request stream (OpenLease): written once admitted (grpc/grpc#36066); an
-            # empty opening message names no session, so a let-through call is refused
-            # for its content and changes nothing.
+            # A request stream (OpenLease, Attach): written once admitted (grpc/grpc#36066);
+            # an empty opening message names no session or group, so a let-through call is
+            # refused for its content and changes nothing.
             both = channel.stream_stream(path, request_serializer=type(request).SerializeToString,
                                          response_deserializer=deserialize)(timeout=20)
             try:
                 headers = await both.initial_metadata()
                 if any(key == ADMITTED_HEADER for key, _ in headers or ()):
-                    await both.write(request)
+                    try:
+                        await both.write(request)
+                    except asyncio.InvalidStateError:
+                        return await both.code()  # ended before anything was written
                 await both.read()
             finally:
                 both.cancel()

@@ -466,13 +466,13 @@ HELP_MENTIONS = {
               "--tls-cert", "--token-file", "--config"],
     "coordinator": ["--listen", "--state-dir", "--metrics-listen", "--agent-ttl"],
     "agent": ["--listen", "--coordinator", "--name", "--state-dir", "--metrics-listen",
-              "--plugin", "--no-plugins"],
+              "--plugin", "--no-plugins", "--output-buffer", "--output-total"],
     "spawn": ["--session", "--window", "--label", "--env", "--inherit-env", "--cwd", "--log",
               "--grace", "--stop-order", "--ready", "--target", "--agent", "--orphan-policy",
               "--idempotency-key", "--user", "--port", "--memory", "--cpus", "--pids",
               "--pre-stop", "--pre-stop-timeout", "--no-plugins", "--live", "--live-interval",
               "--live-timeout", "--live-failures", "--on-unhealthy", "--restart",
-              "--restart-max", "--restart-window", "COMMAND"],
+              "--restart-max", "--restart-window", "--stdin", "--stop-stdin-grace", "COMMAND"],
     "adopt": ["--session", "--agent", "--pid", "--label"],
     "signal": ["session", "signal", "--group", "--label"],
     "stop": ["session", "--grace", "--group", "--label"],
@@ -492,9 +492,11 @@ HELP_MENTIONS = {
     "ports": ["port", "--agent"],
     "forget-agent": ["name", "--force"],
     "coordinators": [],
+    "logs": ["session", "--group", "--follow", "--tail", "--since"],
 }
 CLIENT = {"spawn", "adopt", "signal", "stop", "sessions", "show", "agents", "orphans", "watch",
-          "keepalive", "up", "audit", "ports", "forget-agent", "restart", "forget", "wait"}
+          "keepalive", "up", "audit", "ports", "forget-agent", "restart", "forget", "wait",
+          "logs"}
 
 
 def tether(*args: str) -> subprocess.CompletedProcess[str]:

@@ -286,3 +286,46 @@ async def test_orphan_sweeps_never_kill_groups_spawned_while_they_scan(tmp_path:
         await authority.stop_all()
         await authority.shutdown()
         await signallers.aclose()
+
+
+def test_a_keep_groups_output_outlives_its_agent(tmp_path: Path) -> None:
+    """A keep group writes to pipes the agent reads. When the agent dies its guardian
+    holds them (a pipe without a reader would kill the program at its next write with
+    SIGPIPE) and appends what comes to the group's --log until it ends; a new agent
+    re-adopts the group and says its output is not captured any more."""
+    d = serve_on(tmp_path)
+    log = tmp_path / "kept.log"
+    ticks = "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.02; done"
+
+    def lines() -> int:
+        return len(log.read_bytes().splitlines()) if log.exists() else 0
+
+    try:
+        kept = spawn(d, "work", ["sh", "-c", ticks], "--orphan-policy", "keep", "--log",
+                     str(log), "--stdin", "pipe")
+        wait_until(lambda: lines() >= 3, 10, "the group to write")
+        leader = d.json("show", "work")["groups"][0]["pid"]
+        d.proc.kill()
+        d.proc.wait()
+        at_kill = lines()
+        wait_until(lambda: lines() >= at_kill + 30, 20,
+                   "the keep group to go on writing after its agent died")
+        assert pid_alive(leader), "it was neither killed nor broken by SIGPIPE"
+        text = log.read_text()
+        assert all(f"tick {i}\n" in text for i in range(at_kill + 20)), "no line was lost"
+
+        port = d.address.rsplit(":", 1)[1]
+        d2 = serve_on(tmp_path, port)
+        try:
+            assert d2.json("show", "work")["groups"][0]["state"] == "running"
+            res = d2.cli("logs", "work", "--group", kept)
+            assert res.returncode == 0, res.stderr
+            assert "not captured" in res.stderr and "re-adopted" in res.stderr
+            d2.cli("stop", "work", check=True)
+            assert marked_alive(kept) == []
+        finally:
+            stop_daemon(d2)
+    finally:
+        stop_daemon(d)
+        for pid in marked_alive(agent=f"crash-{tmp_path.name[-10:]}"):
+            os.kill(pid, signal.SIGKILL)

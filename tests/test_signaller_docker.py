@@ -9,8 +9,10 @@ routine uses them: TERM + CONT, wait(grace), kill(), members() == [].
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
+import json
 import signal
 import threading
 import time
@@ -22,8 +24,9 @@ from typing import Any
 import pytest
 
 from tests.plugins.docker_engine import IMAGE_NOKILL, IMAGE_NOSH, DockerEngine
+from tests.plugins.processes import Daemon, start_daemon, stop_daemon
 from tether.core.errors import AdoptRefused, StartFailed, TargetUnreachable
-from tether.core.model import AGENT_ENV, MARKER_ENV, Containment, FailureClass
+from tether.core.model import AGENT_ENV, MARKER_ENV, Containment, FailureClass, OrphanPolicy
 from tether.signallers import docker as docker_signaller_module
 from tether.signallers.base import GroupHandle, LaunchSpec, Signaller, SignallerContext
 from tether.signallers.docker import ContainerGone, DockerGroup, DockerSignaller, MissingTool
@@ -423,5 +426,90 @@ def test_docker_calls_never_wait_on_asyncios_default_pool(
         finally:
             release.set()
             await hung
+
+    asyncio.run(body())
+
+
+# ------------------------------------------------------------------ captured output
+
+
+@pytest.fixture
+def serve_docker(tmp_path: Any, docker_engine: DockerEngine) -> Any:
+    d = start_daemon("serve", ["--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "st"),
+                               "--agent-name", f"dout-{tmp_path.name[-8:]}",
+                               "--signaller-option", f"docker_host={docker_engine.url}"],
+                     tmp_path)
+    try:
+        yield d
+    finally:
+        stop_daemon(d)
+
+
+def logs_json(d: Daemon, *args: str) -> list[dict[str, Any]]:
+    res = d.cli("logs", *args, "-o", "json", check=True)
+    return [json.loads(line) for line in res.stdout.splitlines()]
+
+
+def test_a_docker_groups_stdout_and_stderr_reach_tether_logs(
+        serve_docker: Daemon, docker_container: Any) -> None:
+    """The exec's attached stream feeds the group's ring: both streams, tagged, byte for
+    byte (no text in a line ending is lost to the demultiplexer), followed to the end,
+    and a `--log` group says where its output went instead."""
+    d = serve_docker
+    target = f"docker:{docker_container.name}"
+    script = ("echo out-1; echo err-1 >&2; printf 'no newline'; printf '\\000\\377' >&2; "
+              "i=0; while [ $i -lt 2000 ]; do echo line-$i; i=$((i+1)); done; echo last")
+    gid = d.cli("spawn", "--session", "dk", "--target", target, "--", "sh", "-c", script,
+                check=True).stdout.strip()
+    chunks = logs_json(d, "dk", "--group", gid, "--follow")  # ends with the group's output
+    assert chunks[-1]["event"] == "output_ended", chunks[-1]
+    out = "".join(c["data"] for c in chunks if c["stream"] == "stdout")
+    assert out == "out-1\nno newline" + "".join(f"line-{i}\n" for i in range(2000)) + "last\n"
+    err = b"".join(base64.b64decode(c["data_base64"]) if c["data"] is None
+                   else c["data"].encode() for c in chunks if c["stream"] == "stderr")
+    assert err == b"err-1\n\x00\xff"
+    assert not [c for c in chunks if c.get("event") in ("not_captured", "capture_lost")]
+    text = d.cli("logs", "dk", "--group", gid, "--tail", "1", check=True)
+    assert text.stdout == "last\n"
+
+    logged = d.cli("spawn", "--session", "dk", "--target", target, "--log", "/tmp/dk.log",
+                   "--", "sh", "-c", "echo to-the-file", check=True).stdout.strip()
+    d.cli("wait", "dk", check=True)
+    assert exec_text(docker_container, "cat", "/tmp/dk.log") == "to-the-file\n"
+    alone = d.cli("logs", "dk", "--group", logged)
+    assert alone.returncode != 0 and "--log /tmp/dk.log" in alone.stderr, alone.stderr
+    whole = logs_json(d, "dk")
+    (note,) = [c for c in whole if c["group_id"] == logged]
+    assert note["event"] == "not_captured" and "--log /tmp/dk.log" in note["data"]
+    assert [c["data"] for c in whole if c["group_id"] == gid and c["stream"] == "stdout"
+            ][-1].endswith("last\n"), "the captured group is read as before"
+
+
+def test_a_keep_group_is_not_captured_so_it_outlives_the_agent_and_writes_on(
+        docker_engine: DockerEngine, docker_container: Any) -> None:
+    """The Engine ends an exec at its next write once the client attached to its output
+    went away (status 126): a captured group could not outlive its agent. So a `kill`
+    group is captured (it ends with its agent anyway) and a `keep` group is not: with
+    no reader at all it writes far more than any pipe holds and ends on its own."""
+
+    async def body() -> None:
+        async with docker_signaller(docker_engine) as s:
+            exec_text(docker_container, "mkfifo", "/tmp/gate")
+            script = ("read _ < /tmp/gate; i=0; while [ $i -lt 20000 ]; do "
+                      "echo 0123456789012345678901234567890123456789012345678; "
+                      "i=$((i+1)); done; exit 0")
+            killed = await s.spawn(replace(spec(docker_container, "sh", "-c", "exec sleep 300"),
+                                           capture=True))
+            assert killed.stdio is not None, "a kill group's output is captured"
+            kept = await s.spawn(replace(spec(docker_container, "sh", "-c", script),
+                                         capture=True, orphan_policy=OrphanPolicy.KEEP))
+            assert kept.stdio is None, "a keep group's output is not held by the agent"
+            exec_text(docker_container, "sh", "-c", "echo go > /tmp/gate")
+            status = await asyncio.wait_for(kept.wait_leader(), 60)
+            assert status.exit_code == 0, status
+            assert await stop(killed) == "requested"
+            for h in (killed, kept):
+                assert await h.wait(10)
+                await h.close()
 
     asyncio.run(body())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -22,8 +23,16 @@ import psutil
 import pytest
 
 from tests.plugins.common import require
+from tests.plugins.processes import Daemon, start_daemon, stop_daemon
 from tests.plugins.sshd import SSHServer
-from tether.core.errors import AdoptRefused, InvalidSpec, StartFailed, TargetUnreachable
+from tether.client import Client
+from tether.core.errors import (
+    AdoptRefused,
+    Conflict,
+    InvalidSpec,
+    StartFailed,
+    TargetUnreachable,
+)
 from tether.core.model import AGENT_ENV, MARKER_ENV, Containment, FailureClass
 from tether.signallers.base import GroupHandle, LaunchSpec, SignallerContext
 from tether.signallers.ssh import SSHGroup, SSHSignaller, SSHTarget
@@ -616,3 +625,46 @@ def socket_port() -> Iterator[int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         yield int(s.getsockname()[1])
+
+
+# ------------------------------------------------------------------ output capture
+
+
+@pytest.fixture
+def serve_ssh(tmp_path: Path, sshd: SSHServer) -> Iterator[Daemon]:
+    d = start_daemon("serve", ["--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "st"),
+                               "--agent-name", f"sout-{tmp_path.name[-8:]}",
+                               "--signaller-option", f"known_hosts={sshd.known_hosts}",
+                               "--signaller-option", f"ssh_key={sshd.client_key}"], tmp_path)
+    try:
+        yield d
+    finally:
+        stop_daemon(d)
+
+
+def test_logs_and_attach_of_an_ssh_group_say_capture_is_local_only(
+        serve_ssh: Daemon, sshd: SSHServer) -> None:
+    """Not captured yet: asking for an ssh group's output alone is a clear error (not an
+    empty answer that looks like a silent program), a session read says so in a note and
+    still gives the other groups' output, and Attach is refused the same way."""
+    d = serve_ssh
+    gid = d.cli("spawn", "--session", "so", "--label", "remote", "--target", f"ssh:{sshd.where}",
+                "--env", "PATH=/usr/bin:/bin", "--", "sh", "-c", "echo remote; exec sleep 300",
+                check=True).stdout.strip()
+    local = d.cli("spawn", "--session", "so", "--label", "here", "--", "sh", "-c",
+                  "echo here; exec sleep 300", check=True).stdout.strip()
+    alone = d.cli("logs", "so", "--group", gid)
+    assert alone.returncode != 0
+    assert "output capture is local-only for now" in alone.stderr, alone.stderr
+    followed = d.cli("logs", "so", "--group", local, "--tail", "1", check=True)
+    assert followed.stdout == "here\n"
+    whole = [json.loads(line) for line in
+             d.cli("logs", "so", "-o", "json", check=True).stdout.splitlines()]
+    (note,) = [c for c in whole if c["group_id"] == gid]
+    assert note["event"] == "not_captured" and "local-only for now" in note["data"]
+    assert note["label"] == "remote"
+    assert [c["data"] for c in whole if c["stream"] == "stdout"] == ["here\n"]
+    with Client(d.address) as c, pytest.raises(Conflict) as refused:
+        c.attach("so", gid)
+    assert "local-only for now" in str(refused.value)
+    d.cli("stop", "so", check=True)

@@ -17,6 +17,7 @@ from typing import Any
 from tether.client.aio import AsyncClient, CoordinatorUnreachable, TimedOut
 from tether.client.spec import build_spec
 from tether.coordinator.cli.exitcodes import CLIError, ExitCode
+from tether.coordinator.cli.logs import cmd_logs
 from tether.coordinator.cli.output import (
     details,
     emit,
@@ -63,7 +64,8 @@ async def cmd_spawn(c: AsyncClient, args: argparse.Namespace) -> int:
         live_interval=args.live_interval, live_timeout=args.live_timeout,
         live_failures=args.live_failures, on_unhealthy=args.on_unhealthy,
         restart=args.restart, restart_max=args.restart_max,
-        restart_window=args.restart_window)
+        restart_window=args.restart_window, stdin=args.stdin,
+        stop_stdin_grace=args.stop_stdin_grace)
     try:
         g = await c.spawn(spec, agent=args.agent, idempotency_key=args.idempotency_key,
                           timeout=args.timeout or spec.start_timeout + 60)
@@ -394,7 +396,7 @@ COMMANDS: dict[str, Command] = {
     "sessions": cmd_sessions, "show": cmd_show, "agents": cmd_agents, "orphans": cmd_orphans,
     "watch": cmd_watch, "keepalive": cmd_keepalive, "up": cmd_up, "audit": cmd_audit,
     "ports": cmd_ports, "forget-agent": cmd_forget_agent, "coordinators": cmd_coordinators,
-    "restart": cmd_restart, "forget": cmd_forget, "wait": cmd_wait,
+    "restart": cmd_restart, "forget": cmd_forget, "wait": cmd_wait, "logs": cmd_logs,
 }
 
 

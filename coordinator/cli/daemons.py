@@ -94,7 +94,14 @@ def _agent_config(args: argparse.Namespace, name: str, state_dir: str) -> Any:
                        default_grace=args.default_grace, signaller_options=options,
                        orphan_reaping=args.orphan_reaping,
                        tls=_tls(args), insecure=args.insecure, auth=_auth(args),
-                       dial=_dial(args))
+                       dial=_dial(args), output_buffer=_size(args.output_buffer),
+                       output_total=_size(args.output_total))
+
+
+def _size(value: Any) -> int:
+    from tether.coordinator.cli.options import size
+
+    return value if isinstance(value, int) else size(str(value))
 
 
 def _warn_password_on_command_line() -> None:

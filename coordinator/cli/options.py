@@ -39,6 +39,20 @@ def positive_float(text: str) -> float:
     return value
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def size(text: str) -> int:
+    """``1M``, ``512K``, ``2G`` or bytes (powers of 1024)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+)\s*([KMG]?)(?:I?B)?\s*", text.upper())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; give bytes or a number "
+                                         "with K, M or G, e.g. 1M")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+
+
 @dataclass(frozen=True)
 class Option:
     flag: str
@@ -141,6 +155,12 @@ _AGENT = [
     Option("--plugin", "turn a toolchain plugin on or off, e.g. nvm=off (repeatable; in a "
            "config file: plugin = { nvm = false })", [], kind="list", metavar="NAME=on|off"),
     Option("--no-plugins", "apply no toolchain plugins at all", False, kind="flag"),
+    Option("--output-buffer", "captured stdout and stderr kept per group for `tether logs`, "
+           "oldest dropped first (default 1M; at least 64K)", "1M", type=size,
+           metavar="SIZE"),
+    Option("--output-total", "captured output kept for all groups together: many groups "
+           "share it, each keeping at least 64K (default 128M)", "128M", type=size,
+           metavar="SIZE"),
 ]
 
 _COORDINATOR = [

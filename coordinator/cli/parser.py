@@ -17,7 +17,7 @@ from tether.coordinator.cli.options import DAEMONS, add_daemon, positive_float
 DEFAULT_COORDINATOR = "127.0.0.1:7400"
 CLIENT_COMMANDS = ("spawn", "adopt", "signal", "stop", "sessions", "show", "agents", "orphans",
                    "watch", "keepalive", "up", "audit", "ports", "forget-agent",
-                   "coordinators", "restart", "forget", "wait")
+                   "coordinators", "restart", "forget", "wait", "logs")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -182,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "group fails (default 5)")
     sp.add_argument("--restart-window", type=positive_float, default=None, metavar="S",
                     help="the window of --restart-max, in seconds (default 60)")
+    sp.add_argument("--stdin", choices=["null", "pipe"], default="null",
+                    help="the program's stdin: null (/dev/null, default) or pipe (held by the "
+                    "agent, written through Attach: language and MCP servers); a stop then "
+                    "closes it first")
+    sp.add_argument("--stop-stdin-grace", type=positive_float, default=None, metavar="S",
+                    help="--stdin pipe: after closing stdin, a stop waits this long for the "
+                    "program to end before the stop signal (default 2)")
     sp.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
 
     sp = client("adopt", "Hand a running process tree to an agent.")
@@ -237,6 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
         .add_argument("--sweep", action="store_true", help="reap them now (per agent policy)")
     client("watch", "Stream a session's state changes and exit records.").add_argument(
         "session", help="session name")
+    sp = client("logs", "Print the captured stdout and stderr of a session's groups (or "
+                "some), interleaved as they were written; -f follows new output.")
+    sp.add_argument("session", help="session name")
+    sp.add_argument("--group", action="append", default=[], metavar="ID", dest="groups",
+                    help="only this group (repeatable; default: every group of the session)")
+    sp.add_argument("-f", "--follow", action="store_true",
+                    help="then print new output as it comes, until the groups (a whole "
+                    "session: the session) ended and their output is complete")
+    sp.add_argument("--tail", type=int, default=None, metavar="N",
+                    help="only the last N lines of each group (default: all that is kept, "
+                    "up to the agent's --output-buffer per group)")
+    sp.add_argument("--since", type=since_time, default=0.0, metavar="DURATION|TIME",
+                    help="only output written this far back (90s, 15m, 2h) or since this "
+                    "time (2024-05-01T10:00:00Z)")
     sp = sub.add_parser("config", help="Validate a TOML config file.",
                         description="Validate a TOML config file: tables [serve], [agent], "
                         "[coordinator], each holding options named like the daemon's flags "

@@ -19,7 +19,7 @@ argv, cwd, env, inherit_env, log, grace, stop_signal, stop_order, ready,
 start_timeout, probe_timeout, target, agent, orphan_policy, owns_target, meta,
 user, ports, memory, cpus, pids, pre_stop, pre_stop_timeout, plugins, live,
 live_interval, live_timeout, live_failures, on_unhealthy, restart, restart_max,
-restart_window, plus replicas. The whole file is checked before anything starts: a
+restart_window, stdin, stop_stdin_grace, plus replicas. The whole file is checked before anything starts: a
 mistake is reported with the file, the group and the key, and nothing runs. Then every
 group is spawned over one connection, many in flight, and the command prints one line
 per group.
@@ -76,6 +76,8 @@ GROUP_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "restart": ((str,), "\"no\", \"on-failure\" or \"always\""),
     "restart_max": ((int,), "a whole number of restarts"),
     "restart_window": ((int, float), "seconds, a number"),
+    "stdin": ((str,), "\"null\" or \"pipe\""),
+    "stop_stdin_grace": ((int, float), "seconds, a number"),
 }
 TOP_KEYS = {"session", "window", "group"}
 
@@ -185,7 +187,8 @@ def _group(path: str, index: int, g: Any, session: str, window: str) -> PlannedG
             live=g.get("live", ""), live_interval=g.get("live_interval"),
             live_timeout=g.get("live_timeout"), live_failures=g.get("live_failures"),
             on_unhealthy=g.get("on_unhealthy", "none"), restart=g.get("restart", "no"),
-            restart_max=g.get("restart_max"), restart_window=g.get("restart_window"))
+            restart_max=g.get("restart_max"), restart_window=g.get("restart_window"),
+            stdin=g.get("stdin", "null"), stop_stdin_grace=g.get("stop_stdin_grace"))
     except InvalidSpec as exc:
         raise _fail(path, f"{where}: {exc}") from None
     return PlannedGroup(where, g.get("agent", ""), replicas, spec)

@@ -36,7 +36,10 @@
 #       missing, 124 cwd not enterable, 123 log not writable, 122 log directory missing,
 #       121 a tool is missing, 120 no cgroup, 119 unusable command path). Then
 #       MODE exec:   prints "ok PID START BTIME CLK" and execs `env -i -- K=V... ARGV` in
-#                    place (docker: runc makes every exec a session leader);
+#                    place (docker: runc makes every exec a session leader), its output
+#                    appended to LOG (or /dev/null);
+#       MODE attach: as exec, but without LOG its output stays the exec's own stdout and
+#                    stderr (docker: the agent reads them from the attached stream);
 #       MODE detach: joins a cgroup (CGMODE auto|cgroup, under CGROOT or a delegated
 #                    directory found here), runs `setsid env -i -- K=V... ARGV` in the
 #                    background, waits until GROUP_MARK shows in its environment (the exec
@@ -380,10 +383,12 @@ op_spawn() {
   btime_clk
   boot_id
   printf 'boot %s\n' "$bi"
-  if [ "$sp_mode" = exec ]; then
+  if [ "$sp_mode" = exec ] || [ "$sp_mode" = attach ]; then
     stat_of $$ || fail 119 "cannot read /proc/$$/stat"
     echo "ok $$ $st_start $btime $clk"
-    exec >> "$sp_out" 2>&1
+    if [ "$sp_mode" = exec ] || [ -n "$sp_log" ]; then
+      exec >> "$sp_out" 2>&1
+    fi
     exec env -i -- "$@"
   fi
   join_cgroup

@@ -12,6 +12,7 @@ coordinator, typed values in and out (``tether.core``), errors as exceptions.
 
 from tether.client.aio import (
     AsyncClient,
+    Attachment,
     CoordinatorUnreachable,
     Interrupted,
     Leader,
@@ -21,5 +22,5 @@ from tether.client.lease import AsyncWindow, LeaseLost
 from tether.client.spec import build_spec
 from tether.client.sync import Client, Window
 
-__all__ = ["AsyncClient", "AsyncWindow", "Client", "CoordinatorUnreachable", "Interrupted",
-           "Leader", "LeaseLost", "TimedOut", "Window", "build_spec"]
+__all__ = ["AsyncClient", "AsyncWindow", "Attachment", "Client", "CoordinatorUnreachable",
+           "Interrupted", "Leader", "LeaseLost", "TimedOut", "Window", "build_spec"]

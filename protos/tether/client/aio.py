@@ -18,6 +18,7 @@ delivered, losing none and repeating none.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import time
@@ -32,6 +33,7 @@ from tether.client.spec import build_spec
 from tether.core import trace
 from tether.core.audit import AuditEntry
 from tether.core.errors import (
+    Conflict,
     InvalidSpec,
     NotFound,
     SessionNotFound,
@@ -39,6 +41,14 @@ from tether.core.errors import (
     TetherError,
 )
 from tether.core.model import FailureClass, GroupSpec, GroupState
+from tether.core.output import (
+    AttachOpen,
+    LogQuery,
+    Note,
+    OutputChunk,
+    check_since,
+    check_tail,
+)
 from tether.core.sessions import (
     AgentState,
     GroupEntry,
@@ -51,10 +61,13 @@ from tether.core.sessions import (
 )
 from tether.rpc.convert import (
     agent_from_pb,
+    attach_open_to_pb,
     audit_event_from_pb,
+    chunk_from_pb,
     entry_from_pb,
     orphan_from_pb,
     port_owner_from_pb,
+    query_to_pb,
     report_from_pb,
     selector_to_pb,
     session_event_from_pb,
@@ -65,6 +78,7 @@ from tether.rpc.convert import (
 from tether.rpc.leader import READS, STALE_OK_HEADER, addresses, redirect_of
 from tether.rpc.security import ClientSecurity
 from tether.rpc.status import error_from_rpc
+from tether.v1 import common_pb2 as pb
 from tether.v1 import coordinator_pb2 as cpb
 from tether.v1 import coordinator_pb2_grpc as cgrpc
 
@@ -72,6 +86,8 @@ DEFAULT_ADDRESS = "127.0.0.1:7400"
 #: The coordinator answers a Wait at its timeout; the call's deadline leaves it this long.
 WAIT_MARGIN = 10.0
 MAX_MESSAGE = 64 * 1024 * 1024
+#: An Attach write larger than this goes as several messages.
+ATTACH_WRITE = 1 << 20
 T = TypeVar("T")
 
 
@@ -116,7 +132,7 @@ class Interrupted(CoordinatorUnreachable):
 #: Calls that may be sent again after a break, whatever happened to the first one.
 IDEMPOTENT = frozenset({"Spawn", "StopSession", "KeepAlive", "CreateSession", "GetSession",
                         "ListSessions", "ListAgents", "ListOrphans", "GetLeader", "ListPorts",
-                        "Wait", "WatchSession", "ReadAudit", "OpenLease"})
+                        "Wait", "WatchSession", "ReadAudit", "OpenLease", "Logs"})
 #: Connection failures that mean the call never left.
 NOT_SENT = ("failed to connect", "connection refused", "name resolution", "dns resolution",
             "no route to host")
@@ -584,6 +600,83 @@ class AsyncClient:
         finally:
             stream.cancel()
 
+    # ------------------------------------------------------------ output and stdio
+
+    async def logs(self, session: str, *, groups: Sequence[str] = (), tail: int | None = None,
+                   since: float = 0.0, follow: bool = False, timeout: float | None = None
+                   ) -> AsyncIterator[OutputChunk]:
+        """Captured stdout and stderr of a session's groups (or only ``groups``), interleaved
+        in the order they were read: everything kept, or the last ``tail`` lines of each
+        group, or what was read at or after ``since`` (seconds since the epoch); then, with
+        ``follow``, new output until each group (a whole session: the session) has ended
+        and its output is complete. Chunks are bytes as written (``chunk.data``), tagged
+        ``stdout``/``stderr``, or ``tether`` notes (``chunk.event``: run boundaries, the
+        end); ``chunk.dropped`` says how many older bytes a reader that fell behind will
+        not get. A leader change before the first chunk is followed; later, it ends the
+        call with ``CoordinatorUnreachable`` (call again with ``since``)."""
+        if isinstance(groups, str):
+            raise InvalidSpec("groups is a list of group ids, not one string", field="groups")
+        req = query_to_pb(LogQuery(tuple(groups), session, check_tail(tail),
+                                   check_since(since), follow))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        route = _Route(self, "Logs")
+        delivered = False
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                route.timed_out(timeout)
+            stream = self._stub.Logs(req, timeout=left)
+            try:
+                while True:
+                    msg = await stream.read()
+                    if msg is grpc.aio.EOF:
+                        return
+                    delivered = True
+                    yield chunk_from_pb(msg)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and follow:
+                    return  # followed for as long as asked
+                if exc.code() == grpc.StatusCode.NOT_FOUND and \
+                        (exc.details() or "") == str(SessionNotFound(session)):
+                    raise SessionNotFound(session) from exc
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or delivered:
+                    raise self._error(exc, "Logs", timeout) from exc
+                await route.next(exc)
+            finally:
+                stream.cancel()
+
+    async def attach(self, session: str, group: str, *, write: bool = False,
+                     tail: int | None = None, close_stdin_on_detach: bool = False
+                     ) -> Attachment:
+        """Attach to a group's stdio: its output from now on (after the last ``tail``
+        lines), and with ``write`` its stdin (``--stdin pipe``; one writer at a time: a
+        second is refused with ``Conflict`` naming the holder). Use it as an async
+        context manager; leaving it detaches (the writer role goes; stdin stays open
+        unless ``close_stdin_on_detach``, or ``close_stdin()`` was called)."""
+        opened = AttachOpen(group, session, write, check_tail(tail), close_stdin_on_detach)
+        call = self._stub.Attach()
+        attachment = Attachment(self, call, write)
+        try:
+            await call.initial_metadata()  # admitted (or refused) before anything is written
+            await call.write(attach_open_to_pb(opened))
+            hello = await attachment.read()
+        except grpc.aio.AioRpcError as exc:
+            call.cancel()
+            raise self._error(exc, "Attach", None) from exc
+        except asyncio.InvalidStateError:
+            # Refused (a reader's credential, an unknown group) in a trailers-only answer:
+            # the call ended before the first write; its status says why.
+            _release_writes(call)
+            raise await attachment._ended() from None
+        except BaseException:
+            call.cancel()
+            raise
+        if hello is None or hello.event != Note.ATTACHED.value:
+            call.cancel()
+            raise TetherError(f"Attach: the coordinator did not confirm the attachment "
+                              f"({hello!r})")
+        return attachment
+
     async def ports(self, port: int = 0, *, agent: str = "", timeout: float | None = None
                     ) -> PortReport:
         """Who holds TCP ports: listening ports (or ``port``) on every agent (or ``agent``),
@@ -593,6 +686,99 @@ class AsyncClient:
                                  timeout or 30)
         return PortReport(tuple(port_owner_from_pb(o) for o in reply.ports),
                           dict(reply.unreachable))
+
+
+class Attachment:
+    """A group's stdio, attached (``AsyncClient.attach``). ``await write(b"...")`` (the
+    writer: bytes to the program's stdin, in order; waits while the program does not
+    read), ``await close_stdin()`` (it reads end-of-file), ``await read()`` (the next
+    ``OutputChunk``, or None once the group's output ended), ``async for chunk in it``;
+    ``await close()`` (or leaving ``async with``) detaches."""
+
+    def __init__(self, client: AsyncClient, call: Any, writer: bool) -> None:
+        self._client = client
+        self._call = call
+        self.writer = writer
+        self._writing = writer
+
+    async def __aenter__(self) -> Attachment:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __aiter__(self) -> AsyncIterator[OutputChunk]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[OutputChunk]:
+        while (chunk := await self.read()) is not None:
+            yield chunk
+
+    async def read(self) -> OutputChunk | None:
+        try:
+            msg = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED and self._call.cancelled():
+                return None
+            raise self._client._error(exc, "Attach", None) from exc
+        if msg is grpc.aio.EOF:
+            return None
+        return chunk_from_pb(msg)
+
+    async def write(self, data: bytes) -> None:
+        if not self.writer:
+            raise Conflict("this attachment is not the writer; attach with write=True")
+        if not self._writing:
+            raise Conflict("stdin was closed through this attachment; nothing more can be "
+                           "written")
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise InvalidSpec("write takes bytes (encode text first)", field="stdin")
+        view = memoryview(data)
+        try:
+            while view:  # gRPC messages stay well below the receive limit
+                await self._call.write(pb.AttachRequest(stdin=bytes(view[:ATTACH_WRITE])))
+                view = view[ATTACH_WRITE:]
+        except grpc.aio.AioRpcError as exc:
+            raise self._client._error(exc, "Attach", None) from exc
+        except asyncio.InvalidStateError:
+            raise await self._ended() from None
+
+    async def close_stdin(self) -> None:
+        """Close the program's stdin after what was written (it reads end-of-file); the
+        output keeps coming until the group's output ends."""
+        if not self._writing:
+            return
+        self._writing = False
+        try:
+            await self._call.write(pb.AttachRequest(close_stdin=True))
+            await self._call.done_writing()
+        except grpc.aio.AioRpcError as exc:
+            raise self._client._error(exc, "Attach", None) from exc
+        except asyncio.InvalidStateError:
+            raise await self._ended() from None
+
+    async def _ended(self) -> TetherError:
+        code = await self._call.code()
+        details = await self._call.details()
+        return error_from_rpc(code, details or code.name)
+
+    async def close(self) -> None:
+        """Detach: the writer role goes; stdin stays open unless the attachment said
+        ``close_stdin_on_detach`` (or ``close_stdin`` was called)."""
+        self._call.cancel()
+        _release_writes(self._call)
+
+
+def _release_writes(call: Any) -> None:
+    """End the task grpc.aio feeds an intercepted stream call's writes through: only
+    ``cancel()`` ends it, and that does nothing once the call has ended by itself (a
+    refused Attach, a group whose output ended), so it would wait forever (and warn
+    "Task was destroyed but it is pending" when the loop closes)."""
+    queue = getattr(call, "_write_to_iterator_queue", None)
+    sentinel = getattr(type(call), "_FINISH_ITERATOR_SENTINEL", None)
+    if isinstance(queue, asyncio.Queue) and sentinel is not None:
+        with contextlib.suppress(asyncio.QueueFull):
+            queue.put_nowait(sentinel)
 
 
 class _Route:

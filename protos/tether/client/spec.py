@@ -26,6 +26,7 @@ from tether.core.model import (
     Probe,
     RestartMode,
     RestartPolicy,
+    StdinMode,
     StopOverride,
     UnhealthyAction,
     check_cpus,
@@ -50,12 +51,14 @@ def build_spec(argv: Sequence[str], *, session: str = "", window: str = "", labe
                live_interval: float | None = None, live_timeout: float | None = None,
                live_failures: int | None = None, on_unhealthy: str = "none",
                restart: str = "no", restart_max: int | None = None,
-               restart_window: float | None = None) -> GroupSpec:
+               restart_window: float | None = None, stdin: str = "null",
+               stop_stdin_grace: float | None = None) -> GroupSpec:
     """A validated spec; raises ``InvalidSpec`` naming the field and what to give instead.
 
     ``ports`` are ``"NAME"`` (the agent picks a free port) or ``"NAME=PORT"``; ``memory``
     is bytes or a size like ``"512M"``; ``pre_stop`` is ``"exec:COMMAND ARGS"``; ``live``
-    is a liveness probe like ``ready``; ``restart`` is ``no``, ``on-failure`` or ``always``."""
+    is a liveness probe like ``ready``; ``restart`` is ``no``, ``on-failure`` or ``always``;
+    ``stdin`` is ``null`` (default) or ``pipe`` (writable through ``attach``)."""
     if isinstance(argv, str):
         raise InvalidSpec("argv must be a list of strings (the command and its arguments), "
                           "not one string: no shell parses it", field="argv")
@@ -86,6 +89,11 @@ def build_spec(argv: Sequence[str], *, session: str = "", window: str = "", labe
     except ValueError:
         raise InvalidSpec(f"restart policy {restart!r} is unknown; use no, on-failure or "
                           "always", field="restart") from None
+    try:
+        stdin_mode = StdinMode(stdin)
+    except ValueError:
+        raise InvalidSpec(f"stdin {stdin!r} is unknown; use null or pipe", field="stdin") \
+            from None
     policy_restart = RestartPolicy(
         mode, DEFAULT_RESTART_MAX if restart_max is None else restart_max,
         DEFAULT_RESTART_WINDOW if restart_window is None else restart_window)
@@ -98,7 +106,8 @@ def build_spec(argv: Sequence[str], *, session: str = "", window: str = "", labe
         orphan_policy=policy, label=label, labels=MappingProxyType(dict(labels or {})),
         session_id=session, window=window, stop_order=stop_order, target=target or "local",
         owns_target=owns_target, user=user, ports=port_requests, limits=limits,
-        pre_stop=hook, plugins=plugins, liveness=liveness, restart=policy_restart)
+        pre_stop=hook, plugins=plugins, liveness=liveness, restart=policy_restart,
+        stdin=stdin_mode, stop_stdin_grace=stop_stdin_grace)
 
 
 def _liveness(live: str, interval: float | None, timeout: float | None,

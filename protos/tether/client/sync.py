@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 from tether.client.aio import AsyncClient, Leader
+from tether.client.aio import Attachment as AsyncAttachment
 from tether.client.lease import AsyncWindow
 from tether.core.audit import AuditEntry
 from tether.core.model import GroupSpec
+from tether.core.output import OutputChunk
 from tether.core.sessions import (
     AgentState,
     GroupEntry,
@@ -118,9 +120,18 @@ class Client:
         return self._run(self._async.ports(port, **kw))
 
     def watch(self, session: str, **kw: Any) -> Iterator[SessionEvent]:
-        stream = self._async.watch(session, **kw)
+        return self._iterate(self._async.watch(session, **kw))
 
-        async def next_event() -> SessionEvent:
+    def logs(self, session: str, **kw: Any) -> Iterator[OutputChunk]:
+        """``AsyncClient.logs``, as an iterator (closing it ends the call)."""
+        return self._iterate(self._async.logs(session, **kw))
+
+    def attach(self, session: str, group: str, **kw: Any) -> Attachment:
+        """``AsyncClient.attach``: ``with c.attach(s, g, write=True) as a: a.write(b"..")``."""
+        return Attachment(self, self._run(self._async.attach(session, group, **kw)))
+
+    def _iterate(self, stream: AsyncIterator[T]) -> Iterator[T]:
+        async def step() -> T:
             return await anext(stream)
 
         async def close() -> None:
@@ -129,7 +140,7 @@ class Client:
         try:
             while True:
                 try:
-                    yield self._run(next_event())
+                    yield self._run(step())
                 except StopAsyncIteration:
                     return
         finally:
@@ -192,6 +203,46 @@ class Window:
                 return await self.aio.wait_lost()
 
         return self._client._run(wait())
+
+
+class Attachment:
+    """A group's stdio, attached (``Client.attach``): ``write``, ``close_stdin``, ``read``
+    (the next ``OutputChunk``, None at the end; ``timeout`` in seconds raises
+    ``TimeoutError``), iteration, ``close`` (or leaving ``with``) detaches."""
+
+    def __init__(self, client: Client, inner: AsyncAttachment) -> None:
+        self._client = client
+        self._inner = inner
+
+    @property
+    def writer(self) -> bool:
+        return self._inner.writer
+
+    def __enter__(self) -> Attachment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[OutputChunk]:
+        while (chunk := self.read()) is not None:
+            yield chunk
+
+    def write(self, data: bytes) -> None:
+        self._client._run(self._inner.write(data))
+
+    def close_stdin(self) -> None:
+        self._client._run(self._inner.close_stdin())
+
+    def read(self, timeout: float | None = None) -> OutputChunk | None:
+        async def bounded() -> OutputChunk | None:
+            async with asyncio.timeout(timeout):
+                return await self._inner.read()
+
+        return self._client._run(bounded())
+
+    def close(self) -> None:
+        self._client._run(self._inner.close())
 
 
 async def _make(address: str | None, options: dict[str, Any]) -> AsyncClient:

@@ -615,6 +615,33 @@ def check_user(text: str) -> str:
     return text
 
 
+class StdinMode(enum.Enum):
+    """``--stdin``: what a group reads on its standard input."""
+
+    #: ``/dev/null`` (the default): the program reads end-of-file at once.
+    NULL = "null"
+    #: A pipe the agent holds: clients write it through ``Attach`` (one writer at a time),
+    #: and a stop closes it first (``stop_stdin_grace``), as MCP and LSP servers expect.
+    PIPE = "pipe"
+
+
+#: ``--stop-stdin-grace``: how long a stop waits after closing a ``--stdin pipe`` group's
+#: stdin before it sends the stop signal.
+DEFAULT_STOP_STDIN_GRACE: Final = 2.0
+MAX_STOP_STDIN_GRACE: Final = 3600.0
+
+
+def check_stdin(mode: StdinMode, grace: float | None) -> None:
+    if not isinstance(mode, StdinMode):
+        raise InvalidSpec(f"stdin {mode!r} is not a stdin mode; use null or pipe", field="stdin")
+    if grace is None:
+        return
+    if mode is not StdinMode.PIPE:
+        raise InvalidSpec("--stop-stdin-grace needs --stdin pipe: only a group whose stdin "
+                          "the agent holds has a stdin to close first", field="stop_stdin_grace")
+    check_seconds(grace, "stop stdin grace", "stop_stdin_grace", high=MAX_STOP_STDIN_GRACE)
+
+
 # ---------------------------------------------------------------- supervision
 
 DEFAULT_LIVE_INTERVAL: Final = 10.0
@@ -766,6 +793,19 @@ class GroupSpec:
     #: The W3C traceparent of the call that started the group (``tether.core.trace``):
     #: in the child's environment as TRACEPARENT, on its events, records and log lines.
     traceparent: str = ""
+    #: ``--stdin``: /dev/null (default) or a pipe clients write through ``Attach``.
+    stdin: StdinMode = StdinMode.NULL
+    #: ``--stop-stdin-grace``: a stop closes a piped stdin first and waits this long
+    #: before the stop signal (None: ``DEFAULT_STOP_STDIN_GRACE``).
+    stop_stdin_grace: float | None = None
+
+    @property
+    def stdin_grace(self) -> float:
+        """The wait after closing stdin in a stop (0 unless ``--stdin pipe``)."""
+        if self.stdin is not StdinMode.PIPE:
+            return 0.0
+        return DEFAULT_STOP_STDIN_GRACE if self.stop_stdin_grace is None \
+            else self.stop_stdin_grace
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, StopPolicy):  # a full policy names both fields
@@ -817,6 +857,7 @@ class GroupSpec:
             raise InvalidSpec("limits must be a Limits value", field="limits")
         if self.pre_stop is not None and not isinstance(self.pre_stop, PreStop):
             raise InvalidSpec("pre_stop must be a PreStop value", field="pre_stop")
+        check_stdin(self.stdin, self.stop_stdin_grace)
         self._check_ports()
 
     @property
@@ -891,6 +932,9 @@ def spec_to_dict(spec: GroupSpec) -> dict[str, Any]:
         d["plugins"] = False
     if spec.traceparent:
         d["traceparent"] = spec.traceparent
+    if spec.stdin is not StdinMode.NULL:
+        d["stdin"] = spec.stdin.value
+        d["stop_stdin_grace"] = spec.stop_stdin_grace
     return d
 
 
@@ -934,7 +978,9 @@ def spec_from_dict(d: Mapping[str, Any]) -> GroupSpec:
                           UnhealthyAction(d["on_unhealthy"])) if d.get("live") else None,
         restart=RestartPolicy(RestartMode(d["restart"]), d["restart_max"], d["restart_window"])
         if d.get("restart") else RestartPolicy(),
-        traceparent=d.get("traceparent", ""))
+        traceparent=d.get("traceparent", ""),
+        stdin=StdinMode(d.get("stdin", StdinMode.NULL.value)),
+        stop_stdin_grace=d.get("stop_stdin_grace"))
 
 
 def spec_fingerprint(spec: GroupSpec) -> str:
@@ -1123,6 +1169,10 @@ class GroupView:
     runs: tuple[RunRecord, ...] = ()
     #: While ``restarting`` in a backoff: when (``time.time()``) the next run starts.
     next_restart_at: float = 0.0
+    #: ``--stdin pipe``: the current run's stdin is open, and who writes it (an
+    #: ``Attach``: its credential and peer), if anybody does.
+    stdin_open: bool = False
+    stdin_writer: str = ""
 
     def with_state(self, state: GroupState, exit: ExitRecord | None = None) -> GroupView:
         return replace(self, state=state, exit=exit if exit is not None else self.exit)

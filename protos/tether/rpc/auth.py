@@ -228,6 +228,9 @@ RULES: Mapping[str, Rule] = {
     _C + "Wait": _r(_OPERATOR, _READER),
     # A lease holds a session's processes alive: an operator's call, audited on open.
     _C + "OpenLease": _r(_OPERATOR, audit=True, audit_by_servicer=True),
+    # Output is read-only; Attach may write a program's stdin: operators, audited.
+    _C + "Logs": _r(_OPERATOR, _READER),
+    _C + "Attach": _r(_OPERATOR, audit=True),
     # An agent: lifecycle calls from its coordinator (and admins) only.
     _A + "Spawn": _r(_COORD, audit=True),
     _A + "Adopt": _r(_COORD, audit=True),
@@ -242,6 +245,8 @@ RULES: Mapping[str, Rule] = {
     _A + "ListPorts": _r(_COORD, _OPERATOR),
     _A + "Restart": _r(_COORD, audit=True),
     _A + "Forget": _r(_COORD, audit=True),
+    _A + "Logs": _r(_COORD, _OPERATOR, _READER),
+    _A + "Attach": _r(_COORD, audit=True),
 }
 
 #: A method ``RULES`` does not list (a new RPC, before someone decided who may call it).
@@ -470,7 +475,8 @@ def current_caller() -> Caller:
 
 _TOP_FIELDS = {"session_id": "session", "group_id": "group", "agent": "agent", "name": "agent"}
 _DETAIL_FIELDS = ("address", "signal", "pid", "start_time", "sweep", "idempotency_key",
-                  "ttl_seconds", "grace_seconds", "epoch", "lease_grace_seconds")
+                  "ttl_seconds", "grace_seconds", "epoch", "lease_grace_seconds", "write",
+                  "close_stdin_on_detach", "on_behalf_of")
 _MAX_VALUE = 256
 #: A list field (group ids, labels, what was forgotten): at most this many items...
 _MAX_ITEMS = 20

@@ -40,11 +40,13 @@ from tether.core.model import (
     RestartPolicy,
     RunContext,
     RunRecord,
+    StdinMode,
     StopOverride,
     StopPolicy,
     UnhealthyAction,
     parse_signal,
 )
+from tether.core.output import AttachOpen, LogQuery, OutputChunk, StdinInput, Stream
 from tether.core.sessions import (
     AgentInfo,
     AgentState,
@@ -76,6 +78,10 @@ UNHEALTHY_TO_PB = {a: getattr(pb, f"UNHEALTHY_ACTION_{a.name}") for a in Unhealt
 UNHEALTHY_FROM_PB = {v: k for k, v in UNHEALTHY_TO_PB.items()}
 RESTART_TO_PB = {m: getattr(pb, f"RESTART_MODE_{m.name}") for m in RestartMode}
 RESTART_FROM_PB = {v: k for k, v in RESTART_TO_PB.items()}
+STDIN_TO_PB = {m: getattr(pb, f"STDIN_MODE_{m.name}") for m in StdinMode}
+STDIN_FROM_PB = {v: k for k, v in STDIN_TO_PB.items()}
+STREAM_TO_PB = {s: getattr(pb, f"OUTPUT_STREAM_{s.name}") for s in Stream}
+STREAM_FROM_PB = {v: k for k, v in STREAM_TO_PB.items()}
 
 
 def ts(seconds: float) -> Timestamp:
@@ -146,7 +152,16 @@ def spec_from_pb(msg: pb.GroupSpec) -> GroupSpec:
         liveness=_liveness_from_pb(msg),
         restart=_restart_from_pb(msg),
         traceparent=trace.checked(msg.traceparent, "a request's spec"),
+        stdin=_stdin_from_pb(msg),
+        stop_stdin_grace=(msg.stop_stdin_grace_seconds
+                          if msg.HasField("stop_stdin_grace_seconds") else None),
     )
+
+
+def _stdin_from_pb(msg: pb.GroupSpec) -> StdinMode:
+    if msg.stdin not in STDIN_FROM_PB:
+        raise InvalidSpec(f"stdin mode {msg.stdin} is unknown; use null or pipe", field="stdin")
+    return STDIN_FROM_PB[msg.stdin]
 
 
 def limits_from_pb(msg: pb.ResourceLimits) -> Limits:
@@ -222,8 +237,10 @@ def spec_to_pb(spec: GroupSpec, *, redact: bool = False) -> pb.GroupSpec:
         stop_order=spec.stop_order, target=spec.target, window=spec.window,
         owns_target=spec.owns_target, user=spec.user,
         ports=[pb.PortRequest(name=p.name, port=p.port) for p in spec.ports],
-        no_plugins=not spec.plugins,
+        no_plugins=not spec.plugins, stdin=STDIN_TO_PB[spec.stdin],
     )
+    if spec.stop_stdin_grace is not None:
+        msg.stop_stdin_grace_seconds = spec.stop_stdin_grace
     if spec.ready is not None:
         msg.probe_timeout_seconds = spec.ready.timeout
     if spec.limits:
@@ -355,6 +372,7 @@ def group_to_pb(view: GroupView, *, redact: bool = True) -> pb.Group:
         stop=pb.StopPolicy(signal=view.stop.signal.name, grace_seconds=view.stop.grace),
         unreachable=view.unreachable, unhealthy=view.unhealthy, health=view.health,
         restarts=view.restarts, runs=[run_to_pb(r) for r in view.runs],
+        stdin_open=view.stdin_open, stdin_writer=view.stdin_writer,
     )
     if view.next_restart_at:
         msg.next_restart_at.CopyFrom(ts(view.next_restart_at))
@@ -381,6 +399,7 @@ def group_from_pb(msg: pb.Group) -> GroupView:
         runs=tuple(run_from_pb(r) for r in msg.runs),
         next_restart_at=seconds(msg.next_restart_at) if msg.HasField("next_restart_at")
         else 0.0,
+        stdin_open=msg.stdin_open, stdin_writer=msg.stdin_writer,
     )
 
 
@@ -583,3 +602,76 @@ def port_owner_to_pb(o: PortOwner) -> pb.PortOwner:
 def port_owner_from_pb(msg: pb.PortOwner) -> PortOwner:
     return PortOwner(msg.port, msg.address, msg.pid, msg.user, msg.command, msg.group_id,
                      msg.session_id, msg.label, msg.name, msg.listening, msg.agent)
+
+
+# ---------------------------------------------------------------- output
+
+
+def chunk_to_pb(c: OutputChunk) -> pb.OutputChunk:
+    msg = pb.OutputChunk(group_id=c.group_id, stream=STREAM_TO_PB[c.stream], data=c.data,
+                         at=ts(c.at), run=c.run, dropped=c.dropped, event=c.event,
+                         offset=c.offset, seq=c.seq, session_id=c.session_id, label=c.label,
+                         agent=c.agent)
+    return msg
+
+
+def chunk_from_pb(msg: pb.OutputChunk) -> OutputChunk:
+    return OutputChunk(msg.group_id, STREAM_FROM_PB.get(msg.stream, Stream.TETHER), msg.data,
+                       seconds(msg.at), msg.run, msg.offset, msg.seq, msg.dropped, msg.event,
+                       msg.session_id, msg.label, msg.agent)
+
+
+def query_from_pb(msg: pb.LogsRequest) -> LogQuery:
+    """A Logs request as a query (validated: negative tails, bad times and NUL ids are
+    refused here, naming the field)."""
+    from tether.core.model import check_group_id, check_name
+
+    for gid in msg.group_ids:
+        check_group_id(gid)
+    if msg.session_id:
+        check_name(msg.session_id, "session")
+    since = seconds(msg.since) if msg.HasField("since") else 0.0
+    return LogQuery(tuple(dict.fromkeys(msg.group_ids)), msg.session_id,
+                    msg.tail_lines if msg.HasField("tail_lines") else None, since, msg.follow)
+
+
+def query_to_pb(q: LogQuery) -> pb.LogsRequest:
+    msg = pb.LogsRequest(group_ids=list(q.group_ids), session_id=q.session_id,
+                         follow=q.follow)
+    if q.tail is not None:
+        msg.tail_lines = q.tail
+    if q.since:
+        msg.since.CopyFrom(ts(q.since))
+    return msg
+
+
+MAX_WHO = 256
+
+
+def attach_open_from_pb(msg: pb.AttachRequest, who: str) -> AttachOpen:
+    """The first Attach message (ids checked: NUL or malformed ids are refused here)."""
+    from tether.core.model import check_group_id, check_name
+
+    check_group_id(msg.group_id)
+    if msg.session_id:
+        check_name(msg.session_id, "session")
+    who = "".join(ch if ch.isprintable() else "?" for ch in who)[:MAX_WHO]
+    return AttachOpen(msg.group_id, msg.session_id, msg.write,
+                      msg.tail_lines if msg.HasField("tail_lines") else None,
+                      msg.close_stdin_on_detach, who)
+
+
+def attach_open_to_pb(o: AttachOpen) -> pb.AttachRequest:
+    msg = pb.AttachRequest(group_id=o.group_id, session_id=o.session_id, write=o.write,
+                           close_stdin_on_detach=o.close_on_detach, on_behalf_of=o.who)
+    if o.tail is not None:
+        msg.tail_lines = o.tail
+    return msg
+
+
+def stdin_from_pb(msg: pb.AttachRequest) -> StdinInput:
+    return StdinInput(msg.stdin, msg.close_stdin)
+
+
+def stdin_to_pb(i: StdinInput) -> pb.AttachRequest:
+    return pb.AttachRequest(stdin=i.data, close_stdin=i.close)

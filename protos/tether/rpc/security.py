@@ -331,10 +331,15 @@ def wrap_handler(handler: Any, prepare: Prepare, request_deserializer: Any, *,
     kind = handler_kind(handler)
     inner = getattr(handler, kind)
     done: Finish = finish or (lambda request, response, exc, context: None)
+    # A request stream's first message stands for the call in ``finish`` (the audit log
+    # records which group an Attach was for).
+    first: dict[int, Any] = {}
 
     async def items(requests: Any, context: Any) -> AsyncIterator[Any]:
         async for item in requests:
-            yield item if prepare_item is None else await prepare_item(item, context)
+            item = item if prepare_item is None else await prepare_item(item, context)
+            first.setdefault(id(context), item)
+            yield item
 
     async def unary_unary(request: Any, context: Any) -> Any:
         request = await prepare(request, context)
@@ -362,9 +367,9 @@ def wrap_handler(handler: Any, prepare: Prepare, request_deserializer: Any, *,
         try:
             response = await inner(items(requests, context), context)
         except BaseException as exc:
-            done(None, None, exc, context)
+            done(first.pop(id(context), None), None, exc, context)
             raise
-        done(None, response, None, context)
+        done(first.pop(id(context), None), response, None, context)
         return response
 
     async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
@@ -375,9 +380,9 @@ def wrap_handler(handler: Any, prepare: Prepare, request_deserializer: Any, *,
                 async for item in responses:
                     yield item
         except BaseException as exc:
-            done(None, None, exc, context)
+            done(first.pop(id(context), None), None, exc, context)
             raise
-        done(None, None, None, context)
+        done(first.pop(id(context), None), None, None, context)
 
     wrapped = {"unary_unary": unary_unary, "unary_stream": unary_stream,
                "stream_unary": stream_unary, "stream_stream": stream_stream}[kind]

@@ -114,6 +114,8 @@ def stream(fn: Callable[..., AsyncIterator[R]]) -> Callable[..., AsyncIterator[R
                 yield item
         except (e.TetherError, IllegalTransition) as exc:
             await context.abort(status_for(exc), str(exc), trailing_metadata=trailers_for(exc))
+        except ValueError as exc:  # e.g. a timestamp out of range in a request
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {exc}")
 
     return wrapper
 

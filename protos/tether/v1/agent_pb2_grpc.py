@@ -100,6 +100,16 @@ class AgentServiceStub:
                 request_serializer=tether_dot_v1_dot_agent__pb2.ForgetRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_agent__pb2.ForgetResponse.FromString,
                 _registered_method=True)
+        self.Logs = channel.unary_stream(
+                '/tether.v1.AgentService/Logs',
+                request_serializer=tether_dot_v1_dot_common__pb2.LogsRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_common__pb2.OutputChunk.FromString,
+                _registered_method=True)
+        self.Attach = channel.stream_stream(
+                '/tether.v1.AgentService/Attach',
+                request_serializer=tether_dot_v1_dot_common__pb2.AttachRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_common__pb2.OutputChunk.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -194,6 +204,22 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Logs(self, request, context):
+        """Captured stdout and stderr of groups: the kept backlog (tail, since), then new output
+        with follow. Never blocks a group: a reader that falls behind is told what it missed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Attach(self, request_iterator, context):
+        """A group's stdio: a writer (one at a time; --stdin pipe) sends stdin bytes and
+        close_stdin; every attachment receives the group's output from now on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -261,6 +287,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Forget,
                     request_deserializer=tether_dot_v1_dot_agent__pb2.ForgetRequest.FromString,
                     response_serializer=tether_dot_v1_dot_agent__pb2.ForgetResponse.SerializeToString,
+            ),
+            'Logs': grpc.unary_stream_rpc_method_handler(
+                    servicer.Logs,
+                    request_deserializer=tether_dot_v1_dot_common__pb2.LogsRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_common__pb2.OutputChunk.SerializeToString,
+            ),
+            'Attach': grpc.stream_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=tether_dot_v1_dot_common__pb2.AttachRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_common__pb2.OutputChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -614,6 +650,60 @@ class AgentService:
             '/tether.v1.AgentService/Forget',
             tether_dot_v1_dot_agent__pb2.ForgetRequest.SerializeToString,
             tether_dot_v1_dot_agent__pb2.ForgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Logs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tether.v1.AgentService/Logs',
+            tether_dot_v1_dot_common__pb2.LogsRequest.SerializeToString,
+            tether_dot_v1_dot_common__pb2.OutputChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tether.v1.AgentService/Attach',
+            tether_dot_v1_dot_common__pb2.AttachRequest.SerializeToString,
+            tether_dot_v1_dot_common__pb2.OutputChunk.FromString,
             options,
             channel_credentials,
             insecure,

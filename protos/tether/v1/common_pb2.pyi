@@ -74,6 +74,18 @@ class RestartMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RESTART_MODE_NO: _ClassVar[RestartMode]
     RESTART_MODE_ON_FAILURE: _ClassVar[RestartMode]
     RESTART_MODE_ALWAYS: _ClassVar[RestartMode]
+
+class StdinMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STDIN_MODE_NULL: _ClassVar[StdinMode]
+    STDIN_MODE_PIPE: _ClassVar[StdinMode]
+
+class OutputStream(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OUTPUT_STREAM_UNSPECIFIED: _ClassVar[OutputStream]
+    OUTPUT_STREAM_STDOUT: _ClassVar[OutputStream]
+    OUTPUT_STREAM_STDERR: _ClassVar[OutputStream]
+    OUTPUT_STREAM_TETHER: _ClassVar[OutputStream]
 GROUP_STATE_UNSPECIFIED: GroupState
 GROUP_STATE_STARTING: GroupState
 GROUP_STATE_RUNNING: GroupState
@@ -118,6 +130,12 @@ UNHEALTHY_ACTION_STOP: UnhealthyAction
 RESTART_MODE_NO: RestartMode
 RESTART_MODE_ON_FAILURE: RestartMode
 RESTART_MODE_ALWAYS: RestartMode
+STDIN_MODE_NULL: StdinMode
+STDIN_MODE_PIPE: StdinMode
+OUTPUT_STREAM_UNSPECIFIED: OutputStream
+OUTPUT_STREAM_STDOUT: OutputStream
+OUTPUT_STREAM_STDERR: OutputStream
+OUTPUT_STREAM_TETHER: OutputStream
 
 class StopPolicy(_message.Message):
     __slots__ = ("signal", "grace_seconds")
@@ -128,7 +146,7 @@ class StopPolicy(_message.Message):
     def __init__(self, signal: _Optional[str] = ..., grace_seconds: _Optional[float] = ...) -> None: ...
 
 class GroupSpec(_message.Message):
-    __slots__ = ("argv", "cwd", "env", "inherit_env", "log_path", "ready", "start_timeout_seconds", "stop", "orphan_policy", "label", "labels", "session_id", "stop_order", "target", "window", "owns_target", "probe_timeout_seconds", "user", "ports", "limits", "pre_stop", "no_plugins", "live", "live_interval_seconds", "live_timeout_seconds", "live_failures", "on_unhealthy", "restart", "restart_max", "restart_window_seconds", "traceparent")
+    __slots__ = ("argv", "cwd", "env", "inherit_env", "log_path", "ready", "start_timeout_seconds", "stop", "orphan_policy", "label", "labels", "session_id", "stop_order", "target", "window", "owns_target", "probe_timeout_seconds", "user", "ports", "limits", "pre_stop", "no_plugins", "live", "live_interval_seconds", "live_timeout_seconds", "live_failures", "on_unhealthy", "restart", "restart_max", "restart_window_seconds", "traceparent", "stdin", "stop_stdin_grace_seconds")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +192,8 @@ class GroupSpec(_message.Message):
     RESTART_MAX_FIELD_NUMBER: _ClassVar[int]
     RESTART_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
+    STOP_STDIN_GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     argv: _containers.RepeatedScalarFieldContainer[str]
     cwd: str
     env: _containers.ScalarMap[str, str]
@@ -205,7 +225,9 @@ class GroupSpec(_message.Message):
     restart_max: int
     restart_window_seconds: float
     traceparent: str
-    def __init__(self, argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., inherit_env: _Optional[bool] = ..., log_path: _Optional[str] = ..., ready: _Optional[str] = ..., start_timeout_seconds: _Optional[float] = ..., stop: _Optional[_Union[StopPolicy, _Mapping]] = ..., orphan_policy: _Optional[_Union[OrphanPolicy, str]] = ..., label: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., session_id: _Optional[str] = ..., stop_order: _Optional[int] = ..., target: _Optional[str] = ..., window: _Optional[str] = ..., owns_target: _Optional[bool] = ..., probe_timeout_seconds: _Optional[float] = ..., user: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[PortRequest, _Mapping]]] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., pre_stop: _Optional[_Union[PreStopHook, _Mapping]] = ..., no_plugins: _Optional[bool] = ..., live: _Optional[str] = ..., live_interval_seconds: _Optional[float] = ..., live_timeout_seconds: _Optional[float] = ..., live_failures: _Optional[int] = ..., on_unhealthy: _Optional[_Union[UnhealthyAction, str]] = ..., restart: _Optional[_Union[RestartMode, str]] = ..., restart_max: _Optional[int] = ..., restart_window_seconds: _Optional[float] = ..., traceparent: _Optional[str] = ...) -> None: ...
+    stdin: StdinMode
+    stop_stdin_grace_seconds: float
+    def __init__(self, argv: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., inherit_env: _Optional[bool] = ..., log_path: _Optional[str] = ..., ready: _Optional[str] = ..., start_timeout_seconds: _Optional[float] = ..., stop: _Optional[_Union[StopPolicy, _Mapping]] = ..., orphan_policy: _Optional[_Union[OrphanPolicy, str]] = ..., label: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., session_id: _Optional[str] = ..., stop_order: _Optional[int] = ..., target: _Optional[str] = ..., window: _Optional[str] = ..., owns_target: _Optional[bool] = ..., probe_timeout_seconds: _Optional[float] = ..., user: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[PortRequest, _Mapping]]] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., pre_stop: _Optional[_Union[PreStopHook, _Mapping]] = ..., no_plugins: _Optional[bool] = ..., live: _Optional[str] = ..., live_interval_seconds: _Optional[float] = ..., live_timeout_seconds: _Optional[float] = ..., live_failures: _Optional[int] = ..., on_unhealthy: _Optional[_Union[UnhealthyAction, str]] = ..., restart: _Optional[_Union[RestartMode, str]] = ..., restart_max: _Optional[int] = ..., restart_window_seconds: _Optional[float] = ..., traceparent: _Optional[str] = ..., stdin: _Optional[_Union[StdinMode, str]] = ..., stop_stdin_grace_seconds: _Optional[float] = ...) -> None: ...
 
 class PortRequest(_message.Message):
     __slots__ = ("name", "port")
@@ -312,7 +334,7 @@ class PreStopOutcome(_message.Message):
     def __init__(self, result: _Optional[str] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., detail: _Optional[str] = ..., leftovers: _Optional[int] = ...) -> None: ...
 
 class Group(_message.Message):
-    __slots__ = ("group_id", "spec", "state", "containment", "leader_pid", "pgid", "detached", "exit", "started_at", "member_count", "agent", "stop", "unreachable", "env_names", "context", "unhealthy", "health", "restarts", "runs", "next_restart_at")
+    __slots__ = ("group_id", "spec", "state", "containment", "leader_pid", "pgid", "detached", "exit", "started_at", "member_count", "agent", "stop", "unreachable", "env_names", "context", "unhealthy", "health", "restarts", "runs", "next_restart_at", "stdin_open", "stdin_writer")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -333,6 +355,8 @@ class Group(_message.Message):
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     RUNS_FIELD_NUMBER: _ClassVar[int]
     NEXT_RESTART_AT_FIELD_NUMBER: _ClassVar[int]
+    STDIN_OPEN_FIELD_NUMBER: _ClassVar[int]
+    STDIN_WRITER_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     spec: GroupSpec
     state: GroupState
@@ -353,7 +377,9 @@ class Group(_message.Message):
     restarts: int
     runs: _containers.RepeatedCompositeFieldContainer[RunRecord]
     next_restart_at: _timestamp_pb2.Timestamp
-    def __init__(self, group_id: _Optional[str] = ..., spec: _Optional[_Union[GroupSpec, _Mapping]] = ..., state: _Optional[_Union[GroupState, str]] = ..., containment: _Optional[_Union[Containment, str]] = ..., leader_pid: _Optional[int] = ..., pgid: _Optional[int] = ..., detached: _Optional[bool] = ..., exit: _Optional[_Union[ExitRecord, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., member_count: _Optional[int] = ..., agent: _Optional[str] = ..., stop: _Optional[_Union[StopPolicy, _Mapping]] = ..., unreachable: _Optional[bool] = ..., env_names: _Optional[_Iterable[str]] = ..., context: _Optional[_Union[RunContext, _Mapping]] = ..., unhealthy: _Optional[bool] = ..., health: _Optional[str] = ..., restarts: _Optional[int] = ..., runs: _Optional[_Iterable[_Union[RunRecord, _Mapping]]] = ..., next_restart_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    stdin_open: bool
+    stdin_writer: str
+    def __init__(self, group_id: _Optional[str] = ..., spec: _Optional[_Union[GroupSpec, _Mapping]] = ..., state: _Optional[_Union[GroupState, str]] = ..., containment: _Optional[_Union[Containment, str]] = ..., leader_pid: _Optional[int] = ..., pgid: _Optional[int] = ..., detached: _Optional[bool] = ..., exit: _Optional[_Union[ExitRecord, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., member_count: _Optional[int] = ..., agent: _Optional[str] = ..., stop: _Optional[_Union[StopPolicy, _Mapping]] = ..., unreachable: _Optional[bool] = ..., env_names: _Optional[_Iterable[str]] = ..., context: _Optional[_Union[RunContext, _Mapping]] = ..., unhealthy: _Optional[bool] = ..., health: _Optional[str] = ..., restarts: _Optional[int] = ..., runs: _Optional[_Iterable[_Union[RunRecord, _Mapping]]] = ..., next_restart_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stdin_open: _Optional[bool] = ..., stdin_writer: _Optional[str] = ...) -> None: ...
 
 class GroupEvent(_message.Message):
     __slots__ = ("seq", "group", "kind", "at", "epoch")
@@ -412,3 +438,65 @@ class PortOwner(_message.Message):
     listening: bool
     agent: str
     def __init__(self, port: _Optional[int] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., user: _Optional[str] = ..., command: _Optional[str] = ..., group_id: _Optional[str] = ..., session_id: _Optional[str] = ..., label: _Optional[str] = ..., name: _Optional[str] = ..., listening: _Optional[bool] = ..., agent: _Optional[str] = ...) -> None: ...
+
+class OutputChunk(_message.Message):
+    __slots__ = ("group_id", "stream", "data", "at", "run", "dropped", "event", "offset", "seq", "session_id", "label", "agent")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    stream: OutputStream
+    data: bytes
+    at: _timestamp_pb2.Timestamp
+    run: int
+    dropped: int
+    event: str
+    offset: int
+    seq: int
+    session_id: str
+    label: str
+    agent: str
+    def __init__(self, group_id: _Optional[str] = ..., stream: _Optional[_Union[OutputStream, str]] = ..., data: _Optional[bytes] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run: _Optional[int] = ..., dropped: _Optional[int] = ..., event: _Optional[str] = ..., offset: _Optional[int] = ..., seq: _Optional[int] = ..., session_id: _Optional[str] = ..., label: _Optional[str] = ..., agent: _Optional[str] = ...) -> None: ...
+
+class LogsRequest(_message.Message):
+    __slots__ = ("group_ids", "session_id", "tail_lines", "since", "follow")
+    GROUP_IDS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TAIL_LINES_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    group_ids: _containers.RepeatedScalarFieldContainer[str]
+    session_id: str
+    tail_lines: int
+    since: _timestamp_pb2.Timestamp
+    follow: bool
+    def __init__(self, group_ids: _Optional[_Iterable[str]] = ..., session_id: _Optional[str] = ..., tail_lines: _Optional[int] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., follow: _Optional[bool] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("group_id", "session_id", "write", "stdin", "close_stdin", "tail_lines", "close_stdin_on_detach", "on_behalf_of")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    WRITE_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_STDIN_FIELD_NUMBER: _ClassVar[int]
+    TAIL_LINES_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_STDIN_ON_DETACH_FIELD_NUMBER: _ClassVar[int]
+    ON_BEHALF_OF_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    session_id: str
+    write: bool
+    stdin: bytes
+    close_stdin: bool
+    tail_lines: int
+    close_stdin_on_detach: bool
+    on_behalf_of: str
+    def __init__(self, group_id: _Optional[str] = ..., session_id: _Optional[str] = ..., write: _Optional[bool] = ..., stdin: _Optional[bytes] = ..., close_stdin: _Optional[bool] = ..., tail_lines: _Optional[int] = ..., close_stdin_on_detach: _Optional[bool] = ..., on_behalf_of: _Optional[str] = ...) -> None: ...

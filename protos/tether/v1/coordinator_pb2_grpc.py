@@ -140,6 +140,16 @@ class CoordinatorServiceStub:
                 request_serializer=tether_dot_v1_dot_coordinator__pb2.LeaseRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_coordinator__pb2.LeaseState.FromString,
                 _registered_method=True)
+        self.Logs = channel.unary_stream(
+                '/tether.v1.CoordinatorService/Logs',
+                request_serializer=tether_dot_v1_dot_common__pb2.LogsRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_common__pb2.OutputChunk.FromString,
+                _registered_method=True)
+        self.Attach = channel.stream_stream(
+                '/tether.v1.CoordinatorService/Attach',
+                request_serializer=tether_dot_v1_dot_common__pb2.AttachRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_common__pb2.OutputChunk.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -290,6 +300,21 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Logs(self, request, context):
+        """Captured stdout and stderr of a session's groups (or some), interleaved; see
+        AgentService.Logs. session_id is required.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Attach(self, request_iterator, context):
+        """A group's stdio, through the agent holding it; see AgentService.Attach.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -397,6 +422,16 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.OpenLease,
                     request_deserializer=tether_dot_v1_dot_coordinator__pb2.LeaseRequest.FromString,
                     response_serializer=tether_dot_v1_dot_coordinator__pb2.LeaseState.SerializeToString,
+            ),
+            'Logs': grpc.unary_stream_rpc_method_handler(
+                    servicer.Logs,
+                    request_deserializer=tether_dot_v1_dot_common__pb2.LogsRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_common__pb2.OutputChunk.SerializeToString,
+            ),
+            'Attach': grpc.stream_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=tether_dot_v1_dot_common__pb2.AttachRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_common__pb2.OutputChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -966,6 +1001,60 @@ class CoordinatorService:
             '/tether.v1.CoordinatorService/OpenLease',
             tether_dot_v1_dot_coordinator__pb2.LeaseRequest.SerializeToString,
             tether_dot_v1_dot_coordinator__pb2.LeaseState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Logs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tether.v1.CoordinatorService/Logs',
+            tether_dot_v1_dot_common__pb2.LogsRequest.SerializeToString,
+            tether_dot_v1_dot_common__pb2.OutputChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tether.v1.CoordinatorService/Attach',
+            tether_dot_v1_dot_common__pb2.AttachRequest.SerializeToString,
+            tether_dot_v1_dot_common__pb2.OutputChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,112 @@
+"""`tether logs`: a session's (or some groups') captured output, as written or as JSON.
+
+As a table (the default), output goes where the program wrote it: stdout chunks to
+stdout, stderr chunks to stderr, byte for byte (NUL bytes and invalid UTF-8 included).
+With several groups each line is prefixed with the group (``web g-1a2b3c4d | ``), a line
+written in pieces is printed once it is complete. tether's own notes (run boundaries,
+the end, output dropped because this reader fell behind) go to stderr as ``[tether]``
+lines. ``-o json``: one object per chunk, ``data`` as text when it is UTF-8, else
+``data_base64``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import json
+import sys
+from typing import BinaryIO
+
+from tether.client.aio import AsyncClient, TimedOut
+from tether.coordinator.cli.exitcodes import CLIError, ExitCode
+from tether.core.output import OutputChunk, Stream
+
+
+def chunk_dict(c: OutputChunk) -> dict[str, object]:
+    d: dict[str, object] = {
+        "group_id": c.group_id, "label": c.label, "agent": c.agent, "stream": c.stream.value,
+        "run": c.run, "at": datetime.datetime.fromtimestamp(c.at, datetime.UTC)
+        .isoformat(timespec="microseconds").replace("+00:00", "Z"),
+        "offset": c.offset,
+    }
+    if c.event:
+        d["event"] = c.event
+    if c.dropped:
+        d["dropped"] = c.dropped
+    try:
+        d["data"] = c.data.decode("utf-8")
+    except UnicodeDecodeError:
+        d["data"] = None
+        d["data_base64"] = base64.b64encode(c.data).decode()
+    return d
+
+
+class Printer:
+    def __init__(self, output: str, prefixed: bool, out: BinaryIO | None = None,
+                 err: BinaryIO | None = None) -> None:
+        self.json = output == "json"
+        self.prefixed = prefixed
+        self.out = out or sys.stdout.buffer
+        self.err = err or sys.stderr.buffer
+        #: Incomplete last lines, per (group, stream), when lines are prefixed.
+        self.partial: dict[tuple[str, Stream], bytes] = {}
+
+    @staticmethod
+    def name(c: OutputChunk) -> str:
+        return f"{c.label} {c.group_id}" if c.label else c.group_id
+
+    def chunk(self, c: OutputChunk) -> None:
+        if self.json:
+            self.out.write(json.dumps(chunk_dict(c)).encode() + b"\n")
+            self.out.flush()
+            return
+        if c.dropped:
+            self._note(c, f"{c.dropped} bytes of its output were dropped before this point "
+                          "(it wrote faster than they were read)")
+        if c.stream is Stream.TETHER:
+            self._note(c, c.text)
+            return
+        dest = self.out if c.stream is Stream.STDOUT else self.err
+        if not self.prefixed:
+            dest.write(c.data)
+            dest.flush()
+            return
+        key = (c.group_id, c.stream)
+        data = self.partial.pop(key, b"") + c.data
+        *lines, rest = data.split(b"\n")
+        head = f"{self.name(c)} | ".encode()
+        for line in lines:
+            dest.write(head + line + b"\n")
+        if rest:
+            self.partial[key] = rest
+        dest.flush()
+
+    def _note(self, c: OutputChunk, text: str) -> None:
+        where = f" {self.name(c)}" if self.prefixed else ""
+        self.err.write(f"[tether]{where}: {text}\n".encode(errors="replace"))
+        self.err.flush()
+
+    def end(self) -> None:
+        for (gid, stream), rest in self.partial.items():
+            dest = self.out if stream is Stream.STDOUT else self.err
+            dest.write(f"{gid} | ".encode() + rest + b"\n")
+        self.partial.clear()
+        self.out.flush()
+        self.err.flush()
+
+
+async def cmd_logs(c: AsyncClient, args: argparse.Namespace) -> int:
+    if args.tail is not None and args.tail < 0:
+        raise CLIError(f"--tail {args.tail}: give a number of lines, 0 or more")
+    printer = Printer(args.output, prefixed=len(args.groups) != 1)
+    try:
+        async for chunk in c.logs(args.session, groups=args.groups, tail=args.tail,
+                                  since=args.since, follow=args.follow, timeout=args.timeout):
+            printer.chunk(chunk)
+    except TimedOut:
+        if not args.follow:
+            raise
+    finally:
+        printer.end()
+    return ExitCode.OK

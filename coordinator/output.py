@@ -1,0 +1,244 @@
+"""Output and stdio through the coordinator: ``Logs`` fanned out to the agents holding a
+session's groups, ``Attach`` passed through to the agent holding the group.
+
+``Logs`` asks each agent for its groups by id (never by session: the coordinator knows
+which groups a session has, and a per-group stream ends by itself once the group's
+output is complete). A session followed as a whole also picks up groups spawned after
+the call began (from the session's own events), and ends once the session is stopped
+and every group's output is complete. Chunks of one agent arrive in that agent's order
+of capture; the backlogs of several agents are merged by capture time (their clocks),
+their live output in the order it arrives. Between the agents and one reader sit at
+most ``QUEUE`` chunks: a reader that does not keep up makes the agents' streams wait,
+and the agents drop that reader's oldest output (telling it how much) without slowing
+any group. An agent that cannot be asked is said so, per group, in a ``tether`` note.
+
+Groups whose output no agent captures (``tether.core.output.capture_gap``: ssh targets,
+docker groups with ``--log`` or orphan policy ``keep``) are never asked for: a read of
+only such groups, and an Attach to one, is refused (``Conflict``) saying why; a wider
+read gives one ``not_captured`` note for each, so silence is never mistaken for output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Final
+
+from tether.core.errors import AgentNotFound, Conflict, GroupNotFound, InvalidSpec, TetherError
+from tether.core.model import EventKind, OrphanPolicy
+from tether.core.output import (
+    AttachOpen,
+    LogQuery,
+    Note,
+    OutputChunk,
+    StdinInput,
+    Stream,
+    capture_gap,
+)
+from tether.core.sessions import GroupEntry, GroupSelector, SessionEvent, SessionState
+
+if TYPE_CHECKING:
+    from tether.coordinator.core import Coordinator
+    from tether.coordinator.model import TrackedGroup
+
+#: Chunks in flight between the agents' streams and one reader.
+QUEUE: Final = 256
+_DONE: Final = object()
+
+
+class OutputRoutes:
+    def __init__(self, c: Coordinator) -> None:
+        self.c = c
+
+    # ------------------------------------------------------------ Logs
+
+    def logs(self, query: LogQuery, selector: GroupSelector) -> AsyncIterator[OutputChunk]:
+        """See the module docstring. Raises now (not at the first chunk) for an unknown
+        session, or a group or label the session does not have."""
+        if not query.session_id:
+            raise InvalidSpec("Logs through the coordinator needs the session", field="session_id")
+        chosen = self.c.fanout.select(query.session_id, selector)
+        # Groups whose output no agent captures (their target): said once, never asked for.
+        gaps = [t for t in chosen if _gap(t)]
+        if gaps and len(gaps) == len(chosen) and not selector.everything:
+            raise Conflict(f"group {gaps[0].group_id} ({gaps[0].spec.target}): {_gap(gaps[0])}")
+        chosen = [t for t in chosen if not _gap(t)]
+        if query.follow:
+            chunks = self._follow(query, chosen, selector.everything)
+        else:
+            chunks = self._backlog(query, chosen)
+        return _prefixed([_uncaptured(t) for t in gaps], chunks) if gaps else chunks
+
+    def _ask(self, agent: str, gids: list[str], query: LogQuery
+             ) -> AsyncIterator[OutputChunk]:
+        link = self.c.agents.links.get(agent)
+        if link is None:
+            raise AgentNotFound(agent, list(self.c.agents.links))
+        return self.c.agents.client(link).logs(LogQuery(tuple(gids), tail=query.tail,
+                                                         since=query.since,
+                                                         follow=query.follow))
+
+    async def _collect(self, agent: str, gids: list[str], query: LogQuery
+                       ) -> list[OutputChunk]:
+        out: list[OutputChunk] = []
+        try:
+            async for chunk in self._ask(agent, gids, query):
+                out.append(replace(chunk, agent=agent))
+        except TetherError as exc:
+            out.extend(_trouble(agent, gid, exc) for gid in gids)
+        return out
+
+    async def _backlog(self, query: LogQuery, chosen: list[TrackedGroup]
+                       ) -> AsyncIterator[OutputChunk]:
+        parts = await asyncio.gather(*(self._collect(agent, gids, query)
+                                       for agent, gids in _by_agent(chosen).items()))
+        if len(parts) == 1:
+            merged = parts[0]  # one agent: its own order of capture, exactly
+        else:
+            merged = sorted((c for p in parts for c in p), key=lambda c: (c.at, c.seq))
+        for chunk in merged:
+            yield chunk
+
+    async def _follow(self, query: LogQuery, chosen: list[TrackedGroup], whole: bool
+                      ) -> AsyncIterator[OutputChunk]:
+        session = query.session_id
+        queue: asyncio.Queue[object] = asyncio.Queue(QUEUE)
+        tasks: set[asyncio.Task[None]] = set()
+        asked: set[tuple[str, str]] = set()
+        state = {"running": 0, "stopped": False}
+
+        def ask(agent: str, gids: list[str], q: LogQuery) -> None:
+            asked.update((agent, g) for g in gids)
+            state["running"] += 1
+            tasks.add(asyncio.ensure_future(self._pump(agent, gids, q, queue)))
+
+        def session_done() -> bool:
+            s = self.c.session(session)
+            return s.state is SessionState.STOPPED and not self.c.busy(session)
+
+        events = self.c.watch_session(session, initial=False) if whole else None
+        if whole:
+            state["stopped"] = session_done()
+        for agent, gids in _by_agent(chosen).items():
+            ask(agent, gids, query)
+        if events is not None:
+            tasks.add(asyncio.ensure_future(self._newcomers(events, asked, ask, query,
+                                                            queue, session_done)))
+        try:
+            while True:
+                if state["running"] == 0 and (not whole or state["stopped"]):
+                    return
+                item = await queue.get()
+                if item is _DONE:
+                    state["running"] -= 1
+                elif item is _STOPPED:
+                    state["stopped"] = True
+                else:
+                    assert isinstance(item, OutputChunk)
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if events is not None:
+                await events.aclose()  # type: ignore[attr-defined]
+
+    async def _pump(self, agent: str, gids: list[str], query: LogQuery,
+                    queue: asyncio.Queue[object]) -> None:
+        try:
+            async for chunk in self._ask(agent, gids, query):
+                await queue.put(replace(chunk, agent=agent))
+        except TetherError as exc:
+            for note in (_trouble(agent, gid, exc) for gid in gids):
+                await queue.put(note)
+        await queue.put(_DONE)  # (a cancelled pump: the reader is gone, nobody counts)
+
+    @staticmethod
+    async def _newcomers(events: AsyncIterator[SessionEvent], asked: set[tuple[str, str]],
+                         ask: Callable[[str, list[str], LogQuery], None], query: LogQuery,
+                         queue: asyncio.Queue[object], session_done: Callable[[], bool]
+                         ) -> None:
+        """Groups spawned into a followed session after the call began, and its end."""
+        async for ev in events:
+            group = ev.group
+            if group is not None and (group.agent, group.view.group_id) not in asked \
+                    and capture_gap(group.view.spec.target, group.view.spec.log_path,
+                                group.view.spec.orphan_policy is OrphanPolicy.KEEP):
+                asked.add((group.agent, group.view.group_id))
+                await queue.put(_uncaptured(group))
+            elif group is not None and (group.agent, group.view.group_id) not in asked:
+                # Everything it wrote: it began after the reader did.
+                ask(group.agent, [group.view.group_id], replace(query, tail=None, since=0.0))
+            if ev.kind is EventKind.SESSION_STOPPED or session_done():
+                await queue.put(_STOPPED)
+
+    # ------------------------------------------------------------ Attach
+
+    def attach(self, opened: AttachOpen, inputs: AsyncIterator[StdinInput]
+               ) -> AsyncIterator[OutputChunk]:
+        if not opened.session_id:
+            raise InvalidSpec("Attach through the coordinator needs the group's session",
+                              field="session_id")
+        found = self.c.fanout.select(opened.session_id, GroupSelector((opened.group_id,)))
+        t = found[0]
+        if _gap(t):
+            raise Conflict(f"group {t.group_id} ({t.spec.target}): {_gap(t)}")
+        link = self.c.agents.links.get(t.agent)
+        if link is None:
+            raise AgentNotFound(t.agent, list(self.c.agents.links))
+        client = self.c.agents.client(link)
+        return _with_agent(t.agent, client.attach(opened, inputs))
+
+
+_STOPPED: Final = object()
+
+
+def _gap(t: TrackedGroup) -> str:
+    return capture_gap(t.spec.target, t.spec.log_path,
+                       t.spec.orphan_policy is OrphanPolicy.KEEP)
+
+
+def _uncaptured(t: TrackedGroup | GroupEntry) -> OutputChunk:
+    view = t.view
+    gap = capture_gap(view.spec.target, view.spec.log_path,
+                      view.spec.orphan_policy is OrphanPolicy.KEEP)
+    return OutputChunk(view.group_id, Stream.TETHER, f"not captured: {gap}".encode(),
+                       time.time(), event=Note.NOT_CAPTURED.value, session_id=view.spec.session_id,
+                       label=view.spec.label, agent=t.agent)
+
+
+async def _prefixed(first: list[OutputChunk], rest: AsyncIterator[OutputChunk]
+                    ) -> AsyncIterator[OutputChunk]:
+    try:
+        for c in first:
+            yield c
+        async for c in rest:
+            yield c
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
+
+
+async def _with_agent(agent: str, chunks: AsyncIterator[OutputChunk]
+                      ) -> AsyncIterator[OutputChunk]:
+    try:
+        async for chunk in chunks:
+            yield replace(chunk, agent=agent)
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+
+
+def _by_agent(chosen: list[TrackedGroup]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for t in chosen:
+        out.setdefault(t.agent, []).append(t.group_id)
+    return out
+
+
+def _trouble(agent: str, gid: str, exc: TetherError) -> OutputChunk:
+    why = (f"agent {agent!r} no longer holds this group's output (it ended and was dropped "
+           "from the agent's memory, or the agent restarted)" if isinstance(exc, GroupNotFound)
+           else f"agent {agent!r} could not be asked: {exc}")
+    return OutputChunk(gid, Stream.TETHER, f"{why}; this group's output may be incomplete"
+                       .encode(), time.time(), event=Note.CAPTURE_LOST.value, agent=agent)
