@@ -20,6 +20,7 @@ from typing import TypeVar
 
 from tether.agent import users
 from tether.agent.capacity import Capacity
+from tether.agent.execprobe import exec_runner
 from tether.agent.groups import Group
 from tether.agent.lifecycle import Lifecycle, build_launch, dispose, leader_status
 from tether.agent.plugins import Plugins
@@ -34,15 +35,12 @@ from tether.core.errors import (
     TetherError,
 )
 from tether.core.model import (
-    MARKER_ENV,
     AssignedPort,
     EventKind,
     FailureClass,
     GroupSpec,
     GroupState,
     GroupView,
-    Limits,
-    OrphanPolicy,
     ProbeKind,
     RunContext,
     StdinMode,
@@ -392,40 +390,7 @@ class Starter:
 
     def _exec_runner(self, g: Group, signaller: Signaller, where: str,
                      prefix: str = "probe") -> ExecRunner:
-        counter = 0
-
-        async def run(argv: tuple[str, ...], timeout: float) -> tuple[int | None, str]:
-            nonlocal counter
-            counter += 1
-            try:
-                base = self.base_launch(g, where)
-            except StartFailed as exc:
-                return None, f"exec probe not run: {exc.message}"
-            # Probes are kill-policy trees whatever the group's policy: none may outlive a
-            # dead agent (a keep group's re-adoption would claim it as its own).
-            probe_id = f"{g.group_id}.{prefix}{counter}"
-            launch = replace(base, group_id=probe_id, argv=argv, limits=Limits(),
-                             orphan_policy=OrphanPolicy.KILL, capture=False,
-                             stdin=StdinMode.NULL, env={**base.env, MARKER_ENV: probe_id})
-            try:
-                handle = await signaller.spawn(launch)
-            except StartFailed as exc:
-                return 127, f"exec probe could not start: {exc.message}"
-            except TetherError as exc:
-                return None, f"exec probe could not start: {exc}"
-            try:
-                async with asyncio.timeout(timeout):
-                    status = await handle.wait_leader()
-            except TimeoutError:
-                return None, (f"exec probe {argv[0]!r} timed out after {timeout:g} s; its tree "
-                              "was killed")
-            finally:
-                # The probe's whole tree dies with it, whatever happened (cancellation too).
-                await asyncio.shield(dispose(handle))
-            code = status.exit_code if status.exit_code is not None else 128 + (status.signal or 0)
-            return code, f"exec probe exited with {status.describe()}"
-
-        return run
+        return exec_runner(g, signaller, lambda: self.base_launch(g, where), prefix)
 
     # ------------------------------------------------------------ restarts (supervise.py)
 

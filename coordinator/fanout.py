@@ -389,19 +389,16 @@ class Fanout:
             link = self.c.agents.links.get(t.agent)
             if link is None:
                 return replace(self.c.report(t), error=f"agent {t.agent!r} is not registered")
-            limit = (grace if grace is not None else t.view.stop.grace) \
-                + t.view.spec.start_timeout + RESTART_MARGIN
+            limit = (t.view.stop.grace if grace is None else grace) + t.view.spec.start_timeout
             try:
-                view = await self.c.agents.client(link).restart(t.group_id, override,
-                                                               timeout=limit)
+                view = await self.c.agents.client(link).restart(
+                    t.group_id, override, timeout=limit + RESTART_MARGIN)
             except TetherError as exc:
                 return replace(self.c.report(t), error=str(exc))
-            self.c.absorb(t.agent, view)
-            if t.ended:
-                return self.c.report(t)
-            # The answer is this restart's outcome; the watch stream may still be delivering
-            # the restart's earlier events (restarting, starting), which it catches up on.
-            return self.c.report(replace(t, view=replace(view, spec=t.view.spec)))
+            self.c.absorb(t.agent, view)  # the answer is this restart's outcome (the watch
+            # stream may still be delivering its earlier events: restarting, starting)
+            return self.c.report(t if t.ended else replace(t, view=replace(
+                view, spec=t.view.spec)))
 
         reports = list(await asyncio.gather(*(one(t) for t in live)))
         self.c.hooks.fanout("restart", time.monotonic() - t0)

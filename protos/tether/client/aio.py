@@ -715,6 +715,8 @@ class Attachment:
             yield chunk
 
     async def read(self) -> OutputChunk | None:
+        """The next chunk of the group's output (or a note: drops, run boundaries), None
+        once the stream ended (the group ended, or ``close``)."""
         try:
             msg = await self._call.read()
         except grpc.aio.AioRpcError as exc:
@@ -726,6 +728,8 @@ class Attachment:
         return chunk_from_pb(msg)
 
     async def write(self, data: bytes) -> None:
+        """Write ``data`` to the group's stdin (the writer only: ``attach(write=True)``);
+        returns once the agent took it, so a program that never reads slows only this."""
         if not self.writer:
             raise Conflict("this attachment is not the writer; attach with write=True")
         if not self._writing:
