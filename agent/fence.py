@@ -9,8 +9,10 @@ harm, whatever it sends, reads included (it learns at once that it was replaced)
 
 Only callers with the ``coordinator`` (or ``admin``) role move the fence: a reader
 sending a huge epoch must not lock the real coordinator out. A call without the header
-(an administrator calling the agent directly, a coordinator alone on SQLite before this
-existed) is not fenced.
+(an administrator calling the agent directly, a coordinator alone on SQLite) is not
+fenced, except that once this agent has obeyed an epoch, a *coordinator* credential's
+mutating call without one is refused: every call a leader makes carries its epoch, so
+such a call comes from something that bypasses fencing.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ log = logging.getLogger(__name__)
 AGENT_SERVICE = "/tether.v1.AgentService/"
 #: Roles whose epoch counts (the others' header is ignored).
 FENCING_ROLES = (RoleKind.COORDINATOR, RoleKind.ADMIN)
+#: Calls that change something on the agent: refused from a coordinator credential
+#: without an epoch once the agent has obeyed one.
+MUTATING = frozenset({"Spawn", "Adopt", "Signal", "Stop", "StopGroups", "Restart", "Forget"})
 
 
 class Fence:
@@ -104,10 +109,27 @@ class FenceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or not details.method.startswith(AGENT_SERVICE):
             return handler
         epoch = _epoch_of(details.invocation_metadata)
-        if epoch is None:
-            return handler
         fence = self.fence
         method = details.method.removeprefix(AGENT_SERVICE)
+        if epoch is None:
+            if method not in MUTATING:
+                return handler
+
+            async def unfenced(request: Any, context: Any) -> Any:
+                caller = CALLER.get()
+                if fence.newest > 0 and caller is not None \
+                        and caller.role.kind == RoleKind.COORDINATOR:
+                    log.warning("agent %r: refused %s from a coordinator credential without "
+                                "%s (obeying epoch %d)", fence.agent, method, EPOCH_HEADER,
+                                fence.newest)
+                    await context.abort(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"agent {fence.agent!r} obeys coordinator epoch {fence.newest}: a "
+                        f"coordinator's {method} must carry {EPOCH_HEADER}",
+                        trailing_metadata=((FENCE_TRAILER, str(fence.newest)),))
+                return request
+
+            return wrap_handler(handler, unfenced, handler.request_deserializer)
 
         async def admit(request: Any, context: Any) -> Any:
             caller = CALLER.get()

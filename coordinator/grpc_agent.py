@@ -174,7 +174,7 @@ class GrpcAgentClient(AgentClient):
         if override is not None:
             req.policy.CopyFrom(override_to_pb(override))
         try:
-            reply = await self._stub.Restart(req, timeout=timeout)
+            reply = await self._stub.Restart(req, timeout=timeout, metadata=self._md())
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
         return group_from_pb(reply.group)
@@ -183,7 +183,7 @@ class GrpcAgentClient(AgentClient):
                      timeout: float) -> tuple[list[str], dict[str, str]]:
         try:
             reply = await self._stub.Forget(apb.ForgetRequest(group_ids=list(group_ids)),
-                                            timeout=timeout)
+                                            timeout=timeout, metadata=self._md())
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
         return list(reply.forgotten), dict(reply.errors)
@@ -211,7 +211,8 @@ class GrpcAgentClient(AgentClient):
 
     async def list_ports(self, port: int, *, timeout: float) -> list[PortOwner]:
         try:
-            reply = await self._stub.ListPorts(apb.ListPortsRequest(port=port), timeout=timeout)
+            reply = await self._stub.ListPorts(apb.ListPortsRequest(port=port), timeout=timeout,
+                                               metadata=self._md())
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
         return [replace(port_owner_from_pb(o), agent=self.name) for o in reply.ports]
