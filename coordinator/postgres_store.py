@@ -20,6 +20,7 @@ statements, no session advisory locks, no LISTEN, no SET outside a transaction).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import urllib.parse
@@ -41,6 +42,7 @@ from tether.coordinator.store import (
 )
 from tether.core.errors import NotLeader, StateFileError, StoreUnavailable
 from tether.core.sessions import AgentInfo, Session, SessionEvent, StopIntent
+from tether.core.writebehind import RowsRefused
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -120,6 +122,10 @@ def is_store_url(text: str) -> bool:
 
 class SchemaTooNew(StateFileError):
     pass
+
+
+class _RolledBack(Exception):
+    """Raised to roll a probing transaction back."""
 
 
 def _quote(column: str) -> str:
@@ -283,6 +289,7 @@ class PostgresStore:
 
     async def write(self, batch: Batch, term: Term | None = None) -> None:
         upserts: dict[str, list[rows.Row]] = {}
+        keys_of: dict[str, list[Any]] = {}
         deletes: dict[str, list[tuple[str, ...]]] = {}
         newest = 0
         for key, value in batch.items():
@@ -304,9 +311,12 @@ class PostgresStore:
                 newest = max(newest, value.seq)
             else:
                 raise TypeError(f"cannot store {type(value).__name__} under {key}")
+            if value is not None:
+                keys_of.setdefault(kind, []).append(key)
         prune = newest - self._pruned >= EVENTS_KEPT // 10
 
-        async def apply(conn: psycopg.AsyncConnection[Any]) -> None:
+        async def apply(conn: psycopg.AsyncConnection[Any],
+                        refused: dict[Any, str] | None = None) -> None:
             if term is not None:
                 cur = await conn.execute(
                     "SELECT 1 FROM tether_leader WHERE id = 1 AND holder = %s AND epoch = %s "
@@ -319,12 +329,36 @@ class PostgresStore:
                     await cur.executemany(_delete(table, key_columns), keys)
                 for kind, values in upserts.items():
                     table, columns, key_columns = _TABLES[kind]
-                    await cur.executemany(_upsert(table, columns, key_columns), values)
+                    sql = _upsert(table, columns, key_columns)
+                    if refused is None:
+                        await cur.executemany(sql, values)
+                        continue
+                    for key, value in zip(keys_of[kind], values, strict=True):
+                        try:  # each row in a savepoint, to learn which ones are refused
+                            async with conn.transaction():
+                                await cur.execute(sql, value)
+                        except psycopg.DataError as exc:
+                            refused[key] = self._clean(str(exc))
                 if prune:
                     await cur.execute("DELETE FROM tether_events WHERE seq <= %s",
                                       (newest - EVENTS_KEPT,))
 
-        await self._in_transaction(apply)
+        try:
+            await self._in_transaction(apply)
+        except psycopg.DataError as exc:
+            # A row the database cannot hold (a NUL in text, a number out of range) fails
+            # the batch; retried as it is, it would fail every later batch too. Find the
+            # rows it refuses (row by row, rolled back: the batch stays all or nothing)
+            # and say which, so the writer drops them and writes the rest.
+            refused: dict[Any, str] = {}
+
+            async def probe(conn: psycopg.AsyncConnection[Any]) -> None:
+                await apply(conn, refused)
+                raise _RolledBack
+
+            with contextlib.suppress(_RolledBack):
+                await self._in_transaction(probe)
+            raise RowsRefused(refused or {k: self._clean(str(exc)) for k in batch}) from exc
         if prune:
             self._pruned = newest
 

@@ -25,6 +25,7 @@ CASES = [
     "takeover_load_timeout",
     "restored_store_two_leaders",
     "nul_registration_wedges_store",
+    "unwritable_leader_steps_down",
     "group_stop_lost_on_failover",
     "unfenced_restart",
     "agent_full_disk_fence",
