@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,13 +54,12 @@ class Fence:
         self.on_refused = on_refused
         self.newest = 0
         self._lock = asyncio.Lock()
-        if path is not None and path.exists():
-            try:
-                self.newest = int(json.loads(path.read_text())["epoch"])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"cannot read the coordinator epoch file {path}: {exc}; "
-                                 "remove it if the agent should obey whichever coordinator "
-                                 "calls next") from exc
+        #: An epoch obeyed but not yet in ``path`` (its write failed: a full disk);
+        #: retried in the background.
+        self.unsaved = 0
+        self._retry: asyncio.Task[None] | None = None
+        if path is not None:
+            self.newest = _read(path)
 
     async def admit(self, epoch: int) -> None:
         """Let a call of coordinator ``epoch`` through, or raise ``Fenced``."""
@@ -74,10 +74,73 @@ class Fence:
                 raise Fenced(self.agent, epoch, self.newest)
             if epoch > self.newest:
                 if self.path is not None:
-                    await asyncio.to_thread(_write, self.path, epoch)
+                    try:
+                        await asyncio.to_thread(_write, self.path, epoch)
+                    except OSError as exc:
+                        # Obey it anyway: refusing every call of the new leader while the
+                        # disk is full would leave its stops undone. Until the file is
+                        # written, a restarted agent would not remember this epoch.
+                        log.error("agent %r: cannot write coordinator epoch %d to %s (%s); "
+                                  "obeying it from memory and retrying (an agent restarted "
+                                  "before it is written forgets it)", self.agent, epoch,
+                                  self.path, exc)
+                        self.unsaved = epoch
+                        self._keep_trying()
                 log.info("agent %r: coordinator epoch %d now leads (was %d); calls of older "
                          "epochs are refused", self.agent, epoch, self.newest)
                 self.newest = epoch
+
+    def _keep_trying(self) -> None:
+        if self._retry is None or self._retry.done():
+            self._retry = asyncio.get_running_loop().create_task(
+                self._persist(), name="fence: write the coordinator epoch")
+
+    async def _persist(self) -> None:
+        delay = 0.5
+        while self.unsaved and self.path is not None:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+            async with self._lock:
+                epoch = self.newest
+                try:
+                    await asyncio.to_thread(_write, self.path, epoch)
+                except OSError as exc:
+                    log.warning("agent %r: still cannot write coordinator epoch %d to %s: %s",
+                                self.agent, epoch, self.path, exc)
+                    continue
+                log.info("agent %r: coordinator epoch %d written to %s", self.agent, epoch,
+                         self.path)
+                if self.newest == epoch:
+                    self.unsaved = 0
+
+
+def _read(path: Path) -> int:
+    """The epoch in ``path`` (0 if there is none). Opened without blocking: a FIFO or a
+    device there is refused with a message instead of hanging the agent's start."""
+    advice = "remove it if the agent should obey whichever coordinator calls next"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        raise ValueError(f"cannot read the coordinator epoch file {path}: {exc}; "
+                         f"{advice}") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"the coordinator epoch file {path} is not a regular file (a "
+                             f"FIFO, device or socket: reading it could block forever); "
+                             f"{advice}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(4096)
+        return int(json.loads(data)["epoch"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, ValueError) and "not a regular file" in str(exc):
+            raise
+        raise ValueError(f"cannot read the coordinator epoch file {path}: {exc}; "
+                         f"{advice}") from exc
+    finally:
+        os.close(fd)
 
 
 def _write(path: Path, epoch: int) -> None:
