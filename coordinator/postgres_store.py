@@ -96,6 +96,9 @@ MIGRATION_LOCK = 0x746574686572
 #: How long one store operation may take before the store counts as unavailable.
 OP_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
+#: libpq TCP keepalives: a silent server (a partition) is noticed in seconds.
+KEEPALIVES: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
+              "keepalives_count": 3}
 
 _TABLES = {"agent": ("tether_agents", rows.AGENT_COLUMNS, ("name",)),
            "session": ("tether_sessions", rows.SESSION_COLUMNS, ("session_id",)),
@@ -146,8 +149,18 @@ def _delete(table: str, key: Sequence[str]) -> str:
 class PostgresStore:
     shared = True
 
-    def __init__(self, url: str, *, op_timeout: float = OP_TIMEOUT) -> None:
+    def __init__(self, url: str, *, op_timeout: float = OP_TIMEOUT,
+                 lease_ttl: float = 3.0) -> None:
         self.url = url
+        # Server-side limits set in every transaction (SET LOCAL: no session state, so
+        # PgBouncer's transaction mode is fine). A coordinator that goes silent with a
+        # transaction open (a partition, SIGSTOP, a VM freeze) would otherwise keep its
+        # locks on tether_leader until TCP gives up (hours): its transaction is ended
+        # after half a lease idle, a lock is waited for at most half a lease, a statement
+        # runs at most the operation timeout.
+        half = max(0.5, lease_ttl / 2)
+        self._limits = (f"{int(half * 1000)}ms", f"{int(half * 1000)}ms",
+                        f"{int(op_timeout * 1000)}ms")
         self.where = f"PostgreSQL store {redact(url)}"
         self.lineage = ""
         self.op_timeout = op_timeout
@@ -156,14 +169,17 @@ class PostgresStore:
         self._pruned = 0
 
     @classmethod
-    async def open(cls, url: str, *, op_timeout: float = OP_TIMEOUT) -> PostgresStore:
+    async def open(cls, url: str, *, op_timeout: float = OP_TIMEOUT,
+                   lease_ttl: float = 3.0) -> PostgresStore:
         """Connect, create or migrate the schema, open the pool. Refuses a store that does
-        not answer, a wrong password, a schema from a newer tether (with what to do)."""
-        store = cls(url, op_timeout=op_timeout)
+        not answer, a wrong password, a schema from a newer tether (with what to do).
+        ``lease_ttl``: the leader lease's, which sizes the server-side timeouts."""
+        store = cls(url, op_timeout=op_timeout, lease_ttl=lease_ttl)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT + op_timeout):
                 conn = await psycopg.AsyncConnection.connect(
-                    url, connect_timeout=int(CONNECT_TIMEOUT), prepare_threshold=None)
+                    url, connect_timeout=int(CONNECT_TIMEOUT), prepare_threshold=None,
+                    **KEEPALIVES)
                 async with conn:
                     await store._migrate(conn)
         except TimeoutError:
@@ -173,7 +189,8 @@ class PostgresStore:
             raise store._unavailable(str(exc)) from exc
         store._pool = AsyncConnectionPool(
             url, min_size=1, max_size=4, open=False, timeout=op_timeout,
-            kwargs={"prepare_threshold": None, "connect_timeout": int(CONNECT_TIMEOUT)},
+            kwargs={"prepare_threshold": None, "connect_timeout": int(CONNECT_TIMEOUT),
+                    **KEEPALIVES},
             name="tether-store")
         await store._pool.open(wait=False)
         return store
@@ -224,14 +241,21 @@ class PostgresStore:
         return found
 
     async def _in_transaction(self, work: Callable[[psycopg.AsyncConnection[Any]],
-                                                   Awaitable[T]]) -> T:
-        """Run ``work`` in one transaction on a pooled connection, within the operation
+                                                   Awaitable[T]], first: str = "") -> T:
+        """Run ``work`` in one transaction (``first``: a SET TRANSACTION for it) on a
+        pooled connection, within the operation
         timeout; a database that does not answer is ``StoreUnavailable``."""
         if self._pool is None:
             raise StoreUnavailable(self.where, "the store is closed")
         try:
             async with asyncio.timeout(self.op_timeout):
                 async with self._pool.connection() as conn, conn.transaction():
+                    if first:
+                        await conn.execute(first.encode())
+                    await conn.execute(
+                        "SELECT set_config('idle_in_transaction_session_timeout', %s, true), "
+                        "set_config('lock_timeout', %s, true), "
+                        "set_config('statement_timeout', %s, true)", self._limits)
                     return await work(conn)
         except TimeoutError:
             raise StoreUnavailable(self.where, f"no answer within {self.op_timeout:g} s") \
@@ -246,7 +270,6 @@ class PostgresStore:
 
     async def load(self) -> Snapshot:
         async def read(conn: psycopg.AsyncConnection[Any]) -> Snapshot:
-            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             cur = await conn.execute("SELECT value FROM tether_meta "
                                      "WHERE key = 'schema_version'")
             version = int(((await cur.fetchone()) or ("0",))[0])
@@ -280,7 +303,8 @@ class PostgresStore:
                             self.lineage)
 
         try:
-            return await self._in_transaction(read)
+            return await self._in_transaction(
+                read, first="SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         except (ValueError, KeyError) as exc:
             raise StateFileError(self.where, str(exc), "restore the database from a backup, "
                                  "or clear its tether_ tables to start empty") from exc
@@ -373,6 +397,12 @@ class PostgresStore:
 
     async def acquire(self, holder: str, address: str, ttl: float) -> Lease:
         async def take(conn: psycopg.AsyncConnection[Any]) -> Lease:
+            # Read first, without a lock: an upsert locks the row even when its WHERE is
+            # false, and a standby gone silent right after would block the leader's
+            # renewals and batches. Only an expired (or absent) lease is written.
+            lease = await self._read_lease(conn)
+            if lease is not None and lease.remaining > 0:
+                return lease
             await conn.execute(
                 "INSERT INTO tether_leader AS l VALUES "
                 "(1, %s, %s, 1, now() + make_interval(secs => %s)) "

@@ -97,7 +97,7 @@ async def open_store(cfg: CoordinatorDaemonConfig) -> Store:
         raise TetherError(f"--store postgresql://... needs psycopg ({exc}): install tether "
                           "with its postgresql extra, `pip install 'tether[postgresql]'`") \
             from None
-    return await PostgresStore.open(cfg.store)
+    return await PostgresStore.open(cfg.store, lease_ttl=cfg.leader_ttl)
 
 
 def dial_settings(cfg: CoordinatorDaemonConfig) -> ClientSecurity:

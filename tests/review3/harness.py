@@ -43,7 +43,7 @@ class D:
             cmd = [PY, "-c", pre + "\nimport sys, runpy\nsys.argv = ['tether', *sys.argv[1:]]\n"
                    "runpy.run_module('tether.coordinator.cli', run_name='__main__')",
                    kind, *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "a"),
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "a"),  # noqa: SIM115
                                      stdin=subprocess.DEVNULL, text=True, start_new_session=True,
                                      env={**os.environ, **(env or {})})
         self.address = ""
