@@ -119,7 +119,8 @@ def make_coordinator(cfg: CoordinatorDaemonConfig, store: Store, metrics: Coordi
     def connect(info: AgentInfo) -> AgentClient:
         if lead is None:
             return GrpcAgentClient(info.name, info.address, dial)
-        inner = GrpcAgentClient(info.name, info.address, dial, epoch=lambda: lead.epoch)
+        inner = GrpcAgentClient(info.name, info.address, dial, epoch=lambda: lead.epoch,
+                                holder=lead.term.holder)
         return LeaderAgentClient(inner, lead, info.name)
 
     return Coordinator(

@@ -25,7 +25,7 @@ from tests.review3.harness import cluster, marked
 def main() -> int:
     from tether.client import Client
 
-    with cluster("restore", ttl=60.0) as cl:
+    with cluster("restore", ttl=30.0) as cl:
         b = cl.coordinator()
         assert cl.wait_leader() is b
         cl.agent("x1", coordinators=b.address)
@@ -33,12 +33,12 @@ def main() -> int:
         with Client(b.address, failover=10) as cb:
             gid = cb.spawn(["sleep", "300"], session="s", agent="x1", grace=1).view.group_id
         print("group", gid, "pids", marked(gid))
-        # Wait for B's renewal (expiry jumps to ~60 s ahead), then lose the row.
+        # Wait for B's renewal (expiry jumps to a lease ahead), then lose the row.
         deadline = time.monotonic() + 40
         while time.monotonic() < deadline:
             left = float(cl.psql("SELECT extract(epoch FROM expires_at - now()) "
                                  "FROM tether_leader"))
-            if left > 59.0:
+            if left > cl.ttl - 1:
                 break
             time.sleep(0.05)
         cl.psql("DELETE FROM tether_leader")  # the restored database has no newer row

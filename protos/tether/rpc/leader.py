@@ -3,6 +3,10 @@
 * ``tether-epoch`` (request header): the leader's epoch, on every call a coordinator
   makes to an agent. An agent refuses calls from an epoch older than the newest it has
   obeyed (``FAILED_PRECONDITION``), with ``tether-fence: NEWEST`` in the trailers.
+* ``tether-leader-id`` (request header, with ``tether-epoch``): the leader's lease
+  holder (a random id per term). Two leaders with one epoch (a database restored
+  without its newest leader row) are told apart: an agent that obeys epoch N of one
+  holder refuses epoch N of another, and whichever the store still names moves above.
 * ``tether-leader`` (trailer of an ``UNAVAILABLE``): the leader's address as the
   coordinator that answered knows it (empty: none leads right now). A standby answers
   so instead of serving the call; a leader that stepped down mid-call too, with
@@ -21,6 +25,7 @@ from collections.abc import Iterable
 from typing import Any
 
 EPOCH_HEADER = "tether-epoch"
+HOLDER_HEADER = "tether-leader-id"
 FENCE_TRAILER = "tether-fence"
 LEADER_TRAILER = "tether-leader"
 INTERRUPTED_TRAILER = "tether-interrupted"
