@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -40,6 +39,7 @@ from tether.coordinator.store import (
     SpawnIntent,
     Term,
 )
+from tether.coordinator.store_url import redact, secrets_of
 from tether.core.errors import NotLeader, StateFileError, StoreUnavailable
 from tether.core.sessions import AgentInfo, Session, SessionEvent, StopIntent
 from tether.core.writebehind import RowsRefused
@@ -108,17 +108,6 @@ _TABLES = {"agent": ("tether_agents", rows.AGENT_COLUMNS, ("name",)),
            "event": ("tether_events", rows.EVENT_COLUMNS, ("seq",))}
 
 
-def redact(url: str) -> str:
-    """The URL without its password (for messages and logs)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
 def is_store_url(text: str) -> bool:
     return text.startswith(("postgresql://", "postgres://"))
 
@@ -164,7 +153,7 @@ class PostgresStore:
         self.where = f"PostgreSQL store {redact(url)}"
         self.lineage = ""
         self.op_timeout = op_timeout
-        self._password = urllib.parse.urlsplit(url).password or ""
+        self._secrets = secrets_of(url)
         self._pool: AsyncConnectionPool | None = None
         self._pruned = 0
 
@@ -197,7 +186,9 @@ class PostgresStore:
 
     def _clean(self, text: str) -> str:
         text = " ".join(text.split())
-        return text.replace(self._password, "***") if self._password else text
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     def _unavailable(self, why: str) -> StoreUnavailable:
         why = self._clean(why)

@@ -326,3 +326,18 @@ async def test_postgresql_names_a_row_it_cannot_hold_and_the_writer_drops_only_i
         assert snap.agents == [] and persist.pending == 0 and persist.failing_since is None
     finally:
         await store.close()
+
+
+def test_store_urls_are_shown_without_any_secret_and_host_lists_are_taken() -> None:
+    """review3 store_url_password_leak, multihost_store_url: a password given as a query
+    parameter was shown as is, and a libpq host list made the coordinator refuse to start."""
+    from tether.coordinator.store_url import redact, secrets_of
+
+    assert redact("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert redact("postgresql://u@h/db?sslmode=require&password=p%40ss&sslpassword=k") == \
+        "postgresql://u@h/db?sslmode=require&password=***&sslpassword=***"
+    multi = "postgresql://u:pw@db1:5432,db2:5433/t?target_session_attrs=read-write"
+    assert redact(multi) == \
+        "postgresql://u:***@db1:5432,db2:5433/t?target_session_attrs=read-write"
+    assert secrets_of("postgresql://u@h/db?password=p%40ss") == ["p%40ss", "p@ss"]
+    assert secrets_of("postgresql://u@h/db") == []
