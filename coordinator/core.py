@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 from tether.coordinator.agent_client import AgentClient
 from tether.coordinator.agents import Agents
-from tether.coordinator.fanout import Fanout
+from tether.coordinator.fanout import GROUP_STOP, Fanout
 from tether.coordinator.model import InFlight, TrackedGroup
 from tether.coordinator.sessions import Sessions
 from tether.coordinator.spawns import adopt_spawns
@@ -153,6 +153,9 @@ class Coordinator:
                 log.warning("dropping the stop intent of session %r (%s): the session is not "
                             "in the store any more", intent.session_id, intent.cause)
                 self.persist.put(("intent", intent.session_id), None)
+                continue
+            if intent.cause.startswith(GROUP_STOP):
+                self.fanout.resume_group_stop(intent)
                 continue
             log.info("resuming the stop of session %r (%s) left by a previous run",
                      intent.session_id, intent.cause)

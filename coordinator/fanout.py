@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import replace
@@ -54,6 +55,20 @@ from tether.core.sessions import (
     StopIntent,
 )
 
+#: Cause of a stop intent that stops some groups of a session (JSON [agent, group id]
+#: pairs follow), not the session: ``tether stop S --group G`` survives a failover.
+GROUP_STOP = "groups:"
+
+
+def group_stop_keys(intent: StopIntent) -> list[tuple[str, str]]:
+    try:
+        return [(str(a), str(g)) for a, g in json.loads(intent.cause[len(GROUP_STOP):])]
+    except (ValueError, TypeError):
+        log.warning("session %r: an unreadable group stop intent %r is dropped",
+                    intent.session_id, intent.cause[:200])
+        return []
+
+
 if TYPE_CHECKING:
     from tether.coordinator.core import Coordinator
 
@@ -70,6 +85,9 @@ class Fanout:
     def __init__(self, c: Coordinator) -> None:
         self.c = c
         self._stops: dict[str, asyncio.Task[SessionReport]] = {}
+        #: Groups being stopped by ``stop_groups``, per session (persisted as the
+        #: session's stop intent with cause ``GROUP_STOP``, unless the whole session stops).
+        self._group_stops: dict[str, dict[tuple[str, str], None]] = {}
 
     # ------------------------------------------------------------ spawn / adopt
 
@@ -329,6 +347,46 @@ class Fanout:
         if grace is not None:
             check_grace(grace)
         chosen = self.select(session_id, selector)
+        self._intend_group_stop(session_id, [t.key for t in chosen if not t.ended], grace)
+        await self.c.durable()  # the intent is stored before we say "it goes on"
+        task = self._run_group_stop(session_id, chosen, grace)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await asyncio.shield(task)
+        groups = sorted(chosen, key=lambda t: (t.view.spec.stop_order, t.group_id))
+        return SessionReport(session_id, tuple(self.c.report(t) for t in groups),
+                             all(t.ended for t in chosen))
+
+    def resume_group_stop(self, intent: StopIntent) -> None:
+        """Go on with a group stop a previous leader persisted (``GROUP_STOP`` intent)."""
+        keys = group_stop_keys(intent)
+        chosen = [t for k in keys if (t := self.c.groups.get(k)) is not None]
+        log.info("session %r: resuming the stop of %d group(s) left by a previous leader",
+                 intent.session_id, len(chosen))
+        self._intend_group_stop(intent.session_id, [t.key for t in chosen if not t.ended],
+                                intent.grace)
+        self._run_group_stop(intent.session_id, chosen, intent.grace)
+
+    def _intend_group_stop(self, session_id: str, keys: list[tuple[str, str]],
+                           grace: float | None) -> None:
+        pending = self._group_stops.setdefault(session_id, {})
+        pending.update(dict.fromkeys(keys))
+        self._save_group_intent(session_id, grace)
+
+    def _save_group_intent(self, session_id: str, grace: float | None) -> None:
+        stop = self._stops.get(session_id)
+        if stop is not None:  # the whole session stops: its own intent covers the groups
+            return
+        pending = self._group_stops.get(session_id)
+        if pending:
+            self.c.persist.put(("intent", session_id), StopIntent(
+                session_id, grace, GROUP_STOP + json.dumps(sorted(pending))))
+        else:
+            self._group_stops.pop(session_id, None)
+            self.c.persist.put(("intent", session_id), None)
+
+    def _run_group_stop(self, session_id: str, chosen: list[TrackedGroup],
+                        grace: float | None) -> asyncio.Task[None]:
         override = StopOverride(grace=grace) if grace is not None else None
 
         async def run() -> None:
@@ -336,14 +394,12 @@ class Fanout:
             for order in sorted({t.view.spec.stop_order for t in chosen if not t.ended}):
                 await self._phase(session_id, order, override, chosen)
             self.c.hooks.fanout("stop_groups", time.monotonic() - t0)
+            pending = self._group_stops.get(session_id, {})
+            for t in chosen:
+                pending.pop(t.key, None)
+            self._save_group_intent(session_id, grace)
 
-        task = self.c.tasks.spawn(run(), f"stop-groups-{session_id}")
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(wait):
-                await asyncio.shield(task)
-        groups = sorted(chosen, key=lambda t: (t.view.spec.stop_order, t.group_id))
-        return SessionReport(session_id, tuple(self.c.report(t) for t in groups),
-                             all(t.ended for t in chosen))
+        return self.c.tasks.spawn(run(), f"stop-groups-{session_id}")
 
     # ------------------------------------------------------------ restart, forget
 
