@@ -112,6 +112,9 @@ class Coordinator:
             collections.OrderedDict())
         #: Callers of ``Wait``, per session: resolved once it has no live group.
         self._idle_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        #: Callers waiting for a group's state to change (a retried spawn waiting for a
+        #: start's outcome), per (agent, group id).
+        self._state_waiters: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
         self.events: Broadcaster[SessionEvent] = Broadcaster()
         self.tasks = TaskSet(log)
         self.persist: WriteBehind[Key, Value] = WriteBehind(
@@ -247,12 +250,29 @@ class Coordinator:
             return  # never resurrect
         self.save_group(tracked)
         self.publish(tracked, kind)
+        self._changed(tracked)
+
+    def _changed(self, tracked: TrackedGroup) -> None:
+        for fut in self._state_waiters.pop(tracked.key, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    async def start_outcome(self, tracked: TrackedGroup, timeout: float) -> TrackedGroup:
+        """Wait (at most ``timeout``) until ``tracked`` is no longer starting: what a spawn
+        answers once the agent's start is over (running, or failed to start)."""
+        async with asyncio.timeout(timeout):
+            while tracked.view.state is GroupState.STARTING:
+                fut = asyncio.get_running_loop().create_future()
+                self._state_waiters.setdefault(tracked.key, []).append(fut)
+                await fut
+        return tracked
 
     def mark_lost(self, tracked: TrackedGroup, why: str) -> None:
         tracked.view = replace(tracked.view, state=GroupState.LOST,
                                exit=ExitRecord(ExitReason.LOST, detail=why, ended_at=time.time()))
         self.save_group(tracked)
         self.publish(tracked, EventKind.EXIT)
+        self._changed(tracked)
         log.warning("group %s of session %r is lost: %s", tracked.group_id, tracked.session_id,
                     why)
 

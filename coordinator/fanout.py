@@ -112,6 +112,11 @@ class Fanout:
                 legacy = seen.agent == link.name and seen.fingerprint == spec_fingerprint(spec)
                 if seen.fingerprint and seen.fingerprint != fingerprint and not legacy:
                     raise IdempotencyConflict(key, seen.group_id)
+                if seen.view.state is GroupState.STARTING:
+                    # Tracked before its start was over (a new leader found it on the
+                    # agent): answer as the first call would have, with the outcome.
+                    # (A failed start is answered as the agent answers it: the failed view.)
+                    await self.c.start_outcome(seen, _spawn_deadline(seen.view.spec))
                 return seen.agent, seen.view
         self._refuse_if_stopping(spec.session_id)
         s, previous = self.c.sessions.create(spec.session_id, spec.window)
