@@ -246,8 +246,18 @@ class Coordinator:
                                 view.spec.session_id)
                 return
             tracked = self.track(TrackedGroup(agent, view))
-        elif not tracked.absorb(view):
-            return  # never resurrect
+        else:
+            before = tracked.view
+            if not tracked.absorb(view):
+                return  # never resurrect
+            if EventKind(kind) is EventKind.INITIAL:
+                # A snapshot item (a new watch of the agent: after a failover, a restart):
+                # what watchers already know is not news; what changed while nobody
+                # watched is a change, and an end is an exit.
+                if tracked.view == before:
+                    return
+                kind = EventKind.EXIT if tracked.view.state.ended and not before.state.ended \
+                    else EventKind.STATE
         self.save_group(tracked)
         self.publish(tracked, kind)
         self._changed(tracked)

@@ -55,7 +55,22 @@ def main() -> int:
             for pid in marked(ids[2]):
                 os.kill(pid, signal.SIGTERM)
             cl.wait_leader()
-            time.sleep(6)
+
+            def seen(gid: str, ended: bool = False) -> bool:
+                return any(not isinstance(e, Exception) and e.group is not None
+                           and e.group.view.group_id == gid
+                           and (e.group.view.state.ended or not ended)
+                           for e in events[snapshot:])
+
+            deadline = time.monotonic() + 30
+            while not seen(ids[2], ended=True) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            # A marker: once its event is here, whatever the new leader made of the
+            # agent's snapshot (numbered before it) is here too.
+            marker = c.spawn(["sleep", "300"], session="w", agent="e1", grace=1,
+                             label="marker").view.group_id
+            while not seen(marker) and time.monotonic() < deadline:
+                time.sleep(0.05)
             after = [e for e in events[snapshot:] if not isinstance(e, Exception)]
             for e in after:
                 print(f"  seq {e.seq} kind {e.kind.value:<8} {e.group.view.group_id if e.group else '-'}"
