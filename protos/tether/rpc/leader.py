@@ -11,6 +11,9 @@
   coordinator that answered knows it (empty: none leads right now). A standby answers
   so instead of serving the call; a leader that stepped down mid-call too, with
   ``tether-interrupted: 1`` (the call may have been partly done).
+* ``tether-agent-unreachable`` (trailer of an ``UNAVAILABLE``): the leader answered, but
+  the agent the call needed did not: the client reports that and does not go looking
+  for another coordinator.
 * ``tether-stale-ok: 1`` (request header of a read): the client could not reach the
   leader; a standby may answer from the store (at most a second old).
 
@@ -29,6 +32,7 @@ HOLDER_HEADER = "tether-leader-id"
 FENCE_TRAILER = "tether-fence"
 LEADER_TRAILER = "tether-leader"
 INTERRUPTED_TRAILER = "tether-interrupted"
+AGENT_TRAILER = "tether-agent-unreachable"
 #: Request header of a read a client may have answered from the store by a standby
 #: (it could not reach the leader): without it, a standby sends reads to the leader too,
 #: so a client reads what it just wrote.
