@@ -75,7 +75,12 @@ class Controller:
     def _cannot_write(self) -> str:
         coordinator = self.coordinator
         since = coordinator.persist.failing_since if coordinator is not None else None
-        if since is None or time.monotonic() - since < self.write_patience:
+        if since is None:
+            return ""
+        if coordinator is not None and getattr(coordinator.persist.last_exception,
+                                                "permanent", False):
+            return f"cannot write the store: {coordinator.persist.last_error}"
+        if time.monotonic() - since < self.write_patience:
             return ""
         return (f"cannot write the store for {time.monotonic() - since:.0f} s "
                 f"({coordinator.persist.last_error if coordinator else ''})")

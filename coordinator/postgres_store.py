@@ -113,7 +113,8 @@ def is_store_url(text: str) -> bool:
 
 
 class SchemaTooNew(StateFileError):
-    pass
+    #: Retrying does not help: the leader steps down at once (``ha.Controller``).
+    permanent = True
 
 
 class _RolledBack(Exception):
@@ -338,6 +339,18 @@ class PostgresStore:
                     "FOR SHARE", (term.holder, term.epoch))
                 if await cur.fetchone() is None:
                     raise NotLeader(f"this coordinator's lease (epoch {term.epoch}) is gone")
+                # A newer tether may have migrated the schema since this one loaded it (a
+                # rolling upgrade): write nothing in this version's format into it. (A
+                # migration takes its tables' locks, so it waits for this transaction or
+                # this statement sees its result.)
+                cur = await conn.execute("SELECT value FROM tether_meta "
+                                         "WHERE key = 'schema_version' FOR SHARE")
+                found = int(((await cur.fetchone()) or ("0",))[0])
+                if found > VERSION:
+                    raise SchemaTooNew(
+                        self.where, f"its schema version {found} is newer than this tether "
+                        f"knows ({VERSION}): a newer tether migrated it", "upgrade this "
+                        "coordinator; it stops leading so that an upgraded one leads")
             async with conn.cursor() as cur:
                 for kind, keys in deletes.items():
                     table, _, key_columns = _TABLES[kind]

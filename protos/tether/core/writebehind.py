@@ -59,6 +59,8 @@ class WriteBehind(Generic[K, V]):
         self.last_error = ""
         #: ``time.monotonic()`` of the first failed write since the last success.
         self.failing_since: float | None = None
+        #: The last write's error (None after a success).
+        self.last_exception: BaseException | None = None
 
     @property
     def pending(self) -> int:
@@ -125,6 +127,7 @@ class WriteBehind(Generic[K, V]):
                 continue
             except Exception as exc:  # the store's error, whatever it is: keep the data
                 self.last_error = str(exc) or type(exc).__name__
+                self.last_exception = exc
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
                 self.on_error()
@@ -134,6 +137,7 @@ class WriteBehind(Generic[K, V]):
                 backoff = min(backoff * 2, RETRY_MAX)
                 continue
             self.last_error = ""
+            self.last_exception = None
             self.failing_since = None
             backoff = RETRY_FIRST
             for key, (version, _) in batch.items():
