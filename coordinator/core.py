@@ -132,8 +132,10 @@ class Coordinator:
         snap = await self.store.load()
         self.agents.load(snap.agents)
         self.sessions.load(snap.sessions)
-        for t in snap.groups:
+        for n, t in enumerate(snap.groups):
             self.track(t)
+            if n % 2000 == 1999:
+                await asyncio.sleep(0)  # a big history: let the lease be renewed meanwhile
         self._intents = snap.intents
         self._spawns = snap.spawns
         self.epoch = snap.lineage or self.epoch

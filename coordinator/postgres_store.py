@@ -96,6 +96,8 @@ MIGRATION_LOCK = 0x746574686572
 #: How long one store operation may take before the store counts as unavailable.
 OP_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
+#: Rows fetched at a time by a load (the event loop runs between chunks).
+LOAD_CHUNK = 2000
 #: libpq TCP keepalives: a silent server (a partition) is noticed in seconds.
 KEEPALIVES: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
               "keepalives_count": 3}
@@ -261,7 +263,8 @@ class PostgresStore:
     # ------------------------------------------------------------ reading
 
     async def load(self) -> Snapshot:
-        async def read(conn: psycopg.AsyncConnection[Any]) -> Snapshot:
+        async def read(conn: psycopg.AsyncConnection[Any]
+                       ) -> tuple[tuple[list[Any], ...], int]:
             cur = await conn.execute("SELECT value FROM tether_meta "
                                      "WHERE key = 'schema_version'")
             version = int(((await cur.fetchone()) or ("0",))[0])
@@ -272,31 +275,47 @@ class PostgresStore:
                     "the database since it started")
 
             async def all_of(sql: str, *args: Any) -> list[Any]:
+                # In chunks, yielding between them: the loop that renews the lease runs
+                # on through a big load (a takeover must not lapse while it loads).
                 cur = await conn.execute(sql, args or None)
-                return await cur.fetchall()
+                found: list[Any] = []
+                while chunk := await cur.fetchmany(LOAD_CHUNK):
+                    found.extend(chunk)
+                    await asyncio.sleep(0)
+                return found
 
-            agents = [rows.agent_of(r) for r in await all_of(
-                f"SELECT {', '.join(map(_quote, rows.AGENT_COLUMNS))} FROM tether_agents")]
-            sessions = [rows.session_of(r) for r in await all_of(
-                f"SELECT {', '.join(map(_quote, rows.SESSION_COLUMNS))} FROM tether_sessions "
-                "ORDER BY created_at")]
-            groups = [rows.group_of(r) for r in await all_of(
-                "SELECT agent, idempotency_key, group_pb, error, fingerprint, attempts "
-                "FROM tether_groups")]
-            intents = [rows.intent_of(r) for r in await all_of(
-                f"SELECT {', '.join(rows.INTENT_COLUMNS)} FROM tether_stop_intents")]
-            spawns = [rows.spawn_of(r) for r in await all_of(
-                f"SELECT {', '.join(rows.SPAWN_COLUMNS)} FROM tether_spawn_intents")]
-            tail = await all_of("SELECT event_pb FROM tether_events ORDER BY seq DESC "
-                                "LIMIT %s", EVENTS_KEPT)
+            raw = (
+                await all_of(f"SELECT {', '.join(map(_quote, rows.AGENT_COLUMNS))} "
+                             "FROM tether_agents"),
+                await all_of(f"SELECT {', '.join(map(_quote, rows.SESSION_COLUMNS))} "
+                             "FROM tether_sessions ORDER BY created_at"),
+                await all_of("SELECT agent, idempotency_key, group_pb, error, fingerprint, "
+                             "attempts FROM tether_groups"),
+                await all_of(f"SELECT {', '.join(rows.INTENT_COLUMNS)} "
+                             "FROM tether_stop_intents"),
+                await all_of(f"SELECT {', '.join(rows.SPAWN_COLUMNS)} "
+                             "FROM tether_spawn_intents"),
+                await all_of("SELECT event_pb FROM tether_events ORDER BY seq DESC LIMIT %s",
+                             EVENTS_KEPT),
+            )
             (last,) = (await all_of("SELECT coalesce(max(seq), 0) FROM tether_events"))[0]
-            return Snapshot(agents, sessions, groups, intents, spawns,
-                            [rows.event_of(r[0]) for r in reversed(tail)], int(last),
+            return raw, int(last)
+
+        def convert(raw: tuple[list[Any], ...], last: int) -> Snapshot:
+            agents, sessions, groups, intents, spawns, tail = raw
+            return Snapshot([rows.agent_of(r) for r in agents],
+                            [rows.session_of(r) for r in sessions],
+                            [rows.group_of(r) for r in groups],
+                            [rows.intent_of(r) for r in intents],
+                            [rows.spawn_of(r) for r in spawns],
+                            [rows.event_of(r[0]) for r in reversed(tail)], last,
                             self.lineage)
 
         try:
-            return await self._in_transaction(
+            raw, last = await self._in_transaction(
                 read, first="SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            # Rows to objects (protobuf parsing, the bulk of the work) off the event loop.
+            return await asyncio.to_thread(convert, raw, last)
         except (ValueError, KeyError) as exc:
             raise StateFileError(self.where, str(exc), "restore the database from a backup, "
                                  "or clear its tether_ tables to start empty") from exc
