@@ -61,7 +61,6 @@ def main() -> int:
                 print("B's signal:", [(g.group_id, g.members_signalled, g.error)
                                       for g in rep.groups])
                 obeyed = any(g.members_signalled > 0 for g in rep.groups)
-            time.sleep(1)
             print("group pids now:", marked(gid))
             print("agent's fence epoch file:",
                   (cl.root / "agent-x1" / "coordinator-epoch-x1.json").read_text())
