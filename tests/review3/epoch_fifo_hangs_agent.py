@@ -10,7 +10,9 @@ Run: .venv-test/bin/python -m tests.review3.epoch_fifo_hangs_agent
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +30,8 @@ def main() -> int:
     try:
         d.wait_listening(20)
     except TimeoutError:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            d.proc.wait(5)  # its stdout closes a moment before it can be reaped
         if d.proc.poll() is not None and "not a regular file" in d.log():
             print("the agent refused to start, saying why:",
                   [ln for ln in d.log().splitlines() if "regular file" in ln][:1])
@@ -37,8 +41,10 @@ def main() -> int:
         return 1
     finally:
         if d.proc.poll() is None and not d.address:
-            with open(state / "coordinator-epoch-f1.json", "w") as f:  # let it go on
-                f.write('{"epoch": 0}')
+            with contextlib.suppress(OSError):  # let it go on (never block on the FIFO)
+                fd = os.open(state / "coordinator-epoch-f1.json", os.O_WRONLY | os.O_NONBLOCK)
+                os.write(fd, b'{"epoch": 0}')
+                os.close(fd)
         d.stop()
     return 0
 

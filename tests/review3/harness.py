@@ -67,6 +67,9 @@ class D:
         while t.is_alive() and time.monotonic() < deadline and self.proc.poll() is None:
             t.join(0.1)
         t.join(0.5)
+        if not result and not t.is_alive():  # stdout closed: it is exiting, reap it
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
         if not result and self.proc.poll() is not None:
             raise TimeoutError(f"exited with {self.proc.returncode}: {self.log()[-3000:]}")
         if not result:
