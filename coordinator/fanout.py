@@ -116,7 +116,8 @@ class Fanout:
                     # Tracked before its start was over (a new leader found it on the
                     # agent): answer as the first call would have, with the outcome.
                     # (A failed start is answered as the agent answers it: the failed view.)
-                    await self.c.start_outcome(seen, _spawn_deadline(seen.view.spec))
+                    with contextlib.suppress(TimeoutError):  # then as it is by now
+                        await self.c.start_outcome(seen, _spawn_deadline(seen.view.spec))
                 return seen.agent, seen.view
         self._refuse_if_stopping(spec.session_id)
         s, previous = self.c.sessions.create(spec.session_id, spec.window)

@@ -405,7 +405,9 @@ class PostgresStore:
 
             with contextlib.suppress(_RolledBack):
                 await self._in_transaction(probe)
-            raise RowsRefused(refused or {k: self._clean(str(exc)) for k in batch}) from exc
+            if not refused:  # not a row of ours: an error like any other (retried)
+                raise
+            raise RowsRefused(refused) from exc
         if prune:
             self._pruned = newest
 
