@@ -2,12 +2,15 @@
 
     python bench/ha.py            # 10 failovers, 3 rounds of 200 spawns + stop per store
     python bench/ha.py --quick    # 3 failovers, 1 round of 100
+    python bench/ha.py --pause --failover-only   # the leader SIGSTOPped instead
 
 Failover: two coordinators on one PostgreSQL (lease --leader-ttl, default 2 s), one
 agent. Each run spawns a group, SIGKILLs the leader, and at once asks for the session's
 stop through the SDK given both addresses; the time is from the kill until that stop
 has returned complete through the new leader. The killed coordinator is started again
-(a standby) before the next run.
+(a standby) before the next run. With ``--pause`` the leader is SIGSTOPped instead (a
+GC pause, a VM freeze: its connections stay open and silent) and SIGCONTed after the
+run, when it finds its lease gone and stands by.
 
 Throughput: the same agent setup behind a coordinator on SQLite (`--state-dir` only)
 and behind a leader on PostgreSQL (with a standby beside it), alternating: N
@@ -83,7 +86,8 @@ async def leader_of(addresses: str) -> str:
     raise RuntimeError("no leader")
 
 
-async def failovers(root: Path, url: str, runs: int, ttl: float) -> list[float]:
+async def failovers(root: Path, url: str, runs: int, ttl: float, pause: bool = False
+                    ) -> list[float]:
     from tether.client import AsyncClient
 
     cs = [coordinator(root, f"f{n}", url, ttl) for n in range(2)]
@@ -99,12 +103,19 @@ async def failovers(root: Path, url: str, runs: int, ttl: float) -> list[float]:
                 await c.spawn(["sleep", "1000"], session=f"f{run}", grace=1)
                 victim = next(d for d in cs if d.address == lead)
                 t0 = time.monotonic()
-                victim.proc.send_signal(signal.SIGKILL)
+                victim.proc.send_signal(signal.SIGSTOP if pause else signal.SIGKILL)
                 report = await c.stop(f"f{run}")
                 took = time.monotonic() - t0
             assert report.complete, report
             out.append(took)
             print(f"  failover {run + 1}/{runs}: {took * 1000:.0f} ms", flush=True)
+            if pause:  # it wakes up, finds its lease gone and stands by
+                victim.proc.send_signal(signal.SIGCONT)
+                for _ in range(600):
+                    if await leader_of(addresses) != victim.address:
+                        break
+                    await asyncio.sleep(0.1)
+                continue
             victim.proc.wait()
             cs.remove(victim)
             # The same address back, as a standby (as a restarted pod would be).
@@ -171,6 +182,9 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--lease", type=float, default=2.0, help="--leader-ttl (default 2 s)")
+    p.add_argument("--pause", action="store_true",
+                   help="SIGSTOP the leader instead of SIGKILLing it")
+    p.add_argument("--failover-only", action="store_true", help="skip the throughput part")
     args = p.parse_args()
     runs, rounds, n = (3, 1, 100) if args.quick else (10, 3, 200)
     root = Path(tempfile.mkdtemp(prefix="tether-bench-ha-"))
@@ -178,10 +192,12 @@ def main() -> None:
     try:
         print(f"failover, lease {args.lease:g} s, {runs} runs", flush=True)
         fo = asyncio.run(failovers(root, cluster.url(cluster.create_database()), runs,
-                                   args.lease))
-        print(f"throughput, {rounds} round(s) of {n} groups", flush=True)
-        tp = asyncio.run(compare(root, cluster.url(cluster.create_database()), rounds, n,
-                                 args.lease))
+                                   args.lease, args.pause))
+        tp: dict[str, list[tuple[float, float]]] = {}
+        if not args.failover_only:
+            print(f"throughput, {rounds} round(s) of {n} groups", flush=True)
+            tp = asyncio.run(compare(root, cluster.url(cluster.create_database()), rounds, n,
+                                     args.lease))
     finally:
         remove_cluster(cluster)
         for short in ("fa", "tq", "tp"):
@@ -194,9 +210,12 @@ def main() -> None:
     print(f"\nhost: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"load {os.getloadavg()[0]:.2f}\n")
     print("| measure | value |\n|---|---:|")
-    print(f"| failover, leader SIGKILLed → first stop through the new leader (lease "
+    how = "SIGSTOPped (paused)" if args.pause else "SIGKILLed"
+    print(f"| failover, leader {how} → first stop through the new leader (lease "
           f"{args.lease:g} s), median / max of {runs} | {statistics.median(fo) * 1000:.0f} ms"
           f" / {max(fo) * 1000:.0f} ms |")
+    if args.failover_only:
+        return
     for i, what in ((0, "spawns"), (1, "stops")):
         sq, pg = med("SQLite", i), med("PostgreSQL", i)
         print(f"| {what} per second, {n} groups, SQLite / PostgreSQL (median of {rounds}) | "

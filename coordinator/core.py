@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 from tether.coordinator.agent_client import AgentClient
 from tether.coordinator.agents import Agents
-from tether.coordinator.fanout import Fanout
+from tether.coordinator.fanout import GROUP_STOP, Fanout
 from tether.coordinator.leases import Leases
 from tether.coordinator.model import InFlight, TrackedGroup
 from tether.coordinator.output import OutputRoutes
@@ -117,6 +117,9 @@ class Coordinator:
             collections.OrderedDict())
         #: Callers of ``Wait``, per session: resolved once it has no live group.
         self._idle_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        #: Callers waiting for a group's state to change (a retried spawn waiting for a
+        #: start's outcome), per (agent, group id).
+        self._state_waiters: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
         self.events: Broadcaster[SessionEvent] = Broadcaster()
         self.tasks = TaskSet(log)
         self.persist: WriteBehind[Key, Value] = WriteBehind(
@@ -136,8 +139,10 @@ class Coordinator:
         snap = await self.store.load()
         self.agents.load(snap.agents)
         self.sessions.load(snap.sessions)
-        for t in snap.groups:
+        for n, t in enumerate(snap.groups):
             self.track(t)
+            if n % 2000 == 1999:
+                await asyncio.sleep(0)  # a big history: let the lease be renewed meanwhile
         self._intents = snap.intents
         self._spawns = snap.spawns
         self.epoch = snap.lineage or self.epoch
@@ -160,6 +165,9 @@ class Coordinator:
                 log.warning("dropping the stop intent of session %r (%s): the session is not "
                             "in the store any more", intent.session_id, intent.cause)
                 self.persist.put(("intent", intent.session_id), None)
+                continue
+            if intent.cause.startswith(GROUP_STOP):
+                self.fanout.resume_group_stop(intent)
                 continue
             log.info("resuming the stop of session %r (%s) left by a previous run",
                      intent.session_id, intent.cause)
@@ -248,16 +256,43 @@ class Coordinator:
                                 view.spec.session_id)
                 return
             tracked = self.track(TrackedGroup(agent, view))
-        elif not tracked.absorb(view):
-            return  # never resurrect
+        else:
+            before = tracked.view
+            if not tracked.absorb(view):
+                return  # never resurrect
+            if EventKind(kind) is EventKind.INITIAL:
+                # A snapshot item (a new watch of the agent: after a failover, a restart):
+                # what watchers already know is not news; what changed while nobody
+                # watched is a change, and an end is an exit.
+                if tracked.view == before:
+                    return
+                kind = EventKind.EXIT if tracked.view.state.ended and not before.state.ended \
+                    else EventKind.STATE
         self.save_group(tracked)
         self.publish(tracked, kind)
+        self._changed(tracked)
+
+    def _changed(self, tracked: TrackedGroup) -> None:
+        for fut in self._state_waiters.pop(tracked.key, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    async def start_outcome(self, tracked: TrackedGroup, timeout: float) -> TrackedGroup:
+        """Wait (at most ``timeout``) until ``tracked`` is no longer starting: what a spawn
+        answers once the agent's start is over (running, or failed to start)."""
+        async with asyncio.timeout(timeout):
+            while tracked.view.state is GroupState.STARTING:
+                fut = asyncio.get_running_loop().create_future()
+                self._state_waiters.setdefault(tracked.key, []).append(fut)
+                await fut
+        return tracked
 
     def mark_lost(self, tracked: TrackedGroup, why: str) -> None:
         tracked.view = replace(tracked.view, state=GroupState.LOST,
                                exit=ExitRecord(ExitReason.LOST, detail=why, ended_at=time.time()))
         self.save_group(tracked)
         self.publish(tracked, EventKind.EXIT)
+        self._changed(tracked)
         log.warning("group %s of session %r is lost: %s", tracked.group_id, tracked.session_id,
                     why)
 

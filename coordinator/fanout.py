@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from tether.coordinator import spawns
+from tether.coordinator import control, spawns
 from tether.coordinator.agents import AgentLink
 from tether.coordinator.model import InFlight, TrackedGroup
 from tether.core import trace
@@ -48,12 +49,25 @@ from tether.core.model import (
 )
 from tether.core.sessions import (
     EVERY_GROUP,
-    GroupReport,
     GroupSelector,
     SessionReport,
     SessionState,
     StopIntent,
 )
+
+#: Cause of a stop intent that stops some groups of a session (JSON [agent, group id]
+#: pairs follow), not the session: ``tether stop S --group G`` survives a failover.
+GROUP_STOP = "groups:"
+
+
+def group_stop_keys(intent: StopIntent) -> list[tuple[str, str]]:
+    try:
+        return [(str(a), str(g)) for a, g in json.loads(intent.cause[len(GROUP_STOP):])]
+    except (ValueError, TypeError):
+        log.warning("session %r: an unreadable group stop intent %r is dropped",
+                    intent.session_id, intent.cause[:200])
+        return []
+
 
 if TYPE_CHECKING:
     from tether.coordinator.core import Coordinator
@@ -63,14 +77,15 @@ log = logging.getLogger(__name__)
 #: Errors that mean "the agent refused; nothing was started".
 REFUSED = (InvalidSpec, Conflict, IdempotencyConflict, ResourceExhausted)
 SIGNAL_DEADLINE = 10.0
-#: A restart call may take the grace, the start timeout and this much more.
-RESTART_MARGIN = 30.0
 
 
 class Fanout:
     def __init__(self, c: Coordinator) -> None:
         self.c = c
         self._stops: dict[str, asyncio.Task[SessionReport]] = {}
+        #: Groups being stopped by ``stop_groups``, per session (persisted as the
+        #: session's stop intent with cause ``GROUP_STOP``, unless the whole session stops).
+        self._group_stops: dict[str, dict[tuple[str, str], None]] = {}
 
     # ------------------------------------------------------------ spawn / adopt
 
@@ -95,6 +110,12 @@ class Fanout:
                 legacy = seen.agent == link.name and seen.fingerprint == spec_fingerprint(spec)
                 if seen.fingerprint and seen.fingerprint != fingerprint and not legacy:
                     raise IdempotencyConflict(key, seen.group_id)
+                if seen.view.state is GroupState.STARTING:
+                    # Tracked before its start was over (a new leader found it on the
+                    # agent): answer as the first call would have, with the outcome.
+                    # (A failed start is answered as the agent answers it: the failed view.)
+                    with contextlib.suppress(TimeoutError):  # then as it is by now
+                        await self.c.start_outcome(seen, _spawn_deadline(seen.view.spec))
                 return seen.agent, seen.view
         self._refuse_if_stopping(spec.session_id)
         s, previous = self.c.sessions.create(spec.session_id, spec.window)
@@ -340,15 +361,9 @@ class Fanout:
         if grace is not None:
             check_grace(grace)
         chosen = self.select(session_id, selector)
-        override = StopOverride(grace=grace) if grace is not None else None
-
-        async def run() -> None:
-            t0 = time.monotonic()
-            for order in sorted({t.view.spec.stop_order for t in chosen if not t.ended}):
-                await self._phase(session_id, order, override, chosen)
-            self.c.hooks.fanout("stop_groups", time.monotonic() - t0)
-
-        task = self.c.tasks.spawn(run(), f"stop-groups-{session_id}")
+        self._intend_group_stop(session_id, [t.key for t in chosen if not t.ended], grace)
+        await self.c.durable()  # the intent is stored before we say "it goes on"
+        task = self._run_group_stop(session_id, chosen, grace)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait):
                 await asyncio.shield(task)
@@ -356,86 +371,58 @@ class Fanout:
         return SessionReport(session_id, tuple(self.c.report(t) for t in groups),
                              all(t.ended for t in chosen))
 
+    def resume_group_stop(self, intent: StopIntent) -> None:
+        """Go on with a group stop a previous leader persisted (``GROUP_STOP`` intent)."""
+        keys = group_stop_keys(intent)
+        chosen = [t for k in keys if (t := self.c.groups.get(k)) is not None]
+        log.info("session %r: resuming the stop of %d group(s) left by a previous leader",
+                 intent.session_id, len(chosen))
+        self._intend_group_stop(intent.session_id, [t.key for t in chosen if not t.ended],
+                                intent.grace)
+        self._run_group_stop(intent.session_id, chosen, intent.grace)
+
+    def _intend_group_stop(self, session_id: str, keys: list[tuple[str, str]],
+                           grace: float | None) -> None:
+        pending = self._group_stops.setdefault(session_id, {})
+        pending.update(dict.fromkeys(keys))
+        self._save_group_intent(session_id, grace)
+
+    def _save_group_intent(self, session_id: str, grace: float | None) -> None:
+        stop = self._stops.get(session_id)
+        if stop is not None:  # the whole session stops: its own intent covers the groups
+            return
+        pending = self._group_stops.get(session_id)
+        if pending:
+            self.c.persist.put(("intent", session_id), StopIntent(
+                session_id, grace, GROUP_STOP + json.dumps(sorted(pending))))
+        else:
+            self._group_stops.pop(session_id, None)
+            self.c.persist.put(("intent", session_id), None)
+
+    def _run_group_stop(self, session_id: str, chosen: list[TrackedGroup],
+                        grace: float | None) -> asyncio.Task[None]:
+        override = StopOverride(grace=grace) if grace is not None else None
+
+        async def run() -> None:
+            t0 = time.monotonic()
+            for order in sorted({t.view.spec.stop_order for t in chosen if not t.ended}):
+                await self._phase(session_id, order, override, chosen)
+            self.c.hooks.fanout("stop_groups", time.monotonic() - t0)
+            pending = self._group_stops.get(session_id, {})
+            for t in chosen:
+                pending.pop(t.key, None)
+            self._save_group_intent(session_id, grace)
+
+        return self.c.tasks.spawn(run(), f"stop-groups-{session_id}")
+
     # ------------------------------------------------------------ restart, forget
 
     async def restart(self, session_id: str, selector: GroupSelector,
                       grace: float | None) -> SessionReport:
-        """Restart groups of an active session in place, each on its agent (end the run,
-        start it again with the same spec, through its readiness probe). An ended group
-        named explicitly is refused (ended groups are final), before anything is done."""
-        s = self.c.session(session_id)
-        if grace is not None:
-            check_grace(grace)
-        if s.state is not SessionState.ACTIVE:
-            raise Conflict(f"session {session_id!r} is {s.state.value}; its groups are not "
-                           "restarted (start it again with `tether spawn` or `tether up`)")
-        chosen = self.select(session_id, selector)
-        ended = [t for t in chosen if t.ended]
-        if ended and not selector.everything:
-            t = ended[0]
-            raise Conflict(f"group {t.group_id} has ended ({t.view.state.value}): ended groups "
-                           "are final; start it again with `tether spawn`; nothing was "
-                           "restarted")
-        live = [t for t in chosen if not t.ended]
-        if not live:
-            raise Conflict(f"session {session_id!r} has no live group to restart")
-        for t in live:  # what its agent would refuse, refused for all before any is asked
-            if why := t.view.not_restartable():
-                raise Conflict(f"group {t.group_id} {why}; nothing was restarted")
-        override = StopOverride(grace=grace) if grace is not None else None
-        t0 = time.monotonic()
-
-        async def one(t: TrackedGroup) -> GroupReport:
-            link = self.c.agents.links.get(t.agent)
-            if link is None:
-                return replace(self.c.report(t), error=f"agent {t.agent!r} is not registered")
-            limit = (t.view.stop.grace if grace is None else grace) + t.view.spec.start_timeout
-            try:
-                view = await self.c.agents.client(link).restart(
-                    t.group_id, override, timeout=limit + RESTART_MARGIN)
-            except TetherError as exc:
-                return replace(self.c.report(t), error=str(exc))
-            self.c.absorb(t.agent, view)  # the answer is this restart's outcome (the watch
-            # stream may still be delivering its earlier events: restarting, starting)
-            return self.c.report(t if t.ended else replace(t, view=replace(
-                view, spec=t.view.spec)))
-
-        reports = list(await asyncio.gather(*(one(t) for t in live)))
-        self.c.hooks.fanout("restart", time.monotonic() - t0)
-        return SessionReport(session_id, tuple(reports), all(
-            not r.error and r.state is GroupState.RUNNING for r in reports))
+        return await control.restart(self, session_id, selector, grace)
 
     async def forget(self, session_id: str, selector: GroupSelector) -> list[str]:
-        """Drop ended groups from a session's listing (``tether forget``). Refused, with
-        nothing dropped, when no group is named or one of them is live."""
-        if selector.everything:
-            raise InvalidSpec("name the ended groups to forget with --group ID or --label L",
-                              field="selector")
-        chosen = self.select(session_id, selector)
-        live = [t for t in chosen if not t.ended]
-        if live:
-            t = live[0]
-            raise Conflict(f"group {t.group_id} is {t.view.state.value}: only ended groups are "
-                           f"forgotten; stop it first (`tether stop {session_id} --group "
-                           f"{t.group_id}`); nothing was forgotten")
-        by_agent: dict[str, list[str]] = {}
-        for t in chosen:
-            self.c.forget_group(t)
-            by_agent.setdefault(t.agent, []).append(t.group_id)
-        await self.c.durable()
-
-        async def tell(agent: str, ids: list[str]) -> None:
-            link = self.c.agents.links.get(agent)
-            if link is None:
-                return
-            try:  # best effort: the agent drops ended records on its own after retention
-                await self.c.agents.client(link).forget(ids, timeout=SIGNAL_DEADLINE)
-            except TetherError as exc:
-                log.info("agent %r did not forget %d group(s) now (%s); it drops them after "
-                         "its retention", agent, len(ids), exc)
-
-        await asyncio.gather(*(tell(a, ids) for a, ids in by_agent.items()))
-        return [t.group_id for t in chosen]
+        return await control.forget(self, session_id, selector)
 
     async def _stop_on_agent(self, agent: str, groups: list[TrackedGroup | InFlight],
                              override: StopOverride | None) -> None:

@@ -46,7 +46,7 @@ from tether.rpc.convert import (
     stdin_to_pb,
 )
 from tether.rpc.daemon import is_loopback
-from tether.rpc.leader import EPOCH_HEADER, FENCE_TRAILER, trailer
+from tether.rpc.leader import EPOCH_HEADER, FENCE_TRAILER, HOLDER_HEADER, trailer
 from tether.rpc.security import ClientSecurity
 from tether.rpc.status import error_from_rpc
 from tether.v1 import agent_pb2 as apb
@@ -91,12 +91,14 @@ def toward_agent(dial: ClientSecurity, name: str, address: str) -> tuple[ClientS
 
 class GrpcAgentClient(AgentClient):
     """``epoch``: the leader's epoch, sent with every call (``tether-epoch``) when
-    coordinators share a store; an agent refuses calls from an epoch older than the
-    newest it has obeyed (``Fenced``)."""
+    coordinators share a store, with ``holder`` (its lease holder id); an agent refuses
+    calls from an epoch older than the newest it has obeyed, or from another holder of
+    the same epoch (``Fenced``)."""
 
     def __init__(self, name: str, address: str, dial: ClientSecurity,
-                 epoch: Callable[[], int] | None = None) -> None:
+                 epoch: Callable[[], int] | None = None, holder: str = "") -> None:
         self.name = name
+        self._holder = holder
         self.address = address
         self._epoch = epoch
         security, self._held_back = toward_agent(dial, name, address)
@@ -105,7 +107,10 @@ class GrpcAgentClient(AgentClient):
         self._stub = agrpc.AgentServiceStub(self._channel)
 
     def _md(self) -> tuple[tuple[str, str], ...] | None:
-        return None if self._epoch is None else ((EPOCH_HEADER, str(self._epoch())),)
+        if self._epoch is None:
+            return None
+        md = ((EPOCH_HEADER, str(self._epoch())),)
+        return (*md, (HOLDER_HEADER, self._holder)) if self._holder else md
 
     def _error(self, exc: grpc.aio.AioRpcError) -> TetherError:
         details = exc.details() or exc.code().name
@@ -180,7 +185,7 @@ class GrpcAgentClient(AgentClient):
         if override is not None:
             req.policy.CopyFrom(override_to_pb(override))
         try:
-            reply = await self._stub.Restart(req, timeout=timeout)
+            reply = await self._stub.Restart(req, timeout=timeout, metadata=self._md())
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
         return group_from_pb(reply.group)
@@ -189,7 +194,7 @@ class GrpcAgentClient(AgentClient):
                      timeout: float) -> tuple[list[str], dict[str, str]]:
         try:
             reply = await self._stub.Forget(apb.ForgetRequest(group_ids=list(group_ids)),
-                                            timeout=timeout)
+                                            timeout=timeout, metadata=self._md())
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
         return list(reply.forgotten), dict(reply.errors)
@@ -217,7 +222,8 @@ class GrpcAgentClient(AgentClient):
 
     async def list_ports(self, port: int, *, timeout: float) -> list[PortOwner]:
         try:
-            reply = await self._stub.ListPorts(apb.ListPortsRequest(port=port), timeout=timeout)
+            reply = await self._stub.ListPorts(apb.ListPortsRequest(port=port), timeout=timeout,
+                                               metadata=self._md())
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
         return [replace(port_owner_from_pb(o), agent=self.name) for o in reply.ports]

@@ -15,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from grpc_health.v1 import health, health_pb2
 from prometheus_client import CollectorRegistry, Gauge
 
-from tether.coordinator.core import Coordinator
+from tether.coordinator.core import STATE_DEADLINE, Coordinator
 from tether.coordinator.gate import Read
 from tether.coordinator.leader import Campaign, Leadership
 from tether.coordinator.standby import StandbyReads
@@ -47,7 +48,10 @@ class Controller:
         self.address = address
         self._build = build
         self._on_coordinator = on_coordinator
-        self.campaign = Campaign(store, address, ttl, self._elected, self._deposed)
+        self.campaign = Campaign(store, address, ttl, self._elected, self._deposed,
+                                 sick=self._cannot_write)
+        #: A leader whose writes have failed this long steps down (a standby may write).
+        self.write_patience = max(STATE_DEADLINE, 3 * ttl)
         standby = StandbyReads(store, agent_ttl)
         self.reads: Mapping[str, Read] = {"GetSession": standby.GetSession,
                                           "ListSessions": standby.ListSessions,
@@ -67,6 +71,19 @@ class Controller:
             return self.lead.epoch
         known = self.campaign.known
         return known.epoch if known is not None else 0
+
+    def _cannot_write(self) -> str:
+        coordinator = self.coordinator
+        since = coordinator.persist.failing_since if coordinator is not None else None
+        if since is None:
+            return ""
+        if coordinator is not None and getattr(coordinator.persist.last_exception,
+                                                "permanent", False):
+            return f"cannot write the store: {coordinator.persist.last_error}"
+        if time.monotonic() - since < self.write_patience:
+            return ""
+        return (f"cannot write the store for {time.monotonic() - since:.0f} s "
+                f"({coordinator.persist.last_error if coordinator else ''})")
 
     # ------------------------------------------------------------ gate.Control
 

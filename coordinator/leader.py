@@ -132,8 +132,11 @@ class Campaign:
     def __init__(self, store: Store, address: str, ttl: float,
                  elected: Callable[[Leadership], Awaitable[None]],
                  deposed: Callable[[Leadership, str], Awaitable[None]],
-                 holder: str = "") -> None:
+                 holder: str = "", sick: Callable[[], str] = lambda: "") -> None:
         self.store = store
+        #: Why this coordinator should not lead although it holds the lease (it cannot
+        #: write its state), or "": checked before each renewal.
+        self._sick = sick
         self.address = address
         self.ttl = ttl
         self.holder = holder or new_holder()
@@ -225,6 +228,11 @@ class Campaign:
     async def _renew(self, lead: Leadership) -> None:
         await self._nap(lead.renewed + self.ttl / 3 - time.monotonic())
         if self._lost or self.leader is not lead:
+            return
+        sick = self._sick()
+        if sick:  # a leader that cannot write serves nobody: let a standby lead
+            await self._step_down(lead, sick, release=True)
+            self.hold_off(2 * self.ttl)
             return
         t0 = time.monotonic()
         budget = lead.deadline - t0

@@ -20,9 +20,9 @@ statements, no session advisory locks, no LISTEN, no SET outside a transaction).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -39,8 +39,10 @@ from tether.coordinator.store import (
     SpawnIntent,
     Term,
 )
+from tether.coordinator.store_url import redact, secrets_of
 from tether.core.errors import NotLeader, StateFileError, StoreUnavailable
 from tether.core.sessions import AgentInfo, Session, SessionEvent, StopIntent
+from tether.core.writebehind import RowsRefused
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -100,6 +102,11 @@ MIGRATION_LOCK = 0x746574686572
 #: How long one store operation may take before the store counts as unavailable.
 OP_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
+#: Rows fetched at a time by a load (the event loop runs between chunks).
+LOAD_CHUNK = 2000
+#: libpq TCP keepalives: a silent server (a partition) is noticed in seconds.
+KEEPALIVES: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
+              "keepalives_count": 3}
 
 _TABLES = {"agent": ("tether_agents", rows.AGENT_COLUMNS, ("name",)),
            "session": ("tether_sessions", rows.SESSION_COLUMNS, ("session_id",)),
@@ -109,23 +116,17 @@ _TABLES = {"agent": ("tether_agents", rows.AGENT_COLUMNS, ("name",)),
            "event": ("tether_events", rows.EVENT_COLUMNS, ("seq",))}
 
 
-def redact(url: str) -> str:
-    """The URL without its password (for messages and logs)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
 def is_store_url(text: str) -> bool:
     return text.startswith(("postgresql://", "postgres://"))
 
 
 class SchemaTooNew(StateFileError):
-    pass
+    #: Retrying does not help: the leader steps down at once (``ha.Controller``).
+    permanent = True
+
+
+class _RolledBack(Exception):
+    """Raised to roll a probing transaction back."""
 
 
 def _quote(column: str) -> str:
@@ -146,24 +147,37 @@ def _delete(table: str, key: Sequence[str]) -> str:
 class PostgresStore:
     shared = True
 
-    def __init__(self, url: str, *, op_timeout: float = OP_TIMEOUT) -> None:
+    def __init__(self, url: str, *, op_timeout: float = OP_TIMEOUT,
+                 lease_ttl: float = 3.0) -> None:
         self.url = url
+        # Server-side limits set in every transaction (SET LOCAL: no session state, so
+        # PgBouncer's transaction mode is fine). A coordinator that goes silent with a
+        # transaction open (a partition, SIGSTOP, a VM freeze) would otherwise keep its
+        # locks on tether_leader until TCP gives up (hours): its transaction is ended
+        # after half a lease idle, a lock is waited for at most half a lease, a statement
+        # runs at most the operation timeout.
+        half = max(0.5, lease_ttl / 2)
+        self._limits = (f"{int(half * 1000)}ms", f"{int(half * 1000)}ms",
+                        f"{int(op_timeout * 1000)}ms")
         self.where = f"PostgreSQL store {redact(url)}"
         self.lineage = ""
         self.op_timeout = op_timeout
-        self._password = urllib.parse.urlsplit(url).password or ""
+        self._secrets = secrets_of(url)
         self._pool: AsyncConnectionPool | None = None
         self._pruned = 0
 
     @classmethod
-    async def open(cls, url: str, *, op_timeout: float = OP_TIMEOUT) -> PostgresStore:
+    async def open(cls, url: str, *, op_timeout: float = OP_TIMEOUT,
+                   lease_ttl: float = 3.0) -> PostgresStore:
         """Connect, create or migrate the schema, open the pool. Refuses a store that does
-        not answer, a wrong password, a schema from a newer tether (with what to do)."""
-        store = cls(url, op_timeout=op_timeout)
+        not answer, a wrong password, a schema from a newer tether (with what to do).
+        ``lease_ttl``: the leader lease's, which sizes the server-side timeouts."""
+        store = cls(url, op_timeout=op_timeout, lease_ttl=lease_ttl)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT + op_timeout):
                 conn = await psycopg.AsyncConnection.connect(
-                    url, connect_timeout=int(CONNECT_TIMEOUT), prepare_threshold=None)
+                    url, connect_timeout=int(CONNECT_TIMEOUT), prepare_threshold=None,
+                    **KEEPALIVES)
                 async with conn:
                     await store._migrate(conn)
         except TimeoutError:
@@ -173,14 +187,17 @@ class PostgresStore:
             raise store._unavailable(str(exc)) from exc
         store._pool = AsyncConnectionPool(
             url, min_size=1, max_size=4, open=False, timeout=op_timeout,
-            kwargs={"prepare_threshold": None, "connect_timeout": int(CONNECT_TIMEOUT)},
+            kwargs={"prepare_threshold": None, "connect_timeout": int(CONNECT_TIMEOUT),
+                    **KEEPALIVES},
             name="tether-store")
         await store._pool.open(wait=False)
         return store
 
     def _clean(self, text: str) -> str:
         text = " ".join(text.split())
-        return text.replace(self._password, "***") if self._password else text
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     def _unavailable(self, why: str) -> StoreUnavailable:
         why = self._clean(why)
@@ -224,14 +241,21 @@ class PostgresStore:
         return found
 
     async def _in_transaction(self, work: Callable[[psycopg.AsyncConnection[Any]],
-                                                   Awaitable[T]]) -> T:
-        """Run ``work`` in one transaction on a pooled connection, within the operation
+                                                   Awaitable[T]], first: str = "") -> T:
+        """Run ``work`` in one transaction (``first``: a SET TRANSACTION for it) on a
+        pooled connection, within the operation
         timeout; a database that does not answer is ``StoreUnavailable``."""
         if self._pool is None:
             raise StoreUnavailable(self.where, "the store is closed")
         try:
             async with asyncio.timeout(self.op_timeout):
                 async with self._pool.connection() as conn, conn.transaction():
+                    if first:
+                        await conn.execute(first.encode())
+                    await conn.execute(
+                        "SELECT set_config('idle_in_transaction_session_timeout', %s, true), "
+                        "set_config('lock_timeout', %s, true), "
+                        "set_config('statement_timeout', %s, true)", self._limits)
                     return await work(conn)
         except TimeoutError:
             raise StoreUnavailable(self.where, f"no answer within {self.op_timeout:g} s") \
@@ -245,8 +269,8 @@ class PostgresStore:
     # ------------------------------------------------------------ reading
 
     async def load(self) -> Snapshot:
-        async def read(conn: psycopg.AsyncConnection[Any]) -> Snapshot:
-            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        async def read(conn: psycopg.AsyncConnection[Any]
+                       ) -> tuple[tuple[list[Any], ...], int]:
             cur = await conn.execute("SELECT value FROM tether_meta "
                                      "WHERE key = 'schema_version'")
             version = int(((await cur.fetchone()) or ("0",))[0])
@@ -257,30 +281,47 @@ class PostgresStore:
                     "the database since it started")
 
             async def all_of(sql: str, *args: Any) -> list[Any]:
+                # In chunks, yielding between them: the loop that renews the lease runs
+                # on through a big load (a takeover must not lapse while it loads).
                 cur = await conn.execute(sql, args or None)
-                return await cur.fetchall()
+                found: list[Any] = []
+                while chunk := await cur.fetchmany(LOAD_CHUNK):
+                    found.extend(chunk)
+                    await asyncio.sleep(0)
+                return found
 
-            agents = [rows.agent_of(r) for r in await all_of(
-                f"SELECT {', '.join(map(_quote, rows.AGENT_COLUMNS))} FROM tether_agents")]
-            sessions = [rows.session_of(r) for r in await all_of(
-                f"SELECT {', '.join(map(_quote, rows.SESSION_COLUMNS))} FROM tether_sessions "
-                "ORDER BY created_at")]
-            groups = [rows.group_of(r) for r in await all_of(
-                "SELECT agent, idempotency_key, group_pb, error, fingerprint, attempts "
-                "FROM tether_groups")]
-            intents = [rows.intent_of(r) for r in await all_of(
-                f"SELECT {', '.join(rows.INTENT_COLUMNS)} FROM tether_stop_intents")]
-            spawns = [rows.spawn_of(r) for r in await all_of(
-                f"SELECT {', '.join(rows.SPAWN_COLUMNS)} FROM tether_spawn_intents")]
-            tail = await all_of("SELECT event_pb FROM tether_events ORDER BY seq DESC "
-                                "LIMIT %s", EVENTS_KEPT)
+            raw = (
+                await all_of(f"SELECT {', '.join(map(_quote, rows.AGENT_COLUMNS))} "
+                             "FROM tether_agents"),
+                await all_of(f"SELECT {', '.join(map(_quote, rows.SESSION_COLUMNS))} "
+                             "FROM tether_sessions ORDER BY created_at"),
+                await all_of("SELECT agent, idempotency_key, group_pb, error, fingerprint, "
+                             "attempts FROM tether_groups"),
+                await all_of(f"SELECT {', '.join(rows.INTENT_COLUMNS)} "
+                             "FROM tether_stop_intents"),
+                await all_of(f"SELECT {', '.join(rows.SPAWN_COLUMNS)} "
+                             "FROM tether_spawn_intents"),
+                await all_of("SELECT event_pb FROM tether_events ORDER BY seq DESC LIMIT %s",
+                             EVENTS_KEPT),
+            )
             (last,) = (await all_of("SELECT coalesce(max(seq), 0) FROM tether_events"))[0]
-            return Snapshot(agents, sessions, groups, intents, spawns,
-                            [rows.event_of(r[0]) for r in reversed(tail)], int(last),
+            return raw, int(last)
+
+        def convert(raw: tuple[list[Any], ...], last: int) -> Snapshot:
+            agents, sessions, groups, intents, spawns, tail = raw
+            return Snapshot([rows.agent_of(r) for r in agents],
+                            [rows.session_of(r) for r in sessions],
+                            [rows.group_of(r) for r in groups],
+                            [rows.intent_of(r) for r in intents],
+                            [rows.spawn_of(r) for r in spawns],
+                            [rows.event_of(r[0]) for r in reversed(tail)], last,
                             self.lineage)
 
         try:
-            return await self._in_transaction(read)
+            raw, last = await self._in_transaction(
+                read, first="SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            # Rows to objects (protobuf parsing, the bulk of the work) off the event loop.
+            return await asyncio.to_thread(convert, raw, last)
         except (ValueError, KeyError) as exc:
             raise StateFileError(self.where, str(exc), "restore the database from a backup, "
                                  "or clear its tether_ tables to start empty") from exc
@@ -289,6 +330,7 @@ class PostgresStore:
 
     async def write(self, batch: Batch, term: Term | None = None) -> None:
         upserts: dict[str, list[rows.Row]] = {}
+        keys_of: dict[str, list[Any]] = {}
         deletes: dict[str, list[tuple[str, ...]]] = {}
         newest = 0
         for key, value in batch.items():
@@ -310,27 +352,68 @@ class PostgresStore:
                 newest = max(newest, value.seq)
             else:
                 raise TypeError(f"cannot store {type(value).__name__} under {key}")
+            if value is not None:
+                keys_of.setdefault(kind, []).append(key)
         prune = newest - self._pruned >= EVENTS_KEPT // 10
 
-        async def apply(conn: psycopg.AsyncConnection[Any]) -> None:
+        async def apply(conn: psycopg.AsyncConnection[Any],
+                        refused: dict[Any, str] | None = None) -> None:
             if term is not None:
                 cur = await conn.execute(
                     "SELECT 1 FROM tether_leader WHERE id = 1 AND holder = %s AND epoch = %s "
                     "FOR SHARE", (term.holder, term.epoch))
                 if await cur.fetchone() is None:
                     raise NotLeader(f"this coordinator's lease (epoch {term.epoch}) is gone")
+                # A newer tether may have migrated the schema since this one loaded it (a
+                # rolling upgrade): write nothing in this version's format into it. (A
+                # migration takes its tables' locks, so it waits for this transaction or
+                # this statement sees its result.)
+                cur = await conn.execute("SELECT value FROM tether_meta "
+                                         "WHERE key = 'schema_version' FOR SHARE")
+                found = int(((await cur.fetchone()) or ("0",))[0])
+                if found > VERSION:
+                    raise SchemaTooNew(
+                        self.where, f"its schema version {found} is newer than this tether "
+                        f"knows ({VERSION}): a newer tether migrated it", "upgrade this "
+                        "coordinator; it stops leading so that an upgraded one leads")
             async with conn.cursor() as cur:
                 for kind, keys in deletes.items():
                     table, _, key_columns = _TABLES[kind]
                     await cur.executemany(_delete(table, key_columns), keys)
                 for kind, values in upserts.items():
                     table, columns, key_columns = _TABLES[kind]
-                    await cur.executemany(_upsert(table, columns, key_columns), values)
+                    sql = _upsert(table, columns, key_columns)
+                    if refused is None:
+                        await cur.executemany(sql, values)
+                        continue
+                    for key, value in zip(keys_of[kind], values, strict=True):
+                        try:  # each row in a savepoint, to learn which ones are refused
+                            async with conn.transaction():
+                                await cur.execute(sql, value)
+                        except psycopg.DataError as exc:
+                            refused[key] = self._clean(str(exc))
                 if prune:
                     await cur.execute("DELETE FROM tether_events WHERE seq <= %s",
                                       (newest - EVENTS_KEPT,))
 
-        await self._in_transaction(apply)
+        try:
+            await self._in_transaction(apply)
+        except psycopg.DataError as exc:
+            # A row the database cannot hold (a NUL in text, a number out of range) fails
+            # the batch; retried as it is, it would fail every later batch too. Find the
+            # rows it refuses (row by row, rolled back: the batch stays all or nothing)
+            # and say which, so the writer drops them and writes the rest.
+            refused: dict[Any, str] = {}
+
+            async def probe(conn: psycopg.AsyncConnection[Any]) -> None:
+                await apply(conn, refused)
+                raise _RolledBack
+
+            with contextlib.suppress(_RolledBack):
+                await self._in_transaction(probe)
+            if not refused:  # not a row of ours: an error like any other (retried)
+                raise
+            raise RowsRefused(refused) from exc
         if prune:
             self._pruned = newest
 
@@ -345,6 +428,12 @@ class PostgresStore:
 
     async def acquire(self, holder: str, address: str, ttl: float) -> Lease:
         async def take(conn: psycopg.AsyncConnection[Any]) -> Lease:
+            # Read first, without a lock: an upsert locks the row even when its WHERE is
+            # false, and a standby gone silent right after would block the leader's
+            # renewals and batches. Only an expired (or absent) lease is written.
+            lease = await self._read_lease(conn)
+            if lease is not None and lease.remaining > 0:
+                return lease
             await conn.execute(
                 "INSERT INTO tether_leader AS l VALUES "
                 "(1, %s, %s, 1, now() + make_interval(secs => %s)) "

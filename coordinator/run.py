@@ -99,7 +99,7 @@ async def open_store(cfg: CoordinatorDaemonConfig) -> Store:
         raise TetherError(f"--store postgresql://... needs psycopg ({exc}): install tether "
                           "with its postgresql extra, `pip install 'tether[postgresql]'`") \
             from None
-    return await PostgresStore.open(cfg.store)
+    return await PostgresStore.open(cfg.store, lease_ttl=cfg.leader_ttl)
 
 
 def dial_settings(cfg: CoordinatorDaemonConfig) -> ClientSecurity:
@@ -121,7 +121,8 @@ def make_coordinator(cfg: CoordinatorDaemonConfig, store: Store, metrics: Coordi
     def connect(info: AgentInfo) -> AgentClient:
         if lead is None:
             return GrpcAgentClient(info.name, info.address, dial)
-        inner = GrpcAgentClient(info.name, info.address, dial, epoch=lambda: lead.epoch)
+        inner = GrpcAgentClient(info.name, info.address, dial, epoch=lambda: lead.epoch,
+                                holder=lead.term.holder)
         return LeaderAgentClient(inner, lead, info.name)
 
     return Coordinator(

@@ -69,6 +69,11 @@ def check_address(address: str) -> str:
 def agent_info(req: cpb.RegisterAgentRequest, credential: str) -> AgentInfo:
     check_name(req.name, "agent name")
     check_address(req.address)
+    # Stored as text (PostgreSQL refuses a NUL in text): refuse here, with a message,
+    # rather than hand the store a row it cannot write.
+    check_name(req.version, "agent version", allow_empty=True)
+    check_name(req.epoch, "agent epoch", allow_empty=True)
+    check_name(req.instance, "agent instance", allow_empty=True)
     return AgentInfo(req.name, req.address,
                      CONTAINMENT_FROM_PB.get(req.containment, Containment.PGID), req.version,
                      req.epoch, instance=req.instance, credential=credential)

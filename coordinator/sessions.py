@@ -43,8 +43,10 @@ class Sessions:
     def load(self, sessions: Iterable[Session]) -> None:
         now = time.time()
         for s in sessions:
-            if s.state is SessionState.ACTIVE and s.ttl and s.lease_expires_at < now + s.ttl:
-                # Our downtime is not the owner's silence: a fresh TTL before expiring.
+            if s.state is SessionState.ACTIVE and s.ttl and s.lease_expires_at != now + s.ttl:
+                # Our downtime is not the owner's silence: a fresh TTL before expiring. And
+                # never more: a lease ending later than that was written by a coordinator
+                # whose clock runs ahead of ours (wall-clock stamps), re-based on ours.
                 s.lease_expires_at = now + s.ttl
                 self.c.save_session(s)
             elif s.state is SessionState.ACTIVE and s.lease_grace:

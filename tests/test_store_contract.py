@@ -14,6 +14,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -301,3 +302,46 @@ async def test_postgresql_errors_name_the_store_and_never_the_password(
     silent = f"postgresql://tether:pw@127.0.0.1:{free_port()}/x"
     with pytest.raises(StoreUnavailable, match=r"refused.*check that PostgreSQL runs"):
         await PostgresStore.open(silent)
+
+
+async def test_postgresql_names_a_row_it_cannot_hold_and_the_writer_drops_only_it(
+        pg_url: str) -> None:
+    """review3 nul_registration_wedges_store: a row PostgreSQL refuses (a NUL in text)
+    failed its batch and, retried with every later batch, wedged the store for good."""
+    from tether.coordinator.postgres_store import PostgresStore
+    from tether.core.writebehind import RowsRefused, WriteBehind
+
+    store = await PostgresStore.open(pg_url)
+    try:
+        evil = AgentInfo("evil", "127.0.0.1:9", Containment.PGID, "1\0", "e1", 5.0)
+        with pytest.raises(RowsRefused) as refused:
+            await store.write({("agent", "evil"): evil, ("session", "s"): Session("s")})
+        assert list(refused.value.refused) == [("agent", "evil")]
+        assert (await store.load()).sessions == [], "the batch stays all or nothing"
+
+        persist: WriteBehind[Any, Any] = WriteBehind(store.write, where=store.where)
+        persist.put(("agent", "evil"), evil)
+        persist.put(("session", "s"), Session("s"))
+        await persist.durable(10)
+        persist.put(("session", "t"), Session("t"))
+        await persist.durable(10)
+        snap = await store.load()
+        assert sorted(s.session_id for s in snap.sessions) == ["s", "t"]
+        assert snap.agents == [] and persist.pending == 0 and persist.failing_since is None
+    finally:
+        await store.close()
+
+
+def test_store_urls_are_shown_without_any_secret_and_host_lists_are_taken() -> None:
+    """review3 store_url_password_leak, multihost_store_url: a password given as a query
+    parameter was shown as is, and a libpq host list made the coordinator refuse to start."""
+    from tether.coordinator.store_url import redact, secrets_of
+
+    assert redact("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert redact("postgresql://u@h/db?sslmode=require&password=p%40ss&sslpassword=k") == \
+        "postgresql://u@h/db?sslmode=require&password=***&sslpassword=***"
+    multi = "postgresql://u:pw@db1:5432,db2:5433/t?target_session_attrs=read-write"
+    assert redact(multi) == \
+        "postgresql://u:***@db1:5432,db2:5433/t?target_session_attrs=read-write"
+    assert secrets_of("postgresql://u@h/db?password=p%40ss") == ["p%40ss", "p@ss"]
+    assert secrets_of("postgresql://u@h/db") == []

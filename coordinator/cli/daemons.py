@@ -106,12 +106,12 @@ def _size(value: Any) -> int:
 
 def _warn_password_on_command_line() -> None:
     """A store URL with a password among the arguments: every local user can read it."""
-    import urllib.parse
+    from tether.coordinator.store_url import secrets_of
 
     for n, arg in enumerate(sys.argv):
         url = arg.partition("=")[2] if arg.startswith("--store=") else (
             sys.argv[n + 1] if arg == "--store" and n + 1 < len(sys.argv) else "")
-        if url and urllib.parse.urlsplit(url).password:
+        if url and secrets_of(url):
             logging.getLogger("tether.coordinator").warning(
                 "the --store URL on the command line holds a password: every local user can "
                 "read it (ps, /proc); give it in TETHER_STORE, the config file (private) or "

@@ -33,6 +33,7 @@ from tether.client.spec import build_spec
 from tether.core import trace
 from tether.core.audit import AuditEntry
 from tether.core.errors import (
+    AgentUnreachable,
     Conflict,
     InvalidSpec,
     NotFound,
@@ -75,7 +76,14 @@ from tether.rpc.convert import (
     spec_to_pb,
     ts,
 )
-from tether.rpc.leader import READS, STALE_OK_HEADER, addresses, redirect_of
+from tether.rpc.leader import (
+    AGENT_TRAILER,
+    READS,
+    STALE_OK_HEADER,
+    addresses,
+    redirect_of,
+    trailer,
+)
 from tether.rpc.security import ClientSecurity
 from tether.rpc.status import error_from_rpc
 from tether.v1 import common_pb2 as pb
@@ -273,6 +281,9 @@ class AsyncClient:
                     route.timed_out(timeout)
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise self._error(exc, what, timeout) from exc
+                agent = _agent_unreachable(exc)
+                if agent is not None:  # the leader answered: its agent did not
+                    raise agent from exc
                 await route.next(exc)
             except LeaderMoved as moved:
                 route.moved(address, moved.leader)
@@ -783,6 +794,20 @@ def _release_writes(call: Any) -> None:
     if isinstance(queue, asyncio.Queue) and sentinel is not None:
         with contextlib.suppress(asyncio.QueueFull):
             queue.put_nowait(sentinel)
+
+
+def _agent_unreachable(exc: grpc.aio.AioRpcError) -> AgentUnreachable | None:
+    """The ``AgentUnreachable`` a coordinator answered with (it names the agent in the
+    ``tether-agent-unreachable`` trailer), or None."""
+    try:
+        name = trailer(exc.trailing_metadata(), AGENT_TRAILER)
+    except Exception:  # no trailers: the call never reached a coordinator
+        return None
+    if name is None:
+        return None
+    err = AgentUnreachable(name, "", exc.details() or "UNAVAILABLE")
+    err.args = (exc.details() or f"agent {name!r} is unreachable",)
+    return err
 
 
 class _Route:

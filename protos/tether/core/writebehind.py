@@ -9,12 +9,17 @@ is reported through ``on_error`` and retried with capped backoff; whoever waits 
 ``durable()`` gets ``StateUnwritable`` at their deadline, with the store's error.
 ``on_written`` sees each batch once it is written (what may now be told to others);
 ``abandon`` gives up (the writer lost the right to write): waiters get its error.
+A store that refuses some rows for good (``RowsRefused``: data it cannot hold) gets
+those dropped (logged) and the rest retried at once: one bad row must not wedge every
+later batch. ``failing_since`` says since when writes fail (the leader steps down when
+it cannot write for long).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Generic, TypeVar
 
@@ -27,6 +32,14 @@ V = TypeVar("V")
 
 RETRY_FIRST = 0.1
 RETRY_MAX = 5.0
+
+
+class RowsRefused(Exception):
+    """The store refuses these keys' values for good (why, per key); nothing was written."""
+
+    def __init__(self, refused: Mapping[object, str]) -> None:
+        self.refused = dict(refused)
+        super().__init__("; ".join(f"{k}: {why}" for k, why in list(self.refused.items())[:3]))
 
 
 class WriteBehind(Generic[K, V]):
@@ -44,6 +57,10 @@ class WriteBehind(Generic[K, V]):
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
         self.last_error = ""
+        #: ``time.monotonic()`` of the first failed write since the last success.
+        self.failing_since: float | None = None
+        #: The last write's error (None after a success).
+        self.last_exception: BaseException | None = None
 
     @property
     def pending(self) -> int:
@@ -91,8 +108,28 @@ class WriteBehind(Generic[K, V]):
                 await self._write({k: v for k, (_, v) in batch.items()})
             except asyncio.CancelledError:
                 raise
+            except RowsRefused as exc:
+                dropped = [k for k in batch if k in exc.refused]
+                for key in dropped:
+                    if self._pending.get(key, (0, None))[0] == batch[key][0]:
+                        del self._pending[key]
+                log.error("%s refuses %d change(s) for good (dropped; the rest is retried): "
+                          "%s", self.where, len(dropped), exc)
+                self.on_error()
+                if not dropped:  # nothing of this batch: a store error like any other
+                    self.last_error = str(exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, RETRY_MAX)
+                    continue
+                if not self._pending:
+                    self._written = upto
+                    self._release(upto)
+                continue
             except Exception as exc:  # the store's error, whatever it is: keep the data
                 self.last_error = str(exc) or type(exc).__name__
+                self.last_exception = exc
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
                 self.on_error()
                 log.error("cannot write %s: %s; keeping %d change(s), retrying in %.1f s",
                           self.where, self.last_error, len(batch), backoff)
@@ -100,6 +137,8 @@ class WriteBehind(Generic[K, V]):
                 backoff = min(backoff * 2, RETRY_MAX)
                 continue
             self.last_error = ""
+            self.last_exception = None
+            self.failing_since = None
             backoff = RETRY_FIRST
             for key, (version, _) in batch.items():
                 if self._pending.get(key, (0, None))[0] == version:
@@ -109,11 +148,14 @@ class WriteBehind(Generic[K, V]):
                 self.on_written({k: v for k, (_, v) in batch.items()})
             except Exception:
                 log.exception("%s: after a write", self.where)
-            done = [f for t, f in self._waiters if t <= upto]
-            self._waiters = [(t, f) for t, f in self._waiters if t > upto]
-            for fut in done:
-                if not fut.done():
-                    fut.set_result(None)
+            self._release(upto)
+
+    def _release(self, upto: int) -> None:
+        done = [f for t, f in self._waiters if t <= upto]
+        self._waiters = [(t, f) for t, f in self._waiters if t > upto]
+        for fut in done:
+            if not fut.done():
+                fut.set_result(None)
 
     def abandon(self, error: BaseException) -> None:
         """Write nothing more: drop what is pending, fail every waiter with ``error``."""

@@ -3,10 +3,17 @@
 * ``tether-epoch`` (request header): the leader's epoch, on every call a coordinator
   makes to an agent. An agent refuses calls from an epoch older than the newest it has
   obeyed (``FAILED_PRECONDITION``), with ``tether-fence: NEWEST`` in the trailers.
+* ``tether-leader-id`` (request header, with ``tether-epoch``): the leader's lease
+  holder (a random id per term). Two leaders with one epoch (a database restored
+  without its newest leader row) are told apart: an agent that obeys epoch N of one
+  holder refuses epoch N of another, and whichever the store still names moves above.
 * ``tether-leader`` (trailer of an ``UNAVAILABLE``): the leader's address as the
   coordinator that answered knows it (empty: none leads right now). A standby answers
   so instead of serving the call; a leader that stepped down mid-call too, with
   ``tether-interrupted: 1`` (the call may have been partly done).
+* ``tether-agent-unreachable`` (trailer of an ``UNAVAILABLE``): the leader answered, but
+  the agent the call needed did not: the client reports that and does not go looking
+  for another coordinator.
 * ``tether-stale-ok: 1`` (request header of a read): the client could not reach the
   leader; a standby may answer from the store (at most a second old).
 
@@ -21,9 +28,11 @@ from collections.abc import Iterable
 from typing import Any
 
 EPOCH_HEADER = "tether-epoch"
+HOLDER_HEADER = "tether-leader-id"
 FENCE_TRAILER = "tether-fence"
 LEADER_TRAILER = "tether-leader"
 INTERRUPTED_TRAILER = "tether-interrupted"
+AGENT_TRAILER = "tether-agent-unreachable"
 #: Request header of a read a client may have answered from the store by a standby
 #: (it could not reach the leader): without it, a standby sends reads to the leader too,
 #: so a client reads what it just wrote.

@@ -70,11 +70,16 @@ def error_from_rpc(code: grpc.StatusCode, details: str,
 
 def trailers_for(exc: BaseException) -> tuple[tuple[str, str], ...]:
     """A coordinator that stopped leading during a call names the leader (see
-    ``tether.rpc.leader``): the client retries there."""
-    from tether.rpc.leader import INTERRUPTED_TRAILER, LEADER_TRAILER
+    ``tether.rpc.leader``): the client retries there. An agent that did not answer is
+    named, so that the client does not take the leader for gone."""
+    from tether.rpc.leader import AGENT_TRAILER, INTERRUPTED_TRAILER, LEADER_TRAILER
 
     if isinstance(exc, e.NotLeader):
         return ((LEADER_TRAILER, exc.leader), (INTERRUPTED_TRAILER, "1"))
+    if isinstance(exc, e.AgentUnreachable):
+        # UNAVAILABLE, but from a coordinator that answered: not a reason to look for
+        # another coordinator (the agent is down, not the leader).
+        return ((AGENT_TRAILER, exc.name),)
     return ()
 
 
