@@ -43,7 +43,8 @@ class D:
             cmd = [PY, "-c", pre + "\nimport sys, runpy\nsys.argv = ['tether', *sys.argv[1:]]\n"
                    "runpy.run_module('tether.coordinator.cli', run_name='__main__')",
                    kind, *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "a"),  # noqa: SIM115
+        self.err = open(log, "a")  # noqa: SIM115 (closed by stop)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.err,
                                      stdin=subprocess.DEVNULL, text=True, start_new_session=True,
                                      env={**os.environ, **(env or {})})
         self.address = ""
@@ -98,6 +99,10 @@ class D:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.err.close()
+        if self.proc.stdout is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.proc.stdout.close()
 
 
 class Cluster:

@@ -34,8 +34,10 @@ def main() -> int:
         cl.agent("m1")
         cl.wait_agent_up("m1")
         new = cl.coordinator(pre=NEWER)  # the upgraded standby
-        deadline = time.monotonic() + 20
-        while cl.psql("SELECT value FROM tether_meta WHERE key = 'schema_version'") != "2":
+        from tether.coordinator import postgres_store
+        newer = str(len(postgres_store.MIGRATIONS) + 1)  # one more than this tether's
+        deadline = time.monotonic() + 60
+        while cl.psql("SELECT value FROM tether_meta WHERE key = 'schema_version'") != newer:
             assert time.monotonic() < deadline, "the newer standby did not migrate"
             time.sleep(0.2)
         print("schema version now:", cl.psql("SELECT value FROM tether_meta WHERE key = "

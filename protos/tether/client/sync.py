@@ -7,6 +7,7 @@ its call is done and raises what the async call raised.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
@@ -144,7 +145,12 @@ class Client:
                 except StopAsyncIteration:
                     return
         finally:
-            self._run(close())
+            ending = close()
+            try:
+                self._run(ending)
+            finally:  # a client closed first cannot run it: no "never awaited" warning
+                with contextlib.suppress(RuntimeError, ValueError):
+                    ending.close()
 
 
 class Window:
