@@ -115,14 +115,17 @@ class Outputs:
                 and g.spec.orphan_policy is OrphanPolicy.KEEP:
             self.keeper.hold(gid, ends)
 
-    def _finish(self, g: Group) -> None:
+    def _finish(self, g: Group) -> asyncio.Future[None] | None:
         stdio, g.stdio = g.stdio, None
         if self.keeper is not None:
             self.keeper.release(g.group_id)
+        flushed = None
         if stdio is not None:
             stdio.finish()
+            flushed = stdio.flushed()
         if g.stdin_writer and self.changed is not None:
             self.changed(g)
+        return flushed
 
     def end_run(self, g: Group, record: ExitRecord) -> None:
         """The current run ended and another may start (restarts)."""
@@ -131,12 +134,14 @@ class Outputs:
         self.book.note(g.group_id, Note.RUN_ENDED,
                        f"run {g.restarts + 1} ended ({describe_end(record)})", g.restarts + 1)
 
-    def end(self, g: Group) -> None:
-        """The group ended: its last output is read, and its ring says nothing more comes."""
-        self._finish(g)
+    def end(self, g: Group) -> asyncio.Future[None] | None:
+        """The group ended: its last output is read, and its ring says nothing more comes.
+        Returns what is done once that output is in its ``--log`` file too (None: it is)."""
+        flushed = self._finish(g)
         self.open(g)
         self.book.close(g.group_id, f"group {g.state.value} ({describe_end(g.exit)}); its "
                         "output is complete")
+        return flushed
 
     def forget(self, group_id: str) -> None:
         self.book.forget(group_id)

@@ -36,6 +36,9 @@ from tether.core.tasks import TaskSet
 from tether.signallers.base import GroupHandle, LaunchSpec, RunAs
 from tether.signallers.registry import Signallers
 
+#: How long an ended group's exit waits for its output to reach its --log file.
+LOG_FLUSH_WAIT = 5.0
+
 log = logging.getLogger(__name__)
 
 LEADER_STATUS_WAIT = 1.0
@@ -70,7 +73,7 @@ class Lifecycle:
         if g.live_task is not None and (g.state is GroupState.STOPPING or g.state.ended):
             g.live_task.cancel()  # liveness checks end with the group (a check in flight too)
         if g.state.ended:
-            self._ended(g)
+            flushed = self._ended(g)
             rec = g.exit
             if rec is not None and (not rec.clean or rec.reason not in (
                     ExitReason.REQUESTED, ExitReason.NATURAL)):
@@ -81,12 +84,25 @@ class Lifecycle:
                 # line); a 1000-group stop should not print 1000 lines.
                 g.log.debug("%s -> %s", old.value, g.state.value)
             self.table.ended(g)
+            if flushed is not None and not flushed.done():
+                # Its output is still being appended to its --log (on a thread): whoever
+                # waits for the end reads a complete file (a stuck file system: not longer
+                # than LOG_FLUSH_WAIT).
+                self.tasks.spawn(self._announce(g, flushed), f"announce-{g.group_id}")
+                return
             g.ended.set()
         else:
             g.log.debug("%s -> %s", old.value, g.state.value)
         self.emit(g, EventKind.EXIT if g.state.ended else EventKind.STATE)
 
-    def _ended(self, g: Group) -> None:
+    async def _announce(self, g: Group, flushed: asyncio.Future[None]) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LOG_FLUSH_WAIT):
+                await asyncio.shield(flushed)
+        g.ended.set()
+        self.emit(g, EventKind.EXIT)
+
+    def _ended(self, g: Group) -> asyncio.Future[None] | None:
         """What every ending shares: the record carries what the group ran with, OOM kills
         are counted, and what the start reserved (ports) is released."""
         if g.exit is not None:
@@ -95,13 +111,14 @@ class Lifecycle:
             if g.exit.oom_kills:
                 self.hooks.oom_kills(g.exit.oom_kills)
         # The last output first: it is in the ring before the exit event goes out.
-        self.outputs.end(g)
+        flushed = self.outputs.end(g)
         releases, g.on_end = g.on_end, []
         for release in releases:
             try:
                 release()
             except Exception:
                 g.log.exception("releasing what the group held failed")
+        return flushed
 
     def fail(self, g: Group, failure: FailureClass, message: str,
              status: LeaderStatus | None = None, survivors: int = 0,

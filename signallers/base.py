@@ -17,6 +17,7 @@ group (see ``registry.py``). Each maps its foreign errors (``OSError``,
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -168,6 +169,11 @@ class Stdio(Protocol):
     def pipe_ends(self) -> PipeEnds | None:
         """The local descriptors behind these streams, for the guardian to hold (None: no
         local pipes, as on remote targets)."""
+        return None
+
+    def flushed(self) -> asyncio.Future[None] | None:
+        """After ``finish``: done once what was read is in the ``--log`` file too (None:
+        nothing is still being written there)."""
         return None
 
 

@@ -63,6 +63,8 @@ class LogTee:
         self._busy = False
         self._closing = False
         self._failed = False
+        #: Done once closed with nothing left to write (``drained``).
+        self._drained: asyncio.Future[None] | None = None
 
     def write(self, data: bytes) -> None:
         if self._failed or self.fd < 0:
@@ -112,8 +114,18 @@ class LogTee:
         if not self._busy:
             self._close_fd()
 
+    def drained(self) -> asyncio.Future[None] | None:
+        """Done once closed and everything is written (or given up on); None if it is."""
+        if self.fd < 0 and not self._busy:
+            return None
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
+        return self._drained
+
     def _close_fd(self) -> None:
         fd, self.fd = self.fd, -1
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
         if fd >= 0:
             with contextlib.suppress(RuntimeError):  # the pool is gone: the agent is exiting
                 self._pool.submit(os.close, fd)
@@ -146,6 +158,9 @@ class PipeStdio(Stdio):
         if self._stdin >= 0:
             held.append("stdin")
         return f"<PipeStdio {' '.join(held) or 'closed'}>"
+
+    def flushed(self) -> asyncio.Future[None] | None:
+        return self._tee.drained() if self._tee is not None else None
 
     def pipe_ends(self) -> PipeEnds | None:
         tee = self._tee.fd if self._tee is not None else self._log_fd

@@ -216,6 +216,21 @@ def test_hostile_queries_are_refused_naming_the_field() -> None:
 # ------------------------------------------------------------------ real programs
 
 
+async def test_a_group_has_ended_only_once_its_log_file_holds_all_it_wrote(
+        authority: Authority, tmp_path: Path) -> None:
+    """The --log file is appended on a thread: whoever waits for a group's end (tether
+    wait, a stop, the exit event) then reads it whole, as when the program wrote it
+    itself."""
+    log = tmp_path / "big.log"
+    size = 6 << 20  # more than one write to the file, still being written at the exit
+    view = await authority.spawn(GroupSpec(
+        argv=("sh", "-c", f"head -c {size} /dev/zero | tr '\\0' x; echo end"),
+        session_id="s", log_path=str(log)))
+    await authority.find(view.group_id).ended.wait()
+    assert log.stat().st_size == size + 4, "its end came after the log file was whole"
+    assert log.read_bytes().endswith(b"xend\n")
+
+
 async def test_bytes_are_kept_exactly_tagged_by_stream_and_teed_to_the_log(
         authority: Authority, tmp_path: Path) -> None:
     log = tmp_path / "out.log"
