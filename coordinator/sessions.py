@@ -23,7 +23,13 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from tether.core.errors import Conflict, InvalidSpec, SessionNotFound
-from tether.core.sessions import Session, SessionState, SessionView, check_ttl
+from tether.core.sessions import (
+    Session,
+    SessionState,
+    SessionView,
+    check_ttl,
+    check_window_labels,
+)
 
 if TYPE_CHECKING:
     from tether.coordinator.core import Coordinator
@@ -108,6 +114,7 @@ class Sessions:
         (CreateSession): its owner is gone, and a spawn it sent before it died may still
         arrive; that must not start processes nobody holds a lease on."""
         check_ttl(ttl)
+        check_window_labels(window, labels)  # stored for an existing session too
         previous = self._sessions.get(session_id)
         s = previous
         if s is not None and s.state is SessionState.STOPPED and not explicit \

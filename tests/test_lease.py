@@ -348,3 +348,62 @@ def test_the_lease_survives_in_the_store(tmp_path: Path) -> None:
     assert token not in (tmp_path / "st" / "coordinator.sqlite3").read_bytes().decode(
         errors="replace")
     assert os.path.exists(tmp_path / "st")
+
+
+# ------------------------------------------------------------------ review 4
+
+
+async def _open_raw(address: str, request: cpb.LeaseRequest) -> tuple[str, str]:
+    """One OpenLease stream, raw: its first answer's status name or the refusal's code."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = cgrpc.CoordinatorServiceStub(channel).OpenLease(timeout=30)
+        await call.write(request)
+        try:
+            answer = await call.read()
+            return cpb.LeaseStatus.Name(answer.status), ""
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name, exc.details() or ""
+        finally:
+            call.cancel()
+
+
+async def test_an_existing_sessions_window_and_labels_are_checked_and_a_bad_row_loads(
+        tmp_path: Path) -> None:
+    """A window name for an *existing* session is checked like a new one's (OpenLease on a
+    TTL session, CreateSession); and a row stored unchecked by an older version is repaired
+    on load (reported), not a coordinator that no longer starts."""
+    import sqlite3
+
+    bad = "w\x00\n" + "y" * 300
+    d = serve(tmp_path)
+    try:
+        async with grpc.aio.insecure_channel(d.address) as channel:
+            stub = cgrpc.CoordinatorServiceStub(channel)
+            await stub.CreateSession(cpb.CreateSessionRequest(session_id="svc", ttl_seconds=600))
+            for request in (cpb.CreateSessionRequest(session_id="svc", window=bad),
+                            cpb.CreateSessionRequest(session_id="svc", labels={"k": "v\n"})):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.CreateSession(request)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        code, details = await _open_raw(d.address, cpb.LeaseRequest(
+            session_id="svc", window=bad, lease_grace_seconds=30))
+        assert code == "INVALID_ARGUMENT" and "window" in details, (code, details)
+        assert d.json("show", "svc")["window"] == ""
+    finally:
+        stop_daemon(d)
+    db = sqlite3.connect(tmp_path / "st" / "coordinator.sqlite3")
+    try:
+        with db:
+            db.execute("UPDATE sessions SET window = ?, labels = ? WHERE session_id = 'svc'",
+                       (bad, json.dumps({"ok": "1", "bad\n": "2"})))
+    finally:
+        db.close()
+    d = serve(tmp_path)
+    try:
+        shown = d.json("show", "svc")
+        assert (shown["state"], shown["window"], shown["labels"]) == ("active", "", {"ok": "1"})
+        log = d.log()
+        assert "stored session 'svc': its window is invalid" in log
+        assert "stored session 'svc': label 'bad\\n' is invalid" in log
+    finally:
+        stop_daemon(d)
