@@ -45,6 +45,9 @@ class Sessions:
         self.c = c
         self._sessions: dict[str, Session] = {}
         self._lease_changed = asyncio.Event()
+        #: Sessions a spawn created and nothing else claimed since (by name): the only
+        #: ones a refused spawn may take back (``undo``).
+        self._provisional: dict[str, Session] = {}
 
     def load(self, sessions: Iterable[Session]) -> None:
         now = time.time()
@@ -108,7 +111,8 @@ class Sessions:
     def create(self, session_id: str, window: str = "", labels: dict[str, str] | None = None,
                ttl: float = 0.0, explicit: bool = False) -> tuple[Session, Session | None]:
         """The active session ``session_id`` (created, or a new run of a stopped one).
-        Returns it and what it replaced (to undo a creation that led nowhere).
+        Returns it and what it replaced (None: nothing; the session itself: it existed), to
+        undo a creation that led nowhere.
 
         A session stopped because its lease expired is started again only ``explicit``ly
         (CreateSession): its owner is gone, and a spawn it sent before it died may still
@@ -134,13 +138,23 @@ class Sessions:
         if window and not s.window:
             s.window = window
         self._sessions[session_id] = s
+        if explicit or ttl:
+            self._provisional.pop(session_id, None)  # claimed: no undo takes it back
+        elif s is not previous:
+            self._provisional[session_id] = s
         self.c.save_session(s)
-        return s, previous if previous is not s else None
+        return s, previous
 
     def undo(self, s: Session, previous: Session | None) -> None:
-        """A spawn that created ``s`` was refused outright: put back what was there."""
+        """A spawn that created ``s`` was refused outright: put back what was there.
+        Only a session that spawn created and nothing claimed since: not one that existed,
+        was created explicitly (CreateSession, OpenLease: a window may hold it), kept
+        alive, or leased meanwhile, nor one a concurrent spawn put something in."""
+        if previous is s or self._provisional.pop(s.session_id, None) is not s:
+            return
         if self._sessions.get(s.session_id) is not s or self.c.session_groups(s.session_id) \
-                or self.c.inflight.get(s.session_id) or s.state is not SessionState.ACTIVE:
+                or self.c.inflight.get(s.session_id) or s.state is not SessionState.ACTIVE \
+                or s.ttl or s.lease_grace or self.c.leases.held(s.session_id):
             return  # a concurrent spawn put something in it, or a stop runs on it: keep it
         if previous is None:
             del self._sessions[s.session_id]
@@ -160,6 +174,7 @@ class Sessions:
         if s.lease_grace:
             raise Conflict(f"session {session_id!r} has a stream lease (OpenLease); it is "
                            "renewed through its stream, not with KeepAlive")
+        self._provisional.pop(session_id, None)
         s.renew(ttl)
         self.c.save_session(s)
         self._lease_changed.set()
@@ -229,6 +244,7 @@ class Sessions:
                 self.c.forget(t)
             self.c.drop_session_index(s.session_id)
             del self._sessions[s.session_id]
+            self._provisional.pop(s.session_id, None)
             self.c.persist.put(("session", s.session_id), None)
             dropped += 1
         if dropped:

@@ -407,3 +407,21 @@ async def test_an_existing_sessions_window_and_labels_are_checked_and_a_bad_row_
         assert "stored session 'svc': label 'bad\\n' is invalid" in log
     finally:
         stop_daemon(d)
+
+
+async def test_a_refused_spawn_leaves_a_windows_session_alone(srv: Daemon) -> None:
+    """A spawn its agent refuses takes back only a session that spawn created: never one a
+    window holds (or any existing one), which would leave the lease pointing at nothing."""
+    async with AsyncClient(srv.address) as c, c.window("ed-u", lease_grace=30) as w:
+        with pytest.raises(InvalidSpec, match="no user"):
+            await w.spawn(["sleep", "300"], user="tether-no-such-user-r4")
+        shown = await c.session("ed-u")
+        assert shown.session.state.value == "active" and shown.lease_held
+        assert shown.session.lease_grace == 30
+        # A session only that refused spawn created is taken back, as before.
+        with pytest.raises(InvalidSpec, match="no user"):
+            await c.spawn(["sleep", "300"], session="ed-u2", user="tether-no-such-user-r4")
+        assert all(v.session.session_id != "ed-u2" for v in await c.sessions())
+        await w.spawn(["sleep", "300"])  # the window carries on in its own session
+    assert w.report is not None and w.report.stop_cause == "requested"
+    assert len(w.report.groups) == 1 and w.report.clean
