@@ -425,3 +425,36 @@ async def test_a_refused_spawn_leaves_a_windows_session_alone(srv: Daemon) -> No
         await w.spawn(["sleep", "300"])  # the window carries on in its own session
     assert w.report is not None and w.report.stop_cause == "requested"
     assert len(w.report.groups) == 1 and w.report.clean
+
+
+def test_a_coordinator_down_longer_than_the_grace_keeps_a_live_clients_window(
+        tmp_path: Path, clients: list[WindowClient]) -> None:
+    """The restarted coordinator gives the lease its grace from its restart, so the client
+    keeps trying while it cannot reach it, past its own count of the grace."""
+    port = free_port()
+    args = ["--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path / "c")]
+    coord = start_daemon("coordinator", args, tmp_path / "c")
+    agent = start_daemon("agent", ["--listen", "127.0.0.1:0", "--coordinator", coord.address,
+                                   "--name", f"lg-{tmp_path.name[-8:]}", "--state-dir",
+                                   str(tmp_path / "a")], tmp_path / "a")
+    try:
+        wait_until(lambda: any(a["state"] == "up" for a in coord.json("agents")["agents"]), 30,
+                   "the agent to register")
+        c = WindowClient(coord.address, "ed-d", 3.0, n=1)
+        clients.append(c)
+        ids = c.first["ids"]
+        stop_daemon(coord)
+        # The event: the client says its grace has passed without a coordinator to ask.
+        assert c.proc.stderr is not None
+        while "unreachable for longer than the lease grace" not in (
+                line := c.proc.stderr.readline()):
+            assert line and "lease lost" not in line, line or "the client ended"
+        coord = start_daemon("coordinator", args, tmp_path / "c", name="coordinator2")
+        wait_until(lambda: coord.json("show", "ed-d").get("lease_held") is True, 60,
+                   "the client to take its lease back from the restarted coordinator")
+        assert all(len(marked_alive(g)) == 2 for g in ids)
+        assert c.say("exit") == {"cause": "requested", "clean": True}
+        assert all(marked_alive(g) == [] for g in ids)
+    finally:
+        stop_daemon(coord)
+        stop_daemon(agent)
