@@ -1,7 +1,8 @@
 """Stream leases: a session that lives as long as its client's connection (``OpenLease``).
 
 A client opens a lease on a session with the first message of a stream and renews it
-with each later one. While a stream holds the lease the session cannot expire. When
+with each later one. While a stream holds the lease the session cannot expire (its
+``lease_expires_at`` is 0, stored so: a restarted coordinator knows it was held). When
 the stream ends, or its renewals stop for ``renew_timeout`` seconds (a client that
 stalls, a network cut), the holder is released and the session's grace starts
 (``lease_expires_at`` = then + grace); the lease loop in ``sessions.py`` stops the
@@ -221,8 +222,9 @@ class Leases:
         s = self.c.sessions.find(holder.session_id)
         if s is None:
             return
-        # Shown to readers; a held lease expires only through its watchdog.
-        s.lease_expires_at = time.time() + holder.timeout + holder.grace
+        # Held: no expiry (a held lease ends only through its watchdog), and so stored:
+        # a coordinator that restarts knows the lease was held and gives the whole grace.
+        s.lease_expires_at = 0.0
         if holder._watchdog is not None:
             holder._watchdog.cancel()
         holder._watchdog = asyncio.get_running_loop().call_later(
@@ -248,8 +250,7 @@ class Leases:
         s = self.c.sessions.find(holder.session_id)
         if s is None or s.state is not SessionState.ACTIVE:
             return
-        s.lease_expires_at = min(s.lease_expires_at, time.time() + s.lease_grace) \
-            if s.lease_expires_at else time.time() + s.lease_grace
+        s.lease_expires_at = time.time() + s.lease_grace
         self.c.save_session(s)
         self.c.sessions.lease_changed()
         log.info("session %r: lease stream gone (%s); stopping the session in %g s unless "

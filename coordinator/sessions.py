@@ -5,9 +5,13 @@ lease (``OpenLease``, ``leases.py``) that holds while its stream does and for it
 grace after. The lease loop sleeps until the earliest expiry (woken early when a
 lease changes) and stops an expired session with cause ``lease_expired`` (TTL) or
 ``lease_lost`` (stream). The coordinator's own downtime never counts against a
-lease: on load, every active TTL lease gets at least a fresh TTL, and every stream
-lease its whole grace (no stream survives a restart or a failover; the owner has the
-grace to reconnect with its resume token).
+lease its owner held: on load, every active TTL lease gets at least a fresh TTL, and
+every stream lease that a stream held when the coordinator went away (stored expiry 0)
+its whole grace (at least ``RECONNECT_ALLOWANCE``; no stream survives a restart or a
+failover, the owner reconnects with its resume token). A stream lease whose stream was
+already gone keeps its stored expiry, extended by at most ``RECONNECT_ALLOWANCE`` (not
+stored, so restarts do not add up): a client gone for good is not kept alive by
+restarts.
 
 Stopped sessions and their groups' records are kept ``retain_stopped`` seconds
 (at most ``retain_max_stopped`` of them), then dropped from memory and the store.
@@ -37,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY = 60.0
+#: Seconds a restarted coordinator gives a stream lease's owner to reconnect, at least.
+RECONNECT_ALLOWANCE = 5.0
 MAX_PAGE = 1000
 
 
@@ -56,10 +62,16 @@ class Sessions:
                 # Our downtime is not the owner's silence: a fresh TTL before expiring.
                 s.lease_expires_at = now + s.ttl
                 self.c.save_session(s)
-            elif s.state is SessionState.ACTIVE and s.lease_grace:
-                # The stream died with the previous process: the grace runs from now.
-                s.lease_expires_at = now + s.lease_grace
+            elif s.state is SessionState.ACTIVE and s.lease_grace and not s.lease_expires_at:
+                # Held when the previous process went: its stream died with it, and the
+                # grace runs from now. Stored: a second restart does not give it again.
+                s.lease_expires_at = now + max(s.lease_grace, RECONNECT_ALLOWANCE)
                 self.c.save_session(s)
+            elif s.state is SessionState.ACTIVE and s.lease_grace:
+                # Its stream was gone already: its grace ran on; a short allowance to
+                # reconnect, at most, and in memory only.
+                s.lease_expires_at = max(s.lease_expires_at, min(
+                    now + RECONNECT_ALLOWANCE, s.lease_expires_at + RECONNECT_ALLOWANCE))
             self._sessions[s.session_id] = s
 
     def start(self) -> None:

@@ -458,3 +458,39 @@ def test_a_coordinator_down_longer_than_the_grace_keeps_a_live_clients_window(
     finally:
         stop_daemon(coord)
         stop_daemon(agent)
+
+
+def test_a_restart_does_not_give_a_lost_stream_its_grace_again(
+        tmp_path: Path, clients: list[WindowClient]) -> None:
+    """A lease whose stream was already gone keeps the expiry its grace gave it (restarts
+    add at most a short allowance, never a whole grace each): a coordinator that restarts
+    more often than the grace still stops a dead client's session."""
+    import sqlite3
+    import time
+
+    d = serve(tmp_path)
+    try:
+        c = WindowClient(d.address, "ed-g", 600.0, n=1)
+        clients.append(c)
+        ids = c.first["ids"]
+        c.kill()
+        wait_until(lambda: d.json("show", "ed-g")["lease_held"] is False, 30,
+                   "the coordinator to see the stream gone")
+    finally:
+        stop_daemon(d)
+    db = sqlite3.connect(tmp_path / "st" / "coordinator.sqlite3")
+    try:
+        (saved,), = db.execute("SELECT lease_expires_at FROM sessions WHERE session_id = 'ed-g'")
+        assert saved > 0, "the expiry the grace gave is stored"
+        with db:  # as after a long downtime: the grace ran out while no coordinator ran
+            db.execute("UPDATE sessions SET lease_expires_at = ? WHERE session_id = 'ed-g'",
+                       (time.time() - 3600,))
+    finally:
+        db.close()
+    d = serve(tmp_path)
+    try:
+        report = d.json("wait", "ed-g", "--timeout", "60")
+        assert report["complete"] and report["stop_cause"] == "lease_lost", report
+        assert all(marked_alive(g) == [] for g in ids)
+    finally:
+        stop_daemon(d)
