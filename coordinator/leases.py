@@ -171,6 +171,15 @@ class Leases:
             if s is not None and s.state is SessionState.STOPPING:
                 raise Conflict(f"session {session_id!r} is stopping; open the lease once it "
                                "has stopped (a new run), or use another session name")
+            if s is not None and s.state is SessionState.ACTIVE and not s.ttl and (
+                    any(not t.ended for t in self.c.session_groups(session_id))
+                    or self.c.inflight.get(session_id)):
+                raise Conflict(
+                    f"session {session_id!r} is in use (processes, no lease): a window would "
+                    "make them live only as long as this client. Use another session name; "
+                    "or, to hand them to a window, give the session a TTL lease first "
+                    f"(`tether keepalive {session_id} --ttl SECONDS`, KeepAlive) and open the "
+                    "window then")
             s, _ = self.c.sessions.create(session_id, window, labels, explicit=True)
             s.ttl = 0.0  # a TTL lease becomes this stream lease
             s.lease_grace = DEFAULT_LEASE_GRACE if grace is None else grace

@@ -494,3 +494,22 @@ def test_a_restart_does_not_give_a_lost_stream_its_grace_again(
         assert all(marked_alive(g) == [] for g in ids)
     finally:
         stop_daemon(d)
+
+
+async def test_a_window_does_not_take_over_a_session_in_use_without_a_lease(
+        srv: Daemon) -> None:
+    """A window on the name of a running session with no lease (a service started with
+    `tether spawn`) is refused: its processes would live only as long as that client.
+    One with a TTL lease is turned into the window's stream lease, as documented."""
+    async with AsyncClient(srv.address) as c:
+        g = (await c.spawn(["sleep", "300"], session="svc-a")).view.group_id
+        with pytest.raises(Conflict, match=r"in use .* TTL lease first"):
+            await c.window("svc-a", lease_grace=30).open()
+        shown = await c.session("svc-a")
+        assert (shown.session.lease_grace, shown.lease_held) == (0.0, False)
+        assert marked_alive(g)
+        await c.keepalive("svc-a", 600)
+        async with c.window("svc-a", lease_grace=30) as w:
+            assert w.state is not None and w.state.held
+            assert (await c.session("svc-a")).session.ttl == 0
+        assert w.report is not None and [r.group_id for r in w.report.groups] == [g]
