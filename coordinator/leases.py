@@ -124,20 +124,36 @@ class Leases:
 
     # ------------------------------------------------------------ streams
 
-    def admit(self, credential: str) -> None:
-        """Count a new lease stream, or refuse it past the limits."""
+    def admit(self, credential: str) -> bool:
+        """Count a new lease stream, or refuse it past the limit of all streams. Returns
+        whether it is within its credential's limit: one past it is let through only to
+        take back a held lease with its token (``may_exceed``; it replaces a stream of
+        that lease, whose connection may not be known dead yet), else ``too_many``."""
         cfg = self.c.config
-        if self._streams[credential] >= cfg.max_lease_streams_per_credential:
-            raise ResourceExhausted(
-                f"this credential ({credential}) already has {self._streams[credential]} lease "
-                f"streams open, the most one credential may hold "
-                f"(--max-lease-streams {cfg.max_lease_streams_per_credential}); close some, "
-                "or hold several sessions' processes in one session's windows")
         if self.streams >= cfg.max_lease_streams:
             raise ResourceExhausted(
                 f"this coordinator has {self.streams} lease streams open, its limit; retry "
                 "later, or use TTL leases (KeepAlive) for clients that need no stream")
+        within = self._streams[credential] < cfg.max_lease_streams_per_credential
         self._streams[credential] += 1
+        return within
+
+    def too_many(self, credential: str) -> ResourceExhausted:
+        cfg = self.c.config
+        n = self._streams[credential] - 1  # not counting the stream refused
+        return ResourceExhausted(
+            f"this credential ({credential}) already has {n} lease streams open, the most "
+            f"one credential may hold (--max-lease-streams "
+            f"{cfg.max_lease_streams_per_credential}); close some, or hold several sessions' "
+            "processes in one session's windows")
+
+    def may_exceed(self, session_id: str, token: str) -> bool:
+        """A stream past its credential's limit that takes back a lease a stream holds,
+        with its token: the held stream ends, so the count comes back within limits."""
+        s = self.c.sessions.find(session_id)
+        return bool(token) and session_id in self._holders and s is not None \
+            and bool(s.lease_token) and len(token) <= 256 \
+            and hmac.compare_digest(token_hash(token), s.lease_token)
 
     def leave(self, credential: str) -> None:
         self._streams[credential] -= 1

@@ -226,16 +226,18 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
                         ) -> AsyncIterator[cpb.LeaseState]:
         c = self.c  # the coordinator of this term, even if another one serves later
         caller = current_caller()
-        c.leases.admit(caller.credential)
+        within = c.leases.admit(caller.credential)
         try:
-            async with contextlib.aclosing(self._lease(c, requests, context, caller)) as out:
+            async with contextlib.aclosing(self._lease(c, requests, context, caller,
+                                                       within)) as out:
                 async for msg in out:
                     yield msg
         finally:
             c.leases.leave(caller.credential)
 
     async def _lease(self, c: Coordinator, requests: AsyncIterator[cpb.LeaseRequest],
-                     context: Any, caller: Caller) -> AsyncGenerator[cpb.LeaseState, None]:
+                     context: Any, caller: Caller, within: bool
+                     ) -> AsyncGenerator[cpb.LeaseState, None]:
         it = aiter(requests)
         try:
             async with asyncio.timeout(OPEN_WITHIN):
@@ -248,6 +250,8 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
                                 "the session_id (and resume_token) first")
         grace = first.lease_grace_seconds if first.HasField("lease_grace_seconds") else None
         try:
+            if not within and not c.leases.may_exceed(first.session_id, first.resume_token):
+                raise c.leases.too_many(caller.credential)
             holder, state = c.leases.open(first.session_id, window=first.window,
                                           labels=dict(first.labels), grace=grace,
                                           token=first.resume_token,

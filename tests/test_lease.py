@@ -513,3 +513,104 @@ async def test_a_window_does_not_take_over_a_session_in_use_without_a_lease(
             assert w.state is not None and w.state.held
             assert (await c.session("svc-a")).session.ttl == 0
         assert w.report is not None and [r.group_id for r in w.report.groups] == [g]
+
+
+async def test_a_take_back_with_the_token_passes_the_credentials_stream_limit(
+        tmp_path: Path) -> None:
+    """A stream with the resume token of a held lease replaces that lease's stream (whose
+    connection may be dead without the coordinator knowing yet): the per-credential limit
+    lets it through; any other stream past the limit is still refused."""
+    d = serve(tmp_path, "--max-lease-streams", "1")
+    try:
+        async with grpc.aio.insecure_channel(d.address) as channel:
+            stub = cgrpc.CoordinatorServiceStub(channel)
+            first = stub.OpenLease(timeout=60)
+            await first.write(cpb.LeaseRequest(session_id="r", lease_grace_seconds=60))
+            token = (await first.read()).resume_token
+            for request in (cpb.LeaseRequest(session_id="r2"),
+                            cpb.LeaseRequest(session_id="r", resume_token="x" * 43)):
+                code, details = await _open_raw(d.address, request)
+                assert code == "RESOURCE_EXHAUSTED" and "--max-lease-streams 1" in details
+            second = stub.OpenLease(timeout=60)
+            await second.write(cpb.LeaseRequest(session_id="r", resume_token=token))
+            answer = await second.read()
+            assert answer.status == cpb.LEASE_STATUS_HELD and answer.resumed
+            assert await first.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "taken over" in await first.details()
+            second.cancel()
+    finally:
+        stop_daemon(d)
+
+
+def test_a_window_retries_a_take_back_the_stream_limit_turns_away(
+        tmp_path: Path, clients: list[WindowClient]) -> None:
+    """RESOURCE_EXHAUSTED on a reconnect is no verdict on the lease: the window tries
+    again (within the grace) instead of declaring it lost."""
+    import asyncio
+
+    d = serve(tmp_path, "--max-lease-streams", "2")
+    try:
+        w = WindowClient(d.address, "w", 8.0, n=0)
+        clients.append(w)
+
+        async def run() -> None:
+            async with grpc.aio.insecure_channel(d.address) as channel:
+                stub = cgrpc.CoordinatorServiceStub(channel)
+
+                renewing: list[asyncio.Task[None]] = []
+
+                async def renew(call: Any) -> None:
+                    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError,
+                                             grpc.aio.UsageError):
+                        while True:
+                            await call.write(cpb.LeaseRequest())
+                            await call.read()
+                            await asyncio.sleep(0.5)
+
+                async def hold(session: str) -> Any:
+                    call = stub.OpenLease(timeout=120)
+                    await call.write(cpb.LeaseRequest(session_id=session,
+                                                      lease_grace_seconds=60))
+                    try:
+                        await call.read()
+                    except grpc.aio.AioRpcError as exc:
+                        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                        return None
+                    renewing.append(asyncio.ensure_future(renew(call)))
+                    return call
+
+                r1 = await hold("r1")
+                assert r1 is not None
+                w.proc.send_signal(signal.SIGSTOP)  # the window's stream goes silent
+                try:
+                    await asyncio.to_thread(
+                        wait_until, lambda: d.json("show", "w")["lease_held"] is False, 60,
+                        "the silent stream to lose the lease")
+                    for _ in range(1200):  # its slot, once it is free
+                        if (r2 := await hold("r2")) is not None:
+                            break
+                        await asyncio.sleep(0.05)
+                    assert r2 is not None, "the silent stream's slot never came free"
+                finally:
+                    w.proc.send_signal(signal.SIGCONT)
+
+                def turned_away() -> bool:
+                    lines = d.cli("audit", "-o", "json", check=True).stdout.splitlines()
+                    return any(e["session"] == "w" and e["result"] == "RESOURCE_EXHAUSTED"
+                               for e in map(json.loads, lines)
+                               if e["method"].endswith("/OpenLease"))
+
+                await asyncio.to_thread(wait_until, turned_away, 60,
+                                        "the window's take-back to be turned away")
+                r2.cancel()
+                await asyncio.to_thread(
+                    wait_until, lambda: d.json("show", "w")["lease_held"] is True, 60,
+                    "the window to take its lease back once a stream slot is free")
+                r1.cancel()
+                for task in renewing:
+                    task.cancel()
+
+        asyncio.run(run())
+        assert w.say("exit") == {"cause": "requested", "clean": True}
+    finally:
+        stop_daemon(d)

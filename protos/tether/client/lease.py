@@ -18,7 +18,8 @@ the grace; another process can take the lease back with that token too
 coordinator that restarts (or fails over) gives every lease its grace from its restart,
 so while the coordinator cannot be reached at all the window keeps trying for
 ``reconnect_timeout`` seconds (at least the grace; default ``RECONNECT_TIMEOUT``), and
-once a coordinator answers, for the grace from then. If that runs out, or the
+once a coordinator answers without a verdict (too many lease streams for now: the one
+it replaces may still count), for the grace from then. If that runs out, or the
 coordinator says the lease is over, the window is *lost*: ``lost`` is true,
 ``wait_lost()`` returns, and ``spawn`` raises ``LeaseLost``.
 """
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from tether.core.errors import Conflict, TetherError
+from tether.core.errors import Conflict, ResourceExhausted, TetherError
 from tether.core.model import GroupSpec
 from tether.core.sessions import GroupEntry, LeaseState, SessionReport, SessionView
 from tether.rpc.auth import ADMITTED_HEADER
@@ -334,6 +335,12 @@ class AsyncWindow:
                 return True
             except (CoordinatorUnreachable, TimedOut) as exc:
                 why = str(exc)
+            except ResourceExhausted as exc:
+                # Reachable, and no verdict: too many streams for now (the one this
+                # replaces may still count). The grace runs from the first such answer.
+                why = str(exc)
+                if answered_until is None:
+                    answered_until = time.monotonic() + grace
             except TetherError as exc:
                 self._mark_lost(str(exc))
                 return False
