@@ -26,7 +26,6 @@ import hashlib
 import hmac
 import logging
 import secrets
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -249,7 +248,7 @@ class Leases:
             return
         # Held: no expiry (a held lease ends only through its watchdog), and so stored:
         # a coordinator that restarts knows the lease was held and gives the whole grace.
-        s.lease_expires_at = 0.0
+        self.c.sessions.held_again(s)
         if holder._watchdog is not None:
             holder._watchdog.cancel()
         holder._watchdog = asyncio.get_running_loop().call_later(
@@ -275,9 +274,8 @@ class Leases:
         s = self.c.sessions.find(holder.session_id)
         if s is None or s.state is not SessionState.ACTIVE:
             return
-        s.lease_expires_at = time.time() + s.lease_grace
+        self.c.sessions.grace_starts(s)  # measured on the monotonic clock
         self.c.save_session(s)
-        self.c.sessions.lease_changed()
         log.info("session %r: lease stream gone (%s); stopping the session in %g s unless "
                  "its owner takes the lease back", holder.session_id, holder.why,
                  s.lease_grace)

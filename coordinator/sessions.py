@@ -54,6 +54,10 @@ class Sessions:
         #: Sessions a spawn created and nothing else claimed since (by name): the only
         #: ones a refused spawn may take back (``undo``).
         self._provisional: dict[str, Session] = {}
+        #: When each released stream lease's grace runs out, on ``time.monotonic()`` (a
+        #: duration must not move with the wall clock); ``lease_expires_at`` keeps the
+        #: wall-clock time, for storage and display only.
+        self._grace_ends: dict[str, float] = {}
 
     def load(self, sessions: Iterable[Session]) -> None:
         now = time.time()
@@ -72,6 +76,9 @@ class Sessions:
                 # reconnect, at most, and in memory only.
                 s.lease_expires_at = max(s.lease_expires_at, min(
                     now + RECONNECT_ALLOWANCE, s.lease_expires_at + RECONNECT_ALLOWANCE))
+            if s.state is SessionState.ACTIVE and s.lease_grace:
+                # The stored wall-clock expiry, converted once.
+                self._grace_ends[s.session_id] = time.monotonic() + s.lease_expires_at - now
             self._sessions[s.session_id] = s
 
     def start(self) -> None:
@@ -201,11 +208,33 @@ class Sessions:
         self.c.save_session(s)
         self._lease_changed.set()
         if state is not SessionState.ACTIVE:
+            self._grace_ends.pop(s.session_id, None)
             self.c.leases.session_ended(s)
 
     def lease_changed(self) -> None:
         """Wake the lease loop: an expiry moved earlier."""
         self._lease_changed.set()
+
+    def grace_starts(self, s: Session) -> None:
+        """A stream lease's stream is gone: its grace runs from now (monotonic)."""
+        s.lease_expires_at = time.time() + s.lease_grace
+        self._grace_ends[s.session_id] = time.monotonic() + s.lease_grace
+        self._lease_changed.set()
+
+    def held_again(self, s: Session) -> None:
+        """A stream holds the lease: no expiry (stored so, see ``load``)."""
+        s.lease_expires_at = 0.0
+        self._grace_ends.pop(s.session_id, None)
+
+    def _left(self, s: Session, now: float, mono: float) -> float:
+        """Seconds until ``s``'s lease expires: a stream lease's grace on the monotonic
+        clock, a TTL on the wall clock (its expiry is the owner's promise, in time)."""
+        if s.lease_grace:
+            ends = self._grace_ends.get(s.session_id)
+            if ends is None:  # (not released through grace_starts: from its wall time)
+                ends = self._grace_ends[s.session_id] = mono + s.lease_expires_at - now
+            return ends - mono
+        return s.lease_expires_at - now
 
     # ------------------------------------------------------------ background
 
@@ -213,12 +242,14 @@ class Sessions:
         """Sleep until the earliest lease expires (woken early when a lease changes)."""
         while True:
             self._lease_changed.clear()
-            now = time.time()
+            now, mono = time.time(), time.monotonic()
             leased = [s for s in self._sessions.values()
-                      if s.state is SessionState.ACTIVE and (s.ttl > 0 or s.lease_grace > 0)]
+                      if s.state is SessionState.ACTIVE and (s.ttl > 0 or s.lease_grace > 0)
+                      and not self.c.leases.held(s.session_id)]  # (ended by its watchdog)
+            left = {s.session_id: self._left(s, now, mono) for s in leased}
             for s in leased:
-                if s.lease_expires_at > now or self.c.leases.held(s.session_id):
-                    continue  # (a held stream lease is ended by its stream's watchdog)
+                if left[s.session_id] > 0:
+                    continue
                 if s.lease_grace:
                     log.warning("session %r: its lease stream was lost and not taken back "
                                 "within its grace of %g s; stopping it", s.session_id,
@@ -228,8 +259,7 @@ class Sessions:
                     log.warning("session %r: lease of %g s expired without keepalive; "
                                 "stopping it", s.session_id, s.ttl)
                     self.c.fanout.begin_stop(s.session_id, None, "lease_expired")
-            pending = [s.lease_expires_at - now for s in leased
-                       if s.lease_expires_at > now and not self.c.leases.held(s.session_id)]
+            pending = [t for t in left.values() if t > 0]
             timeout = min(pending) if pending else None
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):

@@ -614,3 +614,47 @@ def test_a_window_retries_a_take_back_the_stream_limit_turns_away(
         assert w.say("exit") == {"cause": "requested", "clean": True}
     finally:
         stop_daemon(d)
+
+
+#: Loaded by the daemon (PYTHONPATH): its wall clock (time.time) runs OFFSET seconds off,
+#: OFFSET read from a file, as an NTP step or an operator fixing the date would move it.
+STEPPED_CLOCK = r"""
+import os, threading, time
+_real, _sleep, _offset = time.time, time.sleep, [0.0]
+def _watch(path=os.environ["TETHER_TEST_CLOCK"]):
+    while True:
+        try:
+            _offset[0] = float(open(path).read().strip() or 0)
+        except (OSError, ValueError):
+            pass
+        _sleep(0.02)
+time.time = lambda: _real() + _offset[0]
+threading.Thread(target=_watch, daemon=True).start()
+"""
+
+
+def test_the_grace_is_a_duration_not_a_wall_clock_time(
+        tmp_path: Path, clients: list[WindowClient]) -> None:
+    """The wall clock stepping back an hour during the grace does not keep a dead client's
+    session an hour longer."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(STEPPED_CLOCK)
+    clock = tmp_path / "offset"
+    clock.write_text("0")
+    d = start_daemon("serve", ["--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "st"),
+                               "--agent-name", f"lc-{tmp_path.name[-8:]}"], tmp_path,
+                     env={"PYTHONPATH": str(tmp_path / "site"),
+                          "TETHER_TEST_CLOCK": str(clock)})
+    try:
+        c = WindowClient(d.address, "ed-c", 3.0, n=1)
+        clients.append(c)
+        ids = c.first["ids"]
+        c.kill()
+        wait_until(lambda: d.json("show", "ed-c")["lease_held"] is False, 30,
+                   "the coordinator to see the stream gone")
+        clock.write_text("-3600")  # the wall clock steps back an hour, within the grace
+        report = d.json("wait", "ed-c", "--timeout", "60")
+        assert report["complete"] and report["stop_cause"] == "lease_lost", report
+        assert all(marked_alive(g) == [] for g in ids)
+    finally:
+        stop_daemon(d)
