@@ -151,6 +151,10 @@ class Sessions:
         if s is None or s.state is SessionState.STOPPED:
             # A stopped session's name may be reused: a new run of the same workspace.
             s = Session(session_id, window, dict(labels or {}))
+        if ttl and s.lease_grace:
+            raise Conflict(f"session {session_id!r} has a stream lease (OpenLease); a TTL "
+                           "would replace its grace: it is renewed through its stream, not "
+                           "with a TTL (CreateSession --ttl, KeepAlive)")
         if ttl:
             s.renew(ttl)
             self._lease_changed.set()

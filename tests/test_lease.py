@@ -658,3 +658,15 @@ def test_the_grace_is_a_duration_not_a_wall_clock_time(
         assert all(marked_alive(g) == [] for g in ids)
     finally:
         stop_daemon(d)
+
+
+async def test_create_session_with_a_ttl_on_a_stream_leased_session_is_refused(
+        srv: Daemon) -> None:
+    """Like KeepAlive: a TTL would replace the grace (a dead client's session kept for the
+    TTL, or its grace cut short)."""
+    async with AsyncClient(srv.address) as c, c.window("ed-t", lease_grace=30):
+        with pytest.raises(Conflict, match="stream lease"):
+            await c.create_session("ed-t", ttl=3600)
+        shown = await c.session("ed-t")
+        assert (shown.session.ttl, shown.session.lease_grace, shown.lease_held) == \
+            (0.0, 30.0, True)
