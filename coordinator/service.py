@@ -373,17 +373,16 @@ async def _renewals(holder: Holder, requests: AsyncIterator[cpb.LeaseRequest]
     """One item per renewal, until the client ends its stream or the holder is told to end
     (``holder.why``): taken over, session stopped, coordinator closing, renewals late."""
     ended = asyncio.ensure_future(holder.ended.wait())
+    read: asyncio.Future[cpb.LeaseRequest] | None = None
     try:
         while not holder.why:
             read = asyncio.ensure_future(anext(requests))
             done, _ = await asyncio.wait({read, ended}, return_when=asyncio.FIRST_COMPLETED)
             if read not in done:
-                read.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await read
-                return
+                return  # (the read is cancelled and awaited below)
+            finished, read = read, None
             try:
-                msg = read.result()
+                msg = finished.result()
             except StopAsyncIteration:
                 return  # the client closed its side: the stream is over
             if msg.session_id and msg.session_id != holder.session_id:
@@ -395,6 +394,13 @@ async def _renewals(holder: Holder, requests: AsyncIterator[cpb.LeaseRequest]
                 yield None
     finally:
         ended.cancel()
+        if read is not None:
+            # Pending when the stream ended or this handler was cancelled (the client's
+            # call went away): cancelled and awaited, never left to finish on its own
+            # (asyncio would log its StopAsyncIteration as never retrieved).
+            read.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await read
 
 
 def traced(spec: GroupSpec, context: Any) -> GroupSpec:

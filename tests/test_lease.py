@@ -670,3 +670,22 @@ async def test_create_session_with_a_ttl_on_a_stream_leased_session_is_refused(
         shown = await c.session("ed-t")
         assert (shown.session.ttl, shown.session.lease_grace, shown.lease_held) == \
             (0.0, 30.0, True)
+
+
+def test_a_crashed_clients_stream_leaves_no_unretrieved_task(
+        tmp_path: Path, clients: list[WindowClient]) -> None:
+    """A client SIGKILLed mid-stream: the handler's pending read is cancelled and awaited,
+    not abandoned (asyncio would log "Task exception was never retrieved" at ERROR)."""
+    d = serve(tmp_path)
+    try:
+        for i in range(3):
+            c = WindowClient(d.address, f"ed-k{i}", 30.0, n=0)
+            clients.append(c)
+            c.kill()
+            wait_until(lambda i=i: d.json("show", f"ed-k{i}")["lease_held"] is False, 30,
+                       "the coordinator to see the stream gone")
+    finally:
+        stop_daemon(d)
+    log = d.log()
+    assert "lease stream gone" in log
+    assert "never retrieved" not in log and "StopAsyncIteration" not in log, log
