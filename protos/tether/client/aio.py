@@ -181,12 +181,12 @@ def _traceparent(given: str | None) -> str:
     """The traceparent a call carries: the one given (checked: a malformed one is refused
     here, the caller's mistake), else this process's TRACEPARENT if valid, else none."""
     if given is None:
-        env = os.environ.get(trace.ENV, "")
-        return env if trace.valid(env) else ""
+        return trace.parse(os.environ.get(trace.ENV, ""))
     if given and not trace.valid(given):
         raise InvalidSpec(f"traceparent {given[:80]!r} is not a W3C traceparent "
-                          "(00-<32 hex>-<16 hex>-<2 hex>, lower case)", field="traceparent")
-    return given
+                          "(<2 hex version, not ff>-<32 hex>-<16 hex>-<2 hex>, lower case)",
+                          field="traceparent")
+    return trace.parse(given) if given else ""
 
 
 def default_address() -> str:
