@@ -1,7 +1,8 @@
 """Stream leases: a session that lives as long as its client's connection (``OpenLease``).
 
 A client opens a lease on a session with the first message of a stream and renews it
-with each later one. While a stream holds the lease the session cannot expire. When
+with each later one. While a stream holds the lease the session cannot expire (its
+``lease_expires_at`` is 0, stored so: a restarted coordinator knows it was held). When
 the stream ends, or its renewals stop for ``renew_timeout`` seconds (a client that
 stalls, a network cut), the holder is released and the session's grace starts
 (``lease_expires_at`` = then + grace); the lease loop in ``sessions.py`` stops the
@@ -25,7 +26,6 @@ import hashlib
 import hmac
 import logging
 import secrets
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -123,20 +123,36 @@ class Leases:
 
     # ------------------------------------------------------------ streams
 
-    def admit(self, credential: str) -> None:
-        """Count a new lease stream, or refuse it past the limits."""
+    def admit(self, credential: str) -> bool:
+        """Count a new lease stream, or refuse it past the limit of all streams. Returns
+        whether it is within its credential's limit: one past it is let through only to
+        take back a held lease with its token (``may_exceed``; it replaces a stream of
+        that lease, whose connection may not be known dead yet), else ``too_many``."""
         cfg = self.c.config
-        if self._streams[credential] >= cfg.max_lease_streams_per_credential:
-            raise ResourceExhausted(
-                f"this credential ({credential}) already has {self._streams[credential]} lease "
-                f"streams open, the most one credential may hold "
-                f"(--max-lease-streams {cfg.max_lease_streams_per_credential}); close some, "
-                "or hold several sessions' processes in one session's windows")
         if self.streams >= cfg.max_lease_streams:
             raise ResourceExhausted(
                 f"this coordinator has {self.streams} lease streams open, its limit; retry "
                 "later, or use TTL leases (KeepAlive) for clients that need no stream")
+        within = self._streams[credential] < cfg.max_lease_streams_per_credential
         self._streams[credential] += 1
+        return within
+
+    def too_many(self, credential: str) -> ResourceExhausted:
+        cfg = self.c.config
+        n = self._streams[credential] - 1  # not counting the stream refused
+        return ResourceExhausted(
+            f"this credential ({credential}) already has {n} lease streams open, the most "
+            f"one credential may hold (--max-lease-streams "
+            f"{cfg.max_lease_streams_per_credential}); close some, or hold several sessions' "
+            "processes in one session's windows")
+
+    def may_exceed(self, session_id: str, token: str) -> bool:
+        """A stream past its credential's limit that takes back a lease a stream holds,
+        with its token: the held stream ends, so the count comes back within limits."""
+        s = self.c.sessions.find(session_id)
+        return bool(token) and session_id in self._holders and s is not None \
+            and bool(s.lease_token) and len(token) <= 256 \
+            and hmac.compare_digest(token_hash(token), s.lease_token)
 
     def leave(self, credential: str) -> None:
         self._streams[credential] -= 1
@@ -170,6 +186,15 @@ class Leases:
             if s is not None and s.state is SessionState.STOPPING:
                 raise Conflict(f"session {session_id!r} is stopping; open the lease once it "
                                "has stopped (a new run), or use another session name")
+            if s is not None and s.state is SessionState.ACTIVE and not s.ttl and (
+                    any(not t.ended for t in self.c.session_groups(session_id))
+                    or self.c.inflight.get(session_id)):
+                raise Conflict(
+                    f"session {session_id!r} is in use (processes, no lease): a window would "
+                    "make them live only as long as this client. Use another session name; "
+                    "or, to hand them to a window, give the session a TTL lease first "
+                    f"(`tether keepalive {session_id} --ttl SECONDS`, KeepAlive) and open the "
+                    "window then")
             s, _ = self.c.sessions.create(session_id, window, labels, explicit=True)
             s.ttl = 0.0  # a TTL lease becomes this stream lease
             s.lease_grace = DEFAULT_LEASE_GRACE if grace is None else grace
@@ -221,8 +246,9 @@ class Leases:
         s = self.c.sessions.find(holder.session_id)
         if s is None:
             return
-        # Shown to readers; a held lease expires only through its watchdog.
-        s.lease_expires_at = time.time() + holder.timeout + holder.grace
+        # Held: no expiry (a held lease ends only through its watchdog), and so stored:
+        # a coordinator that restarts knows the lease was held and gives the whole grace.
+        self.c.sessions.held_again(s)
         if holder._watchdog is not None:
             holder._watchdog.cancel()
         holder._watchdog = asyncio.get_running_loop().call_later(
@@ -248,10 +274,8 @@ class Leases:
         s = self.c.sessions.find(holder.session_id)
         if s is None or s.state is not SessionState.ACTIVE:
             return
-        s.lease_expires_at = min(s.lease_expires_at, time.time() + s.lease_grace) \
-            if s.lease_expires_at else time.time() + s.lease_grace
+        self.c.sessions.grace_starts(s)  # measured on the monotonic clock
         self.c.save_session(s)
-        self.c.sessions.lease_changed()
         log.info("session %r: lease stream gone (%s); stopping the session in %g s unless "
                  "its owner takes the lease back", holder.session_id, holder.why,
                  s.lease_grace)

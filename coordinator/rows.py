@@ -9,13 +9,23 @@ start a group again); events keep what watchers are sent (environment values lef
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tether.coordinator.model import TrackedGroup
 from tether.coordinator.store import SpawnIntent
-from tether.core.model import Containment
-from tether.core.sessions import AgentInfo, Session, SessionEvent, SessionState, StopIntent
+from tether.core.errors import InvalidSpec
+from tether.core.model import Containment, check_name
+from tether.core.sessions import (
+    AgentInfo,
+    Session,
+    SessionEvent,
+    SessionState,
+    StopIntent,
+    check_lease_grace,
+    check_ttl,
+)
 from tether.rpc.convert import group_from_pb, group_to_pb, session_event_from_pb, session_event_to_pb
 from tether.v1 import common_pb2 as pb
 from tether.v1 import coordinator_pb2 as cpb
@@ -36,6 +46,8 @@ _CONTAINMENT_BY_NUM = {v: k for k, v in _CONTAINMENT_NUM.items()}
 
 Row = tuple[Any, ...]
 
+log = logging.getLogger(__name__)
+
 
 def agent_row(a: AgentInfo) -> Row:
     return (a.name, a.address, _CONTAINMENT_NUM[a.containment], a.version, a.epoch,
@@ -54,8 +66,51 @@ def session_row(s: Session) -> Row:
 
 
 def session_of(r: Sequence[Any]) -> Session:
-    return Session(r[0], r[1], json.loads(r[2]), SessionState(r[3]), r[4], r[5], r[6], r[7],
-                   r[8], r[9], r[10])
+    """A session from its row. A field that fails its check (a row an older version stored
+    unchecked, or edited by hand) is reported and repaired, never fatal: one bad row must
+    not keep the coordinator from starting."""
+    sid, window, ttl, grace = r[0], r[1], r[4], r[9]
+    if not _valid(sid, "window", "cleared", lambda: check_name(window, "window",
+                                                                allow_empty=True)):
+        window = ""
+    if not _valid(sid, "ttl", "set to none", lambda: check_ttl(ttl)):
+        ttl = 0.0
+    if grace and not _valid(sid, "lease grace", "set to none",
+                            lambda: check_lease_grace(grace)):
+        grace = 0.0
+    labels = _labels(sid, r[2])
+    return Session(r[0], window, labels, SessionState(r[3]), ttl, r[5], r[6], r[7],
+                   r[8], grace, r[10])
+
+
+def _valid(session_id: str, what: str, repair: str, check: Callable[[], object]) -> bool:
+    try:
+        check()
+    except InvalidSpec as exc:
+        log.error("stored session %r: its %s is invalid (%s); %s", session_id, what, exc, repair)
+        return False
+    return True
+
+
+def _labels(session_id: str, text: str) -> dict[str, str]:
+    try:
+        labels = json.loads(text)
+        if not isinstance(labels, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        log.error("stored session %r: its labels are unreadable (%s); dropped", session_id, exc)
+        return {}
+    good: dict[str, str] = {}
+    for key, value in labels.items():
+        try:
+            check_name(key, "label name")
+            if not isinstance(value, str):
+                raise InvalidSpec(f"label {key!r} is not text", field="labels")
+            good[key] = check_name(value, f"label {key!r}", allow_empty=True)
+        except InvalidSpec as exc:
+            log.error("stored session %r: label %r is invalid (%s); dropped", session_id,
+                      key, exc)
+    return good
 
 
 def group_row(t: TrackedGroup) -> Row:

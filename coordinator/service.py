@@ -231,16 +231,18 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
                         ) -> AsyncIterator[cpb.LeaseState]:
         c = self.c  # the coordinator of this term, even if another one serves later
         caller = current_caller()
-        c.leases.admit(caller.credential)
+        within = c.leases.admit(caller.credential)
         try:
-            async with contextlib.aclosing(self._lease(c, requests, context, caller)) as out:
+            async with contextlib.aclosing(self._lease(c, requests, context, caller,
+                                                       within)) as out:
                 async for msg in out:
                     yield msg
         finally:
             c.leases.leave(caller.credential)
 
     async def _lease(self, c: Coordinator, requests: AsyncIterator[cpb.LeaseRequest],
-                     context: Any, caller: Caller) -> AsyncGenerator[cpb.LeaseState, None]:
+                     context: Any, caller: Caller, within: bool
+                     ) -> AsyncGenerator[cpb.LeaseState, None]:
         it = aiter(requests)
         try:
             async with asyncio.timeout(OPEN_WITHIN):
@@ -253,6 +255,8 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
                                 "the session_id (and resume_token) first")
         grace = first.lease_grace_seconds if first.HasField("lease_grace_seconds") else None
         try:
+            if not within and not c.leases.may_exceed(first.session_id, first.resume_token):
+                raise c.leases.too_many(caller.credential)
             holder, state = c.leases.open(first.session_id, window=first.window,
                                           labels=dict(first.labels), grace=grace,
                                           token=first.resume_token,
@@ -374,17 +378,16 @@ async def _renewals(holder: Holder, requests: AsyncIterator[cpb.LeaseRequest]
     """One item per renewal, until the client ends its stream or the holder is told to end
     (``holder.why``): taken over, session stopped, coordinator closing, renewals late."""
     ended = asyncio.ensure_future(holder.ended.wait())
+    read: asyncio.Future[cpb.LeaseRequest] | None = None
     try:
         while not holder.why:
             read = asyncio.ensure_future(anext(requests))
             done, _ = await asyncio.wait({read, ended}, return_when=asyncio.FIRST_COMPLETED)
             if read not in done:
-                read.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await read
-                return
+                return  # (the read is cancelled and awaited below)
+            finished, read = read, None
             try:
-                msg = read.result()
+                msg = finished.result()
             except StopAsyncIteration:
                 return  # the client closed its side: the stream is over
             if msg.session_id and msg.session_id != holder.session_id:
@@ -396,6 +399,13 @@ async def _renewals(holder: Holder, requests: AsyncIterator[cpb.LeaseRequest]
                 yield None
     finally:
         ended.cancel()
+        if read is not None:
+            # Pending when the stream ended or this handler was cancelled (the client's
+            # call went away): cancelled and awaited, never left to finish on its own
+            # (asyncio would log its StopAsyncIteration as never retrieved).
+            read.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await read
 
 
 def traced(spec: GroupSpec, context: Any) -> GroupSpec:

@@ -5,9 +5,13 @@ lease (``OpenLease``, ``leases.py``) that holds while its stream does and for it
 grace after. The lease loop sleeps until the earliest expiry (woken early when a
 lease changes) and stops an expired session with cause ``lease_expired`` (TTL) or
 ``lease_lost`` (stream). The coordinator's own downtime never counts against a
-lease: on load, every active TTL lease gets at least a fresh TTL, and every stream
-lease its whole grace (no stream survives a restart or a failover; the owner has the
-grace to reconnect with its resume token).
+lease its owner held: on load, every active TTL lease gets at least a fresh TTL, and
+every stream lease that a stream held when the coordinator went away (stored expiry 0)
+its whole grace (at least ``RECONNECT_ALLOWANCE``; no stream survives a restart or a
+failover, the owner reconnects with its resume token). A stream lease whose stream was
+already gone keeps its stored expiry, extended by at most ``RECONNECT_ALLOWANCE`` (not
+stored, so restarts do not add up): a client gone for good is not kept alive by
+restarts.
 
 Stopped sessions and their groups' records are kept ``retain_stopped`` seconds
 (at most ``retain_max_stopped`` of them), then dropped from memory and the store.
@@ -23,7 +27,13 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from tether.core.errors import Conflict, InvalidSpec, SessionNotFound
-from tether.core.sessions import Session, SessionState, SessionView, check_ttl
+from tether.core.sessions import (
+    Session,
+    SessionState,
+    SessionView,
+    check_ttl,
+    check_window_labels,
+)
 
 if TYPE_CHECKING:
     from tether.coordinator.core import Coordinator
@@ -31,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY = 60.0
+#: Seconds a restarted coordinator gives a stream lease's owner to reconnect, at least.
+RECONNECT_ALLOWANCE = 5.0
 MAX_PAGE = 1000
 
 
@@ -39,6 +51,13 @@ class Sessions:
         self.c = c
         self._sessions: dict[str, Session] = {}
         self._lease_changed = asyncio.Event()
+        #: Sessions a spawn created and nothing else claimed since (by name): the only
+        #: ones a refused spawn may take back (``undo``).
+        self._provisional: dict[str, Session] = {}
+        #: When each released stream lease's grace runs out, on ``time.monotonic()`` (a
+        #: duration must not move with the wall clock); ``lease_expires_at`` keeps the
+        #: wall-clock time, for storage and display only.
+        self._grace_ends: dict[str, float] = {}
 
     def load(self, sessions: Iterable[Session]) -> None:
         now = time.time()
@@ -49,10 +68,19 @@ class Sessions:
                 # whose clock runs ahead of ours (wall-clock stamps), re-based on ours.
                 s.lease_expires_at = now + s.ttl
                 self.c.save_session(s)
-            elif s.state is SessionState.ACTIVE and s.lease_grace:
-                # The stream died with the previous process: the grace runs from now.
-                s.lease_expires_at = now + s.lease_grace
+            elif s.state is SessionState.ACTIVE and s.lease_grace and not s.lease_expires_at:
+                # Held when the previous process went: its stream died with it, and the
+                # grace runs from now. Stored: a second restart does not give it again.
+                s.lease_expires_at = now + max(s.lease_grace, RECONNECT_ALLOWANCE)
                 self.c.save_session(s)
+            elif s.state is SessionState.ACTIVE and s.lease_grace:
+                # Its stream was gone already: its grace ran on; a short allowance to
+                # reconnect, at most, and in memory only.
+                s.lease_expires_at = max(s.lease_expires_at, min(
+                    now + RECONNECT_ALLOWANCE, s.lease_expires_at + RECONNECT_ALLOWANCE))
+            if s.state is SessionState.ACTIVE and s.lease_grace:
+                # The stored wall-clock expiry, converted once.
+                self._grace_ends[s.session_id] = time.monotonic() + s.lease_expires_at - now
             self._sessions[s.session_id] = s
 
     def start(self) -> None:
@@ -104,12 +132,14 @@ class Sessions:
     def create(self, session_id: str, window: str = "", labels: dict[str, str] | None = None,
                ttl: float = 0.0, explicit: bool = False) -> tuple[Session, Session | None]:
         """The active session ``session_id`` (created, or a new run of a stopped one).
-        Returns it and what it replaced (to undo a creation that led nowhere).
+        Returns it and what it replaced (None: nothing; the session itself: it existed), to
+        undo a creation that led nowhere.
 
         A session stopped because its lease expired is started again only ``explicit``ly
         (CreateSession): its owner is gone, and a spawn it sent before it died may still
         arrive; that must not start processes nobody holds a lease on."""
         check_ttl(ttl)
+        check_window_labels(window, labels)  # stored for an existing session too
         previous = self._sessions.get(session_id)
         s = previous
         if s is not None and s.state is SessionState.STOPPED and not explicit \
@@ -123,19 +153,33 @@ class Sessions:
         if s is None or s.state is SessionState.STOPPED:
             # A stopped session's name may be reused: a new run of the same workspace.
             s = Session(session_id, window, dict(labels or {}))
+        if ttl and s.lease_grace:
+            raise Conflict(f"session {session_id!r} has a stream lease (OpenLease); a TTL "
+                           "would replace its grace: it is renewed through its stream, not "
+                           "with a TTL (CreateSession --ttl, KeepAlive)")
         if ttl:
             s.renew(ttl)
             self._lease_changed.set()
         if window and not s.window:
             s.window = window
         self._sessions[session_id] = s
+        if explicit or ttl:
+            self._provisional.pop(session_id, None)  # claimed: no undo takes it back
+        elif s is not previous:
+            self._provisional[session_id] = s
         self.c.save_session(s)
-        return s, previous if previous is not s else None
+        return s, previous
 
     def undo(self, s: Session, previous: Session | None) -> None:
-        """A spawn that created ``s`` was refused outright: put back what was there."""
+        """A spawn that created ``s`` was refused outright: put back what was there.
+        Only a session that spawn created and nothing claimed since: not one that existed,
+        was created explicitly (CreateSession, OpenLease: a window may hold it), kept
+        alive, or leased meanwhile, nor one a concurrent spawn put something in."""
+        if previous is s or self._provisional.pop(s.session_id, None) is not s:
+            return
         if self._sessions.get(s.session_id) is not s or self.c.session_groups(s.session_id) \
-                or self.c.inflight.get(s.session_id) or s.state is not SessionState.ACTIVE:
+                or self.c.inflight.get(s.session_id) or s.state is not SessionState.ACTIVE \
+                or s.ttl or s.lease_grace or self.c.leases.held(s.session_id):
             return  # a concurrent spawn put something in it, or a stop runs on it: keep it
         if previous is None:
             del self._sessions[s.session_id]
@@ -155,6 +199,7 @@ class Sessions:
         if s.lease_grace:
             raise Conflict(f"session {session_id!r} has a stream lease (OpenLease); it is "
                            "renewed through its stream, not with KeepAlive")
+        self._provisional.pop(session_id, None)
         s.renew(ttl)
         self.c.save_session(s)
         self._lease_changed.set()
@@ -169,11 +214,33 @@ class Sessions:
         self.c.save_session(s)
         self._lease_changed.set()
         if state is not SessionState.ACTIVE:
+            self._grace_ends.pop(s.session_id, None)
             self.c.leases.session_ended(s)
 
     def lease_changed(self) -> None:
         """Wake the lease loop: an expiry moved earlier."""
         self._lease_changed.set()
+
+    def grace_starts(self, s: Session) -> None:
+        """A stream lease's stream is gone: its grace runs from now (monotonic)."""
+        s.lease_expires_at = time.time() + s.lease_grace
+        self._grace_ends[s.session_id] = time.monotonic() + s.lease_grace
+        self._lease_changed.set()
+
+    def held_again(self, s: Session) -> None:
+        """A stream holds the lease: no expiry (stored so, see ``load``)."""
+        s.lease_expires_at = 0.0
+        self._grace_ends.pop(s.session_id, None)
+
+    def _left(self, s: Session, now: float, mono: float) -> float:
+        """Seconds until ``s``'s lease expires: a stream lease's grace on the monotonic
+        clock, a TTL on the wall clock (its expiry is the owner's promise, in time)."""
+        if s.lease_grace:
+            ends = self._grace_ends.get(s.session_id)
+            if ends is None:  # (not released through grace_starts: from its wall time)
+                ends = self._grace_ends[s.session_id] = mono + s.lease_expires_at - now
+            return ends - mono
+        return s.lease_expires_at - now
 
     # ------------------------------------------------------------ background
 
@@ -181,12 +248,14 @@ class Sessions:
         """Sleep until the earliest lease expires (woken early when a lease changes)."""
         while True:
             self._lease_changed.clear()
-            now = time.time()
+            now, mono = time.time(), time.monotonic()
             leased = [s for s in self._sessions.values()
-                      if s.state is SessionState.ACTIVE and (s.ttl > 0 or s.lease_grace > 0)]
+                      if s.state is SessionState.ACTIVE and (s.ttl > 0 or s.lease_grace > 0)
+                      and not self.c.leases.held(s.session_id)]  # (ended by its watchdog)
+            left = {s.session_id: self._left(s, now, mono) for s in leased}
             for s in leased:
-                if s.lease_expires_at > now or self.c.leases.held(s.session_id):
-                    continue  # (a held stream lease is ended by its stream's watchdog)
+                if left[s.session_id] > 0:
+                    continue
                 if s.lease_grace:
                     log.warning("session %r: its lease stream was lost and not taken back "
                                 "within its grace of %g s; stopping it", s.session_id,
@@ -196,8 +265,7 @@ class Sessions:
                     log.warning("session %r: lease of %g s expired without keepalive; "
                                 "stopping it", s.session_id, s.ttl)
                     self.c.fanout.begin_stop(s.session_id, None, "lease_expired")
-            pending = [s.lease_expires_at - now for s in leased
-                       if s.lease_expires_at > now and not self.c.leases.held(s.session_id)]
+            pending = [t for t in left.values() if t > 0]
             timeout = min(pending) if pending else None
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
@@ -224,6 +292,7 @@ class Sessions:
                 self.c.forget(t)
             self.c.drop_session_index(s.session_id)
             del self._sessions[s.session_id]
+            self._provisional.pop(s.session_id, None)
             self.c.persist.put(("session", s.session_id), None)
             dropped += 1
         if dropped:

@@ -348,3 +348,344 @@ def test_the_lease_survives_in_the_store(tmp_path: Path) -> None:
     assert token not in (tmp_path / "st" / "coordinator.sqlite3").read_bytes().decode(
         errors="replace")
     assert os.path.exists(tmp_path / "st")
+
+
+# ------------------------------------------------------------------ review 4
+
+
+async def _open_raw(address: str, request: cpb.LeaseRequest) -> tuple[str, str]:
+    """One OpenLease stream, raw: its first answer's status name or the refusal's code."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = cgrpc.CoordinatorServiceStub(channel).OpenLease(timeout=30)
+        await call.write(request)
+        try:
+            answer = await call.read()
+            return cpb.LeaseStatus.Name(answer.status), ""
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name, exc.details() or ""
+        finally:
+            call.cancel()
+
+
+async def test_an_existing_sessions_window_and_labels_are_checked_and_a_bad_row_loads(
+        tmp_path: Path) -> None:
+    """A window name for an *existing* session is checked like a new one's (OpenLease on a
+    TTL session, CreateSession); and a row stored unchecked by an older version is repaired
+    on load (reported), not a coordinator that no longer starts."""
+    import sqlite3
+
+    bad = "w\x00\n" + "y" * 300
+    d = serve(tmp_path)
+    try:
+        async with grpc.aio.insecure_channel(d.address) as channel:
+            stub = cgrpc.CoordinatorServiceStub(channel)
+            await stub.CreateSession(cpb.CreateSessionRequest(session_id="svc", ttl_seconds=600))
+            for request in (cpb.CreateSessionRequest(session_id="svc", window=bad),
+                            cpb.CreateSessionRequest(session_id="svc", labels={"k": "v\n"})):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.CreateSession(request)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        code, details = await _open_raw(d.address, cpb.LeaseRequest(
+            session_id="svc", window=bad, lease_grace_seconds=30))
+        assert code == "INVALID_ARGUMENT" and "window" in details, (code, details)
+        assert d.json("show", "svc")["window"] == ""
+    finally:
+        stop_daemon(d)
+    db = sqlite3.connect(tmp_path / "st" / "coordinator.sqlite3")
+    try:
+        with db:
+            db.execute("UPDATE sessions SET window = ?, labels = ? WHERE session_id = 'svc'",
+                       (bad, json.dumps({"ok": "1", "bad\n": "2"})))
+    finally:
+        db.close()
+    d = serve(tmp_path)
+    try:
+        shown = d.json("show", "svc")
+        assert (shown["state"], shown["window"], shown["labels"]) == ("active", "", {"ok": "1"})
+        log = d.log()
+        assert "stored session 'svc': its window is invalid" in log
+        assert "stored session 'svc': label 'bad\\n' is invalid" in log
+    finally:
+        stop_daemon(d)
+
+
+async def test_a_refused_spawn_leaves_a_windows_session_alone(srv: Daemon) -> None:
+    """A spawn its agent refuses takes back only a session that spawn created: never one a
+    window holds (or any existing one), which would leave the lease pointing at nothing."""
+    async with AsyncClient(srv.address) as c, c.window("ed-u", lease_grace=30) as w:
+        with pytest.raises(InvalidSpec, match="no user"):
+            await w.spawn(["sleep", "300"], user="tether-no-such-user-r4")
+        shown = await c.session("ed-u")
+        assert shown.session.state.value == "active" and shown.lease_held
+        assert shown.session.lease_grace == 30
+        # A session only that refused spawn created is taken back, as before.
+        with pytest.raises(InvalidSpec, match="no user"):
+            await c.spawn(["sleep", "300"], session="ed-u2", user="tether-no-such-user-r4")
+        assert all(v.session.session_id != "ed-u2" for v in await c.sessions())
+        await w.spawn(["sleep", "300"])  # the window carries on in its own session
+    assert w.report is not None and w.report.stop_cause == "requested"
+    assert len(w.report.groups) == 1 and w.report.clean
+
+
+def test_a_coordinator_down_longer_than_the_grace_keeps_a_live_clients_window(
+        tmp_path: Path, clients: list[WindowClient]) -> None:
+    """The restarted coordinator gives the lease its grace from its restart, so the client
+    keeps trying while it cannot reach it, past its own count of the grace."""
+    port = free_port()
+    args = ["--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path / "c")]
+    coord = start_daemon("coordinator", args, tmp_path / "c")
+    agent = start_daemon("agent", ["--listen", "127.0.0.1:0", "--coordinator", coord.address,
+                                   "--name", f"lg-{tmp_path.name[-8:]}", "--state-dir",
+                                   str(tmp_path / "a")], tmp_path / "a")
+    try:
+        wait_until(lambda: any(a["state"] == "up" for a in coord.json("agents")["agents"]), 30,
+                   "the agent to register")
+        c = WindowClient(coord.address, "ed-d", 3.0, n=1)
+        clients.append(c)
+        ids = c.first["ids"]
+        stop_daemon(coord)
+        # The event: the client says its grace has passed without a coordinator to ask.
+        assert c.proc.stderr is not None
+        while "unreachable for longer than the lease grace" not in (
+                line := c.proc.stderr.readline()):
+            assert line and "lease lost" not in line, line or "the client ended"
+        coord = start_daemon("coordinator", args, tmp_path / "c", name="coordinator2")
+        wait_until(lambda: coord.json("show", "ed-d").get("lease_held") is True, 60,
+                   "the client to take its lease back from the restarted coordinator")
+        assert all(len(marked_alive(g)) == 2 for g in ids)
+        assert c.say("exit") == {"cause": "requested", "clean": True}
+        assert all(marked_alive(g) == [] for g in ids)
+    finally:
+        stop_daemon(coord)
+        stop_daemon(agent)
+
+
+def test_a_restart_does_not_give_a_lost_stream_its_grace_again(
+        tmp_path: Path, clients: list[WindowClient]) -> None:
+    """A lease whose stream was already gone keeps the expiry its grace gave it (restarts
+    add at most a short allowance, never a whole grace each): a coordinator that restarts
+    more often than the grace still stops a dead client's session."""
+    import sqlite3
+    import time
+
+    d = serve(tmp_path)
+    try:
+        c = WindowClient(d.address, "ed-g", 600.0, n=1)
+        clients.append(c)
+        ids = c.first["ids"]
+        c.kill()
+        wait_until(lambda: d.json("show", "ed-g")["lease_held"] is False, 30,
+                   "the coordinator to see the stream gone")
+    finally:
+        stop_daemon(d)
+    db = sqlite3.connect(tmp_path / "st" / "coordinator.sqlite3")
+    try:
+        (saved,), = db.execute("SELECT lease_expires_at FROM sessions WHERE session_id = 'ed-g'")
+        assert saved > 0, "the expiry the grace gave is stored"
+        with db:  # as after a long downtime: the grace ran out while no coordinator ran
+            db.execute("UPDATE sessions SET lease_expires_at = ? WHERE session_id = 'ed-g'",
+                       (time.time() - 3600,))
+    finally:
+        db.close()
+    d = serve(tmp_path)
+    try:
+        report = d.json("wait", "ed-g", "--timeout", "60")
+        assert report["complete"] and report["stop_cause"] == "lease_lost", report
+        assert all(marked_alive(g) == [] for g in ids)
+    finally:
+        stop_daemon(d)
+
+
+async def test_a_window_does_not_take_over_a_session_in_use_without_a_lease(
+        srv: Daemon) -> None:
+    """A window on the name of a running session with no lease (a service started with
+    `tether spawn`) is refused: its processes would live only as long as that client.
+    One with a TTL lease is turned into the window's stream lease, as documented."""
+    async with AsyncClient(srv.address) as c:
+        g = (await c.spawn(["sleep", "300"], session="svc-a")).view.group_id
+        with pytest.raises(Conflict, match=r"in use .* TTL lease first"):
+            await c.window("svc-a", lease_grace=30).open()
+        shown = await c.session("svc-a")
+        assert (shown.session.lease_grace, shown.lease_held) == (0.0, False)
+        assert marked_alive(g)
+        await c.keepalive("svc-a", 600)
+        async with c.window("svc-a", lease_grace=30) as w:
+            assert w.state is not None and w.state.held
+            assert (await c.session("svc-a")).session.ttl == 0
+        assert w.report is not None and [r.group_id for r in w.report.groups] == [g]
+
+
+async def test_a_take_back_with_the_token_passes_the_credentials_stream_limit(
+        tmp_path: Path) -> None:
+    """A stream with the resume token of a held lease replaces that lease's stream (whose
+    connection may be dead without the coordinator knowing yet): the per-credential limit
+    lets it through; any other stream past the limit is still refused."""
+    d = serve(tmp_path, "--max-lease-streams", "1")
+    try:
+        async with grpc.aio.insecure_channel(d.address) as channel:
+            stub = cgrpc.CoordinatorServiceStub(channel)
+            first = stub.OpenLease(timeout=60)
+            await first.write(cpb.LeaseRequest(session_id="r", lease_grace_seconds=60))
+            token = (await first.read()).resume_token
+            for request in (cpb.LeaseRequest(session_id="r2"),
+                            cpb.LeaseRequest(session_id="r", resume_token="x" * 43)):
+                code, details = await _open_raw(d.address, request)
+                assert code == "RESOURCE_EXHAUSTED" and "--max-lease-streams 1" in details
+            second = stub.OpenLease(timeout=60)
+            await second.write(cpb.LeaseRequest(session_id="r", resume_token=token))
+            answer = await second.read()
+            assert answer.status == cpb.LEASE_STATUS_HELD and answer.resumed
+            assert await first.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "taken over" in await first.details()
+            second.cancel()
+    finally:
+        stop_daemon(d)
+
+
+def test_a_window_retries_a_take_back_the_stream_limit_turns_away(
+        tmp_path: Path, clients: list[WindowClient]) -> None:
+    """RESOURCE_EXHAUSTED on a reconnect is no verdict on the lease: the window tries
+    again (within the grace) instead of declaring it lost."""
+    import asyncio
+
+    d = serve(tmp_path, "--max-lease-streams", "2")
+    try:
+        w = WindowClient(d.address, "w", 8.0, n=0)
+        clients.append(w)
+
+        async def run() -> None:
+            async with grpc.aio.insecure_channel(d.address) as channel:
+                stub = cgrpc.CoordinatorServiceStub(channel)
+
+                renewing: list[asyncio.Task[None]] = []
+
+                async def renew(call: Any) -> None:
+                    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError,
+                                             grpc.aio.UsageError):
+                        while True:
+                            await call.write(cpb.LeaseRequest())
+                            await call.read()
+                            await asyncio.sleep(0.5)
+
+                async def hold(session: str) -> Any:
+                    call = stub.OpenLease(timeout=120)
+                    await call.write(cpb.LeaseRequest(session_id=session,
+                                                      lease_grace_seconds=60))
+                    try:
+                        await call.read()
+                    except grpc.aio.AioRpcError as exc:
+                        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                        return None
+                    renewing.append(asyncio.ensure_future(renew(call)))
+                    return call
+
+                r1 = await hold("r1")
+                assert r1 is not None
+                w.proc.send_signal(signal.SIGSTOP)  # the window's stream goes silent
+                try:
+                    await asyncio.to_thread(
+                        wait_until, lambda: d.json("show", "w")["lease_held"] is False, 60,
+                        "the silent stream to lose the lease")
+                    for _ in range(1200):  # its slot, once it is free
+                        if (r2 := await hold("r2")) is not None:
+                            break
+                        await asyncio.sleep(0.05)
+                    assert r2 is not None, "the silent stream's slot never came free"
+                finally:
+                    w.proc.send_signal(signal.SIGCONT)
+
+                def turned_away() -> bool:
+                    lines = d.cli("audit", "-o", "json", check=True).stdout.splitlines()
+                    return any(e["session"] == "w" and e["result"] == "RESOURCE_EXHAUSTED"
+                               for e in map(json.loads, lines)
+                               if e["method"].endswith("/OpenLease"))
+
+                await asyncio.to_thread(wait_until, turned_away, 60,
+                                        "the window's take-back to be turned away")
+                r2.cancel()
+                await asyncio.to_thread(
+                    wait_until, lambda: d.json("show", "w")["lease_held"] is True, 60,
+                    "the window to take its lease back once a stream slot is free")
+                r1.cancel()
+                for task in renewing:
+                    task.cancel()
+
+        asyncio.run(run())
+        assert w.say("exit") == {"cause": "requested", "clean": True}
+    finally:
+        stop_daemon(d)
+
+
+#: Loaded by the daemon (PYTHONPATH): its wall clock (time.time) runs OFFSET seconds off,
+#: OFFSET read from a file, as an NTP step or an operator fixing the date would move it.
+STEPPED_CLOCK = r"""
+import os, threading, time
+_real, _sleep, _offset = time.time, time.sleep, [0.0]
+def _watch(path=os.environ["TETHER_TEST_CLOCK"]):
+    while True:
+        try:
+            _offset[0] = float(open(path).read().strip() or 0)
+        except (OSError, ValueError):
+            pass
+        _sleep(0.02)
+time.time = lambda: _real() + _offset[0]
+threading.Thread(target=_watch, daemon=True).start()
+"""
+
+
+def test_the_grace_is_a_duration_not_a_wall_clock_time(
+        tmp_path: Path, clients: list[WindowClient]) -> None:
+    """The wall clock stepping back an hour during the grace does not keep a dead client's
+    session an hour longer."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(STEPPED_CLOCK)
+    clock = tmp_path / "offset"
+    clock.write_text("0")
+    d = start_daemon("serve", ["--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "st"),
+                               "--agent-name", f"lc-{tmp_path.name[-8:]}"], tmp_path,
+                     env={"PYTHONPATH": str(tmp_path / "site"),
+                          "TETHER_TEST_CLOCK": str(clock)})
+    try:
+        c = WindowClient(d.address, "ed-c", 3.0, n=1)
+        clients.append(c)
+        ids = c.first["ids"]
+        c.kill()
+        wait_until(lambda: d.json("show", "ed-c")["lease_held"] is False, 30,
+                   "the coordinator to see the stream gone")
+        clock.write_text("-3600")  # the wall clock steps back an hour, within the grace
+        report = d.json("wait", "ed-c", "--timeout", "60")
+        assert report["complete"] and report["stop_cause"] == "lease_lost", report
+        assert all(marked_alive(g) == [] for g in ids)
+    finally:
+        stop_daemon(d)
+
+
+async def test_create_session_with_a_ttl_on_a_stream_leased_session_is_refused(
+        srv: Daemon) -> None:
+    """Like KeepAlive: a TTL would replace the grace (a dead client's session kept for the
+    TTL, or its grace cut short)."""
+    async with AsyncClient(srv.address) as c, c.window("ed-t", lease_grace=30):
+        with pytest.raises(Conflict, match="stream lease"):
+            await c.create_session("ed-t", ttl=3600)
+        shown = await c.session("ed-t")
+        assert (shown.session.ttl, shown.session.lease_grace, shown.lease_held) == \
+            (0.0, 30.0, True)
+
+
+def test_a_crashed_clients_stream_leaves_no_unretrieved_task(
+        tmp_path: Path, clients: list[WindowClient]) -> None:
+    """A client SIGKILLed mid-stream: the handler's pending read is cancelled and awaited,
+    not abandoned (asyncio would log "Task exception was never retrieved" at ERROR)."""
+    d = serve(tmp_path)
+    try:
+        for i in range(3):
+            c = WindowClient(d.address, f"ed-k{i}", 30.0, n=0)
+            clients.append(c)
+            c.kill()
+            wait_until(lambda i=i: d.json("show", f"ed-k{i}")["lease_held"] is False, 30,
+                       "the coordinator to see the stream gone")
+    finally:
+        stop_daemon(d)
+    log = d.log()
+    assert "lease stream gone" in log
+    assert "never retrieved" not in log and "StopAsyncIteration" not in log, log

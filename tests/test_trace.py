@@ -196,3 +196,43 @@ def test_without_the_extra_nothing_imports_opentelemetry() -> None:
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 0, res.stderr
+
+
+def test_a_later_versions_traceparent_is_continued_as_version_00(srv: Daemon) -> None:
+    """W3C: a parser meeting a version after 00 reads its first 55 characters as version 00
+    (followed by the end or by "-" and more); only version ff is invalid. The trace goes
+    on (as version 00) instead of being dropped, and the SDK takes it."""
+    body = TP[2:]
+    later = ["01" + body, "cc" + body + "-more-fields", "01" + body + "-"]
+    bad = ["ff" + body, "01" + body + "x", "01" + body + "-a\nb", "01" + body + "-a\0b",
+           "01" + body + "-a b", "01" + body + "-" + "x" * 600]
+    assert all(trace.valid(v) for v in later) and not any(trace.valid(b) for b in bad)
+
+    async def raw() -> list[str]:
+        from tether.client.spec import build_spec
+        from tether.rpc.convert import spec_to_pb
+        from tether.v1 import coordinator_pb2 as cpb
+        from tether.v1 import coordinator_pb2_grpc as cgrpc
+
+        ids = []
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = cgrpc.CoordinatorServiceStub(channel)
+            for n, v in enumerate(later):
+                spec = spec_to_pb(build_spec(["sleep", "300"], session="later"))
+                spec.traceparent = v
+                g = await stub.Spawn(cpb.CoordinatorSpawnRequest(spec=spec,
+                                                                 idempotency_key=f"l{n}"),
+                                     metadata=((trace.HEADER, v),), timeout=30)
+                assert g.spec.traceparent == TP, g.spec.traceparent
+                ids.append(g.group_id)
+        async with AsyncClient(srv.address) as c:
+            g2 = await c.spawn(["sleep", "300"], session="later", traceparent=later[1])
+            assert g2.view.spec.traceparent == TP
+            ids.append(g2.view.group_id)
+        return ids
+
+    for gid in asyncio.run(raw()):
+        (pid,) = marked_alive(gid)
+        assert env_of(pid)["TRACEPARENT"] == TP
+    assert "malformed traceparent" not in srv.log()
+    srv.cli("stop", "later")

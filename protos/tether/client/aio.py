@@ -189,12 +189,12 @@ def _traceparent(given: str | None) -> str:
     """The traceparent a call carries: the one given (checked: a malformed one is refused
     here, the caller's mistake), else this process's TRACEPARENT if valid, else none."""
     if given is None:
-        env = os.environ.get(trace.ENV, "")
-        return env if trace.valid(env) else ""
+        return trace.parse(os.environ.get(trace.ENV, ""))
     if given and not trace.valid(given):
         raise InvalidSpec(f"traceparent {given[:80]!r} is not a W3C traceparent "
-                          "(00-<32 hex>-<16 hex>-<2 hex>, lower case)", field="traceparent")
-    return given
+                          "(<2 hex version, not ff>-<32 hex>-<16 hex>-<2 hex>, lower case)",
+                          field="traceparent")
+    return trace.parse(given) if given else ""
 
 
 def default_address() -> str:
@@ -216,7 +216,13 @@ class AsyncClient:
         self.address = self.addresses[0]
         self.timeout = timeout
         self.failover = failover
-        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", MAX_MESSAGE)]
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            # A coordinator that comes back (a restart) is reached again within about a
+            # second, not after gRPC's default backoff (up to 2 minutes): a window has only
+            # its lease's grace, counted by the coordinator from its restart.
+            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 1000)]
         if len(self.addresses) > 1:
             # HTTP/2 pings: a leader that stops answering (paused, cut off) fails the call
             # in seconds, and the client looks for the next leader, instead of waiting out
@@ -475,18 +481,21 @@ class AsyncClient:
 
     def window(self, session: str, *, window: str = "", labels: dict[str, str] | None = None,
                lease_grace: float | None = None, resume_token: str = "",
-               stop_grace: float | None = None, stop_timeout: float | None = None
-               ) -> AsyncWindow:
+               stop_grace: float | None = None, stop_timeout: float | None = None,
+               reconnect_timeout: float | None = None) -> AsyncWindow:
         """A session held by a lease stream while ``async with c.window(...) as w`` lasts:
         ``w.spawn(...)`` starts groups in it; leaving the block stops the session and
         waits for its report (``w.report``); if this process dies, the coordinator stops
         it ``lease_grace`` seconds later (cause ``lease_lost``). The lease is renewed on
-        this event loop and reconnected after a break, within the grace. ``resume_token``
-        (another window's ``resume_token``) takes an existing lease back: an editor window
-        that reloads keeps its processes."""
+        this event loop and reconnected after a break: while the coordinator cannot be
+        reached, for ``reconnect_timeout`` seconds (default 60, at least the grace; a
+        restarted coordinator gives the grace from its restart), then within the grace.
+        ``resume_token`` (another window's ``resume_token``) takes an existing lease back:
+        an editor window that reloads keeps its processes."""
         return AsyncWindow(self, session, window=window, labels=labels,
                            lease_grace=lease_grace, resume_token=resume_token,
-                           stop_grace=stop_grace, stop_timeout=stop_timeout)
+                           stop_grace=stop_grace, stop_timeout=stop_timeout,
+                           reconnect_timeout=reconnect_timeout)
 
     async def keepalive(self, session: str, ttl: float, *, timeout: float | None = None
                         ) -> SessionView:

@@ -14,9 +14,14 @@ session once ``lease_grace`` seconds have passed without the lease being taken b
 (cause ``lease_lost``). A client that loses its connection (a coordinator restart, a
 failover, a network blip) reconnects by itself with the lease's resume token, within
 the grace; another process can take the lease back with that token too
-(``window(..., resume_token=w.resume_token)``: an editor window that reloads). If the
-grace runs out first, the window is *lost*: ``lost`` is true, ``wait_lost()`` returns,
-and ``spawn`` raises ``LeaseLost``.
+(``window(..., resume_token=w.resume_token)``: an editor window that reloads). A
+coordinator that restarts (or fails over) gives every lease its grace from its restart,
+so while the coordinator cannot be reached at all the window keeps trying for
+``reconnect_timeout`` seconds (at least the grace; default ``RECONNECT_TIMEOUT``), and
+once a coordinator answers without a verdict (too many lease streams for now: the one
+it replaces may still count), for the grace from then. If that runs out, or the
+coordinator says the lease is over, the window is *lost*: ``lost`` is true,
+``wait_lost()`` returns, and ``spawn`` raises ``LeaseLost``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from tether.core.errors import Conflict, TetherError
+from tether.core.errors import Conflict, ResourceExhausted, TetherError
 from tether.core.model import GroupSpec
 from tether.core.sessions import GroupEntry, LeaseState, SessionReport, SessionView
 from tether.rpc.auth import ADMITTED_HEADER
@@ -53,6 +58,9 @@ BROKEN = frozenset({grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
 #: How long one attempt to open a stream may take.
 OPEN_TIMEOUT = 5.0
 BACKOFF_MAX = 0.5
+#: How long a window keeps trying to reach a coordinator it cannot reach (from its last
+#: answer), by default: a restart or failover may take longer than a short grace.
+RECONNECT_TIMEOUT = 60.0
 
 
 class LeaseLost(Conflict):
@@ -73,12 +81,15 @@ class AsyncWindow:
     ``lease_grace``: seconds the session outlives a lost stream (default: the
     coordinator's, 10 s); ``resume_token``: take back a lease another process (or an
     earlier run of this one) held; ``stop_grace`` / ``stop_timeout``: for the stop on
-    leaving the block."""
+    leaving the block; ``reconnect_timeout``: how long to keep trying to reach a
+    coordinator that cannot be reached (default ``RECONNECT_TIMEOUT``, at least the
+    grace)."""
 
     def __init__(self, client: AsyncClient, session: str, *, window: str = "",
                  labels: dict[str, str] | None = None, lease_grace: float | None = None,
                  resume_token: str = "", stop_grace: float | None = None,
-                 stop_timeout: float | None = None) -> None:
+                 stop_timeout: float | None = None,
+                 reconnect_timeout: float | None = None) -> None:
         self.client = client
         self.session = session
         self.window = window
@@ -88,6 +99,8 @@ class AsyncWindow:
         self.resume_token = resume_token
         self.stop_grace = stop_grace
         self.stop_timeout = stop_timeout
+        self.reconnect_timeout = RECONNECT_TIMEOUT if reconnect_timeout is None \
+            else reconnect_timeout
         #: The last lease state the coordinator sent.
         self.state: LeaseState | None = None
         #: The session's stop report, once the block was left.
@@ -248,7 +261,7 @@ class AsyncWindow:
                 log.info("window %r: lease stream broke (%s); reconnecting", self.session, exc)
             if self.lost or self._closing:
                 return
-            if not await self._reconnect(self._heard + self.state.grace):
+            if not await self._reconnect():
                 return
 
     async def _renew(self, call: Any) -> None:
@@ -291,24 +304,52 @@ class AsyncWindow:
                                      grpc.aio.AioRpcError, grpc.aio.UsageError):
                 await writer
 
-    async def _reconnect(self, deadline: float) -> bool:
-        """Take the lease back with the token until ``deadline`` (monotonic)."""
+    async def _reconnect(self) -> bool:
+        """Take the lease back with the token. While no coordinator can be reached, for
+        ``reconnect_timeout`` (at least the grace) from the last answer: a restarted
+        coordinator gives the lease its grace from its restart, so the client's own clock
+        of the grace means nothing until a coordinator answers; from its first answer
+        that is no verdict, for the grace."""
         from tether.client.aio import CoordinatorUnreachable, TimedOut
 
+        assert self.state is not None
+        grace = self.state.grace
+        unreachable_until = self._heard + max(grace, self.reconnect_timeout)
+        answered_until: float | None = None
+        warned = False
         backoff = 0.05
-        while time.monotonic() < deadline:
+        while True:
+            now = time.monotonic()
+            deadline = unreachable_until if answered_until is None else answered_until
+            if now >= deadline:
+                break
+            if not warned and answered_until is None and now >= self._heard + grace:
+                warned = True
+                log.warning("window %r: the coordinator has been unreachable for longer than "
+                            "the lease grace (%g s); still trying (a restarted coordinator "
+                            "gives the grace from its restart), for up to %g s",
+                            self.session, grace, unreachable_until - now)
             try:
                 self._call, self.state = await self._connect()
                 log.info("window %r: lease taken back", self.session)
                 return True
             except (CoordinatorUnreachable, TimedOut) as exc:
                 why = str(exc)
+            except ResourceExhausted as exc:
+                # Reachable, and no verdict: too many streams for now (the one this
+                # replaces may still count). The grace runs from the first such answer.
+                why = str(exc)
+                if answered_until is None:
+                    answered_until = time.monotonic() + grace
             except TetherError as exc:
                 self._mark_lost(str(exc))
                 return False
             await asyncio.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
             backoff = min(backoff * 2, BACKOFF_MAX)
             log.debug("window %r: reconnecting: %s", self.session, why)
-        self._mark_lost("the grace ran out before the coordinator could be reached again")
+        self._mark_lost(
+            "the coordinator could not be reached again within "
+            f"{max(grace, self.reconnect_timeout):g} s (reconnect_timeout; the lease grace "
+            f"is {grace:g} s)" if answered_until is None else
+            f"the lease grace ({grace:g} s) ran out before the coordinator let the stream in")
         return False
-

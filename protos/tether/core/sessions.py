@@ -47,6 +47,15 @@ def check_lease_grace(grace: float) -> float:
                          high=MAX_LEASE_GRACE)
 
 
+def check_window_labels(window: str, labels: dict[str, str] | None) -> None:
+    """A session's window name and labels: printable names (checked on every request that
+    names them, for a new session or an existing one alike)."""
+    check_name(window, "window", allow_empty=True)
+    for key, value in (labels or {}).items():
+        check_name(key, "label name")
+        check_name(value, f"label {key!r}", allow_empty=True)
+
+
 @dataclass
 class Session:
     """What a user thinks of as one unit of work (an editor window, a dev-server run)."""
@@ -69,13 +78,10 @@ class Session:
 
     def __post_init__(self) -> None:
         check_name(self.session_id, "session")
-        check_name(self.window, "window", allow_empty=True)
+        check_window_labels(self.window, self.labels)
         check_ttl(self.ttl)
         if self.lease_grace:
             check_lease_grace(self.lease_grace)
-        for key, value in self.labels.items():
-            check_name(key, "label name")
-            check_name(value, f"label {key!r}", allow_empty=True)
 
     def renew(self, ttl: float, now: float | None = None) -> None:
         check_ttl(ttl, allow_zero=False)

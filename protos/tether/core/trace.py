@@ -25,28 +25,51 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-#: version 00: 2 hex version, 32 hex trace id, 16 hex parent id, 2 hex flags, lower case.
+#: 2 hex version, 32 hex trace id, 16 hex parent id, 2 hex flags, lower case: version 00,
+#: and the first 55 characters of any later version.
 TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 ENV = "TRACEPARENT"
 #: The gRPC metadata key (W3C's header name).
 HEADER = "traceparent"
+#: The longest traceparent taken (a later version may add fields; none needs more).
+MAX_LENGTH = 512
+
+
+def parse(value: str) -> str:
+    """A W3C traceparent as version 00 (what tether carries on), or "" if malformed.
+
+    Version 00 is exactly 55 characters. A later version is read as W3C says a parser
+    should: its first 55 characters as version 00, followed by the end or by "-" and
+    more fields (printable, no spaces; ignored). Version ff is invalid; so are upper-case
+    hex and all-zero trace or parent ids."""
+    if not isinstance(value, str) or not 55 <= len(value) <= MAX_LENGTH:
+        return ""
+    m = TRACEPARENT.fullmatch(value[:55])
+    if m is None or m[1] == "ff" or m[2] == "0" * 32 or m[3] == "0" * 16:
+        return ""
+    rest = value[55:]
+    if rest and (m[1] == "00" or rest[0] != "-"
+                 or any(not "!" <= ch <= "~" for ch in rest)):
+        return ""
+    return "00" + value[2:55]
 
 
 def valid(value: str) -> bool:
-    """A well-formed W3C traceparent of version 00 (the only one defined): lower-case hex,
-    a trace id and a parent id that are not all zeros."""
-    m = TRACEPARENT.fullmatch(value) if isinstance(value, str) and len(value) == 55 else None
-    return (m is not None and m[1] == "00" and m[2] != "0" * 32 and m[3] != "0" * 16)
+    """A well-formed W3C traceparent (version 00, or a later one; see ``parse``)."""
+    return bool(parse(value))
 
 
 def checked(value: str, where: str) -> str:
-    """``value`` if it is a valid traceparent, else "" (logged, never an error)."""
+    """``value`` as a version 00 traceparent if it is a valid one, else "" (logged, never
+    an error)."""
     if not value:
         return ""
-    if valid(value):
-        return value
+    tp = parse(value)
+    if tp:
+        return tp
     log.warning("ignoring a malformed traceparent from %s (%r): a W3C traceparent is "
-                "00-<32 hex>-<16 hex>-<2 hex>, lower case", where, value[:80])
+                "<2 hex version, not ff>-<32 hex>-<16 hex>-<2 hex>, lower case", where,
+                value[:80])
     return ""
 
 
@@ -61,8 +84,9 @@ def from_metadata(metadata: Any, where: str) -> str:
 
 def child_env(env: Mapping[str, str], traceparent: str) -> dict[str, str]:
     """``TRACEPARENT`` for a child: the spec's own variable wins (it was asked for)."""
-    if traceparent and valid(traceparent) and ENV not in env:
-        return {ENV: traceparent}
+    tp = parse(traceparent) if traceparent else ""
+    if tp and ENV not in env:
+        return {ENV: tp}
     return {}
 
 
