@@ -137,8 +137,9 @@ class LeaderGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 unary, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
 
-        if kind == "unary_stream":
-            inner_stream = handler.unary_stream
+        if kind in ("unary_stream", "stream_stream"):  # OpenLease (a lease lives on the
+            # leader only), Attach, Logs, the watches: one request or a stream of them
+            inner_stream = getattr(handler, kind)
 
             async def streamed(request: Any, context: Any) -> AsyncIterator[Any]:
                 lead = await control.serving()
@@ -155,30 +156,10 @@ class LeaderGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 if self._gone(lead):  # the stream ended because the term did
                     await self._interrupted(context, name, lead)
 
-            return grpc.unary_stream_rpc_method_handler(
-                streamed, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if kind == "stream_stream":  # OpenLease (a lease lives on the leader only), Attach
-            inner_both = handler.stream_stream
-
-            async def both(requests: Any, context: Any) -> AsyncIterator[Any]:
-                lead = await control.serving()
-                if lead is None:
-                    await self._refuse(context, name)
-                assert lead is not None
-                try:
-                    async for item in inner_both(requests, context):
-                        yield item
-                except BaseException:
-                    if self._gone(lead) and not _aborted(context):
-                        await self._interrupted(context, name, lead)
-                    raise
-                if self._gone(lead):  # the stream ended because the term did
-                    await self._interrupted(context, name, lead)
-
-            return grpc.stream_stream_rpc_method_handler(
-                both, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+            make = (grpc.unary_stream_rpc_method_handler if kind == "unary_stream"
+                    else grpc.stream_stream_rpc_method_handler)
+            return make(streamed, request_deserializer=handler.request_deserializer,
+                        response_serializer=handler.response_serializer)
         return handler  # CoordinatorService has no other kind of call
 
 
