@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 
 #: How long a new stream may take to send its opening message.
 OPEN_WITHIN = 10.0
+#: Streams one credential may have open past its limit, each waiting to show a resume
+#: token that takes back a held lease (a reconnecting window whose old stream is not
+#: known dead yet).
+PAST_LIMIT = 1
 #: Renewal cadence, from the grace: a quarter of it, between these bounds; a stream
 #: silent for ``RENEW_TIMEOUT_FACTOR`` intervals counts as lost.
 RENEW_INTERVAL_MIN = 0.2
@@ -134,12 +138,16 @@ class Leases:
                 f"this coordinator has {self.streams} lease streams open, its limit; retry "
                 "later, or use TTL leases (KeepAlive) for clients that need no stream")
         within = self._streams[credential] < cfg.max_lease_streams_per_credential
+        if self._streams[credential] >= cfg.max_lease_streams_per_credential + PAST_LIMIT:
+            # Past its limit a credential has one stream waiting to show a resume token,
+            # no more: silent streams must not take all the coordinator's places.
+            raise self.too_many(credential, counted=False)
         self._streams[credential] += 1
         return within
 
-    def too_many(self, credential: str) -> ResourceExhausted:
+    def too_many(self, credential: str, counted: bool = True) -> ResourceExhausted:
         cfg = self.c.config
-        n = self._streams[credential] - 1  # not counting the stream refused
+        n = self._streams[credential] - counted  # not counting the stream refused
         return ResourceExhausted(
             f"this credential ({credential}) already has {n} lease streams open, the most "
             f"one credential may hold (--max-lease-streams "

@@ -9,6 +9,7 @@ cause, the lease held again). bench/lease.py measures kill -> every process gone
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -538,6 +539,37 @@ async def test_a_take_back_with_the_token_passes_the_credentials_stream_limit(
             assert await first.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "taken over" in await first.details()
             second.cancel()
+    finally:
+        stop_daemon(d)
+
+
+async def test_a_credential_past_its_limit_has_one_silent_stream_waiting_not_more(
+        tmp_path: Path) -> None:
+    """A stream past its credential's limit waits for its opening message (a take-back
+    may come); a second one is refused at once, so silent streams of one credential
+    cannot take the places every other credential needs."""
+    d = serve(tmp_path, "--max-lease-streams", "1")
+    try:
+        async with grpc.aio.insecure_channel(d.address) as channel:
+            stub = cgrpc.CoordinatorServiceStub(channel)
+            held = stub.OpenLease(timeout=60)
+            await held.write(cpb.LeaseRequest(session_id="p", lease_grace_seconds=60))
+            await held.read()
+            # Two silent streams past the limit: one is counted and waits for a token
+            # (whichever the coordinator took first), the other is refused at once.
+            calls = [stub.OpenLease(timeout=60) for _ in range(2)]
+            reads = [asyncio.ensure_future(call.read()) for call in calls]
+            done, pending = await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
+            (first,) = done
+            assert isinstance(first.exception(), grpc.aio.AioRpcError)
+            refused = first.exception()
+            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+            assert "--max-lease-streams 1" in (refused.details() or "")
+            assert pending, "the one waiting stream is still given its chance"
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*reads, return_exceptions=True)
+            held.cancel()
     finally:
         stop_daemon(d)
 
