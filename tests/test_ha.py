@@ -526,7 +526,9 @@ def test_postgresql_restarted_under_load_loses_nothing_acknowledged(tmp_path: Pa
             shown = {g["group_id"]: g for g in ha.json("show", "load")["groups"]}
             missing = [g for g in acked if g not in shown]
             assert missing == [], "acknowledged spawns lost"
-            assert all(shown[g]["state"] == "running" for g in acked)
+            assert all(shown[g]["state"] == "running" for g in acked), \
+            {g: (shown[g]["state"], shown[g].get("exit")) for g in acked
+             if shown[g]["state"] != "running"}
             assert len(live(ha)) == len(shown), "no process runs that nobody has on record"
             assert failures == [], failures
         finally:

@@ -313,7 +313,7 @@ def test_a_client_cut_off_from_the_coordinator_loses_its_window_like_a_lost_stre
     a1 = netlab.start_agent("a1")
     wait_until(lambda: netlab.agent_states() == {a1.name: "up"}, 30, "the agent to register")
     # The editor runs on host a2 (its own namespace and address; no agent there).
-    client = WindowClient(coord.address, "cut", 1.0, n=2,
+    client = WindowClient(coord.address, "cut", 3.0, n=2,
                           prefix=[netlab.ip, "netns", "exec", netlab.hosts["a2"][0]])
     try:
         ids = client.first["ids"]
