@@ -19,10 +19,11 @@ def _split(url: str) -> tuple[str, str, str, str]:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return "", "", url, ""
+    # The user info ends at the last "@": a password may hold "?", "/" or "@" (libpq
+    # takes them); an "@" in the query would only make more of the URL masked.
+    userinfo, at, rest = rest.rpartition("@")
     rest, _, query = rest.partition("?")
-    authority, slash, path = rest.partition("/")
-    userinfo, at, hosts = authority.rpartition("@")
-    return scheme + "://", userinfo + at, hosts + slash + path, query
+    return scheme + "://", userinfo + at, rest, query
 
 
 def secrets_of(url: str) -> list[str]:
