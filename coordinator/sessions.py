@@ -75,7 +75,9 @@ class Sessions:
                 self.c.save_session(s)
             elif s.state is SessionState.ACTIVE and s.lease_grace:
                 # Its stream was gone already: its grace ran on; a short allowance to
-                # reconnect, at most, and in memory only.
+                # reconnect, at most, and in memory only. Never more than a whole grace
+                # from now: the stored time is another host's clock (it may run ahead).
+                s.lease_expires_at = min(s.lease_expires_at, now + s.lease_grace)
                 s.lease_expires_at = max(s.lease_expires_at, min(
                     now + RECONNECT_ALLOWANCE, s.lease_expires_at + RECONNECT_ALLOWANCE))
             if s.state is SessionState.ACTIVE and s.lease_grace:

@@ -497,6 +497,42 @@ def test_a_restart_does_not_give_a_lost_stream_its_grace_again(
         stop_daemon(d)
 
 
+def test_a_grace_end_stamped_by_a_clock_that_ran_ahead_is_cut_to_one_grace(
+        tmp_path: Path, clients: list[WindowClient]) -> None:
+    """review6 skewed_clock_stream_grace: a released lease's grace end is a wall-clock
+    time from the host that wrote it; a leader whose clock ran an hour ahead must not
+    give a dead client's processes an hour more: at most one grace from the load."""
+    import sqlite3
+    import time
+
+    d = serve(tmp_path)
+    try:
+        c = WindowClient(d.address, "ed-s", 3.0, n=1)
+        clients.append(c)
+        ids = c.first["ids"]
+        c.kill()
+        wait_until(lambda: d.json("show", "ed-s")["lease_held"] is False, 30,
+                   "the coordinator to see the stream gone")
+    finally:
+        stop_daemon(d)
+    db = sqlite3.connect(tmp_path / "st" / "coordinator.sqlite3")
+    try:
+        with db:  # as a coordinator whose clock is an hour ahead would have written it
+            db.execute("UPDATE sessions SET lease_expires_at = ? WHERE session_id = 'ed-s'",
+                       (time.time() + 3600,))
+    finally:
+        db.close()
+    d = serve(tmp_path)
+    try:
+        # (serve stopped the group when it exited; the session is what must not linger)
+        wait_until(lambda: d.json("show", "ed-s")["state"] == "stopped", 120,
+                   "the session to be stopped within about one grace, not an hour")
+        assert d.json("show", "ed-s")["stop_cause"] == "lease_lost"
+        assert all(marked_alive(g) == [] for g in ids)
+    finally:
+        stop_daemon(d)
+
+
 async def test_a_window_does_not_take_over_a_session_in_use_without_a_lease(
         srv: Daemon) -> None:
     """A window on the name of a running session with no lease (a service started with
