@@ -53,7 +53,7 @@ class Sessions:
         self._lease_changed = asyncio.Event()
         #: Sessions a spawn created and nothing else claimed since (by name): the only
         #: ones a refused spawn may take back (``undo``).
-        self._provisional: dict[str, Session] = {}
+        self._provisional: dict[str, tuple[Session, Session | None]] = {}
         #: When each released stream lease's grace runs out, on ``time.monotonic()`` (a
         #: duration must not move with the wall clock); ``lease_expires_at`` keeps the
         #: wall-clock time, for storage and display only.
@@ -168,7 +168,7 @@ class Sessions:
         if explicit or ttl:
             self._provisional.pop(session_id, None)  # claimed: no undo takes it back
         elif s is not previous:
-            self._provisional[session_id] = s
+            self._provisional[session_id] = (s, previous)
         self.c.save_session(s)
         return s, previous
 
@@ -177,12 +177,18 @@ class Sessions:
         Only a session that spawn created and nothing claimed since: not one that existed,
         was created explicitly (CreateSession, OpenLease: a window may hold it), kept
         alive, or leased meanwhile, nor one a concurrent spawn put something in."""
-        if previous is s or self._provisional.pop(s.session_id, None) is not s:
+        entry = self._provisional.get(s.session_id)
+        if entry is None or entry[0] is not s:
             return
         if self._sessions.get(s.session_id) is not s or self.c.session_groups(s.session_id) \
-                or self.c.inflight.get(s.session_id) or s.state is not SessionState.ACTIVE \
-                or s.ttl or s.lease_grace or self.c.leases.held(s.session_id):
-            return  # a concurrent spawn put something in it, or a stop runs on it: keep it
+                or s.state is not SessionState.ACTIVE or s.ttl or s.lease_grace \
+                or self.c.leases.held(s.session_id):
+            self._provisional.pop(s.session_id, None)  # it is in use: never taken back
+            return
+        if self.c.inflight.get(s.session_id):
+            return  # a concurrent spawn rides on it: the last one to be refused undoes it
+        del self._provisional[s.session_id]
+        previous = entry[1]  # what was there before the spawn that created it
         if previous is None:
             del self._sessions[s.session_id]
             self.c.persist.put(("session", s.session_id), None)

@@ -428,6 +428,37 @@ async def test_a_refused_spawn_leaves_a_windows_session_alone(srv: Daemon) -> No
     assert len(w.report.groups) == 1 and w.report.clean
 
 
+def test_spawns_refused_together_take_back_the_session_they_created(tmp_path: Path) -> None:
+    """review6 refused_spawns_leak_session: two spawns into a new session, both refused by
+    an agent over the network: the first one refused saw the other in flight and kept the
+    session; the last one refused must take it back, or an empty session lingers."""
+    import asyncio
+
+    coord = start_daemon("coordinator", ["--listen", "127.0.0.1:0", "--state-dir",
+                                         str(tmp_path / "c")], tmp_path / "c")
+    agent = start_daemon("agent", ["--listen", "127.0.0.1:0", "--coordinator", coord.address,
+                                   "--name", f"rt-{tmp_path.name[-8:]}", "--state-dir",
+                                   str(tmp_path / "a")], tmp_path / "a")
+    try:
+        wait_until(lambda: any(a["state"] == "up" for a in coord.json("agents")["agents"]), 30,
+                   "the agent to register")
+        names = [f"ed-two-{n}" for n in range(5)]
+
+        async def run() -> set[str]:
+            async with AsyncClient(coord.address) as c:
+                results = await asyncio.gather(*(
+                    c.spawn(["sleep", "300"], session=name, user="tether-no-such-user-r6")
+                    for name in names for _ in range(2)), return_exceptions=True)
+                assert all(isinstance(r, InvalidSpec) for r in results), results
+                return {v.session.session_id for v in await c.sessions()} & set(names)
+
+        left = asyncio.run(run())
+        assert left == set(), f"sessions only refused spawns created are left: {left}"
+    finally:
+        stop_daemon(agent)
+        stop_daemon(coord)
+
+
 def test_a_coordinator_down_longer_than_the_grace_keeps_a_live_clients_window(
         tmp_path: Path, clients: list[WindowClient]) -> None:
     """The restarted coordinator gives the lease its grace from its restart, so the client
