@@ -20,6 +20,7 @@ such a call comes from something that bypasses fencing.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -73,7 +74,7 @@ class Fence:
         if epoch < self.newest or (epoch == self.newest and self._other(holder)):
             self.on_refused()
             raise Fenced(self.agent, epoch, self.newest)
-        if epoch == self.newest and (not holder or holder == self.holder):
+        if epoch == self.newest and holder == self.holder:
             return
         async with self._lock:
             if epoch < self.newest or (epoch == self.newest and self._other(holder)):
@@ -99,7 +100,9 @@ class Fence:
                 self.newest, self.holder = epoch, holder
 
     def _other(self, holder: str) -> bool:
-        return bool(holder) and bool(self.holder) and holder != self.holder
+        """Not the known holder of the obeyed epoch: another one, or a call that does not
+        say (a coordinator too old to send it, or one that would hide)."""
+        return bool(self.holder) and holder != self.holder
 
     def _keep_trying(self) -> None:
         if self._retry is None or self._retry.done():
@@ -169,7 +172,10 @@ def _holder_of(metadata: Any) -> str:
     for key, value in metadata or ():
         if key == HOLDER_HEADER:
             text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-            return text[:64]
+            # Long ids (a long host name) are told apart by a digest of all of them, never
+            # cut: two holders must not look alike by their first characters.
+            return text if len(text) <= 64 else \
+                "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:56]
     return ""
 
 

@@ -35,6 +35,24 @@ async def test_a_second_holder_of_the_obeyed_epoch_is_refused(tmp_path: Path) ->
         await again.admit(4, "holder-d")
 
 
+async def test_a_call_that_does_not_say_its_holder_is_refused_once_the_holder_is_known(
+        tmp_path: Path) -> None:
+    """review6 fence_holder_collisions: with the obeyed epoch and no holder header, a call
+    (a coordinator too old to send it, or one that hides) was obeyed although the agent
+    knew that epoch's holder; and ids were cut to 64 characters, so two holders on a host
+    with a long name looked alike."""
+    from tether.agent.fence import _holder_of
+
+    fence = Fence("a1", tmp_path / "epoch.json")
+    await fence.admit(2)  # no holder known yet: obeyed
+    await fence.admit(2, "holder-b")  # the first that says who it is is remembered
+    with pytest.raises(Fenced):
+        await fence.admit(2)
+    host = "h" * 60
+    one, two = (_holder_of([("tether-leader-id", f"{host}:{pid}:abc")]) for pid in (1, 2))
+    assert one != two and len(one) <= 64 and len(two) <= 64
+
+
 def test_an_epoch_file_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     """review3 epoch_fifo_hangs_agent: opening a FIFO blocked the agent's start forever."""
     path = tmp_path / "epoch.json"
