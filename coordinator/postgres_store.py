@@ -94,6 +94,13 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE tether_sessions ADD COLUMN lease_grace double precision NOT NULL DEFAULT 0;
     ALTER TABLE tether_sessions ADD COLUMN lease_token text NOT NULL DEFAULT ''
     """,
+    # 3: a stop intent may stop some groups of a session (cause "groups:[...]"): a tether
+    # that does not know that would resume it as a stop of the whole session, so it must
+    # not lead this database (the version is what keeps it out).
+    """
+    INSERT INTO tether_meta VALUES ('stop_intent_scopes', 'session groups')
+    ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value
+    """,
 )
 VERSION = len(MIGRATIONS)
 #: pg_advisory_xact_lock key for migrations ("tether" in ASCII).

@@ -98,6 +98,12 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE sessions ADD COLUMN lease_grace REAL NOT NULL DEFAULT 0;
     ALTER TABLE sessions ADD COLUMN lease_token TEXT NOT NULL DEFAULT '';
     """,
+    # 5: a stop intent may stop some groups of a session (cause "groups:[...]"): a tether
+    # that does not know that would resume it as a stop of the whole session, so it must
+    # not open this file (the version is what keeps it out).
+    """
+    INSERT OR REPLACE INTO meta VALUES ('stop_intent_scopes', 'session groups');
+    """,
 )
 VERSION = len(MIGRATIONS)
 
