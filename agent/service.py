@@ -15,7 +15,7 @@ from tether.agent.authority import Authority
 from tether.agent.capture import attach_stream
 from tether.core import trace
 from tether.core.errors import InvalidSpec
-from tether.core.model import GroupEvent, StopOverride, parse_signal
+from tether.core.model import GroupEvent, StopOverride, check_name, parse_signal
 from tether.core.output import StdinInput
 from tether.core.sessions import Orphan
 from tether.rpc.auth import RoleKind, current_caller
@@ -61,7 +61,8 @@ class AgentServicer(agrpc.AgentServiceServicer):
             spec = dataclasses.replace(spec, traceparent=tp)
         with trace.span("tether.agent.spawn", spec.traceparent, session=spec.session_id,
                         label=spec.label, group_id=request.group_id):
-            view = await self.authority.spawn(spec, request.idempotency_key, request.group_id)
+            key = check_name(request.idempotency_key, "idempotency_key", allow_empty=True)
+            view = await self.authority.spawn(spec, key, request.group_id)
         # The caller sent the environment: it may have it back.
         return apb.SpawnResponse(group=group_to_pb(view, redact=False))
 

@@ -150,8 +150,8 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
         spec = traced(spec_from_pb(request.spec), context)
         with trace.span("tether.spawn", spec.traceparent, session=spec.session_id,
                         label=spec.label, agent=request.agent) as sp:
-            agent, view = await self.c.fanout.spawn(request.agent, spec,
-                                                    request.idempotency_key)
+            key = check_name(request.idempotency_key, "idempotency_key", allow_empty=True)
+            agent, view = await self.c.fanout.spawn(request.agent, spec, key)
             if sp is not None:
                 sp.set_attributes({"tether.group_id": view.group_id, "tether.agent": agent,
                                    "tether.state": view.state.value})
