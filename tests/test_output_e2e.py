@@ -373,3 +373,33 @@ def test_an_lsp_server_over_attach_one_writer_many_readers_and_a_stop_by_stdin(
         again.a.close()
         for w in watchers:
             w.a.close()
+
+
+# ------------------------------------------------------------------ closing stdin
+
+EOF_PROG = "echo ready; cat >/dev/null; echo got-eof"
+
+
+def read_until(a: Any, data: bytes) -> bytes:
+    """An attachment's output until ``data`` appeared in it (or it ended)."""
+    seen = b""
+    while data not in seen:
+        chunk = a.read(timeout=BOUND)
+        assert chunk is not None, f"the output ended before {data!r}: {seen!r}"
+        seen += chunk.data if chunk.is_output else b""
+    return seen
+
+
+def test_a_keep_groups_program_reads_end_of_file_when_its_stdin_is_closed(
+        serve: Daemon) -> None:
+    # The guardian holds a keep group's output pipes, never its stdin: the agent's end is
+    # the only writer, so closing it is end-of-file to the program.
+    with Client(serve.address) as c:
+        for policy in ("kill", "keep"):
+            entry = c.spawn(["sh", "-c", EOF_PROG], session=f"eof-{policy}", stdin="pipe",
+                            orphan_policy=policy)
+            with c.attach(f"eof-{policy}", entry.view.group_id, write=True, tail=10) as a:
+                read_until(a, b"ready")
+                a.write(b"hello\n")
+                a.close_stdin()
+                assert b"got-eof" in read_until(a, b"got-eof"), policy
