@@ -403,3 +403,20 @@ def test_a_keep_groups_program_reads_end_of_file_when_its_stdin_is_closed(
                 a.write(b"hello\n")
                 a.close_stdin()
                 assert b"got-eof" in read_until(a, b"got-eof"), policy
+
+
+def test_close_stdin_then_detaching_at_once_still_closes_it(serve: Daemon) -> None:
+    # close_stdin() returns once the agent closed the pipe (its stdin_closed note), so the
+    # cancel that leaving `with` sends can no longer overtake the close.
+    with Client(serve.address) as c:
+        for i in range(8):
+            entry = c.spawn(["sh", "-c", EOF_PROG], session="detach", label=f"p{i}",
+                            stdin="pipe")
+            gid = entry.view.group_id
+            with c.attach("detach", gid, write=True) as a:
+                a.write(b"x" * 100_000)
+                a.close_stdin()
+            out = b"".join(ch.data for ch in c.logs("detach", groups=[gid], follow=True,
+                                                  timeout=BOUND)
+                           if ch.is_output)
+            assert out.endswith(b"got-eof\n"), out

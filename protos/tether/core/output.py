@@ -68,6 +68,9 @@ class Note(enum.StrEnum):
     OUTPUT_ENDED = "output_ended"
     #: Attach only: the attachment is in place (data: "writer" or "reader").
     ATTACHED = "attached"
+    #: Attach only, to the writer: the program's stdin is closed (every byte written
+    #: before was handed to the pipe): the acknowledgement ``close_stdin`` waits for.
+    STDIN_CLOSED = "stdin_closed"
 
 
 @dataclass(frozen=True)
