@@ -168,17 +168,40 @@ async def test_a_write_larger_than_the_ring_keeps_its_newest_bytes() -> None:
     assert sum(c.dropped for c in got) == len(big) - len(kept)
 
 
-async def test_many_groups_share_the_total_and_each_keeps_its_floor() -> None:
+async def test_many_groups_share_the_total_and_the_total_is_a_bound() -> None:
     book = OutputBook(MIN_RING * 4, MIN_RING * 8)
     ids = [f"g-{i:08x}" for i in range(32)]
     for gid in ids:
         book.open(gid)
         book.append(gid, Stream.STDOUT, b"x" * (MIN_RING * 4))
-    assert all(book.ring(g).capacity == MIN_RING for g in ids)
-    assert book.held <= MIN_RING * len(ids)
+        assert book.held == sum(r.size for r in book.rings.values())
+        assert book.held <= book.total, "even 32 running groups at 64K each"
+    assert all(book.ring(g).output_bytes > 0 for g in ids), "each keeps its newest bytes"
     for gid in ids[2:]:
         book.forget(gid)
     assert book.ring(ids[0]).capacity == MIN_RING * 4, "freed budget goes back to the rest"
+
+
+async def test_ended_groups_give_their_output_up_first_oldest_first() -> None:
+    total = MIN_RING * 8
+    book = OutputBook(MIN_RING, total)
+    ended = [f"g-{i:08x}" for i in range(400)]
+    for gid in ended:  # short-lived groups, kept for --retain: 400 x 64K = 25 MiB asked
+        book.open(gid, "s")
+        book.append(gid, Stream.STDOUT, b"e" * MIN_RING)
+        book.close(gid, "group exited; its output is complete")
+        assert book.held <= total
+    assert book.held == sum(r.size for r in book.rings.values())
+    live = "g-0000ffff"
+    book.open(live, "s")
+    book.append(live, Stream.STDOUT, b"L" * (MIN_RING // 2))
+    assert book.held <= total
+    assert book.ring(live).output_bytes == MIN_RING // 2, "a running group keeps its share"
+    assert book.ring(ended[0]).output_bytes == 0, "the oldest ended group went first"
+    assert book.ring(ended[-1]).output_bytes > 0, "the newest ended group still has output"
+    got = await drain(book, LogQuery((ended[0],)))
+    assert sum(c.dropped for c in got) == MIN_RING, "its reader is told exactly"
+    assert notes(got)[-1] == Note.OUTPUT_ENDED, "its end is still said"
 
 
 async def test_session_readers_interleave_by_capture_order_and_find_new_groups() -> None:

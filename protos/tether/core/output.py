@@ -8,6 +8,8 @@ marks each new run) and goes when the group leaves the agent's memory.
 One rule for memory, the same everywhere: a ring holds at most its capacity (the
 agent's ``--output-buffer``, 1 MiB by default, less when the agent's total budget
 ``--output-total`` is shared by many groups); appending past it drops the oldest chunks.
+All rings together hold at most ``--output-total``: ended groups' rings give up their
+output first (``OutputBook._bound``).
 Nothing ever waits for a reader: a writer faster than its readers loses its oldest
 output, never its speed, and each reader is told how many bytes it will not see
 (``OutputChunk.dropped``), exactly, when a follower falls behind.
@@ -338,13 +340,19 @@ class OutputBook:
         self.rings: dict[str, OutputRing] = {}
         self.seq = 0
         self._waiters: set[_Waiter] = set()
+        #: Bytes held by every ring together (the sum of their sizes), kept as it changes.
+        self._held = 0
+        #: Rings of ended groups that still hold output, oldest end first: what goes first
+        #: when the rings together would hold more than the total.
+        self._ended: collections.OrderedDict[str, OutputRing] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self.rings)
 
     @property
     def held(self) -> int:
-        return sum(r.size for r in self.rings.values())
+        """Bytes held by every ring together (chunk overhead included)."""
+        return self._held
 
     @property
     def dropped(self) -> int:
@@ -359,6 +367,31 @@ class OutputBook:
             ring.capacity = share
             if ring.size > share:
                 ring.trim()
+        self._held = sum(r.size for r in self.rings.values())
+        self._bound()
+
+    def _bound(self) -> None:
+        """Keep every ring together within the total: the floor of 64 KiB per ring would
+        let many groups (ended ones kept for ``--retain``) hold far more. Ended groups'
+        rings give up their oldest output first, oldest ended group first; if that is not
+        enough, every ring's share goes below the floor. A ring always keeps its newest
+        note (its end), so readers are still told what was dropped."""
+        while self._held > self.total and self._ended:
+            gid, ring = next(iter(self._ended.items()))
+            before = ring.size
+            ring.capacity = max(0, ring.size - (self._held - self.total))
+            ring.trim()
+            self._held -= before - ring.size
+            if ring.capacity == 0 or ring.size > ring.capacity:
+                del self._ended[gid]  # nothing more to give (its last note at most)
+        if self._held > self.total:
+            share = self.total // max(1, len(self.rings))
+            for ring in self.rings.values():
+                if ring.size > share:
+                    before = ring.size
+                    ring.capacity = share
+                    ring.trim()
+                    self._held -= before - ring.size
 
     def ring(self, group_id: str) -> OutputRing:
         ring = self.rings.get(group_id)
@@ -384,17 +417,25 @@ class OutputBook:
         """The group left the agent's memory: its ring goes (a follower's stream ends)."""
         ring = self.rings.pop(group_id, None)
         if ring is not None:
+            self._ended.pop(group_id, None)
             ring.close()
             self._rebalance()
+
+    def _add(self, ring: OutputRing, chunk: OutputChunk) -> None:
+        before = ring.size
+        ring.add(chunk)
+        self._held += ring.size - before
+        if self._held > self.total:
+            self._bound()
 
     def append(self, group_id: str, stream: Stream, data: bytes, run: int = 0) -> None:
         ring = self.rings.get(group_id)
         if ring is None or not data:
             return
         self.seq += 1
-        ring.add(OutputChunk(group_id, stream, data, self.clock(), run or ring.run,
-                             ring.end, self.seq, session_id=ring.session_id,
-                             label=ring.label))
+        self._add(ring, OutputChunk(group_id, stream, data, self.clock(), run or ring.run,
+                                    ring.end, self.seq, session_id=ring.session_id,
+                                    label=ring.label))
 
     def note(self, group_id: str, event: Note, text: str, run: int = 0) -> None:
         ring = self.rings.get(group_id)
@@ -403,11 +444,13 @@ class OutputBook:
         if event is Note.RUN_STARTED:
             ring.run = run
             ring.closed = False
+            if self._ended.pop(group_id, None) is not None or ring.capacity < self._share():
+                ring.capacity = self._share()  # running again: its share back
         self.seq += 1
-        ring.add(OutputChunk(group_id, Stream.TETHER, text.encode(errors="replace"),
-                             self.clock(), run or ring.run, ring.end, self.seq,
-                             event=event.value, session_id=ring.session_id,
-                             label=ring.label))
+        self._add(ring, OutputChunk(group_id, Stream.TETHER, text.encode(errors="replace"),
+                                    self.clock(), run or ring.run, ring.end, self.seq,
+                                    event=event.value, session_id=ring.session_id,
+                                    label=ring.label))
 
     def close(self, group_id: str, text: str) -> None:
         """The group ended and its last output was read: say so, then nothing more."""
@@ -416,6 +459,9 @@ class OutputBook:
             return
         self.note(group_id, Note.OUTPUT_ENDED, text)
         ring.close()
+        self._ended[group_id] = ring
+        if self._held > self.total:
+            self._bound()
 
     # -- readers
 
