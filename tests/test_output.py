@@ -132,6 +132,24 @@ async def test_since_keeps_what_was_read_at_or_after_it() -> None:
     assert [(c.stream, c.data) for c in got] == [(Stream.STDERR, b"new\n")]
 
 
+async def test_a_since_reader_is_told_only_of_drops_at_or_after_its_since() -> None:
+    now = [1000.0]
+    book = OutputBook(MIN_RING, 1 << 30, clock=lambda: now[0])
+    gid = "g-00000001"
+    book.open(gid)
+    for _ in range(30):  # 300K before since: dropped, but not wanted
+        book.append(gid, Stream.STDOUT, b"a" * 10_000)
+    now[0] = 2000.0
+    for _ in range(10):  # 100K at since: the ring keeps only its newest ~64K
+        book.append(gid, Stream.STDOUT, b"b" * 10_000)
+    got = await drain(book, LogQuery((gid,), since=2000.0))
+    kept = data(got)
+    assert set(kept) == {ord("b")} and 0 < len(kept) < 100_000
+    assert sum(c.dropped for c in got) == 100_000 - len(kept)
+    everything = await drain(book, LogQuery((gid,)))
+    assert sum(c.dropped for c in everything) == 400_000 - len(kept)
+
+
 async def test_drops_are_oldest_first_and_every_reader_is_told_exactly_how_much() -> None:
     book = chunk_book()
     gid = "g-00000001"

@@ -23,6 +23,7 @@ read. Nothing here knows about gRPC.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import enum
 import heapq
@@ -43,6 +44,8 @@ MIN_RING: Final = 64 << 10
 #: What one chunk costs beyond its bytes (the object, the deque slot): counted, so a group
 #: writing one byte at a time cannot hold a thousand times its capacity.
 CHUNK_OVERHEAD: Final = 160
+#: Times of drops a ring remembers for ``since`` readers (exact up to this many).
+DROP_INDEX: Final = 1024
 #: The most lines ``tail`` may ask for (more than any ring holds).
 MAX_TAIL: Final = 1 << 31
 
@@ -193,6 +196,9 @@ class OutputRing:
         self.dropped = 0
         #: The newest time of a dropped chunk (0: none dropped).
         self.dropped_until = 0.0
+        #: When dropped output was read: (time, offset of its first byte), oldest first,
+        #: for ``since`` readers (thinned to every other entry past ``DROP_INDEX``).
+        self._drops: list[tuple[float, int]] = []
         self.run = 0
         #: The group ended and its last output was read: nothing more comes.
         self.closed = False
@@ -230,6 +236,7 @@ class OutputRing:
                 self.chunks[0] = kept
                 self.size -= over
                 freed += over
+                self._dropping(old)
                 self.dropped += over
                 self.dropped_until = max(self.dropped_until, old.at)
                 break
@@ -240,9 +247,25 @@ class OutputRing:
             self.size -= cost
             freed += cost
             if old.is_output:
+                self._dropping(old)
                 self.dropped += len(old.data)
                 self.dropped_until = max(self.dropped_until, old.at)
         return freed
+
+    def _dropping(self, chunk: OutputChunk) -> None:
+        drops = self._drops
+        if drops and drops[-1][0] >= chunk.at:
+            return  # read at the same time as the last one noted: its offset is earlier
+        if len(drops) >= DROP_INDEX:
+            del drops[1::2]  # coarser: a since reader may then be told slightly less
+        drops.append((chunk.at, chunk.offset))
+
+    def dropped_since(self, since: float) -> int:
+        """Dropped output bytes that were read at or after ``since``."""
+        i = bisect.bisect_left(self._drops, since, key=lambda d: d[0])
+        if i == len(self._drops):
+            return 0
+        return self.dropped - self._drops[i][1]
 
     def close(self) -> None:
         self.closed = True
@@ -261,9 +284,9 @@ class OutputRing:
         if not self.dropped or (since and self.dropped_until < since):
             return chunks, 0
         # Every dropped byte is older than every kept one, and the reader asked for output
-        # from before the oldest kept byte (with ``since``: the newest dropped chunk was
-        # read at or after it, so some dropped bytes were wanted; this many at most).
-        return chunks, self.dropped
+        # from before the oldest kept byte (with ``since``: only what was read at or after
+        # it).
+        return chunks, self.dropped_since(since) if since else self.dropped
 
     def after(self, seq: int) -> list[OutputChunk]:
         """Chunks with a sequence number above ``seq``, oldest first."""
