@@ -298,14 +298,20 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
             "/tether.v1.CoordinatorService/OpenLease", caller, request, None, result, message,
             {"resume": "true" if request.resume_token else "false"}))
 
+    @stream
     async def Logs(self, request: pb.LogsRequest, context: Any) -> AsyncIterator[pb.OutputChunk]:
         query = query_from_pb(request)
-        chunks = self.c.output.logs(query, GroupSelector(query.group_ids))
+        credential = current_caller().credential
+        self.c.output.admit(credential)
         try:
-            async for chunk in chunks:
-                yield chunk_to_pb(chunk)
+            chunks = self.c.output.logs(query, GroupSelector(query.group_ids))
+            try:
+                async for chunk in chunks:
+                    yield chunk_to_pb(chunk)
+            finally:
+                await chunks.aclose()  # type: ignore[attr-defined]
         finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
+            self.c.output.leave(credential)
 
     @stream
     async def Attach(self, requests: AsyncIterator[pb.AttachRequest], context: Any

@@ -222,6 +222,25 @@ async def test_ended_groups_give_their_output_up_first_oldest_first() -> None:
     assert notes(got)[-1] == Note.OUTPUT_ENDED, "its end is still said"
 
 
+async def test_several_agents_backlogs_merge_holding_one_chunk_per_agent() -> None:
+    from tether.coordinator.output import merge_backlogs
+
+    pulled = {"a": 0, "b": 0}
+
+    async def agent(name: str, times: list[float]) -> AsyncIterator[OutputChunk]:
+        for i, at in enumerate(times):
+            pulled[name] += 1
+            yield OutputChunk(f"g-{name}", Stream.STDOUT, b"x" * 1000, at, seq=i + 1)
+
+    merged = merge_backlogs([agent("a", [1.0, 3.0, *map(float, range(5, 1000))]),
+                             agent("b", [2.0, 4.0])])
+    first = [await anext(merged) for _ in range(3)]
+    assert [(c.group_id, c.at) for c in first] == [("g-a", 1.0), ("g-b", 2.0), ("g-a", 3.0)]
+    assert pulled == {"a": 2, "b": 2}, "one chunk ahead per agent, never a whole backlog"
+    rest = [c async for c in merged]
+    assert len(rest) == 2 + 995 + 2 - 3 and [c.at for c in rest] == sorted(c.at for c in rest)
+
+
 async def test_session_readers_interleave_by_capture_order_and_find_new_groups() -> None:
     book = OutputBook()
     for gid in ("g-0000000a", "g-0000000b"):

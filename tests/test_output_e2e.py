@@ -28,7 +28,7 @@ import pytest
 from tests.plugins.creds import Tokens
 from tests.plugins.processes import Daemon, start_daemon, stop_daemon
 from tether.client import Client
-from tether.core.errors import Conflict, PermissionDenied
+from tether.core.errors import Conflict, PermissionDenied, ResourceExhausted
 from tether.core.model import ExitReason
 from tether.core.output import Note, OutputChunk, Stream
 
@@ -420,3 +420,33 @@ def test_close_stdin_then_detaching_at_once_still_closes_it(serve: Daemon) -> No
                                                   timeout=BOUND)
                            if ch.is_output)
             assert out.endswith(b"got-eof\n"), out
+
+
+def test_one_credential_may_have_at_most_max_logs_streams_logs_calls_open(
+        tmp_path: Path) -> None:
+    d = start_daemon("serve", ["--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "st"),
+                               "--agent-name", f"ml-{tmp_path.name[-8:]}",
+                               "--max-logs-streams", "2"], tmp_path)
+    try:
+        with Client(d.address) as c:
+            c.spawn(["sh", "-c", "echo hi; exec sleep 300"], session="many", label="w")
+            followers = [c.logs("many", follow=True, timeout=BOUND) for _ in range(2)]
+            for f in followers:  # each call is open: it answered its first chunk
+                assert next(f) is not None
+            with pytest.raises(ResourceExhausted) as third:
+                list(c.logs("many"))
+            assert "--max-logs-streams 2" in str(third.value)
+            followers[0].close()  # type: ignore[attr-defined]
+            # The coordinator counts it gone once its call ended there: ask until admitted.
+            ok = None
+            for _ in range(200):
+                try:
+                    ok = [ch for ch in c.logs("many") if ch.is_output]
+                    break
+                except ResourceExhausted:
+                    continue
+            assert ok is not None and b"hi\n" in b"".join(ch.data for ch in ok)
+            followers[1].close()  # type: ignore[attr-defined]
+            c.stop("many")
+    finally:
+        stop_daemon(d)
