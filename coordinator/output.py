@@ -9,10 +9,10 @@ and every group's output is complete. Chunks of one agent arrive in that agent's
 of capture, passed straight through; the backlogs of several agents are merged by
 capture time (their clocks) holding one chunk per agent, their live output in the order
 it arrives. One credential may have at most ``--max-logs-streams`` Logs calls open.
-Between the agents and one follower sit at most ``QUEUE`` chunks: a reader that does
-not keep up makes the agents' streams wait, and the agents drop that reader's oldest
-output (telling it how much) without slowing
-any group. An agent that cannot be asked is said so, per group, in a ``tether`` note.
+Between the agents and one follower sit at most ``FOLLOW_BYTES`` of output
+(``FollowBuffer``): a follower that does not keep up loses its oldest output there (the
+next chunk of that group tells it how many bytes, ``dropped``), never slowing a group
+or the agents' streams. An agent that cannot be asked is said so, per group, in a ``tether`` note.
 
 Groups whose output no agent captures (``tether.core.output.capture_gap``: ssh targets,
 docker groups with ``--log`` or orphan policy ``keep``) are never asked for: a read of
@@ -23,6 +23,7 @@ read gives one ``not_captured`` note for each, so silence is never mistaken for 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
@@ -39,6 +40,7 @@ from tether.core.errors import (
 )
 from tether.core.model import EventKind, OrphanPolicy
 from tether.core.output import (
+    CHUNK_OVERHEAD,
     AttachOpen,
     LogQuery,
     Note,
@@ -53,8 +55,8 @@ if TYPE_CHECKING:
     from tether.coordinator.core import Coordinator
     from tether.coordinator.model import TrackedGroup
 
-#: Chunks in flight between the agents' streams and one reader.
-QUEUE: Final = 256
+#: Output bytes (chunk overhead counted) held between the agents' streams and one follower.
+FOLLOW_BYTES: Final = 4 << 20
 _DONE: Final = object()
 
 
@@ -135,7 +137,7 @@ class OutputRoutes:
     async def _follow(self, query: LogQuery, chosen: list[TrackedGroup], whole: bool
                       ) -> AsyncIterator[OutputChunk]:
         session = query.session_id
-        queue: asyncio.Queue[object] = asyncio.Queue(QUEUE)
+        queue = FollowBuffer()
         tasks: set[asyncio.Task[None]] = set()
         asked: set[tuple[str, str]] = set()
         state = {"running": 0, "stopped": False}
@@ -177,19 +179,19 @@ class OutputRoutes:
                 await events.aclose()  # type: ignore[attr-defined]
 
     async def _pump(self, agent: str, gids: list[str], query: LogQuery,
-                    queue: asyncio.Queue[object]) -> None:
+                    queue: FollowBuffer) -> None:
         try:
             async for chunk in self._ask(agent, gids, query):
-                await queue.put(replace(chunk, agent=agent))
+                queue.put(replace(chunk, agent=agent))
         except TetherError as exc:
             for note in (_trouble(agent, gid, exc) for gid in gids):
-                await queue.put(note)
-        await queue.put(_DONE)  # (a cancelled pump: the reader is gone, nobody counts)
+                queue.put(note)
+        queue.put(_DONE)  # (a cancelled pump: the reader is gone, nobody counts)
 
     @staticmethod
     async def _newcomers(events: AsyncIterator[SessionEvent], asked: set[tuple[str, str]],
                          ask: Callable[[str, list[str], LogQuery], None], query: LogQuery,
-                         queue: asyncio.Queue[object], session_done: Callable[[], bool]
+                         queue: FollowBuffer, session_done: Callable[[], bool]
                          ) -> None:
         """Groups spawned into a followed session after the call began, and its end."""
         async for ev in events:
@@ -198,12 +200,12 @@ class OutputRoutes:
                     and capture_gap(group.view.spec.target, group.view.spec.log_path,
                                 group.view.spec.orphan_policy is OrphanPolicy.KEEP):
                 asked.add((group.agent, group.view.group_id))
-                await queue.put(_uncaptured(group))
+                queue.put(_uncaptured(group))
             elif group is not None and (group.agent, group.view.group_id) not in asked:
                 # Everything it wrote: it began after the reader did.
                 ask(group.agent, [group.view.group_id], replace(query, tail=None, since=0.0))
             if ev.kind is EventKind.SESSION_STOPPED or session_done():
-                await queue.put(_STOPPED)
+                queue.put(_STOPPED)
 
     # ------------------------------------------------------------ Attach
 
@@ -224,6 +226,55 @@ class OutputRoutes:
 
 
 _STOPPED: Final = object()
+
+
+class FollowBuffer:
+    """What the agents' streams answered for one follower and it has not taken yet: at
+    most ``limit`` bytes of output (each chunk's bytes and ``CHUNK_OVERHEAD``). Past it
+    the oldest output chunk goes; the next chunk of its group taken after it tells the
+    reader (``dropped``).
+    Notes and the pumps' markers are never dropped."""
+
+    def __init__(self, limit: int = FOLLOW_BYTES) -> None:
+        self.limit = limit
+        self.items: collections.deque[object] = collections.deque()
+        #: Bytes held (what ``limit`` bounds).
+        self.held = 0
+        #: Per group: bytes dropped here not yet told to the reader, and the sequence
+        #: number of the newest chunk dropped (a note held from before it is not told).
+        self.lost: dict[str, tuple[int, int]] = {}
+        self._ready = asyncio.Event()
+
+    def put(self, item: object) -> None:
+        self.items.append(item)
+        if isinstance(item, OutputChunk) and item.is_output:
+            self.held += len(item.data) + CHUNK_OVERHEAD
+            while self.held > self.limit:
+                self._drop_oldest()
+        self._ready.set()
+
+    def _drop_oldest(self) -> None:
+        for i, old in enumerate(self.items):
+            if isinstance(old, OutputChunk) and old.is_output:
+                del self.items[i]
+                self.held -= len(old.data) + CHUNK_OVERHEAD
+                n, _ = self.lost.get(old.group_id, (0, 0))
+                self.lost[old.group_id] = (n + len(old.data) + old.dropped, old.seq)
+                return
+
+    async def get(self) -> object:
+        while not self.items:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self.items.popleft()
+        if isinstance(item, OutputChunk):
+            if item.is_output:
+                self.held -= len(item.data) + CHUNK_OVERHEAD
+            n, seq = self.lost.get(item.group_id, (0, 0))
+            if n and (item.seq > seq or not item.seq):
+                del self.lost[item.group_id]
+                item = replace(item, dropped=item.dropped + n)
+        return item
 
 
 def _gap(t: TrackedGroup) -> str:

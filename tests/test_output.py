@@ -241,6 +241,30 @@ async def test_several_agents_backlogs_merge_holding_one_chunk_per_agent() -> No
     assert len(rest) == 2 + 995 + 2 - 3 and [c.at for c in rest] == sorted(c.at for c in rest)
 
 
+async def test_a_stalled_follower_holds_a_bounded_number_of_bytes_on_the_coordinator() -> None:
+    from tether.coordinator.output import FollowBuffer
+
+    buf = FollowBuffer(limit=1 << 20)
+    marker = object()
+    buf.put(OutputChunk("g-a", Stream.TETHER, b"run 1 started", 1.0, seq=1,
+                        event=Note.RUN_STARTED.value))
+    sizes = [64_000 + i for i in range(200)]  # 12 MiB for a follower that reads nothing
+    for i, n in enumerate(sizes):
+        buf.put(OutputChunk("g-a", Stream.STDOUT, b"x" * n, 2.0, seq=i + 2))
+        assert buf.held <= buf.limit
+    buf.put(OutputChunk("g-a", Stream.TETHER, b"done", 3.0, seq=999,
+                        event=Note.OUTPUT_ENDED.value))
+    buf.put(marker)
+    got = [await buf.get() for _ in range(len(buf.items))]
+    assert got[-1] is marker, "the pumps' markers are never dropped"
+    chunks = [c for c in got if isinstance(c, OutputChunk)]
+    assert notes(chunks) == [Note.RUN_STARTED, Note.OUTPUT_ENDED], "nor notes"
+    assert chunks[0].dropped == 0, "a note from before the gap is not told of it"
+    assert sum(len(c.data) for c in chunks if c.is_output) + sum(c.dropped for c in chunks) \
+        == sum(sizes), "what it got and what it was told it missed add up"
+    assert buf.held == 0 and buf.lost == {}
+
+
 async def test_session_readers_interleave_by_capture_order_and_find_new_groups() -> None:
     book = OutputBook()
     for gid in ("g-0000000a", "g-0000000b"):
