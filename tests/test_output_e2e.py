@@ -214,6 +214,12 @@ def test_a_reader_reads_logs_but_may_not_attach_and_attach_is_audited(
         assert "Attach" in str(refused.value)
         with Client(d.address, token_file=files["operator"]) as operator, \
                 operator.attach("roles", gid, write=True) as a:
+            # Audited once it holds the writer role, not only when it ends (days later).
+            now = [json.loads(line) for line in
+                   d.cli("audit", "-o", "json", *admin, check=True).stdout.splitlines()]
+            assert [(e["role"], e["result"], e.get("details", {}).get("write"))
+                    for e in now if e["method"] == "CoordinatorService/Attach"] == \
+                [("reader", "PERMISSION_DENIED", None), ("operator", "OK", "true")]
             a.write(b"ping\n")
             a.close_stdin()
             got = list(a)  # until the group's output ended (cat-like: EOF ends it)
