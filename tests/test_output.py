@@ -265,6 +265,22 @@ async def test_a_stalled_follower_holds_a_bounded_number_of_bytes_on_the_coordin
     assert buf.held == 0 and buf.lost == {}
 
 
+async def test_a_follower_of_many_rings_waits_on_one_event_set_by_their_appends() -> None:
+    book = OutputBook()
+    ids = [f"g-{i:08x}" for i in range(200)]
+    for gid in ids:
+        book.open(gid, "s")
+    follower = book.read(LogQuery(tuple(ids), follow=True))
+    wakes = {id(w) for gid in ids for w in book.ring(gid).followers}
+    assert len(wakes) == 1, "one wake-up event per follower, whatever it follows"
+    waiting = asyncio.ensure_future(anext(follower))
+    book.append(ids[137], Stream.STDOUT, b"one of many\n")
+    got = await asyncio.wait_for(waiting, 10)
+    assert (got.group_id, got.data) == (ids[137], b"one of many\n")
+    await follower.aclose()  # type: ignore[attr-defined]
+    assert all(not book.ring(g).followers for g in ids), "a follower that left is unhooked"
+
+
 async def test_session_readers_interleave_by_capture_order_and_find_new_groups() -> None:
     book = OutputBook()
     for gid in ("g-0000000a", "g-0000000b"):

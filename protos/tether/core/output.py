@@ -202,8 +202,9 @@ class OutputRing:
         self.run = 0
         #: The group ended and its last output was read: nothing more comes.
         self.closed = False
-        #: Woken on every append (followers wait on it).
-        self.changed = asyncio.Event()
+        #: The wake-up events of the followers reading this ring: set on every append
+        #: and on close (one event per follower, however many rings it follows).
+        self.followers: set[asyncio.Event] = set()
 
     def __repr__(self) -> str:
         return (f"<OutputRing {self.group_id} {self.size}/{self.capacity} bytes "
@@ -220,8 +221,11 @@ class OutputRing:
         if chunk.is_output:
             self.end += len(chunk.data)
         self.trim()
-        self.changed.set()
-        self.changed = asyncio.Event()
+        self._wake()
+
+    def _wake(self) -> None:
+        for wake in self.followers:
+            wake.set()
 
     def trim(self) -> int:
         """Drop the oldest bytes until the ring fits its capacity; returns bytes freed. A
@@ -269,8 +273,7 @@ class OutputRing:
 
     def close(self) -> None:
         self.closed = True
-        self.changed.set()
-        self.changed = asyncio.Event()
+        self._wake()
 
     # -- reading
 
@@ -503,6 +506,7 @@ class OutputBook:
         followed too). Raises ``GroupNotFound`` now, not at the first read, for a group id
         this agent does not hold."""
         rings = self._selected(query)
+        waiter = _Waiter(query) if query.follow else None
         cursors: dict[str, _Cursor] = {}
         first: list[OutputChunk] = []
         for ring in rings:
@@ -510,12 +514,13 @@ class OutputBook:
             cursor = _Cursor(ring, seq=ring.chunks[-1].seq if ring.chunks else 0,
                              offset=ring.end)
             cursors[ring.group_id] = cursor
+            if waiter is not None:
+                ring.followers.add(waiter.wake)
             if chunks and lost:
                 # Dropping is oldest-first: every kept chunk is newer than every dropped one.
                 chunks[0] = replace(chunks[0], dropped=lost)
             first.extend(chunks)
         first.sort(key=lambda c: c.seq)
-        waiter = _Waiter(query) if query.follow else None
         if waiter is not None:
             self._waiters.add(waiter)  # before any await: nothing falls between
         return self._stream(query, cursors, first, waiter)
@@ -529,33 +534,32 @@ class OutputBook:
             if waiter is None:
                 return
             while True:
-                batch = self._collect(query, cursors)
+                batch = self._collect(query, cursors, waiter.wake)
                 if batch:
                     for c in batch:
                         yield c
                     continue
                 if query.group_ids and all(cur.done for cur in cursors.values()):
                     return
-                waiter.wake.clear()
-                waits = [asyncio.ensure_future(cur.ring.changed.wait())
-                         for cur in cursors.values() if not cur.done]
-                waits.append(asyncio.ensure_future(waiter.wake.wait()))
-                try:
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for w in waits:
-                        w.cancel()
+                # One event for this follower, set by any followed ring's append or close
+                # (and by a new group of a followed session): no task per ring per wait.
+                waiter.wake.clear()  # nothing awaited since _collect found nothing new
+                await waiter.wake.wait()
         finally:
             if waiter is not None:
                 self._waiters.discard(waiter)
+                for cur in cursors.values():
+                    cur.ring.followers.discard(waiter.wake)
 
-    def _collect(self, query: LogQuery, cursors: dict[str, _Cursor]) -> list[OutputChunk]:
+    def _collect(self, query: LogQuery, cursors: dict[str, _Cursor], wake: asyncio.Event
+                 ) -> list[OutputChunk]:
         """New chunks of every followed ring since each cursor, merged by sequence; a ring
         the cursor fell behind reports how much it missed on its first new chunk."""
         if not query.group_ids:
             for ring in self.rings.values():  # groups of the session started since
                 if ring.group_id not in cursors and query.wants(ring):
                     cursors[ring.group_id] = _Cursor(ring)
+                    ring.followers.add(wake)
         lists: list[list[OutputChunk]] = []
         for gid, cur in cursors.items():
             if cur.done:
