@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import signal
 import time
@@ -591,3 +592,25 @@ async def test_stdin_pipe_is_refused_where_it_cannot_be_held(authority: Authorit
     finally:
         proc.kill()
         await proc.wait()
+
+
+# ------------------------------------------------------------------ tether logs' printer
+
+
+def printed(printer_kw: dict[str, bool], chunks: list[OutputChunk]) -> tuple[bytes, bytes]:
+    from tether.coordinator.cli.logs import Printer
+
+    out, err = io.BytesIO(), io.BytesIO()
+    p = Printer("table", printer_kw.pop("prefixed"), out, err, **printer_kw)
+    for c in chunks:
+        p.chunk(c)
+    p.end()
+    return out.getvalue(), err.getvalue()
+
+
+def test_an_unterminated_last_line_is_prefixed_like_every_other_line() -> None:
+    out, _ = printed({"prefixed": True}, [
+        OutputChunk("g-0000000a", Stream.STDOUT, b"full\nno-new", 1.0, label="web"),
+        OutputChunk("g-0000000a", Stream.STDOUT, b"line", 2.0, label="web"),
+    ])
+    assert out == b"web g-0000000a | full\nweb g-0000000a | no-newline\n"

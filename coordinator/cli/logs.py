@@ -49,8 +49,9 @@ class Printer:
         self.prefixed = prefixed
         self.out = out or sys.stdout.buffer
         self.err = err or sys.stderr.buffer
-        #: Incomplete last lines, per (group, stream), when lines are prefixed.
-        self.partial: dict[tuple[str, Stream], bytes] = {}
+        #: Incomplete last lines (with the name that prefixes them), per (group, stream),
+        #: when lines are prefixed.
+        self.partial: dict[tuple[str, Stream], tuple[str, bytes]] = {}
 
     @staticmethod
     def name(c: OutputChunk) -> str:
@@ -73,13 +74,13 @@ class Printer:
             dest.flush()
             return
         key = (c.group_id, c.stream)
-        data = self.partial.pop(key, b"") + c.data
+        data = self.partial.pop(key, ("", b""))[1] + c.data
         *lines, rest = data.split(b"\n")
         head = f"{self.name(c)} | ".encode()
         for line in lines:
             dest.write(head + line + b"\n")
         if rest:
-            self.partial[key] = rest
+            self.partial[key] = (self.name(c), rest)
         dest.flush()
 
     def _note(self, c: OutputChunk, text: str) -> None:
@@ -88,9 +89,9 @@ class Printer:
         self.err.flush()
 
     def end(self) -> None:
-        for (gid, stream), rest in self.partial.items():
+        for (_, stream), (name, rest) in self.partial.items():
             dest = self.out if stream is Stream.STDOUT else self.err
-            dest.write(f"{gid} | ".encode() + rest + b"\n")
+            dest.write(f"{name} | ".encode() + rest + b"\n")
         self.partial.clear()
         self.out.flush()
         self.err.flush()
