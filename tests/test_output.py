@@ -614,3 +614,17 @@ def test_an_unterminated_last_line_is_prefixed_like_every_other_line() -> None:
         OutputChunk("g-0000000a", Stream.STDOUT, b"line", 2.0, label="web"),
     ])
     assert out == b"web g-0000000a | full\nweb g-0000000a | no-newline\n"
+
+
+def test_logs_to_a_terminal_escapes_control_characters_and_to_a_pipe_keeps_the_bytes() -> None:
+    hostile = (b"\x1b]0;pwned\x07\x1b[2K\r[tether] fake note\n\tindented \xff\xfe caf\xc3\xa9\n")
+    chunks = [OutputChunk("g-0000000a", Stream.STDOUT, hostile, 1.0, label="web"),
+              OutputChunk("g-0000000a", Stream.STDERR, b"\x1b[31mred\n", 2.0, label="web")]
+    out, err = printed({"prefixed": False, "escape_out": True, "escape_err": True}, chunks)
+    assert out == (b"\\x1b]0;pwned\\x07\\x1b[2K\\r[tether] fake note\n"
+                   b"\tindented \\xff\\xfe caf\xc3\xa9\n"), "newline, tab and UTF-8 stay"
+    assert err == b"\\x1b[31mred\n"
+    raw_out, raw_err = printed({"prefixed": False}, chunks)
+    assert (raw_out, raw_err) == (hostile, b"\x1b[31mred\n"), "a pipe gets the bytes as written"
+    prefixed, _ = printed({"prefixed": True, "escape_out": True}, chunks)
+    assert b"\x1b" not in prefixed and b"\r" not in prefixed
