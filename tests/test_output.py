@@ -272,12 +272,18 @@ async def test_a_follower_of_many_rings_waits_on_one_event_set_by_their_appends(
     for gid in ids:
         book.open(gid, "s")
     follower = book.read(LogQuery(tuple(ids), follow=True))
-    wakes = {id(w) for gid in ids for w in book.ring(gid).followers}
+    (waiter,) = {w for gid in ids for w in book.ring(gid).followers}
+    wakes = {id(w.wake) for gid in ids for w in book.ring(gid).followers}
     assert len(wakes) == 1, "one wake-up event per follower, whatever it follows"
     waiting = asyncio.ensure_future(anext(follower))
     book.append(ids[137], Stream.STDOUT, b"one of many\n")
     got = await asyncio.wait_for(waiting, 10)
     assert (got.group_id, got.data) == (ids[137], b"one of many\n")
+    waiting = asyncio.ensure_future(anext(follower))
+    book.append(ids[5], Stream.STDERR, b"another\n")
+    assert waiter.dirty == {ids[5]}, "a wake-up looks at the ring that changed, not all 200"
+    got = await asyncio.wait_for(waiting, 10)
+    assert (got.group_id, got.data) == (ids[5], b"another\n")
     await follower.aclose()  # type: ignore[attr-defined]
     assert all(not book.ring(g).followers for g in ids), "a follower that left is unhooked"
 

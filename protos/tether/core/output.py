@@ -202,9 +202,9 @@ class OutputRing:
         self.run = 0
         #: The group ended and its last output was read: nothing more comes.
         self.closed = False
-        #: The wake-up events of the followers reading this ring: set on every append
-        #: and on close (one event per follower, however many rings it follows).
-        self.followers: set[asyncio.Event] = set()
+        #: The followers reading this ring: told on every append and on close (each
+        #: marks the ring as having news and sets its one wake-up event).
+        self.followers: set[_Waiter] = set()
 
     def __repr__(self) -> str:
         return (f"<OutputRing {self.group_id} {self.size}/{self.capacity} bytes "
@@ -224,8 +224,9 @@ class OutputRing:
         self._wake()
 
     def _wake(self) -> None:
-        for wake in self.followers:
-            wake.set()
+        for w in self.followers:
+            w.dirty.add(self.group_id)
+            w.wake.set()
 
     def trim(self) -> int:
         """Drop the oldest bytes until the ring fits its capacity; returns bytes freed. A
@@ -345,8 +346,17 @@ class _Cursor:
 
 @dataclass(eq=False)
 class _Waiter:
+    """One follower: its wake-up event, and what woke it (so a wake-up costs what
+    changed, not every ring followed)."""
+
     query: LogQuery
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Followed groups with news (an append, the end, forgotten) since the last look.
+    dirty: set[str] = field(default_factory=set)
+    #: Rings of a followed session opened since the last look.
+    fresh: list[OutputRing] = field(default_factory=list)
+    #: Followed groups whose output has not ended yet.
+    live: int = 0
 
 
 class OutputBook:
@@ -436,6 +446,7 @@ class OutputBook:
         self._rebalance()
         for w in self._waiters:
             if w.query.wants(ring):
+                w.fresh.append(ring)
                 w.wake.set()
         return ring
 
@@ -515,7 +526,9 @@ class OutputBook:
                              offset=ring.end)
             cursors[ring.group_id] = cursor
             if waiter is not None:
-                ring.followers.add(waiter.wake)
+                ring.followers.add(waiter)
+                waiter.dirty.add(ring.group_id)  # looked at once at least (ended already?)
+                waiter.live += 1
             if chunks and lost:
                 # Dropping is oldest-first: every kept chunk is newer than every dropped one.
                 chunks[0] = replace(chunks[0], dropped=lost)
@@ -534,12 +547,12 @@ class OutputBook:
             if waiter is None:
                 return
             while True:
-                batch = self._collect(query, cursors, waiter.wake)
+                batch = self._collect(cursors, waiter)
                 if batch:
                     for c in batch:
                         yield c
                     continue
-                if query.group_ids and all(cur.done for cur in cursors.values()):
+                if query.group_ids and not waiter.live:
                     return
                 # One event for this follower, set by any followed ring's append or close
                 # (and by a new group of a followed session): no task per ring per wait.
@@ -549,29 +562,32 @@ class OutputBook:
             if waiter is not None:
                 self._waiters.discard(waiter)
                 for cur in cursors.values():
-                    cur.ring.followers.discard(waiter.wake)
+                    cur.ring.followers.discard(waiter)
 
-    def _collect(self, query: LogQuery, cursors: dict[str, _Cursor], wake: asyncio.Event
-                 ) -> list[OutputChunk]:
-        """New chunks of every followed ring since each cursor, merged by sequence; a ring
-        the cursor fell behind reports how much it missed on its first new chunk."""
-        if not query.group_ids:
-            for ring in self.rings.values():  # groups of the session started since
-                if ring.group_id not in cursors and query.wants(ring):
-                    cursors[ring.group_id] = _Cursor(ring)
-                    ring.followers.add(wake)
+    def _collect(self, cursors: dict[str, _Cursor], waiter: _Waiter) -> list[OutputChunk]:
+        """New chunks of the followed rings with news since each cursor, merged by
+        sequence; a ring the cursor fell behind reports how much it missed on its first
+        new chunk."""
+        for ring in waiter.fresh:  # groups of the session started since
+            if ring.group_id not in cursors and self.rings.get(ring.group_id) is ring:
+                cursors[ring.group_id] = _Cursor(ring)
+                ring.followers.add(waiter)
+                waiter.dirty.add(ring.group_id)
+                waiter.live += 1
+        waiter.fresh.clear()
         lists: list[list[OutputChunk]] = []
-        for gid, cur in cursors.items():
-            if cur.done:
+        news, waiter.dirty = waiter.dirty, set()
+        for gid in news:
+            cur = cursors.get(gid)
+            if cur is None or cur.done:
                 continue
             ring = cur.ring
-            if self.rings.get(gid) is not ring:  # forgotten meanwhile
-                cur.done = True
+            if self.rings.get(gid) is not ring or (ring.closed and not ring.after(cur.seq)):
+                cur.done = True  # forgotten meanwhile, or its output ended and was read
+                waiter.live -= 1
                 continue
             new = ring.after(cur.seq)
             if not new:
-                if ring.closed:
-                    cur.done = True
                 continue
             out: list[OutputChunk] = []
             for c in new:
@@ -581,6 +597,8 @@ class OutputBook:
                 out.append(c)
             cur.seq = new[-1].seq
             lists.append(out)
+            if ring.closed:
+                waiter.dirty.add(gid)  # looked at again next time: it ends there
         if len(lists) == 1:
             return lists[0]
         return list(heapq.merge(*lists, key=lambda c: c.seq))
