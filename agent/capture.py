@@ -220,6 +220,15 @@ class Attachment:
                             label=ring.label)
         return _prefixed(hello, stream)
 
+    def note(self, event: Note, text: str) -> OutputChunk:
+        """A note for this attachment alone (never in the ring)."""
+        g = self._g
+        ring = self._outputs.book.rings.get(g.group_id)
+        return OutputChunk(g.group_id, Stream.TETHER, text.encode(), time.time(),
+                           ring.run if ring else 0, ring.end if ring else 0, 0,
+                           event=event.value, session_id=g.spec.session_id,
+                           label=g.spec.label)
+
     def _own(self) -> None:
         if not self.writing or self._g.stdin_writer != self._holder:
             raise Conflict(f"this attachment does not hold group {self._g.group_id}'s stdin "
@@ -277,20 +286,29 @@ async def attach_stream(attachment: Attachment, inputs: AsyncIterator[StdinInput
                         ) -> AsyncIterator[OutputChunk]:
     """Run one attachment: the writer's inputs go to stdin in order (a full pipe makes the
     next input wait, so a program that does not read slows only its writer), the group's
-    output comes back, until its output ended. A write that fails (stdin closed, a reader
-    trying to write) ends the call with that error. However it ends, the attachment
-    detaches: the writer role is given up, stdin left open unless ``close_on_detach``."""
+    output comes back, until its output ended. Once stdin is closed at the writer's
+    request a ``stdin_closed`` note goes back to it (what its ``close_stdin`` waits for).
+    A write that fails (stdin closed, a reader trying to write) ends the call with that
+    error. However it ends, the attachment detaches: the writer role is given up, stdin
+    left open unless ``close_on_detach``."""
     out = attachment.output()
-    pump = asyncio.ensure_future(_pump(attachment, inputs))
+    acks: asyncio.Queue[OutputChunk] = asyncio.Queue()
+    pump = asyncio.ensure_future(_pump(attachment, inputs, acks))
     nxt: asyncio.Future[OutputChunk] | None = None
+    ack: asyncio.Future[OutputChunk] | None = None
     try:
         while True:
             if nxt is None:
                 nxt = asyncio.ensure_future(anext(out))
-            waits: set[asyncio.Future[Any]] = {nxt} if pump.done() else {nxt, pump}
+            if ack is None:
+                ack = asyncio.ensure_future(acks.get())
+            waits: set[asyncio.Future[Any]] = {nxt, ack} if pump.done() else {nxt, ack, pump}
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if pump in done and not pump.cancelled() and pump.exception() is not None:
                 raise pump.exception()  # type: ignore[misc]
+            if ack in done:
+                chunk, ack = ack.result(), None
+                yield chunk
             if nxt in done:
                 try:
                     chunk = nxt.result()
@@ -300,18 +318,20 @@ async def attach_stream(attachment: Attachment, inputs: AsyncIterator[StdinInput
                 yield chunk
     finally:
         pump.cancel()
-        if nxt is not None:
-            nxt.cancel()
-        await asyncio.gather(pump, *([nxt] if nxt is not None else []),
-                             return_exceptions=True)
+        pending = [f for f in (nxt, ack) if f is not None]
+        for f in pending:
+            f.cancel()
+        await asyncio.gather(pump, *pending, return_exceptions=True)
         attachment.detach()
         await out.aclose()  # type: ignore[attr-defined]
 
 
-async def _pump(attachment: Attachment, inputs: AsyncIterator[StdinInput]) -> None:
+async def _pump(attachment: Attachment, inputs: AsyncIterator[StdinInput],
+                acks: asyncio.Queue[OutputChunk]) -> None:
     async for item in inputs:
         if item.data:
             await attachment.write(item.data)
         if item.close:
             attachment.close_stdin()
+            acks.put_nowait(attachment.note(Note.STDIN_CLOSED, "stdin closed"))
     attachment.stop_writing()  # the request stream ended: the role goes, stdin stays

@@ -9,8 +9,14 @@ into the group's ``--log`` (or nowhere) until the group is gone; a new agent re-
 the group but does not capture it. A run that ends is released (the guardian closes its
 copies). A guardian started anew (the last one died) is given every live hold again.
 
+The write end of a ``--stdin pipe`` is never handed over: the agent's copy must be the
+only one, so closing it (``close_stdin``, the stdin-first step of a stop) makes the
+program read end-of-file. So when the agent dies, a keep group's stdin reads end-of-file
+too (nothing could write it any more anyway; a new agent does not capture it).
+
 Messages: ``hold GROUP MASK`` with the descriptors MASK names, in order (``o`` stdout,
-``e`` stderr, ``i`` stdin, ``l`` log), and ``drop GROUP``.
+``e`` stderr, ``l`` log; ``i`` stdin is still understood from an older agent), and
+``drop GROUP``.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ log = logging.getLogger(__name__)
 
 def encode(group_id: str, ends: PipeEnds) -> tuple[bytes, list[int]]:
     mask, fds = "", []
-    for letter, fd in (("o", ends.stdout), ("e", ends.stderr), ("i", ends.stdin),
-                       ("l", ends.log)):
+    # Never stdin (see the module docstring): a second write end would keep the program
+    # from ever reading end-of-file.
+    for letter, fd in (("o", ends.stdout), ("e", ends.stderr), ("l", ends.log)):
         if fd >= 0:
             mask += letter
             fds.append(fd)

@@ -80,6 +80,8 @@ class CoordinatorConfig:
     #: Lease streams (OpenLease) open at once: per credential, and in all.
     max_lease_streams_per_credential: int = 1000
     max_lease_streams: int = 10000
+    #: Logs calls one credential may have open at once (``--max-logs-streams``).
+    max_logs_streams_per_credential: int = 64
 
 
 class CoordinatorHooks:

@@ -6,11 +6,13 @@ which groups a session has, and a per-group stream ends by itself once the group
 output is complete). A session followed as a whole also picks up groups spawned after
 the call began (from the session's own events), and ends once the session is stopped
 and every group's output is complete. Chunks of one agent arrive in that agent's order
-of capture; the backlogs of several agents are merged by capture time (their clocks),
-their live output in the order it arrives. Between the agents and one reader sit at
-most ``QUEUE`` chunks: a reader that does not keep up makes the agents' streams wait,
-and the agents drop that reader's oldest output (telling it how much) without slowing
-any group. An agent that cannot be asked is said so, per group, in a ``tether`` note.
+of capture, passed straight through; the backlogs of several agents are merged by
+capture time (their clocks) holding one chunk per agent, their live output in the order
+it arrives. One credential may have at most ``--max-logs-streams`` Logs calls open.
+Between the agents and one follower sit at most ``FOLLOW_BYTES`` of output
+(``FollowBuffer``): a follower that does not keep up loses its oldest output there (the
+next chunk of that group tells it how many bytes, ``dropped``), never slowing a group
+or the agents' streams. An agent that cannot be asked is said so, per group, in a ``tether`` note.
 
 Groups whose output no agent captures (``tether.core.output.capture_gap``: ssh targets,
 docker groups with ``--log`` or orphan policy ``keep``) are never asked for: a read of
@@ -21,14 +23,24 @@ read gives one ``not_captured`` note for each, so silence is never mistaken for 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Final
 
-from tether.core.errors import AgentNotFound, Conflict, GroupNotFound, InvalidSpec, TetherError
+from tether.core.errors import (
+    AgentNotFound,
+    Conflict,
+    GroupNotFound,
+    InvalidSpec,
+    ResourceExhausted,
+    TetherError,
+)
 from tether.core.model import EventKind, OrphanPolicy
 from tether.core.output import (
+    CHUNK_OVERHEAD,
     AttachOpen,
     LogQuery,
     Note,
@@ -43,14 +55,16 @@ if TYPE_CHECKING:
     from tether.coordinator.core import Coordinator
     from tether.coordinator.model import TrackedGroup
 
-#: Chunks in flight between the agents' streams and one reader.
-QUEUE: Final = 256
+#: Output bytes (chunk overhead counted) held between the agents' streams and one follower.
+FOLLOW_BYTES: Final = 4 << 20
 _DONE: Final = object()
 
 
 class OutputRoutes:
     def __init__(self, c: Coordinator) -> None:
         self.c = c
+        #: Logs calls open, per credential (``admit``/``leave``).
+        self._streams: dict[str, int] = {}
 
     # ------------------------------------------------------------ Logs
 
@@ -80,31 +94,50 @@ class OutputRoutes:
                                                          since=query.since,
                                                          follow=query.follow))
 
-    async def _collect(self, agent: str, gids: list[str], query: LogQuery
-                       ) -> list[OutputChunk]:
-        out: list[OutputChunk] = []
-        try:
-            async for chunk in self._ask(agent, gids, query):
-                out.append(replace(chunk, agent=agent))
-        except TetherError as exc:
-            out.extend(_trouble(agent, gid, exc) for gid in gids)
-        return out
-
-    async def _backlog(self, query: LogQuery, chosen: list[TrackedGroup]
+    async def _answers(self, agent: str, gids: list[str], query: LogQuery
                        ) -> AsyncIterator[OutputChunk]:
-        parts = await asyncio.gather(*(self._collect(agent, gids, query)
-                                       for agent, gids in _by_agent(chosen).items()))
-        if len(parts) == 1:
-            merged = parts[0]  # one agent: its own order of capture, exactly
+        """One agent's chunks as they come (no copy), or notes saying it could not answer."""
+        chunks: AsyncIterator[OutputChunk] | None = None
+        try:
+            chunks = self._ask(agent, gids, query)
+            async for chunk in chunks:
+                yield replace(chunk, agent=agent)
+        except TetherError as exc:
+            for gid in gids:
+                yield _trouble(agent, gid, exc)
+        finally:
+            if chunks is not None:
+                await chunks.aclose()  # type: ignore[attr-defined]
+
+    def _backlog(self, query: LogQuery, chosen: list[TrackedGroup]
+                 ) -> AsyncIterator[OutputChunk]:
+        return merge_backlogs([self._answers(agent, gids, query)
+                               for agent, gids in _by_agent(chosen).items()])
+
+    # -- how many Logs calls one credential may have open
+
+    def admit(self, credential: str) -> None:
+        """Count a new Logs call, or refuse it past ``--max-logs-streams``."""
+        limit = self.c.config.max_logs_streams_per_credential
+        if self._streams.get(credential, 0) >= limit:
+            raise ResourceExhausted(
+                f"this credential ({credential}) already has {self._streams[credential]} Logs "
+                f"calls open, the most one credential may (--max-logs-streams {limit}); "
+                "close some (a follower that is no longer read), or read a whole session "
+                "in one call")
+        self._streams[credential] = self._streams.get(credential, 0) + 1
+
+    def leave(self, credential: str) -> None:
+        n = self._streams.get(credential, 0) - 1
+        if n > 0:
+            self._streams[credential] = n
         else:
-            merged = sorted((c for p in parts for c in p), key=lambda c: (c.at, c.seq))
-        for chunk in merged:
-            yield chunk
+            self._streams.pop(credential, None)
 
     async def _follow(self, query: LogQuery, chosen: list[TrackedGroup], whole: bool
                       ) -> AsyncIterator[OutputChunk]:
         session = query.session_id
-        queue: asyncio.Queue[object] = asyncio.Queue(QUEUE)
+        queue = FollowBuffer()
         tasks: set[asyncio.Task[None]] = set()
         asked: set[tuple[str, str]] = set()
         state = {"running": 0, "stopped": False}
@@ -146,19 +179,19 @@ class OutputRoutes:
                 await events.aclose()  # type: ignore[attr-defined]
 
     async def _pump(self, agent: str, gids: list[str], query: LogQuery,
-                    queue: asyncio.Queue[object]) -> None:
+                    queue: FollowBuffer) -> None:
         try:
             async for chunk in self._ask(agent, gids, query):
-                await queue.put(replace(chunk, agent=agent))
+                queue.put(replace(chunk, agent=agent))
         except TetherError as exc:
             for note in (_trouble(agent, gid, exc) for gid in gids):
-                await queue.put(note)
-        await queue.put(_DONE)  # (a cancelled pump: the reader is gone, nobody counts)
+                queue.put(note)
+        queue.put(_DONE)  # (a cancelled pump: the reader is gone, nobody counts)
 
     @staticmethod
     async def _newcomers(events: AsyncIterator[SessionEvent], asked: set[tuple[str, str]],
                          ask: Callable[[str, list[str], LogQuery], None], query: LogQuery,
-                         queue: asyncio.Queue[object], session_done: Callable[[], bool]
+                         queue: FollowBuffer, session_done: Callable[[], bool]
                          ) -> None:
         """Groups spawned into a followed session after the call began, and its end."""
         async for ev in events:
@@ -167,12 +200,12 @@ class OutputRoutes:
                     and capture_gap(group.view.spec.target, group.view.spec.log_path,
                                 group.view.spec.orphan_policy is OrphanPolicy.KEEP):
                 asked.add((group.agent, group.view.group_id))
-                await queue.put(_uncaptured(group))
+                queue.put(_uncaptured(group))
             elif group is not None and (group.agent, group.view.group_id) not in asked:
                 # Everything it wrote: it began after the reader did.
                 ask(group.agent, [group.view.group_id], replace(query, tail=None, since=0.0))
             if ev.kind is EventKind.SESSION_STOPPED or session_done():
-                await queue.put(_STOPPED)
+                queue.put(_STOPPED)
 
     # ------------------------------------------------------------ Attach
 
@@ -193,6 +226,55 @@ class OutputRoutes:
 
 
 _STOPPED: Final = object()
+
+
+class FollowBuffer:
+    """What the agents' streams answered for one follower and it has not taken yet: at
+    most ``limit`` bytes of output (each chunk's bytes and ``CHUNK_OVERHEAD``). Past it
+    the oldest output chunk goes; the next chunk of its group taken after it tells the
+    reader (``dropped``).
+    Notes and the pumps' markers are never dropped."""
+
+    def __init__(self, limit: int = FOLLOW_BYTES) -> None:
+        self.limit = limit
+        self.items: collections.deque[object] = collections.deque()
+        #: Bytes held (what ``limit`` bounds).
+        self.held = 0
+        #: Per group: bytes dropped here not yet told to the reader, and the sequence
+        #: number of the newest chunk dropped (a note held from before it is not told).
+        self.lost: dict[str, tuple[int, int]] = {}
+        self._ready = asyncio.Event()
+
+    def put(self, item: object) -> None:
+        self.items.append(item)
+        if isinstance(item, OutputChunk) and item.is_output:
+            self.held += len(item.data) + CHUNK_OVERHEAD
+            while self.held > self.limit:
+                self._drop_oldest()
+        self._ready.set()
+
+    def _drop_oldest(self) -> None:
+        for i, old in enumerate(self.items):
+            if isinstance(old, OutputChunk) and old.is_output:
+                del self.items[i]
+                self.held -= len(old.data) + CHUNK_OVERHEAD
+                n, _ = self.lost.get(old.group_id, (0, 0))
+                self.lost[old.group_id] = (n + len(old.data) + old.dropped, old.seq)
+                return
+
+    async def get(self) -> object:
+        while not self.items:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self.items.popleft()
+        if isinstance(item, OutputChunk):
+            if item.is_output:
+                self.held -= len(item.data) + CHUNK_OVERHEAD
+            n, seq = self.lost.get(item.group_id, (0, 0))
+            if n and (item.seq > seq or not item.seq):
+                del self.lost[item.group_id]
+                item = replace(item, dropped=item.dropped + n)
+        return item
 
 
 def _gap(t: TrackedGroup) -> str:
@@ -227,6 +309,35 @@ async def _with_agent(agent: str, chunks: AsyncIterator[OutputChunk]
             yield replace(chunk, agent=agent)
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
+
+
+async def merge_backlogs(streams: list[AsyncIterator[OutputChunk]]
+                         ) -> AsyncIterator[OutputChunk]:
+    """Several agents' backlogs merged by capture time (their clocks), holding one chunk
+    per agent at a time (each agent's stream waits, by gRPC flow control, until its head
+    was sent); one agent's passes straight through, in its own order of capture."""
+    if len(streams) == 1:
+        only = streams[0]
+        try:
+            async for chunk in only:
+                yield chunk
+        finally:
+            await only.aclose()  # type: ignore[attr-defined]
+        return
+    heads: dict[int, OutputChunk] = {}
+    try:
+        firsts = await asyncio.gather(*(anext(s, None) for s in streams))
+        heads = {i: c for i, c in enumerate(firsts) if c is not None}
+        while heads:
+            i = min(heads, key=lambda k: (heads[k].at, heads[k].seq))
+            yield heads.pop(i)
+            nxt = await anext(streams[i], None)
+            if nxt is not None:
+                heads[i] = nxt
+    finally:
+        for s in streams:
+            with contextlib.suppress(RuntimeError):  # mid-read when cancelled: it closes itself
+                await s.aclose()  # type: ignore[attr-defined]
 
 
 def _by_agent(chosen: list[TrackedGroup]) -> dict[str, list[str]]:

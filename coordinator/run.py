@@ -55,6 +55,8 @@ class CoordinatorDaemonConfig:
     retain_stopped: float = 7 * 24 * 3600.0
     #: Lease streams one credential may hold open at once (ten times this in all).
     max_lease_streams: int = 1000
+    #: Logs calls one credential may have open at once.
+    max_logs_streams: int = 64
     #: A PostgreSQL URL shared by several coordinators (one leads); empty: SQLite in
     #: state_dir, this coordinator alone.
     store: str = ""
@@ -130,7 +132,8 @@ def make_coordinator(cfg: CoordinatorDaemonConfig, store: Store, metrics: Coordi
                           agent_ttl=cfg.agent_ttl, local_agent=local_agent, connect=connect,
                           retain_stopped=cfg.retain_stopped,
                           max_lease_streams_per_credential=cfg.max_lease_streams,
-                          max_lease_streams=10 * cfg.max_lease_streams),
+                          max_lease_streams=10 * cfg.max_lease_streams,
+                          max_logs_streams_per_credential=cfg.max_logs_streams),
         store, metrics, lead.term if lead is not None else None)
 
 

@@ -295,21 +295,34 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
 
     def _audit_lease(self, caller: Caller, request: cpb.LeaseRequest,
                      exc: TetherError | None) -> None:
+        self._audit_open("OpenLease", caller, request, exc,
+                         {"resume": "true" if request.resume_token else "false"})
+
+    def _audit_open(self, method: str, caller: Caller, request: Any,
+                    exc: BaseException | None, details: dict[str, str] | None = None) -> None:
+        """A request stream audited when it opened (``audit_by_servicer``), with how."""
         if self.audit is None:
             return
-        result, message = ("OK", "") if exc is None else (status_for(exc).name, str(exc))
-        self.audit.record(audit_entry(
-            "/tether.v1.CoordinatorService/OpenLease", caller, request, None, result, message,
-            {"resume": "true" if request.resume_token else "false"}))
+        result, message = ("OK", "") if exc is None else (
+            (status_for(exc).name, str(exc)) if isinstance(exc, TetherError)
+            else ("CANCELLED", "the caller went away before it was attached"))
+        self.audit.record(audit_entry(f"/tether.v1.CoordinatorService/{method}", caller,
+                                      request, None, result, message, details))
 
+    @stream
     async def Logs(self, request: pb.LogsRequest, context: Any) -> AsyncIterator[pb.OutputChunk]:
         query = query_from_pb(request)
-        chunks = self.c.output.logs(query, GroupSelector(query.group_ids))
+        credential = current_caller().credential
+        self.c.output.admit(credential)
         try:
-            async for chunk in chunks:
-                yield chunk_to_pb(chunk)
+            chunks = self.c.output.logs(query, GroupSelector(query.group_ids))
+            try:
+                async for chunk in chunks:
+                    yield chunk_to_pb(chunk)
+            finally:
+                await chunks.aclose()  # type: ignore[attr-defined]
         finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
+            self.c.output.leave(credential)
 
     @stream
     async def Attach(self, requests: AsyncIterator[pb.AttachRequest], context: Any
@@ -328,11 +341,28 @@ class CoordinatorServicer(cgrpc.CoordinatorServiceServicer):
             async for msg in requests:
                 yield stdin_from_pb(msg)
 
-        chunks = self.c.output.attach(opened, inputs())
+        # Audited once attached (the agent confirmed it: a writer holds the role now), or
+        # refused: not only when it ends, which may be days later.
+        try:
+            chunks = self.c.output.attach(opened, inputs())
+        except TetherError as exc:
+            self._audit_open("Attach", caller, first, exc)
+            raise
+        audited = False
         try:
             async for chunk in chunks:
+                if not audited:
+                    audited = True
+                    self._audit_open("Attach", caller, first, None)
                 yield chunk_to_pb(chunk)
+        except BaseException as exc:
+            if not audited:
+                audited = True
+                self._audit_open("Attach", caller, first, exc)
+            raise
         finally:
+            if not audited:
+                self._audit_open("Attach", caller, first, None)  # ended before any output
             await chunks.aclose()  # type: ignore[attr-defined]
 
     @unary

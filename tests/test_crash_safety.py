@@ -288,6 +288,26 @@ async def test_orphan_sweeps_never_kill_groups_spawned_while_they_scan(tmp_path:
         await signallers.aclose()
 
 
+def test_a_keep_groups_stdin_reads_end_of_file_once_its_agent_died(tmp_path: Path) -> None:
+    """The guardian holds a keep group's output pipes, never its stdin (README): once the
+    agent is gone nothing can write it, and the program reads end-of-file."""
+    d = serve_on(tmp_path)
+    log = tmp_path / "eof.log"
+    try:
+        spawn(d, "eof", ["sh", "-c", "echo ready; cat >/dev/null; echo stdin-eof; "
+                         "exec sleep 300"], "--orphan-policy", "keep", "--log", str(log),
+              "--stdin", "pipe")
+        wait_until(lambda: log.exists() and b"ready" in log.read_bytes(), 10, "it to start")
+        d.proc.kill()
+        d.proc.wait()
+        wait_until(lambda: b"stdin-eof" in log.read_bytes(), 20,
+                   "the keep group to read end-of-file after its agent died")
+    finally:
+        stop_daemon(d)
+        for pid in marked_alive(agent=f"crash-{tmp_path.name[-10:]}"):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_a_keep_groups_output_outlives_its_agent(tmp_path: Path) -> None:
     """A keep group writes to pipes the agent reads. When the agent dies its guardian
     holds them (a pipe without a reader would kill the program at its next write with

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import signal
 import time
@@ -132,6 +133,24 @@ async def test_since_keeps_what_was_read_at_or_after_it() -> None:
     assert [(c.stream, c.data) for c in got] == [(Stream.STDERR, b"new\n")]
 
 
+async def test_a_since_reader_is_told_only_of_drops_at_or_after_its_since() -> None:
+    now = [1000.0]
+    book = OutputBook(MIN_RING, 1 << 30, clock=lambda: now[0])
+    gid = "g-00000001"
+    book.open(gid)
+    for _ in range(30):  # 300K before since: dropped, but not wanted
+        book.append(gid, Stream.STDOUT, b"a" * 10_000)
+    now[0] = 2000.0
+    for _ in range(10):  # 100K at since: the ring keeps only its newest ~64K
+        book.append(gid, Stream.STDOUT, b"b" * 10_000)
+    got = await drain(book, LogQuery((gid,), since=2000.0))
+    kept = data(got)
+    assert set(kept) == {ord("b")} and 0 < len(kept) < 100_000
+    assert sum(c.dropped for c in got) == 100_000 - len(kept)
+    everything = await drain(book, LogQuery((gid,)))
+    assert sum(c.dropped for c in everything) == 400_000 - len(kept)
+
+
 async def test_drops_are_oldest_first_and_every_reader_is_told_exactly_how_much() -> None:
     book = chunk_book()
     gid = "g-00000001"
@@ -168,17 +187,105 @@ async def test_a_write_larger_than_the_ring_keeps_its_newest_bytes() -> None:
     assert sum(c.dropped for c in got) == len(big) - len(kept)
 
 
-async def test_many_groups_share_the_total_and_each_keeps_its_floor() -> None:
+async def test_many_groups_share_the_total_and_the_total_is_a_bound() -> None:
     book = OutputBook(MIN_RING * 4, MIN_RING * 8)
     ids = [f"g-{i:08x}" for i in range(32)]
     for gid in ids:
         book.open(gid)
         book.append(gid, Stream.STDOUT, b"x" * (MIN_RING * 4))
-    assert all(book.ring(g).capacity == MIN_RING for g in ids)
-    assert book.held <= MIN_RING * len(ids)
+        assert book.held == sum(r.size for r in book.rings.values())
+        assert book.held <= book.total, "even 32 running groups at 64K each"
+    assert all(book.ring(g).output_bytes > 0 for g in ids), "each keeps its newest bytes"
     for gid in ids[2:]:
         book.forget(gid)
     assert book.ring(ids[0]).capacity == MIN_RING * 4, "freed budget goes back to the rest"
+
+
+async def test_ended_groups_give_their_output_up_first_oldest_first() -> None:
+    total = MIN_RING * 8
+    book = OutputBook(MIN_RING, total)
+    ended = [f"g-{i:08x}" for i in range(400)]
+    for gid in ended:  # short-lived groups, kept for --retain: 400 x 64K = 25 MiB asked
+        book.open(gid, "s")
+        book.append(gid, Stream.STDOUT, b"e" * MIN_RING)
+        book.close(gid, "group exited; its output is complete")
+        assert book.held <= total
+    assert book.held == sum(r.size for r in book.rings.values())
+    live = "g-0000ffff"
+    book.open(live, "s")
+    book.append(live, Stream.STDOUT, b"L" * (MIN_RING // 2))
+    assert book.held <= total
+    assert book.ring(live).output_bytes == MIN_RING // 2, "a running group keeps its share"
+    assert book.ring(ended[0]).output_bytes == 0, "the oldest ended group went first"
+    assert book.ring(ended[-1]).output_bytes > 0, "the newest ended group still has output"
+    got = await drain(book, LogQuery((ended[0],)))
+    assert sum(c.dropped for c in got) == MIN_RING, "its reader is told exactly"
+    assert notes(got)[-1] == Note.OUTPUT_ENDED, "its end is still said"
+
+
+async def test_several_agents_backlogs_merge_holding_one_chunk_per_agent() -> None:
+    from tether.coordinator.output import merge_backlogs
+
+    pulled = {"a": 0, "b": 0}
+
+    async def agent(name: str, times: list[float]) -> AsyncIterator[OutputChunk]:
+        for i, at in enumerate(times):
+            pulled[name] += 1
+            yield OutputChunk(f"g-{name}", Stream.STDOUT, b"x" * 1000, at, seq=i + 1)
+
+    merged = merge_backlogs([agent("a", [1.0, 3.0, *map(float, range(5, 1000))]),
+                             agent("b", [2.0, 4.0])])
+    first = [await anext(merged) for _ in range(3)]
+    assert [(c.group_id, c.at) for c in first] == [("g-a", 1.0), ("g-b", 2.0), ("g-a", 3.0)]
+    assert pulled == {"a": 2, "b": 2}, "one chunk ahead per agent, never a whole backlog"
+    rest = [c async for c in merged]
+    assert len(rest) == 2 + 995 + 2 - 3 and [c.at for c in rest] == sorted(c.at for c in rest)
+
+
+async def test_a_stalled_follower_holds_a_bounded_number_of_bytes_on_the_coordinator() -> None:
+    from tether.coordinator.output import FollowBuffer
+
+    buf = FollowBuffer(limit=1 << 20)
+    marker = object()
+    buf.put(OutputChunk("g-a", Stream.TETHER, b"run 1 started", 1.0, seq=1,
+                        event=Note.RUN_STARTED.value))
+    sizes = [64_000 + i for i in range(200)]  # 12 MiB for a follower that reads nothing
+    for i, n in enumerate(sizes):
+        buf.put(OutputChunk("g-a", Stream.STDOUT, b"x" * n, 2.0, seq=i + 2))
+        assert buf.held <= buf.limit
+    buf.put(OutputChunk("g-a", Stream.TETHER, b"done", 3.0, seq=999,
+                        event=Note.OUTPUT_ENDED.value))
+    buf.put(marker)
+    got = [await buf.get() for _ in range(len(buf.items))]
+    assert got[-1] is marker, "the pumps' markers are never dropped"
+    chunks = [c for c in got if isinstance(c, OutputChunk)]
+    assert notes(chunks) == [Note.RUN_STARTED, Note.OUTPUT_ENDED], "nor notes"
+    assert chunks[0].dropped == 0, "a note from before the gap is not told of it"
+    assert sum(len(c.data) for c in chunks if c.is_output) + sum(c.dropped for c in chunks) \
+        == sum(sizes), "what it got and what it was told it missed add up"
+    assert buf.held == 0 and buf.lost == {}
+
+
+async def test_a_follower_of_many_rings_waits_on_one_event_set_by_their_appends() -> None:
+    book = OutputBook()
+    ids = [f"g-{i:08x}" for i in range(200)]
+    for gid in ids:
+        book.open(gid, "s")
+    follower = book.read(LogQuery(tuple(ids), follow=True))
+    (waiter,) = {w for gid in ids for w in book.ring(gid).followers}
+    wakes = {id(w.wake) for gid in ids for w in book.ring(gid).followers}
+    assert len(wakes) == 1, "one wake-up event per follower, whatever it follows"
+    waiting = asyncio.ensure_future(anext(follower))
+    book.append(ids[137], Stream.STDOUT, b"one of many\n")
+    got = await asyncio.wait_for(waiting, 10)
+    assert (got.group_id, got.data) == (ids[137], b"one of many\n")
+    waiting = asyncio.ensure_future(anext(follower))
+    book.append(ids[5], Stream.STDERR, b"another\n")
+    assert waiter.dirty == {ids[5]}, "a wake-up looks at the ring that changed, not all 200"
+    got = await asyncio.wait_for(waiting, 10)
+    assert (got.group_id, got.data) == (ids[5], b"another\n")
+    await follower.aclose()  # type: ignore[attr-defined]
+    assert all(not book.ring(g).followers for g in ids), "a follower that left is unhooked"
 
 
 async def test_session_readers_interleave_by_capture_order_and_find_new_groups() -> None:
@@ -506,3 +613,39 @@ async def test_stdin_pipe_is_refused_where_it_cannot_be_held(authority: Authorit
     finally:
         proc.kill()
         await proc.wait()
+
+
+# ------------------------------------------------------------------ tether logs' printer
+
+
+def printed(printer_kw: dict[str, bool], chunks: list[OutputChunk]) -> tuple[bytes, bytes]:
+    from tether.coordinator.cli.logs import Printer
+
+    out, err = io.BytesIO(), io.BytesIO()
+    p = Printer("table", printer_kw.pop("prefixed"), out, err, **printer_kw)
+    for c in chunks:
+        p.chunk(c)
+    p.end()
+    return out.getvalue(), err.getvalue()
+
+
+def test_an_unterminated_last_line_is_prefixed_like_every_other_line() -> None:
+    out, _ = printed({"prefixed": True}, [
+        OutputChunk("g-0000000a", Stream.STDOUT, b"full\nno-new", 1.0, label="web"),
+        OutputChunk("g-0000000a", Stream.STDOUT, b"line", 2.0, label="web"),
+    ])
+    assert out == b"web g-0000000a | full\nweb g-0000000a | no-newline\n"
+
+
+def test_logs_to_a_terminal_escapes_control_characters_and_to_a_pipe_keeps_the_bytes() -> None:
+    hostile = (b"\x1b]0;pwned\x07\x1b[2K\r[tether] fake note\n\tindented \xff\xfe caf\xc3\xa9\n")
+    chunks = [OutputChunk("g-0000000a", Stream.STDOUT, hostile, 1.0, label="web"),
+              OutputChunk("g-0000000a", Stream.STDERR, b"\x1b[31mred\n", 2.0, label="web")]
+    out, err = printed({"prefixed": False, "escape_out": True, "escape_err": True}, chunks)
+    assert out == (b"\\x1b]0;pwned\\x07\\x1b[2K\\r[tether] fake note\n"
+                   b"\tindented \\xff\\xfe caf\xc3\xa9\n"), "newline, tab and UTF-8 stay"
+    assert err == b"\\x1b[31mred\n"
+    raw_out, raw_err = printed({"prefixed": False}, chunks)
+    assert (raw_out, raw_err) == (hostile, b"\x1b[31mred\n"), "a pipe gets the bytes as written"
+    prefixed, _ = printed({"prefixed": True, "escape_out": True}, chunks)
+    assert b"\x1b" not in prefixed and b"\r" not in prefixed

@@ -19,6 +19,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import pytest
 from tests.plugins.creds import Tokens
 from tests.plugins.processes import Daemon, start_daemon, stop_daemon
 from tether.client import Client
-from tether.core.errors import Conflict, PermissionDenied
+from tether.core.errors import Conflict, PermissionDenied, ResourceExhausted
 from tether.core.model import ExitReason
 from tether.core.output import Note, OutputChunk, Stream
 
@@ -214,6 +215,12 @@ def test_a_reader_reads_logs_but_may_not_attach_and_attach_is_audited(
         assert "Attach" in str(refused.value)
         with Client(d.address, token_file=files["operator"]) as operator, \
                 operator.attach("roles", gid, write=True) as a:
+            # Audited once it holds the writer role, not only when it ends (days later).
+            now = [json.loads(line) for line in
+                   d.cli("audit", "-o", "json", *admin, check=True).stdout.splitlines()]
+            assert [(e["role"], e["result"], e.get("details", {}).get("write"))
+                    for e in now if e["method"] == "CoordinatorService/Attach"] == \
+                [("reader", "PERMISSION_DENIED", None), ("operator", "OK", "true")]
             a.write(b"ping\n")
             a.close_stdin()
             got = list(a)  # until the group's output ended (cat-like: EOF ends it)
@@ -373,3 +380,81 @@ def test_an_lsp_server_over_attach_one_writer_many_readers_and_a_stop_by_stdin(
         again.a.close()
         for w in watchers:
             w.a.close()
+
+
+# ------------------------------------------------------------------ closing stdin
+
+EOF_PROG = "echo ready; cat >/dev/null; echo got-eof"
+
+
+def read_until(a: Any, data: bytes) -> bytes:
+    """An attachment's output until ``data`` appeared in it (or it ended)."""
+    seen = b""
+    while data not in seen:
+        chunk = a.read(timeout=BOUND)
+        assert chunk is not None, f"the output ended before {data!r}: {seen!r}"
+        seen += chunk.data if chunk.is_output else b""
+    return seen
+
+
+def test_a_keep_groups_program_reads_end_of_file_when_its_stdin_is_closed(
+        serve: Daemon) -> None:
+    # The guardian holds a keep group's output pipes, never its stdin: the agent's end is
+    # the only writer, so closing it is end-of-file to the program.
+    with Client(serve.address) as c:
+        for policy in ("kill", "keep"):
+            entry = c.spawn(["sh", "-c", EOF_PROG], session=f"eof-{policy}", stdin="pipe",
+                            orphan_policy=policy)
+            with c.attach(f"eof-{policy}", entry.view.group_id, write=True, tail=10) as a:
+                read_until(a, b"ready")
+                a.write(b"hello\n")
+                a.close_stdin()
+                assert b"got-eof" in read_until(a, b"got-eof"), policy
+
+
+def test_close_stdin_then_detaching_at_once_still_closes_it(serve: Daemon) -> None:
+    # close_stdin() returns once the agent closed the pipe (its stdin_closed note), so the
+    # cancel that leaving `with` sends can no longer overtake the close.
+    with Client(serve.address) as c:
+        for i in range(8):
+            entry = c.spawn(["sh", "-c", EOF_PROG], session="detach", label=f"p{i}",
+                            stdin="pipe")
+            gid = entry.view.group_id
+            with c.attach("detach", gid, write=True) as a:
+                a.write(b"x" * 100_000)
+                a.close_stdin()
+            out = b"".join(ch.data for ch in c.logs("detach", groups=[gid], follow=True,
+                                                  timeout=BOUND)
+                           if ch.is_output)
+            assert out.endswith(b"got-eof\n"), out
+
+
+def test_one_credential_may_have_at_most_max_logs_streams_logs_calls_open(
+        tmp_path: Path) -> None:
+    d = start_daemon("serve", ["--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "st"),
+                               "--agent-name", f"ml-{tmp_path.name[-8:]}",
+                               "--max-logs-streams", "2"], tmp_path)
+    try:
+        with Client(d.address) as c:
+            c.spawn(["sh", "-c", "echo hi; exec sleep 300"], session="many", label="w")
+            followers = [c.logs("many", follow=True, timeout=BOUND) for _ in range(2)]
+            for f in followers:  # each call is open: it answered its first chunk
+                assert next(f) is not None
+            with pytest.raises(ResourceExhausted) as third:
+                list(c.logs("many"))
+            assert "--max-logs-streams 2" in str(third.value)
+            followers[0].close()  # type: ignore[attr-defined]
+            # The coordinator counts it gone once its call ended there (the cancel reaches
+            # it asynchronously): ask until admitted; the deadline only bounds a hang.
+            deadline = time.monotonic() + BOUND
+            while True:
+                try:
+                    ok = [ch for ch in c.logs("many") if ch.is_output]
+                    break
+                except ResourceExhausted:
+                    assert time.monotonic() < deadline, "the closed call was never counted out"
+            assert b"hi\n" in b"".join(ch.data for ch in ok)
+            followers[1].close()  # type: ignore[attr-defined]
+            c.stop("many")
+    finally:
+        stop_daemon(d)

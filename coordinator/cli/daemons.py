@@ -154,7 +154,8 @@ def run_daemon(args: argparse.Namespace) -> int:
                                           insecure=args.insecure, auth=_auth(args),
                                           dial=_dial(args),
                                           retain_stopped=args.retain_stopped,
-                                          max_lease_streams=args.max_lease_streams)
+                                          max_lease_streams=args.max_lease_streams,
+                                          max_logs_streams=args.max_logs_streams)
             if args.command == "coordinator":
                 cfg.agent_ttl = args.agent_ttl
                 cfg.store, cfg.advertise, cfg.leader_ttl = (args.store, args.advertise,

@@ -7,6 +7,11 @@ written in pieces is printed once it is complete. tether's own notes (run bounda
 the end, output dropped because this reader fell behind) go to stderr as ``[tether]``
 lines. ``-o json``: one object per chunk, ``data`` as text when it is UTF-8, else
 ``data_base64``.
+
+Written to a terminal, control characters other than newline and tab (escape sequences
+that could retitle the window, move the cursor, rewrite earlier lines or fake tether's
+own notes) and invalid UTF-8 are shown escaped (``\x1b``), each stream deciding for
+itself; written to a pipe or a file, the bytes are exactly as the program wrote them.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import BinaryIO
 
 from tether.client.aio import AsyncClient, TimedOut
 from tether.coordinator.cli.exitcodes import CLIError, ExitCode
+from tether.coordinator.cli.output import printable
 from tether.core.output import OutputChunk, Stream
 
 
@@ -42,15 +48,32 @@ def chunk_dict(c: OutputChunk) -> dict[str, object]:
     return d
 
 
+def terminal_safe(data: bytes) -> bytes:
+    """``data`` for a terminal: newlines and tabs as they are, every other control
+    character (and invalid UTF-8) escaped, so output cannot drive the terminal."""
+    text = data.decode("utf-8", errors="backslashreplace")
+    if text.isprintable():
+        return data
+    return "\n".join("\t".join(printable(part) for part in line.split("\t"))
+                     for line in text.split("\n")).encode()
+
+
 class Printer:
     def __init__(self, output: str, prefixed: bool, out: BinaryIO | None = None,
-                 err: BinaryIO | None = None) -> None:
+                 err: BinaryIO | None = None, *, escape_out: bool = False,
+                 escape_err: bool = False) -> None:
         self.json = output == "json"
         self.prefixed = prefixed
         self.out = out or sys.stdout.buffer
         self.err = err or sys.stderr.buffer
-        #: Incomplete last lines, per (group, stream), when lines are prefixed.
-        self.partial: dict[tuple[str, Stream], bytes] = {}
+        #: Escape control characters (``terminal_safe``) written to out, to err.
+        self.escape = {id(self.out): escape_out, id(self.err): escape_err}
+        #: Incomplete last lines (with the name that prefixes them), per (group, stream),
+        #: when lines are prefixed.
+        self.partial: dict[tuple[str, Stream], tuple[str, bytes]] = {}
+
+    def _write(self, dest: BinaryIO, data: bytes) -> None:
+        dest.write(terminal_safe(data) if self.escape[id(dest)] else data)
 
     @staticmethod
     def name(c: OutputChunk) -> str:
@@ -69,28 +92,28 @@ class Printer:
             return
         dest = self.out if c.stream is Stream.STDOUT else self.err
         if not self.prefixed:
-            dest.write(c.data)
+            self._write(dest, c.data)
             dest.flush()
             return
         key = (c.group_id, c.stream)
-        data = self.partial.pop(key, b"") + c.data
+        data = self.partial.pop(key, ("", b""))[1] + c.data
         *lines, rest = data.split(b"\n")
         head = f"{self.name(c)} | ".encode()
         for line in lines:
-            dest.write(head + line + b"\n")
+            self._write(dest, head + line + b"\n")
         if rest:
-            self.partial[key] = rest
+            self.partial[key] = (self.name(c), rest)
         dest.flush()
 
     def _note(self, c: OutputChunk, text: str) -> None:
         where = f" {self.name(c)}" if self.prefixed else ""
-        self.err.write(f"[tether]{where}: {text}\n".encode(errors="replace"))
+        self._write(self.err, f"[tether]{where}: {text}\n".encode(errors="replace"))
         self.err.flush()
 
     def end(self) -> None:
-        for (gid, stream), rest in self.partial.items():
+        for (_, stream), (name, rest) in self.partial.items():
             dest = self.out if stream is Stream.STDOUT else self.err
-            dest.write(f"{gid} | ".encode() + rest + b"\n")
+            self._write(dest, f"{name} | ".encode() + rest + b"\n")
         self.partial.clear()
         self.out.flush()
         self.err.flush()
@@ -99,7 +122,8 @@ class Printer:
 async def cmd_logs(c: AsyncClient, args: argparse.Namespace) -> int:
     if args.tail is not None and args.tail < 0:
         raise CLIError(f"--tail {args.tail}: give a number of lines, 0 or more")
-    printer = Printer(args.output, prefixed=len(args.groups) != 1)
+    printer = Printer(args.output, prefixed=len(args.groups) != 1,
+                      escape_out=sys.stdout.isatty(), escape_err=sys.stderr.isatty())
     try:
         async for chunk in c.logs(args.session, groups=args.groups, tail=args.tail,
                                   since=args.since, follow=args.follow, timeout=args.timeout):

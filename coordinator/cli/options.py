@@ -168,6 +168,8 @@ _COORDINATOR = [
            "seconds (default 604800: a week)", 7 * 24 * 3600.0, type=positive_float),
     Option("--max-lease-streams", "lease streams (OpenLease) one credential may hold open at "
            "once (default 1000); ten times this in all", 1000, type=count),
+    Option("--max-logs-streams", "Logs calls (tether logs, SDK logs) one credential may have "
+           "open at once (default 64)", 64, type=count),
 ]
 
 DAEMONS: Mapping[str, tuple[str, list[Option]]] = {

@@ -18,6 +18,7 @@ delivered, losing none and repeating none.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import secrets
@@ -720,6 +721,10 @@ class Attachment:
         self._call = call
         self.writer = writer
         self._writing = writer
+        #: Chunks ``close_stdin`` read while it waited for its acknowledgement.
+        self._early: collections.deque[OutputChunk] = collections.deque()
+        self._reading = asyncio.Lock()
+        self._stdin_closed = False
 
     async def __aenter__(self) -> Attachment:
         return self
@@ -735,8 +740,17 @@ class Attachment:
             yield chunk
 
     async def read(self) -> OutputChunk | None:
-        """The next chunk of the group's output (or a note: drops, run boundaries), None
-        once the stream ended (the group ended, or ``close``)."""
+        """The next chunk of the group's output (or a note: drops, run boundaries, the
+        ``stdin_closed`` acknowledgement), None once the stream ended (the group ended, or
+        ``close``)."""
+        if self._early:
+            return self._early.popleft()
+        async with self._reading:
+            if self._early:
+                return self._early.popleft()
+            return await self._pull()
+
+    async def _pull(self) -> OutputChunk | None:
         try:
             msg = await self._call.read()
         except grpc.aio.AioRpcError as exc:
@@ -745,11 +759,17 @@ class Attachment:
             raise self._client._error(exc, "Attach", None) from exc
         if msg is grpc.aio.EOF:
             return None
-        return chunk_from_pb(msg)
+        chunk = chunk_from_pb(msg)
+        if chunk.event == Note.STDIN_CLOSED.value:
+            self._stdin_closed = True
+        return chunk
 
     async def write(self, data: bytes) -> None:
-        """Write ``data`` to the group's stdin (the writer only: ``attach(write=True)``);
-        returns once the agent took it, so a program that never reads slows only this."""
+        """Write ``data`` to the group's stdin (the writer only: ``attach(write=True)``).
+        Returns once gRPC took it for sending (flow control: a program that does not read
+        slows only this writer), not once the agent wrote it to the pipe: a ``close()``
+        right after may lose it. ``close_stdin()`` waits until every byte written before
+        it was handed to the pipe."""
         if not self.writer:
             raise Conflict("this attachment is not the writer; attach with write=True")
         if not self._writing:
@@ -768,8 +788,11 @@ class Attachment:
             raise await self._ended() from None
 
     async def close_stdin(self) -> None:
-        """Close the program's stdin after what was written (it reads end-of-file); the
-        output keeps coming until the group's output ends."""
+        """Close the program's stdin after what was written (it reads end-of-file), and
+        wait until the agent did: every byte written before went to the pipe and the pipe
+        is closed (its ``stdin_closed`` note; output that came meanwhile is kept for
+        ``read``), so leaving ``with`` right after loses nothing. The output keeps coming
+        until the group's output ends."""
         if not self._writing:
             return
         self._writing = False
@@ -780,6 +803,14 @@ class Attachment:
             raise self._client._error(exc, "Attach", None) from exc
         except asyncio.InvalidStateError:
             raise await self._ended() from None
+        while not self._stdin_closed:
+            async with self._reading:
+                if self._stdin_closed:
+                    return
+                chunk = await self._pull()
+                if chunk is None:
+                    return  # the group's output ended: its stdin is gone with it
+                self._early.append(chunk)
 
     async def _ended(self) -> TetherError:
         code = await self._call.code()

@@ -8,6 +8,8 @@ marks each new run) and goes when the group leaves the agent's memory.
 One rule for memory, the same everywhere: a ring holds at most its capacity (the
 agent's ``--output-buffer``, 1 MiB by default, less when the agent's total budget
 ``--output-total`` is shared by many groups); appending past it drops the oldest chunks.
+All rings together hold at most ``--output-total``: ended groups' rings give up their
+output first (``OutputBook._bound``).
 Nothing ever waits for a reader: a writer faster than its readers loses its oldest
 output, never its speed, and each reader is told how many bytes it will not see
 (``OutputChunk.dropped``), exactly, when a follower falls behind.
@@ -21,6 +23,7 @@ read. Nothing here knows about gRPC.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import enum
 import heapq
@@ -41,6 +44,8 @@ MIN_RING: Final = 64 << 10
 #: What one chunk costs beyond its bytes (the object, the deque slot): counted, so a group
 #: writing one byte at a time cannot hold a thousand times its capacity.
 CHUNK_OVERHEAD: Final = 160
+#: Times of drops a ring remembers for ``since`` readers (exact up to this many).
+DROP_INDEX: Final = 1024
 #: The most lines ``tail`` may ask for (more than any ring holds).
 MAX_TAIL: Final = 1 << 31
 
@@ -68,6 +73,9 @@ class Note(enum.StrEnum):
     OUTPUT_ENDED = "output_ended"
     #: Attach only: the attachment is in place (data: "writer" or "reader").
     ATTACHED = "attached"
+    #: Attach only, to the writer: the program's stdin is closed (every byte written
+    #: before was handed to the pipe): the acknowledgement ``close_stdin`` waits for.
+    STDIN_CLOSED = "stdin_closed"
 
 
 @dataclass(frozen=True)
@@ -188,11 +196,15 @@ class OutputRing:
         self.dropped = 0
         #: The newest time of a dropped chunk (0: none dropped).
         self.dropped_until = 0.0
+        #: When dropped output was read: (time, offset of its first byte), oldest first,
+        #: for ``since`` readers (thinned to every other entry past ``DROP_INDEX``).
+        self._drops: list[tuple[float, int]] = []
         self.run = 0
         #: The group ended and its last output was read: nothing more comes.
         self.closed = False
-        #: Woken on every append (followers wait on it).
-        self.changed = asyncio.Event()
+        #: The followers reading this ring: told on every append and on close (each
+        #: marks the ring as having news and sets its one wake-up event).
+        self.followers: set[_Waiter] = set()
 
     def __repr__(self) -> str:
         return (f"<OutputRing {self.group_id} {self.size}/{self.capacity} bytes "
@@ -209,8 +221,12 @@ class OutputRing:
         if chunk.is_output:
             self.end += len(chunk.data)
         self.trim()
-        self.changed.set()
-        self.changed = asyncio.Event()
+        self._wake()
+
+    def _wake(self) -> None:
+        for w in self.followers:
+            w.dirty.add(self.group_id)
+            w.wake.set()
 
     def trim(self) -> int:
         """Drop the oldest bytes until the ring fits its capacity; returns bytes freed. A
@@ -225,6 +241,7 @@ class OutputRing:
                 self.chunks[0] = kept
                 self.size -= over
                 freed += over
+                self._dropping(old)
                 self.dropped += over
                 self.dropped_until = max(self.dropped_until, old.at)
                 break
@@ -235,14 +252,29 @@ class OutputRing:
             self.size -= cost
             freed += cost
             if old.is_output:
+                self._dropping(old)
                 self.dropped += len(old.data)
                 self.dropped_until = max(self.dropped_until, old.at)
         return freed
 
+    def _dropping(self, chunk: OutputChunk) -> None:
+        drops = self._drops
+        if drops and drops[-1][0] >= chunk.at:
+            return  # read at the same time as the last one noted: its offset is earlier
+        if len(drops) >= DROP_INDEX:
+            del drops[1::2]  # coarser: a since reader may then be told slightly less
+        drops.append((chunk.at, chunk.offset))
+
+    def dropped_since(self, since: float) -> int:
+        """Dropped output bytes that were read at or after ``since``."""
+        i = bisect.bisect_left(self._drops, since, key=lambda d: d[0])
+        if i == len(self._drops):
+            return 0
+        return self.dropped - self._drops[i][1]
+
     def close(self) -> None:
         self.closed = True
-        self.changed.set()
-        self.changed = asyncio.Event()
+        self._wake()
 
     # -- reading
 
@@ -256,9 +288,9 @@ class OutputRing:
         if not self.dropped or (since and self.dropped_until < since):
             return chunks, 0
         # Every dropped byte is older than every kept one, and the reader asked for output
-        # from before the oldest kept byte (with ``since``: the newest dropped chunk was
-        # read at or after it, so some dropped bytes were wanted; this many at most).
-        return chunks, self.dropped
+        # from before the oldest kept byte (with ``since``: only what was read at or after
+        # it).
+        return chunks, self.dropped_since(since) if since else self.dropped
 
     def after(self, seq: int) -> list[OutputChunk]:
         """Chunks with a sequence number above ``seq``, oldest first."""
@@ -314,8 +346,17 @@ class _Cursor:
 
 @dataclass(eq=False)
 class _Waiter:
+    """One follower: its wake-up event, and what woke it (so a wake-up costs what
+    changed, not every ring followed)."""
+
     query: LogQuery
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Followed groups with news (an append, the end, forgotten) since the last look.
+    dirty: set[str] = field(default_factory=set)
+    #: Rings of a followed session opened since the last look.
+    fresh: list[OutputRing] = field(default_factory=list)
+    #: Followed groups whose output has not ended yet.
+    live: int = 0
 
 
 class OutputBook:
@@ -335,13 +376,19 @@ class OutputBook:
         self.rings: dict[str, OutputRing] = {}
         self.seq = 0
         self._waiters: set[_Waiter] = set()
+        #: Bytes held by every ring together (the sum of their sizes), kept as it changes.
+        self._held = 0
+        #: Rings of ended groups that still hold output, oldest end first: what goes first
+        #: when the rings together would hold more than the total.
+        self._ended: collections.OrderedDict[str, OutputRing] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self.rings)
 
     @property
     def held(self) -> int:
-        return sum(r.size for r in self.rings.values())
+        """Bytes held by every ring together (chunk overhead included)."""
+        return self._held
 
     @property
     def dropped(self) -> int:
@@ -356,6 +403,31 @@ class OutputBook:
             ring.capacity = share
             if ring.size > share:
                 ring.trim()
+        self._held = sum(r.size for r in self.rings.values())
+        self._bound()
+
+    def _bound(self) -> None:
+        """Keep every ring together within the total: the floor of 64 KiB per ring would
+        let many groups (ended ones kept for ``--retain``) hold far more. Ended groups'
+        rings give up their oldest output first, oldest ended group first; if that is not
+        enough, every ring's share goes below the floor. A ring always keeps its newest
+        note (its end), so readers are still told what was dropped."""
+        while self._held > self.total and self._ended:
+            gid, ring = next(iter(self._ended.items()))
+            before = ring.size
+            ring.capacity = max(0, ring.size - (self._held - self.total))
+            ring.trim()
+            self._held -= before - ring.size
+            if ring.capacity == 0 or ring.size > ring.capacity:
+                del self._ended[gid]  # nothing more to give (its last note at most)
+        if self._held > self.total:
+            share = self.total // max(1, len(self.rings))
+            for ring in self.rings.values():
+                if ring.size > share:
+                    before = ring.size
+                    ring.capacity = share
+                    ring.trim()
+                    self._held -= before - ring.size
 
     def ring(self, group_id: str) -> OutputRing:
         ring = self.rings.get(group_id)
@@ -374,6 +446,7 @@ class OutputBook:
         self._rebalance()
         for w in self._waiters:
             if w.query.wants(ring):
+                w.fresh.append(ring)
                 w.wake.set()
         return ring
 
@@ -381,17 +454,25 @@ class OutputBook:
         """The group left the agent's memory: its ring goes (a follower's stream ends)."""
         ring = self.rings.pop(group_id, None)
         if ring is not None:
+            self._ended.pop(group_id, None)
             ring.close()
             self._rebalance()
+
+    def _add(self, ring: OutputRing, chunk: OutputChunk) -> None:
+        before = ring.size
+        ring.add(chunk)
+        self._held += ring.size - before
+        if self._held > self.total:
+            self._bound()
 
     def append(self, group_id: str, stream: Stream, data: bytes, run: int = 0) -> None:
         ring = self.rings.get(group_id)
         if ring is None or not data:
             return
         self.seq += 1
-        ring.add(OutputChunk(group_id, stream, data, self.clock(), run or ring.run,
-                             ring.end, self.seq, session_id=ring.session_id,
-                             label=ring.label))
+        self._add(ring, OutputChunk(group_id, stream, data, self.clock(), run or ring.run,
+                                    ring.end, self.seq, session_id=ring.session_id,
+                                    label=ring.label))
 
     def note(self, group_id: str, event: Note, text: str, run: int = 0) -> None:
         ring = self.rings.get(group_id)
@@ -400,11 +481,13 @@ class OutputBook:
         if event is Note.RUN_STARTED:
             ring.run = run
             ring.closed = False
+            if self._ended.pop(group_id, None) is not None or ring.capacity < self._share():
+                ring.capacity = self._share()  # running again: its share back
         self.seq += 1
-        ring.add(OutputChunk(group_id, Stream.TETHER, text.encode(errors="replace"),
-                             self.clock(), run or ring.run, ring.end, self.seq,
-                             event=event.value, session_id=ring.session_id,
-                             label=ring.label))
+        self._add(ring, OutputChunk(group_id, Stream.TETHER, text.encode(errors="replace"),
+                                    self.clock(), run or ring.run, ring.end, self.seq,
+                                    event=event.value, session_id=ring.session_id,
+                                    label=ring.label))
 
     def close(self, group_id: str, text: str) -> None:
         """The group ended and its last output was read: say so, then nothing more."""
@@ -413,6 +496,9 @@ class OutputBook:
             return
         self.note(group_id, Note.OUTPUT_ENDED, text)
         ring.close()
+        self._ended[group_id] = ring
+        if self._held > self.total:
+            self._bound()
 
     # -- readers
 
@@ -431,6 +517,7 @@ class OutputBook:
         followed too). Raises ``GroupNotFound`` now, not at the first read, for a group id
         this agent does not hold."""
         rings = self._selected(query)
+        waiter = _Waiter(query) if query.follow else None
         cursors: dict[str, _Cursor] = {}
         first: list[OutputChunk] = []
         for ring in rings:
@@ -438,12 +525,15 @@ class OutputBook:
             cursor = _Cursor(ring, seq=ring.chunks[-1].seq if ring.chunks else 0,
                              offset=ring.end)
             cursors[ring.group_id] = cursor
+            if waiter is not None:
+                ring.followers.add(waiter)
+                waiter.dirty.add(ring.group_id)  # looked at once at least (ended already?)
+                waiter.live += 1
             if chunks and lost:
                 # Dropping is oldest-first: every kept chunk is newer than every dropped one.
                 chunks[0] = replace(chunks[0], dropped=lost)
             first.extend(chunks)
         first.sort(key=lambda c: c.seq)
-        waiter = _Waiter(query) if query.follow else None
         if waiter is not None:
             self._waiters.add(waiter)  # before any await: nothing falls between
         return self._stream(query, cursors, first, waiter)
@@ -457,45 +547,47 @@ class OutputBook:
             if waiter is None:
                 return
             while True:
-                batch = self._collect(query, cursors)
+                batch = self._collect(cursors, waiter)
                 if batch:
                     for c in batch:
                         yield c
                     continue
-                if query.group_ids and all(cur.done for cur in cursors.values()):
+                if query.group_ids and not waiter.live:
                     return
-                waiter.wake.clear()
-                waits = [asyncio.ensure_future(cur.ring.changed.wait())
-                         for cur in cursors.values() if not cur.done]
-                waits.append(asyncio.ensure_future(waiter.wake.wait()))
-                try:
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for w in waits:
-                        w.cancel()
+                # One event for this follower, set by any followed ring's append or close
+                # (and by a new group of a followed session): no task per ring per wait.
+                waiter.wake.clear()  # nothing awaited since _collect found nothing new
+                await waiter.wake.wait()
         finally:
             if waiter is not None:
                 self._waiters.discard(waiter)
+                for cur in cursors.values():
+                    cur.ring.followers.discard(waiter)
 
-    def _collect(self, query: LogQuery, cursors: dict[str, _Cursor]) -> list[OutputChunk]:
-        """New chunks of every followed ring since each cursor, merged by sequence; a ring
-        the cursor fell behind reports how much it missed on its first new chunk."""
-        if not query.group_ids:
-            for ring in self.rings.values():  # groups of the session started since
-                if ring.group_id not in cursors and query.wants(ring):
-                    cursors[ring.group_id] = _Cursor(ring)
+    def _collect(self, cursors: dict[str, _Cursor], waiter: _Waiter) -> list[OutputChunk]:
+        """New chunks of the followed rings with news since each cursor, merged by
+        sequence; a ring the cursor fell behind reports how much it missed on its first
+        new chunk."""
+        for ring in waiter.fresh:  # groups of the session started since
+            if ring.group_id not in cursors and self.rings.get(ring.group_id) is ring:
+                cursors[ring.group_id] = _Cursor(ring)
+                ring.followers.add(waiter)
+                waiter.dirty.add(ring.group_id)
+                waiter.live += 1
+        waiter.fresh.clear()
         lists: list[list[OutputChunk]] = []
-        for gid, cur in cursors.items():
-            if cur.done:
+        news, waiter.dirty = waiter.dirty, set()
+        for gid in news:
+            cur = cursors.get(gid)
+            if cur is None or cur.done:
                 continue
             ring = cur.ring
-            if self.rings.get(gid) is not ring:  # forgotten meanwhile
-                cur.done = True
+            if self.rings.get(gid) is not ring or (ring.closed and not ring.after(cur.seq)):
+                cur.done = True  # forgotten meanwhile, or its output ended and was read
+                waiter.live -= 1
                 continue
             new = ring.after(cur.seq)
             if not new:
-                if ring.closed:
-                    cur.done = True
                 continue
             out: list[OutputChunk] = []
             for c in new:
@@ -505,6 +597,8 @@ class OutputBook:
                 out.append(c)
             cur.seq = new[-1].seq
             lists.append(out)
+            if ring.closed:
+                waiter.dirty.add(gid)  # looked at again next time: it ends there
         if len(lists) == 1:
             return lists[0]
         return list(heapq.merge(*lists, key=lambda c: c.seq))

@@ -150,8 +150,8 @@ class Rule:
     #: The agent name a request acts as; an ``agent:NAME`` caller must match it.
     agent_name: Callable[[Any], str] | None = None
     #: A request stream whose servicer audits the call itself, when it has read what the
-    #: stream is about (``OpenLease``: on open, with its outcome); refusals are audited
-    #: here as for every call.
+    #: stream is about (``OpenLease``, ``Attach``: on open, with its outcome); refusals
+    #: (PERMISSION_DENIED) are audited here as for every call.
     audit_by_servicer: bool = False
 
     def audited(self, request: Any) -> bool:
@@ -230,7 +230,7 @@ RULES: Mapping[str, Rule] = {
     _C + "OpenLease": _r(_OPERATOR, audit=True, audit_by_servicer=True),
     # Output is read-only; Attach may write a program's stdin: operators, audited.
     _C + "Logs": _r(_OPERATOR, _READER),
-    _C + "Attach": _r(_OPERATOR, audit=True),
+    _C + "Attach": _r(_OPERATOR, audit=True, audit_by_servicer=True),
     # An agent: lifecycle calls from its coordinator (and admins) only.
     _A + "Spawn": _r(_COORD, audit=True),
     _A + "Adopt": _r(_COORD, audit=True),
