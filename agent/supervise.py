@@ -204,6 +204,7 @@ class Supervisor:
             if g.stop_requested.is_set() or g.state is not GroupState.RESTARTING:
                 return
             g.restarts += 1
+            g.restart_error = ""  # a new run: an earlier failed attempt's reason is history
             if reason != REQUESTED:
                 g.auto_restarts.append(time.monotonic())
             self.lc.hooks.restarted(reason)
@@ -292,7 +293,9 @@ class Supervisor:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             ended.cancel()
-        if g.state is GroupState.RUNNING and g.restarts == before:
+        if g.state is GroupState.RUNNING and g.restart_error and g.restarts == before:
+            # (Not the count alone: a request that joined a restart already counted, one
+            # relaunching, finds the count it saw once that run is up.)
             raise Conflict(f"group {g.group_id} could not be restarted: its run could not be "
                            f"ended ({g.restart_error or 'see the agent log'}); it still runs")
         return g.view()

@@ -314,6 +314,29 @@ async def test_a_stop_as_a_restart_attempt_fails_is_recorded_requested(tmp_path:
         await signallers.aclose()
 
 
+async def test_a_restart_request_that_joins_one_relaunching_shares_its_outcome(
+        authority: Authority, tmp_path: Path) -> None:
+    """Two restarts at once share one, also when the second comes while the first one's
+    new run is already counted and waits to be ready: it returns with that run up, not
+    with "could not be restarted" (CI saw it through the coordinator)."""
+    ready = tmp_path / "ready"
+    ready.touch()
+    view = await authority.spawn(GroupSpec(
+        argv=("sleep", "300"), stop=GRACE,
+        ready=Probe.parse(f"exec:test -e {ready}", field_="ready")))
+    ready.unlink()  # the next run waits to be ready until the file is back
+    first = asyncio.ensure_future(authority.restart(view.group_id))
+    await async_wait_until(lambda: authority.find(view.group_id).restarts == 1, 30,
+                           "the restart's new run to be counted and waiting to be ready")
+    second = asyncio.ensure_future(authority.restart(view.group_id))
+    await asyncio.sleep(0)  # its request is in (it waits on the restart under way)
+    ready.touch()
+    views = await asyncio.wait_for(asyncio.gather(first, second), 60)
+    assert [v.state for v in views] == [GroupState.RUNNING] * 2
+    assert [v.restarts for v in views] == [1, 1], "one restart, shared"
+    await authority.stop(view.group_id)
+
+
 async def test_a_stop_during_a_requested_restart_wins(authority: Authority) -> None:
     view = await authority.spawn(GroupSpec(
         argv=("sh", "-c", "trap '' TERM; while :; do sleep 0.2; done"),
