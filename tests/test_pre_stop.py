@@ -243,9 +243,10 @@ async def test_a_hook_runs_on_a_remote_target_too(sshd: SSHServer, tmp_path: Pat
         assert view.state is GroupState.RUNNING, view.exit
         rec = (await auth.stop(view.group_id)).exit
         assert rec is not None and rec.clean
-        # SSH does not report a detached command's exit code: the hook ran to its end.
-        assert rec.pre_stop is not None and rec.pre_stop.result is PreStopResult.EXITED, \
-            rec.pre_stop
+        # The hook ran to its end: with its exit code when the SSH side could read it (a
+        # quick hook's status can arrive with its end), as "exited" when it could not.
+        assert rec.pre_stop is not None and rec.pre_stop.result in (
+            PreStopResult.OK, PreStopResult.EXITED), rec.pre_stop
         assert mark.read_text().strip() == sshd.user
     finally:
         await auth.stop_all()
