@@ -14,8 +14,8 @@ Between the agents and one follower sit at most ``FOLLOW_BYTES`` of output
 next chunk of that group tells it how many bytes, ``dropped``), never slowing a group
 or the agents' streams. An agent that cannot be asked is said so, per group, in a ``tether`` note.
 
-Groups whose output no agent captures (``tether.core.output.capture_gap``: ssh targets,
-docker groups with ``--log`` or orphan policy ``keep``) are never asked for: a read of
+Groups whose output no agent captures (``tether.core.output.capture_gap``: docker and
+ssh groups with ``--log`` or orphan policy ``keep``) are never asked for: a read of
 only such groups, and an Attach to one, is refused (``Conflict``) saying why; a wider
 read gives one ``not_captured`` note for each, so silence is never mistaken for output.
 """

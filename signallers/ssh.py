@@ -19,6 +19,12 @@ Start
     by marker and run once more; the orphaned wrapper writes to its dead channel before it
     forks, so it dies of SIGPIPE instead of starting a second leader.
 
+Output
+    A captured group (``LaunchSpec.capture``, orphan policy kill, no log) starts as
+    ``ops.sh spawn spool``: its stdout and stderr go to two files of a private directory
+    on the host, which ``sshspool.py`` reads from byte offsets over the connection,
+    resuming where it stopped after a reconnect (the group's ``stdio``).
+
 Containment
     ``cgroup`` where the remote user has a delegated cgroup v2 directory (``ssh_cgroup_root``,
     else the parent of, or else, the SSH session's cgroup): the wrapper joins
@@ -58,7 +64,15 @@ from collections.abc import Sequence
 
 from tether.core.errors import AdoptRefused, InvalidSpec, StartFailed, TargetUnreachable
 from tether.core.model import MARKER_ENV, Containment, FailureClass, LeaderStatus, OrphanPolicy
-from tether.signallers.base import Features, GroupHandle, LaunchSpec, Signaller, SignallerContext
+from tether.core.output import capture_gap
+from tether.signallers.base import (
+    Features,
+    GroupHandle,
+    LaunchSpec,
+    Signaller,
+    SignallerContext,
+    Stdio,
+)
 from tether.signallers.remote.group import RemoteGroup
 from tether.signallers.remote.wire import (
     OPS,
@@ -80,6 +94,7 @@ from tether.signallers.sshconn import (
     SSHTarget,
     _ChannelDropped,
 )
+from tether.signallers.sshspool import SpoolStdio
 
 __all__ = ["SSHGroup", "SSHSignaller", "SSHTarget"]
 
@@ -103,7 +118,7 @@ class SSHGroup(RemoteGroup):
                  leader_pid: int, start_ticks: int, btime: int = 0, clk: int = 100,
                  cgroup: str = "", *, leader_status: LeaderStatus | None = None,
                  notes: Sequence[str] = (), claim_pgid: bool = True,
-                 claim_sid: bool = True, boot: str = "") -> None:
+                 claim_sid: bool = True, boot: str = "", spool: str = "") -> None:
         kept = list(notes)
         super().__init__(SSHShell(signaller.pool, target, kept), group_id,
                          signaller.context.marker, leader_pid, start_ticks, btime, clk,
@@ -112,6 +127,19 @@ class SSHGroup(RemoteGroup):
                          leader_status=leader_status, notes=kept, boot=boot)
         self.target = target
         self._opts = signaller.opts
+        self._stdio = None if not spool else SpoolStdio(group_id, signaller.pool, target, spool)
+
+    @property
+    def stdio(self) -> Stdio | None:
+        return self._stdio
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        empty = await super().wait(timeout)
+        if empty and self._stdio is not None:
+            # Empty: nothing writes the spool any more; its rest reaches the ring before
+            # the group's exit does (a lost connection raises, and the retry goes on).
+            await self._stdio.drained()
+        return empty
 
     def kill_deadline(self) -> float:
         return self._opts.kill_deadline
@@ -125,6 +153,9 @@ class SSHGroup(RemoteGroup):
                           *self.notes])
 
     async def close(self) -> None:
+        if self._stdio is not None:
+            self._stdio.finish()  # the agent finished it at the run's end; this is a guard
+            await self._stdio.discard()
         await super().close()
         if not self.cgroup:
             return
@@ -161,7 +192,11 @@ class SSHSignaller(Signaller):
         return self.pool.connects.get(SSHTarget.parse(where), 0)
 
     def _spawn_args(self, spec: LaunchSpec) -> list[str]:
-        return spawn_argv(spec, mode="detach", default_search="/bin:/usr/bin",
+        # Captured (a group, not a probe or hook) unless it has a --log or must outlive
+        # its agent: the output goes to a spool on the host (``sshspool.py``).
+        capture = spec.capture and not capture_gap(f"ssh:{spec.where}", spec.log_path,
+                                                   spec.orphan_policy is OrphanPolicy.KEEP)
+        return spawn_argv(spec, mode="spool" if capture else "detach", default_search="/bin:/usr/bin",
                           cgmode=_CGMODE[self.opts.containment], cgroot=self.opts.cgroup_root,
                           cgname=_cgroup_name(spec.group_id))
 
@@ -231,7 +266,8 @@ class SSHSignaller(Signaller):
                 raise failed
             status = status_from_code(reply.exited)
         group = SSHGroup(self, target, spec.group_id, pid, ticks, btime, clk, reply.cgroup,
-                         leader_status=status, notes=notes, boot=reply.boot)
+                         leader_status=status, notes=notes, boot=reply.boot,
+                         spool=reply.spool)
         log.info("ssh %s: started group %s: %r", target, spec.group_id, group)
         return group
 

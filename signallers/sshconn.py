@@ -315,8 +315,10 @@ class Pool:
 
     async def run(self, target: SSHTarget, script: str, args: Sequence[str], *, what: str,
                   timeout: float | None, follow: bool = False, retry_after_send: bool = True,
-                  notes: list[str] | None = None, unverified: str = "") -> ShellResult:
+                  notes: list[str] | None = None, unverified: str = "",
+                  encoding: str = "utf-8") -> ShellResult:
         """Run ``sh -s -- ARGS`` (script on stdin) on ``target``, retrying on a new connection.
+        ``encoding="latin-1"`` keeps every byte of the output (``out.encode("latin-1")``).
 
         ``timeout`` bounds one attempt (a hung connection is dropped and retried); a
         ``follow`` run (its caller holds a long slot) has none, its caller bounds the
@@ -334,7 +336,7 @@ class Pool:
                 async with self.channels(target):
                     # A frozen server never answers a channel open: bound it like the rest.
                     async with asyncio.timeout(HEARTBEAT_STALL if follow else timeout):
-                        proc = await conn.create_process(command, encoding="utf-8",
+                        proc = await conn.create_process(command, encoding=encoding,
                                                          errors="replace")
                     sent = True
                     try:

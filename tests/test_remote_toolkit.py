@@ -37,6 +37,7 @@ from tether.signallers.remote.wire import (
     start_failure,
     stat_rows,
 )
+from tether.signallers.sshspool import parse_spool
 
 AGENT = f"toolkit-{os.getpid()}"
 PATH = "/usr/bin:/bin"
@@ -299,3 +300,43 @@ def test_specs_a_remote_target_cannot_run_are_refused(argv: tuple[str, ...], cwd
     env = dict(base.env) if marked else {"PATH": PATH}
     with pytest.raises(InvalidSpec, match=words):
         check_spec(LaunchSpec(base.group_id, argv, env, cwd=cwd), agent, "ssh:host")
+
+
+def spool_op(shell: LocalShell, *args: str) -> tuple[list[tuple[str, int, bytes]], set[str]]:
+    """``ops.sh spool ARGS`` with its output as bytes (LocalShell decodes as text)."""
+    done = subprocess.run([*shell.shell, "-c", OPS, "tether", "spool", *args],
+                          capture_output=True, check=True, timeout=30)
+    return parse_spool(done.stdout)
+
+
+async def test_a_spool_start_writes_both_streams_to_a_private_directory(
+        shell: LocalShell) -> None:
+    """`spawn spool`: stdout and stderr go to two files of a mode-0700 directory, read back
+    byte for byte from any offset (in pieces of at most MAX, the older bytes skipped past
+    CAP), and removed by a final read once nothing is left."""
+    spec = launch("sh", "-c", "printf 'a\\000\\377b'; printf 'err' >&2; i=0; "
+                  "while [ $i -lt 100 ]; do echo 0123456789; i=$((i+1)); done")
+    result = await shell.run(OPS, spawn_argv(spec, mode="spool", default_search=PATH),
+                             what="starting")
+    reply = parse_spawn(result)
+    assert reply.ok is not None and reply.spool, result
+    spool = Path(reply.spool)
+    assert spool.name.startswith("tether-out.") and spool.stat().st_mode & 0o777 == 0o700
+    group = RemoteGroup(shell, spec.group_id, AGENT, reply.ok[0], reply.ok[1], reply.ok[2],
+                        reply.ok[3], containment=Containment.PGID)
+    assert await group.wait(30)
+    whole = b"a\x00\xffb" + b"0123456789\n" * 100
+    items, flags = spool_op(shell, str(spool), "0", "0", "1000000", "1000000", "0", "1")
+    assert items == [("o", 0, whole), ("e", 0, b"err")] and flags == {"Z"}
+    items, _ = spool_op(shell, str(spool), "2", "3", "5", "1000000", "0", "0")
+    assert items == [("o", 2, whole[2:7])], "from the offsets, at most MAX; stderr is read"
+    items, _ = spool_op(shell, str(spool), "0", "0", "1000000", "11", "0", "0")
+    assert items == [("ko", len(whole) - 11, b""), ("o", len(whole) - 11, whole[-11:]),
+                     ("e", 0, b"err")]
+    items, flags = spool_op(shell, str(spool), "0", "3", "1000", "1000000", "1", "0")
+    assert items == [("o", 0, whole[:1000])] and "R" not in flags and spool.exists()
+    items, flags = spool_op(shell, str(spool), "1000", "3", "1000", "1000000", "1", "0")
+    assert items == [("o", 1000, whole[1000:])] and "R" in flags and not spool.exists()
+    assert spool_op(shell, str(spool), "0", "0", "10", "10", "0", "0") == ([], {"G", "Z"})
+    with pytest.raises(subprocess.CalledProcessError):
+        spool_op(shell, "/etc", "0", "0", "10", "10", "2", "0")

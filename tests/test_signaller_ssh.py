@@ -8,6 +8,7 @@ cgroup, and that nothing carrying the group's marker is left alive.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -17,7 +18,9 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -33,9 +36,11 @@ from tether.core.errors import (
     StartFailed,
     TargetUnreachable,
 )
-from tether.core.model import AGENT_ENV, MARKER_ENV, Containment, FailureClass
+from tether.core.model import AGENT_ENV, MARKER_ENV, Containment, FailureClass, OrphanPolicy
+from tether.core.output import Note, Stream
 from tether.signallers.base import GroupHandle, LaunchSpec, SignallerContext
 from tether.signallers.ssh import SSHGroup, SSHSignaller, SSHTarget
+from tether.signallers.sshspool import SpoolStdio
 
 pytestmark = pytest.mark.ssh
 
@@ -642,29 +647,169 @@ def serve_ssh(tmp_path: Path, sshd: SSHServer) -> Iterator[Daemon]:
         stop_daemon(d)
 
 
-def test_logs_and_attach_of_an_ssh_group_say_capture_is_local_only(
-        serve_ssh: Daemon, sshd: SSHServer) -> None:
-    """Not captured yet: asking for an ssh group's output alone is a clear error (not an
-    empty answer that looks like a silent program), a session read says so in a note and
-    still gives the other groups' output, and Attach is refused the same way."""
+def logs_json(d: Daemon, *args: str) -> list[dict[str, Any]]:
+    res = d.cli("logs", *args, "-o", "json", check=True)
+    return [json.loads(line) for line in res.stdout.splitlines()]
+
+
+def stream_bytes(chunks: list[dict[str, Any]], stream: str) -> bytes:
+    return b"".join(base64.b64decode(c["data_base64"]) if c["data"] is None
+                    else c["data"].encode() for c in chunks if c["stream"] == stream)
+
+
+def test_an_ssh_groups_stdout_and_stderr_reach_tether_logs(
+        serve_ssh: Daemon, sshd: SSHServer, user_dir: Path) -> None:
+    """A kill group without --log is captured through its spool on the host: both
+    streams, tagged, byte for byte (invalid UTF-8, a line without its newline), followed
+    to the end; `--tail`; a `--log` group and a `keep` group say where their output went
+    instead (a read of one alone and an Attach are refused saying so)."""
     d = serve_ssh
-    gid = d.cli("spawn", "--session", "so", "--label", "remote", "--target", f"ssh:{sshd.where}",
-                "--env", "PATH=/usr/bin:/bin", "--", "sh", "-c", "echo remote; exec sleep 300",
-                check=True).stdout.strip()
-    local = d.cli("spawn", "--session", "so", "--label", "here", "--", "sh", "-c",
-                  "echo here; exec sleep 300", check=True).stdout.strip()
-    alone = d.cli("logs", "so", "--group", gid)
-    assert alone.returncode != 0
-    assert "output capture is local-only for now" in alone.stderr, alone.stderr
-    followed = d.cli("logs", "so", "--group", local, "--tail", "1", check=True)
-    assert followed.stdout == "here\n"
-    whole = [json.loads(line) for line in
-             d.cli("logs", "so", "-o", "json", check=True).stdout.splitlines()]
-    (note,) = [c for c in whole if c["group_id"] == gid]
-    assert note["event"] == "not_captured" and "local-only for now" in note["data"]
-    assert note["label"] == "remote"
-    assert [c["data"] for c in whole if c["stream"] == "stdout"] == ["here\n"]
+    target = f"ssh:{sshd.where}"
+    script = ("echo out-1; echo err-1 >&2; printf 'no newline'; printf '\\000\\377' >&2; "
+              "i=0; while [ $i -lt 2000 ]; do echo line-$i; i=$((i+1)); done; echo last")
+    gid = d.cli("spawn", "--session", "so", "--target", target, "--env", "PATH=/usr/bin:/bin",
+                "--", "sh", "-c", script, check=True).stdout.strip()
+    chunks = logs_json(d, "so", "--group", gid, "--follow")  # ends with the group's output
+    assert chunks[-1]["event"] == "output_ended", chunks[-1]
+    assert stream_bytes(chunks, "stdout") == (
+        b"out-1\nno newline" + b"".join(b"line-%d\n" % i for i in range(2000)) + b"last\n")
+    assert stream_bytes(chunks, "stderr") == b"err-1\n\x00\xff"
+    assert not [c for c in chunks if c.get("event") in ("not_captured", "capture_lost")]
+    # The tail is of the group's lines in capture order; stdout and stderr are two spool
+    # files, read one after the other: the last lines may be either stream's.
+    def joined(cs: list[dict[str, Any]]) -> bytes:
+        return b"".join(base64.b64decode(c["data_base64"]) if c["data"] is None
+                        else c["data"].encode() for c in cs if c["stream"] in ("stdout",
+                                                                               "stderr"))
+
+    shown = joined(logs_json(d, "so", "--group", gid, "--tail", "2"))
+    assert shown and joined(chunks).endswith(shown) and shown.count(b"\n") <= 2, shown
+    assert b"last\n" in shown or b"\x00\xff" in shown, shown
+
+    logged = d.cli("spawn", "--session", "so", "--label", "logged", "--target", target,
+                   "--env", "PATH=/usr/bin:/bin", "--log", f"{user_dir}/so.log", "--",
+                   "sh", "-c", "echo to-the-file; exec sleep 300", check=True).stdout.strip()
+    kept = d.cli("spawn", "--session", "so", "--target", target, "--orphan-policy", "keep",
+                 "--env", "PATH=/usr/bin:/bin", "--", "sh", "-c", "exec sleep 300",
+                 check=True).stdout.strip()
+    alone = d.cli("logs", "so", "--group", logged)
+    assert alone.returncode != 0 and f"--log {user_dir}/so.log" in alone.stderr, alone.stderr
+    whole = logs_json(d, "so")
+    (note,) = [c for c in whole if c["group_id"] == logged]
+    assert note["event"] == "not_captured" and "--log" in note["data"]
+    assert note["label"] == "logged"
+    (note,) = [c for c in whole if c["group_id"] == kept]
+    assert note["event"] == "not_captured" and "keep group" in note["data"], note
+    assert stream_bytes(whole, "stdout").endswith(b"last\n"), "the captured group as before"
     with Client(d.address) as c, pytest.raises(Conflict) as refused:
-        c.attach("so", gid)
-    assert "local-only for now" in str(refused.value)
+        c.attach("so", logged)
+    assert "--log" in str(refused.value)
     d.cli("stop", "so", check=True)
+
+
+class Collected:
+    """An ``OutputSink`` that keeps what it is given; ``until`` waits for a condition."""
+
+    def __init__(self) -> None:
+        self.data: dict[Stream, bytearray] = {Stream.STDOUT: bytearray(),
+                                               Stream.STDERR: bytearray()}
+        self.notes: list[tuple[Note, str]] = []
+        self.done = False
+        self.changed = asyncio.Event()
+
+    def output(self, stream: Stream, data: bytes) -> None:
+        self.data[stream] += data
+        self.changed.set()
+
+    def note(self, event: Note, text: str) -> None:
+        self.notes.append((event, text))
+        self.changed.set()
+
+    def ended(self) -> None:
+        self.done = True
+        self.changed.set()
+
+    async def until(self, check: Callable[[], bool], timeout: float = 30.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not check():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+def test_the_spool_is_private_and_removed_when_the_group_ends(
+        sshd: SSHServer, user_dir: Path) -> None:
+    """The spool is a directory only the ssh user can enter; it goes with the group. A
+    `keep` group and a `--log` group get none (nothing captures them)."""
+
+    async def main() -> None:
+        async with ssh_signaller(sshd.options()) as sig:
+            gate = user_dir / "gate"
+            os.mkfifo(gate)
+            os.chown(gate, sshd.uid, -1)
+            handle = await sig.spawn(replace(spec(
+                sshd, "sh", "-c", f"echo one; read _ < {gate}; echo two >&2"), capture=True))
+            try:
+                stdio = handle.stdio
+                assert isinstance(stdio, SpoolStdio)
+                spool = Path(stdio.spool)
+                st = spool.stat()
+                assert st.st_uid == sshd.uid and st.st_mode & 0o777 == 0o700
+                sink = Collected()
+                stdio.start(sink)
+                await sink.until(lambda: bytes(sink.data[Stream.STDOUT]) == b"one\n")
+                await asyncio.to_thread(gate.write_text, "go\n")
+                assert await handle.wait(30)
+                stdio.finish()
+                assert bytes(sink.data[Stream.STDERR]) == b"two\n"
+                assert sink.done and sink.notes == []
+                assert not spool.exists()
+            finally:
+                await end(handle)
+            for other in (replace(spec(sshd, "true"), capture=True,
+                                  orphan_policy=OrphanPolicy.KEEP),
+                          replace(spec(sshd, "true", log_path=str(user_dir / "x.log")),
+                                  capture=True)):
+                h = await sig.spawn(other)
+                try:
+                    assert h.stdio is None
+                finally:
+                    await end(h)
+
+    asyncio.run(main())
+
+
+def test_a_dropped_connection_in_the_middle_loses_no_output(
+        sshd: SSHServer, user_dir: Path) -> None:
+    """The program writes into its spool whatever the connection does: after sshd's
+    sessions are killed mid-run, reading goes on over a new connection from the offsets
+    it had reached, and every byte arrives once, in order."""
+
+    async def main() -> None:
+        async with ssh_signaller(sshd.options()) as sig:
+            gate = user_dir / "gate"
+            os.mkfifo(gate)
+            os.chown(gate, sshd.uid, -1)
+            script = (f"echo before; echo e-before >&2; read _ < {gate}; i=0; "
+                      "while [ $i -lt 3000 ]; do echo after-$i; i=$((i+1)); done; "
+                      "echo e-after >&2; printf end")
+            handle = await sig.spawn(replace(spec(sshd, "sh", "-c", script), capture=True))
+            try:
+                stdio = handle.stdio
+                assert isinstance(stdio, SpoolStdio)
+                sink = Collected()
+                stdio.start(sink)
+                await sink.until(lambda: bytes(sink.data[Stream.STDERR]) == b"e-before\n")
+                assert sshd.kill_sessions()
+                await asyncio.to_thread(gate.write_text, "go\n")
+                assert await handle.wait(60)
+                stdio.finish()
+                assert bytes(sink.data[Stream.STDOUT]) == b"before\n" + b"".join(
+                    b"after-%d\n" % i for i in range(3000)) + b"end"
+                assert bytes(sink.data[Stream.STDERR]) == b"e-before\ne-after\n"
+                assert not [n for n in sink.notes if n[0] is Note.CAPTURE_LOST], sink.notes
+                assert sig.connections_opened(sshd.where) >= 2
+                assert not Path(stdio.spool).exists()
+            finally:
+                await end(handle)
+
+    asyncio.run(main())

@@ -11,6 +11,7 @@ client sees its connection drop and every new one refused, as when a host reboot
 * The same outage during a stop: the record says honestly that the end could not be
   verified (reason ``lost``, "not verified"), instead of guessing.
 * A peer that stalls (sessions frozen, TCP up): a wait drops it and goes on.
+* A captured group's output written during the outage reaches its ring afterwards.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from tether.core.model import (
     GroupState,
     StopOverride,
 )
+from tether.core.output import LogQuery, Note, OutputChunk, Stream
 from tether.signallers import sshconn
 from tether.signallers.base import LaunchSpec, SignallerContext
 from tether.signallers.ssh import SSHSignaller
@@ -272,3 +274,48 @@ async def test_a_stalled_peer_is_dropped_and_the_wait_goes_on(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
         await signaller.aclose()
+
+
+async def test_output_written_during_an_outage_reaches_the_ring_once_the_host_is_back(
+        own_sshd: Restartable, ssh_authority: Authority) -> None:
+    """A captured ssh group writes into its spool on the host whatever the connection
+    does: what it wrote while the host could not be reached (and its exit then) is read
+    from where reading stopped once it is back, every byte once, before its output ends."""
+    user_dir = Path(tempfile.mkdtemp(prefix="work-", dir=own_sshd.base.tmp))
+    os.chown(user_dir, own_sshd.base.uid, -1)
+    go, wrote = user_dir / "go", user_dir / "wrote"
+    script = ('echo before; while [ ! -e "$0" ]; do sleep 0.05; done; i=0; '
+              'while [ $i -lt 500 ]; do echo during-$i; i=$((i+1)); done; '
+              'printf "err\\377" >&2; touch "$1"')
+    view = await ssh_authority.spawn(GroupSpec(
+        argv=("sh", "-c", script, str(go), str(wrote)),
+        env=MappingProxyType({"PATH": PATH}), target=f"ssh:{own_sshd.where}"))
+    gid = view.group_id
+    chunks: list[OutputChunk] = []
+    seen = asyncio.Event()
+
+    async def collect() -> None:
+        async for c in ssh_authority.logs(LogQuery((gid,), follow=True)):
+            chunks.append(c)
+            seen.set()
+
+    reading = asyncio.create_task(collect())
+    try:
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            while b"before\n" not in b"".join(c.data for c in chunks
+                                              if c.stream is Stream.STDOUT):
+                seen.clear()
+                await seen.wait()
+        own_sshd.stop()
+        go.touch()
+        await async_wait_until(wrote.exists, EVENT_TIMEOUT, "the group to write its output")
+        await gone(view.leader_pid)
+        own_sshd.start()
+        await asyncio.wait_for(reading, EVENT_TIMEOUT)  # the ring's output ended
+    finally:
+        reading.cancel()
+    out = b"".join(c.data for c in chunks if c.stream is Stream.STDOUT)
+    assert out == b"before\n" + b"".join(b"during-%d\n" % i for i in range(500))
+    assert b"".join(c.data for c in chunks if c.stream is Stream.STDERR) == b"err\xff"
+    assert chunks[-1].event == Note.OUTPUT_ENDED.value, chunks[-1]
+    assert not [c for c in chunks if c.event == Note.CAPTURE_LOST.value], chunks

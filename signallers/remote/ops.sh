@@ -45,9 +45,21 @@
 #                    background, waits until GROUP_MARK shows in its environment (the exec
 #                    happened) and prints "ok PID START BTIME CLK", "cgroup DIR",
 #                    "exited STATUS" if it died first (ssh).
+#       MODE spool:  as detach, but without LOG the program's stdout and stderr go to
+#                    DIR/out and DIR/err of a private directory (mktemp -d, mode 0700)
+#                    named by "spool DIR" (ssh capture; see op spool). Where none can be
+#                    made: "note ..." and the output is discarded, as in detach.
 #       Both print "boot ID" (the boot id) before "ok".
 #       Without HASPATH the command runs by its resolved path (execvp's default search
 #       path may differ from the one searched).
+#   spool DIR OUTOFF ERROFF MAX CAP FINAL PUNCH
+#       Reads a spool (MODE spool) from byte offsets: "tether-spool 1", then per stream
+#       (o: DIR/out, e: DIR/err) "k S OFF" when more than CAP bytes were unread (the
+#       older ones are skipped: reading resumes at OFF), and "S OFF COUNT" followed by
+#       COUNT raw bytes (at most MAX) when there are new ones; "Z" last. FINAL=1: when
+#       nothing is left unread, removes DIR and prints "R"; FINAL=2 removes it at once.
+#       PUNCH=1 frees the disk blocks of the bytes before the offsets (fallocate
+#       --punch-hole, where the tool and filesystem allow). "G": DIR is gone.
 #   rmcg CGROUP
 #       Removes a group's (empty) cgroup directory.
 
@@ -344,7 +356,7 @@ op_spawn() {
   [ $# -gt "$sp_nenv" ] || ops_die "spawn: no command"
   echo "tether-spawn 1"
   command -v env >/dev/null 2>&1 || fail 121 "env is not installed (PATH=${PATH-})"
-  if [ "$sp_mode" = detach ]; then
+  if [ "$sp_mode" = detach ] || [ "$sp_mode" = spool ]; then
     command -v setsid >/dev/null 2>&1 || fail 121 "setsid is not installed (PATH=${PATH-})"
   fi
   if [ -n "$sp_cwd" ]; then
@@ -397,7 +409,25 @@ op_spawn() {
   # not start a second leader: writing to the dead channel kills it with SIGPIPE here.
   echo "forking" || exit 118
   sp_uid=$(id -u)
-  setsid env -i -- "$@" >> "$sp_out" 2>&1 &
+  sp_spool=
+  if [ "$sp_mode" = spool ] && [ -z "$sp_log" ]; then
+    sp_spool=$(umask 077; mktemp -d "${TMPDIR:-/tmp}/tether-out.XXXXXXXX" 2>/dev/null) \
+      || sp_spool=
+    case $sp_spool in /*/tether-out.*) ;; *) sp_spool= ;; esac
+    if [ -n "$sp_spool" ] && ( umask 077; : > "$sp_spool/out" && : > "$sp_spool/err" ) \
+        2>/dev/null; then
+      printf 'spool %s\n' "$sp_spool"
+    else
+      [ -n "$sp_spool" ] && rm -rf -- "$sp_spool"
+      sp_spool=
+      echo "note no private spool directory could be made in ${TMPDIR:-/tmp} (mktemp -d)"
+    fi
+  fi
+  if [ -n "$sp_spool" ]; then
+    setsid env -i -- "$@" >> "$sp_spool/out" 2>> "$sp_spool/err" &
+  else
+    setsid env -i -- "$@" >> "$sp_out" 2>&1 &
+  fi
   sp_pid=$!
   sp_n=0 sp_seen=0 sp_gone=0 st_start=0
   while :; do
@@ -424,6 +454,49 @@ op_spawn() {
   exit 0
 }
 
+# size_of FILE: its size in bytes (sz), 1 if it cannot be read.
+size_of() {
+  sz=$(stat -c %s -- "$1" 2>/dev/null) || sz=$(wc -c < "$1" 2>/dev/null) || return 1
+  set -- $sz
+  case ${1-} in ''|*[!0-9]*) return 1 ;; esac
+  sz=$1
+}
+
+# spool_stream TAG FILE OFF: what FILE holds past OFF (see op spool).
+spool_stream() {
+  size_of "$2" || return 0
+  ss_off=$3
+  if [ $((sz - ss_off)) -gt "$sl_cap" ]; then
+    ss_off=$((sz - sl_cap))
+    printf 'k %s %s\n' "$1" "$ss_off"
+  fi
+  [ "$sz" -gt "$ss_off" ] || return 0
+  ss_n=$((sz - ss_off))
+  if [ "$ss_n" -gt "$sl_max" ]; then ss_n=$sl_max; sl_left=1; fi
+  printf '%s %s %s\n' "$1" "$ss_off" "$ss_n"
+  tail -c "+$((ss_off + 1))" "$2" | head -c "$ss_n"
+  if [ "$sl_punch" = 1 ] && [ "$3" -gt 0 ]; then
+    { fallocate -p -o 0 -l "$3" "$2"; } 2>/dev/null
+  fi
+}
+
+op_spool() {
+  [ $# -eq 7 ] || ops_die "spool: wants DIR OUTOFF ERROFF MAX CAP FINAL PUNCH"
+  case $1 in /*/tether-out.*) ;; *) ops_die "spool: not a tether spool: $1" ;; esac
+  case $1 in */../*|*/..) ops_die "spool: not a tether spool: $1" ;; esac
+  for sl_a in "$2" "$3" "$4" "$5"; do
+    case $sl_a in ''|*[!0-9]*) ops_die "spool: bad number $sl_a" ;; esac
+  done
+  sl_max=$4 sl_cap=$5 sl_punch=$7 sl_left=0
+  echo "tether-spool 1"
+  if [ ! -d "$1" ]; then echo G; echo Z; exit 0; fi
+  if [ "$6" = 2 ]; then rm -rf -- "$1"; echo R; echo Z; exit 0; fi
+  spool_stream o "$1/out" "$2"
+  spool_stream e "$1/err" "$3"
+  if [ "$6" = 1 ] && [ $sl_left = 0 ]; then rm -rf -- "$1"; echo R; fi
+  echo Z
+}
+
 op_rmcg() {
   case $1 in /*/tether-*) ;; *) ops_die "rmcg: not a tether cgroup: $1" ;; esac
   [ -d "$1" ] && rmdir "$1"
@@ -442,6 +515,7 @@ ops_main() {
     watch) op_watch "$@" ;;
     spawn) op_spawn "$@" ;;
     rmcg) op_rmcg "$@" ;;
+    spool) op_spool "$@" ;;
     *) ops_die "unknown operation: $ops_op" ;;
   esac
 }

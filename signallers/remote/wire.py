@@ -286,6 +286,8 @@ class SpawnReply:
     exited: int | None = None
     notes: list[str] = field(default_factory=list)
     boot: str = ""
+    #: The private directory a ``spool`` start writes the program's output to ("": none).
+    spool: str = ""
 
 
 def parse_spawn(result: ShellResult) -> SpawnReply:
@@ -294,7 +296,7 @@ def parse_spawn(result: ShellResult) -> SpawnReply:
     if "tether-spawn 1" not in lines:
         return SpawnReply(ran=False)
     failed = ok = None
-    cgroup = boot = ""
+    cgroup = boot = spool = ""
     exited = None
     notes: list[str] = []
     for line in lines[lines.index("tether-spawn 1") + 1:]:
@@ -312,7 +314,9 @@ def parse_spawn(result: ShellResult) -> SpawnReply:
             notes.append(rest)
         elif tag == "boot":
             boot = rest
-    return SpawnReply(True, failed, ok, cgroup, exited, notes, boot)
+        elif tag == "spool" and rest.startswith("/"):
+            spool = rest
+    return SpawnReply(True, failed, ok, cgroup, exited, notes, boot, spool)
 
 
 _FAILURES: Final[Mapping[int, tuple[FailureClass, str]]] = {

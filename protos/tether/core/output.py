@@ -114,12 +114,13 @@ class OutputChunk:
 
 def capture_gap(target: str, log_path: str = "", keep: bool = False) -> str:
     """Why the agent does not capture the output of a group on ``target`` ("": it does).
-    Local groups always; docker groups without ``--log`` (with one, the program's output
-    goes to that file inside the container) whose orphan policy is kill (``keep``: the
-    Engine ends an exec at its next write once its attached reader is gone, so a group
-    whose output the agent read could not outlive the agent); ssh groups not yet."""
+    Local groups always; docker and ssh groups without ``--log`` (with one, the program's
+    output goes to that file on the target) whose orphan policy is kill (``keep``: a
+    docker group's exec ends at its next write once its attached reader is gone; an ssh
+    group's spool would grow on its host with nobody to read or remove it once its agent
+    is gone), so a group whose output the agent read could not outlive the agent."""
     kind = (target or "local").partition(":")[0]
-    if kind == "local" or (kind == "docker" and not log_path and not keep):
+    if kind == "local" or (kind in ("docker", "ssh") and not log_path and not keep):
         return ""
     if kind == "docker":
         where = (f"its output goes to its --log {log_path} inside the container" if log_path
@@ -128,9 +129,15 @@ def capture_gap(target: str, log_path: str = "", keep: bool = False) -> str:
                if log_path else "a keep group must outlive its agent, and the Engine ends "
                "an exec at its next write once its attached reader is gone")
         return f"{where}; {why}"
-    return (f"output capture is local-only for now (local and docker targets): a group on "
-            f"{target} writes its stdout and stderr to its --log on that host"
-            f"{f' ({log_path})' if log_path else ', and it has none: nowhere'}")
+    if kind == "ssh":
+        where = (f"its output goes to its --log {log_path} on that host" if log_path
+                 else "its output is discarded (give it a --log on that host)")
+        why = ("tether captures an ssh group's output only when it has no --log"
+               if log_path else "a keep group must outlive its agent, and its spool on the "
+               "host would then have nobody to read or remove it")
+        return f"{where}; {why}"
+    return (f"target {target} does not capture output: its stdout and stderr go to its "
+            f"--log{f' ({log_path})' if log_path else ', and it has none: nowhere'}")
 
 
 def check_tail(tail: int | None) -> int | None:
