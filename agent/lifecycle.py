@@ -96,11 +96,13 @@ class Lifecycle:
         self.emit(g, EventKind.EXIT if g.state.ended else EventKind.STATE)
 
     async def _announce(self, g: Group, flushed: asyncio.Future[None]) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(LOG_FLUSH_WAIT):
-                await asyncio.shield(flushed)
-        g.ended.set()
-        self.emit(g, EventKind.EXIT)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LOG_FLUSH_WAIT):
+                    await asyncio.shield(flushed)
+        finally:  # cancelled too (the agent shuts down): the end is announced all the same
+            g.ended.set()
+            self.emit(g, EventKind.EXIT)
 
     def _ended(self, g: Group) -> asyncio.Future[None] | None:
         """What every ending shares: the record carries what the group ran with, OOM kills
