@@ -42,10 +42,24 @@ def gid(res: subprocess.CompletedProcess[str]) -> str:
     return res.stdout.strip().splitlines()[-1]
 
 
+PF_EXITING = 0x4  # include/linux/sched.h: the task is in do_exit
+
+
+def _exiting(pid: int) -> bool:
+    """The task is exiting: it has left its cgroup (which then reports empty) but is not
+    a zombie yet. As dead as a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return bool(int(fields[6]) & PF_EXITING)  # field 9 of stat: flags
+    except (OSError, ValueError, IndexError):
+        return True  # gone
+
+
 def processes_of(agent: str) -> list[psutil.Process]:
     out = []
     for p in psutil.process_iter(["status"]):
-        if p.info["status"] in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+        if p.info["status"] in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) or _exiting(p.pid):
             continue
         with contextlib.suppress(psutil.Error):
             if of_agent(p.environ().get("TETHER_AGENT", ""), agent):
